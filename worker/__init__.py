@@ -1,0 +1,1 @@
+"""GPU/CPU worker: consumes the request stream, runs the engine, writes replies."""

@@ -1,0 +1,63 @@
+"""Incremental detokenization: turn a growing list of token ids into UTF-8 text deltas.
+
+Decoding token by token breaks multi-byte characters and the tokenizer's space
+handling, so each step decodes a short window of recent tokens and emits only the
+text past what was already emitted (the prefix/read offset scheme of TGI and vLLM).
+Stop strings are matched here too, and text that could still be the start of a
+stop string is held back, so a client never sees part of a stop sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class _Decoder(Protocol):
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """Per-sequence streaming decoder with stop-string handling."""
+
+    def __init__(self, tokenizer: _Decoder, prompt_token_ids: list[int], stop: tuple[str, ...] = ()):
+        self._tokenizer = tokenizer
+        # A few prompt tokens give the decoder the context for the first reply token's leading space.
+        self._ids: list[int] = list(prompt_token_ids[-4:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._stop = tuple(s for s in stop if s)
+        self._holdback = max((len(s) for s in self._stop), default=1) - 1
+        self.text = ""  # all decoded reply text (including held-back text)
+        self._emitted = 0  # characters of `text` already returned as deltas
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        """Append one token; returns the text delta that is safe to stream now."""
+        if self.stopped:
+            return ""
+        self._ids.append(token_id)
+        prefix = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+        full = self._tokenizer.decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+        return self._release()
+
+    def _release(self) -> str:
+        for s in self._stop:
+            at = self.text.find(s, max(0, self._emitted - len(s)))
+            if at != -1:
+                self.text = self.text[:at]
+                self.stopped = True
+                break
+        safe_end = len(self.text) if self.stopped else max(self._emitted, len(self.text) - self._holdback)
+        delta = self.text[self._emitted : safe_end]
+        self._emitted = safe_end
+        return delta
+
+    def flush(self) -> str:
+        """Release held-back text at the end of generation."""
+        delta = self.text[self._emitted :]
+        self._emitted = len(self.text)
+        return delta

