@@ -1,0 +1,63 @@
+"""`python -m worker`: run one worker process (see `worker/settings.py` for configuration)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from contextlib import ExitStack
+from types import FrameType
+
+import redis
+
+from worker.consumer import Consumer
+from worker.embedded_redis import EmbeddedRedis
+from worker.engine.factory import create_engine
+from worker.settings import WorkerSettings
+from worker.telemetry import configure_logging
+
+
+class ShutdownFlag:
+    """First SIGTERM/SIGINT: stop reading and drain; a second: exit at once (pending entries stay in Redis)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise SystemExit(128 + signum)
+        self.requested = True
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    p.add_argument("--engine", choices=["hf", "static", "echo"], help="override LLM_ENGINE")
+    p.add_argument("--model", help="override MODEL")
+    p.add_argument("--redis-url", help="override REDIS_URL")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = {k: v for k, v in {"engine": args.engine, "model": args.model, "redis_url": args.redis_url}.items()
+                 if v is not None}
+    settings = WorkerSettings(**overrides)
+    configure_logging(settings.log_level)
+    flag = ShutdownFlag()
+    signal.signal(signal.SIGTERM, flag)
+    signal.signal(signal.SIGINT, flag)
+    with ExitStack() as stack:
+        url = settings.redis_url
+        if url is None:
+            server = stack.enter_context(EmbeddedRedis())
+            url = server.url
+            print(f"embedded Redis on {url}", file=sys.stderr)
+        client = redis.Redis.from_url(url, socket_timeout=settings.read_block_ms / 1000 + 10,
+                                      socket_connect_timeout=5, health_check_interval=30)
+        engine = create_engine(settings)
+        Consumer(client, engine, settings).run(lambda: flag.requested)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Deterministic echo engine: no model, for queue-path tests and benchmarks.
+
+It "generates" the words of the last user message (or of the prompt), one word per
+step for every running request, as a model engine would emit one token per step.
+Prompt tokens are counted as UTF-8 bytes. An optional per-step delay makes
+generations long enough for crash and shutdown tests.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+
+from worker.engine.base import Engine, EngineCapacity, GenerationRequest, SequenceOutput, StepStats
+
+
+@dataclass
+class _EchoSequence:
+    request: GenerationRequest
+    words: list[str]
+    produced: list[str] = field(default_factory=list)
+
+
+def _decode_bytes(token_ids: list[int]) -> str:
+    return bytes(t for t in token_ids if 0 <= t < 256).decode("utf-8", errors="replace")
+
+
+class EchoEngine(Engine):
+    """Echoes input words back; every step emits one word per running request."""
+
+    name = "echo"
+
+    def __init__(self, max_num_seqs: int = 256, token_delay_ms: float = 0.0):
+        self.max_num_seqs = max_num_seqs
+        self.token_delay_s = token_delay_ms / 1000.0
+        self._waiting: deque[GenerationRequest] = deque()
+        self._running: dict[str, _EchoSequence] = {}
+        self._stats = StepStats()
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+        return list(last_user.encode("utf-8"))
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return list(prompt.encode("utf-8"))
+
+    def add_request(self, request: GenerationRequest) -> None:
+        self._waiting.append(request)
+
+    def abort_request(self, request_id: str, reason: str = "cancelled") -> SequenceOutput | None:  # type: ignore[override]
+        seq = self._running.pop(request_id, None)
+        if seq is None:
+            for req in list(self._waiting):
+                if req.request_id == request_id:
+                    self._waiting.remove(req)
+                    seq = _EchoSequence(req, [])
+        if seq is None:
+            return None
+        return self._final(seq, reason)
+
+    def _final(self, seq: _EchoSequence, reason: str) -> SequenceOutput:
+        return SequenceOutput(
+            request_id=seq.request.request_id, new_token_ids=[], new_text="", finished=True,
+            finish_reason=reason,  # type: ignore[arg-type]
+            prompt_tokens=len(seq.request.prompt_token_ids), completion_tokens=len(seq.produced),
+            text="".join(seq.produced),
+        )
+
+    def step(self) -> list[SequenceOutput]:
+        while self._waiting and len(self._running) < self.max_num_seqs:
+            req = self._waiting.popleft()
+            words = _decode_bytes(req.prompt_token_ids).split() or ["(empty)"]
+            self._running[req.request_id] = _EchoSequence(req, words)
+        if self.token_delay_s:
+            time.sleep(self.token_delay_s)
+        outputs: list[SequenceOutput] = []
+        now = time.monotonic()
+        for rid, seq in list(self._running.items()):
+            deadline = seq.request.deadline_s
+            if deadline is not None and now >= deadline:
+                del self._running[rid]
+                outputs.append(self._final(seq, "deadline_exceeded"))
+                continue
+            i = len(seq.produced)
+            word = seq.words[i] if i == 0 else " " + seq.words[i]
+            seq.produced.append(word)
+            done_length = len(seq.produced) >= seq.request.sampling.max_tokens
+            done_stop = len(seq.produced) >= len(seq.words)
+            out = SequenceOutput(
+                request_id=rid, new_token_ids=[zlib.crc32(word.encode()) % 50_000], new_text=word,
+                prompt_tokens=len(seq.request.prompt_token_ids), completion_tokens=len(seq.produced),
+            )
+            if done_length or done_stop:
+                del self._running[rid]
+                out.finished = True
+                out.finish_reason = "stop" if done_stop else "length"
+                out.text = "".join(seq.produced)
+            outputs.append(out)
+        self._stats = StepStats(num_seqs=len(outputs), decode_tokens=len(outputs))
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def capacity(self) -> EngineCapacity:
+        running = len(self._running) + len(self._waiting)
+        return EngineCapacity(running=running, decode_tokens=running, free_kv_tokens=None, total_kv_tokens=None,
+                              accepts_new=running < self.max_num_seqs)
+
+    def last_step_stats(self) -> StepStats:
+        return self._stats

@@ -1,0 +1,31 @@
+"""Build the engine a worker runs, from its settings."""
+
+from __future__ import annotations
+
+from worker.engine.base import Engine
+from worker.settings import WorkerSettings
+
+
+def create_engine(settings: WorkerSettings) -> Engine:
+    """The engine named by `settings.engine`, with its model loaded and warmed up."""
+    if settings.engine == "echo":
+        from worker.engine.echo import EchoEngine
+
+        return EchoEngine(max_num_seqs=settings.max_num_seqs, token_delay_ms=settings.echo_token_delay_ms)
+    from worker.engine.model_loader import load_model
+
+    device = settings.resolved_device()
+    loaded = load_model(settings.model, device=device, dtype=settings.dtype,
+                        trust_remote_code=settings.trust_remote_code)
+    if settings.engine == "static":
+        from worker.engine.static_hf import StaticBatchEngine
+
+        return StaticBatchEngine(loaded, device=device, max_num_seqs=settings.max_num_seqs)
+    from worker.engine.llm_engine import PagedEngine
+
+    return PagedEngine(
+        loaded.model, loaded.tokenizer, kv_cache_bytes=settings.kv_cache_bytes,
+        block_size=settings.kv_block_size_tokens, max_num_seqs=settings.max_num_seqs,
+        max_batch_tokens=settings.max_batch_tokens, max_prefill_chunk_tokens=settings.max_prefill_chunk_tokens,
+        kv_reserve=settings.kv_reserve,
+    )

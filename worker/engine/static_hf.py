@@ -1,0 +1,186 @@
+"""Static padded microbatches on transformers with its own KV cache (the baseline engine).
+
+A batch is formed when the engine is idle, left-padded, prefilled once, and decoded
+step by step until its last member finishes; requests that arrive meanwhile wait for
+the next batch. This is what `generate()` with padded batches does, written as
+steps so the worker can stream tokens. The paged engine replaces it for serving; it
+stays as the benchmark baseline and as a fallback for models the paged attention
+does not cover.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from worker.engine.base import (
+    Engine,
+    EngineCapacity,
+    FinishReason,
+    GenerationRequest,
+    SequenceOutput,
+    StepStats,
+)
+from worker.engine.detokenizer import IncrementalDetokenizer
+from worker.engine.model_loader import LoadedModel
+from worker.engine.sampler import make_generator, sample_next_tokens
+
+
+def chat_token_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat with the model's template and the assistant generation prompt."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(encoded, dict) or hasattr(encoded, "input_ids"):
+        encoded = encoded["input_ids"]
+    return [int(t) for t in encoded]
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list):
+        ids.update(int(e) for e in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    produced: list[int]
+    finished: bool = False
+
+
+class StaticBatchEngine(Engine):
+    """Padded static batching over transformers' DynamicCache."""
+
+    name = "static"
+
+    def __init__(self, loaded: LoadedModel, device: str = "cpu", max_num_seqs: int = 32):
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = torch.device(device)
+        self.max_num_seqs = max_num_seqs
+        self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
+        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._waiting: deque[GenerationRequest] = deque()
+        self._rows: list[_Row] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        self._stats = StepStats()
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return chat_token_ids(self.tokenizer, messages)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return [int(t) for t in self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+
+    def add_request(self, request: GenerationRequest) -> None:
+        self._waiting.append(request)
+
+    def abort_request(self, request_id: str, reason: FinishReason = "cancelled") -> SequenceOutput | None:
+        for req in list(self._waiting):
+            if req.request_id == request_id:
+                self._waiting.remove(req)
+                return SequenceOutput(request_id, [], "", True, reason, len(req.prompt_token_ids), 0)
+        for row in self._rows:
+            if row.request.request_id == request_id and not row.finished:
+                return self._finish(row, reason, [], "")
+        return None
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting) or any(not r.finished for r in self._rows)
+
+    def capacity(self) -> EngineCapacity:
+        busy = len(self._rows) + len(self._waiting)
+        return EngineCapacity(running=busy, decode_tokens=len(self._rows), free_kv_tokens=None,
+                              total_kv_tokens=None, accepts_new=busy < self.max_num_seqs)
+
+    def last_step_stats(self) -> StepStats:
+        return self._stats
+
+    def _finish(self, row: _Row, reason: FinishReason, new_ids: list[int], delta: str) -> SequenceOutput:
+        row.finished = True
+        delta += row.detok.flush()
+        return SequenceOutput(
+            request_id=row.request.request_id, new_token_ids=new_ids, new_text=delta, finished=True,
+            finish_reason=reason, prompt_tokens=len(row.request.prompt_token_ids),
+            completion_tokens=len(row.produced), text=row.detok.text,
+        )
+
+    @torch.inference_mode()
+    def step(self) -> list[SequenceOutput]:
+        if not any(not r.finished for r in self._rows):
+            self._rows, self._cache, self._mask = [], None, None
+            if not self._waiting:
+                return []
+            return self._prefill()
+        return self._decode()
+
+    def _prefill(self) -> list[SequenceOutput]:
+        batch = [self._waiting.popleft() for _ in range(min(self.max_num_seqs, len(self._waiting)))]
+        longest = max(len(r.prompt_token_ids) for r in batch)
+        ids = torch.full((len(batch), longest), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for i, r in enumerate(batch):
+            n = len(r.prompt_token_ids)
+            ids[i, longest - n :] = torch.tensor(r.prompt_token_ids)
+            mask[i, longest - n :] = 1
+        self._rows = [
+            _Row(r, IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids, r.sampling.stop),
+                 make_generator(r.sampling, self.device), [])
+            for r in batch
+        ]
+        self._mask = mask.to(self.device)
+        self._stats = StepStats(num_seqs=len(batch), prefill_tokens=int(mask.sum()))
+        return self._forward(ids.to(self.device))
+
+    def _decode(self) -> list[SequenceOutput]:
+        assert self._mask is not None
+        last = [r.produced[-1] if r.produced else self._pad_id for r in self._rows]
+        self._mask = torch.cat([self._mask, torch.ones((len(self._rows), 1), dtype=torch.long, device=self.device)], 1)
+        self._stats = StepStats(num_seqs=sum(not r.finished for r in self._rows), decode_tokens=len(self._rows))
+        return self._forward(torch.tensor(last, device=self.device).unsqueeze(1))
+
+    def _forward(self, input_ids: torch.Tensor) -> list[SequenceOutput]:
+        assert self._mask is not None
+        positions = (self._mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+        out = self.model(input_ids=input_ids, attention_mask=self._mask, position_ids=positions,
+                         past_key_values=self._cache, use_cache=True)
+        self._cache = out.past_key_values
+        logits = out.logits[:, -1, :]
+        tokens = sample_next_tokens(logits, [r.request.sampling for r in self._rows],
+                                    [r.generator for r in self._rows])
+        now = time.monotonic()
+        outputs: list[SequenceOutput] = []
+        for row, token in zip(self._rows, tokens, strict=True):
+            if row.finished:
+                continue
+            deadline = row.request.deadline_s
+            if deadline is not None and now >= deadline:
+                outputs.append(self._finish(row, "deadline_exceeded", [], ""))
+                continue
+            sampling = row.request.sampling
+            if token in self.eos_token_ids and not sampling.ignore_eos:
+                outputs.append(self._finish(row, "stop", [], ""))
+                continue
+            row.produced.append(token)
+            delta = row.detok.add(token)
+            if row.detok.stopped:
+                outputs.append(self._finish(row, "stop", [token], delta))
+            elif len(row.produced) >= sampling.max_tokens:
+                outputs.append(self._finish(row, "length", [token], delta))
+            else:
+                outputs.append(SequenceOutput(row.request.request_id, [token], delta,
+                                              prompt_tokens=len(row.request.prompt_token_ids),
+                                              completion_tokens=len(row.produced)))
+        return outputs
