@@ -193,8 +193,8 @@ def decode_body(raw: bytes, content_type: str) -> Any:
     """Parse a body; raises ValueError on malformed input."""
     if content_type == "msgpack":
         try:
-            return msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=MAX_BODY_BYTES,
-                                   max_str_len=MAX_BODY_BYTES, max_array_len=MAX_MESSAGES * 4,
+            return msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=4 * MAX_BODY_BYTES,
+                                   max_str_len=4 * MAX_BODY_BYTES, max_array_len=MAX_MESSAGES * 4,
                                    max_map_len=1024)
         except Exception as exc:  # msgpack raises several unrelated types
             raise ValueError(f"malformed msgpack body: {exc}") from exc
@@ -235,7 +235,8 @@ def decode_request(fields: dict[bytes, bytes], prefix: str = DEFAULT_PREFIX,
     content_type: ContentType = "msgpack" if raw_ct == b"msgpack" else "json"
     body_raw = fields.get(b"body")
     body: Any = None
-    if body_raw is not None and len(body_raw) <= max_body_bytes and raw_ct in (b"msgpack", b"json"):
+    # An oversized body is still parsed up to a hard cap, only to find where to send the refusal.
+    if body_raw is not None and len(body_raw) <= 4 * max_body_bytes and raw_ct in (b"msgpack", b"json"):
         try:
             body = decode_body(body_raw, raw_ct.decode())
         except ValueError:
