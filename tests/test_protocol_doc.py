@@ -1,0 +1,37 @@
+"""The redis-cli example in docs/protocol.md works as written (against an echo worker)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from worker.embedded_redis import server_binary
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
+
+
+def _cli() -> str:
+    packaged = server_binary().with_name("valkey-cli")
+    found = str(packaged) if packaged.is_file() else shutil.which("redis-cli")
+    if not found:
+        pytest.skip("no redis-cli or valkey-cli binary")
+    return found
+
+
+def test_redis_cli_example_works_as_written(start_worker, redis_url: str, redis_client) -> None:
+    redis_client.delete("llm:reply:t1", "llm:final:t1")  # the example's fixed id may exist from an earlier run
+    start_worker("echo", prefix="llm")
+    commands = re.findall(r"^redis-cli (.+)$", DOC.read_text(), flags=re.M)
+    assert len(commands) >= 2
+    url = urlparse(redis_url)
+    base = [_cli(), "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379), "-n", url.path.strip("/") or "0"]
+    outputs = [subprocess.run(base + shlex.split(c), capture_output=True, text=True, timeout=90, check=True).stdout
+               for c in commands[:2]]
+    assert re.match(r"\d+-\d+", outputs[0].strip())
+    assert '"type":"done"' in outputs[1] and '"id":"t1"' in outputs[1]
