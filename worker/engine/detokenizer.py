@@ -16,6 +16,10 @@ class _Decoder(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
+# Public name for what the detokenizer needs from a tokenizer (engines type their tokenizer with it).
+Decoder = _Decoder
+
+
 class IncrementalDetokenizer:
     """Per-sequence streaming decoder with stop-string handling."""
 
@@ -36,7 +40,9 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self._ids.append(token_id)
-        prefix = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+        prefix = self._tokenizer.decode(
+            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
+        )
         full = self._tokenizer.decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.text += full[len(prefix) :]

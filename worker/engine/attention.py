@@ -1,0 +1,163 @@
+"""Paged attention plugged into transformers' models through `AttentionInterface`.
+
+A step runs every scheduled sequence flattened into one batch row (varlen, as vLLM): B=1 and
+T = all prefill-chunk tokens + one token per decoding sequence, each with its own position id,
+so no padding is ever computed. The model's attention modules stay unchanged; for each layer
+they call `paged_attention_forward`, which writes the new tokens' K/V into the paged cache and
+then attends each sequence's queries to its own context, gathered through its block table.
+The per-step metadata (slot mapping, block tables, lengths) comes from the model runner through
+`attention_context`, because transformers' forward has no argument for it.
+
+`paged_attention_reference` is the kernel seam: plain torch, exact, runs on CPU; faster
+kernels (Triton) must match it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+
+from worker.engine.kv_cache import KVCache
+
+PAGED_ATTENTION = "engine_paged"
+
+
+@dataclass
+class AttentionMetadata:
+    """Where one step's tokens go and what they read; sequences appear in the order of the flat batch."""
+
+    kv_cache: KVCache
+    slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
+    block_tables: torch.Tensor  # [S, max_blocks] int64, padded with 0
+    query_start_loc: list[int]  # S + 1 offsets of each sequence's tokens in the flat batch
+    context_lens: list[int]  # K/V length of each sequence once this step's tokens are written
+    context_lens_tensor: torch.Tensor  # [S] the same, on the device
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+
+_current: contextvars.ContextVar[AttentionMetadata | None] = contextvars.ContextVar(
+    "paged_attention_metadata", default=None
+)
+
+
+@contextlib.contextmanager
+def attention_context(metadata: AttentionMetadata) -> Iterator[None]:
+    """Make `metadata` visible to `paged_attention_forward` for the duration of one model forward."""
+    token = _current.set(metadata)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def _decode_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """One query token per sequence, all sequences at once: [S, H, D] -> [S, H, D]."""
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    max_len = int(context_lens.max())
+    # [S, max_blocks * block_size, kv_heads, D], cut to the longest context.
+    keys = k_cache[block_tables].flatten(1, 2)[:, :max_len].float()
+    values = v_cache[block_tables].flatten(1, 2)[:, :max_len].float()
+    # GQA without copies: query head h reads kv head h // group, as transformers' repeat_kv does.
+    q = query.float().reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("skgd,slkd->skgl", q, keys) * scale
+    beyond = torch.arange(max_len, device=query.device)[None, :] >= context_lens[:, None]
+    scores.masked_fill_(beyond[:, None, None, :], float("-inf"))
+    out = torch.einsum("skgl,slkd->skgd", torch.softmax(scores, dim=-1), values)
+    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+
+
+def _prefill_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+    context_len: int, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """A chunk of n query tokens (the last n of `context_len`), causal over the context: [n, H, D]."""
+    num_new, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    num_blocks = -(-context_len // k_cache.shape[1])
+    keys = k_cache[block_table[:num_blocks]].flatten(0, 1)[:context_len].float()
+    values = v_cache[block_table[:num_blocks]].flatten(0, 1)[:context_len].float()
+    q = query.float().reshape(num_new, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("nkgd,lkd->kgnl", q, keys) * scale
+    # Query i sits at position context_len - num_new + i and sees keys up to that position.
+    q_pos = torch.arange(context_len - num_new, context_len, device=query.device)
+    future = torch.arange(context_len, device=query.device)[None, :] > q_pos[:, None]
+    scores.masked_fill_(future, float("-inf"))
+    out = torch.einsum("kgnl,lkd->nkgd", torch.softmax(scores, dim=-1), values)
+    return out.reshape(num_new, num_heads, head_dim).to(query.dtype)
+
+
+def paged_attention_reference(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of the flat batch's queries [T, H, D] over the paged cache of one layer -> [T, H, D].
+
+    The new tokens' K/V must already be in the cache. Decoding sequences (one query token) are
+    computed together; prefill chunks one sequence at a time, with a causal mask against the context.
+    """
+    out = torch.empty_like(query)
+    starts = metadata.query_start_loc
+    decode_rows = [i for i in range(metadata.num_seqs) if starts[i + 1] - starts[i] == 1]
+    if decode_rows:
+        rows = torch.tensor(decode_rows, device=query.device)
+        positions = torch.tensor([starts[i] for i in decode_rows], device=query.device)
+        out[positions] = _decode_attention(
+            query[positions], k_cache, v_cache, metadata.block_tables[rows],
+            metadata.context_lens_tensor[rows], scale,
+        )  # fmt: skip
+    for i in range(metadata.num_seqs):
+        lo, hi = starts[i], starts[i + 1]
+        if hi - lo > 1:
+            out[lo:hi] = _prefill_attention(
+                query[lo:hi], k_cache, v_cache, metadata.block_tables[i], metadata.context_lens[i], scale
+            )
+    return out
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: query [1, H, T, D], key/value [1, KV, T, D] -> [1, T, H, D]."""
+    metadata = _current.get()
+    if metadata is None:
+        raise RuntimeError(f"{PAGED_ATTENTION} attention called outside attention_context()")
+    if query.shape[0] != 1:
+        raise ValueError("paged attention expects the step flattened into one batch row")
+    window = kwargs.get("sliding_window")
+    if isinstance(window, int) and max(metadata.context_lens) > window:
+        raise NotImplementedError("sliding-window attention is not supported by the paged engine yet")
+    layer_idx: int = module.layer_idx  # type: ignore[assignment]
+    new_keys, new_values = key[0].transpose(0, 1), value[0].transpose(0, 1)
+    metadata.kv_cache.write(layer_idx, metadata.slot_mapping, new_keys, new_values)
+    k_cache, v_cache = metadata.kv_cache.layer(layer_idx)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = paged_attention_reference(query[0].transpose(0, 1), k_cache, v_cache, metadata, scale)
+    return out.unsqueeze(0), None
+
+
+def register_paged_attention() -> str:
+    """Register the paged attention function with transformers (idempotent); returns its name."""
+    AttentionInterface.register(PAGED_ATTENTION, paged_attention_forward)
+    return PAGED_ATTENTION

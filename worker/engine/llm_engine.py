@@ -1,0 +1,226 @@
+"""PagedEngine: continuous batching over a paged, prefix-shared KV cache, behind `base.Engine`.
+
+The loop of one `step()`: stop running sequences past their deadline, let the step scheduler
+plan the step, run it through the model runner, then append each sampled token, stream its
+text delta and finish sequences on EOS, stop strings or max_tokens. Finished sequences leave
+at once; their full KV blocks stay in the prefix cache until evicted.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import torch
+
+from scheduler import BatchPolicy
+from worker.engine.base import (
+    Engine,
+    EngineCapacity,
+    FinishReason,
+    GenerationRequest,
+    SequenceOutput,
+    StepStats,
+)
+from worker.engine.block_manager import BlockManager
+from worker.engine.kv_cache import GPU_DEFAULT_MEMORY_FRACTION, KVCache, KVCacheSpec, num_blocks_for_budget
+from worker.engine.model_runner import ModelRunner
+from worker.engine.sequence import Sequence
+from worker.engine.step_scheduler import SchedulerOutput, StepScheduler
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """EOS ids from the generation config (int or list) and the tokenizer."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+class PagedEngine(Engine):
+    """Iteration-level engine with chunked prefill, prefix caching and optional preemption."""
+
+    name = "paged"
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        kv_cache_bytes: int | None = None,
+        gpu_memory_fraction: float = GPU_DEFAULT_MEMORY_FRACTION,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_batch_tokens: int = 2048,
+        max_prefill_chunk_tokens: int = 512,
+        kv_reserve: Literal["worst_case", "optimistic"] = "worst_case",
+        max_waiting_steps: int = 20,
+        max_wait_ms: float = 0.0,
+        enable_prefix_caching: bool = True,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
+        spec = KVCacheSpec.from_model_config(model.config, self.dtype)
+        num_blocks = num_blocks_for_budget(spec, block_size, self.device, kv_cache_bytes, gpu_memory_fraction)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.kv_cache = KVCache(spec, num_blocks, block_size, self.device)
+        self.runner = ModelRunner(model, self.kv_cache, self.block_manager, self.device)
+        self.policy = BatchPolicy(
+            max_wait_ms=max_wait_ms,
+            max_batch_tokens=max_batch_tokens,
+            max_num_seqs=max_num_seqs,
+            max_prefill_chunk_tokens=max_prefill_chunk_tokens,
+            kv_reserve=kv_reserve,
+            max_waiting_steps=max_waiting_steps,
+        )
+        self.scheduler = StepScheduler(self.policy, self.block_manager)
+        self._seqs: dict[str, Sequence] = {}
+        self._stats = StepStats()
+        self._admitted_prompt_tokens = 0
+        self._admitted_cached_tokens = 0
+
+    @classmethod
+    def from_settings(
+        cls,
+        model: str = "SmolLM2-135M-Instruct",
+        device: str = "cpu",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        **engine_args: Any,
+    ) -> PagedEngine:
+        """Load a model by id or path (see `model_loader`) and build the engine around it."""
+        from worker.engine.model_loader import load_model
+
+        loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        return cls(loaded.model, loaded.tokenizer, **engine_args)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        # transformers 5 returns a BatchEncoding here; older versions a plain list.
+        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+        return [int(t) for t in ids]
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(prompt)]
+
+    def add_request(self, request: GenerationRequest) -> None:
+        if request.request_id in self._seqs:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        seq = Sequence(request, self.tokenizer, self.device)
+        self._seqs[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str, reason: FinishReason = "cancelled") -> SequenceOutput | None:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        return self._finish(seq, reason)
+
+    def step(self) -> list[SequenceOutput]:
+        now = time.monotonic()
+        outputs = [
+            self._finish(seq, "deadline_exceeded")
+            for seq in list(self.scheduler.running)
+            if seq.deadline_s is not None and seq.deadline_s <= now
+        ]
+        plan = self.scheduler.schedule(now)
+        outputs += [self._finish(seq, "deadline_exceeded") for seq in plan.expired]
+        outputs += [self._finish(seq, "error") for seq in plan.rejected]
+        outputs += [self._finish(seq, "length") for seq in plan.cache_full]
+        self._record_stats(plan)
+        sampled = self.runner.execute(plan.scheduled)
+        for item, token in zip(plan.scheduled, sampled, strict=True):
+            seq = item.seq
+            seq.num_computed_tokens = item.start + item.num_tokens
+            if token is None:
+                continue
+            delta = seq.append_token(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                outputs.append(self._finish(seq, reason, [token], delta))
+            else:
+                outputs.append(self._output(seq, [token], delta))
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def capacity(self) -> EngineCapacity:
+        bs = self.block_manager.block_size
+        return EngineCapacity(
+            running=len(self.scheduler.running),
+            decode_tokens=len(self.scheduler.running),
+            free_kv_tokens=self.block_manager.num_free_blocks * bs,
+            total_kv_tokens=self.block_manager.num_blocks * bs,
+            # The engine's own queue stays short; requests wait upstream, where priorities are visible.
+            accepts_new=len(self.scheduler.waiting) < self.policy.max_num_seqs,
+        )
+
+    def last_step_stats(self) -> StepStats:
+        return self._stats
+
+    def close(self) -> None:
+        for request_id in list(self._seqs):
+            self.abort_request(request_id)
+        self.runner.model = None
+        del self.kv_cache.data
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        if not seq.sampling.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if seq.detokenizer is not None and seq.detokenizer.stopped:
+            return "stop"
+        if seq.num_completion_tokens >= seq.sampling.max_tokens:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence, new_token_ids: list[int], delta: str) -> SequenceOutput:
+        return SequenceOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_token_ids,
+            new_text=delta,
+            prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=seq.num_completion_tokens,
+            cached_tokens=seq.cached_tokens,
+        )
+
+    def _finish(
+        self, seq: Sequence, reason: FinishReason, new_token_ids: list[int] | None = None, delta: str = ""
+    ) -> SequenceOutput:
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        self._seqs.pop(seq.request_id, None)
+        if seq.detokenizer is not None:
+            delta += seq.detokenizer.flush()
+        out = self._output(seq, new_token_ids or [], delta)
+        out.finished = True
+        out.finish_reason = reason
+        out.text = seq.detokenizer.text if seq.detokenizer is not None else ""
+        return out
+
+    def _record_stats(self, plan: SchedulerOutput) -> None:
+        self._admitted_prompt_tokens += plan.admitted_prompt_tokens
+        self._admitted_cached_tokens += plan.cached_tokens
+        hit_rate = self._admitted_cached_tokens / max(self._admitted_prompt_tokens, 1)
+        self._stats = StepStats(
+            num_seqs=len(plan.scheduled),
+            prefill_tokens=plan.prefill_tokens,
+            decode_tokens=plan.decode_tokens,
+            cached_tokens=plan.cached_tokens,
+            extra={
+                "prefix_hit_rate": hit_rate,
+                "preempted": float(len(plan.preempted)),
+                "running": float(len(self.scheduler.running)),
+                "waiting": float(len(self.scheduler.waiting)),
+                "free_kv_blocks": float(self.block_manager.num_free_blocks),
+            },
+        )

@@ -1,0 +1,120 @@
+"""The state of one request inside the paged engine: its tokens, its KV blocks, its progress.
+
+A sequence's tokens are the prompt followed by the tokens sampled so far. Progress is one
+number, `num_computed_tokens`: how many leading tokens already have their K/V in the cache.
+Prefill, chunked prefill, decode and recompute after preemption are all "compute the tokens
+from `num_computed_tokens` up to the end", which keeps the scheduler and the model runner
+free of per-phase special cases.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from worker.engine.base import FinishReason, GenerationRequest, SamplingParams
+from worker.engine.detokenizer import Decoder, IncrementalDetokenizer
+from worker.engine.sampler import make_generator
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One request: token ids, block table, computed-token count, sampling state, detokenizer."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        tokenizer: Decoder | None = None,
+        device: torch.device | None = None,
+    ):
+        if not request.prompt_token_ids:
+            raise ValueError(f"request {request.request_id!r} has an empty prompt")
+        self.request_id = request.request_id
+        self.request = request
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(request.prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        # Chained digests of this sequence's full blocks, in order (a memo of its tokens, filled by the
+        # block manager); block i's digest covers tokens [0, (i + 1) * block_size).
+        self.block_hashes: list[bytes] = []
+        # Leading blocks of the block table already published for prefix sharing.
+        self.num_registered_blocks = 0
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        # Prompt tokens served from the prefix cache at first admission (reported as usage).
+        self.cached_tokens = 0
+        self.num_preemptions = 0
+        self.waited_steps = 0
+        self.generator = make_generator(request.sampling, device or torch.device("cpu"))
+        self.detokenizer = (
+            IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.sampling.stop)
+            if tokenizer is not None
+            else None
+        )
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.request.sampling
+
+    @property
+    def priority(self) -> int:
+        return self.request.priority
+
+    @property
+    def arrival_s(self) -> float:
+        return self.request.arrival_s
+
+    @property
+    def deadline_s(self) -> float | None:
+        return self.request.deadline_s
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose K/V is not in the cache yet (the whole remaining prompt, or 1 when decoding)."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_uncomputed_tokens > 1
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Tokens whose K/V may ever be stored: the last sampled token is never fed back."""
+        return self.num_prompt_tokens + max(self.sampling.max_tokens, 1) - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> str:
+        """Record a sampled token; returns the text delta that is safe to stream now."""
+        self.token_ids.append(token_id)
+        if self.detokenizer is None:
+            return ""
+        return self.detokenizer.add(token_id)
+
+    def reset_for_recompute(self) -> None:
+        """Forget all cached K/V (after preemption); prompt and sampled tokens are recomputed later."""
+        self.num_computed_tokens = 0
+        self.block_table = []
+        self.num_registered_blocks = 0
+        self.status = SequenceStatus.WAITING
+        self.num_preemptions += 1

@@ -1,0 +1,189 @@
+"""Iteration-level scheduler: which sequences run in the next step, and how many tokens each computes.
+
+Each step first serves the running sequences (decodes, then the next chunks of prefills that
+are still in progress), then admits waiting requests into the leftover token budget. The
+admission decision (service order, priority aging, deadlines, time window, sequence cap,
+first-chunk budget) is the pure policy of the `scheduler` package; this file adds what only the
+engine knows: exact KV block accounting with prefix-cache hits, and preemption.
+
+KV admission has two modes. `worst_case` allocates blocks for prompt + max_tokens at admission,
+so a running sequence never waits for memory (TGI). `optimistic` allocates the prompt only and
+grows block tables while decoding; when the pool runs dry, the newest running sequence is
+preempted by recompute: its blocks are freed (full ones stay cached, so its recompute often hits
+the prefix cache) and it returns to the waiting queue (vLLM).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from scheduler import BatchPolicy, Priority, RunningState, WaitingRequest, prefill_chunk, select_admissions
+from worker.engine.block_manager import BlockManager
+from worker.engine.model_runner import ScheduledSequence
+from worker.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """The plan of one step, and the sequences that left the queues while planning it."""
+
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    expired: list[Sequence] = field(default_factory=list)  # deadline passed while waiting
+    rejected: list[Sequence] = field(default_factory=list)  # can never fit in the KV cache
+    cache_full: list[Sequence] = field(default_factory=list)  # outgrew the whole cache while running
+    admitted_prompt_tokens: int = 0  # prompt tokens of this step's first-time admissions
+    cached_tokens: int = 0  # of those, tokens served from the prefix cache
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled if not s.is_decode)
+
+    @property
+    def decode_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled if s.is_decode)
+
+
+class StepScheduler:
+    """Keeps the waiting and running queues and plans each step under the token and KV budgets."""
+
+    def __init__(self, policy: BatchPolicy, block_manager: BlockManager):
+        self.policy = policy
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.block_manager.block_size
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues and release its blocks (full ones stay cached)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def schedule(self, now: float) -> SchedulerOutput:
+        """Plan the next step: running sequences first, then admissions into what is left."""
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.policy.max_batch_tokens)
+        if not out.preempted:  # memory is short; admitting now would only preempt again
+            self._admit(out, budget, now)
+        for seq in self.waiting:
+            seq.waited_steps += 1
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        # Decodes first: a long prefill chunk must never stall the streams already running.
+        order = sorted(self.running, key=lambda s: s.is_prefilling)  # stable: FIFO within each group
+        scheduled: set[int] = set()
+        for seq in order:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this pass
+            num_tokens = min(seq.num_uncomputed_tokens, self.policy.max_prefill_chunk_tokens, budget)
+            if num_tokens <= 0:
+                break
+            target = seq.num_computed_tokens + num_tokens
+            while not self.block_manager.can_append(seq, target):
+                victim = next((s for s in reversed(order) if s.status is SequenceStatus.RUNNING
+                               and id(s) not in scheduled and s is not seq), None)  # fmt: skip
+                if victim is None:
+                    victim = seq
+                    if len(self.running) == 1:
+                        out.cache_full.append(seq)
+                        break
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING or seq in out.cache_full:
+                continue
+            self.block_manager.ensure_slots(seq, target)
+            self.block_manager.register_full_blocks(seq, target)
+            out.scheduled.append(ScheduledSequence(seq, num_tokens))
+            scheduled.add(id(seq))
+            budget -= num_tokens
+        return budget
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def _admit(self, out: SchedulerOutput, budget: int, now: float) -> None:
+        first = True
+        while self.waiting and budget > 0:
+            by_id = {s.request_id: s for s in self.waiting}
+            used = self.policy.max_batch_tokens - budget
+            running = RunningState(num_seqs=len(self.running), decode_tokens=used)
+            # KV is checked below against the block pool, which knows what the prefix cache shares.
+            decision = select_admissions(
+                [self._as_waiting_request(s) for s in self.waiting], running, self.policy, now,
+                kv_capacity_tokens=self.kv_capacity_tokens,
+            )  # fmt: skip
+            for req in decision.expired:
+                out.expired.append(by_id[req.request_id])
+                self.waiting.remove(by_id[req.request_id])
+            for req in decision.too_large:
+                out.rejected.append(by_id[req.request_id])
+                self.waiting.remove(by_id[req.request_id])
+            stale = False
+            for req in decision.admitted:
+                seq = by_id[req.request_id]
+                cached = len(self.block_manager.match_prefix(seq)) * self.block_manager.block_size
+                remaining = len(seq) - cached
+                chunk = prefill_chunk(remaining, budget, self.policy)
+                full_chunk = min(remaining, self.policy.max_prefill_chunk_tokens)
+                kv_tokens = seq.max_total_tokens if self.policy.kv_reserve == "worst_case" else len(seq)
+                if chunk < 1 or (chunk < full_chunk and not first):
+                    return
+                if not self.block_manager.can_allocate(seq, kv_tokens):
+                    return
+                self._start(seq, kv_tokens, chunk, out)
+                budget -= chunk
+                first = False
+                if cached != req.cached_tokens:
+                    stale = True  # the policy's view of the cache changed; ask it again
+                    break
+            if not stale:
+                return
+
+    def _start(self, seq: Sequence, kv_tokens: int, chunk: int, out: SchedulerOutput) -> None:
+        cached = self.block_manager.allocate(seq, kv_tokens)
+        if seq.num_preemptions == 0:
+            seq.cached_tokens = min(cached, seq.num_prompt_tokens)
+            out.cached_tokens += seq.cached_tokens
+            out.admitted_prompt_tokens += seq.num_prompt_tokens
+        self.waiting.remove(seq)
+        self.running.append(seq)
+        seq.status = SequenceStatus.RUNNING
+        seq.waited_steps = 0
+        target = seq.num_computed_tokens + chunk
+        self.block_manager.register_full_blocks(seq, target)
+        out.scheduled.append(ScheduledSequence(seq, chunk))
+
+    def _as_waiting_request(self, seq: Sequence) -> WaitingRequest:
+        cached = len(self.block_manager.match_prefix(seq)) * self.block_manager.block_size
+        return WaitingRequest(
+            request_id=seq.request_id,
+            arrival_s=seq.arrival_s,
+            # After a preemption the sampled tokens are recomputed like prompt tokens.
+            prompt_tokens=len(seq),
+            max_tokens=max(seq.sampling.max_tokens - seq.num_completion_tokens, 0),
+            priority=Priority.BATCH if seq.priority >= Priority.BATCH else Priority.INTERACTIVE,
+            deadline_s=seq.deadline_s,
+            cached_tokens=cached,
+            waited_steps=seq.waited_steps,
+        )
