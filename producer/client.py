@@ -6,10 +6,22 @@
 
 Requests go to the stream `<prefix>:requests`; replies are read from the request's
 own reply stream, from its beginning, so a late or reconnecting reader loses nothing.
+
+Reliability, client side (see docs/reliability.md):
+- `submit` refuses with `ChatError(overloaded)` before XADD when the backlog is over
+  `max_backlog_requests` (an atomic check-and-append script);
+- connection errors are retried with jittered exponential backoff, reading the reply
+  stream from the last id seen, so a Redis restart loses no event it kept;
+- `cancel(id)` answers `cancelled` at once and makes the worker stop and free the
+  sequence; a `chat`/`result` that times out cancels its request;
+- token events carry `attempt`: after a reclaim two worker runs may stream tokens for
+  the same id, so `ReplyStream` yields only the run whose `index` sequence is contiguous
+  from 0, and the final reply (exactly one per id) names the attempt that won.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -18,7 +30,10 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from producer import admission, cancellation
+from producer.backoff import TRANSIENT_ERRORS, Backoff
 from producer.protocol import (
+    CONSUMER_GROUP,
     ChatRequest,
     ContentType,
     DoneEvent,
@@ -30,6 +45,7 @@ from producer.protocol import (
     Usage,
     decode_event,
     encode_request,
+    reply_stream,
     requests_stream,
 )
 from producer.settings import ProducerSettings
@@ -89,6 +105,29 @@ def final_reply(event: ReplyEvent, request_id: str) -> Reply | None:
     return None
 
 
+class TokenRuns:
+    """Keeps one worker run's tokens: the first attempt seen, in index order, each index once.
+
+    A reclaimed entry may be generated twice (at-least-once delivery); both runs stream
+    into the same reply channel with different `attempt` ids. Following the first run
+    gives a gap-free, duplicate-free text; if it dies, the final reply of the run that
+    finished carries the whole text.
+    """
+
+    def __init__(self) -> None:
+        self.attempt: str | None = None
+        self.next_index = 0
+
+    def accept(self, event: TokenEvent) -> bool:
+        """True if this token continues the followed run."""
+        if self.attempt is None:
+            self.attempt = event.attempt
+        if event.attempt != self.attempt or event.index != self.next_index:
+            return False
+        self.next_index += 1
+        return True
+
+
 class ReplyStream:
     """Iterates a request's token events; `.reply` holds the final reply once iteration ends."""
 
@@ -98,9 +137,11 @@ class ReplyStream:
         self._events = client.events(request_id, timeout_s=timeout_s)
 
     def __iter__(self) -> Iterator[TokenEvent]:
+        runs = TokenRuns()
         for event in self._events:
             if isinstance(event, TokenEvent):
-                yield event
+                if runs.accept(event):
+                    yield event
                 continue
             self.reply = final_reply(event, self.id)
             return
@@ -116,34 +157,82 @@ class ChatClient:
             self.settings.redis_url, socket_timeout=self.settings.reply_block_ms / 1000 + 10, socket_connect_timeout=5
         )
         self.stream_key = requests_stream(self.settings.prefix)
-        self._reply_keys: dict[str, str] = {}
+        self._sent: dict[str, tuple[str, ContentType]] = {}
+        self._admit = admission.register(self.redis)
+        self._cancel = cancellation.register(self.redis)
+
+    def _backoff(self) -> Backoff:
+        return Backoff(self.settings.reconnect_backoff_initial_ms, self.settings.reconnect_backoff_max_ms)
 
     def submit(self, messages: list[dict[str, str]] | None = None, *, prompt: str | None = None,
                content_type: ContentType | None = None, **params: Any) -> str:
-        """Enqueue a request; returns its id (its replies go to `<prefix>:reply:<id>` unless `reply_to`)."""
+        """Enqueue a request; returns its id (its replies go to `<prefix>:reply:<id>` unless `reply_to`).
+
+        Raises ChatError(overloaded) without enqueuing when the backlog is at the limit.
+        """
         request = build_request(messages, prompt, params)
-        self.redis.xadd(self.stream_key, encode_request(request, content_type or self.settings.content_type))  # type: ignore[arg-type]
-        self._reply_keys[request.id] = request.reply_key(self.settings.prefix)
+        ct = content_type or self.settings.content_type
+        args = admission.script_args(CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct))
+        give_up = time.monotonic() + self.settings.submit_retry_s
+        backoff = self._backoff()
+        while True:
+            try:
+                admission.admitted_entry_id(self._admit(keys=[self.stream_key], args=args),
+                                            self.settings.max_backlog_requests)
+                break
+            except admission.AdmissionRefused as exc:
+                raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
+            except TRANSIENT_ERRORS:
+                if time.monotonic() >= give_up:
+                    raise
+                time.sleep(backoff.next_delay_s())
+        self._sent[request.id] = (request.reply_key(self.settings.prefix), ct)
         return request.id
 
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request: the client gets `cancelled` unless a final reply already exists (then False)."""
+        key, ct = self._sent.get(request_id) or (reply_stream(request_id, self.settings.prefix),
+                                                 self.settings.content_type)
+        keys, args = cancellation.cancel_call(self.settings.prefix, request_id, key, ct, self.settings.reply_ttl_s,
+                                              self.settings.cancel_stream_max_entries)
+        return bool(self._cancel(keys=keys, args=args))
+
     def events(self, request_id: str, *, timeout_s: float | None = None, last_id: str = "0") -> Iterator[ReplyEvent]:
-        """All reply events of a request, in order, until (and including) its final event."""
-        key = self._reply_keys.get(request_id) or f"{self.settings.prefix}:reply:{request_id}"
+        """All reply events of a request, in order, until (and including) its final event.
+
+        On timeout the request is cancelled (if `cancel_on_timeout`) and ChatTimeout is raised.
+        """
+        key = self._sent.get(request_id, (reply_stream(request_id, self.settings.prefix), "json"))[0]
         timeout_s = timeout_s or self.settings.timeout_s
         deadline = time.monotonic() + timeout_s
+        backoff = self._backoff()
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
+                self._cancel_after_timeout(request_id)
                 raise ChatTimeout(request_id, timeout_s)
-            got = self.redis.xread({key: last_id}, block=min(left_ms, self.settings.reply_block_ms), count=256)
+            try:
+                got = self.redis.xread({key: last_id}, block=min(left_ms, self.settings.reply_block_ms), count=256)
+                backoff.reset()
+            except TRANSIENT_ERRORS:
+                time.sleep(min(backoff.next_delay_s(), max(0.0, deadline - time.monotonic())))
+                continue
             for _, entries in got or []:
                 for entry_id, fields in entries:
                     last_id = entry_id
                     event = decode_event(fields)
                     yield event
                     if not isinstance(event, TokenEvent):
-                        self._reply_keys.pop(request_id, None)
+                        self._sent.pop(request_id, None)
                         return
+
+    def _cancel_after_timeout(self, request_id: str) -> None:
+        if not self.settings.cancel_on_timeout:
+            return
+        try:
+            self.cancel(request_id)
+        except TRANSIENT_ERRORS:
+            pass  # Redis is unreachable: the request's own deadline, if any, still stops it
 
     def result(self, request_id: str, *, timeout_s: float | None = None) -> Reply:
         """Wait for the final reply of a submitted request."""
@@ -184,33 +273,78 @@ class AsyncChatClient:
             self.settings.redis_url, socket_timeout=self.settings.reply_block_ms / 1000 + 10, socket_connect_timeout=5
         )
         self.stream_key = requests_stream(self.settings.prefix)
-        self._reply_keys: dict[str, str] = {}
+        self._sent: dict[str, tuple[str, ContentType]] = {}
+        self._admit = admission.register(self.redis)
+        self._cancel = cancellation.register(self.redis)
+
+    def _backoff(self) -> Backoff:
+        return Backoff(self.settings.reconnect_backoff_initial_ms, self.settings.reconnect_backoff_max_ms)
 
     async def submit(self, messages: list[dict[str, str]] | None = None, *, prompt: str | None = None,
                      content_type: ContentType | None = None, **params: Any) -> str:
+        """Enqueue a request; raises ChatError(overloaded) without enqueuing when the backlog is at the limit."""
         request = build_request(messages, prompt, params)
-        await self.redis.xadd(self.stream_key, encode_request(request, content_type or self.settings.content_type))  # type: ignore[arg-type]
-        self._reply_keys[request.id] = request.reply_key(self.settings.prefix)
+        ct = content_type or self.settings.content_type
+        args = admission.script_args(CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct))
+        give_up = time.monotonic() + self.settings.submit_retry_s
+        backoff = self._backoff()
+        while True:
+            try:
+                admission.admitted_entry_id(await self._admit(keys=[self.stream_key], args=args),
+                                            self.settings.max_backlog_requests)
+                break
+            except admission.AdmissionRefused as exc:
+                raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
+            except TRANSIENT_ERRORS:
+                if time.monotonic() >= give_up:
+                    raise
+                await asyncio.sleep(backoff.next_delay_s())
+        self._sent[request.id] = (request.reply_key(self.settings.prefix), ct)
         return request.id
+
+    async def cancel(self, request_id: str) -> bool:
+        """Stop a request: the client gets `cancelled` unless a final reply already exists (then False)."""
+        key, ct = self._sent.get(request_id) or (reply_stream(request_id, self.settings.prefix),
+                                                 self.settings.content_type)
+        keys, args = cancellation.cancel_call(self.settings.prefix, request_id, key, ct, self.settings.reply_ttl_s,
+                                              self.settings.cancel_stream_max_entries)
+        return bool(await self._cancel(keys=keys, args=args))
 
     async def events(self, request_id: str, *, timeout_s: float | None = None,
                      last_id: str = "0") -> AsyncIterator[ReplyEvent]:
-        key = self._reply_keys.get(request_id) or f"{self.settings.prefix}:reply:{request_id}"
+        """All reply events of a request until its final one; cancels and raises ChatTimeout on timeout."""
+        key = self._sent.get(request_id, (reply_stream(request_id, self.settings.prefix), "json"))[0]
         timeout_s = timeout_s or self.settings.timeout_s
         deadline = time.monotonic() + timeout_s
+        backoff = self._backoff()
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
+                await self._cancel_after_timeout(request_id)
                 raise ChatTimeout(request_id, timeout_s)
-            got = await self.redis.xread({key: last_id}, block=min(left_ms, self.settings.reply_block_ms), count=256)
+            try:
+                got = await self.redis.xread({key: last_id}, block=min(left_ms, self.settings.reply_block_ms),
+                                             count=256)
+                backoff.reset()
+            except TRANSIENT_ERRORS:
+                await asyncio.sleep(min(backoff.next_delay_s(), max(0.0, deadline - time.monotonic())))
+                continue
             for _, entries in got or []:
                 for entry_id, fields in entries:
                     last_id = entry_id
                     event = decode_event(fields)
                     yield event
                     if not isinstance(event, TokenEvent):
-                        self._reply_keys.pop(request_id, None)
+                        self._sent.pop(request_id, None)
                         return
+
+    async def _cancel_after_timeout(self, request_id: str) -> None:
+        if not self.settings.cancel_on_timeout:
+            return
+        try:
+            await self.cancel(request_id)
+        except TRANSIENT_ERRORS:
+            pass  # Redis is unreachable: the request's own deadline, if any, still stops it
 
     async def result(self, request_id: str, *, timeout_s: float | None = None) -> Reply:
         async for event in self.events(request_id, timeout_s=timeout_s):
@@ -228,9 +362,11 @@ class AsyncChatClient:
         """Yield token events, then the final `Reply` as the last item."""
         params.setdefault("stream", True)
         request_id = await self.submit(messages, **params)
+        runs = TokenRuns()
         async for event in self.events(request_id, timeout_s=timeout_s):
             if isinstance(event, TokenEvent):
-                yield event
+                if runs.accept(event):
+                    yield event
             else:
                 reply = final_reply(event, request_id)
                 assert reply is not None

@@ -62,6 +62,21 @@ def dead_letter_stream(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}:dead"
 
 
+def cancel_stream(prefix: str = DEFAULT_PREFIX) -> str:
+    """Broadcast stream of cancellations: entries with field `id`; every worker watches it."""
+    return f"{prefix}:cancel"
+
+
+def final_guard_key(prefix: str, request_id: str) -> str:
+    """Key whose `SET NX` decides which writer publishes the one final reply of a request."""
+    return f"{prefix}:final:{request_id}"
+
+
+def reply_key_allowed(key: str, prefix: str = DEFAULT_PREFIX) -> bool:
+    """Whether a `reply_to` stays inside the reply namespace (so a request cannot make a worker write elsewhere)."""
+    return key.startswith(f"{prefix}:reply:") and len(key) > len(prefix) + 7
+
+
 def new_request_id() -> str:
     """An unguessable 128-bit id, hex encoded; it also names the reply channel."""
     return secrets.token_hex(16)
@@ -200,7 +215,7 @@ def decode_body(raw: bytes, content_type: str) -> Any:
             raise ValueError(f"malformed msgpack body: {exc}") from exc
     try:
         return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"malformed JSON body: {exc}") from exc
 
 
@@ -222,7 +237,7 @@ def _salvage_id(body: Any, prefix: str) -> tuple[str | None, str | None]:
     except ValidationError:
         return None, None
     reply_to = body.get("reply_to")
-    if not (isinstance(reply_to, str) and 0 < len(reply_to) <= 256):
+    if not (isinstance(reply_to, str) and len(reply_to) <= 256 and reply_key_allowed(reply_to, prefix)):
         reply_to = reply_stream(rid, prefix)
     return rid, reply_to
 
@@ -268,6 +283,8 @@ def decode_request(fields: dict[bytes, bytes], prefix: str = DEFAULT_PREFIX,
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
         raise fail(ErrorCode.INVALID_REQUEST, f"{where}: {first.get('msg', 'invalid')}"[:300]) from None
+    except (ValueError, RecursionError) as exc:  # e.g. nesting deeper than the validator's recursion limit
+        raise fail(ErrorCode.INVALID_REQUEST, f"body: {exc}"[:300]) from None
     return request, content_type
 
 

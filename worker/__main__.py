@@ -18,7 +18,13 @@ from worker.telemetry import configure_logging
 
 
 class ShutdownFlag:
-    """First SIGTERM/SIGINT: stop reading and drain; a second: exit at once (pending entries stay in Redis)."""
+    """Warm, then cold shutdown, as RQ does.
+
+    The first SIGTERM/SIGINT sets the flag: the loop stops reading, hands back what has
+    not started and drains what runs (`Consumer.shutdown`), then exits 0. A second
+    signal exits at once with 128+signum; nothing is lost, because every entry it held
+    is still pending in Redis and is reclaimed (or replayed by its restart).
+    """
 
     def __init__(self) -> None:
         self.requested = False

@@ -7,17 +7,26 @@ One thread does everything, in the order of an engine step, so there is no locki
    (time window, token budget, sequence cap, free KV);
 4. one engine step; its token deltas and final replies go out in one pipeline, and
    each entry is acknowledged only together with its final reply.
+
+Around that core, each iteration does the housekeeping of docs/reliability.md, each in
+its own module: the heartbeat (`heartbeat.py`), cancellations (`cancellation.py`),
+running deadlines, reclaiming dead consumers' entries (`reclaim.py`), shedding and safe
+trimming (`backpressure.py`), poison entries (`dead_letter.py`). Redis errors back off
+and retry without losing the iteration's writes (`replies.py`). Shutdown is warm, then
+cold: the first SIGTERM stops reading, hands back what has not started, and drains the
+running requests for `drain_timeout_s`; a second signal exits at once (`__main__.py`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import redis
 import structlog
 
+from producer.backoff import TRANSIENT_ERRORS, Backoff
 from producer.protocol import (
     ChatRequest,
     ContentType,
@@ -29,12 +38,21 @@ from producer.protocol import (
     Timings,
     TokenEvent,
     Usage,
+    dead_letter_stream,
     decode_request,
+    final_guard_key,
     now_ms,
+    reply_key_allowed,
+    reply_stream,
     requests_stream,
 )
 from scheduler import Admission, BatchPolicy, Priority, RunningState, WaitingRequest, select_admissions
-from worker.engine.base import Engine, GenerationRequest, SamplingParams, SequenceOutput
+from worker.backpressure import Backpressure
+from worker.cancellation import CancelWatch
+from worker.dead_letter import dead_letter_fields
+from worker.engine.base import Engine, FinishReason, GenerationRequest, SamplingParams, SequenceOutput
+from worker.heartbeat import Heartbeat
+from worker.reclaim import Reclaimer, delivery_counts
 from worker.replies import FinalWrite, ReplyWriter
 from worker.settings import WorkerSettings
 
@@ -81,7 +99,18 @@ class LoopCounters:
     done: int = 0
     errors: int = 0
     steps: int = 0
+    reclaimed: int = 0
+    replayed: int = 0
+    dead_lettered: int = 0
+    shed: int = 0
+    cancelled: int = 0
+    lost: int = 0
+    finals_dropped: int = 0
+    redis_errors: int = 0
     batches: dict[int, Microbatch] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, int]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, int)}
 
 
 def entry_epoch_ms(entry_id: bytes) -> int:
@@ -98,8 +127,19 @@ class Consumer:
         self.settings = settings
         self.stream = requests_stream(settings.prefix)
         self.attempt = f"{settings.consumer_name}:{int(time.time() * 1000)}"
+        name = settings.consumer_name
         self.replies = ReplyWriter(client, settings.prefix, settings.group, self.stream, self.attempt,
-                                   settings.reply_ttl_s)
+                                   settings.reply_ttl_s, dead_letter_stream(settings.prefix),
+                                   settings.dead_letter_max_entries)
+        self.heartbeat = Heartbeat(client, settings.prefix, self.stream, settings.group, name,
+                                   settings.heartbeat_interval_s, settings.heartbeat_ttl_s)
+        self.reclaimer = Reclaimer(client, settings.prefix, self.stream, settings.group, name,
+                                   settings.reclaim_interval_s, settings.reclaim_min_idle_ms, settings.reclaim_count)
+        self.backpressure = Backpressure(client, self.stream, settings.group, settings.max_backlog_requests,
+                                         settings.backlog_check_interval_ms, settings.trim_interval_s)
+        self.cancels = CancelWatch(client, settings.prefix, settings.cancel_poll_interval_ms,
+                                   settings.cancel_memory_requests)
+        self.backoff = Backoff(settings.reconnect_backoff_initial_ms, settings.reconnect_backoff_max_ms)
         self.policy = BatchPolicy(
             max_wait_ms=settings.max_wait_ms, max_batch_tokens=settings.max_batch_tokens,
             max_num_seqs=settings.max_num_seqs, max_prefill_chunk_tokens=settings.max_prefill_chunk_tokens,
@@ -110,6 +150,7 @@ class Consumer:
         self.counters = LoopCounters()
         # After a restart our own pending entries (read but never acked) are served first.
         self._replay_from: str | None = "0"
+        self._unchecked: list[str] = []
         self._next_batch_id = 0
         self._wake_at_s: float | None = None
 
@@ -122,24 +163,87 @@ class Consumer:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    def start(self) -> None:
+        """Join the group: create it if needed, beat once, and start watching cancellations."""
+        self.ensure_group()
+        self.heartbeat.beat([], force=True)
+        self.cancels.start()
+
     # -- loop ------------------------------------------------------------------------------------------
     def run(self, should_stop: Callable[[], bool]) -> None:
-        """Serve until `should_stop()`; then finish what is in flight."""
-        self.ensure_group()
+        """Serve until `should_stop()`; then shut down warm (see `shutdown`)."""
+        while not self._guarded(self.start):
+            if should_stop():
+                return
         log.info("worker_started", consumer=self.settings.consumer_name, engine=self.engine.name,
-                 stream=self.stream, group=self.settings.group)
+                 stream=self.stream, group=self.settings.group, attempt=self.attempt)
         while not should_stop():
-            self.run_once()
-        while self.waiting or self.running:
-            self.run_once(read=False)
+            self._guarded(self.run_once)
+        self.shutdown()
+
+    def _guarded(self, step: Callable[[], None]) -> bool:
+        """Run one unit of work; on a Redis outage back off (with jitter) instead of crashing."""
+        try:
+            step()
+        except TRANSIENT_ERRORS as exc:
+            self.counters.redis_errors += 1
+            delay_s = self.backoff.next_delay_s()
+            log.warning("redis_unavailable", error=str(exc)[:200], retry_in_ms=round(delay_s * 1000))
+            time.sleep(delay_s)
+            return False
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The server lost the group (restarted without persistence): recreate it and go on.
+            log.warning("group_recreated", error=str(exc)[:200])
+            self.ensure_group()
+            return False
+        self.backoff.reset()
+        return True
 
     def run_once(self, read: bool = True) -> None:
-        """One iteration: read, admit, step, reply."""
+        """One iteration: housekeeping, read, admit, step, reply."""
+        self._flush()  # writes left over from an outage go first, in order
+        self._housekeeping(read)
         if read:
             self._read()
         self._admit()
         if self.engine.has_unfinished():
             self._step()
+        self._flush()
+
+    def _flush(self) -> None:
+        for request_id in self.replies.flush():
+            self.counters.finals_dropped += 1
+            log.info("final_not_written", id=request_id, reason="another writer already answered this request")
+
+    def _serving(self) -> list[bytes]:
+        return [f.entry_id for f in self.waiting.values()] + [f.entry_id for f in self.running.values()]
+
+    def _housekeeping(self, reading: bool) -> None:
+        for entry_id in self.heartbeat.beat(self._serving()):
+            self._drop_lost(entry_id)
+        for request_id in self.cancels.poll():
+            self._cancel(request_id)
+        self._expire_running()
+        if not reading:
+            return
+        room = self.settings.max_waiting_requests - len(self.waiting)
+        if self.reclaimer.due():
+            if self._replay_from is None:  # the startup replay (XREADGROUP 0) comes first
+                self._resync()
+            claimed = self.reclaimer.reclaim(room)
+            self.counters.reclaimed += len(claimed.entries)
+            for entry_id, fields in claimed.entries:
+                self._accept(entry_id, fields, claimed.deliveries.get(entry_id, 1))
+            self._skip_answered()
+        if self.backpressure.trim_due():
+            trimmed = self.backpressure.trim()
+            if trimmed:
+                log.info("stream_trimmed", entries=trimmed)
+        excess = self.backpressure.excess()
+        if excess:
+            self._shed(excess)
 
     def _read(self) -> None:
         room = self.settings.max_waiting_requests - len(self.waiting)
@@ -159,31 +263,169 @@ class Consumer:
                                        count=min(room, self.settings.read_count),
                                        block=None if replaying else block)
         entries = reply[0][1] if reply else []
+        deliveries: dict[bytes, int] = {}
         if replaying:
+            # Our own pending list, left by a previous run of this consumer: served before new entries.
             self._replay_from = entries[-1][0].decode() if entries else None
+            deliveries = delivery_counts(self.client, self.stream, self.settings.group,
+                                         [e[0] for e in entries if e[1]])
+            self.counters.replayed += len(entries)
+            if entries:
+                log.info("pending_replayed", count=len(entries), first=entries[0][0].decode())
         for entry_id, fields in entries:
             if not fields:  # pending entry deleted from the stream: nothing to serve, just ack
-                self.client.xack(self.stream, self.settings.group, entry_id)
+                self.replies.ack(entry_id)
                 continue
             self.counters.read += 1
-            self._accept(entry_id, fields)
+            self._accept(entry_id, fields, deliveries.get(entry_id, 1))
+        self._skip_answered()
 
-    def _accept(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    def _resync(self) -> None:
+        """Serve our own pending entries that we do not know about.
+
+        That happens when a reply to XREADGROUP or XAUTOCLAIM was lost with the connection
+        (the client library retries the call): Redis delivered entries we never saw. We
+        touch every entry we serve at each heartbeat, so these are the idle ones.
+        """
+        idle_ms = int(self.settings.heartbeat_interval_s * 2000)
+        rows = self.client.xpending_range(self.stream, self.settings.group, "-", "+",
+                                          self.settings.max_waiting_requests, self.settings.consumer_name,
+                                          idle=idle_ms)
+        known = set(self._serving())
+        unknown = [r for r in rows if r["message_id"] not in known]
+        for row in unknown:
+            entry_id = row["message_id"]
+            got = self.client.xrange(self.stream, entry_id, entry_id)
+            if not got:
+                self.replies.ack(entry_id)
+                continue
+            log.warning("pending_resynced", entry=entry_id.decode(), deliveries=row["times_delivered"])
+            self._accept(entry_id, got[0][1], int(row["times_delivered"]))
+        self._skip_answered()
+
+    def _shed(self, excess: int) -> None:
+        """Answer `overloaded` to entries over the backlog limit (oldest first), instead of queueing them."""
+        reply = self.client.xreadgroup(self.settings.group, self.settings.consumer_name, {self.stream: ">"},
+                                       count=min(excess, 1000))
+        entries = reply[0][1] if reply else []
+        self.backpressure.shed(len(entries))
+        for entry_id, fields in entries:
+            self.counters.shed += 1
+            self._refuse(entry_id, fields, ErrorCode.OVERLOADED,
+                         f"backlog is over {self.settings.max_backlog_requests} requests; retry later")
+        if entries:
+            log.warning("requests_shed", count=len(entries), backlog=self.backpressure.backlog)
+
+    def _refuse(self, entry_id: bytes, fields: dict[bytes, bytes], code: ErrorCode, message: str) -> None:
+        """Answer an entry with an error without serving it (dead-letter it if it names no sender)."""
+        try:
+            request, ct = decode_request(fields, self.settings.prefix, self.settings.max_body_bytes)
+        except ProtocolError as exc:
+            self._reject_invalid(entry_id, fields, exc)
+            return
+        self.counters.errors += 1
+        self.replies.error(request.id, self._reply_key(request), code, message, ct, entry_id)
+
+    def _reply_key(self, request: ChatRequest) -> str:
+        key = request.reply_key(self.settings.prefix)
+        return key if reply_key_allowed(key, self.settings.prefix) else reply_stream(request.id, self.settings.prefix)
+
+    def _reject_invalid(self, entry_id: bytes, fields: dict[bytes, bytes], exc: ProtocolError) -> None:
+        self.counters.invalid += 1
+        log.warning("request_invalid", entry=entry_id.decode(), id=exc.request_id, code=exc.code.value,
+                    reason=exc.message)
+        if exc.request_id is not None:
+            self.replies.error(exc.request_id, exc.reply_to, exc.code, exc.message, exc.content_type, entry_id)
+        else:
+            self._dead_letter(entry_id, fields, f"{exc.code.value}: {exc.message}", 1)
+
+    def _dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], reason: str, deliveries: int) -> None:
+        self.counters.dead_lettered += 1
+        log.warning("entry_dead_lettered", entry=entry_id.decode(), reason=reason[:200], deliveries=deliveries)
+        self.replies.dead_letter(dead_letter_fields(entry_id, fields, reason, deliveries,
+                                                    self.settings.consumer_name,
+                                                    self.settings.dead_letter_max_field_bytes), entry_id)
+
+    def _park_poison(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> None:
+        """An entry delivered too often: dead-letter it and tell its sender, if known."""
+        reason = f"delivered {deliveries} times (max_deliveries={self.settings.max_deliveries}) without completing"
+        self._dead_letter(entry_id, fields, reason, deliveries)
+        try:
+            request, ct = decode_request(fields, self.settings.prefix, self.settings.max_body_bytes)
+        except ProtocolError as exc:
+            rid, key, ct = exc.request_id, exc.reply_to, exc.content_type
+        else:
+            rid, key = request.id, self._reply_key(request)
+        if rid is not None:
+            self.replies.error(rid, key, ErrorCode.INTERNAL, f"request could not be processed: {reason}", ct,
+                               entry_id)
+
+    # -- shutdown --------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Warm shutdown: stop reading, hand back what has not started, drain running requests.
+
+        Running requests get `drain_timeout_s` to finish; whatever is still running then is
+        aborted locally and handed back: left pending with its idle time set past
+        `reclaim_min_idle_ms` (the XNACK of servers that lack one), so a live worker
+        reclaims it at its next round. Nothing is acknowledged without a final reply.
+        """
+        log.info("shutdown_started", waiting=len(self.waiting), running=len(self.running),
+                 drain_timeout_s=self.settings.drain_timeout_s)
+        handed_back = [f.entry_id for f in self.waiting.values()]
+        self.waiting.clear()
+        self._guarded(lambda: self._hand_back(handed_back))
+        self._guarded(lambda: self.heartbeat.drain(self._serving()))
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while (self.running or self.replies.pending) and time.monotonic() < deadline:
+            self._guarded(lambda: self.run_once(read=False))
+        leftovers = [f.entry_id for f in self.running.values()]
+        for rid in list(self.running):
+            self.engine.abort_request(rid, "cancelled")
+        self.running.clear()
+        try:
+            self._hand_back(leftovers)
+            self.heartbeat.stop()
+            self.reclaimer.remove_if_empty(self.settings.consumer_name)
+        except TRANSIENT_ERRORS as exc:
+            # Redis is away: the entries stay pending under our name and are reclaimed once idle.
+            log.warning("shutdown_without_redis", error=str(exc)[:200])
+        log.info("worker_stopped", handed_back=len(handed_back) + len(leftovers), **self.counters.summary())
+
+    def _hand_back(self, entry_ids: list[bytes]) -> None:
+        if not entry_ids:
+            return
+        idle_ms = self.settings.reclaim_min_idle_ms * 2
+        self.client.xclaim(self.stream, self.settings.group, self.settings.consumer_name, 0, entry_ids,
+                           idle=idle_ms, justid=True)
+        log.info("entries_handed_back", count=len(entry_ids))
+
+    def _accept(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int = 1) -> None:
         s = self.settings
+        if deliveries > s.max_deliveries:
+            self._park_poison(entry_id, fields, deliveries)
+            return
         try:
             request, ct = decode_request(fields, s.prefix, s.max_body_bytes)
         except ProtocolError as exc:
-            self.counters.invalid += 1
-            log.warning("request_invalid", entry=entry_id.decode(), id=exc.request_id, code=exc.code.value,
-                        reason=exc.message)
-            self.replies.error(exc.request_id, exc.reply_to, exc.code, exc.message, exc.content_type, entry_id)
+            self._reject_invalid(entry_id, fields, exc)
+            return
+        except Exception as exc:  # a decoder bug must cost one entry, never the loop
+            log.exception("request_undecodable", entry=entry_id.decode())
+            self._dead_letter(entry_id, fields, f"undecodable: {type(exc).__name__}", deliveries)
             return
         reply_key = request.reply_key(s.prefix)
+        if not reply_key_allowed(reply_key, s.prefix):
+            self._fail_early(entry_id, request, ct, reply_stream(request.id, s.prefix), ErrorCode.INVALID_REQUEST,
+                             f"reply_to must start with `{s.prefix}:reply:`")
+            return
         known = self.waiting.get(request.id) or self.running.get(request.id)
         if known is not None:
             if known.entry_id != entry_id:
                 # The same request id sent twice (a client retry): serve the first, ack this one.
-                self.client.xack(self.stream, s.group, entry_id)
+                self.replies.ack(entry_id)
+            return
+        if self.cancels.is_cancelled(request.id):
+            self._fail_early(entry_id, request, ct, reply_key, ErrorCode.CANCELLED, "cancelled before it started")
             return
         enqueued_ms = entry_epoch_ms(entry_id)
         deadline_epoch = request.deadline_epoch_ms(enqueued_ms)
@@ -202,6 +444,59 @@ class Consumer:
             return
         self.waiting[request.id] = InFlight(entry_id, request, ct, reply_key, ids, enqueued_ms,
                                             time.monotonic(), deadline_s)
+        self._unchecked.append(request.id)
+
+    def _skip_answered(self) -> None:
+        """Drop newly accepted requests that already have a final reply (a redelivery, or a client cancel)."""
+        ids = [rid for rid in self._unchecked if rid in self.waiting]
+        self._unchecked.clear()
+        if not ids:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for rid in ids:
+            pipe.exists(final_guard_key(self.settings.prefix, rid))
+        for rid, answered in zip(ids, pipe.execute()):
+            if answered:
+                f = self.waiting.pop(rid)
+                log.info("request_already_answered", id=rid, entry=f.entry_id.decode())
+                self.replies.ack(f.entry_id)
+
+    def _drop_lost(self, entry_id: bytes) -> None:
+        """Another worker claimed this entry (we stalled past the idle limit): stop our copy, write nothing."""
+        for table in (self.waiting, self.running):
+            for rid, f in list(table.items()):
+                if f.entry_id == entry_id:
+                    table.pop(rid)
+                    self.engine.abort_request(rid, "cancelled")
+                    self.counters.lost += 1
+                    log.warning("entry_lost", id=rid, entry=entry_id.decode())
+
+    def _cancel(self, request_id: str) -> None:
+        """A client cancelled: stop the request wherever it is, free its resources, answer `cancelled`."""
+        f = self.waiting.pop(request_id, None)
+        if f is not None:
+            self.counters.cancelled += 1
+            log.info("request_cancelled", id=request_id, state="waiting")
+            self.replies.error(request_id, f.reply_key, ErrorCode.CANCELLED, "cancelled", f.content_type, f.entry_id)
+            return
+        if request_id in self.running:
+            self.counters.cancelled += 1
+            log.info("request_cancelled", id=request_id, state="running")
+            self._abort_running(request_id, "cancelled")
+
+    def _expire_running(self) -> None:
+        """Stop running requests whose deadline passed; engines need not check deadlines themselves."""
+        now = time.monotonic()
+        for rid, f in list(self.running.items()):
+            if f.deadline_s is not None and now >= f.deadline_s:
+                log.info("request_deadline_exceeded", id=rid, state="running")
+                self._abort_running(rid, "deadline_exceeded")
+
+    def _abort_running(self, request_id: str, reason: FinishReason) -> None:
+        out = self.engine.abort_request(request_id, reason)
+        if out is None:
+            out = SequenceOutput(request_id, [], "", True, reason)
+        self._publish([out])
 
     def _fail_early(self, entry_id: bytes, request: ChatRequest, ct: ContentType, reply_key: str,
                     code: ErrorCode, message: str) -> None:
@@ -266,8 +561,6 @@ class Consumer:
 
     def _publish(self, outputs: list[SequenceOutput]) -> None:
         now = time.monotonic()
-        tokens: list[tuple[str, ReplyEvent, ContentType, bool]] = []
-        finals: list[FinalWrite] = []
         finished: list[tuple[InFlight, SequenceOutput]] = []
         for out in outputs:
             f = self.running.get(out.request_id)
@@ -278,12 +571,11 @@ class Consumer:
             if f.request.stream and (out.new_text or out.new_token_ids):
                 event = TokenEvent(index=f.tokens_sent, text=out.new_text, token_ids=out.new_token_ids,
                                    attempt=self.attempt)
-                tokens.append((f.reply_key, event, f.content_type, f.tokens_sent == 0))
+                self.replies.token(f.reply_key, event, f.content_type, f.tokens_sent == 0)
                 f.tokens_sent += 1
             if out.finished:
-                finals.append(self._final_write(f, out, now))
+                self.replies.final(self._final_write(f, out, now))
                 finished.append((f, out))
-        self.replies.write(tokens, finals)
         for f, out in finished:
             self.running.pop(f.request.id, None)
             self._log_done(f, out, now)

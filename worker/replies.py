@@ -4,16 +4,27 @@ Delivery is at-least-once (a reclaimed entry can run twice), so the final event 
 through a Lua script that sets a per-request guard key with NX and only then appends
 the event and acknowledges the request entry. The first final write wins; a duplicate
 run's final is dropped, and the client sees one `done`/`error` per request id.
+
+All writes of one loop iteration (tokens, finals, dead letters, acks) are queued in the
+`ReplyWriter` and sent in one pipeline by `flush()`. If Redis is unreachable, the queue
+is kept and the loop retries the flush (with backoff) before it steps the engine again,
+so no final reply and no acknowledgement is dropped by a connection loss; a retried
+flush may repeat token events, which clients drop by `index` (see `TokenRuns`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import structlog
 
-from producer.protocol import ContentType, ErrorCode, ErrorEvent, ReplyEvent, encode_event
+from producer.protocol import ContentType, ErrorCode, ErrorEvent, ReplyEvent, encode_event, final_guard_key
+
+__all__ = ["FinalWrite", "ReplyWriter", "final_guard_key"]
+
+log = structlog.get_logger("worker")
 
 # KEYS: guard, reply stream, request stream. ARGV: attempt, ttl_s, ct, body, group, entry id.
 _FINAL_SCRIPT = """
@@ -29,11 +40,6 @@ if won then return 1 else return 0 end
 """
 
 
-def final_guard_key(prefix: str, request_id: str) -> str:
-    """Key whose NX set decides which run writes the final reply."""
-    return f"{prefix}:final:{request_id}"
-
-
 @dataclass(frozen=True)
 class FinalWrite:
     """A final event for one request, with the stream entry to acknowledge."""
@@ -45,31 +51,91 @@ class FinalWrite:
     entry_id: str | bytes | None
 
 
-class ReplyWriter:
-    """Batches reply writes of one engine step into one round trip."""
+@dataclass
+class _Queued:
+    tokens: list[tuple[str, ReplyEvent, ContentType, bool]] = field(default_factory=list)
+    finals: list[FinalWrite] = field(default_factory=list)
+    dead: list[tuple[dict[bytes, bytes], bytes]] = field(default_factory=list)
+    acks: list[bytes] = field(default_factory=list)
 
-    def __init__(self, client: redis.Redis, prefix: str, group: str, stream: str, attempt: str, ttl_s: int):
+
+class ReplyWriter:
+    """Queues the reply writes of one loop iteration and sends them in one round trip."""
+
+    def __init__(self, client: redis.Redis, prefix: str, group: str, stream: str, attempt: str, ttl_s: int,
+                 dead_stream: str = "", dead_max_entries: int = 100_000):
         self.client = client
         self.prefix = prefix
         self.group = group
         self.stream = stream
         self.attempt = attempt
         self.ttl_s = ttl_s
+        self.dead_stream = dead_stream or f"{prefix}:dead"
+        self.dead_max_entries = dead_max_entries
         self._final = client.register_script(_FINAL_SCRIPT)
+        self._queued = _Queued()
 
-    def write(self, tokens: list[tuple[str, ReplyEvent, ContentType, bool]], finals: list[FinalWrite]) -> list[bool]:
-        """Append token events (key, event, ct, first) and finals in one pipeline; returns which finals won."""
-        if not tokens and not finals:
+    @property
+    def pending(self) -> bool:
+        """Writes are queued that have not reached Redis yet."""
+        q = self._queued
+        return bool(q.tokens or q.finals or q.dead or q.acks)
+
+    def token(self, key: str, event: ReplyEvent, content_type: ContentType, first: bool) -> None:
+        """Queue a token event (`first`: also set the reply stream's TTL)."""
+        self._queued.tokens.append((key, event, content_type, first))
+
+    def final(self, final: FinalWrite) -> None:
+        """Queue a final reply, guarded and acknowledged atomically."""
+        self._queued.finals.append(final)
+
+    def error(self, request_id: str | None, reply_key: str | None, code: ErrorCode, message: str,
+              content_type: ContentType, entry_id: str | bytes | None) -> None:
+        """Queue one final error (or only the acknowledgement when the sender left no usable address)."""
+        if request_id is None or reply_key is None:
+            if entry_id is not None:
+                self.ack(entry_id if isinstance(entry_id, bytes) else entry_id.encode())
+            return
+        event = ErrorEvent(id=request_id, code=code, message=message, attempt=self.attempt)
+        self.final(FinalWrite(request_id, reply_key, event, content_type, entry_id))
+
+    def dead_letter(self, fields: dict[bytes, bytes], entry_id: bytes) -> None:
+        """Queue parking an entry in the dead-letter stream, then its acknowledgement."""
+        self._queued.dead.append((fields, entry_id))
+
+    def ack(self, entry_id: bytes) -> None:
+        """Queue a bare acknowledgement (an entry that needs no reply)."""
+        self._queued.acks.append(entry_id)
+
+    def flush(self) -> list[str]:
+        """Send everything queued; returns the request ids whose final lost the guard (already answered).
+
+        On a connection error the queue is kept and the error propagates; call again to retry.
+        """
+        q = self._queued
+        if not self.pending:
             return []
         pipe = self.client.pipeline(transaction=False)
-        for key, event, ct, first in tokens:
+        for fields, entry_id in q.dead:
+            pipe.xadd(self.dead_stream, fields, maxlen=self.dead_max_entries, approximate=True)  # type: ignore[arg-type]
+            pipe.xack(self.stream, self.group, entry_id)
+        for key, event, ct, first in q.tokens:
             pipe.xadd(key, encode_event(event, ct))  # type: ignore[arg-type]
             if first:
                 pipe.expire(key, self.ttl_s)
-        for final in finals:
+        for final in q.finals:
             self._queue_final(pipe, final)
-        results = pipe.execute()
-        return [bool(r) for r in results[len(results) - len(finals) :]]
+        if q.acks:
+            pipe.xack(self.stream, self.group, *q.acks)
+        # A command error (say, a hostile reply key of the wrong type) must not block the queue forever:
+        # it is logged and dropped; only connection errors propagate and keep the queue for a retry.
+        results = pipe.execute(raise_on_error=False)
+        self._queued = _Queued()
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("reply_write_failed", error=str(result)[:200])
+        won = results[len(results) - len(q.finals) - (1 if q.acks else 0):][: len(q.finals)]
+        return [f.request_id for f, w in zip(q.finals, won) if w != 1]
 
     def _queue_final(self, pipe: Any, final: FinalWrite) -> None:
         fields = encode_event(final.event, final.content_type)
@@ -79,13 +145,3 @@ class ReplyWriter:
             args=[self.attempt, self.ttl_s, fields["ct"], fields["body"], self.group, entry],
             client=pipe,
         )
-
-    def error(self, request_id: str | None, reply_key: str | None, code: ErrorCode, message: str,
-              content_type: ContentType, entry_id: str | bytes | None) -> bool:
-        """Write one final error (or only acknowledge when the sender left no usable address)."""
-        if request_id is None or reply_key is None:
-            if entry_id is not None:
-                self.client.xack(self.stream, self.group, entry_id)
-            return False
-        event = ErrorEvent(id=request_id, code=code, message=message, attempt=self.attempt)
-        return self.write([], [FinalWrite(request_id, reply_key, event, content_type, entry_id)])[0]

@@ -6,7 +6,7 @@ import os
 import socket
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -62,6 +62,72 @@ class WorkerSettings(BaseSettings):
     reply_ttl_s: int = Field(default=3600, ge=1, description="TTL of reply streams and final-reply guards.")
     echo_token_delay_ms: float = Field(default=0.0, ge=0, description="Echo engine: sleep per generated token.")
     log_level: str = Field(default="info", description="Log level of the JSON logs on stdout.")
+    heartbeat_interval_s: float = Field(
+        default=5.0, gt=0,
+        description="How often the worker refreshes its heartbeat key and touches the entries it serves.",
+    )
+    heartbeat_ttl_s: float = Field(
+        default=15.0, gt=0,
+        description="TTL of the heartbeat key; keep it >= 3x the interval and above the longest engine step.",
+    )
+    reclaim_interval_s: float = Field(
+        default=5.0, gt=0, description="How often the worker looks for dead consumers and reclaims their entries."
+    )
+    reclaim_min_idle_ms: int = Field(
+        default=30_000, ge=1,
+        description="XAUTOCLAIM min idle time; live workers touch their entries every heartbeat, so only "
+                    "a dead or hung worker's entries get this idle.",
+    )
+    reclaim_count: int = Field(default=64, ge=1, description="Most entries taken per XAUTOCLAIM call.")
+    max_deliveries: int = Field(
+        default=3, ge=1,
+        description="An entry delivered more times than this is a poison entry: dead-lettered, its sender "
+                    "gets an internal error.",
+    )
+    dead_letter_max_entries: int = Field(
+        default=100_000, ge=100, description="Approximate cap (MAXLEN ~) of the dead-letter stream `<prefix>:dead`."
+    )
+    dead_letter_max_field_bytes: int = Field(
+        default=4096, ge=64, description="Each field copied into a dead-letter entry is cut to this many bytes."
+    )
+    max_backlog_requests: int = Field(
+        default=10_000, ge=0,
+        description="While the group's lag + pending exceeds this, the worker answers the excess `overloaded`; "
+                    "0 disables shedding.",
+    )
+    backlog_check_interval_ms: float = Field(
+        default=250.0, gt=0, description="How often the worker measures the backlog (XINFO GROUPS)."
+    )
+    trim_interval_s: float = Field(
+        default=5.0, gt=0,
+        description="How often the worker trims the request stream below the oldest id any group still needs.",
+    )
+    cancel_poll_interval_ms: float = Field(
+        default=50.0, gt=0, description="How often the worker polls `<prefix>:cancel` for cancelled requests."
+    )
+    cancel_memory_requests: int = Field(
+        default=10_000, ge=1, description="How many recently cancelled request ids the worker remembers."
+    )
+    drain_timeout_s: float = Field(
+        default=20.0, ge=0,
+        description="After SIGTERM, how long in-flight requests may run before the rest is handed back "
+                    "(keep below the pod's termination grace period).",
+    )
+    reconnect_backoff_initial_ms: float = Field(
+        default=100.0, gt=0, description="First delay before retrying after a Redis connection error (jittered)."
+    )
+    reconnect_backoff_max_ms: float = Field(
+        default=5000.0, gt=0, description="Cap of the exponential Redis reconnect delay (jittered)."
+    )
+
+    @model_validator(mode="after")
+    def _check_liveness(self) -> WorkerSettings:
+        # A live worker touches its entries every interval: a shorter idle threshold would let it be robbed.
+        if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_ttl_s must exceed heartbeat_interval_s")
+        if self.reclaim_min_idle_ms <= self.heartbeat_interval_s * 1000:
+            raise ValueError("reclaim_min_idle_ms must exceed heartbeat_interval_s")
+        return self
 
     def resolved_device(self) -> str:
         """The torch device to use."""
