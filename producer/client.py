@@ -45,6 +45,7 @@ from producer.protocol import (
     Usage,
     decode_event,
     encode_request,
+    reply_key_allowed,
     reply_stream,
     requests_stream,
 )
@@ -94,6 +95,12 @@ def build_request(messages: list[dict[str, str]] | None, prompt: str | None, par
     if prompt is not None:
         body["prompt"] = prompt
     return ChatRequest.model_validate(body)
+
+
+def check_reply_key(request: ChatRequest, prefix: str) -> None:
+    """Workers answer only inside `<prefix>:reply:`; refuse any other `reply_to` before sending."""
+    if not reply_key_allowed(request.reply_key(prefix), prefix):
+        raise ValueError(f"reply_to must start with `{prefix}:reply:`")
 
 
 def final_reply(event: ReplyEvent, request_id: str) -> Reply | None:
@@ -171,6 +178,7 @@ class ChatClient:
         Raises ChatError(overloaded) without enqueuing when the backlog is at the limit.
         """
         request = build_request(messages, prompt, params)
+        check_reply_key(request, self.settings.prefix)
         ct = content_type or self.settings.content_type
         args = admission.script_args(CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct))
         give_up = time.monotonic() + self.settings.submit_retry_s
@@ -284,6 +292,7 @@ class AsyncChatClient:
                      content_type: ContentType | None = None, **params: Any) -> str:
         """Enqueue a request; raises ChatError(overloaded) without enqueuing when the backlog is at the limit."""
         request = build_request(messages, prompt, params)
+        check_reply_key(request, self.settings.prefix)
         ct = content_type or self.settings.content_type
         args = admission.script_args(CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct))
         give_up = time.monotonic() + self.settings.submit_retry_s
