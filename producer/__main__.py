@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     with ChatClient(args.redis_url) as client:
         try:
-            stream = client.stream(messages, max_tokens=args.max_tokens, temperature=args.temperature,
-                                   timeout_s=args.timeout_s)
+            stream = client.stream(
+                messages, max_tokens=args.max_tokens, temperature=args.temperature, timeout_s=args.timeout_s
+            )
             for token in stream:
                 print(token.text, end="", flush=True)
         except (ChatError, ChatTimeout) as exc:
@@ -35,8 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     reply = stream.reply
     if reply is not None:
         t = reply.timings
-        print(f"\n[{reply.finish_reason}; {reply.usage.prompt_tokens}+{reply.usage.completion_tokens} tokens; "
-              f"queue {t.queue_ms:.0f} ms, ttft {t.ttft_ms or 0:.0f} ms, total {t.total_ms:.0f} ms]", file=sys.stderr)
+        print(
+            f"\n[{reply.finish_reason}; {reply.usage.prompt_tokens}+{reply.usage.completion_tokens} tokens; "
+            f"queue {t.queue_ms:.0f} ms, ttft {t.ttft_ms or 0:.0f} ms, total {t.total_ms:.0f} ms]",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -11,8 +11,11 @@ import random
 import redis
 
 # Errors after which the same call may succeed on a fresh connection.
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError,
-                                                 redis.BusyLoadingError)
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+)
 
 
 class Backoff:

@@ -62,7 +62,8 @@ class BulkSettings(BaseSettings):
         default=256, ge=1, le=MAX_TOKENS_CAP, description="max_tokens of each document's reply."
     )
     request_timeout_s: float = Field(
-        default=1800.0, gt=0,
+        default=1800.0,
+        gt=0,
         description="Each document's deadline, from its submission (the request's timeout_ms).",
     )
     job_timeout_s: int = Field(
@@ -85,8 +86,14 @@ class _InFlight:
 
 
 def _ok(index: int, event: DoneEvent) -> dict[str, Any]:
-    return {"index": index, "ok": True, "text": event.text, "finish_reason": event.finish_reason,
-            "usage": event.usage.model_dump(), "timings": event.timings.model_dump()}
+    return {
+        "index": index,
+        "ok": True,
+        "text": event.text,
+        "finish_reason": event.finish_reason,
+        "usage": event.usage.model_dump(),
+        "timings": event.timings.model_dump(),
+    }
 
 
 def _failed(index: int, code: str, message: str) -> dict[str, Any]:
@@ -101,18 +108,35 @@ class BulkRun:
     each reply stream holds only its final event.
     """
 
-    def __init__(self, client: ChatClient, documents: list[str], instruction: str, *, max_in_flight: int,
-                 max_tokens: int, request_timeout_s: float, overloaded_retries: int, temperature: float = 0.0,
-                 seed: int | None = None, tenant: str = "bulk", metadata: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        client: ChatClient,
+        documents: list[str],
+        instruction: str,
+        *,
+        max_in_flight: int,
+        max_tokens: int,
+        request_timeout_s: float,
+        overloaded_retries: int,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        tenant: str = "bulk",
+        metadata: dict[str, Any] | None = None,
+    ):
         self.client = client
         self.documents = documents
         self.instruction = instruction
         self.max_in_flight = max_in_flight
         self.request_timeout_s = request_timeout_s
         self.overloaded_retries = overloaded_retries
-        self.params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "stream": False,
-                                       "priority": "batch", "tenant": tenant,
-                                       "timeout_ms": int(request_timeout_s * 1000)}
+        self.params: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stream": False,
+            "priority": "batch",
+            "tenant": tenant,
+            "timeout_ms": int(request_timeout_s * 1000),
+        }
         if seed is not None:
             self.params["seed"] = seed
         self.metadata = metadata or {}
@@ -155,8 +179,10 @@ class BulkRun:
             if time.monotonic() < self._retry_at_s:
                 return
             index = self.to_send[0]
-            messages = [{"role": "system", "content": self.instruction},
-                        {"role": "user", "content": self.documents[index]}]
+            messages = [
+                {"role": "system", "content": self.instruction},
+                {"role": "user", "content": self.documents[index]},
+            ]
             metadata = {**self.metadata, "index": index}
             try:
                 request_id = self.client.submit(messages, metadata=metadata, **self.params)
@@ -170,8 +196,9 @@ class BulkRun:
             self.to_send.popleft()
             self._backoff.reset()
             key = reply_stream(request_id, self.client.settings.prefix).encode()
-            self.in_flight[key] = _InFlight(index, request_id,
-                                            time.monotonic() + self.request_timeout_s + DEADLINE_GRACE_S)
+            self.in_flight[key] = _InFlight(
+                index, request_id, time.monotonic() + self.request_timeout_s + DEADLINE_GRACE_S
+            )
 
     def _refused(self, index: int, message: str, *, queued: bool) -> None:
         """The service said `overloaded`: try this document again later, a bounded number of times."""
@@ -187,8 +214,10 @@ class BulkRun:
 
     def _poll(self) -> None:
         streams: dict[Any, Any] = {key: slot.last_id for key, slot in self.in_flight.items()}
-        got = cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
-                   self.client.redis.xread(streams, block=self.client.settings.reply_block_ms, count=16))
+        got = cast(
+            list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
+            self.client.redis.xread(streams, block=self.client.settings.reply_block_ms, count=16),
+        )
         for key, entries in got or []:
             slot = self.in_flight.get(key)
             if slot is None:
@@ -214,8 +243,11 @@ class BulkRun:
             if now >= slot.deadline_s:
                 del self.in_flight[key]
                 self._cancel(slot.request_id)
-                self.results[slot.index] = _failed(slot.index, ErrorCode.DEADLINE_EXCEEDED.value,
-                                                   f"no reply within {self.request_timeout_s:.0f} s")
+                self.results[slot.index] = _failed(
+                    slot.index,
+                    ErrorCode.DEADLINE_EXCEEDED.value,
+                    f"no reply within {self.request_timeout_s:.0f} s",
+                )
 
     def _cancel(self, request_id: str) -> None:
         # If Redis is unreachable, the request's own deadline (timeout_ms) still stops it.
@@ -228,10 +260,19 @@ class BulkRun:
         self.in_flight.clear()
 
 
-def run_bulk_job(documents: list[str], instruction: str, *, prefix: str | None = None,
-                 max_in_flight: int = 32, max_tokens: int = 256, temperature: float = 0.0,
-                 seed: int | None = None, request_timeout_s: float = 1800.0, overloaded_retries: int = 20,
-                 tenant: str = "bulk") -> dict[str, Any]:
+def run_bulk_job(
+    documents: list[str],
+    instruction: str,
+    *,
+    prefix: str | None = None,
+    max_in_flight: int = 32,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    request_timeout_s: float = 1800.0,
+    overloaded_retries: int = 20,
+    tenant: str = "bulk",
+) -> dict[str, Any]:
     """The RQ job: every document through the service; results (JSON) in document order."""
     job = get_current_job()
     last_save = [0.0]
@@ -239,24 +280,46 @@ def run_bulk_job(documents: list[str], instruction: str, *, prefix: str | None =
     def save_progress(run: BulkRun) -> None:
         if job is None or time.monotonic() - last_save[0] < PROGRESS_SAVE_INTERVAL_S:
             return
-        job.meta["progress"] = {"total": len(documents), "finished": run.finished, "failed": run.failed,
-                                "in_flight": len(run.in_flight)}
+        job.meta["progress"] = {
+            "total": len(documents),
+            "finished": run.finished,
+            "failed": run.failed,
+            "in_flight": len(run.in_flight),
+        }
         job.save_meta()
         last_save[0] = time.monotonic()
 
     settings = ProducerSettings(prefix=prefix) if prefix else ProducerSettings()
     with ChatClient(settings=settings) as client:
-        run = BulkRun(client, documents, instruction, max_in_flight=max_in_flight, max_tokens=max_tokens,
-                      request_timeout_s=request_timeout_s, overloaded_retries=overloaded_retries,
-                      temperature=temperature, seed=seed, tenant=tenant,
-                      metadata={"bulk_job": job.id} if job is not None else {})
+        run = BulkRun(
+            client,
+            documents,
+            instruction,
+            max_in_flight=max_in_flight,
+            max_tokens=max_tokens,
+            request_timeout_s=request_timeout_s,
+            overloaded_retries=overloaded_retries,
+            temperature=temperature,
+            seed=seed,
+            tenant=tenant,
+            metadata={"bulk_job": job.id} if job is not None else {},
+        )
         results = run.run(save_progress)
     if job is not None:
-        job.meta["progress"] = {"total": len(documents), "finished": len(results), "failed": run.failed,
-                                "in_flight": 0}
+        job.meta["progress"] = {
+            "total": len(documents),
+            "finished": len(results),
+            "failed": run.failed,
+            "in_flight": 0,
+        }
         job.save_meta()
-    return {"instruction": instruction, "total": len(documents), "succeeded": len(results) - run.failed,
-            "failed": run.failed, "results": results}
+    return {
+        "instruction": instruction,
+        "total": len(documents),
+        "succeeded": len(results) - run.failed,
+        "failed": run.failed,
+        "results": results,
+    }
 
 
 def bulk_queue(connection: redis.Redis, name: str | None = None) -> Queue:
@@ -264,11 +327,21 @@ def bulk_queue(connection: redis.Redis, name: str | None = None) -> Queue:
     return Queue(name or BulkSettings().queue, connection=connection, serializer=JSONSerializer)
 
 
-def enqueue_bulk(documents: Iterable[str], instruction: str = DEFAULT_INSTRUCTION, *,
-                 connection: redis.Redis | None = None, queue: str | None = None, prefix: str | None = None,
-                 max_in_flight: int | None = None, max_tokens: int | None = None, temperature: float = 0.0,
-                 seed: int | None = None, request_timeout_s: float | None = None,
-                 job_timeout_s: int | None = None, tenant: str = "bulk") -> Job:
+def enqueue_bulk(
+    documents: Iterable[str],
+    instruction: str = DEFAULT_INSTRUCTION,
+    *,
+    connection: redis.Redis | None = None,
+    queue: str | None = None,
+    prefix: str | None = None,
+    max_in_flight: int | None = None,
+    max_tokens: int | None = None,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    request_timeout_s: float | None = None,
+    job_timeout_s: int | None = None,
+    tenant: str = "bulk",
+) -> Job:
     """Enqueue one bulk job; unset options come from BulkSettings (env `LLM_BULK_*`)."""
     docs = list(documents)
     if not docs:
@@ -289,9 +362,13 @@ def enqueue_bulk(documents: Iterable[str], instruction: str = DEFAULT_INSTRUCTIO
         "tenant": tenant,
     }
     return bulk_queue(conn, queue).enqueue_call(
-        func=run_bulk_job, args=(docs, instruction), kwargs=kwargs,
-        timeout=job_timeout_s or settings.job_timeout_s, result_ttl=settings.result_ttl_s,
-        failure_ttl=settings.result_ttl_s, description=f"bulk: {len(docs)} documents: {instruction[:80]}",
+        func=run_bulk_job,
+        args=(docs, instruction),
+        kwargs=kwargs,
+        timeout=job_timeout_s or settings.job_timeout_s,
+        result_ttl=settings.result_ttl_s,
+        failure_ttl=settings.result_ttl_s,
+        description=f"bulk: {len(docs)} documents: {instruction[:80]}",
         meta={"progress": {"total": len(docs), "finished": 0, "failed": 0, "in_flight": 0}},
     )
 
@@ -301,8 +378,10 @@ def job_status(job_id: str, connection: redis.Redis, *, with_results: bool = Tru
     job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
     status = job.get_status(refresh=True)
     out: dict[str, Any] = {
-        "id": job.id, "status": str(status.value if status is not None else "unknown"),
-        "description": job.description, "progress": job.get_meta(refresh=True).get("progress"),
+        "id": job.id,
+        "status": str(status.value if status is not None else "unknown"),
+        "description": job.description,
+        "progress": job.get_meta(refresh=True).get("progress"),
         "enqueued_at": job.enqueued_at.isoformat() if job.enqueued_at else None,
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "ended_at": job.ended_at.isoformat() if job.ended_at else None,
@@ -322,9 +401,11 @@ def read_documents(path: str) -> list[str]:
     """Documents from a file ('-' = stdin): a JSON array or JSON Lines of strings or {"text": ...}."""
     raw = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     stripped = raw.lstrip()
-    items: list[Any] = json.loads(raw) if stripped.startswith("[") else [
-        json.loads(line) for line in raw.splitlines() if line.strip()
-    ]
+    items: list[Any] = (
+        json.loads(raw)
+        if stripped.startswith("[")
+        else [json.loads(line) for line in raw.splitlines() if line.strip()]
+    )
     docs = []
     for n, item in enumerate(items, 1):
         text = item.get("text") if isinstance(item, dict) else item
@@ -364,9 +445,16 @@ def main(argv: list[str] | None = None) -> int:
         worker.work(burst=args.burst)
         return 0
     if args.command == "submit":
-        job = enqueue_bulk(read_documents(args.file), args.instruction, connection=conn, queue=args.queue,
-                           max_in_flight=args.max_in_flight, max_tokens=args.max_tokens,
-                           temperature=args.temperature, seed=args.seed)
+        job = enqueue_bulk(
+            read_documents(args.file),
+            args.instruction,
+            connection=conn,
+            queue=args.queue,
+            max_in_flight=args.max_in_flight,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
         print(job.id)
         if not args.wait:
             return 0

@@ -22,6 +22,7 @@ Reliability, client side (see docs/reliability.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -87,7 +88,9 @@ class Reply:
         return cls(event.id, event.text, event.finish_reason, event.usage, event.timings, event.attempt)
 
 
-def build_request(messages: list[dict[str, str]] | None, prompt: str | None, params: dict[str, Any]) -> ChatRequest:
+def build_request(
+    messages: list[dict[str, str]] | None, prompt: str | None, params: dict[str, Any]
+) -> ChatRequest:
     """Validate a request locally before sending, so a bad call fails at the caller."""
     body: dict[str, Any] = dict(params)
     if messages is not None:
@@ -157,11 +160,21 @@ class ReplyStream:
 class ChatClient:
     """Synchronous client of the service."""
 
-    def __init__(self, redis_url: str | None = None, *, client: redis.Redis | None = None,
-                 settings: ProducerSettings | None = None, **overrides: Any):
-        self.settings = settings or ProducerSettings(**({"redis_url": redis_url} if redis_url else {}), **overrides)
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        client: redis.Redis | None = None,
+        settings: ProducerSettings | None = None,
+        **overrides: Any,
+    ):
+        self.settings = settings or ProducerSettings(
+            **({"redis_url": redis_url} if redis_url else {}), **overrides
+        )
         self.redis = client or redis.Redis.from_url(
-            self.settings.redis_url, socket_timeout=self.settings.reply_block_ms / 1000 + 10, socket_connect_timeout=5
+            self.settings.redis_url,
+            socket_timeout=self.settings.reply_block_ms / 1000 + 10,
+            socket_connect_timeout=5,
         )
         self.stream_key = requests_stream(self.settings.prefix)
         self._sent: dict[str, tuple[str, ContentType]] = {}
@@ -171,8 +184,14 @@ class ChatClient:
     def _backoff(self) -> Backoff:
         return Backoff(self.settings.reconnect_backoff_initial_ms, self.settings.reconnect_backoff_max_ms)
 
-    def submit(self, messages: list[dict[str, str]] | None = None, *, prompt: str | None = None,
-               content_type: ContentType | None = None, **params: Any) -> str:
+    def submit(
+        self,
+        messages: list[dict[str, str]] | None = None,
+        *,
+        prompt: str | None = None,
+        content_type: ContentType | None = None,
+        **params: Any,
+    ) -> str:
         """Enqueue a request; returns its id (its replies go to `<prefix>:reply:<id>` unless `reply_to`).
 
         Raises ChatError(overloaded) without enqueuing when the backlog is at the limit.
@@ -180,13 +199,16 @@ class ChatClient:
         request = build_request(messages, prompt, params)
         check_reply_key(request, self.settings.prefix)
         ct = content_type or self.settings.content_type
-        args = admission.script_args(CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct))
+        args = admission.script_args(
+            CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct)
+        )
         give_up = time.monotonic() + self.settings.submit_retry_s
         backoff = self._backoff()
         while True:
             try:
-                admission.admitted_entry_id(self._admit(keys=[self.stream_key], args=args),
-                                            self.settings.max_backlog_requests)
+                admission.admitted_entry_id(
+                    self._admit(keys=[self.stream_key], args=args), self.settings.max_backlog_requests
+                )
                 break
             except admission.AdmissionRefused as exc:
                 raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
@@ -199,13 +221,23 @@ class ChatClient:
 
     def cancel(self, request_id: str) -> bool:
         """Stop a request: the client gets `cancelled` unless a final reply already exists (then False)."""
-        key, ct = self._sent.get(request_id) or (reply_stream(request_id, self.settings.prefix),
-                                                 self.settings.content_type)
-        keys, args = cancellation.cancel_call(self.settings.prefix, request_id, key, ct, self.settings.reply_ttl_s,
-                                              self.settings.cancel_stream_max_entries)
+        key, ct = self._sent.get(request_id) or (
+            reply_stream(request_id, self.settings.prefix),
+            self.settings.content_type,
+        )
+        keys, args = cancellation.cancel_call(
+            self.settings.prefix,
+            request_id,
+            key,
+            ct,
+            self.settings.reply_ttl_s,
+            self.settings.cancel_stream_max_entries,
+        )
         return bool(self._cancel(keys=keys, args=args))
 
-    def events(self, request_id: str, *, timeout_s: float | None = None, last_id: str = "0") -> Iterator[ReplyEvent]:
+    def events(
+        self, request_id: str, *, timeout_s: float | None = None, last_id: str = "0"
+    ) -> Iterator[ReplyEvent]:
         """All reply events of a request, in order, until (and including) its final event.
 
         On timeout the request is cancelled (if `cancel_on_timeout`) and ChatTimeout is raised.
@@ -220,7 +252,9 @@ class ChatClient:
                 self._cancel_after_timeout(request_id)
                 raise ChatTimeout(request_id, timeout_s)
             try:
-                got = self.redis.xread({key: last_id}, block=min(left_ms, self.settings.reply_block_ms), count=256)
+                got = self.redis.xread(
+                    {key: last_id}, block=min(left_ms, self.settings.reply_block_ms), count=256
+                )
                 backoff.reset()
             except TRANSIENT_ERRORS:
                 time.sleep(min(backoff.next_delay_s(), max(0.0, deadline - time.monotonic())))
@@ -237,10 +271,9 @@ class ChatClient:
     def _cancel_after_timeout(self, request_id: str) -> None:
         if not self.settings.cancel_on_timeout:
             return
-        try:
+        # If Redis is unreachable, the request's own deadline, if any, still stops it.
+        with contextlib.suppress(*TRANSIENT_ERRORS):
             self.cancel(request_id)
-        except TRANSIENT_ERRORS:
-            pass  # Redis is unreachable: the request's own deadline, if any, still stops it
 
     def result(self, request_id: str, *, timeout_s: float | None = None) -> Reply:
         """Wait for the final reply of a submitted request."""
@@ -250,13 +283,15 @@ class ChatClient:
                 return reply
         raise ChatError(ErrorCode.INTERNAL, "reply stream ended without a final event", request_id)
 
-    def chat(self, messages: list[dict[str, str]] | None = None, *, timeout_s: float | None = None,
-             **params: Any) -> Reply:
+    def chat(
+        self, messages: list[dict[str, str]] | None = None, *, timeout_s: float | None = None, **params: Any
+    ) -> Reply:
         """Send a request and wait for its reply."""
         return self.result(self.submit(messages, **params), timeout_s=timeout_s)
 
-    def stream(self, messages: list[dict[str, str]] | None = None, *, timeout_s: float | None = None,
-               **params: Any) -> ReplyStream:
+    def stream(
+        self, messages: list[dict[str, str]] | None = None, *, timeout_s: float | None = None, **params: Any
+    ) -> ReplyStream:
         """Send a request; iterate the result for token events, then read `.reply`."""
         params.setdefault("stream", True)
         return ReplyStream(self, self.submit(messages, **params), timeout_s or self.settings.timeout_s)
@@ -274,11 +309,21 @@ class ChatClient:
 class AsyncChatClient:
     """asyncio twin of `ChatClient` (redis.asyncio)."""
 
-    def __init__(self, redis_url: str | None = None, *, client: aioredis.Redis | None = None,
-                 settings: ProducerSettings | None = None, **overrides: Any):
-        self.settings = settings or ProducerSettings(**({"redis_url": redis_url} if redis_url else {}), **overrides)
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        client: aioredis.Redis | None = None,
+        settings: ProducerSettings | None = None,
+        **overrides: Any,
+    ):
+        self.settings = settings or ProducerSettings(
+            **({"redis_url": redis_url} if redis_url else {}), **overrides
+        )
         self.redis = client or aioredis.Redis.from_url(
-            self.settings.redis_url, socket_timeout=self.settings.reply_block_ms / 1000 + 10, socket_connect_timeout=5
+            self.settings.redis_url,
+            socket_timeout=self.settings.reply_block_ms / 1000 + 10,
+            socket_connect_timeout=5,
         )
         self.stream_key = requests_stream(self.settings.prefix)
         self._sent: dict[str, tuple[str, ContentType]] = {}
@@ -288,19 +333,28 @@ class AsyncChatClient:
     def _backoff(self) -> Backoff:
         return Backoff(self.settings.reconnect_backoff_initial_ms, self.settings.reconnect_backoff_max_ms)
 
-    async def submit(self, messages: list[dict[str, str]] | None = None, *, prompt: str | None = None,
-                     content_type: ContentType | None = None, **params: Any) -> str:
-        """Enqueue a request; raises ChatError(overloaded) without enqueuing when the backlog is at the limit."""
+    async def submit(
+        self,
+        messages: list[dict[str, str]] | None = None,
+        *,
+        prompt: str | None = None,
+        content_type: ContentType | None = None,
+        **params: Any,
+    ) -> str:
+        """Enqueue a request; ChatError(overloaded), nothing enqueued, when the backlog is at the limit."""
         request = build_request(messages, prompt, params)
         check_reply_key(request, self.settings.prefix)
         ct = content_type or self.settings.content_type
-        args = admission.script_args(CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct))
+        args = admission.script_args(
+            CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct)
+        )
         give_up = time.monotonic() + self.settings.submit_retry_s
         backoff = self._backoff()
         while True:
             try:
-                admission.admitted_entry_id(await self._admit(keys=[self.stream_key], args=args),
-                                            self.settings.max_backlog_requests)
+                admission.admitted_entry_id(
+                    await self._admit(keys=[self.stream_key], args=args), self.settings.max_backlog_requests
+                )
                 break
             except admission.AdmissionRefused as exc:
                 raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
@@ -313,14 +367,23 @@ class AsyncChatClient:
 
     async def cancel(self, request_id: str) -> bool:
         """Stop a request: the client gets `cancelled` unless a final reply already exists (then False)."""
-        key, ct = self._sent.get(request_id) or (reply_stream(request_id, self.settings.prefix),
-                                                 self.settings.content_type)
-        keys, args = cancellation.cancel_call(self.settings.prefix, request_id, key, ct, self.settings.reply_ttl_s,
-                                              self.settings.cancel_stream_max_entries)
+        key, ct = self._sent.get(request_id) or (
+            reply_stream(request_id, self.settings.prefix),
+            self.settings.content_type,
+        )
+        keys, args = cancellation.cancel_call(
+            self.settings.prefix,
+            request_id,
+            key,
+            ct,
+            self.settings.reply_ttl_s,
+            self.settings.cancel_stream_max_entries,
+        )
         return bool(await self._cancel(keys=keys, args=args))
 
-    async def events(self, request_id: str, *, timeout_s: float | None = None,
-                     last_id: str = "0") -> AsyncIterator[ReplyEvent]:
+    async def events(
+        self, request_id: str, *, timeout_s: float | None = None, last_id: str = "0"
+    ) -> AsyncIterator[ReplyEvent]:
         """All reply events of a request until its final one; cancels and raises ChatTimeout on timeout."""
         key = self._sent.get(request_id, (reply_stream(request_id, self.settings.prefix), "json"))[0]
         timeout_s = timeout_s or self.settings.timeout_s
@@ -332,8 +395,9 @@ class AsyncChatClient:
                 await self._cancel_after_timeout(request_id)
                 raise ChatTimeout(request_id, timeout_s)
             try:
-                got = await self.redis.xread({key: last_id}, block=min(left_ms, self.settings.reply_block_ms),
-                                             count=256)
+                got = await self.redis.xread(
+                    {key: last_id}, block=min(left_ms, self.settings.reply_block_ms), count=256
+                )
                 backoff.reset()
             except TRANSIENT_ERRORS:
                 await asyncio.sleep(min(backoff.next_delay_s(), max(0.0, deadline - time.monotonic())))
@@ -350,10 +414,9 @@ class AsyncChatClient:
     async def _cancel_after_timeout(self, request_id: str) -> None:
         if not self.settings.cancel_on_timeout:
             return
-        try:
+        # If Redis is unreachable, the request's own deadline, if any, still stops it.
+        with contextlib.suppress(*TRANSIENT_ERRORS):
             await self.cancel(request_id)
-        except TRANSIENT_ERRORS:
-            pass  # Redis is unreachable: the request's own deadline, if any, still stops it
 
     async def result(self, request_id: str, *, timeout_s: float | None = None) -> Reply:
         async for event in self.events(request_id, timeout_s=timeout_s):
@@ -362,12 +425,14 @@ class AsyncChatClient:
                 return reply
         raise ChatError(ErrorCode.INTERNAL, "reply stream ended without a final event", request_id)
 
-    async def chat(self, messages: list[dict[str, str]] | None = None, *, timeout_s: float | None = None,
-                   **params: Any) -> Reply:
+    async def chat(
+        self, messages: list[dict[str, str]] | None = None, *, timeout_s: float | None = None, **params: Any
+    ) -> Reply:
         return await self.result(await self.submit(messages, **params), timeout_s=timeout_s)
 
-    async def stream(self, messages: list[dict[str, str]] | None = None, *, timeout_s: float | None = None,
-                     **params: Any) -> AsyncIterator[TokenEvent | Reply]:
+    async def stream(
+        self, messages: list[dict[str, str]] | None = None, *, timeout_s: float | None = None, **params: Any
+    ) -> AsyncIterator[TokenEvent | Reply]:
         """Yield token events, then the final `Reply` as the last item."""
         params.setdefault("stream", True)
         request_id = await self.submit(messages, **params)

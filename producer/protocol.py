@@ -73,7 +73,7 @@ def final_guard_key(prefix: str, request_id: str) -> str:
 
 
 def reply_key_allowed(key: str, prefix: str = DEFAULT_PREFIX) -> bool:
-    """Whether a `reply_to` stays inside the reply namespace (so a request cannot make a worker write elsewhere)."""
+    """Whether a `reply_to` stays inside the reply namespace, so no request makes a worker write elsewhere."""
     return key.startswith(f"{prefix}:reply:") and len(key) > len(prefix) + 7
 
 
@@ -187,8 +187,14 @@ ReplyEvent = TokenEvent | DoneEvent | ErrorEvent
 class ProtocolError(Exception):
     """An entry that violates the contract; carries the error code and, if found, the request id."""
 
-    def __init__(self, code: ErrorCode, message: str, request_id: str | None = None,
-                 reply_to: str | None = None, content_type: ContentType = "json"):
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        request_id: str | None = None,
+        reply_to: str | None = None,
+        content_type: ContentType = "json",
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
@@ -208,9 +214,15 @@ def decode_body(raw: bytes, content_type: str) -> Any:
     """Parse a body; raises ValueError on malformed input."""
     if content_type == "msgpack":
         try:
-            return msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=4 * MAX_BODY_BYTES,
-                                   max_str_len=4 * MAX_BODY_BYTES, max_array_len=MAX_MESSAGES * 4,
-                                   max_map_len=1024)
+            return msgpack.unpackb(
+                raw,
+                raw=False,
+                strict_map_key=True,
+                max_bin_len=4 * MAX_BODY_BYTES,
+                max_str_len=4 * MAX_BODY_BYTES,
+                max_array_len=MAX_MESSAGES * 4,
+                max_map_len=1024,
+            )
         except Exception as exc:  # msgpack raises several unrelated types
             raise ValueError(f"malformed msgpack body: {exc}") from exc
     try:
@@ -242,8 +254,9 @@ def _salvage_id(body: Any, prefix: str) -> tuple[str | None, str | None]:
     return rid, reply_to
 
 
-def decode_request(fields: dict[bytes, bytes], prefix: str = DEFAULT_PREFIX,
-                   max_body_bytes: int = MAX_BODY_BYTES) -> tuple[ChatRequest, ContentType]:
+def decode_request(
+    fields: dict[bytes, bytes], prefix: str = DEFAULT_PREFIX, max_body_bytes: int = MAX_BODY_BYTES
+) -> tuple[ChatRequest, ContentType]:
     """Validate a raw stream entry; raises ProtocolError with the best reply address found."""
     version = fields.get(b"v")
     raw_ct = fields.get(b"ct", b"")
@@ -263,7 +276,9 @@ def decode_request(fields: dict[bytes, bytes], prefix: str = DEFAULT_PREFIX,
 
     if version != str(PROTOCOL_VERSION).encode():
         shown = version.decode("utf-8", "replace")[:16] if isinstance(version, bytes) else None
-        raise fail(ErrorCode.INVALID_REQUEST, f"unsupported protocol version {shown!r}; expected {PROTOCOL_VERSION}")
+        raise fail(
+            ErrorCode.INVALID_REQUEST, f"unsupported protocol version {shown!r}; expected {PROTOCOL_VERSION}"
+        )
     if raw_ct not in (b"msgpack", b"json"):
         raise fail(ErrorCode.INVALID_REQUEST, "field `ct` must be `msgpack` or `json`")
     if body_raw is None:

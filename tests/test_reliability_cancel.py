@@ -23,8 +23,9 @@ def finals(r: redis.Redis, key: str) -> int:
     return sum(json.loads(f[b"body"])["type"] != "token" for _, f in r.xrange(key))
 
 
-def test_cancel_stops_a_running_generation(start_worker, redis_client: redis.Redis, chat_client: ChatClient,
-                                           prefix: str) -> None:
+def test_cancel_stops_a_running_generation(
+    start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str
+) -> None:
     worker = start_worker("echo", echo_token_delay_ms=100, max_num_seqs=1)
     rid = chat_client.submit([{"role": "user", "content": words(200)}], max_tokens=400, content_type="json")
     key = f"{prefix}:reply:{rid}"
@@ -35,7 +36,10 @@ def test_cancel_stops_a_running_generation(start_worker, redis_client: redis.Red
         chat_client.result(rid, timeout_s=10)
     assert info.value.code == ErrorCode.CANCELLED
     # The sequence is freed: with one slot, the next request runs at once.
-    assert chat_client.chat([{"role": "user", "content": "next one"}], max_tokens=4, timeout_s=30).text == "next one"
+    assert (
+        chat_client.chat([{"role": "user", "content": "next one"}], max_tokens=4, timeout_s=30).text
+        == "next one"
+    )
     assert [e["id"] for e in worker.events("request_cancelled")] == [rid]
     length = redis_client.xlen(key)
     time.sleep(0.5)
@@ -80,8 +84,9 @@ def test_deadline_expiring_while_running_stops_it(start_worker, chat_client: Cha
     assert worker.events("request_done")[0]["completion_tokens"] < 200
 
 
-def test_cancel_before_any_worker_reads_it(start_worker, redis_client: redis.Redis, chat_client: ChatClient,
-                                           prefix: str) -> None:
+def test_cancel_before_any_worker_reads_it(
+    start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str
+) -> None:
     rid = chat_client.submit([{"role": "user", "content": "never run"}], max_tokens=4, content_type="json")
     assert chat_client.cancel(rid) is True
     worker = start_worker("echo")

@@ -31,32 +31,44 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-messages = st.lists(st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "system", "assistant", "tool", "root", ""]), "content": st.text(max_size=60)},
-    optional={"name": json_values}), max_size=4)
-bodies = st.fixed_dictionaries({}, optional={
-    "messages": messages | json_values,
-    "prompt": st.text(max_size=80) | json_values,
-    "max_tokens": st.integers(-5, 10_000) | json_values,
-    "temperature": st.floats() | json_values,
-    "top_p": st.floats(),
-    "stop": st.lists(st.text(max_size=80), max_size=12) | json_values,
-    "stream": json_values,
-    "priority": st.sampled_from(["interactive", "batch", "urgent"]),
-    "deadline_ms": st.integers(-(2**40), 2**45),
-    "reply_to": st.text(max_size=300) | st.just("llm:requests") | st.just("other:key"),
-    "metadata": json_values,
-    "junk": json_values,
-})
-entries = st.fixed_dictionaries({
-    "body": bodies,
-    "with_id": st.booleans(),
-    "encoding": st.sampled_from(["json", "msgpack", "raw"]),
-    "raw": st.binary(max_size=200),
-    "v": st.sampled_from([b"1", b"2", b"", b"\xff\xfe", b"1.0", None]),
-    "ct": st.sampled_from([b"json", b"msgpack", b"xml", b"", b"\xc3\x28", None]),
-    "extra": st.dictionaries(st.binary(min_size=1, max_size=10), st.binary(max_size=50), max_size=3),
-})
+messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "system", "assistant", "tool", "root", ""]),
+            "content": st.text(max_size=60),
+        },
+        optional={"name": json_values},
+    ),
+    max_size=4,
+)
+bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "messages": messages | json_values,
+        "prompt": st.text(max_size=80) | json_values,
+        "max_tokens": st.integers(-5, 10_000) | json_values,
+        "temperature": st.floats() | json_values,
+        "top_p": st.floats(),
+        "stop": st.lists(st.text(max_size=80), max_size=12) | json_values,
+        "stream": json_values,
+        "priority": st.sampled_from(["interactive", "batch", "urgent"]),
+        "deadline_ms": st.integers(-(2**40), 2**45),
+        "reply_to": st.text(max_size=300) | st.just("llm:requests") | st.just("other:key"),
+        "metadata": json_values,
+        "junk": json_values,
+    },
+)
+entries = st.fixed_dictionaries(
+    {
+        "body": bodies,
+        "with_id": st.booleans(),
+        "encoding": st.sampled_from(["json", "msgpack", "raw"]),
+        "raw": st.binary(max_size=200),
+        "v": st.sampled_from([b"1", b"2", b"", b"\xff\xfe", b"1.0", None]),
+        "ct": st.sampled_from([b"json", b"msgpack", b"xml", b"", b"\xc3\x28", None]),
+        "extra": st.dictionaries(st.binary(min_size=1, max_size=10), st.binary(max_size=50), max_size=3),
+    }
+)
 
 
 def build_fields(spec: dict[str, Any], rid: str | None) -> dict[bytes, bytes]:
@@ -82,9 +94,16 @@ def random_fields(rng: random.Random, n: int) -> dict[bytes, bytes]:
     """Random bytes in every shape: garbage, huge, invalid UTF-8, deep nesting, half-valid envelopes."""
     kind = rng.randrange(6)
     if kind == 0:
-        return {rng.randbytes(rng.randint(1, 20)): rng.randbytes(rng.randint(0, 300)) for _ in range(rng.randint(1, 5))}
+        return {
+            rng.randbytes(rng.randint(1, 20)): rng.randbytes(rng.randint(0, 300))
+            for _ in range(rng.randint(1, 5))
+        }
     if kind == 1:
-        return {b"v": b"1", b"ct": rng.choice([b"json", b"msgpack"]), b"body": rng.randbytes(rng.randint(0, 2000))}
+        return {
+            b"v": b"1",
+            b"ct": rng.choice([b"json", b"msgpack"]),
+            b"body": rng.randbytes(rng.randint(0, 2000)),
+        }
     if kind == 2:
         depth = rng.randint(100, 100_000)
         return {b"v": b"1", b"ct": b"json", b"body": b"[" * depth + b"]" * rng.choice([0, depth])}
@@ -111,14 +130,20 @@ def expected_reply_key(fields: dict[bytes, bytes], prefix: str) -> str | None:
     return key if reply_key_allowed(key, prefix) else reply_stream(request.id, prefix)
 
 
-def test_fuzzed_entries_never_kill_the_worker(start_worker, redis_client: redis.Redis, chat_client: ChatClient,
-                                              prefix: str) -> None:
+def test_fuzzed_entries_never_kill_the_worker(
+    start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str
+) -> None:
     stream = f"{prefix}:requests"
     worker = start_worker("echo", read_count=256)
     fuzz: list[dict[bytes, bytes]] = []
 
-    @settings(max_examples=HYPOTHESIS_ENTRIES, database=None, derandomize=True, deadline=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=HYPOTHESIS_ENTRIES,
+        database=None,
+        derandomize=True,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(entries)
     def collect(spec: dict[str, Any]) -> None:
         rid = f"fz{len(fuzz)}" if spec["with_id"] else None
@@ -133,12 +158,17 @@ def test_fuzzed_entries_never_kill_the_worker(start_worker, redis_client: redis.
     step = len(fuzz) // VALID_REQUESTS
     for start in range(0, len(fuzz), step):
         pipe = redis_client.pipeline(transaction=False)
-        for fields in fuzz[start:start + step]:
+        for fields in fuzz[start : start + step]:
             pipe.xadd(stream, fields)
         entry_ids += pipe.execute()
         text = f"valid {start}"
-        valid[chat_client.submit([{"role": "user", "content": text}], max_tokens=8,
-                                 content_type=rng.choice(["json", "msgpack"]))] = text
+        valid[
+            chat_client.submit(
+                [{"role": "user", "content": text}],
+                max_tokens=8,
+                content_type=rng.choice(["json", "msgpack"]),
+            )
+        ] = text
     for rid, text in valid.items():
         assert chat_client.result(rid, timeout_s=120).text == text
     deadline = time.monotonic() + 120
@@ -161,15 +191,19 @@ def test_fuzzed_entries_never_kill_the_worker(start_worker, redis_client: redis.
         pipe.xrange(key)
     finals_per_key = []
     for entries_ in pipe.execute():
-        bodies_ = [msgpack.unpackb(f[b"body"]) if f[b"ct"] == b"msgpack" else json.loads(f[b"body"])
-                   for _, f in entries_]
+        bodies_ = [
+            msgpack.unpackb(f[b"body"]) if f[b"ct"] == b"msgpack" else json.loads(f[b"body"])
+            for _, f in entries_
+        ]
         finals_per_key.append(sum(b["type"] != "token" for b in bodies_))
     dead = {f[b"entry"] for _, f in redis_client.xrange(f"{prefix}:dead")}
     crashes = int(worker.proc.poll() is not None)
-    print(f"\nFUZZ entries={len(fuzz)} valid_requests={len(valid)} answered_with_id={len(answered_keys)} "
-          f"valid_without_id={anonymous} dead_lettered={len(dead)} unanswered={finals_per_key.count(0)} "
-          f"duplicate_finals={sum(n > 1 for n in finals_per_key)} crashes={crashes} "
-          f"undecodable={len(worker.events('request_undecodable'))}")
+    print(
+        f"\nFUZZ entries={len(fuzz)} valid_requests={len(valid)} answered_with_id={len(answered_keys)} "
+        f"valid_without_id={anonymous} dead_lettered={len(dead)} unanswered={finals_per_key.count(0)} "
+        f"duplicate_finals={sum(n > 1 for n in finals_per_key)} crashes={crashes} "
+        f"undecodable={len(worker.events('request_undecodable'))}"
+    )
     assert crashes == 0
     assert all(n == 1 for n in finals_per_key)
     assert dead == to_dead

@@ -46,11 +46,19 @@ def test_trim_removes_only_acknowledged_entries(redis_client: redis.Redis, prefi
 
 
 @pytest.mark.slow
-def test_overload_is_refused_explicitly_and_the_queue_drains(start_worker, redis_client: redis.Redis,
-                                                              redis_url: str, prefix: str) -> None:
+def test_overload_is_refused_explicitly_and_the_queue_drains(
+    start_worker, redis_client: redis.Redis, redis_url: str, prefix: str
+) -> None:
     stream = f"{prefix}:requests"
-    worker = start_worker("echo", echo_token_delay_ms=10, max_num_seqs=8, max_waiting_requests=16,
-                          max_backlog_requests=60, backlog_check_interval_ms=50, trim_interval_s=0.5)
+    worker = start_worker(
+        "echo",
+        echo_token_delay_ms=10,
+        max_num_seqs=8,
+        max_waiting_requests=16,
+        max_backlog_requests=60,
+        backlog_check_interval_ms=50,
+        trim_interval_s=0.5,
+    )
     client = ChatClient(redis_url, prefix=prefix, max_backlog_requests=40, content_type="json")
     rss_start = rss_kib(worker.proc.pid)
     rss_peak = rss_start
@@ -85,13 +93,18 @@ def test_overload_is_refused_explicitly_and_the_queue_drains(start_worker, redis
         final = events[-1]
         outcomes["done" if final.type == "done" else final.code.value] += 1
     deadline = time.monotonic() + 30
-    while redis_client.xlen(stream) > 1 and time.monotonic() < deadline:  # trimming runs every trim_interval_s
+    while (
+        redis_client.xlen(stream) > 1 and time.monotonic() < deadline
+    ):  # trimming runs every trim_interval_s
         time.sleep(0.2)
     shed = sum(e["count"] for e in worker.events("requests_shed"))
-    print(f"\nOVERLOAD offered={3000 + raw} refused_at_client={refused_at_client} accepted={len(accepted)} "
-          f"done={outcomes['done']} overloaded_by_worker={outcomes['overloaded']} shed={shed} "
-          f"peak_backlog={peak_backlog} rss_start_mib={rss_start / 1024:.0f} rss_peak_mib={rss_peak / 1024:.0f} "
-          f"stream_len_after={redis_client.xlen(stream)}")
+    print(
+        f"\nOVERLOAD offered={3000 + raw} refused_at_client={refused_at_client} accepted={len(accepted)} "
+        f"done={outcomes['done']} overloaded_by_worker={outcomes['overloaded']} shed={shed} "
+        f"peak_backlog={peak_backlog} rss_start_mib={rss_start / 1024:.0f} "
+        f"rss_peak_mib={rss_peak / 1024:.0f} "
+        f"stream_len_after={redis_client.xlen(stream)}"
+    )
     assert refused_at_client > 0 and outcomes["overloaded"] > 0 and outcomes["done"] > 0
     assert outcomes["overloaded"] == shed
     assert redis_client.xlen(stream) <= 1  # only the last delivered entry may remain

@@ -10,9 +10,8 @@ import msgpack
 import pytest
 import redis
 
-from producer.client import ChatClient, ChatError
+from producer.client import ChatClient, ChatError, build_request
 from producer.protocol import ErrorCode, encode_request
-from producer.client import build_request
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -62,15 +61,20 @@ def words(i: int, n: int) -> str:
 
 
 @pytest.mark.slow
-def test_chaos_kill9_one_of_two_workers(start_worker, redis_client: redis.Redis, chat_client: ChatClient,
-                                        prefix: str) -> None:
+def test_chaos_kill9_one_of_two_workers(
+    start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str
+) -> None:
     """500 requests, 2 workers, kill -9 one mid-run: nothing lost, no duplicate final, tokens attributable."""
     settings = dict(echo_token_delay_ms=20, max_num_seqs=32, **FAST)
     victim = start_worker("echo", **settings)
     survivor = start_worker("echo", **settings)
     n = 500
-    texts = {chat_client.submit([{"role": "user", "content": words(i, 10 + i % 15)}], max_tokens=64): words(i, 10 + i % 15)
-             for i in range(n)}
+    texts = {
+        chat_client.submit([{"role": "user", "content": words(i, 10 + i % 15)}], max_tokens=64): words(
+            i, 10 + i % 15
+        )
+        for i in range(n)
+    }
     keys = {rid: f"{prefix}:reply:{rid}" for rid in texts}
     while len(victim.events("request_done")) < 40:
         time.sleep(0.05)
@@ -88,9 +92,11 @@ def test_chaos_kill9_one_of_two_workers(start_worker, redis_client: redis.Redis,
     time.sleep(1.0)  # let any late duplicate land before counting
     events = reply_events(redis_client, list(keys.values()))
     lost, duplicates = count_finals(events)
-    print(f"\nCHAOS requests={n} in_flight_on_killed_worker={in_flight} lost={lost} duplicates={duplicates} "
-          f"reclaim_s={reclaimed_after:.2f} all_answered_s={answered_after:.2f} "
-          f"reclaimed_entries={sum(e['count'] for e in survivor.events('entries_reclaimed'))}")
+    print(
+        f"\nCHAOS requests={n} in_flight_on_killed_worker={in_flight} lost={lost} duplicates={duplicates} "
+        f"reclaim_s={reclaimed_after:.2f} all_answered_s={answered_after:.2f} "
+        f"reclaimed_entries={sum(e['count'] for e in survivor.events('entries_reclaimed'))}"
+    )
     assert in_flight > 0, "the kill happened with nothing in flight; the test proved nothing"
     assert (lost, duplicates) == (0, 0)
     for rid, text in texts.items():
@@ -109,8 +115,9 @@ def test_chaos_kill9_one_of_two_workers(start_worker, redis_client: redis.Redis,
     assert survivor.proc.poll() is None
 
 
-def test_restart_replays_own_pending_first(start_worker, redis_client: redis.Redis, chat_client: ChatClient,
-                                           prefix: str) -> None:
+def test_restart_replays_own_pending_first(
+    start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str
+) -> None:
     first = start_worker("echo", consumer_name="replayer", echo_token_delay_ms=100, **FAST)
     ids = [chat_client.submit([{"role": "user", "content": words(i, 20)}], max_tokens=64) for i in range(6)]
     while not redis_client.xpending(f"{prefix}:requests", "workers")["pending"]:
@@ -131,9 +138,10 @@ def test_restart_replays_own_pending_first(start_worker, redis_client: redis.Red
     assert log.index(("pending_replayed", None)) < log.index(("request_done", later))
 
 
-def test_live_long_generation_is_not_stolen(start_worker, redis_client: redis.Redis, chat_client: ChatClient,
-                                            prefix: str) -> None:
-    """A reclaimer that runs XAUTOCLAIM (because a dead consumer exists) must not take a live worker's entry."""
+def test_live_long_generation_is_not_stolen(
+    start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str
+) -> None:
+    """A reclaimer running XAUTOCLAIM (a dead consumer exists) must not take a live worker's entry."""
     stream = f"{prefix}:requests"
     long_text = words(0, 25)
     owner = start_worker("echo", echo_token_delay_ms=200, max_num_seqs=1, reclaim_count=1, **FAST)
@@ -141,21 +149,26 @@ def test_live_long_generation_is_not_stolen(start_worker, redis_client: redis.Re
     while not consumers(redis_client, prefix).get(owner.name):
         time.sleep(0.02)
     # A dead consumer ("ghost") holding entries keeps every reclaimer's XAUTOCLAIM running.
-    ghost_ids = [chat_client.submit([{"role": "user", "content": f"ghost {i}"}], max_tokens=4) for i in range(30)]
+    ghost_ids = [
+        chat_client.submit([{"role": "user", "content": f"ghost {i}"}], max_tokens=4) for i in range(30)
+    ]
     redis_client.xreadgroup("workers", "ghost", {stream: ">"}, count=100)
     assert consumers(redis_client, prefix).get("ghost", 0) > 0
     thief = start_worker("echo", reclaim_count=1, **FAST)
     events = list(chat_client.events(long_id, timeout_s=60))
     final = events[-1]
     assert final.type == "done" and final.text == long_text
-    assert {e.attempt for e in events} == {attempt_of(owner)}, "another worker generated the live worker's request"
+    assert {e.attempt for e in events} == {attempt_of(owner)}, (
+        "another worker generated the live worker's request"
+    )
     assert thief.events("entries_reclaimed"), "the reclaimer never ran XAUTOCLAIM; the test proved nothing"
     for i, rid in enumerate(ghost_ids):
         assert chat_client.result(rid, timeout_s=60).text == f"ghost {i}"
 
 
-def test_poison_entry_goes_to_dead_letter(start_worker, redis_client: redis.Redis, chat_client: ChatClient,
-                                          prefix: str) -> None:
+def test_poison_entry_goes_to_dead_letter(
+    start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str
+) -> None:
     stream = f"{prefix}:requests"
     redis_client.xgroup_create(stream, "workers", id="0", mkstream=True)
     poison = build_request([{"role": "user", "content": "kills workers"}], None, {"id": "poison-1"})

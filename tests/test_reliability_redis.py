@@ -23,9 +23,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start_server(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
     """A server that fsyncs every write to its AOF, so whatever it acknowledged survives kill -9."""
-    proc = subprocess.Popen([str(server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-                             "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--loglevel", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            str(server_binary()),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--loglevel",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = redis.Redis(port=port, socket_timeout=1)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -42,11 +60,20 @@ def test_redis_restart_mid_run(tmp_path: Path) -> None:
     url = f"redis://127.0.0.1:{port}/0"
     server = start_server(port, tmp_path)
     log_path = tmp_path / "worker.log"
-    env = dict(os.environ, REDIS_URL=url, LLM_PREFIX="rr", LLM_ENGINE="echo", LLM_ECHO_TOKEN_DELAY_MS="20",
-               LLM_CONSUMER_NAME="w-restart", PYTHONUNBUFFERED="1", LLM_RECONNECT_BACKOFF_MAX_MS="500")
+    env = dict(
+        os.environ,
+        REDIS_URL=url,
+        LLM_PREFIX="rr",
+        LLM_ENGINE="echo",
+        LLM_ECHO_TOKEN_DELAY_MS="20",
+        LLM_CONSUMER_NAME="w-restart",
+        PYTHONUNBUFFERED="1",
+        LLM_RECONNECT_BACKOFF_MAX_MS="500",
+    )
     with open(log_path, "wb") as log_file:
-        worker = subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=log_file,
-                                  stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
     client = ChatClient(url, prefix="rr", timeout_s=120, reconnect_backoff_max_ms=500)
     submitted: list[tuple[str, str]] = []
     done_submitting = threading.Event()
@@ -54,7 +81,9 @@ def test_redis_restart_mid_run(tmp_path: Path) -> None:
     def produce() -> None:
         for i in range(300):
             text = f"req {i} " + " ".join(f"t{j}" for j in range(i % 12))
-            submitted.append((client.submit([{"role": "user", "content": text}], max_tokens=32), text.strip()))
+            submitted.append(
+                (client.submit([{"role": "user", "content": text}], max_tokens=32), text.strip())
+            )
             time.sleep(0.01)
         done_submitting.set()
 
@@ -80,9 +109,11 @@ def test_redis_restart_mid_run(tmp_path: Path) -> None:
             assert finals[0].type == "done" and finals[0].text == text
         recovered_after = time.monotonic() - killed_at
         log = log_path.read_text()
-        print(f"\nREDIS_RESTART requests={len(submitted)} lost={lost} duplicates={duplicates} "
-              f"outage_s={restarted_after:.2f} all_answered_s={recovered_after:.2f} "
-              f"worker_backoffs={log.count('redis_unavailable')}")
+        print(
+            f"\nREDIS_RESTART requests={len(submitted)} lost={lost} duplicates={duplicates} "
+            f"outage_s={restarted_after:.2f} all_answered_s={recovered_after:.2f} "
+            f"worker_backoffs={log.count('redis_unavailable')}"
+        )
         assert (lost, duplicates) == (0, 0)
         assert worker.poll() is None, "the worker died instead of reconnecting"
         assert "redis_unavailable" in log

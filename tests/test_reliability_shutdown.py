@@ -28,8 +28,9 @@ def consumer_names(r: redis.Redis, prefix: str) -> set[str]:
     return {c["name"].decode() for c in r.xinfo_consumers(f"{prefix}:requests", "workers")}
 
 
-def test_sigterm_finishes_in_flight_and_exits_0(start_worker, redis_client: redis.Redis, chat_client: ChatClient,
-                                                prefix: str) -> None:
+def test_sigterm_finishes_in_flight_and_exits_0(
+    start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str
+) -> None:
     worker = start_worker("echo", echo_token_delay_ms=50, drain_timeout_s=60, **FAST)
     ids = [chat_client.submit([{"role": "user", "content": words(i, 20)}], max_tokens=64) for i in range(10)]
     wait_tokens(redis_client, prefix, ids[-1])
@@ -42,8 +43,9 @@ def test_sigterm_finishes_in_flight_and_exits_0(start_worker, redis_client: redi
     assert redis_client.xpending(f"{prefix}:requests", "workers")["pending"] == 0
 
 
-def test_sigterm_hands_back_what_cannot_finish(start_worker, redis_client: redis.Redis, chat_client: ChatClient,
-                                               prefix: str) -> None:
+def test_sigterm_hands_back_what_cannot_finish(
+    start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str
+) -> None:
     """Drain timeout shorter than the generations: the rest is reclaimed and completed by another worker."""
     leaving = start_worker("echo", echo_token_delay_ms=200, max_num_seqs=2, drain_timeout_s=0.5, **FAST)
     ids = [chat_client.submit([{"role": "user", "content": words(i, 20)}], max_tokens=64) for i in range(8)]
@@ -51,8 +53,10 @@ def test_sigterm_hands_back_what_cannot_finish(start_worker, redis_client: redis
     staying = start_worker("echo", **FAST)
     started = time.monotonic()
     assert leaving.stop(signal.SIGTERM) == 0
-    print(f"\nSIGTERM exit after {time.monotonic() - started:.2f} s, "
-          f"handed back {leaving.events('worker_stopped')[0]['handed_back']}")
+    print(
+        f"\nSIGTERM exit after {time.monotonic() - started:.2f} s, "
+        f"handed back {leaving.events('worker_stopped')[0]['handed_back']}"
+    )
     for i, rid in enumerate(ids):
         events = list(chat_client.events(rid, timeout_s=60))
         finals = [e for e in events if e.type != "token"]
@@ -61,8 +65,9 @@ def test_sigterm_hands_back_what_cannot_finish(start_worker, redis_client: redis
     assert staying.events("entries_reclaimed")
 
 
-def test_second_signal_exits_at_once_without_losing_entries(start_worker, redis_client: redis.Redis,
-                                                            chat_client: ChatClient, prefix: str) -> None:
+def test_second_signal_exits_at_once_without_losing_entries(
+    start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str
+) -> None:
     worker = start_worker("echo", echo_token_delay_ms=200, max_num_seqs=2, drain_timeout_s=120, **FAST)
     ids = [chat_client.submit([{"role": "user", "content": words(i, 20)}], max_tokens=64) for i in range(6)]
     wait_tokens(redis_client, prefix, ids[0])

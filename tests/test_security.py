@@ -26,18 +26,23 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
 
 # The minimal ACLs documented in docs/reliability.md (PREFIX is the key prefix).
-WORKER_ACL = ("on >{pw} resetkeys ~{prefix}:* resetchannels -@all +@stream +set +get +exists +del +expire "
-              "+evalsha +eval +script|load +script|exists +ping")
-PRODUCER_ACL = ("on >{pw} resetkeys ~{prefix}:* resetchannels -@all +xadd +xread +xinfo|groups +xlen +exists +set "
-                "+expire +evalsha +eval +script|load +script|exists +ping")
+WORKER_ACL = (
+    "on >{pw} resetkeys ~{prefix}:* resetchannels -@all +@stream +set +get +exists +del +expire "
+    "+evalsha +eval +script|load +script|exists +ping"
+)
+PRODUCER_ACL = (
+    "on >{pw} resetkeys ~{prefix}:* resetchannels -@all +xadd +xread +xinfo|groups +xlen +exists +set "
+    "+expire +evalsha +eval +script|load +script|exists +ping"
+)
 
 
 def spawn_worker(url: str, prefix: str, log_path: Path, **settings: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, REDIS_URL=url, LLM_PREFIX=prefix, LLM_ENGINE="echo", PYTHONUNBUFFERED="1")
     env.update({f"LLM_{k.upper()}": v for k, v in settings.items()})
     with open(log_path, "wb") as log_file:
-        return subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=log_file,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
 
 
 def stop(proc: subprocess.Popen[bytes]) -> int:
@@ -53,8 +58,12 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
 def acl_server() -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis() as server:
         admin = redis.Redis(port=server.port)
-        admin.execute_command("ACL", "SETUSER", "llm-worker", *WORKER_ACL.format(pw="wpw", prefix="sec").split())
-        admin.execute_command("ACL", "SETUSER", "llm-producer", *PRODUCER_ACL.format(pw="ppw", prefix="sec").split())
+        admin.execute_command(
+            "ACL", "SETUSER", "llm-worker", *WORKER_ACL.format(pw="wpw", prefix="sec").split()
+        )
+        admin.execute_command(
+            "ACL", "SETUSER", "llm-producer", *PRODUCER_ACL.format(pw="ppw", prefix="sec").split()
+        )
         admin.execute_command("ACL", "SETUSER", "default", "on", ">adminpw")
         admin.close()
         yield server
@@ -62,9 +71,17 @@ def acl_server() -> Iterator[EmbeddedRedis]:
 
 def test_acl_restricted_users_work_end_to_end(acl_server: EmbeddedRedis, tmp_path: Path) -> None:
     port = acl_server.port
-    worker = spawn_worker(f"redis://llm-worker:wpw@127.0.0.1:{port}/0", "sec", tmp_path / "w.log",
-                          heartbeat_interval_s="0.3", heartbeat_ttl_s="1", reclaim_interval_s="0.3",
-                          reclaim_min_idle_ms="1000", trim_interval_s="0.2", echo_token_delay_ms="50")
+    worker = spawn_worker(
+        f"redis://llm-worker:wpw@127.0.0.1:{port}/0",
+        "sec",
+        tmp_path / "w.log",
+        heartbeat_interval_s="0.3",
+        heartbeat_ttl_s="1",
+        reclaim_interval_s="0.3",
+        reclaim_min_idle_ms="1000",
+        trim_interval_s="0.2",
+        echo_token_delay_ms="50",
+    )
     client = ChatClient(f"redis://llm-producer:ppw@127.0.0.1:{port}/0", prefix="sec", timeout_s=30)
     try:
         assert client.chat([{"role": "user", "content": "through acl"}], max_tokens=8).text == "through acl"
@@ -77,8 +94,12 @@ def test_acl_restricted_users_work_end_to_end(acl_server: EmbeddedRedis, tmp_pat
         time.sleep(1.0)  # let a trim and a reclaim round run under the restricted user
         assert worker.poll() is None, (tmp_path / "w.log").read_text()[-2000:]
         as_worker = redis.Redis(port=port, username="llm-worker", password="wpw")
-        for forbidden in (lambda: as_worker.get("other:key"), lambda: as_worker.flushall(),
-                          lambda: as_worker.config_get("*"), lambda: as_worker.keys("*")):
+        for forbidden in (
+            lambda: as_worker.get("other:key"),
+            lambda: as_worker.flushall(),
+            lambda: as_worker.config_get("*"),
+            lambda: as_worker.keys("*"),
+        ):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 forbidden()
         as_producer = redis.Redis(port=port, username="llm-producer", password="ppw")
@@ -106,18 +127,82 @@ def test_tls_end_to_end(tmp_path: Path) -> None:
         pytest.skip("no redis-server with TLS support on this machine")
     ca, key, crt = tmp_path / "ca.crt", tmp_path / "server.key", tmp_path / "server.crt"
     run = lambda *args: subprocess.run(args, check=True, capture_output=True, cwd=tmp_path)  # noqa: E731
-    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-        "-keyout", "ca.key", "-out", str(ca))
-    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key),
-        "-out", "server.csr")
+    run(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        str(ca),
+    )
+    run(
+        "openssl",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        str(key),
+        "-out",
+        "server.csr",
+    )
     (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("openssl", "x509", "-req", "-in", "server.csr", "-CA", str(ca), "-CAkey", "ca.key", "-CAcreateserial",
-        "-days", "1", "-extfile", "san.ext", "-out", str(crt))
+    run(
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        str(ca),
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        str(crt),
+    )
     port = free_port()
-    server = subprocess.Popen([binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-                               "--tls-cert-file", str(crt), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
-                               "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            str(crt),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(ca),
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}&ssl_cert_reqs=required"
     worker = None
     try:
@@ -147,8 +232,9 @@ def test_request_ids_are_unguessable_128_bit() -> None:
     assert len(ids) == 1000 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
 
 
-def test_reply_to_cannot_point_outside_the_reply_namespace(start_worker, redis_client: redis.Redis,
-                                                           chat_client: ChatClient, prefix: str) -> None:
+def test_reply_to_cannot_point_outside_the_reply_namespace(
+    start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str
+) -> None:
     start_worker("echo")
     for n, target in enumerate((f"{prefix}:requests", "victim:key")):
         with pytest.raises(ValueError):
@@ -159,7 +245,9 @@ def test_reply_to_cannot_point_outside_the_reply_namespace(start_worker, redis_c
             chat_client.result(f"hostile-{n}", timeout_s=30)  # answered on the default channel
         assert info.value.code == ErrorCode.INVALID_REQUEST
     assert not redis_client.exists("victim:key")
-    assert all(b"v" in fields for _, fields in redis_client.xrange(f"{prefix}:requests"))  # no reply went there
+    assert all(
+        b"v" in fields for _, fields in redis_client.xrange(f"{prefix}:requests")
+    )  # no reply went there
 
 
 def test_inputs_are_bounded_before_model_work(start_worker, chat_client: ChatClient) -> None:
@@ -182,9 +270,19 @@ def test_inputs_are_bounded_before_model_work(start_worker, chat_client: ChatCli
 def test_no_pickle_eval_or_remote_code_by_default() -> None:
     assert WorkerSettings().trust_remote_code is False
     offenders = []
-    patterns = [r"\bimport pickle\b", r"\bpickle\.", r"(?<![.\w])eval\(", r"(?<![.\w])exec\(",
-                r"trust_remote_code\s*=\s*True", r"torch\.load\((?![^)]*weights_only=True)"]
-    for path in [*ROOT.glob("producer/**/*.py"), *ROOT.glob("worker/**/*.py"), *ROOT.glob("scheduler/**/*.py")]:
+    patterns = [
+        r"\bimport pickle\b",
+        r"\bpickle\.",
+        r"(?<![.\w])eval\(",
+        r"(?<![.\w])exec\(",
+        r"trust_remote_code\s*=\s*True",
+        r"torch\.load\((?![^)]*weights_only=True)",
+    ]
+    for path in [
+        *ROOT.glob("producer/**/*.py"),
+        *ROOT.glob("worker/**/*.py"),
+        *ROOT.glob("scheduler/**/*.py"),
+    ]:
         text = path.read_text()
         offenders += [f"{path.relative_to(ROOT)}: {p}" for p in patterns if re.search(p, text)]
     assert not offenders, offenders

@@ -45,8 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = {k: v for k, v in {"engine": args.engine, "model": args.model, "redis_url": args.redis_url}.items()
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in {"engine": args.engine, "model": args.model, "redis_url": args.redis_url}.items()
+        if v is not None
+    }
     settings = WorkerSettings(**overrides)
     configure_logging(settings.log_level)
     flag = ShutdownFlag()
@@ -58,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
             server = stack.enter_context(EmbeddedRedis())
             url = server.url
             print(f"embedded Redis on {url}", file=sys.stderr)
-        client = redis.Redis.from_url(url, socket_timeout=settings.read_block_ms / 1000 + 10,
-                                      socket_connect_timeout=5, health_check_interval=30)
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=settings.read_block_ms / 1000 + 10,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+        )
         engine = create_engine(settings)
         Consumer(client, engine, settings).run(lambda: flag.requested)
     return 0

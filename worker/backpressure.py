@@ -39,8 +39,15 @@ def group_states(client: redis.Redis, stream: str) -> list[GroupState]:
         groups = client.xinfo_groups(stream)
     except redis.ResponseError:
         return []
-    return [GroupState(_text(g["name"]), None if g.get("lag") is None else int(g["lag"]), int(g["pending"]),
-                       _text(g["last-delivered-id"])) for g in groups]
+    return [
+        GroupState(
+            _text(g["name"]),
+            None if g.get("lag") is None else int(g["lag"]),
+            int(g["pending"]),
+            _text(g["last-delivered-id"]),
+        )
+        for g in groups
+    ]
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
@@ -51,8 +58,15 @@ def _id_key(entry_id: str) -> tuple[int, int]:
 class Backpressure:
     """Periodic backlog measurement (shedding) and safe trimming of the request stream."""
 
-    def __init__(self, client: redis.Redis, stream: str, group: str, max_backlog_requests: int,
-                 check_interval_ms: float, trim_interval_s: float):
+    def __init__(
+        self,
+        client: redis.Redis,
+        stream: str,
+        group: str,
+        max_backlog_requests: int,
+        check_interval_ms: float,
+        trim_interval_s: float,
+    ):
         self.client = client
         self.stream = stream
         self.group = group
@@ -105,7 +119,7 @@ class Backpressure:
         for g in groups:
             pipe.xpending(self.stream, g.name)
         needed: list[str] = []
-        for g, summary in zip(groups, pipe.execute()):
+        for g, summary in zip(groups, pipe.execute(), strict=True):
             needed.append(g.last_delivered_id)
             if summary["pending"]:
                 needed.append(_text(summary["min"]))

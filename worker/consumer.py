@@ -58,8 +58,11 @@ from worker.settings import WorkerSettings
 
 log = structlog.get_logger("worker")
 
-_FINISH_ERRORS = {"deadline_exceeded": ErrorCode.DEADLINE_EXCEEDED, "cancelled": ErrorCode.CANCELLED,
-                  "error": ErrorCode.INTERNAL}
+_FINISH_ERRORS = {
+    "deadline_exceeded": ErrorCode.DEADLINE_EXCEEDED,
+    "cancelled": ErrorCode.CANCELLED,
+    "error": ErrorCode.INTERNAL,
+}
 
 
 @dataclass
@@ -128,21 +131,52 @@ class Consumer:
         self.stream = requests_stream(settings.prefix)
         self.attempt = f"{settings.consumer_name}:{int(time.time() * 1000)}"
         name = settings.consumer_name
-        self.replies = ReplyWriter(client, settings.prefix, settings.group, self.stream, self.attempt,
-                                   settings.reply_ttl_s, dead_letter_stream(settings.prefix),
-                                   settings.dead_letter_max_entries)
-        self.heartbeat = Heartbeat(client, settings.prefix, self.stream, settings.group, name,
-                                   settings.heartbeat_interval_s, settings.heartbeat_ttl_s)
-        self.reclaimer = Reclaimer(client, settings.prefix, self.stream, settings.group, name,
-                                   settings.reclaim_interval_s, settings.reclaim_min_idle_ms, settings.reclaim_count)
-        self.backpressure = Backpressure(client, self.stream, settings.group, settings.max_backlog_requests,
-                                         settings.backlog_check_interval_ms, settings.trim_interval_s)
-        self.cancels = CancelWatch(client, settings.prefix, settings.cancel_poll_interval_ms,
-                                   settings.cancel_memory_requests)
+        self.replies = ReplyWriter(
+            client,
+            settings.prefix,
+            settings.group,
+            self.stream,
+            self.attempt,
+            settings.reply_ttl_s,
+            dead_letter_stream(settings.prefix),
+            settings.dead_letter_max_entries,
+        )
+        self.heartbeat = Heartbeat(
+            client,
+            settings.prefix,
+            self.stream,
+            settings.group,
+            name,
+            settings.heartbeat_interval_s,
+            settings.heartbeat_ttl_s,
+        )
+        self.reclaimer = Reclaimer(
+            client,
+            settings.prefix,
+            self.stream,
+            settings.group,
+            name,
+            settings.reclaim_interval_s,
+            settings.reclaim_min_idle_ms,
+            settings.reclaim_count,
+        )
+        self.backpressure = Backpressure(
+            client,
+            self.stream,
+            settings.group,
+            settings.max_backlog_requests,
+            settings.backlog_check_interval_ms,
+            settings.trim_interval_s,
+        )
+        self.cancels = CancelWatch(
+            client, settings.prefix, settings.cancel_poll_interval_ms, settings.cancel_memory_requests
+        )
         self.backoff = Backoff(settings.reconnect_backoff_initial_ms, settings.reconnect_backoff_max_ms)
         self.policy = BatchPolicy(
-            max_wait_ms=settings.max_wait_ms, max_batch_tokens=settings.max_batch_tokens,
-            max_num_seqs=settings.max_num_seqs, max_prefill_chunk_tokens=settings.max_prefill_chunk_tokens,
+            max_wait_ms=settings.max_wait_ms,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_num_seqs=settings.max_num_seqs,
+            max_prefill_chunk_tokens=settings.max_prefill_chunk_tokens,
             kv_reserve=settings.kv_reserve,
         )
         self.waiting: dict[str, InFlight] = {}
@@ -175,8 +209,14 @@ class Consumer:
         while not self._guarded(self.start):
             if should_stop():
                 return
-        log.info("worker_started", consumer=self.settings.consumer_name, engine=self.engine.name,
-                 stream=self.stream, group=self.settings.group, attempt=self.attempt)
+        log.info(
+            "worker_started",
+            consumer=self.settings.consumer_name,
+            engine=self.engine.name,
+            stream=self.stream,
+            group=self.settings.group,
+            attempt=self.attempt,
+        )
         while not should_stop():
             self._guarded(self.run_once)
         self.shutdown()
@@ -215,7 +255,9 @@ class Consumer:
     def _flush(self) -> None:
         for request_id in self.replies.flush():
             self.counters.finals_dropped += 1
-            log.info("final_not_written", id=request_id, reason="another writer already answered this request")
+            log.info(
+                "final_not_written", id=request_id, reason="another writer already answered this request"
+            )
 
     def _serving(self) -> list[bytes]:
         return [f.entry_id for f in self.waiting.values()] + [f.entry_id for f in self.running.values()]
@@ -258,17 +300,21 @@ class Consumer:
         else:
             block = self.settings.read_block_ms
         replaying = self._replay_from is not None
-        reply = self.client.xreadgroup(self.settings.group, self.settings.consumer_name,
-                                       {self.stream: self._replay_from or ">"},
-                                       count=min(room, self.settings.read_count),
-                                       block=None if replaying else block)
+        reply = self.client.xreadgroup(
+            self.settings.group,
+            self.settings.consumer_name,
+            {self.stream: self._replay_from or ">"},
+            count=min(room, self.settings.read_count),
+            block=None if replaying else block,
+        )
         entries = reply[0][1] if reply else []
         deliveries: dict[bytes, int] = {}
         if replaying:
             # Our own pending list, left by a previous run of this consumer: served before new entries.
             self._replay_from = entries[-1][0].decode() if entries else None
-            deliveries = delivery_counts(self.client, self.stream, self.settings.group,
-                                         [e[0] for e in entries if e[1]])
+            deliveries = delivery_counts(
+                self.client, self.stream, self.settings.group, [e[0] for e in entries if e[1]]
+            )
             self.counters.replayed += len(entries)
             if entries:
                 log.info("pending_replayed", count=len(entries), first=entries[0][0].decode())
@@ -288,9 +334,15 @@ class Consumer:
         touch every entry we serve at each heartbeat, so these are the idle ones.
         """
         idle_ms = int(self.settings.heartbeat_interval_s * 2000)
-        rows = self.client.xpending_range(self.stream, self.settings.group, "-", "+",
-                                          self.settings.max_waiting_requests, self.settings.consumer_name,
-                                          idle=idle_ms)
+        rows = self.client.xpending_range(
+            self.stream,
+            self.settings.group,
+            "-",
+            "+",
+            self.settings.max_waiting_requests,
+            self.settings.consumer_name,
+            idle=idle_ms,
+        )
         known = set(self._serving())
         unknown = [r for r in rows if r["message_id"] not in known]
         for row in unknown:
@@ -305,14 +357,19 @@ class Consumer:
 
     def _shed(self, excess: int) -> None:
         """Answer `overloaded` to entries over the backlog limit (oldest first), instead of queueing them."""
-        reply = self.client.xreadgroup(self.settings.group, self.settings.consumer_name, {self.stream: ">"},
-                                       count=min(excess, 1000))
+        reply = self.client.xreadgroup(
+            self.settings.group, self.settings.consumer_name, {self.stream: ">"}, count=min(excess, 1000)
+        )
         entries = reply[0][1] if reply else []
         self.backpressure.shed(len(entries))
         for entry_id, fields in entries:
             self.counters.shed += 1
-            self._refuse(entry_id, fields, ErrorCode.OVERLOADED,
-                         f"backlog is over {self.settings.max_backlog_requests} requests; retry later")
+            self._refuse(
+                entry_id,
+                fields,
+                ErrorCode.OVERLOADED,
+                f"backlog is over {self.settings.max_backlog_requests} requests; retry later",
+            )
         if entries:
             log.warning("requests_shed", count=len(entries), backlog=self.backpressure.backlog)
 
@@ -328,27 +385,50 @@ class Consumer:
 
     def _reply_key(self, request: ChatRequest) -> str:
         key = request.reply_key(self.settings.prefix)
-        return key if reply_key_allowed(key, self.settings.prefix) else reply_stream(request.id, self.settings.prefix)
+        return (
+            key
+            if reply_key_allowed(key, self.settings.prefix)
+            else reply_stream(request.id, self.settings.prefix)
+        )
 
     def _reject_invalid(self, entry_id: bytes, fields: dict[bytes, bytes], exc: ProtocolError) -> None:
         self.counters.invalid += 1
-        log.warning("request_invalid", entry=entry_id.decode(), id=exc.request_id, code=exc.code.value,
-                    reason=exc.message)
+        log.warning(
+            "request_invalid",
+            entry=entry_id.decode(),
+            id=exc.request_id,
+            code=exc.code.value,
+            reason=exc.message,
+        )
         if exc.request_id is not None:
-            self.replies.error(exc.request_id, exc.reply_to, exc.code, exc.message, exc.content_type, entry_id)
+            self.replies.error(
+                exc.request_id, exc.reply_to, exc.code, exc.message, exc.content_type, entry_id
+            )
         else:
             self._dead_letter(entry_id, fields, f"{exc.code.value}: {exc.message}", 1)
 
     def _dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], reason: str, deliveries: int) -> None:
         self.counters.dead_lettered += 1
-        log.warning("entry_dead_lettered", entry=entry_id.decode(), reason=reason[:200], deliveries=deliveries)
-        self.replies.dead_letter(dead_letter_fields(entry_id, fields, reason, deliveries,
-                                                    self.settings.consumer_name,
-                                                    self.settings.dead_letter_max_field_bytes), entry_id)
+        log.warning(
+            "entry_dead_lettered", entry=entry_id.decode(), reason=reason[:200], deliveries=deliveries
+        )
+        self.replies.dead_letter(
+            dead_letter_fields(
+                entry_id,
+                fields,
+                reason,
+                deliveries,
+                self.settings.consumer_name,
+                self.settings.dead_letter_max_field_bytes,
+            ),
+            entry_id,
+        )
 
     def _park_poison(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> None:
         """An entry delivered too often: dead-letter it and tell its sender, if known."""
-        reason = f"delivered {deliveries} times (max_deliveries={self.settings.max_deliveries}) without completing"
+        reason = (
+            f"delivered {deliveries} times (max_deliveries={self.settings.max_deliveries}) without completing"
+        )
         self._dead_letter(entry_id, fields, reason, deliveries)
         try:
             request, ct = decode_request(fields, self.settings.prefix, self.settings.max_body_bytes)
@@ -357,8 +437,9 @@ class Consumer:
         else:
             rid, key = request.id, self._reply_key(request)
         if rid is not None:
-            self.replies.error(rid, key, ErrorCode.INTERNAL, f"request could not be processed: {reason}", ct,
-                               entry_id)
+            self.replies.error(
+                rid, key, ErrorCode.INTERNAL, f"request could not be processed: {reason}", ct, entry_id
+            )
 
     # -- shutdown --------------------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -369,8 +450,12 @@ class Consumer:
         `reclaim_min_idle_ms` (the XNACK of servers that lack one), so a live worker
         reclaims it at its next round. Nothing is acknowledged without a final reply.
         """
-        log.info("shutdown_started", waiting=len(self.waiting), running=len(self.running),
-                 drain_timeout_s=self.settings.drain_timeout_s)
+        log.info(
+            "shutdown_started",
+            waiting=len(self.waiting),
+            running=len(self.running),
+            drain_timeout_s=self.settings.drain_timeout_s,
+        )
         handed_back = [f.entry_id for f in self.waiting.values()]
         self.waiting.clear()
         self._guarded(lambda: self._hand_back(handed_back))
@@ -395,8 +480,15 @@ class Consumer:
         if not entry_ids:
             return
         idle_ms = self.settings.reclaim_min_idle_ms * 2
-        self.client.xclaim(self.stream, self.settings.group, self.settings.consumer_name, 0, entry_ids,
-                           idle=idle_ms, justid=True)
+        self.client.xclaim(
+            self.stream,
+            self.settings.group,
+            self.settings.consumer_name,
+            0,
+            entry_ids,
+            idle=idle_ms,
+            justid=True,
+        )
         log.info("entries_handed_back", count=len(entry_ids))
 
     def _accept(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int = 1) -> None:
@@ -415,8 +507,14 @@ class Consumer:
             return
         reply_key = request.reply_key(s.prefix)
         if not reply_key_allowed(reply_key, s.prefix):
-            self._fail_early(entry_id, request, ct, reply_stream(request.id, s.prefix), ErrorCode.INVALID_REQUEST,
-                             f"reply_to must start with `{s.prefix}:reply:`")
+            self._fail_early(
+                entry_id,
+                request,
+                ct,
+                reply_stream(request.id, s.prefix),
+                ErrorCode.INVALID_REQUEST,
+                f"reply_to must start with `{s.prefix}:reply:`",
+            )
             return
         known = self.waiting.get(request.id) or self.running.get(request.id)
         if known is not None:
@@ -425,7 +523,9 @@ class Consumer:
                 self.replies.ack(entry_id)
             return
         if self.cancels.is_cancelled(request.id):
-            self._fail_early(entry_id, request, ct, reply_key, ErrorCode.CANCELLED, "cancelled before it started")
+            self._fail_early(
+                entry_id, request, ct, reply_key, ErrorCode.CANCELLED, "cancelled before it started"
+            )
             return
         enqueued_ms = entry_epoch_ms(entry_id)
         deadline_epoch = request.deadline_epoch_ms(enqueued_ms)
@@ -436,14 +536,23 @@ class Consumer:
             else:
                 ids = self.engine.encode_prompt(request.prompt or "")
         except Exception as exc:  # a template or tokenizer failure is the request's, not the loop's
-            self._fail_early(entry_id, request, ct, reply_key, ErrorCode.INVALID_REQUEST, f"cannot tokenize: {exc}")
+            self._fail_early(
+                entry_id, request, ct, reply_key, ErrorCode.INVALID_REQUEST, f"cannot tokenize: {exc}"
+            )
             return
         if len(ids) > s.max_prompt_tokens:
-            self._fail_early(entry_id, request, ct, reply_key, ErrorCode.TOO_LONG,
-                             f"prompt is {len(ids)} tokens; the limit is {s.max_prompt_tokens}")
+            self._fail_early(
+                entry_id,
+                request,
+                ct,
+                reply_key,
+                ErrorCode.TOO_LONG,
+                f"prompt is {len(ids)} tokens; the limit is {s.max_prompt_tokens}",
+            )
             return
-        self.waiting[request.id] = InFlight(entry_id, request, ct, reply_key, ids, enqueued_ms,
-                                            time.monotonic(), deadline_s)
+        self.waiting[request.id] = InFlight(
+            entry_id, request, ct, reply_key, ids, enqueued_ms, time.monotonic(), deadline_s
+        )
         self._unchecked.append(request.id)
 
     def _skip_answered(self) -> None:
@@ -455,14 +564,14 @@ class Consumer:
         pipe = self.client.pipeline(transaction=False)
         for rid in ids:
             pipe.exists(final_guard_key(self.settings.prefix, rid))
-        for rid, answered in zip(ids, pipe.execute()):
+        for rid, answered in zip(ids, pipe.execute(), strict=True):
             if answered:
                 f = self.waiting.pop(rid)
                 log.info("request_already_answered", id=rid, entry=f.entry_id.decode())
                 self.replies.ack(f.entry_id)
 
     def _drop_lost(self, entry_id: bytes) -> None:
-        """Another worker claimed this entry (we stalled past the idle limit): stop our copy, write nothing."""
+        """Another worker claimed this entry (we stalled past the idle limit): stop our copy silently."""
         for table in (self.waiting, self.running):
             for rid, f in list(table.items()):
                 if f.entry_id == entry_id:
@@ -477,7 +586,9 @@ class Consumer:
         if f is not None:
             self.counters.cancelled += 1
             log.info("request_cancelled", id=request_id, state="waiting")
-            self.replies.error(request_id, f.reply_key, ErrorCode.CANCELLED, "cancelled", f.content_type, f.entry_id)
+            self.replies.error(
+                request_id, f.reply_key, ErrorCode.CANCELLED, "cancelled", f.content_type, f.entry_id
+            )
             return
         if request_id in self.running:
             self.counters.cancelled += 1
@@ -498,8 +609,15 @@ class Consumer:
             out = SequenceOutput(request_id, [], "", True, reason)
         self._publish([out])
 
-    def _fail_early(self, entry_id: bytes, request: ChatRequest, ct: ContentType, reply_key: str,
-                    code: ErrorCode, message: str) -> None:
+    def _fail_early(
+        self,
+        entry_id: bytes,
+        request: ChatRequest,
+        ct: ContentType,
+        reply_key: str,
+        code: ErrorCode,
+        message: str,
+    ) -> None:
         self.counters.errors += 1
         log.info("request_rejected", id=request.id, tenant=request.tenant, code=code.value, reason=message)
         self.replies.error(request.id, reply_key, code, message, ct, entry_id)
@@ -511,42 +629,72 @@ class Consumer:
         cap = self.engine.capacity()
         waiting = [
             WaitingRequest(
-                request_id=f.request.id, arrival_s=f.read_s, prompt_tokens=len(f.prompt_token_ids),
+                request_id=f.request.id,
+                arrival_s=f.read_s,
+                prompt_tokens=len(f.prompt_token_ids),
                 max_tokens=f.request.max_tokens,
                 priority=Priority.BATCH if f.request.priority == "batch" else Priority.INTERACTIVE,
                 deadline_s=f.deadline_s,
             )
             for f in self.waiting.values()
         ]
-        running = RunningState(num_seqs=cap.running, decode_tokens=cap.decode_tokens, free_kv_tokens=cap.free_kv_tokens)
+        running = RunningState(
+            num_seqs=cap.running, decode_tokens=cap.decode_tokens, free_kv_tokens=cap.free_kv_tokens
+        )
         now = time.monotonic()
-        decision: Admission = select_admissions(waiting, running, self.policy, now,
-                                                kv_capacity_tokens=cap.total_kv_tokens)
+        decision: Admission = select_admissions(
+            waiting, running, self.policy, now, kv_capacity_tokens=cap.total_kv_tokens
+        )
         self._wake_at_s = decision.wake_at_s
         for w in decision.expired:
             f = self.waiting.pop(w.request_id)
-            self._fail_early(f.entry_id, f.request, f.content_type, f.reply_key, ErrorCode.DEADLINE_EXCEEDED,
-                             "deadline passed before the request could start")
+            self._fail_early(
+                f.entry_id,
+                f.request,
+                f.content_type,
+                f.reply_key,
+                ErrorCode.DEADLINE_EXCEEDED,
+                "deadline passed before the request could start",
+            )
         for w in decision.too_large:
             f = self.waiting.pop(w.request_id)
-            self._fail_early(f.entry_id, f.request, f.content_type, f.reply_key, ErrorCode.TOO_LONG,
-                             "prompt plus max_tokens exceeds this worker's KV cache")
+            self._fail_early(
+                f.entry_id,
+                f.request,
+                f.content_type,
+                f.reply_key,
+                ErrorCode.TOO_LONG,
+                "prompt plus max_tokens exceeds this worker's KV cache",
+            )
         if not decision.admitted:
             return
         batch_id = self._next_batch_id = self._next_batch_id + 1
         wait_ms = max((now - self.waiting[w.request_id].read_s) * 1000 for w in decision.admitted)
-        self.counters.batches[batch_id] = Microbatch(len(decision.admitted), now, wait_ms, len(decision.admitted))
+        self.counters.batches[batch_id] = Microbatch(
+            len(decision.admitted), now, wait_ms, len(decision.admitted)
+        )
         for w in decision.admitted:
             f = self.waiting.pop(w.request_id)
             f.admitted_s, f.batch_id = now, batch_id
             self.running[f.request.id] = f
             r = f.request
-            self.engine.add_request(GenerationRequest(
-                request_id=r.id, prompt_token_ids=f.prompt_token_ids,
-                sampling=SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
-                                        top_k=r.top_k, seed=r.seed, stop=tuple(r.stop)),
-                arrival_s=f.read_s, priority=int(w.priority), deadline_s=f.deadline_s,
-            ))
+            self.engine.add_request(
+                GenerationRequest(
+                    request_id=r.id,
+                    prompt_token_ids=f.prompt_token_ids,
+                    sampling=SamplingParams(
+                        max_tokens=r.max_tokens,
+                        temperature=r.temperature,
+                        top_p=r.top_p,
+                        top_k=r.top_k,
+                        seed=r.seed,
+                        stop=tuple(r.stop),
+                    ),
+                    arrival_s=f.read_s,
+                    priority=int(w.priority),
+                    deadline_s=f.deadline_s,
+                )
+            )
 
     def _step(self) -> None:
         try:
@@ -555,7 +703,9 @@ class Consumer:
             log.exception("engine_step_failed", running=len(self.running))
             outputs = [o for rid in list(self.running) if (o := self.engine.abort_request(rid, "error"))]
             known = {o.request_id for o in outputs}
-            outputs += [SequenceOutput(rid, [], "", True, "error") for rid in self.running if rid not in known]
+            outputs += [
+                SequenceOutput(rid, [], "", True, "error") for rid in self.running if rid not in known
+            ]
         self.counters.steps += 1
         self._publish(outputs)
 
@@ -569,8 +719,9 @@ class Consumer:
             if out.new_token_ids and f.first_token_s is None:
                 f.first_token_s = now
             if f.request.stream and (out.new_text or out.new_token_ids):
-                event = TokenEvent(index=f.tokens_sent, text=out.new_text, token_ids=out.new_token_ids,
-                                   attempt=self.attempt)
+                event = TokenEvent(
+                    index=f.tokens_sent, text=out.new_text, token_ids=out.new_token_ids, attempt=self.attempt
+                )
                 self.replies.token(f.reply_key, event, f.content_type, f.tokens_sent == 0)
                 f.tokens_sent += 1
             if out.finished:
@@ -584,13 +735,25 @@ class Consumer:
         reason = out.finish_reason or "stop"
         event: ReplyEvent
         if reason in _FINISH_ERRORS:
-            event = ErrorEvent(id=f.request.id, code=_FINISH_ERRORS[reason], message=f"request ended: {reason}",
-                               attempt=self.attempt)
+            event = ErrorEvent(
+                id=f.request.id,
+                code=_FINISH_ERRORS[reason],
+                message=f"request ended: {reason}",
+                attempt=self.attempt,
+            )
         else:
-            event = DoneEvent(id=f.request.id, text=out.text, finish_reason=reason,
-                              usage=Usage(prompt_tokens=out.prompt_tokens or len(f.prompt_token_ids),
-                                          completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens),
-                              timings=self._timings(f, out, now), attempt=self.attempt)
+            event = DoneEvent(
+                id=f.request.id,
+                text=out.text,
+                finish_reason=reason,
+                usage=Usage(
+                    prompt_tokens=out.prompt_tokens or len(f.prompt_token_ids),
+                    completion_tokens=out.completion_tokens,
+                    cached_tokens=out.cached_tokens,
+                ),
+                timings=self._timings(f, out, now),
+                attempt=self.attempt,
+            )
         return FinalWrite(f.request.id, f.reply_key, event, f.content_type, f.entry_id)
 
     def _timings(self, f: InFlight, out: SequenceOutput, now: float) -> Timings:
@@ -602,17 +765,30 @@ class Consumer:
         tpot_ms = None
         if f.first_token_s is not None and out.completion_tokens > 1:
             tpot_ms = (now - f.first_token_s) * 1000 / (out.completion_tokens - 1)
-        return Timings(queue_ms=round(queue_ms, 2), ttft_ms=None if ttft_ms is None else round(ttft_ms, 2),
-                       tpot_ms=None if tpot_ms is None else round(tpot_ms, 3), total_ms=round(total_ms, 2),
-                       worker=self.settings.consumer_name)
+        return Timings(
+            queue_ms=round(queue_ms, 2),
+            ttft_ms=None if ttft_ms is None else round(ttft_ms, 2),
+            tpot_ms=None if tpot_ms is None else round(tpot_ms, 3),
+            total_ms=round(total_ms, 2),
+            worker=self.settings.consumer_name,
+        )
 
     def _log_done(self, f: InFlight, out: SequenceOutput, now: float) -> None:
         t = self._timings(f, out, now)
         self.counters.done += 1
-        log.info("request_done", id=f.request.id, tenant=f.request.tenant, queue_ms=t.queue_ms, ttft_ms=t.ttft_ms,
-                 tpot_ms=t.tpot_ms, total_ms=t.total_ms, prompt_tokens=out.prompt_tokens or len(f.prompt_token_ids),
-                 completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens,
-                 finish_reason=out.finish_reason)
+        log.info(
+            "request_done",
+            id=f.request.id,
+            tenant=f.request.tenant,
+            queue_ms=t.queue_ms,
+            ttft_ms=t.ttft_ms,
+            tpot_ms=t.tpot_ms,
+            total_ms=t.total_ms,
+            prompt_tokens=out.prompt_tokens or len(f.prompt_token_ids),
+            completion_tokens=out.completion_tokens,
+            cached_tokens=out.cached_tokens,
+            finish_reason=out.finish_reason,
+        )
         batch = self.counters.batches.get(f.batch_id)
         if batch is None:
             return
@@ -621,6 +797,12 @@ class Consumer:
         batch.cached_tokens += out.cached_tokens
         if batch.remaining == 0:
             del self.counters.batches[f.batch_id]
-            log.info("batch_done", batch=f.batch_id, size=batch.size, tokens=batch.tokens,
-                     cached_tokens=batch.cached_tokens, wait_ms=round(batch.wait_ms, 2),
-                     duration_ms=round((now - batch.admitted_s) * 1000, 2))
+            log.info(
+                "batch_done",
+                batch=f.batch_id,
+                size=batch.size,
+                tokens=batch.tokens,
+                cached_tokens=batch.cached_tokens,
+                wait_ms=round(batch.wait_ms, 2),
+                duration_ms=round((now - batch.admitted_s) * 1000, 2),
+            )

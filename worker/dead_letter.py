@@ -16,8 +16,14 @@ MAX_FIELDS_COPIED = 32
 MAX_FIELD_NAME_BYTES = 64
 
 
-def dead_letter_fields(entry_id: bytes, fields: dict[bytes, bytes], reason: str, deliveries: int,
-                       consumer: str, max_field_bytes: int) -> dict[bytes, bytes]:
+def dead_letter_fields(
+    entry_id: bytes,
+    fields: dict[bytes, bytes],
+    reason: str,
+    deliveries: int,
+    consumer: str,
+    max_field_bytes: int,
+) -> dict[bytes, bytes]:
     """Fields of the dead-letter entry for one request entry (`entry`, `reason`, ..., then `f:<name>`)."""
     out: dict[bytes, bytes] = {
         b"entry": entry_id,

@@ -47,8 +47,16 @@ def heartbeat_key(prefix: str, consumer: str) -> str:
 class Heartbeat:
     """Beats at most once per interval; `beat(force=True)` beats now."""
 
-    def __init__(self, client: redis.Redis, prefix: str, stream: str, group: str, consumer: str,
-                 interval_s: float, ttl_s: float):
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        stream: str,
+        group: str,
+        consumer: str,
+        interval_s: float,
+        ttl_s: float,
+    ):
         self.client = client
         self.key = heartbeat_key(prefix, consumer)
         self.stream = stream
@@ -66,8 +74,9 @@ class Heartbeat:
         if not force and now - self._last_s < self.interval_s:
             return []
         ids = [i.decode() if isinstance(i, bytes) else i for i in serving]
-        lost = self._script(keys=[self.key, self.stream],
-                            args=[self.state, self.ttl_ms, self.group, self.consumer, *ids])
+        lost = self._script(
+            keys=[self.key, self.stream], args=[self.state, self.ttl_ms, self.group, self.consumer, *ids]
+        )
         self._last_s = now
         return [i if isinstance(i, bytes) else str(i).encode() for i in lost]
 

@@ -52,7 +52,7 @@ def delivery_counts(client: redis.Redis, stream: str, group: str, ids: list[byte
     for entry_id in ids:
         pipe.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
     counts: dict[bytes, int] = {}
-    for entry_id, rows in zip(ids, pipe.execute()):
+    for entry_id, rows in zip(ids, pipe.execute(), strict=True):
         counts[entry_id] = int(rows[0]["times_delivered"]) if rows else 1
     return counts
 
@@ -60,8 +60,17 @@ def delivery_counts(client: redis.Redis, stream: str, group: str, ids: list[byte
 class Reclaimer:
     """Periodic XAUTOCLAIM on behalf of dead consumers, and their removal once empty."""
 
-    def __init__(self, client: redis.Redis, prefix: str, stream: str, group: str, consumer: str,
-                 interval_s: float, min_idle_ms: int, count: int):
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        stream: str,
+        group: str,
+        consumer: str,
+        interval_s: float,
+        min_idle_ms: int,
+        count: int,
+    ):
         self.client = client
         self.prefix = prefix
         self.stream = stream
@@ -80,15 +89,19 @@ class Reclaimer:
     def reclaim(self, room: int) -> Claimed:
         """One round: claim up to `room` entries dead consumers left, delete the dead ones that are empty."""
         self._last_s = time.monotonic()
-        consumers = [c for c in self.client.xinfo_consumers(self.stream, self.group)
-                     if _name(c) != self.consumer]
+        consumers = [
+            c for c in self.client.xinfo_consumers(self.stream, self.group) if _name(c) != self.consumer
+        ]
         if not consumers:
             return Claimed([], {}, [])
         pipe = self.client.pipeline(transaction=False)
         for c in consumers:
             pipe.get(heartbeat_key(self.prefix, _name(c)))
-        gone = [(c, state) for c, state in zip(consumers, pipe.execute())
-                if state is None or state == DRAINING.encode()]
+        gone = [
+            (c, state)
+            for c, state in zip(consumers, pipe.execute(), strict=True)
+            if state is None or state == DRAINING.encode()
+        ]
         claimed = Claimed([], {}, [])
         if room > 0 and any(int(c["pending"]) > 0 for c, _ in gone):
             claimed = self._autoclaim(min(room, self.count))
@@ -98,8 +111,9 @@ class Reclaimer:
         return claimed
 
     def _autoclaim(self, count: int) -> Claimed:
-        reply = self.client.xautoclaim(self.stream, self.group, self.consumer, self.min_idle_ms,
-                                       start_id=self._cursor, count=count)
+        reply = self.client.xautoclaim(
+            self.stream, self.group, self.consumer, self.min_idle_ms, start_id=self._cursor, count=count
+        )
         cursor, raw_entries = reply[0], reply[1]
         deleted = list(reply[2]) if len(reply) > 2 else []
         self._cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
@@ -111,8 +125,9 @@ class Reclaimer:
             entries.append((entry_id, fields))
         if entries:
             log.info("entries_reclaimed", count=len(entries), first=entries[0][0].decode())
-        return Claimed(entries, delivery_counts(self.client, self.stream, self.group, [e[0] for e in entries]),
-                       deleted)
+        return Claimed(
+            entries, delivery_counts(self.client, self.stream, self.group, [e[0] for e in entries]), deleted
+        )
 
     def remove_if_empty(self, name: str) -> None:
         """Delete a consumer without a heartbeat whose pending list is empty (atomic check)."""

@@ -62,8 +62,17 @@ class _Queued:
 class ReplyWriter:
     """Queues the reply writes of one loop iteration and sends them in one round trip."""
 
-    def __init__(self, client: redis.Redis, prefix: str, group: str, stream: str, attempt: str, ttl_s: int,
-                 dead_stream: str = "", dead_max_entries: int = 100_000):
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        group: str,
+        stream: str,
+        attempt: str,
+        ttl_s: int,
+        dead_stream: str = "",
+        dead_max_entries: int = 100_000,
+    ):
         self.client = client
         self.prefix = prefix
         self.group = group
@@ -89,8 +98,15 @@ class ReplyWriter:
         """Queue a final reply, guarded and acknowledged atomically."""
         self._queued.finals.append(final)
 
-    def error(self, request_id: str | None, reply_key: str | None, code: ErrorCode, message: str,
-              content_type: ContentType, entry_id: str | bytes | None) -> None:
+    def error(
+        self,
+        request_id: str | None,
+        reply_key: str | None,
+        code: ErrorCode,
+        message: str,
+        content_type: ContentType,
+        entry_id: str | bytes | None,
+    ) -> None:
         """Queue one final error (or only the acknowledgement when the sender left no usable address)."""
         if request_id is None or reply_key is None:
             if entry_id is not None:
@@ -134,8 +150,8 @@ class ReplyWriter:
         for result in results:
             if isinstance(result, Exception):
                 log.warning("reply_write_failed", error=str(result)[:200])
-        won = results[len(results) - len(q.finals) - (1 if q.acks else 0):][: len(q.finals)]
-        return [f.request_id for f, w in zip(q.finals, won) if w != 1]
+        won = results[len(results) - len(q.finals) - (1 if q.acks else 0) :][: len(q.finals)]
+        return [f.request_id for f, w in zip(q.finals, won, strict=True) if w != 1]
 
     def _queue_final(self, pipe: Any, final: FinalWrite) -> None:
         fields = encode_event(final.event, final.content_type)

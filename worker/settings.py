@@ -22,85 +22,122 @@ class WorkerSettings(BaseSettings):
     redis_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("REDIS_URL", "LLM_REDIS_URL"),
-        description="Redis/Valkey URL (redis:// or rediss://, ACL user:password allowed); unset = start a private embedded server (env REDIS_URL).",
+        description="Redis/Valkey URL (redis:// or rediss://, ACL user:password allowed); "
+        "unset = start a private embedded server (env REDIS_URL).",
     )
     prefix: str = Field(default="llm", description="Key prefix of every stream and key the service uses.")
     group: str = Field(default="workers", description="Consumer group of the request stream.")
     consumer_name: str = Field(
-        default_factory=_default_consumer_name, description="This worker's consumer name in the group (default host-pid)."
+        default_factory=_default_consumer_name,
+        description="This worker's consumer name in the group (default host-pid).",
     )
     engine: Literal["hf", "static", "echo"] = Field(
         default="hf",
-        description="Inference engine: hf (paged continuous batching), static (padded static batches), echo (no model).",
+        description="Inference engine: hf (paged continuous batching), static (padded static batches), "
+        "echo (no model).",
     )
     model: str = Field(
         default="SmolLM2-135M-Instruct",
         validation_alias=AliasChoices("MODEL", "LLM_MODEL"),
         description="Hugging Face model id, local directory or .gguf file (env MODEL).",
     )
-    device: str = Field(default="auto", description="Torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:N.")
+    device: str = Field(
+        default="auto", description="Torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:N."
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="Weight dtype; auto = float16 on GPU, float32 on CPU."
     )
-    trust_remote_code: bool = Field(default=False, description="Allow model repositories to run their own Python code.")
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model repositories to run their own Python code."
+    )
     read_count: int = Field(default=64, ge=1, description="Most entries taken per XREADGROUP call.")
     read_block_ms: int = Field(
         default=2000, ge=1, description="XREADGROUP BLOCK when idle; kept below the client's socket timeout."
     )
-    max_wait_ms: float = Field(default=10.0, ge=0, description="Time window: how long an idle engine waits to fill a microbatch.")
-    max_batch_tokens: int = Field(default=4096, ge=16, description="Token budget per engine step (prefill + decode tokens).")
+    max_wait_ms: float = Field(
+        default=10.0, ge=0, description="Time window: how long an idle engine waits to fill a microbatch."
+    )
+    max_batch_tokens: int = Field(
+        default=4096, ge=16, description="Token budget per engine step (prefill + decode tokens)."
+    )
     max_num_seqs: int = Field(default=32, ge=1, description="Most sequences running at once.")
-    max_prefill_chunk_tokens: int = Field(default=512, ge=16, description="Largest prefill chunk of one prompt per step.")
-    kv_cache_bytes: int = Field(default=256 * 2**20, ge=2**20, description="KV cache pool size in bytes (paged engine).")
+    max_prefill_chunk_tokens: int = Field(
+        default=512, ge=16, description="Largest prefill chunk of one prompt per step."
+    )
+    kv_cache_bytes: int = Field(
+        default=256 * 2**20, ge=2**20, description="KV cache pool size in bytes (paged engine)."
+    )
     kv_block_size_tokens: int = Field(default=16, ge=1, description="Tokens per KV cache block.")
     kv_reserve: Literal["worst_case", "optimistic"] = Field(
-        default="worst_case", description="KV admission: reserve prompt+max_tokens, or prompt only with preemption."
+        default="worst_case",
+        description="KV admission: reserve prompt+max_tokens, or prompt only with preemption.",
     )
-    max_prompt_tokens: int = Field(default=4096, ge=1, description="Prompts longer than this get a too_long error.")
-    max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="Request bodies larger than this get a too_long error.")
-    max_waiting_requests: int = Field(default=256, ge=1, description="Validated requests held locally before reading pauses.")
+    max_prompt_tokens: int = Field(
+        default=4096, ge=1, description="Prompts longer than this get a too_long error."
+    )
+    max_body_bytes: int = Field(
+        default=256 * 1024, ge=1024, description="Request bodies larger than this get a too_long error."
+    )
+    max_waiting_requests: int = Field(
+        default=256, ge=1, description="Validated requests held locally before reading pauses."
+    )
     reply_ttl_s: int = Field(default=3600, ge=1, description="TTL of reply streams and final-reply guards.")
-    echo_token_delay_ms: float = Field(default=0.0, ge=0, description="Echo engine: sleep per generated token.")
+    echo_token_delay_ms: float = Field(
+        default=0.0, ge=0, description="Echo engine: sleep per generated token."
+    )
     log_level: str = Field(default="info", description="Log level of the JSON logs on stdout.")
     heartbeat_interval_s: float = Field(
-        default=5.0, gt=0,
+        default=5.0,
+        gt=0,
         description="How often the worker refreshes its heartbeat key and touches the entries it serves.",
     )
     heartbeat_ttl_s: float = Field(
-        default=15.0, gt=0,
+        default=15.0,
+        gt=0,
         description="TTL of the heartbeat key; keep it >= 3x the interval and above the longest engine step.",
     )
     reclaim_interval_s: float = Field(
-        default=5.0, gt=0, description="How often the worker looks for dead consumers and reclaims their entries."
+        default=5.0,
+        gt=0,
+        description="How often the worker looks for dead consumers and reclaims their entries.",
     )
     reclaim_min_idle_ms: int = Field(
-        default=30_000, ge=1,
+        default=30_000,
+        ge=1,
         description="XAUTOCLAIM min idle time; live workers touch their entries every heartbeat, so only "
-                    "a dead or hung worker's entries get this idle.",
+        "a dead or hung worker's entries get this idle.",
     )
     reclaim_count: int = Field(default=64, ge=1, description="Most entries taken per XAUTOCLAIM call.")
     max_deliveries: int = Field(
-        default=3, ge=1,
+        default=3,
+        ge=1,
         description="An entry delivered more times than this is a poison entry: dead-lettered, its sender "
-                    "gets an internal error.",
+        "gets an internal error.",
     )
     dead_letter_max_entries: int = Field(
-        default=100_000, ge=100, description="Approximate cap (MAXLEN ~) of the dead-letter stream `<prefix>:dead`."
+        default=100_000,
+        ge=100,
+        description="Approximate cap (MAXLEN ~) of the dead-letter stream `<prefix>:dead`.",
     )
     dead_letter_max_field_bytes: int = Field(
-        default=4096, ge=64, description="Each field copied into a dead-letter entry is cut to this many bytes."
+        default=4096,
+        ge=64,
+        description="Each field copied into a dead-letter entry is cut to this many bytes.",
     )
     max_backlog_requests: int = Field(
-        default=10_000, ge=0,
-        description="While the group's lag + pending exceeds this, the worker answers the excess `overloaded`; "
-                    "0 disables shedding.",
+        default=10_000,
+        ge=0,
+        description="While the group's lag + pending exceeds this, the worker answers the excess "
+        "`overloaded`; "
+        "0 disables shedding.",
     )
     backlog_check_interval_ms: float = Field(
         default=250.0, gt=0, description="How often the worker measures the backlog (XINFO GROUPS)."
     )
     trim_interval_s: float = Field(
-        default=5.0, gt=0,
-        description="How often the worker trims the request stream below the oldest id any group still needs.",
+        default=5.0,
+        gt=0,
+        description="How often the worker trims the request stream below the oldest id any group needs.",
     )
     cancel_poll_interval_ms: float = Field(
         default=50.0, gt=0, description="How often the worker polls `<prefix>:cancel` for cancelled requests."
@@ -109,12 +146,15 @@ class WorkerSettings(BaseSettings):
         default=10_000, ge=1, description="How many recently cancelled request ids the worker remembers."
     )
     drain_timeout_s: float = Field(
-        default=20.0, ge=0,
+        default=20.0,
+        ge=0,
         description="After SIGTERM, how long in-flight requests may run before the rest is handed back "
-                    "(keep below the pod's termination grace period).",
+        "(keep below the pod's termination grace period).",
     )
     reconnect_backoff_initial_ms: float = Field(
-        default=100.0, gt=0, description="First delay before retrying after a Redis connection error (jittered)."
+        default=100.0,
+        gt=0,
+        description="First delay before retrying after a Redis connection error (jittered).",
     )
     reconnect_backoff_max_ms: float = Field(
         default=5000.0, gt=0, description="Cap of the exponential Redis reconnect delay (jittered)."
