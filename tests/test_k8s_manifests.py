@@ -1,0 +1,417 @@
+"""The Kubernetes manifests agree with the code they deploy.
+
+Every env var a manifest sets is one the process reads; the ConfigMap validates through
+WorkerSettings itself; KEDA watches the stream and group the code uses; the grace period
+covers the drain timeout; the exec probes work against a real worker; the dashboard's
+LogQL reads events and fields that a real worker logs, from the container the Deployment runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import AliasChoices
+from pydantic_settings import BaseSettings
+
+from producer.bulk import BulkSettings
+from producer.client import ChatClient, ChatError
+from producer.protocol import CONSUMER_GROUP, requests_stream
+from producer.settings import ProducerSettings
+from worker.heartbeat import DRAINING, heartbeat_key
+from worker.settings import WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+BASE = K8S / "base"
+PROBE = BASE / "probes" / "worker_probe.py"
+DASHBOARD = BASE / "dashboards" / "llm-workers.json"
+SECRET_TEMPLATE = K8S / "redis-secret.template.yaml"
+
+# Env vars set for third-party runtimes, not read by our settings: each with its reason.
+RUNTIME_ENV = {
+    "HF_HUB_OFFLINE": "huggingface_hub: never reach the Hub at run time",
+    "TRANSFORMERS_OFFLINE": "transformers: same",
+    "HOME": "libraries that cache under ~ write to the /tmp emptyDir (read-only root filesystem)",
+    "PYTHONUNBUFFERED": "log lines reach the collector at once",
+}
+# Minimum time between the end of the drain and SIGKILL: hand back leftovers, delete the heartbeat, exit.
+DRAIN_EXIT_MARGIN_S = 10
+
+
+# -- loading ------------------------------------------------------------------------------------------
+def manifest_files() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+def load_all() -> list[dict[str, Any]]:
+    docs = []
+    for path in manifest_files():
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is not None and doc.get("kind") != "Kustomization":
+                doc["__file__"] = path
+                docs.append(doc)
+    return docs
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
+
+
+def container(deployment: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def container_env(docs: list[dict[str, Any]], c: dict[str, Any]) -> dict[str, Any]:
+    """Env of a container: ConfigMap data (envFrom) overlaid by its own `env` entries (value or source)."""
+    env: dict[str, Any] = {}
+    for source in c.get("envFrom", []):
+        env.update(find(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    for item in c.get("env", []):
+        env[item["name"]] = item.get("value", item.get("valueFrom"))
+    return env
+
+
+def settings_env_names(cls: type[BaseSettings]) -> set[str]:
+    """The environment variable names a pydantic-settings class reads."""
+    names: set[str] = set()
+    prefix = cls.model_config.get("env_prefix", "")
+    for name, field in cls.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(a) for a in alias.choices)
+        else:
+            names.add(f"{prefix}{name}".upper())
+    return names
+
+
+def env_read_by_code(package: str) -> set[str]:
+    """Env vars a package reads directly with os.environ (outside its settings class)."""
+    pattern = re.compile(r"os\.environ(?:\.get\(|\[)\s*\"([A-Z0-9_]+)\"")
+    return {m for p in (ROOT / package).rglob("*.py") for m in pattern.findall(p.read_text())}
+
+
+def logged_events(package: str) -> set[str]:
+    pattern = re.compile(r"log\.(?:debug|info|warning|error|exception|critical)\(\s*\"(\w+)\"")
+    return {m for p in (ROOT / package).rglob("*.py") for m in pattern.findall(p.read_text())}
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[dict[str, Any]]:
+    return load_all()
+
+
+@pytest.fixture()
+def worker_settings(docs, monkeypatch: pytest.MonkeyPatch) -> WorkerSettings:
+    """WorkerSettings exactly as a worker pod builds them from the manifests."""
+    worker = container(find(docs, "Deployment", "llm-worker"), "worker")
+    for name, value in container_env(docs, worker).items():
+        if isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("REDIS_URL", secret_template()["redis-url"])
+    monkeypatch.setenv("LLM_CONSUMER_NAME", "llm-worker-abc12-xyz")  # the pod name, via the downward API
+    return WorkerSettings()
+
+
+def secret_template() -> dict[str, str]:
+    return yaml.safe_load(SECRET_TEMPLATE.read_text())["stringData"]
+
+
+# -- structure ----------------------------------------------------------------------------------------
+def test_every_manifest_parses_and_names_its_object(docs) -> None:
+    assert len(manifest_files()) >= 10
+    for doc in docs:
+        assert doc.get("apiVersion") and doc.get("kind"), doc["__file__"]
+        assert doc["metadata"].get("name"), doc["__file__"]
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "ConfigMap", "Secret", "PodDisruptionBudget", "ScaledObject",
+            "TriggerAuthentication", "StatefulSet", "Service", "Namespace"} <= kinds
+
+
+def test_kustomizations_reference_existing_files_and_leave_out_the_secret_template() -> None:
+    listed: set[Path] = set()
+    for kfile in K8S.rglob("kustomization.yaml"):
+        k = yaml.safe_load(kfile.read_text())
+        for entry in k.get("resources", []):
+            path = (kfile.parent / entry).resolve()
+            assert path.exists(), f"{kfile}: missing resource {entry}"
+            listed.add(path)
+        for gen in k.get("configMapGenerator", []):
+            for f in gen.get("files", []):
+                assert (kfile.parent / f).is_file(), f"{kfile}: missing file {f}"
+                listed.add((kfile.parent / f).resolve())
+    # Every manifest is deployed by some kustomization, except the Secret template: applying a
+    # committed placeholder would overwrite the real credentials.
+    for path in manifest_files():
+        if path.name == "kustomization.yaml":
+            continue
+        assert (path.resolve() in listed) == (path != SECRET_TEMPLATE), path
+    assert PROBE.resolve() in listed and DASHBOARD.resolve() in listed
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@pytest.mark.parametrize("target", ["k8s", "k8s/overlays/production"])
+def test_kustomize_builds(target: str) -> None:
+    out = subprocess.run(["kubectl", "kustomize", target], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+    kinds = {d["kind"] for d in built}
+    assert {"Deployment", "ScaledObject", "PodDisruptionBudget"} <= kinds
+    assert ("StatefulSet" in kinds) == (target == "k8s"), "production must not run the in-cluster Redis"
+    assert {d["metadata"].get("namespace") for d in built if d["kind"] != "Namespace"} == {"llm-serving"}
+
+
+# -- env vars -----------------------------------------------------------------------------------------
+def check_env_names(env: dict[str, Any], allowed: set[str], where: str) -> None:
+    for name in env:
+        if name.startswith("LLM_") or name in {"REDIS_URL", "MODEL"}:
+            assert name in allowed, f"{where}: {name} is not a setting the process reads"
+        else:
+            assert name in RUNTIME_ENV, f"{where}: {name} is neither a setting nor a known runtime variable"
+
+
+def test_worker_env_vars_are_real_settings(docs) -> None:
+    worker = container(find(docs, "Deployment", "llm-worker"), "worker")
+    env = container_env(docs, worker)
+    check_env_names(env, settings_env_names(WorkerSettings) | env_read_by_code("worker"), "llm-worker")
+    assert env["REDIS_URL"] == {"secretKeyRef": {"name": "llm-redis", "key": "redis-url"}}
+    # The probes need the consumer name, so the worker's must be set explicitly (to the pod name).
+    assert env["LLM_CONSUMER_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def test_bulk_worker_env_vars_are_real_settings(docs, monkeypatch: pytest.MonkeyPatch) -> None:
+    bulk = container(find(docs, "Deployment", "llm-bulk-worker"), "bulk-worker")
+    assert bulk["command"] == ["python", "-m", "producer.bulk", "worker"]
+    env = container_env(docs, bulk)
+    allowed = settings_env_names(ProducerSettings) | settings_env_names(BulkSettings)
+    check_env_names(env, allowed, "llm-bulk-worker")
+    for name, value in env.items():
+        if isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    bulk_settings = BulkSettings()
+    assert bulk_settings.queue == env["LLM_BULK_QUEUE"]
+    assert bulk_settings.max_in_flight_requests == int(env["LLM_BULK_MAX_IN_FLIGHT_REQUESTS"])
+
+
+def test_configmap_validates_as_worker_settings(docs, worker_settings: WorkerSettings) -> None:
+    data = find(docs, "ConfigMap", "llm-worker-config")["data"]
+    assert worker_settings.engine == data["LLM_ENGINE"]
+    assert worker_settings.model == data["MODEL"]
+    assert worker_settings.drain_timeout_s == float(data["LLM_DRAIN_TIMEOUT_S"])
+    assert worker_settings.heartbeat_ttl_s >= 3 * worker_settings.heartbeat_interval_s
+    assert worker_settings.max_waiting_requests <= 4 * worker_settings.max_num_seqs
+
+
+def test_secret_keys_referenced_exist_in_the_template(docs) -> None:
+    template = find(docs, "Secret", "llm-redis")
+    assert template["__file__"] == SECRET_TEMPLATE
+    keys = set(template["stringData"])
+    refs = []
+    for d in docs:
+        for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            refs += [e["valueFrom"]["secretKeyRef"] for e in c.get("env", [])
+                     if "secretKeyRef" in e.get("valueFrom", {})]
+    refs += [{"name": r["name"], "key": r["key"]}
+             for r in find(docs, "TriggerAuthentication", "llm-redis")["spec"]["secretTargetRef"]]
+    assert refs
+    for ref in refs:
+        assert ref["name"] == "llm-redis" and ref["key"] in keys, ref
+
+
+# -- worker pod ---------------------------------------------------------------------------------------
+def test_grace_period_covers_the_drain_timeout(docs, worker_settings: WorkerSettings) -> None:
+    spec = find(docs, "Deployment", "llm-worker")["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] >= worker_settings.drain_timeout_s + DRAIN_EXIT_MARGIN_S
+    # SIGTERM drains; a preStop hook would only delay it.
+    assert "lifecycle" not in container(find(docs, "Deployment", "llm-worker"), "worker")
+
+
+def test_worker_pod_requests_a_gpu_and_leaves_replicas_to_keda(docs, worker_settings: WorkerSettings) -> None:
+    deployment = find(docs, "Deployment", "llm-worker")
+    assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
+    resources = container(deployment, "worker")["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "1"
+    assert worker_settings.resolved_device() == "cuda"
+    pdb = find(docs, "PodDisruptionBudget", "llm-worker")
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_probes_run_the_mounted_heartbeat_script(docs) -> None:
+    deployment = find(docs, "Deployment", "llm-worker")
+    c = container(deployment, "worker")
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "probes")
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "probes")
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    generators = [g for g in kustomization["configMapGenerator"] if g["name"] == volume["configMap"]["name"]]
+    assert [g["files"] for g in generators] == [["probes/worker_probe.py"]]
+    for mode in ("startup", "readiness", "liveness"):
+        assert c[f"{mode}Probe"]["exec"]["command"] == ["python", f"{mount['mountPath']}/{PROBE.name}", mode]
+    # Liveness may only fail after the heartbeat TTL has lapsed for several periods.
+    live = c["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] >= 2 * 15
+
+
+# -- KEDA ---------------------------------------------------------------------------------------------
+def test_keda_scales_on_the_stream_and_group_the_code_uses(docs, worker_settings: WorkerSettings) -> None:
+    scaled = find(docs, "ScaledObject", "llm-worker")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "llm-worker"
+    triggers = {t["name"]: t for t in scaled["spec"]["triggers"]}
+    assert set(triggers) == {"requests-lag", "requests-pending"}
+    redis_service = find(docs, "Service", "llm-redis")
+    for trigger in triggers.values():
+        meta = trigger["metadata"]
+        assert trigger["type"] == "redis-streams"
+        assert meta["stream"] == requests_stream(worker_settings.prefix)
+        assert meta["consumerGroup"] == worker_settings.group == CONSUMER_GROUP
+        port = redis_service["spec"]["ports"][0]["port"]
+        assert meta["address"] == f"llm-redis.llm-serving.svc.cluster.local:{port}"
+        assert trigger["authenticationRef"]["name"] == "llm-redis"
+    lag = triggers["requests-lag"]["metadata"]
+    assert int(lag["lagCount"]) > 0 and int(lag["activationLagCount"]) >= 0
+    assert "pendingEntriesCount" not in lag
+    pending = triggers["requests-pending"]["metadata"]
+    # One pod per batch of requests a GPU runs at once.
+    assert int(pending["pendingEntriesCount"]) == worker_settings.max_num_seqs
+
+
+def test_dev_redis_is_durable_and_never_evicts() -> None:
+    conf = dict(line.split(None, 1) for line in (K8S / "redis" / "redis.conf").read_text().splitlines()
+                if line.strip() and not line.startswith("#") and not line.startswith("save"))
+    assert conf["appendonly"] == "yes"
+    assert conf["maxmemory-policy"] == "noeviction"
+
+
+# -- exec probes against a real worker ----------------------------------------------------------------
+def run_probe(mode: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(PROBE), mode], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def load_probe_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("worker_probe", PROBE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_probes_follow_the_workers_heartbeat(start_worker, redis_client, prefix) -> None:
+    worker = start_worker("echo")
+    env = dict(worker.env)
+    for mode in ("startup", "readiness", "liveness"):
+        result = run_probe(mode, env)
+        assert result.returncode == 0, (mode, result.stdout, result.stderr)
+        assert "heartbeat alive" in result.stdout
+
+    # A draining worker is alive but not ready.
+    probe = load_probe_module()
+    key = heartbeat_key(prefix, "draining-one")
+    redis_client.set(key, DRAINING, px=10_000)
+    assert probe.check("readiness", redis_client, key) == (False, "heartbeat draining")
+    assert probe.check("liveness", redis_client, key) == (True, "heartbeat draining")
+
+    # Redis down: not ready, but liveness passes (a restart cannot help).
+    down = {**env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"}
+    assert run_probe("readiness", down).returncode == 1
+    assert run_probe("liveness", down).returncode == 0
+    assert run_probe("readiness", {k: v for k, v in env.items() if k != "LLM_CONSUMER_NAME"}).returncode == 1
+
+    # A stopped worker deletes its heartbeat: liveness fails.
+    assert worker.stop() == 0
+    assert redis_client.exists(heartbeat_key(prefix, worker.name)) == 0
+    assert run_probe("liveness", env).returncode == 1
+
+
+# -- dashboard ----------------------------------------------------------------------------------------
+def dashboard_exprs() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def test_dashboard_is_valid_grafana_json_over_loki(docs) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["query"] == "loki"
+    assert variables["namespace"]["query"] == find(docs, "Namespace", "llm-serving")["metadata"]["name"]
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            assert target["datasource"]["type"] == "loki"
+            assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
+    # Its stream selector matches the worker container the Deployment runs.
+    containers = {m for e in dashboard_exprs() for m in re.findall(r'container="([^"]+)"', e)}
+    assert containers == {container(find(docs, "Deployment", "llm-worker"), "worker")["name"]}
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for needed in ("first token", "queue", "tokens/s", "batch", "code"):
+        assert needed in titles
+
+
+def queried_fields() -> dict[str, set[str]]:
+    """event -> fields the dashboard unwraps or groups by, for each `event="..."` query."""
+    fields: dict[str, set[str]] = {}
+    for expr in dashboard_exprs():
+        events = re.findall(r'\| event="(\w+)"', expr) + [
+            e for alt in re.findall(r'\| event=~"([\w|]+)"', expr) for e in alt.split("|")
+        ]
+        used = set(re.findall(r"unwrap (\w+)", expr))
+        used |= {f for group in re.findall(r"by \(([\w, ]*)\)", expr) for f in re.split(r",\s*", group) if f}
+        used -= {"pod", "event"}  # labels from the log agent, and the event itself
+        for event in events:
+            fields.setdefault(event, set()).update(used)
+    return fields
+
+
+def test_dashboard_queries_events_the_worker_logs() -> None:
+    emitted = logged_events("worker")
+    queried = queried_fields()
+    assert {"request_done", "batch_done", "request_invalid", "request_rejected"} <= set(queried)
+    assert set(queried) <= emitted, set(queried) - emitted
+
+
+@pytest.fixture()
+def logged_worker(start_worker, chat_client: ChatClient, redis_client, prefix) -> Iterator[Any]:
+    """An echo worker that has logged request_done, batch_done, request_rejected and request_invalid."""
+    worker = start_worker("echo", max_prompt_tokens=64)
+    for n in range(3):
+        chat_client.chat([{"role": "user", "content": f"hello there number {n}"}], max_tokens=4)
+    with pytest.raises(ChatError):
+        chat_client.chat([{"role": "user", "content": "y" * 100}], max_tokens=4)
+    invalid = {"v": "1", "ct": "json", "body": '{"id":"bad1","max_tokens":0}'}
+    redis_client.xadd(requests_stream(prefix), invalid)
+    with pytest.raises(ChatError):
+        chat_client.result("bad1", timeout_s=30)
+    yield worker
+
+
+def test_dashboard_fields_are_in_the_workers_log_events(logged_worker) -> None:
+    for event, fields in queried_fields().items():
+        if event not in {"request_done", "batch_done", "request_invalid", "request_rejected"}:
+            continue
+        logged = logged_worker.events(event)
+        assert logged, f"the worker logged no {event}"
+        for field in fields:
+            values = [e.get(field) for e in logged]
+            assert all(field in e for e in logged), f"{event} lacks {field}"
+            if event in {"request_done", "batch_done"} and field not in {"finish_reason"}:
+                assert any(isinstance(v, int | float) for v in values), f"{event}.{field} is never numeric"
