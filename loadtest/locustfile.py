@@ -1,0 +1,164 @@
+"""Locust load test over Redis, not HTTP: chat users that follow workload W1 of the design.
+
+    REDIS_URL=redis://127.0.0.1:6379/0 locust -f loadtest/locustfile.py --headless -u 5 -r 5 -t 15s
+
+Each task sends one streamed chat request with `ChatClient` (XADD to `<prefix>:requests`),
+reads its reply stream, and reports three Locust request events (type `redis`):
+
+- `ttft`: submit to the first token event, as the caller sees it (queueing included);
+- `tpot`: mean time per output token after the first (only for replies of 2+ tokens);
+- `chat`: submit to the final reply; its response length is the number of completion tokens.
+
+An `error` reply fails `chat` with the service's error code as the failure (`overloaded`,
+`too_long`, ...), so Locust's failure table counts codes; a client timeout fails it with
+`timeout`. Service-side timings (queue_ms, ttft_ms from XADD) are in the workers' logs.
+
+Workload W1, reproducible from `--seed`: one system prompt of `--system-tokens` words shared
+by every request (a prefix the engine caches), user turns log-uniform between
+`--user-tokens-min` and `--user-tokens-max` words, `max_tokens` uniform in
+[`--max-tokens-min`, `--max-tokens-max`], greedy decoding with a per-request seed. A word is
+one token for the echo engine and about 1.3 for a BPE tokenizer. User k (in spawn order)
+draws from its own generator seeded with (seed, k), so a rerun sends the same requests.
+
+Redis and the key prefix come from the environment, as for every client: `REDIS_URL`,
+`LLM_PREFIX` (ProducerSettings). Every option below also reads the `LOADTEST_*` variable named
+in its help.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+from functools import lru_cache
+from typing import Any
+
+from locust import User, between, events, task
+from locust.env import Environment
+
+from producer.client import ChatClient, ChatError, ChatTimeout
+
+# A fixed vocabulary keeps prompts plain text in any tokenizer, with no rare-token effects.
+_VOCABULARY = (
+    "the a of to and in is it that for on with as was at by be this from or have an are not but "
+    "what all were when we there can more if no out so said up its about into than them only other "
+    "time new some could these two may first then do any like my now over such our man me even most "
+    "made after also did many before must through back years where much your way well down should "
+    "because each just those people how too little state good very make world still own see men work "
+    "long get here between both life being under never day same another know while last might us great "
+    "old year off come since against go came right used take three"
+)
+WORDS = tuple(_VOCABULARY.split())
+
+_user_numbers = itertools.count()
+
+
+@events.init_command_line_parser.add_listener
+def _add_options(parser: Any) -> None:
+    group = parser.add_argument_group("llm-stream-serve workload (W1)")
+    group.add_argument("--seed", type=int, default=0, env_var="LOADTEST_SEED",
+                       help="Workload seed (LOADTEST_SEED).")
+    group.add_argument("--system-tokens", type=int, default=256, env_var="LOADTEST_SYSTEM_TOKENS",
+                       help="Words of the shared system prompt (LOADTEST_SYSTEM_TOKENS).")
+    group.add_argument("--user-tokens-min", type=int, default=16, env_var="LOADTEST_USER_TOKENS_MIN",
+                       help="Shortest user turn, words (LOADTEST_USER_TOKENS_MIN).")
+    group.add_argument("--user-tokens-max", type=int, default=512, env_var="LOADTEST_USER_TOKENS_MAX",
+                       help="Longest user turn, words (LOADTEST_USER_TOKENS_MAX).")
+    group.add_argument("--max-tokens-min", type=int, default=32, env_var="LOADTEST_MAX_TOKENS_MIN",
+                       help="Smallest max_tokens (LOADTEST_MAX_TOKENS_MIN).")
+    group.add_argument("--max-tokens-max", type=int, default=256, env_var="LOADTEST_MAX_TOKENS_MAX",
+                       help="Largest max_tokens (LOADTEST_MAX_TOKENS_MAX).")
+    group.add_argument("--priority", choices=["interactive", "batch"], default="interactive",
+                       env_var="LOADTEST_PRIORITY", help="Request priority (LOADTEST_PRIORITY).")
+    group.add_argument("--request-timeout-s", type=float, default=120.0, env_var="LOADTEST_REQUEST_TIMEOUT_S",
+                       help="Client wait for a final reply (LOADTEST_REQUEST_TIMEOUT_S).")
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@lru_cache(maxsize=4)
+def system_prompt(seed: int, n_words: int) -> str:
+    """The system prompt every request shares, the same for every user of a run."""
+    return words(random.Random(f"system:{seed}"), n_words)
+
+
+class ChatWorkload:
+    """The W1 request sequence of one user: a plain generator over plain data."""
+
+    def __init__(self, options: Any, user_number: int):
+        self.options = options
+        self.rng = random.Random(f"user:{options.seed}:{user_number}")
+        self.system = system_prompt(options.seed, options.system_tokens)
+
+    def next_request(self) -> dict[str, Any]:
+        o = self.options
+        lo, hi = math.log(o.user_tokens_min), math.log(o.user_tokens_max)
+        user_words = round(math.exp(self.rng.uniform(lo, hi)))
+        return {
+            "messages": [{"role": "system", "content": self.system},
+                         {"role": "user", "content": words(self.rng, user_words)}],
+            "max_tokens": self.rng.randint(o.max_tokens_min, o.max_tokens_max),
+            "temperature": 0.0,
+            "seed": self.rng.randrange(2**31),
+            "priority": o.priority,
+        }
+
+
+class ServiceError(Exception):
+    """A failed chat, named by its stable code only, so Locust groups failures by code."""
+
+    def __init__(self, code: str):
+        super().__init__(code)
+
+
+class ChatUser(User):
+    """One chatbot conversation slot: send a request, stream the reply, think, repeat."""
+
+    wait_time = between(0.1, 1.0)
+
+    def __init__(self, environment: Environment):
+        super().__init__(environment)
+        options = environment.parsed_options
+        assert options is not None, "run through the locust command line"
+        self.workload = ChatWorkload(options, next(_user_numbers))
+        self.timeout_s = options.request_timeout_s
+        # REDIS_URL and LLM_PREFIX from the environment (ProducerSettings).
+        self.client = ChatClient(timeout_s=self.timeout_s)
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    def _fire(self, name: str, ms: float, length: int = 0, exception: Exception | None = None) -> None:
+        self.environment.events.request.fire(request_type="redis", name=name, response_time=ms,
+                                             response_length=length, exception=exception, context={})
+
+    @task
+    def chat(self) -> None:
+        request = self.workload.next_request()
+        messages = request.pop("messages")
+        start = time.perf_counter()
+        first_token_at: float | None = None
+        try:
+            stream = self.client.stream(messages, timeout_s=self.timeout_s, **request)
+            for _ in stream:
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                    self._fire("ttft", (first_token_at - start) * 1000)
+        except ChatError as exc:
+            self._fire("chat", (time.perf_counter() - start) * 1000, exception=ServiceError(exc.code.value))
+            return
+        except ChatTimeout:
+            self._fire("chat", (time.perf_counter() - start) * 1000, exception=ServiceError("timeout"))
+            return
+        end = time.perf_counter()
+        reply = stream.reply
+        if reply is None:
+            self._fire("chat", (end - start) * 1000, exception=ServiceError("no_final_reply"))
+            return
+        tokens = reply.usage.completion_tokens
+        if first_token_at is not None and tokens > 1:
+            self._fire("tpot", (end - first_token_at) * 1000 / (tokens - 1))
+        self._fire("chat", (end - start) * 1000, length=tokens)
