@@ -39,7 +39,7 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not model and not slow"
 
 lint: install
-	$(BIN)/ruff check producer scheduler worker tests loadtest
+	$(BIN)/ruff check producer scheduler worker tests loadtest k8s/base/probes
 
 bench-queue: install
 	$(BIN)/python loadtest/queue_bench.py

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from producer.bulk import BulkSettings
 from producer.settings import ProducerSettings
 from worker.config_doc import README, current_readme_block, readme_block
 from worker.settings import WorkerSettings
@@ -14,7 +15,7 @@ def test_readme_config_table_is_current() -> None:
 
 
 def test_every_setting_is_documented() -> None:
-    for cls in (WorkerSettings, ProducerSettings):
+    for cls in (WorkerSettings, ProducerSettings, BulkSettings):
         for name, field in cls.model_fields.items():
             assert field.description, f"{cls.__name__}.{name} has no description"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
+from producer.bulk import BulkSettings
 from producer.settings import ProducerSettings
 from worker.settings import WorkerSettings
 
@@ -40,7 +41,7 @@ def _default(cls: type[BaseSettings], name: str) -> str:
 def config_table() -> str:
     """Markdown table of every worker and producer setting."""
     lines = ["| process | env var | default | meaning |", "| --- | --- | --- | --- |"]
-    for label, cls in (("worker", WorkerSettings), ("producer", ProducerSettings)):
+    for label, cls in (("worker", WorkerSettings), ("producer", ProducerSettings), ("bulk jobs", BulkSettings)):
         for name, field in cls.model_fields.items():
             doc = (field.description or "").replace("|", "\\|")
             lines.append(f"| {label} | {_env_names(cls, name)} | {_default(cls, name)} | {doc} |")
