@@ -38,6 +38,18 @@ class AttentionMetadata:
     context_lens: list[int]  # K/V length of each sequence once this step's tokens are written
     context_lens_tensor: torch.Tensor  # [S] the same, on the device
 
+    def __post_init__(self) -> None:
+        # Split once per step, not once per layer: decodes (one new token) run batched, prefills one by one.
+        starts = self.query_start_loc
+        decodes = [i for i in range(self.num_seqs) if starts[i + 1] - starts[i] == 1]
+        self.prefill_seqs = [i for i in range(self.num_seqs) if starts[i + 1] - starts[i] > 1]
+        device = self.slot_mapping.device
+        self.decode_seqs = torch.tensor(decodes, dtype=torch.long).to(device, non_blocking=True)
+        self.decode_tokens = torch.tensor([starts[i] for i in decodes], dtype=torch.long).to(
+            device, non_blocking=True
+        )
+        self.decode_max_len = max((self.context_lens[i] for i in decodes), default=0)
+
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens)
@@ -60,12 +72,11 @@ def attention_context(metadata: AttentionMetadata) -> Iterator[None]:
 
 def _decode_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, scale: float,
+    context_lens: torch.Tensor, max_len: int, scale: float,
 ) -> torch.Tensor:  # fmt: skip
     """One query token per sequence, all sequences at once: [S, H, D] -> [S, H, D]."""
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
-    max_len = int(context_lens.max())
     # [S, max_blocks * block_size, kv_heads, D], cut to the longest context.
     keys = k_cache[block_tables].flatten(1, 2)[:, :max_len].float()
     values = v_cache[block_tables].flatten(1, 2)[:, :max_len].float()
@@ -111,21 +122,18 @@ def paged_attention_reference(
     computed together; prefill chunks one sequence at a time, with a causal mask against the context.
     """
     out = torch.empty_like(query)
-    starts = metadata.query_start_loc
-    decode_rows = [i for i in range(metadata.num_seqs) if starts[i + 1] - starts[i] == 1]
-    if decode_rows:
-        rows = torch.tensor(decode_rows, device=query.device)
-        positions = torch.tensor([starts[i] for i in decode_rows], device=query.device)
-        out[positions] = _decode_attention(
-            query[positions], k_cache, v_cache, metadata.block_tables[rows],
-            metadata.context_lens_tensor[rows], scale,
+    if metadata.decode_max_len:
+        rows, tokens = metadata.decode_seqs, metadata.decode_tokens
+        out[tokens] = _decode_attention(
+            query[tokens], k_cache, v_cache, metadata.block_tables[rows],
+            metadata.context_lens_tensor[rows], metadata.decode_max_len, scale,
         )  # fmt: skip
-    for i in range(metadata.num_seqs):
+    starts = metadata.query_start_loc
+    for i in metadata.prefill_seqs:
         lo, hi = starts[i], starts[i + 1]
-        if hi - lo > 1:
-            out[lo:hi] = _prefill_attention(
-                query[lo:hi], k_cache, v_cache, metadata.block_tables[i], metadata.context_lens[i], scale
-            )
+        out[lo:hi] = _prefill_attention(
+            query[lo:hi], k_cache, v_cache, metadata.block_tables[i], metadata.context_lens[i], scale
+        )
     return out
 
 
