@@ -168,3 +168,14 @@ class BlockAccounting(RuleBasedStateMachine):
 
 TestBlockAccounting = BlockAccounting.TestCase
 TestBlockAccounting.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_unpublished_blocks_are_never_hits():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    a = make_seq("a", [1, 2, 3, 4, 5], 1)
+    bm.allocate(a, 5)
+    bm.register_full_blocks(a, 4)
+    bm.unpublish(a, 1)  # block 1 was being written by a step that failed
+    assert len(bm.match_prefix(make_seq("b", [1, 2, 3, 4, 5], 1))) == 1
+    bm.free(a)
+    assert bm.num_free_blocks == 8 and len(bm.evictable) == 1

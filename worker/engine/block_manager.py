@@ -173,6 +173,16 @@ class BlockManager:
         table = seq.block_table
         return [table[pos // bs] * bs + pos % bs for pos in range(start, end)]
 
+    def unpublish(self, seq: Sequence, first_block: int) -> None:
+        """Withdraw the sequence's blocks from `first_block` on from sharing: their K/V is suspect."""
+        for block_id in seq.block_table[first_block:]:
+            block = self.blocks[block_id]
+            if block.block_hash is not None and self.hash_to_block_id.get(block.block_hash) == block_id:
+                del self.hash_to_block_id[block.block_hash]
+            block.block_hash = None
+            block.token_ids = ()
+        seq.num_registered_blocks = min(seq.num_registered_blocks, first_block)
+
     def reset_prefix_cache(self) -> None:
         """Forget every evictable cached block (e.g. after a failed step left their contents undefined)."""
         for block_id in list(self.evictable):

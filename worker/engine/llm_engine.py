@@ -135,7 +135,13 @@ class PagedEngine(Engine):
         outputs += [self._finish(seq, "error") for seq in plan.rejected]
         outputs += [self._finish(seq, "length") for seq in plan.cache_full]
         self._record_stats(plan)
-        sampled = self.runner.execute(plan.scheduled)
+        try:
+            sampled = self.runner.execute(plan.scheduled)
+        except Exception:
+            # This step's K/V writes may be incomplete: no later request may reuse those blocks.
+            for item in plan.scheduled:
+                self.block_manager.unpublish(item.seq, item.start // self.block_manager.block_size)
+            raise
         for item, token in zip(plan.scheduled, sampled, strict=True):
             seq = item.seq
             seq.num_computed_tokens = item.start + item.num_tokens
