@@ -8,9 +8,10 @@ engine knows: exact KV block accounting with prefix-cache hits, and preemption.
 
 KV admission has two modes. `worst_case` allocates blocks for prompt + max_tokens at admission,
 so a running sequence never waits for memory (TGI). `optimistic` allocates the prompt only and
-grows block tables while decoding; when the pool runs dry, the newest running sequence is
-preempted by recompute: its blocks are freed (full ones stay cached, so its recompute often hits
-the prefix cache) and it returns to the waiting queue (vLLM).
+grows block tables while decoding; when the pool runs dry, the running sequence served last
+(prefills in progress, then the newest decodes) is preempted by recompute: its blocks are freed
+(full ones stay cached, so its recompute often hits the prefix cache) and it returns to the
+front of the waiting queue (vLLM).
 """
 
 from __future__ import annotations
@@ -95,18 +96,7 @@ class StepScheduler:
             if num_tokens <= 0:
                 break
             target = seq.num_computed_tokens + num_tokens
-            while not self.block_manager.can_append(seq, target):
-                victim = next((s for s in reversed(order) if s.status is SequenceStatus.RUNNING
-                               and id(s) not in scheduled and s is not seq), None)  # fmt: skip
-                if victim is None:
-                    victim = seq
-                    if len(self.running) == 1:
-                        out.cache_full.append(seq)
-                        break
-                self._preempt(victim, out)
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING or seq in out.cache_full:
+            if not self._make_room(seq, target, order, scheduled, out):
                 continue
             self.block_manager.ensure_slots(seq, target)
             self.block_manager.register_full_blocks(seq, target)
@@ -114,6 +104,25 @@ class StepScheduler:
             scheduled.add(id(seq))
             budget -= num_tokens
         return budget
+
+    def _make_room(
+        self, seq: Sequence, target: int, order: list[Sequence], scheduled: set[int], out: SchedulerOutput
+    ) -> bool:
+        """Preempt from the back of `order` until `seq` fits `target` tokens; False if it cannot run now."""
+        while not self.block_manager.can_append(seq, target):
+            victim = next(
+                (v for v in reversed(order) if v.status is SequenceStatus.RUNNING and id(v) not in scheduled
+                 and v is not seq),
+                None,
+            )  # fmt: skip
+            if victim is None:
+                if len(self.running) == 1:  # alone and still too big: it can never fit
+                    out.cache_full.append(seq)
+                else:
+                    self._preempt(seq, out)
+                return False
+            self._preempt(victim, out)
+        return True
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
