@@ -177,3 +177,37 @@ def test_encode_and_capacity(smol: LoadedModel):
     engine.add_request(request("x", ids, max_tokens=1))
     with pytest.raises(ValueError):
         engine.add_request(request("x", ids, max_tokens=1))
+
+
+def test_failed_step_publishes_nothing_it_was_writing(
+    smol: LoadedModel, reference: Callable[[list[int], int], list[int]]
+):
+    engine = make_engine(smol)
+    first = chat(engine, QUESTIONS[0], SYSTEM_PROMPT)
+    second = chat(engine, "Please list every warehouse and what each one handles, in detail.", SYSTEM_PROMPT)
+    engine.add_request(request("a", first, max_tokens=4, ignore_eos=True))
+    drain(engine)
+    model = engine.runner.model
+
+    def broken_forward(**kwargs: object) -> None:
+        raise RuntimeError("device fell over")
+
+    engine.runner.model = broken_forward
+    engine.add_request(request("b", second, max_tokens=4, ignore_eos=True))
+    with pytest.raises(RuntimeError):
+        engine.step()
+    assert engine.abort_request("b", "error") is not None  # what the worker loop does after a failed step
+    engine.runner.model = model
+    engine.add_request(request("c", second, max_tokens=4, ignore_eos=True))
+    outputs = drain(engine)
+    common = next(i for i, (x, y) in enumerate(zip(first, second, strict=False)) if x != y)
+    assert outputs["c"][-1].cached_tokens == common // 16 * 16  # only what "a" computed is reused
+    assert collect(outputs["c"])[0] == reference(second, 4)
+
+
+def test_from_settings_loads_the_default_model():
+    engine = PagedEngine.from_settings(kv_cache_bytes=8 << 20, max_num_seqs=4)
+    engine.add_request(request("s", engine.encode_chat([{"role": "user", "content": "Hi"}]), max_tokens=2))
+    outputs = drain(engine)
+    assert outputs["s"][-1].finished and outputs["s"][-1].completion_tokens <= 2
+    engine.close()

@@ -90,16 +90,28 @@ class PagedEngine(Engine):
     def from_settings(
         cls,
         model: str = "SmolLM2-135M-Instruct",
+        *,
         device: str = "cpu",
         dtype: str = "auto",
+        kv_cache_bytes: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_batch_tokens: int = 2048,
+        max_prefill_chunk_tokens: int = 512,
+        kv_reserve: Literal["worst_case", "optimistic"] = "worst_case",
+        enable_prefix_caching: bool = True,
         trust_remote_code: bool = False,
-        **engine_args: Any,
     ) -> PagedEngine:
         """Load a model by id or path (see `model_loader`) and build the engine around it."""
         from worker.engine.model_loader import load_model
 
         loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        return cls(loaded.model, loaded.tokenizer, **engine_args)
+        return cls(
+            loaded.model, loaded.tokenizer, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
+            max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+            max_prefill_chunk_tokens=max_prefill_chunk_tokens, kv_reserve=kv_reserve,
+            enable_prefix_caching=enable_prefix_caching,
+        )  # fmt: skip
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
