@@ -76,16 +76,18 @@ def _decode_attention(
     context_lens: torch.Tensor, max_len: int, scale: float,
 ) -> torch.Tensor:  # fmt: skip
     """One query token per sequence, all sequences at once: [S, H, D] -> [S, H, D]."""
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
     # [S, max_blocks * block_size, kv_heads, D], cut to the longest context, as [S, kv_heads, L, D] views.
     keys = k_cache[block_tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
     values = v_cache[block_tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
     visible = torch.arange(max_len, device=query.device)[None, :] < context_lens[:, None]
-    # SDPA's fused kernels beat a hand-written einsum ~1.6x on CPU; enable_gqa maps query head h to
-    # kv head h // group exactly as transformers' repeat_kv does, without copying heads.
-    out = F.scaled_dot_product_attention(
-        query.unsqueeze(2), keys, values, attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True
-    )
-    return out.squeeze(2)
+    # GQA: the query heads of one kv head (h // group, as transformers' repeat_kv maps them) become
+    # that head's query rows, so K/V are never repeated and any SDPA kernel with a mask applies.
+    grouped = query.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    mask = visible[:, None, None, :]
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(num_seqs, num_heads, head_dim)
 
 
 def _prefill_attention(
@@ -93,17 +95,23 @@ def _prefill_attention(
     context_len: int, scale: float,
 ) -> torch.Tensor:  # fmt: skip
     """A chunk of n query tokens (the last n of `context_len`), causal over the context: [n, H, D]."""
-    num_new = query.shape[0]
+    num_new, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
     num_blocks = -(-context_len // k_cache.shape[1])
     keys = k_cache[block_table[:num_blocks]].flatten(0, 1)[:context_len].transpose(0, 1)
     values = v_cache[block_table[:num_blocks]].flatten(0, 1)[:context_len].transpose(0, 1)
     # Query i sits at position context_len - num_new + i and sees keys up to that position.
     q_pos = torch.arange(context_len - num_new, context_len, device=query.device)
     visible = torch.arange(context_len, device=query.device)[None, :] <= q_pos[:, None]
+    # GQA as in decode: [kv_heads, group * n, D] queries against [kv_heads, L, D], mask repeated per group.
+    grouped = query.reshape(num_new, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
     out = F.scaled_dot_product_attention(
-        query.transpose(0, 1), keys, values, attn_mask=visible, scale=scale, enable_gqa=True
-    )
-    return out.transpose(0, 1)
+        grouped.reshape(num_kv_heads, group * num_new, head_dim), keys, values,
+        attn_mask=visible.repeat(group, 1), scale=scale,
+    )  # fmt: skip
+    out = out.reshape(num_kv_heads, group, num_new, head_dim).permute(2, 0, 1, 3)
+    return out.reshape(num_new, num_heads, head_dim)
 
 
 def paged_attention_reference(
