@@ -21,11 +21,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 
 from worker.engine.kv_cache import KVCache
 
 PAGED_ATTENTION = "engine_paged"
+# cuDNN's SDPA builds a new execution graph for every new context length (~5 ms of CPU per call on
+# H100), and a decode step's longest context changes every step; the other kernels take any shape.
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -166,7 +170,8 @@ def paged_attention_forward(
     metadata.kv_cache.write(layer_idx, metadata.slot_mapping, new_keys, new_values)
     k_cache, v_cache = metadata.kv_cache.layer(layer_idx)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = paged_attention_reference(query[0].transpose(0, 1), k_cache, v_cache, metadata, scale)
+    with sdpa_kernel(_SDPA_BACKENDS):
+        out = paged_attention_reference(query[0].transpose(0, 1), k_cache, v_cache, metadata, scale)
     return out.unsqueeze(0), None
 
 
