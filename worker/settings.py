@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.engine.model_loader import default_cache_dir
 
 
 def _default_consumer_name() -> str:
@@ -40,6 +43,10 @@ class WorkerSettings(BaseSettings):
         default="SmolLM2-135M-Instruct",
         validation_alias=AliasChoices("MODEL", "LLM_MODEL"),
         description="Hugging Face model id, local directory or .gguf file (env MODEL).",
+    )
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="Where converted models (GGUF -> safetensors) are cached; default ~/.cache/llm-stream-serve.",
     )
     device: str = Field(
         default="auto", description="Torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:N."

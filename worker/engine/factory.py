@@ -16,7 +16,7 @@ def create_engine(settings: WorkerSettings) -> Engine:
 
     device = settings.resolved_device()
     loaded = load_model(settings.model, device=device, dtype=settings.dtype,
-                        trust_remote_code=settings.trust_remote_code)
+                        trust_remote_code=settings.trust_remote_code, cache_dir=settings.cache_dir)
     if settings.engine == "static":
         from worker.engine.static_hf import StaticBatchEngine
 

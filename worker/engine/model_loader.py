@@ -37,8 +37,8 @@ class LoadedModel:
 
 
 def default_cache_dir() -> Path:
-    """Where converted models are kept (`LLM_CACHE_DIR`, else ~/.cache/llm-stream-serve)."""
-    return Path(os.environ.get("LLM_CACHE_DIR", Path.home() / ".cache" / "llm-stream-serve"))
+    """Where converted models are kept: `LLM_CACHE_DIR` (WorkerSettings.cache_dir), else ~/.cache/llm-stream-serve."""
+    return Path(os.environ.get("LLM_CACHE_DIR") or Path.home() / ".cache" / "llm-stream-serve")
 
 
 def packaged_gguf_path() -> Path:
