@@ -40,6 +40,7 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check producer scheduler worker tests loadtest k8s/base/probes
+	$(BIN)/mypy producer scheduler worker
 
 bench-queue: install
 	$(BIN)/python loadtest/queue_bench.py

@@ -9,9 +9,12 @@ XDEL), the stream length is used, which overestimates and so errs on the side of
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 # KEYS: request stream. ARGV: group, max backlog (0 = no limit), then field/value pairs.
 # Returns {1, entry id} when appended, {0, backlog} when refused.
@@ -60,6 +63,6 @@ def admitted_entry_id(reply: list[Any], limit: int) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
-def register(client: redis.Redis) -> Any:
+def register(client: redis.Redis | aioredis.Redis) -> Any:
     """The admission script bound to a (sync or asyncio) client."""
     return client.register_script(ADMIT_SCRIPT)

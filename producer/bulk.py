@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import redis
 from pydantic import Field
@@ -40,6 +40,7 @@ from rq.serializers import JSONSerializer
 from producer.backoff import Backoff
 from producer.client import ChatClient, ChatError
 from producer.protocol import MAX_TOKENS_CAP, DoneEvent, ErrorCode, ErrorEvent, decode_event, reply_stream
+from producer.redis_types import read_entries
 from producer.settings import ProducerSettings
 
 DEFAULT_INSTRUCTION = "Summarize the document in at most three sentences."
@@ -214,11 +215,10 @@ class BulkRun:
 
     def _poll(self) -> None:
         streams: dict[Any, Any] = {key: slot.last_id for key, slot in self.in_flight.items()}
-        got = cast(
-            list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
-            self.client.redis.xread(streams, block=self.client.settings.reply_block_ms, count=16),
+        got = read_entries(
+            self.client.redis.xread(streams, block=self.client.settings.reply_block_ms, count=16)
         )
-        for key, entries in got or []:
+        for key, entries in got:
             slot = self.in_flight.get(key)
             if slot is None:
                 continue

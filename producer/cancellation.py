@@ -10,7 +10,7 @@ and free its KV blocks; a worker that reads the request later finds the guard an
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -22,6 +22,9 @@ from producer.protocol import (
     encode_event,
     final_guard_key,
 )
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 CLIENT_ATTEMPT = "client"
 
@@ -49,6 +52,6 @@ def cancel_call(
     return keys, [request_id, ttl_s, fields["ct"], fields["body"], max_entries, CLIENT_ATTEMPT]
 
 
-def register(client: redis.Redis) -> Any:
+def register(client: redis.Redis | aioredis.Redis) -> Any:
     """The cancel script bound to a (sync or asyncio) client."""
     return client.register_script(CANCEL_SCRIPT)

@@ -50,6 +50,7 @@ from producer.protocol import (
     reply_stream,
     requests_stream,
 )
+from producer.redis_types import read_entries
 from producer.settings import ProducerSettings
 
 
@@ -168,9 +169,8 @@ class ChatClient:
         settings: ProducerSettings | None = None,
         **overrides: Any,
     ):
-        self.settings = settings or ProducerSettings(
-            **({"redis_url": redis_url} if redis_url else {}), **overrides
-        )
+        url: dict[str, Any] = {"redis_url": redis_url} if redis_url else {}
+        self.settings = settings or ProducerSettings(**url, **overrides)
         self.redis = client or redis.Redis.from_url(
             self.settings.redis_url,
             socket_timeout=self.settings.reply_block_ms / 1000 + 10,
@@ -236,7 +236,7 @@ class ChatClient:
         return bool(self._cancel(keys=keys, args=args))
 
     def events(
-        self, request_id: str, *, timeout_s: float | None = None, last_id: str = "0"
+        self, request_id: str, *, timeout_s: float | None = None, last_id: str | bytes = "0"
     ) -> Iterator[ReplyEvent]:
         """All reply events of a request, in order, until (and including) its final event.
 
@@ -252,14 +252,16 @@ class ChatClient:
                 self._cancel_after_timeout(request_id)
                 raise ChatTimeout(request_id, timeout_s)
             try:
-                got = self.redis.xread(
-                    {key: last_id}, block=min(left_ms, self.settings.reply_block_ms), count=256
+                got = read_entries(
+                    self.redis.xread(
+                        {key: last_id}, block=min(left_ms, self.settings.reply_block_ms), count=256
+                    )
                 )
                 backoff.reset()
             except TRANSIENT_ERRORS:
                 time.sleep(min(backoff.next_delay_s(), max(0.0, deadline - time.monotonic())))
                 continue
-            for _, entries in got or []:
+            for _, entries in got:
                 for entry_id, fields in entries:
                     last_id = entry_id
                     event = decode_event(fields)
@@ -317,9 +319,8 @@ class AsyncChatClient:
         settings: ProducerSettings | None = None,
         **overrides: Any,
     ):
-        self.settings = settings or ProducerSettings(
-            **({"redis_url": redis_url} if redis_url else {}), **overrides
-        )
+        url: dict[str, Any] = {"redis_url": redis_url} if redis_url else {}
+        self.settings = settings or ProducerSettings(**url, **overrides)
         self.redis = client or aioredis.Redis.from_url(
             self.settings.redis_url,
             socket_timeout=self.settings.reply_block_ms / 1000 + 10,
@@ -382,7 +383,7 @@ class AsyncChatClient:
         return bool(await self._cancel(keys=keys, args=args))
 
     async def events(
-        self, request_id: str, *, timeout_s: float | None = None, last_id: str = "0"
+        self, request_id: str, *, timeout_s: float | None = None, last_id: str | bytes = "0"
     ) -> AsyncIterator[ReplyEvent]:
         """All reply events of a request until its final one; cancels and raises ChatTimeout on timeout."""
         key = self._sent.get(request_id, (reply_stream(request_id, self.settings.prefix), "json"))[0]
@@ -395,14 +396,16 @@ class AsyncChatClient:
                 await self._cancel_after_timeout(request_id)
                 raise ChatTimeout(request_id, timeout_s)
             try:
-                got = await self.redis.xread(
-                    {key: last_id}, block=min(left_ms, self.settings.reply_block_ms), count=256
+                got = read_entries(
+                    await self.redis.xread(
+                        {key: last_id}, block=min(left_ms, self.settings.reply_block_ms), count=256
+                    )
                 )
                 backoff.reset()
             except TRANSIENT_ERRORS:
                 await asyncio.sleep(min(backoff.next_delay_s(), max(0.0, deadline - time.monotonic())))
                 continue
-            for _, entries in got or []:
+            for _, entries in got:
                 for entry_id, fields in entries:
                     last_id = entry_id
                     event = decode_event(fields)

@@ -77,7 +77,9 @@ class WorkerProcess:
             if self.events("worker_started"):
                 return
             if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"worker exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}"
+                )
             time.sleep(0.1)
         raise TimeoutError(f"worker did not start:\n{self.log_path.read_text()[-3000:]}")
 

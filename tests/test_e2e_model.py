@@ -64,4 +64,5 @@ def test_sixteen_concurrent_requests_are_answered_and_batched(model_worker, chat
     done = model_worker.events("request_done")
     assert {e["id"] for e in done} == set(ids)
     for e in done:
-        assert {"queue_ms", "ttft_ms", "total_ms", "prompt_tokens", "completion_tokens", "finish_reason"} <= e.keys()
+        expected = {"queue_ms", "ttft_ms", "total_ms", "prompt_tokens", "completion_tokens", "finish_reason"}
+        assert expected <= e.keys()

@@ -25,13 +25,17 @@ def _cli() -> str:
 
 
 def test_redis_cli_example_works_as_written(start_worker, redis_url: str, redis_client) -> None:
-    redis_client.delete("llm:reply:t1", "llm:final:t1")  # the example's fixed id may exist from an earlier run
+    # The example's fixed id may exist from an earlier run.
+    redis_client.delete("llm:reply:t1", "llm:final:t1")
     start_worker("echo", prefix="llm")
     commands = re.findall(r"^redis-cli (.+)$", DOC.read_text(), flags=re.M)
     assert len(commands) >= 2
     url = urlparse(redis_url)
-    base = [_cli(), "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379), "-n", url.path.strip("/") or "0"]
-    outputs = [subprocess.run(base + shlex.split(c), capture_output=True, text=True, timeout=90, check=True).stdout
-               for c in commands[:2]]
+    host, port, db = url.hostname or "127.0.0.1", str(url.port or 6379), url.path.strip("/") or "0"
+    base = [_cli(), "-h", host, "-p", port, "-n", db]
+    outputs = [
+        subprocess.run(base + shlex.split(c), capture_output=True, text=True, timeout=90, check=True).stdout
+        for c in commands[:2]
+    ]
     assert re.match(r"\d+-\d+", outputs[0].strip())
     assert '"type":"done"' in outputs[1] and '"id":"t1"' in outputs[1]

@@ -70,8 +70,10 @@ def test_stream_events_concatenate_to_final_text(start_worker, chat_client: Chat
     [
         ({"v": "1", "ct": "json", "body": b"{not json"}, ErrorCode.INVALID_REQUEST),
         ({"v": "1", "ct": "json", "body": json.dumps({"id": "{rid}"})}, ErrorCode.INVALID_REQUEST),
-        ({"v": "9", "ct": "json", "body": json.dumps({"id": "{rid}", "prompt": "x"})}, ErrorCode.INVALID_REQUEST),
-        ({"v": "1", "ct": "json", "body": json.dumps({"id": "{rid}", "prompt": "x" * 300_000})}, ErrorCode.TOO_LONG),
+        ({"v": "9", "ct": "json", "body": json.dumps({"id": "{rid}", "prompt": "x"})},
+         ErrorCode.INVALID_REQUEST),
+        ({"v": "1", "ct": "json", "body": json.dumps({"id": "{rid}", "prompt": "x" * 300_000})},
+         ErrorCode.TOO_LONG),
         ({"v": "1", "ct": "json", "body": json.dumps({"id": "{rid}", "prompt": "x", "max_tokens": -5})},
          ErrorCode.INVALID_REQUEST),
         ({"v": "1", "ct": "msgpack", "body": msgpack.packb({"id": "{rid}", "prompt": "x", "temperature": 9})},
@@ -81,7 +83,12 @@ def test_stream_events_concatenate_to_final_text(start_worker, chat_client: Chat
          "temperature-out-of-range"],
 )
 def test_invalid_requests_get_error_codes_and_worker_keeps_serving(
-    start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str, fields: dict, code: ErrorCode
+    start_worker,
+    redis_client: redis.Redis,
+    chat_client: ChatClient,
+    prefix: str,
+    fields: dict,
+    code: ErrorCode,
 ) -> None:
     start_worker("echo")
     rid = f"bad-{code.value}"

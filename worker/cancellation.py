@@ -16,6 +16,7 @@ from collections import OrderedDict
 import redis
 
 from producer.protocol import cancel_stream
+from producer.redis_types import range_entries, read_entries
 
 
 class CancelWatch:
@@ -32,7 +33,7 @@ class CancelWatch:
 
     def start(self) -> None:
         """Begin after the newest existing entry (older cancels are covered by the final-reply guard)."""
-        newest = self.client.xrevrange(self.key, count=1)
+        newest = range_entries(self.client.xrevrange(self.key, count=1))
         self._cursor = newest[0][0].decode() if newest else "0-0"
 
     def poll(self) -> list[str]:
@@ -43,14 +44,14 @@ class CancelWatch:
         self._last_s = now
         if self._cursor is None:
             self.start()
-        got = self.client.xread({self.key: self._cursor or "0-0"}, count=1000)
+        got = read_entries(self.client.xread({self.key: self._cursor or "0-0"}, count=1000))
         ids: list[str] = []
-        for _, entries in got or []:
+        for _, entries in got:
             for entry_id, fields in entries:
                 self._cursor = entry_id.decode()
-                rid = fields.get(b"id")
-                if rid:
-                    ids.append(rid.decode("utf-8", "replace"))
+                raw_id = fields.get(b"id")
+                if raw_id:
+                    ids.append(raw_id.decode("utf-8", "replace"))
         for rid in ids:
             self._recent[rid] = None
             self._recent.move_to_end(rid)

@@ -41,7 +41,8 @@ def _default(cls: type[BaseSettings], name: str) -> str:
 def config_table() -> str:
     """Markdown table of every worker and producer setting."""
     lines = ["| process | env var | default | meaning |", "| --- | --- | --- | --- |"]
-    for label, cls in (("worker", WorkerSettings), ("producer", ProducerSettings), ("bulk jobs", BulkSettings)):
+    processes = (("worker", WorkerSettings), ("producer", ProducerSettings), ("bulk jobs", BulkSettings))
+    for label, cls in processes:
         for name, field in cls.model_fields.items():
             doc = (field.description or "").replace("|", "\\|")
             lines.append(f"| {label} | {_env_names(cls, name)} | {_default(cls, name)} | {doc} |")

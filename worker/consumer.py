@@ -22,9 +22,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import redis
 import structlog
+from redis.typing import StreamIdT
 
 from producer.backoff import TRANSIENT_ERRORS, Backoff
 from producer.protocol import (
@@ -46,6 +48,7 @@ from producer.protocol import (
     reply_stream,
     requests_stream,
 )
+from producer.redis_types import pending_rows, range_entries, read_entries
 from scheduler import Admission, BatchPolicy, Priority, RunningState, WaitingRequest, select_admissions
 from worker.backpressure import Backpressure
 from worker.cancellation import CancelWatch
@@ -300,12 +303,14 @@ class Consumer:
         else:
             block = self.settings.read_block_ms
         replaying = self._replay_from is not None
-        reply = self.client.xreadgroup(
-            self.settings.group,
-            self.settings.consumer_name,
-            {self.stream: self._replay_from or ">"},
-            count=min(room, self.settings.read_count),
-            block=None if replaying else block,
+        reply = read_entries(
+            self.client.xreadgroup(
+                self.settings.group,
+                self.settings.consumer_name,
+                {self.stream: self._replay_from or ">"},
+                count=min(room, self.settings.read_count),
+                block=None if replaying else block,
+            )
         )
         entries = reply[0][1] if reply else []
         deliveries: dict[bytes, int] = {}
@@ -334,20 +339,22 @@ class Consumer:
         touch every entry we serve at each heartbeat, so these are the idle ones.
         """
         idle_ms = int(self.settings.heartbeat_interval_s * 2000)
-        rows = self.client.xpending_range(
-            self.stream,
-            self.settings.group,
-            "-",
-            "+",
-            self.settings.max_waiting_requests,
-            self.settings.consumer_name,
-            idle=idle_ms,
+        rows = pending_rows(
+            self.client.xpending_range(
+                self.stream,
+                self.settings.group,
+                "-",
+                "+",
+                self.settings.max_waiting_requests,
+                self.settings.consumer_name,
+                idle=idle_ms,
+            )
         )
         known = set(self._serving())
         unknown = [r for r in rows if r["message_id"] not in known]
         for row in unknown:
             entry_id = row["message_id"]
-            got = self.client.xrange(self.stream, entry_id, entry_id)
+            got = range_entries(self.client.xrange(self.stream, entry_id, entry_id))
             if not got:
                 self.replies.ack(entry_id)
                 continue
@@ -357,8 +364,10 @@ class Consumer:
 
     def _shed(self, excess: int) -> None:
         """Answer `overloaded` to entries over the backlog limit (oldest first), instead of queueing them."""
-        reply = self.client.xreadgroup(
-            self.settings.group, self.settings.consumer_name, {self.stream: ">"}, count=min(excess, 1000)
+        reply = read_entries(
+            self.client.xreadgroup(
+                self.settings.group, self.settings.consumer_name, {self.stream: ">"}, count=min(excess, 1000)
+            )
         )
         entries = reply[0][1] if reply else []
         self.backpressure.shed(len(entries))
@@ -485,7 +494,7 @@ class Consumer:
             self.settings.group,
             self.settings.consumer_name,
             0,
-            entry_ids,
+            cast(list[StreamIdT], entry_ids),  # only read; list[bytes] is not a list[StreamIdT] to mypy
             idle=idle_ms,
             justid=True,
         )

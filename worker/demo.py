@@ -60,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         with open(log_path, "wb") as log_file:
             worker = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=log_file,
                                       stderr=subprocess.STDOUT)
-        stack.callback(lambda: (worker.send_signal(signal.SIGTERM), worker.wait(timeout=60)))
+
+        def stop_worker() -> None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=60)
+
+        stack.callback(stop_worker)
         print(f"worker starting (engine={args.engine}); its JSON log: {log_path}")
         _wait_for_worker(log_path, worker, timeout_s=600)
 
@@ -72,11 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         for question, reply in zip(QUESTIONS, replies, strict=True):
             t = reply.timings
             print(f"\nQ: {question}\nA: {reply.text.strip()}")
-            print(f"   [{reply.finish_reason}; {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} "
+            u = reply.usage
+            print(f"   [{reply.finish_reason}; {u.prompt_tokens} prompt + {u.completion_tokens} "
                   f"completion tokens; queue {t.queue_ms:.0f} ms, TTFT {t.ttft_ms or 0:.0f} ms, "
                   f"total {t.total_ms:.0f} ms]")
         tokens = sum(r.usage.completion_tokens for r in replies)
-        print(f"\n{len(replies)} concurrent requests answered in {wall_s:.1f} s ({tokens / wall_s:.1f} output tok/s)")
+        print(f"\n{len(replies)} concurrent requests answered in {wall_s:.1f} s "
+              f"({tokens / wall_s:.1f} output tok/s)")
     return 0
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import redis
 import structlog
 
+from producer.redis_types import Entry
 from worker.heartbeat import DRAINING, heartbeat_key
 
 log = structlog.get_logger("worker")
@@ -31,9 +32,6 @@ local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
 if #p > 0 then return -1 end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
-
-Entry = tuple[bytes, dict[bytes, bytes]]
-
 
 @dataclass(frozen=True)
 class Claimed:

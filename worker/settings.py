@@ -46,7 +46,9 @@ class WorkerSettings(BaseSettings):
     )
     cache_dir: Path = Field(
         default_factory=default_cache_dir,
-        description="Where converted models (GGUF -> safetensors) are cached; default ~/.cache/llm-stream-serve.",
+        description=(
+            "Where converted models (GGUF -> safetensors) are cached; default ~/.cache/llm-stream-serve."
+        ),
     )
     device: str = Field(
         default="auto", description="Torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:N."

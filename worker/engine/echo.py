@@ -40,7 +40,9 @@ class EchoEngine(Engine):
         self._stats = StepStats()
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+        last_user = next(
+            (m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"]
+        )
         return list(last_user.encode("utf-8"))
 
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -49,7 +51,7 @@ class EchoEngine(Engine):
     def add_request(self, request: GenerationRequest) -> None:
         self._waiting.append(request)
 
-    def abort_request(self, request_id: str, reason: str = "cancelled") -> SequenceOutput | None:  # type: ignore[override]
+    def abort_request(self, request_id: str, reason: str = "cancelled") -> SequenceOutput | None:
         seq = self._running.pop(request_id, None)
         if seq is None:
             for req in list(self._waiting):
@@ -106,8 +108,13 @@ class EchoEngine(Engine):
 
     def capacity(self) -> EngineCapacity:
         running = len(self._running) + len(self._waiting)
-        return EngineCapacity(running=running, decode_tokens=running, free_kv_tokens=None, total_kv_tokens=None,
-                              accepts_new=running < self.max_num_seqs)
+        return EngineCapacity(
+            running=running,
+            decode_tokens=running,
+            free_kv_tokens=None,
+            total_kv_tokens=None,
+            accepts_new=running < self.max_num_seqs,
+        )
 
     def last_step_stats(self) -> StepStats:
         return self._stats

@@ -24,8 +24,12 @@ def create_engine(settings: WorkerSettings) -> Engine:
     from worker.engine.llm_engine import PagedEngine
 
     return PagedEngine(
-        loaded.model, loaded.tokenizer, kv_cache_bytes=settings.kv_cache_bytes,
-        block_size=settings.kv_block_size_tokens, max_num_seqs=settings.max_num_seqs,
-        max_batch_tokens=settings.max_batch_tokens, max_prefill_chunk_tokens=settings.max_prefill_chunk_tokens,
+        loaded.model,
+        loaded.tokenizer,
+        kv_cache_bytes=settings.kv_cache_bytes,
+        block_size=settings.kv_block_size_tokens,
+        max_num_seqs=settings.max_num_seqs,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_prefill_chunk_tokens=settings.max_prefill_chunk_tokens,
         kv_reserve=settings.kv_reserve,
     )

@@ -37,7 +37,7 @@ class LoadedModel:
 
 
 def default_cache_dir() -> Path:
-    """Where converted models are kept: `LLM_CACHE_DIR` (WorkerSettings.cache_dir), else ~/.cache/llm-stream-serve."""
+    """Converted-model cache: `LLM_CACHE_DIR` (WorkerSettings.cache_dir), else ~/.cache/llm-stream-serve."""
     return Path(os.environ.get("LLM_CACHE_DIR") or Path.home() / ".cache" / "llm-stream-serve")
 
 
@@ -102,8 +102,9 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_name)
         hf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_name)
         # A GGUF-loaded model carries a quantizer that refuses to serialize; the tensors are
-        # already dequantized, so drop it and save plain safetensors.
-        hf_model.hf_quantizer = None
+        # already dequantized, so drop it and save plain safetensors. (The attribute is not
+        # declared on the model class, so mypy checks it against nn.Module.__setattr__.)
+        hf_model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(hf_model.config, "quantization_config"):
             del hf_model.config.quantization_config
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -119,7 +120,8 @@ def load_model(
     hf_model = AutoModelForCausalLM.from_pretrained(
         str(source), dtype=torch_dtype, trust_remote_code=trust_remote_code
     )
-    hf_model.to(device)
+    # transformers wraps `to` with @wraps(nn.Module.to), which mypy reads as an unbound method.
+    hf_model.to(device)  # type: ignore[arg-type]
     hf_model.eval()
     return LoadedModel(model=hf_model, tokenizer=tokenizer, source=str(source))
 

@@ -147,8 +147,11 @@ class StaticBatchEngine(Engine):
     def _decode(self) -> list[SequenceOutput]:
         assert self._mask is not None
         last = [r.produced[-1] if r.produced else self._pad_id for r in self._rows]
-        self._mask = torch.cat([self._mask, torch.ones((len(self._rows), 1), dtype=torch.long, device=self.device)], 1)
-        self._stats = StepStats(num_seqs=sum(not r.finished for r in self._rows), decode_tokens=len(self._rows))
+        new_column = torch.ones((len(self._rows), 1), dtype=torch.long, device=self.device)
+        self._mask = torch.cat([self._mask, new_column], 1)
+        self._stats = StepStats(
+            num_seqs=sum(not r.finished for r in self._rows), decode_tokens=len(self._rows)
+        )
         return self._forward(torch.tensor(last, device=self.device).unsqueeze(1))
 
     def _forward(self, input_ids: torch.Tensor) -> list[SequenceOutput]:
