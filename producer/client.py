@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
+from redis.typing import KeyT, StreamIdT
 
 from producer import admission, cancellation
 from producer.backoff import TRANSIENT_ERRORS, Backoff
@@ -218,6 +220,94 @@ class ChatClient:
                 time.sleep(backoff.next_delay_s())
         self._sent[request.id] = (request.reply_key(self.settings.prefix), ct)
         return request.id
+
+    def submit_many(
+        self, requests: Sequence[dict[str, Any]], *, content_type: ContentType | None = None
+    ) -> list[str | ChatError]:
+        """Enqueue many requests in one round trip; returns, in order, each id or its `overloaded` refusal.
+
+        Each dict holds what `submit` takes as keywords (`messages` or `prompt`, and parameters).
+        All are validated before anything is sent. After a connection error the whole batch is
+        sent again with the same ids: a request that then runs twice still gets one final reply.
+        """
+        ct = content_type or self.settings.content_type
+        built = [build_request(r.get("messages"), r.get("prompt"),
+                               {k: v for k, v in r.items() if k not in ("messages", "prompt")})
+                 for r in requests]  # fmt: skip
+        for request in built:
+            check_reply_key(request, self.settings.prefix)
+        limit = self.settings.max_backlog_requests
+        give_up = time.monotonic() + self.settings.submit_retry_s
+        backoff = self._backoff()
+        while True:
+            pipe = self.redis.pipeline(transaction=False)
+            for request in built:
+                args = admission.script_args(CONSUMER_GROUP, limit, encode_request(request, ct))
+                self._admit(keys=[self.stream_key], args=args, client=pipe)
+            try:
+                replies = pipe.execute()
+                break
+            except TRANSIENT_ERRORS:
+                if time.monotonic() >= give_up:
+                    raise
+                time.sleep(backoff.next_delay_s())
+        out: list[str | ChatError] = []
+        for request, reply in zip(built, replies, strict=True):
+            try:
+                admission.admitted_entry_id(reply, limit)
+            except admission.AdmissionRefused as exc:
+                out.append(ChatError(ErrorCode.OVERLOADED, str(exc), request.id))
+                continue
+            self._sent[request.id] = (request.reply_key(self.settings.prefix), ct)
+            out.append(request.id)
+        return out
+
+    def results(
+        self, request_ids: Sequence[str], *, timeout_s: float | None = None
+    ) -> dict[str, Reply | ChatError]:
+        """Final replies of many requests, read with one XREAD over all their reply streams per poll.
+
+        Token events are skipped. Raises ChatTimeout (naming the first unanswered id) if not all
+        final replies arrive in time.
+        """
+        keys = {self._sent.get(i, (reply_stream(i, self.settings.prefix), "json"))[0]: i for i in request_ids}
+        cursors: dict[str, str | bytes] = dict.fromkeys(keys, "0")
+        out: dict[str, Reply | ChatError] = {}
+        timeout_s = timeout_s or self.settings.timeout_s
+        deadline = time.monotonic() + timeout_s
+        backoff = self._backoff()
+        while cursors:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                raise ChatTimeout(keys[next(iter(cursors))], timeout_s)
+            # One XREAD names at most a few hundred streams, so the command stays small.
+            batch = dict(itertools.islice(cursors.items(), 512))
+            try:
+                streams = cast("dict[KeyT, StreamIdT]", batch)  # redis-py only reads it; dicts are invariant
+                block_ms = min(left_ms, self.settings.reply_block_ms)
+                got = read_entries(self.redis.xread(streams, block=block_ms))
+                backoff.reset()
+            except TRANSIENT_ERRORS:
+                time.sleep(min(backoff.next_delay_s(), max(0.0, deadline - time.monotonic())))
+                continue
+            for raw_key, entries in got:
+                key = raw_key.decode()
+                for entry_id, fields in entries:
+                    cursors[key] = entry_id
+                    event = decode_event(fields)
+                    if isinstance(event, TokenEvent):
+                        continue
+                    request_id = keys[key]
+                    try:
+                        reply = final_reply(event, request_id)
+                        assert reply is not None
+                        out[request_id] = reply
+                    except ChatError as exc:
+                        out[request_id] = exc
+                    self._sent.pop(request_id, None)
+                    del cursors[key]
+                    break
+        return out
 
     def cancel(self, request_id: str) -> bool:
         """Stop a request: the client gets `cancelled` unless a final reply already exists (then False)."""

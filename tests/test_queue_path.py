@@ -9,7 +9,7 @@ import msgpack
 import pytest
 import redis
 
-from producer.client import ChatClient, ChatError
+from producer.client import ChatClient, ChatError, Reply
 from producer.protocol import ErrorCode
 
 pytestmark = pytest.mark.timeout(120)
@@ -134,3 +134,26 @@ def test_concurrent_requests_are_microbatched(start_worker, chat_client: ChatCli
     time.sleep(0.2)
     sizes = [e["size"] for e in worker.events("batch_done")]
     assert sum(sizes) == 16 and max(sizes) > 1, sizes
+
+
+def test_submit_many_and_results_round_trip(start_worker, chat_client: ChatClient) -> None:
+    start_worker("echo")
+    batch = [{"prompt": f"doc {i} body", "max_tokens": 8, "stream": i % 2 == 0} for i in range(40)]
+    batch.append({"messages": [{"role": "user", "content": "last one"}], "max_tokens": 1})
+    ids = [i for i in chat_client.submit_many(batch) if isinstance(i, str)]
+    assert len(set(ids)) == len(batch)
+    replies = chat_client.results(ids)
+    texts = [r.text if isinstance(r, Reply) else r for r in (replies[i] for i in ids)]
+    assert texts == [f"doc {i} body" for i in range(40)] + ["last"]
+    last = replies[ids[-1]]
+    assert isinstance(last, Reply) and last.finish_reason == "length"
+
+
+def test_submit_many_reports_errors_per_request(start_worker, chat_client: ChatClient) -> None:
+    start_worker("echo")
+    ids = [i for i in chat_client.submit_many([{"prompt": "fine"}, {"prompt": "late", "deadline_ms": 1}])
+           if isinstance(i, str)]
+    replies = chat_client.results(ids)
+    first, second = (replies[i] for i in ids)
+    assert isinstance(first, Reply) and first.text == "fine"
+    assert isinstance(second, ChatError) and second.code == ErrorCode.DEADLINE_EXCEEDED
