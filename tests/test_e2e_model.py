@@ -66,3 +66,17 @@ def test_sixteen_concurrent_requests_are_answered_and_batched(model_worker, chat
     for e in done:
         expected = {"queue_ms", "ttft_ms", "total_ms", "prompt_tokens", "completion_tokens", "finish_reason"}
         assert expected <= e.keys()
+
+
+def test_shared_system_prompt_is_served_from_the_prefix_cache(model_worker, chat_client: ChatClient) -> None:
+    rules = " ".join(f"Rule {i}: answer briefly and politely." for i in range(30))
+    system = {"role": "system", "content": rules}
+    first = chat_client.chat([system, {"role": "user", "content": "Say hi."}], max_tokens=4)
+    assert first.usage.prompt_tokens > 220 and first.usage.cached_tokens == 0
+    second = chat_client.chat([system, {"role": "user", "content": "Say bye."}], max_tokens=4)
+    # The shared system prompt (over 200 tokens) is served from cached 16-token blocks.
+    assert second.usage.cached_tokens >= 192
+    time.sleep(0.3)
+    batches = model_worker.events("batch_done")
+    assert batches[-1]["cached_tokens"] == second.usage.cached_tokens
+    assert 0 < batches[-1]["prefix_hit_rate"] <= 1

@@ -95,6 +95,7 @@ class Microbatch:
     wait_ms: float
     remaining: int
     tokens: int = 0
+    prompt_tokens: int = 0
     cached_tokens: int = 0
 
 
@@ -802,7 +803,9 @@ class Consumer:
         if batch is None:
             return
         batch.remaining -= 1
-        batch.tokens += (out.prompt_tokens or len(f.prompt_token_ids)) + out.completion_tokens
+        prompt_tokens = out.prompt_tokens or len(f.prompt_token_ids)
+        batch.prompt_tokens += prompt_tokens
+        batch.tokens += prompt_tokens + out.completion_tokens
         batch.cached_tokens += out.cached_tokens
         if batch.remaining == 0:
             del self.counters.batches[f.batch_id]
@@ -812,6 +815,7 @@ class Consumer:
                 size=batch.size,
                 tokens=batch.tokens,
                 cached_tokens=batch.cached_tokens,
+                prefix_hit_rate=round(batch.cached_tokens / max(batch.prompt_tokens, 1), 4),
                 wait_ms=round(batch.wait_ms, 2),
                 duration_ms=round((now - batch.admitted_s) * 1000, 2),
             )
