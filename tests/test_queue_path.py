@@ -157,3 +157,14 @@ def test_submit_many_reports_errors_per_request(start_worker, chat_client: ChatC
     first, second = (replies[i] for i in ids)
     assert isinstance(first, Reply) and first.text == "fine"
     assert isinstance(second, ChatError) and second.code == ErrorCode.DEADLINE_EXCEEDED
+
+
+def test_request_done_log_matches_the_reply(start_worker, chat_client: ChatClient) -> None:
+    worker = start_worker("echo")
+    reply = chat_client.chat([{"role": "user", "content": "log me"}], max_tokens=4)
+    time.sleep(0.2)
+    (logged,) = [e for e in worker.events("request_done") if e["id"] == reply.id]
+    assert (logged["queue_ms"], logged["ttft_ms"], logged["total_ms"]) == (
+        reply.timings.queue_ms, reply.timings.ttft_ms, reply.timings.total_ms)
+    assert (logged["prompt_tokens"], logged["completion_tokens"], logged["finish_reason"]) == (
+        reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.finish_reason)

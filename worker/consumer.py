@@ -721,7 +721,7 @@ class Consumer:
 
     def _publish(self, outputs: list[SequenceOutput]) -> None:
         now = time.monotonic()
-        finished: list[tuple[InFlight, SequenceOutput]] = []
+        finished: list[tuple[InFlight, SequenceOutput, Timings]] = []
         for out in outputs:
             f = self.running.get(out.request_id)
             if f is None:
@@ -735,13 +735,14 @@ class Consumer:
                 self.replies.token(f.reply_key, event, f.content_type, f.tokens_sent == 0)
                 f.tokens_sent += 1
             if out.finished:
-                self.replies.final(self._final_write(f, out, now))
-                finished.append((f, out))
-        for f, out in finished:
+                timings = self._timings(f, out, now)  # once, so the reply and the log agree
+                self.replies.final(self._final_write(f, out, timings))
+                finished.append((f, out, timings))
+        for f, out, timings in finished:
             self.running.pop(f.request.id, None)
-            self._log_done(f, out, now)
+            self._log_done(f, out, timings, now)
 
-    def _final_write(self, f: InFlight, out: SequenceOutput, now: float) -> FinalWrite:
+    def _final_write(self, f: InFlight, out: SequenceOutput, timings: Timings) -> FinalWrite:
         reason = out.finish_reason or "stop"
         event: ReplyEvent
         if reason in _FINISH_ERRORS:
@@ -761,7 +762,7 @@ class Consumer:
                     completion_tokens=out.completion_tokens,
                     cached_tokens=out.cached_tokens,
                 ),
-                timings=self._timings(f, out, now),
+                timings=timings,
                 attempt=self.attempt,
             )
         return FinalWrite(f.request.id, f.reply_key, event, f.content_type, f.entry_id)
@@ -783,8 +784,7 @@ class Consumer:
             worker=self.settings.consumer_name,
         )
 
-    def _log_done(self, f: InFlight, out: SequenceOutput, now: float) -> None:
-        t = self._timings(f, out, now)
+    def _log_done(self, f: InFlight, out: SequenceOutput, t: Timings, now: float) -> None:
         self.counters.done += 1
         log.info(
             "request_done",
