@@ -160,7 +160,58 @@ class ReplyStream:
             return
 
 
-class ChatClient:
+class _ClientCore:
+    """What the sync and async clients share: settings, request preparation, reply keys (no I/O)."""
+
+    def __init__(self, redis_url: str | None, settings: ProducerSettings | None, overrides: dict[str, Any]):
+        url: dict[str, Any] = {"redis_url": redis_url} if redis_url else {}
+        self.settings = settings or ProducerSettings(**url, **overrides)
+        self.stream_key = requests_stream(self.settings.prefix)
+        self._sent: dict[str, tuple[str, ContentType]] = {}
+
+    def _connection_args(self) -> dict[str, Any]:
+        # The socket timeout stays above the longest XREAD BLOCK the client issues.
+        return {"socket_timeout": self.settings.reply_block_ms / 1000 + 10, "socket_connect_timeout": 5}
+
+    def _backoff(self) -> Backoff:
+        return Backoff(self.settings.reconnect_backoff_initial_ms, self.settings.reconnect_backoff_max_ms)
+
+    def _prepare(
+        self, messages: list[dict[str, str]] | None, prompt: str | None, content_type: ContentType | None,
+        params: dict[str, Any],
+    ) -> tuple[ChatRequest, ContentType, list[Any]]:  # fmt: skip
+        """Validate a request locally and build the admission script's ARGV for it."""
+        request = build_request(messages, prompt, params)
+        check_reply_key(request, self.settings.prefix)
+        ct = content_type or self.settings.content_type
+        args = admission.script_args(
+            CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct)
+        )
+        return request, ct, args
+
+    def _record(self, request: ChatRequest, ct: ContentType) -> None:
+        """Remember where a sent request's replies go and how they are encoded."""
+        self._sent[request.id] = (request.reply_key(self.settings.prefix), ct)
+
+    def _reply_key(self, request_id: str) -> str:
+        return self._sent.get(request_id, (reply_stream(request_id, self.settings.prefix), "json"))[0]
+
+    def _cancel_call(self, request_id: str) -> tuple[list[str], list[Any]]:
+        key, ct = self._sent.get(request_id) or (
+            reply_stream(request_id, self.settings.prefix),
+            self.settings.content_type,
+        )
+        return cancellation.cancel_call(
+            self.settings.prefix,
+            request_id,
+            key,
+            ct,
+            self.settings.reply_ttl_s,
+            self.settings.cancel_stream_max_entries,
+        )
+
+
+class ChatClient(_ClientCore):
     """Synchronous client of the service."""
 
     def __init__(
@@ -171,20 +222,10 @@ class ChatClient:
         settings: ProducerSettings | None = None,
         **overrides: Any,
     ):
-        url: dict[str, Any] = {"redis_url": redis_url} if redis_url else {}
-        self.settings = settings or ProducerSettings(**url, **overrides)
-        self.redis = client or redis.Redis.from_url(
-            self.settings.redis_url,
-            socket_timeout=self.settings.reply_block_ms / 1000 + 10,
-            socket_connect_timeout=5,
-        )
-        self.stream_key = requests_stream(self.settings.prefix)
-        self._sent: dict[str, tuple[str, ContentType]] = {}
+        super().__init__(redis_url, settings, overrides)
+        self.redis = client or redis.Redis.from_url(self.settings.redis_url, **self._connection_args())
         self._admit = admission.register(self.redis)
         self._cancel = cancellation.register(self.redis)
-
-    def _backoff(self) -> Backoff:
-        return Backoff(self.settings.reconnect_backoff_initial_ms, self.settings.reconnect_backoff_max_ms)
 
     def submit(
         self,
@@ -198,12 +239,7 @@ class ChatClient:
 
         Raises ChatError(overloaded) without enqueuing when the backlog is at the limit.
         """
-        request = build_request(messages, prompt, params)
-        check_reply_key(request, self.settings.prefix)
-        ct = content_type or self.settings.content_type
-        args = admission.script_args(
-            CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct)
-        )
+        request, ct, args = self._prepare(messages, prompt, content_type, params)
         give_up = time.monotonic() + self.settings.submit_retry_s
         backoff = self._backoff()
         while True:
@@ -218,7 +254,7 @@ class ChatClient:
                 if time.monotonic() >= give_up:
                     raise
                 time.sleep(backoff.next_delay_s())
-        self._sent[request.id] = (request.reply_key(self.settings.prefix), ct)
+        self._record(request, ct)
         return request.id
 
     def submit_many(
@@ -230,19 +266,17 @@ class ChatClient:
         All are validated before anything is sent. After a connection error the whole batch is
         sent again with the same ids: a request that then runs twice still gets one final reply.
         """
-        ct = content_type or self.settings.content_type
-        built = [build_request(r.get("messages"), r.get("prompt"),
-                               {k: v for k, v in r.items() if k not in ("messages", "prompt")})
-                 for r in requests]  # fmt: skip
-        for request in built:
-            check_reply_key(request, self.settings.prefix)
+        prepared = [
+            self._prepare(r.get("messages"), r.get("prompt"), content_type,
+                          {k: v for k, v in r.items() if k not in ("messages", "prompt")})
+            for r in requests
+        ]  # fmt: skip
         limit = self.settings.max_backlog_requests
         give_up = time.monotonic() + self.settings.submit_retry_s
         backoff = self._backoff()
         while True:
             pipe = self.redis.pipeline(transaction=False)
-            for request in built:
-                args = admission.script_args(CONSUMER_GROUP, limit, encode_request(request, ct))
+            for _, _, args in prepared:
                 self._admit(keys=[self.stream_key], args=args, client=pipe)
             try:
                 replies = pipe.execute()
@@ -252,13 +286,13 @@ class ChatClient:
                     raise
                 time.sleep(backoff.next_delay_s())
         out: list[str | ChatError] = []
-        for request, reply in zip(built, replies, strict=True):
+        for (request, ct, _), reply in zip(prepared, replies, strict=True):
             try:
                 admission.admitted_entry_id(reply, limit)
             except admission.AdmissionRefused as exc:
                 out.append(ChatError(ErrorCode.OVERLOADED, str(exc), request.id))
                 continue
-            self._sent[request.id] = (request.reply_key(self.settings.prefix), ct)
+            self._record(request, ct)
             out.append(request.id)
         return out
 
@@ -270,7 +304,7 @@ class ChatClient:
         Token events are skipped. Raises ChatTimeout (naming the first unanswered id) if not all
         final replies arrive in time.
         """
-        keys = {self._sent.get(i, (reply_stream(i, self.settings.prefix), "json"))[0]: i for i in request_ids}
+        keys = {self._reply_key(i): i for i in request_ids}
         cursors: dict[str, str | bytes] = dict.fromkeys(keys, "0")
         out: dict[str, Reply | ChatError] = {}
         timeout_s = timeout_s or self.settings.timeout_s
@@ -311,18 +345,7 @@ class ChatClient:
 
     def cancel(self, request_id: str) -> bool:
         """Stop a request: the client gets `cancelled` unless a final reply already exists (then False)."""
-        key, ct = self._sent.get(request_id) or (
-            reply_stream(request_id, self.settings.prefix),
-            self.settings.content_type,
-        )
-        keys, args = cancellation.cancel_call(
-            self.settings.prefix,
-            request_id,
-            key,
-            ct,
-            self.settings.reply_ttl_s,
-            self.settings.cancel_stream_max_entries,
-        )
+        keys, args = self._cancel_call(request_id)
         return bool(self._cancel(keys=keys, args=args))
 
     def events(
@@ -332,7 +355,7 @@ class ChatClient:
 
         On timeout the request is cancelled (if `cancel_on_timeout`) and ChatTimeout is raised.
         """
-        key = self._sent.get(request_id, (reply_stream(request_id, self.settings.prefix), "json"))[0]
+        key = self._reply_key(request_id)
         timeout_s = timeout_s or self.settings.timeout_s
         deadline = time.monotonic() + timeout_s
         backoff = self._backoff()
@@ -398,7 +421,7 @@ class ChatClient:
         self.close()
 
 
-class AsyncChatClient:
+class AsyncChatClient(_ClientCore):
     """asyncio twin of `ChatClient` (redis.asyncio)."""
 
     def __init__(
@@ -409,20 +432,10 @@ class AsyncChatClient:
         settings: ProducerSettings | None = None,
         **overrides: Any,
     ):
-        url: dict[str, Any] = {"redis_url": redis_url} if redis_url else {}
-        self.settings = settings or ProducerSettings(**url, **overrides)
-        self.redis = client or aioredis.Redis.from_url(
-            self.settings.redis_url,
-            socket_timeout=self.settings.reply_block_ms / 1000 + 10,
-            socket_connect_timeout=5,
-        )
-        self.stream_key = requests_stream(self.settings.prefix)
-        self._sent: dict[str, tuple[str, ContentType]] = {}
+        super().__init__(redis_url, settings, overrides)
+        self.redis = client or aioredis.Redis.from_url(self.settings.redis_url, **self._connection_args())
         self._admit = admission.register(self.redis)
         self._cancel = cancellation.register(self.redis)
-
-    def _backoff(self) -> Backoff:
-        return Backoff(self.settings.reconnect_backoff_initial_ms, self.settings.reconnect_backoff_max_ms)
 
     async def submit(
         self,
@@ -433,12 +446,7 @@ class AsyncChatClient:
         **params: Any,
     ) -> str:
         """Enqueue a request; ChatError(overloaded), nothing enqueued, when the backlog is at the limit."""
-        request = build_request(messages, prompt, params)
-        check_reply_key(request, self.settings.prefix)
-        ct = content_type or self.settings.content_type
-        args = admission.script_args(
-            CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct)
-        )
+        request, ct, args = self._prepare(messages, prompt, content_type, params)
         give_up = time.monotonic() + self.settings.submit_retry_s
         backoff = self._backoff()
         while True:
@@ -453,30 +461,19 @@ class AsyncChatClient:
                 if time.monotonic() >= give_up:
                     raise
                 await asyncio.sleep(backoff.next_delay_s())
-        self._sent[request.id] = (request.reply_key(self.settings.prefix), ct)
+        self._record(request, ct)
         return request.id
 
     async def cancel(self, request_id: str) -> bool:
         """Stop a request: the client gets `cancelled` unless a final reply already exists (then False)."""
-        key, ct = self._sent.get(request_id) or (
-            reply_stream(request_id, self.settings.prefix),
-            self.settings.content_type,
-        )
-        keys, args = cancellation.cancel_call(
-            self.settings.prefix,
-            request_id,
-            key,
-            ct,
-            self.settings.reply_ttl_s,
-            self.settings.cancel_stream_max_entries,
-        )
+        keys, args = self._cancel_call(request_id)
         return bool(await self._cancel(keys=keys, args=args))
 
     async def events(
         self, request_id: str, *, timeout_s: float | None = None, last_id: str | bytes = "0"
     ) -> AsyncIterator[ReplyEvent]:
         """All reply events of a request until its final one; cancels and raises ChatTimeout on timeout."""
-        key = self._sent.get(request_id, (reply_stream(request_id, self.settings.prefix), "json"))[0]
+        key = self._reply_key(request_id)
         timeout_s = timeout_s or self.settings.timeout_s
         deadline = time.monotonic() + timeout_s
         backoff = self._backoff()
