@@ -1,48 +1,299 @@
-"""Token sampling per request: greedy, temperature, top-k, top-p, with per-request seeds.
+"""Batched token sampling on the device: greedy, temperature, top-k, top-p, per-request seeds.
 
-Each seeded request owns a `torch.Generator`, so its samples depend only on its own
-seed and step, never on which other requests share the batch.
+One call samples every row of a step at once; nothing in it reads device memory back, so the
+only host synchronisation of a step is the caller's single read of the sampled ids.
+
+How the model runner calls it, once per step::
+
+    tensors = SamplingTensors.from_params(
+        [seq.sampling for seq in seqs],       # one SamplingParams per logits row
+        [seq.sampling_step for seq in seqs],  # tokens each request has sampled so far
+        logits.device,
+    )
+    token_ids = sample(logits, tensors).tolist()  # logits: [rows, vocab], any float dtype
+
+Build the tensors before the forward pass if convenient (they only need the parameters and the
+step indices), so their copy overlaps the model's work.
+
+`sample_next_tokens(logits, params, steps)` does exactly that and returns the list.
+
+The method, per row:
+
+- Greedy (temperature 0, or below 1e-5): argmax of the logits. When every row is greedy the
+  step is one argmax and nothing else.
+- Otherwise the logits are upcast to float32 and divided by the temperature. Top-k (k > 0) and
+  top-p (p < 1) become one cut-off value per row, read off a single sort of the batch (a
+  `topk` of the largest k when no row uses top-p; no sort at all when no row uses either);
+  top-p is applied to the distribution left after top-k. Tokens below the cut-off are dropped,
+  so ties with the last kept token are all kept.
+- The token is drawn with the exponential race (the Gumbel-max trick): with q ~ Exp(1) drawn
+  independently for every (row, vocab entry), argmax(probs / q) is a sample from probs. It is
+  computed as argmax(logits / T - log q), which is the same argmax without the softmax.
+
+The noise q of an unseeded row comes from the global torch RNG on the device. The noise of a
+seeded row is a counter-based hash of (seed, step index, vocab index) computed with integer
+tensor ops, so a seeded request draws the same tokens from the same logits whatever other rows
+share the batch, whatever its row index, on CPU and GPU alike, and after preemption and
+recompute (the step index counts sampled tokens, which recompute keeps). No per-request RNG
+state exists.
 """
 
 from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from worker.engine.base import SamplingParams
 
+# Temperatures below this are greedy: dividing by them would overflow or be argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
 
-def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """A private RNG for a seeded request; None for greedy or unseeded sampling."""
-    if params.temperature == 0 or params.seed is None:
-        return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(params.seed)
-    return gen
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+_INT32_MAX = 2**31 - 1
+# Multipliers of the 32-bit finalizer (a lowbias32-style xorshift-multiply hash). Both are below
+# 2**31, so the product with a 32-bit value stays below 2**63: exact in int64, no overflow.
+_MUL_A = 0x21F0AAAD
+_MUL_B = 0x735A2D97
+# Odd constants that spread the seed halves, the step index and the vocab index apart before mixing.
+_SEED_HI_SALT = 0x1B873593
+_STEP_MUL = 0x5BD1E995
+_VOCAB_MUL = 0x27D4EB2F
+# Uniform draws keep the top 23 bits n of a hash: float32 holds (n + 0.5) / 2**23 exactly, and it
+# lies in [2**-24, 1 - 2**-24], so -log of it is finite and positive.
+_UNIFORM_SCALE = 1.0 / (1 << 23)
+# exponential_() may return 0 on some backends; -log(0) is inf, and NaN on a dropped (-inf) token.
+_MIN_EXPONENTIAL = 1e-20
+
+# Layout of the packed per-row int32 buffer (one row of `_FIELDS` entries per field, batch long).
+_TEMPERATURE, _TOP_P, _TOP_K, _SEED_LO, _SEED_HI, _STEP, _GREEDY = range(7)
+_FIELDS = 7
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """Hash int64 values in [0, 2**32) to values in the same range, in place; returns `x`.
+
+    Values stay non-negative and every product fits in int64, so no step relies on signed
+    overflow or on right shifts of negative numbers: the result is bit-identical on every device.
+    """
+    x.bitwise_xor_(x >> 16)
+    x.mul_(_MUL_A).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(_MUL_B).bitwise_and_(_MASK32)
+    return x.bitwise_xor_(x >> 15)
+
+
+def _seeded_uniform(
+    seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """Uniform (0, 1) draws [rows, vocab_size] (float32), a pure function of (seed, step, vocab index).
+
+    The seed and the step are mixed into one 32-bit key per row; each entry is then the hash of
+    its spread vocab index xor the row's key.
+    """
+    key = _mix32_(seed_lo ^ _mix32_(seed_hi ^ _SEED_HI_SALT))
+    key = _mix32_(key ^ ((step * _STEP_MUL) & _MASK32))
+    vocab = torch.arange(vocab_size, dtype=torch.int64, device=key.device)
+    vocab.mul_(_VOCAB_MUL).bitwise_and_(_MASK32)
+    h = _mix32_(vocab.unsqueeze(0) ^ key.unsqueeze(1))
+    return (h >> 9).to(torch.float32).add_(0.5).mul_(_UNIFORM_SCALE)
+
+
+def seeded_exponential_noise(
+    seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """Exp(1) noise q [rows, vocab_size] (float32), a pure function of (seed, step, vocab index).
+
+    `seed_lo`/`seed_hi` are the low and high 32 bits of each row's seed and `step` its step index,
+    all int64 [rows] on the device the noise is wanted on.
+    """
+    return _seeded_uniform(seed_lo, seed_hi, step, vocab_size).log_().neg_()
+
+
+@dataclass(frozen=True)
+class SamplingTensors:
+    """One step's sampling parameters, a row per logits row, as device tensors plus host flags.
+
+    Greedy rows carry temperature 1, top-k off, top-p off and no seed, so the sampled path can run
+    over every row and the greedy rows are swapped for their argmax at the end.
+    """
+
+    temperature: torch.Tensor  # float32 [B]
+    top_k: torch.Tensor  # int32 [B], 0 = off
+    top_p: torch.Tensor  # float32 [B], 1.0 = off
+    seed_lo: torch.Tensor  # int32 [B], the seed's low 32 bits (two's complement)
+    seed_hi: torch.Tensor  # int32 [B], the seed's high 32 bits
+    step: torch.Tensor  # int32 [B], tokens the request has sampled so far
+    greedy: torch.Tensor  # bool [B]
+    seeded_rows: torch.Tensor  # int32 [number of seeded rows], their row indices
+    # Host-side facts about the batch, known without reading the device.
+    batch_size: int
+    all_greedy: bool
+    any_greedy: bool
+    num_seeded: int
+    num_unseeded: int  # sampled rows drawing from the global RNG
+    any_top_k: bool
+    any_top_p: bool
+    max_top_k: int
+
+    @classmethod
+    def from_params(
+        cls,
+        params: Sequence[SamplingParams],
+        steps: Sequence[int],
+        device: torch.device | str,
+    ) -> SamplingTensors:
+        """Pack the rows' parameters on the host and move them with one copy.
+
+        `steps[i]` is the number of tokens row i's request has sampled before this step. A batch
+        of greedy rows needs none of the tensors: they are left empty and nothing is copied.
+        """
+        if len(params) != len(steps):
+            raise ValueError(f"{len(params)} sampling params for {len(steps)} step indices")
+        device = torch.device(device)
+        batch = len(params)
+        greedy = [p.temperature < GREEDY_TEMPERATURE for p in params]
+        num_greedy = sum(greedy)
+        if num_greedy == batch:
+            empty = torch.empty(0, dtype=torch.int32, device=device)
+            return cls(
+                temperature=empty.view(torch.float32), top_k=empty, top_p=empty.view(torch.float32),
+                seed_lo=empty, seed_hi=empty, step=empty, greedy=empty.bool(), seeded_rows=empty,
+                batch_size=batch, all_greedy=True, any_greedy=batch > 0, num_seeded=0, num_unseeded=0,
+                any_top_k=False, any_top_p=False, max_top_k=0,
+            )  # fmt: skip
+
+        # Greedy rows sample as temperature 1 with no truncation and no seed; their argmax wins later.
+        temperature = [1.0] * batch
+        top_p = [1.0] * batch
+        top_k = [0] * batch
+        seed_lo = [0] * batch
+        seed_hi = [0] * batch
+        seeded_rows: list[int] = []
+        for row, p in enumerate(params):
+            if greedy[row]:
+                continue
+            temperature[row] = p.temperature
+            if p.top_p < 1.0:
+                top_p[row] = p.top_p
+            if p.top_k > 0:
+                top_k[row] = min(p.top_k, _INT32_MAX)
+            if p.seed is not None:
+                seed = p.seed & _MASK64
+                seed_lo[row] = seed & _MASK32
+                seed_hi[row] = seed >> 32
+                seeded_rows.append(row)
+        # One int32 buffer of _FIELDS rows (floats as float32 bits, seed halves as uint32 bits), then
+        # the seeded row indices; the host side is built without a tensor op per field.
+        layout = f"<{2 * batch}f{batch}i{2 * batch}I{2 * batch}i{len(seeded_rows)}i"
+        raw = bytearray(struct.calcsize(layout))
+        struct.pack_into(
+            layout, raw, 0,
+            *temperature, *top_p, *top_k,
+            *seed_lo, *seed_hi,
+            *steps, *greedy, *seeded_rows,
+        )  # fmt: skip
+        host = torch.frombuffer(raw, dtype=torch.int32)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        on_device = host.to(device, non_blocking=True)
+        rows = on_device[: _FIELDS * batch].view(_FIELDS, batch)
+        return cls(
+            temperature=rows[_TEMPERATURE].view(torch.float32),
+            top_k=rows[_TOP_K],
+            top_p=rows[_TOP_P].view(torch.float32),
+            seed_lo=rows[_SEED_LO],
+            seed_hi=rows[_SEED_HI],
+            step=rows[_STEP],
+            greedy=rows[_GREEDY].bool(),
+            seeded_rows=on_device[_FIELDS * batch :],
+            batch_size=batch,
+            all_greedy=False,
+            any_greedy=num_greedy > 0,
+            num_seeded=len(seeded_rows),
+            num_unseeded=batch - num_greedy - len(seeded_rows),
+            any_top_k=any(k > 0 for k in top_k),
+            any_top_p=any(p < 1.0 for p in top_p),
+            max_top_k=max(top_k),
+        )
+
+
+def _uint32(values: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns as their unsigned values, in int64."""
+    return values.to(torch.int64) & _MASK32
+
+
+def _cutoffs(scores: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Per-row lowest score that survives top-k and top-p ([B, 1]; -inf where neither applies)."""
+    vocab = scores.shape[-1]
+    top_k = t.top_k.to(torch.int64)
+    k_active = (top_k > 0) & (top_k < vocab)
+    p_active = t.top_p < 1.0
+    if not t.any_top_p:
+        # Only top-k: the largest max_k scores are enough to read every row's k-th value.
+        ordered = torch.topk(scores, min(t.max_top_k, vocab), dim=-1, sorted=True).values
+    else:
+        ordered = torch.sort(scores, dim=-1, descending=True).values
+    limit = ordered.shape[-1]
+    kth_index = torch.where(k_active, top_k, limit).clamp(max=limit) - 1
+    kth = ordered.gather(-1, kth_index.unsqueeze(-1))
+    cutoff = torch.where(k_active.unsqueeze(-1), kth, float("-inf"))
+    if t.any_top_p:
+        # Top-p on what top-k left: keep the shortest prefix whose mass reaches top_p.
+        probs = torch.softmax(ordered.masked_fill(ordered < cutoff, float("-inf")), dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        kept = (mass_before < t.top_p.unsqueeze(-1)).sum(-1).clamp(min=1)
+        pth = ordered.gather(-1, (kept - 1).unsqueeze(-1))
+        cutoff = torch.where(p_active.unsqueeze(-1), torch.maximum(cutoff, pth), cutoff)
+    return cutoff
+
+
+def _gumbel_noise(shape: torch.Size, t: SamplingTensors, device: torch.device) -> torch.Tensor:
+    """-log q [B, V] for q ~ Exp(1): seeded rows from their hash, the others from the global RNG."""
+    batch, vocab = shape
+    if t.num_seeded == batch:
+        uniform = _seeded_uniform(_uint32(t.seed_lo), _uint32(t.seed_hi), _uint32(t.step), vocab)
+        return uniform.log_().neg_().log_().neg_()
+    if t.num_unseeded:
+        noise = torch.empty(shape, dtype=torch.float32, device=device).exponential_()
+        noise.clamp_(min=_MIN_EXPONENTIAL).log_().neg_()
+    else:  # only seeded and greedy rows; the greedy rows' noise is never used
+        noise = torch.zeros(shape, dtype=torch.float32, device=device)
+    if t.num_seeded:
+        rows = t.seeded_rows.to(torch.int64)
+        uniform = _seeded_uniform(
+            _uint32(t.seed_lo.index_select(0, rows)),
+            _uint32(t.seed_hi.index_select(0, rows)),
+            _uint32(t.step.index_select(0, rows)),
+            vocab,
+        )
+        noise.index_copy_(0, rows, uniform.log_().neg_().log_().neg_())
+    return noise
+
+
+def sample(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
+    """One token id per row of `logits` ([B, V], any float dtype): int64 [B] on logits' device."""
+    if logits.dim() != 2 or logits.shape[0] != tensors.batch_size:
+        raise ValueError(f"logits {tuple(logits.shape)} for a batch of {tensors.batch_size} rows")
+    if tensors.all_greedy:
+        return torch.argmax(logits, dim=-1)
+    # A new float32 tensor (half-precision logits are promoted by the division); the caller's stays.
+    scores = torch.div(logits, tensors.temperature.unsqueeze(-1))
+    if tensors.any_top_k or tensors.any_top_p:
+        scores.masked_fill_(scores < _cutoffs(scores, tensors), float("-inf"))
+    # argmax(probs / q) == argmax(log probs - log q) == argmax(scores - log q).
+    tokens = torch.argmax(scores.add_(_gumbel_noise(scores.shape, tensors, scores.device)), dim=-1)
+    if tensors.any_greedy:
+        tokens = torch.where(tensors.greedy, torch.argmax(logits, dim=-1), tokens)
+    return tokens
 
 
 def sample_next_tokens(
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator | None],
+    logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int]
 ) -> list[int]:
-    """Pick one token per row of `logits` ([batch, vocab]) under each row's parameters."""
-    greedy = torch.argmax(logits, dim=-1).tolist()
-    out: list[int] = []
-    for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if p.temperature == 0:
-            out.append(int(greedy[row]))
-            continue
-        scores = logits[row].float() / p.temperature
-        if p.top_k > 0:
-            kth = torch.topk(scores, min(p.top_k, scores.shape[-1])).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=True)
-            cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
-            # Drop tokens once the mass before them already reaches top_p (keep at least one).
-            drop = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= p.top_p
-            sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-            scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
-        probs = torch.softmax(scores, dim=-1)
-        out.append(int(torch.multinomial(probs, 1, generator=gen).item()))
-    return out
+    """`sample` for a list of rows, read back with one `.tolist()`."""
+    tensors = SamplingTensors.from_params(params, steps, logits.device)
+    return [int(t) for t in sample(logits, tensors).tolist()]

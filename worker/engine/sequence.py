@@ -15,7 +15,6 @@ import torch
 
 from worker.engine.base import FinishReason, GenerationRequest, SamplingParams
 from worker.engine.detokenizer import Decoder, IncrementalDetokenizer
-from worker.engine.sampler import make_generator
 
 
 class SequenceStatus(enum.Enum):
@@ -33,6 +32,9 @@ class Sequence:
         tokenizer: Decoder | None = None,
         device: torch.device | None = None,
     ):
+        # `device` is accepted for callers that still pass it; a sequence holds no device state
+        # (seeded sampling hashes the seed with the step index, see worker.engine.sampler).
+        del device
         if not request.prompt_token_ids:
             raise ValueError(f"request {request.request_id!r} has an empty prompt")
         self.request_id = request.request_id
@@ -52,7 +54,6 @@ class Sequence:
         self.cached_tokens = 0
         self.num_preemptions = 0
         self.waited_steps = 0
-        self.generator = make_generator(request.sampling, device or torch.device("cpu"))
         self.detokenizer = (
             IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.sampling.stop)
             if tokenizer is not None
@@ -85,6 +86,11 @@ class Sequence:
     @property
     def completion_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def sampling_step(self) -> int:
+        """The step index of the next sampled token (tokens sampled so far), which keys seeded noise."""
+        return self.num_completion_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -27,7 +27,7 @@ from worker.engine.base import (
 )
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.model_loader import LoadedModel
-from worker.engine.sampler import make_generator, sample_next_tokens
+from worker.engine.sampler import sample_next_tokens
 
 
 def chat_token_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -55,7 +55,6 @@ def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 class _Row:
     request: GenerationRequest
     detok: IncrementalDetokenizer
-    generator: torch.Generator | None
     produced: list[int]
     finished: bool = False
 
@@ -136,8 +135,7 @@ class StaticBatchEngine(Engine):
             ids[i, longest - n :] = torch.tensor(r.prompt_token_ids)
             mask[i, longest - n :] = 1
         self._rows = [
-            _Row(r, IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids, r.sampling.stop),
-                 make_generator(r.sampling, self.device), [])
+            _Row(r, IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids, r.sampling.stop), [])
             for r in batch
         ]
         self._mask = mask.to(self.device)
@@ -162,7 +160,7 @@ class StaticBatchEngine(Engine):
         self._cache = out.past_key_values
         logits = out.logits[:, -1, :]
         tokens = sample_next_tokens(logits, [r.request.sampling for r in self._rows],
-                                    [r.generator for r in self._rows])
+                                    [len(r.produced) for r in self._rows])
         now = time.monotonic()
         outputs: list[SequenceOutput] = []
         for row, token in zip(self._rows, tokens, strict=True):
