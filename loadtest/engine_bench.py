@@ -1,24 +1,44 @@
-"""Engine benchmark: the paged continuous-batching engine vs transformers `generate()` on padded batches.
+"""Engine benchmark: the paged continuous-batching engine vs transformers baselines.
 
-Both run in this process, on the same model and the same fixed-seed workload, with every request
-arriving at t=0 (offline throughput; TTFT then includes queueing). Workloads (DESIGN.md, Benchmarks):
+Everything runs in this process, on the same model and the same fixed-seed workload, with every request
+arriving at t=0 (offline throughput; TTFT then includes queueing). The paged engine runs first, then each
+`--baseline` in the order given, each a row of the same table and JSON:
+
+  generate        `generate()` on left-padded batches of each of `--static-batch-sizes` (dynamic KV cache)
+  generate_batch  transformers' own continuous batching (`model.generate_batch`, paged|sdpa attention); it
+                  takes one generation config for all requests, so every request gets max_new_tokens =
+                  round(mean of the workload's max_tokens) and the row counts the tokens really produced;
+                  same step token budget and sequence cap as the engine, KV blocks matched to the engine's
+                  budget where one is fixed (the workload's, `--kv-cache-bytes`, or the CPU default)
+  static_compile  `generate()` with a static KV cache (one `StaticCache` per batch shape, sized for the
+                  longest batch and reused, so shapes never change) on left-padded batches of each of
+                  `--static-batch-sizes`; on CUDA transformers compiles its decode step (torch.compile,
+                  reduce-overhead: CUDA graphs). A warm-up generate per batch shape runs before the clock
+                  starts; its seconds are printed. On CPU transformers does not compile: the row says so.
+
+Workloads (DESIGN.md, Benchmarks):
 
   w2-cpu  32 requests, 512-token shared prefix + 32 own tokens, 32 new tokens (W2 scaled for CPU)
   w1      1,000 requests, 256-token shared system prompt, user turns log-uniform 16-512, max_tokens 32-256
   w2      256 requests, 2,048-token shared prefix + 32 own tokens, 64 new tokens
   w3      64 requests of 8,192 prompt tokens, 256 new tokens, KV cache 25% of what all of them need
 
-EOS is ignored everywhere, so every system produces the same number of tokens. Example:
+EOS is ignored everywhere, so every system produces the tokens it was asked for. Examples:
 
   HF_HUB_OFFLINE=1 python loadtest/engine_bench.py --workload w2-cpu --threads 1
   python loadtest/engine_bench.py --workload w2 --model llama-1b-random --device cuda --dtype float16
+  python loadtest/engine_bench.py --workload w1 --model llama-1b-random --device cuda --dtype float16 \
+      --baseline generate,generate_batch,static_compile --static-batch-sizes 64 --json-out w1.json
+  python loadtest/engine_bench.py --workload w2-cpu --model tiny-random --baseline generate_batch
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
+import statistics
 import sys
 import threading
 import time
@@ -38,6 +58,8 @@ from worker.engine.model_loader import LoadedModel, load_model  # noqa: E402
 from worker.engine.random_model import random_causal_lm  # noqa: E402
 
 FIRST_ORDINARY_ID = 100  # below are SmolLM2's special and byte tokens; random prompts avoid them
+BASELINES = ("generate", "generate_batch", "static_compile")
+STATIC_WARMUP_TOKENS = 16  # enough decode steps to compile and record the CUDA graphs of one batch shape
 
 
 @dataclass(frozen=True)
@@ -78,10 +100,11 @@ class RunResult:
     requests: int
     output_tokens: int
     wall_s: float
-    prefill_tokens: int
+    prefill_tokens: int | None  # None where the system does not report it
     peak_memory_bytes: int
     ttft_ms: list[float] = field(repr=False)
     tpot_ms: list[float] = field(repr=False)
+    notes: dict[str, Any] = field(default_factory=dict)  # warm-up seconds, resolved settings
 
     def summary(self) -> dict[str, Any]:
         row = {k: v for k, v in asdict(self).items() if k not in ("ttft_ms", "tpot_ms")}
@@ -131,18 +154,27 @@ class PeakMemory:
             self._thread.join()
 
 
+def kv_budget_bytes(loaded: LoadedModel, workload: Workload, args: argparse.Namespace) -> int | None:
+    """The KV cache bytes fixed by `--kv-cache-bytes` or the workload; None = the engine's default."""
+    if args.kv_cache_bytes is not None or workload.kv_fraction is None:
+        return args.kv_cache_bytes
+    spec = KVCacheSpec.from_model_config(loaded.model.config, next(loaded.model.parameters()).dtype)
+    return int(workload.total_kv_tokens * workload.kv_fraction * spec.bytes_per_block(1))
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """PagedEngine keywords that only newer engines take, passed only when asked for."""
+    return {"enforce_eager": True} if args.enforce_eager else {}
+
+
 def run_paged(
     loaded: LoadedModel, workload: Workload, device: torch.device, args: argparse.Namespace
 ) -> RunResult:
-    kv_bytes = args.kv_cache_bytes
-    if workload.kv_fraction is not None and kv_bytes is None:
-        spec = KVCacheSpec.from_model_config(loaded.model.config, next(loaded.model.parameters()).dtype)
-        kv_bytes = int(workload.total_kv_tokens * workload.kv_fraction * spec.bytes_per_block(1))
     engine = PagedEngine(
-        loaded.model, loaded.tokenizer, kv_cache_bytes=kv_bytes, block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
+        loaded.model, loaded.tokenizer, kv_cache_bytes=kv_budget_bytes(loaded, workload, args),
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
         max_prefill_chunk_tokens=args.max_prefill_chunk_tokens, kv_reserve=args.kv_reserve,
-        enable_prefix_caching=not args.no_prefix_caching,
+        enable_prefix_caching=not args.no_prefix_caching, **engine_options(args),
     )  # fmt: skip
     first: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -165,9 +197,10 @@ def run_paged(
         wall = time.perf_counter() - start
     engine.close()
     tpot = [(last[r] - first[r]) * 1000 / (counts[r] - 1) for r in counts if counts[r] > 1]
+    notes = {"enforce_eager": True} if args.enforce_eager else {}
     return RunResult(
         "paged engine", len(workload.prompts), sum(counts.values()), wall, prefill, mem.peak,
-        [(t - start) * 1000 for t in first.values()], tpot,
+        [(t - start) * 1000 for t in first.values()], tpot, notes,
     )  # fmt: skip
 
 
@@ -184,41 +217,180 @@ class _TokenClock:
         pass
 
 
-def run_static(loaded: LoadedModel, workload: Workload, device: torch.device, batch_size: int) -> RunResult:
-    """transformers `generate()` on left-padded batches of `batch_size`, in arrival order."""
+def left_padded(
+    prompts: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask of `prompts` left-padded to the longest."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+def run_static(
+    loaded: LoadedModel, workload: Workload, device: torch.device, batch_size: int, static_cache: bool = False
+) -> RunResult:
+    """transformers `generate()` on left-padded batches of `batch_size`, in arrival order.
+
+    With `static_cache`, each batch shape gets one `StaticCache` sized for the longest batch (prompt width
+    plus its new tokens), reset and reused by every batch of that shape: the decode step sees the same
+    shapes and cache addresses every time, so on CUDA transformers' automatic compile (torch.compile,
+    reduce-overhead) traces and records its CUDA graphs once, during a warm-up before the clock starts.
+    """
+    from transformers import StaticCache
+
     model, pad_id = loaded.model, loaded.tokenizer.pad_token_id
     model.set_attn_implementation("sdpa")
+    batches = [
+        (workload.prompts[lo : lo + batch_size], workload.max_tokens[lo : lo + batch_size])
+        for lo in range(0, len(workload.prompts), batch_size)
+    ]
+    max_cache_len = max(max(len(p) for p in prompts) + max(news) for prompts, news in batches)
+    caches: dict[int, Any] = {}
+
+    def generate(prompts: list[list[int]], new: int, streamer: _TokenClock | None = None) -> torch.Tensor:
+        ids, mask = left_padded(prompts, pad_id, device)
+        kwargs: dict[str, Any] = {}
+        if static_cache:
+            cache = caches.get(len(prompts))
+            if cache is None:
+                cache = caches[len(prompts)] = StaticCache(config=model.config, max_cache_len=max_cache_len)
+            cache.reset()
+            kwargs["past_key_values"] = cache
+        return model.generate(
+            ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=[],
+            pad_token_id=pad_id, streamer=streamer, **kwargs,
+        )  # fmt: skip
+
+    label, notes = f"generate() bs={batch_size}", {}
+    if static_cache:
+        warm_start = time.perf_counter()
+        with torch.no_grad():
+            for prompts, news in {len(p): (p, n) for p, n in (batches[0], batches[-1])}.values():
+                generate(prompts, min(max(news), STATIC_WARMUP_TOKENS))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        compiled = hasattr(model, "_compiled_call")  # set by transformers when it compiled the decode step
+        label = f"generate(static cache, {'compiled' if compiled else 'not compiled'}) bs={batch_size}"
+        warmup_s = time.perf_counter() - warm_start
+        if not compiled:
+            print(
+                f"  note: transformers compiles the decode step only on accelerators; {device} runs it eager"
+            )
+        notes = {"warmup_s": warmup_s, "compiled": compiled, "max_cache_len": max_cache_len}
     ttft: list[float] = []
     tpot: list[float] = []
     output_tokens = prefill = 0
-    with PeakMemory(device) as mem, torch.inference_mode():
+    # no_grad rather than inference_mode under compile: generate()'s own mode, what transformers tests.
+    with PeakMemory(device) as mem, torch.no_grad() if static_cache else torch.inference_mode():
         start = time.perf_counter()
-        for lo in range(0, len(workload.prompts), batch_size):
-            prompts = workload.prompts[lo : lo + batch_size]
-            new = max(workload.max_tokens[lo : lo + batch_size])  # a static batch runs to its longest
-            width = max(len(p) for p in prompts)
-            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        for prompts, news in batches:
             clock = _TokenClock()
-            out = model.generate(
-                ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                eos_token_id=[], pad_token_id=pad_id, streamer=clock,
-            )  # fmt: skip
-            generated = out.shape[1] - width
-            prefill += ids.numel()
-            output_tokens += sum(workload.max_tokens[lo : lo + batch_size])
+            new = max(news)  # a static batch runs to its longest
+            out = generate(prompts, new, clock)
+            generated = out.shape[1] - max(len(p) for p in prompts)
+            prefill += len(prompts) * max(len(p) for p in prompts)
+            output_tokens += sum(news)
             first_token = clock.times[1]  # times[0] is the prompt being handed over
             ttft += [(first_token - start) * 1000] * len(prompts)
             tpot += [(clock.times[-1] - first_token) * 1000 / max(generated - 1, 1)] * len(prompts)
         wall = time.perf_counter() - start
-    return RunResult(f"generate() bs={batch_size}", len(workload.prompts), output_tokens, wall, prefill,
-                     mem.peak, ttft, tpot)  # fmt: skip
+    caches.clear()
+    return RunResult(label, len(workload.prompts), output_tokens, wall, prefill, mem.peak, ttft, tpot, notes)
+
+
+def run_generate_batch(
+    loaded: LoadedModel, workload: Workload, device: torch.device, args: argparse.Namespace
+) -> RunResult:
+    """transformers' continuous batching (`generate_batch`), one max_new_tokens for every request.
+
+    The wall clock runs from the first request's creation to the last one's end, so the manager's setup
+    and warm-up (timed separately) and its shutdown are outside it, as the engine's construction is.
+    """
+    from transformers import GenerationConfig
+    from transformers.generation import ContinuousBatchingConfig
+
+    model = loaded.model
+    new = round(statistics.fmean(workload.max_tokens))
+    # The engine's step token budget and sequence cap; KV blocks matched to its budget where one is fixed.
+    cb_fields: dict[str, Any] = {"max_batch_tokens": args.max_batch_tokens}
+    cb_fields["max_requests_per_batch"] = args.max_num_seqs
+    defaults = ContinuousBatchingConfig()
+    # Tokens per block: `block_size` in transformers 5.17, renamed `page_size` in later releases.
+    block: int = getattr(defaults, "page_size", None) or defaults.block_size or 256
+    kv_bytes = kv_budget_bytes(loaded, workload, args)
+    if kv_bytes is not None:
+        spec = KVCacheSpec.from_model_config(model.config, next(model.parameters()).dtype)
+        cb_fields["num_blocks"] = max(1, kv_bytes // spec.bytes_per_block(block))
+    elif device.type == "cpu":
+        # transformers would size the cache from the host's RAM (and budget a dense mask of
+        # max_batch_tokens x cache tokens): give it room for every request at once, no more.
+        lengths = [len(p) + new for p in workload.prompts]
+        cb_fields["num_blocks"] = sum(-(-n // block) for n in lengths)
+    generation_config = GenerationConfig(
+        max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=loaded.tokenizer.pad_token_id
+    )  # eos -1: no request stops early
+    model.set_attn_implementation("paged|sdpa")  # SDPA, as the other systems; no flash-attn assumed
+    with PeakMemory(device) as mem:
+        call_start = time.perf_counter()
+        outputs = model.generate_batch(
+            workload.prompts, generation_config=generation_config,
+            continuous_batching_config=ContinuousBatchingConfig(**cb_fields), record_timestamps=True,
+        )  # fmt: skip
+    model.set_attn_implementation("sdpa")
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    results = list(outputs.values())
+    errors = [r.error for r in results if r.error is not None]
+    if len(results) != len(workload.prompts) or errors:
+        got = f"{len(results)}/{len(workload.prompts)}"
+        raise RuntimeError(f"generate_batch returned {got} results; errors: {errors[:3]}")
+    start = min(r.created_time for r in results)
+    wall = max(r.lifespan[1] for r in results) - start
+    stamps = [r.timestamps or [] for r in results]
+    ttft = [(ts[0] - start) * 1000 for ts in stamps if ts]
+    tpot = [(ts[-1] - ts[0]) * 1000 / (len(ts) - 1) for ts in stamps if len(ts) > 1]
+    notes = {"setup_s": start - call_start, "max_new_tokens": new, **cb_fields}
+    return RunResult(
+        f"generate_batch (max_new_tokens={new} each)", len(results),
+        sum(len(r.generated_tokens) for r in results), wall, None, mem.peak, ttft, tpot, notes,
+    )  # fmt: skip
+
+
+def run_baselines(
+    names: list[str], loaded: LoadedModel, workload: Workload, device: torch.device, args: argparse.Namespace
+) -> tuple[list[RunResult], list[dict[str, str]]]:
+    """Each baseline in turn; one that fails is reported and the others still run."""
+    batch_sizes = [int(b) for b in args.static_batch_sizes.split(",") if b]
+    runs: list[tuple[str, Any]] = []
+    for name in names:
+        if name == "generate_batch":
+            runs.append((name, lambda: run_generate_batch(loaded, workload, device, args)))
+        else:
+            for bs in batch_sizes:
+                runs.append((f"{name} bs={bs}", lambda bs=bs, name=name: run_static(
+                    loaded, workload, device, bs, static_cache=name == "static_compile")))  # fmt: skip
+    results: list[RunResult] = []
+    failed: list[dict[str, str]] = []
+    for name, run in runs:
+        try:
+            results.append(run())
+        except Exception as exc:  # a baseline's failure must not lose the rows measured so far
+            print(f"  FAILED: {name}: {type(exc).__name__}: {exc}", flush=True)
+            failed.append({"system": name, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        r = results[-1]
+        notes = " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.notes.items())
+        print(f"  done: {r.system} in {r.wall_s:.1f}s {notes}".rstrip(), flush=True)
+    return results, failed
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
-    if args.model == "llama-1b-random":
+    if args.model in ("llama-1b-random", "tiny-random"):
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-        return random_causal_lm("llama-1b", device=args.device, dtype=dtype)
+        shape = "llama-1b" if args.model == "llama-1b-random" else "tiny"
+        return random_causal_lm(shape, device=args.device, dtype=dtype)
     return load_model("SmolLM2-135M-Instruct" if args.model == "default" else args.model,
                       device=args.device, dtype=args.dtype)  # fmt: skip
 
@@ -234,7 +406,7 @@ def format_table(rows: list[dict[str, Any]], device: torch.device) -> str:
     cells = [[title for title, _, _ in columns]]
     for row in rows:
         values = dict(row, peak_memory_bytes=row["peak_memory_bytes"] // (1 << 20))
-        cells.append([fmt.format(values[key]) for _, key, fmt in columns])
+        cells.append(["n/a" if values[key] is None else fmt.format(values[key]) for _, key, fmt in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = [
         "  ".join(
@@ -246,15 +418,24 @@ def format_table(rows: list[dict[str, Any]], device: torch.device) -> str:
     return "\n".join(lines)
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Model options shared with decode_step_bench.py."""
+    models = "default | llama-1b-random | tiny-random | a model id or path"
+    p.add_argument("--model", default="default", help=models)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    eager = "pass enforce_eager=True to PagedEngine (no CUDA graphs)"
+    p.add_argument("--enforce-eager", action="store_true", help=eager)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=["w2-cpu", "w1", "w2", "w3"], default="w2-cpu")
-    p.add_argument("--model", default="default", help="default | llama-1b-random | a model id or path")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--static-batch-sizes", default="8,32", help="comma-separated generate() batch sizes")
-    p.add_argument("--skip-static", action="store_true", help="run the paged engine only")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    add_model_args(p)
+    p.add_argument("--baseline", default="generate", help=f"comma-separated, from {', '.join(BASELINES)}")
+    p.add_argument("--static-batch-sizes", default="8,32", help="batch sizes of generate and static_compile")
+    p.add_argument("--skip-static", action="store_true", help="run the paged engine only (no baseline)")
     p.add_argument("--kv-cache-bytes", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -263,7 +444,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-reserve", choices=["worst_case", "optimistic"], default="worst_case")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--json-out", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.baselines = [b for b in args.baseline.split(",") if b]
+    unknown = sorted(set(args.baselines) - set(BASELINES))
+    if unknown:
+        p.error(f"unknown --baseline {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,15 +470,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     results = [run_paged(loaded, workload, device, args)]
     print(f"  done: {results[-1].system} in {results[-1].wall_s:.1f}s", flush=True)
+    failed: list[dict[str, str]] = []
     if not args.skip_static:
-        for batch_size in (int(b) for b in args.static_batch_sizes.split(",") if b):
-            results.append(run_static(loaded, workload, device, batch_size))
-            print(f"  done: {results[-1].system} in {results[-1].wall_s:.1f}s", flush=True)
+        more, failed = run_baselines(args.baselines, loaded, workload, device, args)
+        results += more
     rows = [r.summary() for r in results]
     print(format_table(rows, device))
     if args.json_out:
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        args.json_out.write_text(json.dumps({"config": config, "results": rows}, indent=2))
+        args.json_out.write_text(json.dumps({"config": config, "results": rows, "failed": failed}, indent=2))
 
 
 if __name__ == "__main__":
