@@ -204,7 +204,7 @@ def run_paged(
     )  # fmt: skip
 
 
-class _TokenClock:
+class TokenClock:
     """A `generate()` streamer that only records when each decoding step delivered its tokens."""
 
     def __init__(self) -> None:
@@ -248,7 +248,7 @@ def run_static(
     max_cache_len = max(max(len(p) for p in prompts) + max(news) for prompts, news in batches)
     caches: dict[int, Any] = {}
 
-    def generate(prompts: list[list[int]], new: int, streamer: _TokenClock | None = None) -> torch.Tensor:
+    def generate(prompts: list[list[int]], new: int, streamer: TokenClock | None = None) -> torch.Tensor:
         ids, mask = left_padded(prompts, pad_id, device)
         kwargs: dict[str, Any] = {}
         if static_cache:
@@ -285,7 +285,7 @@ def run_static(
     with PeakMemory(device) as mem, torch.no_grad() if static_cache else torch.inference_mode():
         start = time.perf_counter()
         for prompts, news in batches:
-            clock = _TokenClock()
+            clock = TokenClock()
             new = max(news)  # a static batch runs to its longest
             out = generate(prompts, new, clock)
             generated = out.shape[1] - max(len(p) for p in prompts)
@@ -403,10 +403,14 @@ def format_table(rows: list[dict[str, Any]], device: torch.device) -> str:
         ("TPOT p50 ms", "tpot_p50_ms", "{:.1f}"), ("prefill tokens", "prefill_tokens", "{}"),
         ("wall s", "wall_s", "{:.1f}"), (mem_label, "peak_memory_bytes", "{}"),
     ]  # fmt: skip
+    mib = [dict(r, peak_memory_bytes=r["peak_memory_bytes"] // (1 << 20)) for r in rows]
+    return render_table(mib, columns)
+
+
+def render_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """Rows as aligned text under (title, key, format) columns; a missing or None value prints n/a."""
     cells = [[title for title, _, _ in columns]]
-    for row in rows:
-        values = dict(row, peak_memory_bytes=row["peak_memory_bytes"] // (1 << 20))
-        cells.append(["n/a" if values[key] is None else fmt.format(values[key]) for _, key, fmt in columns])
+    cells += [["n/a" if r.get(key) is None else fmt.format(r[key]) for _, key, fmt in columns] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = [
         "  ".join(

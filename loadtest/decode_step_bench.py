@@ -1,0 +1,262 @@
+"""Decode step time of the paged engine vs batch size, against the HBM roofline.
+
+For each batch size B, a fresh PagedEngine gets B requests of `--context` random prompt tokens (EOS ignored)
+and steps until all B decode with no prefill left; after two more steps, `--steps` steps are timed one by
+one (`engine.step()` returns once the host has the sampled tokens) and the median is reported. Each request
+may produce `--new-tokens` tokens once all decode (its max_tokens adds a bound on the prefill steps).
+Roofline: every weight read once (tied embeddings once) plus each sequence's K/V at its mean context over
+the timed steps, over the HBM bandwidth (`--hbm-tb-s`, or looked up from the GPU's name).
+`--baseline static_compile` also times transformers' decode step at the same B and context: generate() with
+a reused StaticCache (compiled with CUDA graphs by transformers on CUDA, eager on CPU), one warm-up generate,
+then the median gap between successive tokens of a timed one.
+
+  python loadtest/decode_step_bench.py --model llama-1b-random --device cuda --dtype float16 \\
+      --baseline static_compile --json-out decode.json --plot decode.png
+  python loadtest/decode_step_bench.py --model tiny-random --batch-sizes 1,4 --context 64 --steps 3 \\
+      --hbm-tb-s 0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine_bench as bench  # noqa: E402
+
+from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
+from worker.engine.kv_cache import KVCacheSpec  # noqa: E402
+from worker.engine.llm_engine import PagedEngine  # noqa: E402
+from worker.engine.model_loader import LoadedModel  # noqa: E402
+
+WARMUP_STEPS = 2  # untimed decode steps once every sequence decodes
+# HBM bandwidth in TB/s by GPU name (whole words: "GH200" is not an H200); first match wins.
+HBM_TB_S = (("H200", 4.8), ("H100 NVL", 3.9), ("H100 PCIe", 2.0), ("H100", 3.35))
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters, each storage once (tied embeddings share one)."""
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    return sum(unique.values())
+
+
+def hbm_tb_s(device: torch.device, flag: float | None) -> float:
+    if flag is not None:
+        return flag
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    for key, tb_s in HBM_TB_S:
+        if re.search(rf"\b{key}\b", name):
+            return tb_s
+    raise SystemExit(f"no known memory bandwidth for {name!r}: pass --hbm-tb-s")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_engine(loaded: LoadedModel, batch: int, args: argparse.Namespace) -> tuple[float, float]:
+    """Median decode step ms at `batch` sequences, and their mean context (tokens) over the timed steps."""
+    device = torch.device(args.device)
+    spec = KVCacheSpec.from_model_config(loaded.model.config, next(loaded.model.parameters()).dtype)
+    chunk = args.max_prefill_chunk_tokens
+    # A step computes at least one prefill chunk, so prefill ends within batch * ceil(context / chunk) steps.
+    max_tokens = args.new_tokens + batch * -(-args.context // chunk)
+    blocks = batch * (-(-(args.context + max_tokens) // args.block_size) + 1)
+    engine = PagedEngine(
+        loaded.model, loaded.tokenizer, kv_cache_bytes=blocks * spec.bytes_per_block(args.block_size),
+        block_size=args.block_size, max_num_seqs=batch, max_prefill_chunk_tokens=chunk,
+        max_batch_tokens=max(args.max_batch_tokens, batch + chunk), **bench.engine_options(args),
+    )  # fmt: skip
+    rng = random.Random(batch)
+    vocab = min(loaded.model.config.vocab_size, len(loaded.tokenizer))
+    for i in range(batch):
+        prompt = [rng.randrange(bench.FIRST_ORDINARY_ID, vocab) for _ in range(args.context)]
+        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        engine.add_request(GenerationRequest(f"d{i}", prompt, sampling, arrival_s=time.monotonic()))
+    completed: dict[str, int] = {}
+
+    def step() -> bool:
+        """One step; True if it was a pure decode step of every sequence."""
+        for out in engine.step():
+            completed[out.request_id] = out.completion_tokens
+        stats = engine.last_step_stats()
+        return stats.prefill_tokens == 0 and stats.decode_tokens == batch
+
+    while not step():
+        if not engine.has_unfinished():
+            raise RuntimeError("every request finished before all of them were decoding")
+    for _ in range(WARMUP_STEPS):
+        step()
+    # The step after k completion tokens attends over context + k tokens (its input token included).
+    mean_context = args.context + statistics.fmean(completed.values()) + (args.steps - 1) / 2
+    times = []
+    for _ in range(args.steps):
+        sync(device)
+        start = time.perf_counter()
+        if not step():
+            raise RuntimeError("a timed step was not a decode step of every sequence")
+        sync(device)
+        times.append(time.perf_counter() - start)
+    engine.close()
+    return statistics.median(times) * 1000, mean_context
+
+
+def time_static(loaded: LoadedModel, batch: int, args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
+    """Median ms between successive tokens of transformers' static-cache generate() at `batch`."""
+    from transformers import StaticCache
+
+    model, device = loaded.model, torch.device(args.device)
+    model.set_attn_implementation("sdpa")
+    vocab = min(model.config.vocab_size, len(loaded.tokenizer))
+    generator = torch.Generator().manual_seed(batch)
+    ids = torch.randint(bench.FIRST_ORDINARY_ID, vocab, (batch, args.context), generator=generator).to(device)
+    new, warm = args.steps + 1, bench.STATIC_WARMUP_TOKENS  # the first new token comes from the prefill
+    cache = StaticCache(config=model.config, max_cache_len=args.context + max(new, warm))
+
+    def generate(max_new_tokens: int, clock: bench.TokenClock | None = None) -> None:
+        cache.reset()
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=[], pad_token_id=loaded.tokenizer.pad_token_id, past_key_values=cache,
+            streamer=clock,
+        )  # fmt: skip
+
+    warm_start = time.perf_counter()
+    generate(warm)
+    sync(device)
+    warmup_s = time.perf_counter() - warm_start
+    clock = bench.TokenClock()
+    generate(new, clock)
+    gaps = [b - a for a, b in zip(clock.times[1:], clock.times[2:], strict=False)]  # times[0]: the prompt
+    compiled = hasattr(model, "_compiled_call")  # set by transformers when it compiled the decode step
+    return statistics.median(gaps) * 1000, {"warmup_s": warmup_s, "compiled": compiled}
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    columns = [
+        ("B", "batch", "{}"), ("mean ctx", "mean_context", "{:.0f}"), ("step ms", "step_ms", "{:.2f}"),
+        ("tok/s", "tok_s", "{:.0f}"), ("roofline ms", "roofline_ms", "{:.2f}"),
+        ("step/roofline", "ratio", "{:.2f}"),
+    ]  # fmt: skip
+    if any("static_step_ms" in r for r in rows):
+        columns += [("static ms", "static_step_ms", "{:.2f}"), ("static/roofline", "static_ratio", "{:.2f}")]
+    return bench.render_table(rows, columns)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = [r["batch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(batches, [r["step_ms"] for r in rows], "o-", label="paged engine decode step")
+    static = [r for r in rows if "static_step_ms" in r]
+    if static:
+        compiled = ", compiled" if static[0]["static"]["compiled"] else ""
+        label = f"transformers generate(), static cache{compiled}"
+        ax.plot([r["batch"] for r in static], [r["static_step_ms"] for r in static], "s-", label=label)
+    ax.plot(batches, [r["roofline_ms"] for r in rows], "k-", label="HBM roofline")
+    ax.plot(batches, [2 * r["roofline_ms"] for r in rows], "k--", label="2x roofline")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set(xlabel="batch size (sequences decoding)", ylabel="ms per decode step", title=title)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_model_args(p)
+    p.add_argument("--batch-sizes", default="1,16,64,256")
+    p.add_argument("--context", type=int, default=1024, help="prompt tokens of every sequence")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens each may produce once all decode")
+    p.add_argument("--steps", type=int, default=20, help="timed decode steps")
+    p.add_argument("--hbm-tb-s", type=float, default=None, help="HBM TB/s (default: by GPU name)")
+    p.add_argument("--baseline", choices=["static_compile"], default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-batch-tokens", type=int, default=2048, help="raised to B + prefill chunk if lower")
+    p.add_argument("--max-prefill-chunk-tokens", type=int, default=512)
+    p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="PNG of step time vs batch size")
+    args = p.parse_args(argv)
+    if args.new_tokens < args.steps + WARMUP_STEPS:
+        p.error(f"--new-tokens must be at least --steps + {WARMUP_STEPS}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    bandwidth = hbm_tb_s(device, args.hbm_tb_s)
+    loaded = bench.load(args)
+    dtype = next(loaded.model.parameters()).dtype
+    weights = weight_bytes(loaded.model)
+    kv_per_token = KVCacheSpec.from_model_config(loaded.model.config, dtype).bytes_per_block(1)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"model={loaded.source} device={gpu} dtype={dtype} weights={weights / 1e9:.3f} GB "
+        f"kv={kv_per_token} B/token bandwidth={bandwidth} TB/s context={args.context} steps={args.steps}",
+        flush=True,
+    )
+    rows: list[dict[str, Any]] = []
+    for batch in (int(b) for b in args.batch_sizes.split(",") if b):
+        try:
+            step_ms, mean_context = time_engine(loaded, batch, args)
+        except Exception as exc:  # keep the batch sizes measured so far (a large B may not fit)
+            print(f"  FAILED: B={batch}: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        roofline_bytes = weights + batch * mean_context * kv_per_token
+        roofline_ms = roofline_bytes / (bandwidth * 1e12) * 1000
+        row: dict[str, Any] = {
+            "batch": batch, "mean_context": mean_context, "step_ms": step_ms, "tok_s": batch / step_ms * 1000,
+            "roofline_bytes": roofline_bytes, "roofline_ms": roofline_ms, "ratio": step_ms / roofline_ms,
+        }  # fmt: skip
+        if args.baseline == "static_compile":
+            try:
+                static_ms, notes = time_static(loaded, batch, args)
+                row |= {"static_step_ms": static_ms, "static_ratio": static_ms / roofline_ms, "static": notes}
+            except Exception as exc:
+                print(f"  FAILED: static_compile B={batch}: {type(exc).__name__}: {exc}", flush=True)
+            gc.collect()  # its StaticCache
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if "static" in row and not row["static"]["compiled"]:
+                print("  note: transformers compiles its decode step only on accelerators; static runs eager")
+        rows.append(row)
+        extra = f", static {row['static_step_ms']:.2f} ms" if "static_step_ms" in row else ""
+        print(f"  done: B={batch} step {step_ms:.2f} ms, roofline {roofline_ms:.2f} ms{extra}", flush=True)
+    print(format_table(rows))
+    if args.json_out:
+        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        found = {"device": gpu, "dtype": str(dtype), "weight_bytes": weights, "hbm_tb_s": bandwidth}
+        found["kv_bytes_per_token"] = kv_per_token
+        args.json_out.write_text(json.dumps({"config": config, **found, "results": rows}, indent=2))
+    if args.plot:
+        dtype_name = str(dtype).removeprefix("torch.")
+        plot(rows, args.plot, f"Decode step vs batch size: {gpu}, {dtype_name}, context {args.context}")
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
