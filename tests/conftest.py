@@ -20,6 +20,12 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
+
+# Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter, which must be
+# chosen before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from producer.client import ChatClient
 from worker.embedded_redis import EmbeddedRedis

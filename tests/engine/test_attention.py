@@ -13,8 +13,8 @@ def test_matches_dense_causal_attention_with_gqa_chunks_and_decodes():
     gen = torch.Generator().manual_seed(0)
     heads, kv_heads, dim, block_size, num_blocks = 6, 2, 8, 4, 64
     cache = KVCache(KVCacheSpec(1, kv_heads, dim, torch.float32), num_blocks, block_size, torch.device("cpu"))
-    # (context length after the step, new tokens): a decode, a first chunk, a later chunk, a first decode.
-    shapes = [(9, 1), (7, 7), (13, 5), (1, 1)]
+    # (context length after the step, new tokens), decodes first: two decodes, a first chunk, a later chunk.
+    shapes = [(9, 1), (1, 1), (7, 7), (13, 5)]
     free = torch.randperm(num_blocks, generator=gen).tolist()
     tables, queries, slots, dense = [], [], [], []
     for context_len, new in shapes:
@@ -35,16 +35,17 @@ def test_matches_dense_causal_attention_with_gqa_chunks_and_decodes():
         mask = torch.ones(new, context_len, dtype=torch.bool).tril(context_len - new)
         dense.append(F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask).transpose(0, 1))
     max_blocks = max(len(t) for t in tables)
-    starts = [0]
-    for q in queries:
-        starts.append(starts[-1] + q.shape[0])
     metadata = AttentionMetadata(
         kv_cache=cache,
+        backend="torch",
         slot_mapping=torch.cat(slots),
-        block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables]),
-        query_start_loc=starts,
-        context_lens=[c for c, _ in shapes],
-        context_lens_tensor=torch.tensor([c for c, _ in shapes]),
+        block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32),
+        context_lens=torch.tensor([c for c, _ in shapes], dtype=torch.int32),
+        num_decodes=2,
+        query_start_loc=torch.tensor([0, 7, 12], dtype=torch.int32),
+        max_query_len=7,
+        query_lens_host=[n for _, n in shapes],
+        context_lens_host=[c for c, _ in shapes],
     )
     k_cache, v_cache = cache.layer(0)
     out = paged_attention_reference(torch.cat(queries), k_cache, v_cache, metadata, dim**-0.5)

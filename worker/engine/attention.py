@@ -1,15 +1,19 @@
 """Paged attention plugged into transformers' models through `AttentionInterface`.
 
 A step runs every scheduled sequence flattened into one batch row (varlen, as vLLM): B=1 and
-T = all prefill-chunk tokens + one token per decoding sequence, each with its own position id,
-so no padding is ever computed. The model's attention modules stay unchanged; for each layer
+T = one token per decoding sequence + all prefill-chunk tokens, each with its own position id,
+so no padding is ever computed (CUDA-graph buckets pad only the decode batch, with rows that
+store and read nothing). Decoding sequences come first: tokens [0, num_decodes) are one query
+each, the rest are prefill chunks. The model's attention modules stay unchanged; for each layer
 they call `paged_attention_forward`, which writes the new tokens' K/V into the paged cache and
-then attends each sequence's queries to its own context, gathered through its block table.
-The per-step metadata (slot mapping, block tables, lengths) comes from the model runner through
-`attention_context`, because transformers' forward has no argument for it.
+then attends each sequence's queries to its own context through its block table. The per-step
+metadata comes from the model runner through `attention_context`, because transformers' forward
+has no argument for it.
 
-`paged_attention_reference` is the kernel seam: plain torch, exact, runs on CPU; faster
-kernels (Triton) must match it.
+Two backends compute the same function. `triton` (the GPU path) stores K/V and reads it in place
+with the kernels of `worker/engine/kernels/`, launching a fixed number of kernels per layer so
+the decode forward can be captured in a CUDA graph. `torch` (`paged_attention_reference`) is
+plain torch, exact, runs on CPU, and is the oracle the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -18,46 +22,59 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 
+from worker.engine.kernels import kernels_usable
 from worker.engine.kv_cache import KVCache
 
 PAGED_ATTENTION = "engine_paged"
+AttentionBackend = Literal["triton", "torch"]
 # cuDNN's SDPA builds a new execution graph for every new context length (~5 ms of CPU per call on
 # H100), and a decode step's longest context changes every step; the other kernels take any shape.
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def resolve_backend(requested: str, device: torch.device) -> AttentionBackend:
+    """`auto` takes the Triton kernels wherever they run (CUDA), else the torch reference."""
+    if requested == "torch":
+        return "torch"
+    usable = kernels_usable(device)
+    if requested == "triton":
+        if not usable:
+            raise RuntimeError(
+                f"Triton kernels cannot run on {device} here (no triton, or CPU without TRITON_INTERPRET=1)"
+            )
+        return "triton"
+    if requested != "auto":
+        raise ValueError(f"unknown attention backend {requested!r}")
+    return "triton" if usable and device.type == "cuda" else "torch"
+
+
 @dataclass
 class AttentionMetadata:
-    """Where one step's tokens go and what they read; sequences appear in the order of the flat batch."""
+    """Where one step's tokens go and what they read. Device tensors only, so a CUDA graph can hold them.
+
+    Sequences are ordered decodes first. `query_start_loc` covers the prefill sequences only, with
+    offsets relative to their first token (flat index `num_decodes`).
+    """
 
     kv_cache: KVCache
-    slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
-    block_tables: torch.Tensor  # [S, max_blocks] int64, padded with 0
-    query_start_loc: list[int]  # S + 1 offsets of each sequence's tokens in the flat batch
-    context_lens: list[int]  # K/V length of each sequence once this step's tokens are written
-    context_lens_tensor: torch.Tensor  # [S] the same, on the device
-
-    def __post_init__(self) -> None:
-        # Split once per step, not once per layer: decodes (one new token) run batched, prefills one by one.
-        starts = self.query_start_loc
-        decodes = [i for i in range(self.num_seqs) if starts[i + 1] - starts[i] == 1]
-        self.prefill_seqs = [i for i in range(self.num_seqs) if starts[i + 1] - starts[i] > 1]
-        device = self.slot_mapping.device
-        self.decode_seqs = torch.tensor(decodes, dtype=torch.long).to(device, non_blocking=True)
-        self.decode_tokens = torch.tensor([starts[i] for i in decodes], dtype=torch.long).to(
-            device, non_blocking=True
-        )
-        self.decode_max_len = max((self.context_lens[i] for i in decodes), default=0)
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.context_lens)
+    backend: AttentionBackend
+    slot_mapping: torch.Tensor  # [T] int64 flat cache slot of each new token; -1 = padding, not stored
+    block_tables: torch.Tensor  # [S, max_blocks] int32; entries past a sequence's blocks are never read
+    context_lens: torch.Tensor  # [S] int32 K/V length of each sequence once this step's tokens are written
+    num_decodes: int  # leading sequences with one query token each
+    query_start_loc: torch.Tensor  # [S - num_decodes + 1] int32 offsets of the prefill chunks
+    max_query_len: int  # longest prefill chunk (0 without prefills)
+    decode_splits: int = 1  # context splits of the decode kernel (flash-decoding)
+    # Host copies for the torch reference (unset in CUDA graphs, which never run the reference).
+    query_lens_host: list[int] | None = None
+    context_lens_host: list[int] | None = None
 
 
 _current: contextvars.ContextVar[AttentionMetadata | None] = contextvars.ContextVar(
@@ -75,16 +92,17 @@ def attention_context(metadata: AttentionMetadata) -> Iterator[None]:
         _current.reset(token)
 
 
-def _decode_attention(
+def _decode_reference(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, max_len: int, scale: float,
 ) -> torch.Tensor:  # fmt: skip
     """One query token per sequence, all sequences at once: [S, H, D] -> [S, H, D]."""
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
+    tables = block_tables.long()
     # [S, max_blocks * block_size, kv_heads, D], cut to the longest context, as [S, kv_heads, L, D] views.
-    keys = k_cache[block_tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
-    values = v_cache[block_tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    keys = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    values = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
     visible = torch.arange(max_len, device=query.device)[None, :] < context_lens[:, None]
     # GQA: the query heads of one kv head (h // group, as transformers' repeat_kv maps them) become
     # that head's query rows, so K/V are never repeated and any SDPA kernel with a mask applies.
@@ -94,7 +112,7 @@ def _decode_attention(
     return out.reshape(num_seqs, num_heads, head_dim)
 
 
-def _prefill_attention(
+def _prefill_reference(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
     context_len: int, scale: float,
 ) -> torch.Tensor:  # fmt: skip
@@ -103,8 +121,9 @@ def _prefill_attention(
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     num_blocks = -(-context_len // k_cache.shape[1])
-    keys = k_cache[block_table[:num_blocks]].flatten(0, 1)[:context_len].transpose(0, 1)
-    values = v_cache[block_table[:num_blocks]].flatten(0, 1)[:context_len].transpose(0, 1)
+    table = block_table[:num_blocks].long()
+    keys = k_cache[table].flatten(0, 1)[:context_len].transpose(0, 1)
+    values = v_cache[table].flatten(0, 1)[:context_len].transpose(0, 1)
     # Query i sits at position context_len - num_new + i and sees keys up to that position.
     q_pos = torch.arange(context_len - num_new, context_len, device=query.device)
     visible = torch.arange(context_len, device=query.device)[None, :] <= q_pos[:, None]
@@ -119,30 +138,52 @@ def _prefill_attention(
 
 
 def paged_attention_reference(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    metadata: AttentionMetadata,
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata,
     scale: float,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """Attention of the flat batch's queries [T, H, D] over the paged cache of one layer -> [T, H, D].
 
-    The new tokens' K/V must already be in the cache. Decoding sequences (one query token) are
-    computed together; prefill chunks one sequence at a time, with a causal mask against the context.
+    The new tokens' K/V must already be in the cache. Decoding sequences are computed together;
+    prefill chunks one sequence at a time, with a causal mask against the context.
     """
+    if metadata.context_lens_host is None or metadata.query_lens_host is None:
+        raise ValueError("the torch reference needs the host copies of the step's lengths")
     out = torch.empty_like(query)
-    if metadata.decode_max_len:
-        rows, tokens = metadata.decode_seqs, metadata.decode_tokens
-        out[tokens] = _decode_attention(
-            query[tokens], k_cache, v_cache, metadata.block_tables[rows],
-            metadata.context_lens_tensor[rows], metadata.decode_max_len, scale,
+    n = metadata.num_decodes
+    if n:
+        out[:n] = _decode_reference(
+            query[:n], k_cache, v_cache, metadata.block_tables[:n], metadata.context_lens[:n],
+            max(metadata.context_lens_host[:n]), scale,
         )  # fmt: skip
-    starts = metadata.query_start_loc
-    for i in metadata.prefill_seqs:
-        lo, hi = starts[i], starts[i + 1]
-        out[lo:hi] = _prefill_attention(
-            query[lo:hi], k_cache, v_cache, metadata.block_tables[i], metadata.context_lens[i], scale
+    lo = n
+    for i in range(n, len(metadata.context_lens_host)):
+        hi = lo + metadata.query_lens_host[i]
+        out[lo:hi] = _prefill_reference(
+            query[lo:hi], k_cache, v_cache, metadata.block_tables[i], metadata.context_lens_host[i], scale
         )
+        lo = hi
+    return out
+
+
+def _triton_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # fmt: skip
+    from worker.engine.kernels.paged_decode import paged_decode_attention
+    from worker.engine.kernels.paged_prefill import paged_prefill_attention
+
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    n = metadata.num_decodes
+    if n:
+        paged_decode_attention(
+            query[:n], k_cache, v_cache, metadata.block_tables[:n], metadata.context_lens[:n], scale,
+            num_splits=metadata.decode_splits, out=out[:n],
+        )  # fmt: skip
+    if metadata.max_query_len:
+        paged_prefill_attention(
+            query[n:], k_cache, v_cache, metadata.block_tables[n:], metadata.query_start_loc,
+            metadata.context_lens[n:], metadata.max_query_len, scale, out=out[n:],
+        )  # fmt: skip
     return out
 
 
@@ -162,16 +203,20 @@ def paged_attention_forward(
         raise RuntimeError(f"{PAGED_ATTENTION} attention called outside attention_context()")
     if query.shape[0] != 1:
         raise ValueError("paged attention expects the step flattened into one batch row")
-    window = kwargs.get("sliding_window")
-    if isinstance(window, int) and max(metadata.context_lens) > window:
-        raise NotImplementedError("sliding-window attention is not supported by the paged engine yet")
     layer_idx: int = module.layer_idx  # type: ignore[assignment]
     new_keys, new_values = key[0].transpose(0, 1), value[0].transpose(0, 1)
-    metadata.kv_cache.write(layer_idx, metadata.slot_mapping, new_keys, new_values)
     k_cache, v_cache = metadata.kv_cache.layer(layer_idx)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    with sdpa_kernel(_SDPA_BACKENDS):
-        out = paged_attention_reference(query[0].transpose(0, 1), k_cache, v_cache, metadata, scale)
+    q = query[0].transpose(0, 1)  # [T, H, D], a view
+    if metadata.backend == "triton":
+        from worker.engine.kernels.kv_store import store_kv
+
+        store_kv(new_keys, new_values, k_cache, v_cache, metadata.slot_mapping)
+        out = _triton_attention(q, k_cache, v_cache, metadata, scale)
+    else:
+        metadata.kv_cache.write(layer_idx, metadata.slot_mapping, new_keys, new_values)
+        with sdpa_kernel(_SDPA_BACKENDS):
+            out = paged_attention_reference(q, k_cache, v_cache, metadata, scale)
     return out.unsqueeze(0), None
 
 

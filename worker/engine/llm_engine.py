@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 
 from scheduler import BatchPolicy
+from worker.engine.attention import resolve_backend
 from worker.engine.base import (
     Engine,
     EngineCapacity,
@@ -23,6 +24,8 @@ from worker.engine.base import (
     StepStats,
 )
 from worker.engine.block_manager import BlockManager
+from worker.engine.cuda_graphs import DecodeGraphs
+from worker.engine.fused_layers import fuse_model
 from worker.engine.kv_cache import GPU_DEFAULT_MEMORY_FRACTION, KVCache, KVCacheSpec, num_blocks_for_budget
 from worker.engine.model_runner import ModelRunner
 from worker.engine.sequence import Sequence
@@ -61,6 +64,10 @@ class PagedEngine(Engine):
         max_waiting_steps: int = 20,
         max_wait_ms: float = 0.0,
         enable_prefix_caching: bool = True,
+        attention_backend: str = "auto",
+        enforce_eager: bool = False,
+        max_model_len: int | None = None,
+        fused_layers: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -71,7 +78,22 @@ class PagedEngine(Engine):
         num_blocks = num_blocks_for_budget(spec, block_size, self.device, kv_cache_bytes, gpu_memory_fraction)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.kv_cache = KVCache(spec, num_blocks, block_size, self.device)
-        self.runner = ModelRunner(model, self.kv_cache, self.block_manager, self.device)
+        self.attention_backend = resolve_backend(attention_backend, self.device)
+        # Longest sequence a CUDA graph's block table must hold: the model's context, or the whole cache.
+        self.max_model_len = min(
+            max_model_len or getattr(model.config, "max_position_embeddings", 0) or num_blocks * block_size,
+            num_blocks * block_size,
+        )
+        # The Triton path swaps in fused layers where the architecture is known; `close` restores them.
+        self._fused = fuse_model(model) if self.attention_backend == "triton" and fused_layers else None
+        graphs = None
+        if self.attention_backend == "triton" and self.device.type == "cuda" and not enforce_eager:
+            graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, -(-self.max_model_len // block_size))
+        self.runner = ModelRunner(
+            model, self.kv_cache, self.block_manager, self.device, self.attention_backend, graphs
+        )
+        if graphs is not None:
+            graphs.capture()  # after the runner registered the paged attention with the model
         self.policy = BatchPolicy(
             max_wait_ms=max_wait_ms,
             max_batch_tokens=max_batch_tokens,
@@ -101,6 +123,8 @@ class PagedEngine(Engine):
         kv_reserve: Literal["worst_case", "optimistic"] = "worst_case",
         enable_prefix_caching: bool = True,
         trust_remote_code: bool = False,
+        attention_backend: str = "auto",
+        enforce_eager: bool = False,
     ) -> PagedEngine:
         """Load a model by id or path (see `model_loader`) and build the engine around it."""
         from worker.engine.model_loader import load_model
@@ -110,7 +134,8 @@ class PagedEngine(Engine):
             loaded.model, loaded.tokenizer, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
             max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
             max_prefill_chunk_tokens=max_prefill_chunk_tokens, kv_reserve=kv_reserve,
-            enable_prefix_caching=enable_prefix_caching,
+            enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend,
+            enforce_eager=enforce_eager,
         )  # fmt: skip
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -188,6 +213,9 @@ class PagedEngine(Engine):
         for request_id in list(self._seqs):
             self.abort_request(request_id)
         self.runner.model = None
+        self.runner.graphs = None
+        if self._fused is not None:
+            self._fused.restore()
         del self.kv_cache.data
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

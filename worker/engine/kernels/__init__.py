@@ -1,0 +1,38 @@
+"""Triton kernels of the paged engine's GPU path: KV store, paged decode and paged prefill attention.
+
+Each kernel module holds one `@triton.jit` kernel (or a kernel and its reduction) and a torch-facing
+wrapper; `worker/engine/attention.py` is their only caller. The torch functions in `attention.py`
+stay the reference: every kernel here is tested against them (on the GPU, and on CPU tensors under
+`TRITON_INTERPRET=1`, which is how CI checks them without a GPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    """Triton's interpreter runs kernels on CPU tensors; it must be chosen before triton is imported."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernels_usable(device: torch.device) -> bool:
+    """True when the Triton kernels can run on tensors of `device` in this process."""
+    if not triton_installed():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreter_enabled()
+
+
+def num_decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int, max_splits: int = 32) -> int:
+    """Context splits per sequence for the decode kernel: enough programs for about two waves of the GPU."""
+    programs = max(num_seqs * num_kv_heads, 1)
+    return max(1, min(max_splits, -(-2 * num_sms // programs)))

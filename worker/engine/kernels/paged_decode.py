@@ -1,0 +1,145 @@
+"""Paged decode attention: one query token per sequence, K/V read in place through the block table.
+
+One program serves one (sequence, KV head, context split): the GROUP query heads that share the
+KV head are the rows of one tile, so each K/V element is loaded once per step, not once per query
+head (GQA-aware, as vLLM's and LightLLM's decode kernels). A long context can be split over
+NUM_SPLITS programs (flash-decoding) whose partial results a second kernel merges by their
+log-sum-exp; the split size is derived inside the kernel from each sequence's length, so the grid
+depends only on the batch size and a CUDA graph captured for one bucket serves every context
+length. A sequence of length 0 (a padding row of a bucket) writes zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """FP32 caches get IEEE dot products (exact like the reference); FP16/BF16 use the tensor cores anyway."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_bt, stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    tiles_per_split = tl.cdiv(tl.cdiv(context_len, BLOCK_N), NUM_SPLITS)
+    lo = split * tiles_per_split * BLOCK_N
+    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, context_len)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g
+    row_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=row_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    table = block_tables_ptr + seq * stride_bt
+    for start in range(lo, hi, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        t_mask = t < hi
+        block = tl.load(table + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+        offs = (block * stride_kb + (t % BLOCK_SIZE) * stride_ks + kv_head * HEAD_DIM)[:, None] + d[None, :]
+        kv_mask = t_mask[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 domain
+        s = tl.where(t_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    if NUM_SPLITS == 1:
+        o = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        tl.store(o, (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=row_mask)
+    else:
+        # Partials laid out [seq, head, split, D] and [seq, head, split], float32.
+        num_heads = tl.num_programs(1) * GROUP
+        row = (seq * num_heads + heads) * NUM_SPLITS + split
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], acc / safe_l[:, None], mask=row_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=g < GROUP)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    row = (seq * tl.num_programs(1) + head) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m > float("-inf"), m, 0.0)  # every split empty (a padding row): weights all 0
+    weight = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)
+    mask = (s < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :]
+    part = tl.load(part_out_ptr + (row + s)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+    total = tl.sum(weight, 0)
+    merged = tl.sum(part * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(
+        out_ptr + seq * stride_ot + head * stride_oh + d,
+        merged.to(out_ptr.dtype.element_ty),
+        mask=d < HEAD_DIM,
+    )
+
+
+def paged_decode_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, num_splits: int = 1, out: torch.Tensor | None = None,
+    block_n: int = 64,
+) -> torch.Tensor:  # fmt: skip
+    """query [S, H, D] (unit stride in D) over k/v_cache [blocks, block_size, KV, D] -> [S, H, D]."""
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    num_seqs, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, cache_dim = k_cache.shape
+    if cache_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"query {tuple(query.shape)} does not fit cache {tuple(k_cache.shape)}")
+    if out is None:
+        out = torch.empty(num_seqs, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    if num_seqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    if num_splits > 1:
+        part_out = torch.empty(
+            num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device
+        )
+        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
+    else:
+        part_out = part_lse = out  # unused
+    _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
+        scale * LOG2E, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, block_d), BLOCK_N=block_n,
+        DOT_PRECISION=dot_precision(k_cache.dtype), num_warps=4, num_stages=2,
+    )  # fmt: skip
+    if num_splits > 1:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d,
+        )  # fmt: skip
+    return out

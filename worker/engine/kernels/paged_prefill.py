@@ -1,0 +1,97 @@
+"""Paged prefill attention: chunks of query tokens, causal over their sequence's cached context.
+
+Varlen over the flat batch: sequence i's queries are rows [query_start[i], query_start[i + 1])
+and are the last tokens of its context (`context_lens[i]`, K/V already stored), so one kernel
+serves a first prefill, a later chunk of a chunked prefill and a prompt whose prefix came from
+the prefix cache. One program computes BLOCK_M query rows of one head with an online softmax
+over K/V tiles read through the block table (FlashAttention-2's loop, paged). Programs whose
+tile starts past their sequence's queries exit at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from worker.engine.kernels.paged_decode import LOG2E, dot_precision
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr, out_ptr,
+    qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_bt, stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    context_len = tl.load(context_lens_ptr + seq)
+    kv_head = head // GROUP
+
+    r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    q_pos = context_len - q_len + r  # position of each query row in its sequence
+    q_mask = (r < q_len)[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(
+        q_ptr + (q_start + r)[:, None] * stride_qt + head * stride_qh + d[None, :], mask=q_mask, other=0.0
+    )
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    table = block_tables_ptr + seq * stride_bt
+    # Keys past the tile's last query position are masked for every row: stop there.
+    hi = tl.minimum(context_len, context_len - q_len + (tile + 1) * BLOCK_M)
+    for start in range(0, hi, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        t_mask = t < hi
+        block = tl.load(table + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+        offs = (block * stride_kb + (t % BLOCK_SIZE) * stride_ks + kv_head * HEAD_DIM)[:, None] + d[None, :]
+        kv_mask = t_mask[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 domain
+        s = tl.where(t_mask[None, :] & (t[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o = out_ptr + (q_start + r)[:, None] * stride_ot + head * stride_oh + d[None, :]
+    tl.store(o, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def paged_prefill_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor, context_lens: torch.Tensor, max_query_len: int, scale: float,
+    out: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64,
+) -> torch.Tensor:  # fmt: skip
+    """query [T, H, D] of S sequences (offsets `query_start_loc` [S + 1]) over the paged cache: [T, H, D]."""
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    if out is None:
+        out = torch.empty_like(query)
+    num_seqs = context_lens.shape[0]
+    if num_seqs == 0 or num_tokens == 0:
+        return out
+    grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
+    _paged_prefill_kernel[grid](
+        query, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
+        scale * LOG2E, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        DOT_PRECISION=dot_precision(k_cache.dtype), num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,89 @@
+"""Rotary embedding of a fused QKV projection, with the new K/V written into the paged cache.
+
+One program per token: it rotates the token's query heads (written out for attention) and key
+heads, and stores the rotated keys and the values at the token's cache slot (negative slot:
+a padding row, nothing stored). This replaces transformers' rotate-half arithmetic (about ten
+launches per layer) and the separate KV store. `cos`/`sin` are the model's own rotary tables for
+the step's positions ([T, D], both halves), so any RoPE scaling the model configures applies.
+Rounded as transformers rounds it: cos/sin in the model dtype, each product and the sum rounded.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate(x1, x2, c1, c2, s1, s2):
+    """x * cos + rotate_half(x) * sin on the two halves, each product rounded to the input dtype."""
+    dt = x1.dtype
+    o1 = (x1 * c1).to(dt).to(tl.float32) + (-(x2.to(tl.float32)) * s1).to(dt).to(tl.float32)
+    o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+    return o1.to(dt), o2.to(dt)
+
+
+@triton.jit
+def _rope_store_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_t, stride_cos, stride_qo, stride_slot,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, HALF: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0)
+    half = HEAD_DIM // 2
+    d = tl.arange(0, HALF)
+    d_mask = d < half
+    row = qkv_ptr + token * stride_t
+    c1 = tl.load(cos_ptr + token * stride_cos + d, mask=d_mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + token * stride_cos + half + d, mask=d_mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + token * stride_cos + d, mask=d_mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + token * stride_cos + half + d, mask=d_mask, other=0.0).to(tl.float32)
+
+    h = tl.arange(0, BLOCK_H)[:, None]
+    q_mask = (h < NUM_HEADS) & d_mask[None, :]
+    q1 = tl.load(row + h * HEAD_DIM + d[None, :], mask=q_mask, other=0.0)
+    q2 = tl.load(row + h * HEAD_DIM + half + d[None, :], mask=q_mask, other=0.0)
+    o1, o2 = _rotate(q1, q2, c1[None, :], c2[None, :], s1[None, :], s2[None, :])
+    q_out = q_out_ptr + token * stride_qo + h * HEAD_DIM + d[None, :]
+    tl.store(q_out, o1, mask=q_mask)
+    tl.store(q_out + half, o2, mask=q_mask)
+
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    g = tl.arange(0, BLOCK_KV)[:, None]
+    kv_mask = (g < tl.where(slot >= 0, NUM_KV_HEADS, 0)) & d_mask[None, :]
+    k_row = row + NUM_HEADS * HEAD_DIM + g * HEAD_DIM + d[None, :]
+    k1 = tl.load(k_row, mask=kv_mask, other=0.0)
+    k2 = tl.load(k_row + half, mask=kv_mask, other=0.0)
+    r1, r2 = _rotate(k1, k2, c1[None, :], c2[None, :], s1[None, :], s2[None, :])
+    dest = slot * stride_slot + g * HEAD_DIM + d[None, :]
+    tl.store(k_cache_ptr + dest, r1.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(k_cache_ptr + dest + half, r2.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+    v_row = k_row + NUM_KV_HEADS * HEAD_DIM
+    v1 = tl.load(v_row, mask=kv_mask, other=0.0)
+    v2 = tl.load(v_row + half, mask=kv_mask, other=0.0)
+    tl.store(v_cache_ptr + dest, v1.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(v_cache_ptr + dest + half, v2.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
+
+
+def rope_and_store(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+) -> torch.Tensor:  # fmt: skip
+    """qkv [T, (H + 2 KV) * D] -> rotated queries [T, H, D]; rotated keys and values go to the cache."""
+    num_tokens = qkv.shape[0]
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    cos = cos.to(qkv.dtype).reshape(num_tokens, head_dim)
+    sin = sin.to(qkv.dtype).reshape(num_tokens, head_dim)
+    q_out = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if num_tokens:
+        _rope_store_kernel[(num_tokens,)](
+            qkv, cos.contiguous(), sin.contiguous(), q_out, k_cache, v_cache, slot_mapping,
+            qkv.stride(0), head_dim, num_heads * head_dim, num_kv_heads * head_dim,
+            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+            BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
+            HALF=triton.next_power_of_2(head_dim // 2),
+        )  # fmt: skip
+    return q_out
