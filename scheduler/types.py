@@ -42,6 +42,8 @@ class RunningState:
     num_seqs: int = 0  # sequences currently running in the engine
     decode_tokens: int = 0  # tokens the running sequences consume in the next step (1 per decoding seq)
     free_kv_tokens: int | None = None  # KV capacity left, in tokens; None = unbounded (e.g. echo engine)
+    prefill_tokens: int = 0  # of decode_tokens, prefill chunks of running sequences already in the step
+    steps_since_prefill: int = 0  # consecutive steps that computed no prefill token
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,10 @@ class BatchPolicy:
     # (packs more, relies on preemption when decode outgrows the cache, as vLLM).
     kv_reserve: Literal["worst_case", "optimistic"] = "worst_case"
     max_waiting_steps: int = 20  # aging: after this many passed-over steps a request is served as INTERACTIVE
+    # Prefill batching while decoding (TGI's max_waiting_tokens): a pure decode step is cheap (a CUDA
+    # graph), a step with a prefill chunk is not, so new requests join a decoding batch once their
+    # first chunks fill the step's token budget, or after this many prefill-free steps. 0 = every step.
+    prefill_interval_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.max_wait_ms < 0:
@@ -66,6 +72,8 @@ class BatchPolicy:
             raise ValueError(f"unknown kv_reserve {self.kv_reserve!r}")
         if self.max_waiting_steps < 0:
             raise ValueError("max_waiting_steps must be >= 0")
+        if self.prefill_interval_steps < 0:
+            raise ValueError("prefill_interval_steps must be >= 0")
 
 
 @dataclass(frozen=True)

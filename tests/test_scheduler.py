@@ -15,6 +15,7 @@ from scheduler import (
     Priority,
     RunningState,
     WaitingRequest,
+    defer_prefill,
     effective_priority,
     kv_tokens_needed,
     prefill_chunk,
@@ -351,3 +352,25 @@ def test_invalid_inputs_rejected() -> None:
         req("a", prompt=10, cached_tokens=11)
     with pytest.raises(ValueError):
         BatchPolicy(max_batch_tokens=0)
+
+
+def test_decoding_engine_batches_prefills_until_they_fill_the_step_or_the_interval_ends() -> None:
+    policy = BatchPolicy(
+        max_batch_tokens=1000, max_num_seqs=8, max_prefill_chunk_tokens=512, prefill_interval_steps=4
+    )
+    decoding = RunningState(num_seqs=6, decode_tokens=6, steps_since_prefill=1)
+    small = [req("a", prompt=100), req("b", prompt=100), req("c", prompt=900)]
+    # Two free slots hold 200 prompt tokens, far from the 994-token budget: the graph decode step runs alone.
+    assert defer_prefill(small, decoding, policy)
+    assert select_admissions(small, decoding, policy, now=0.0).admitted == ()
+    # After the interval, or with a prefill already in the step, or on an idle engine, they join.
+    assert not defer_prefill(small, replace(decoding, steps_since_prefill=4), policy)
+    assert not defer_prefill(small, replace(decoding, prefill_tokens=50), policy)
+    assert not defer_prefill(small, RunningState(), policy)
+    assert [r.request_id for r in select_admissions(small, replace(decoding, steps_since_prefill=4), policy,
+                                                     now=0.0).admitted] == ["a", "b"]  # fmt: skip
+    # Enough joinable work to fill the step goes at once.
+    big = [req("x", prompt=600), req("y", prompt=600)]
+    assert not defer_prefill(big, decoding, policy)
+    # Off by default.
+    assert not defer_prefill(small, decoding, replace(policy, prefill_interval_steps=0))

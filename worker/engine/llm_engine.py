@@ -44,6 +44,11 @@ def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+# With CUDA graphs, new requests join a decoding batch at the latest every this many steps (or as soon
+# as they fill a step's token budget): a mixed step runs eagerly and costs several graph decode steps.
+DEFAULT_PREFILL_INTERVAL_STEPS = 8
+
+
 class PagedEngine(Engine):
     """Iteration-level engine with chunked prefill, prefix caching and optional preemption."""
 
@@ -68,6 +73,7 @@ class PagedEngine(Engine):
         enforce_eager: bool = False,
         max_model_len: int | None = None,
         fused_layers: bool = True,
+        prefill_interval_steps: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -101,7 +107,12 @@ class PagedEngine(Engine):
             max_prefill_chunk_tokens=max_prefill_chunk_tokens,
             kv_reserve=kv_reserve,
             max_waiting_steps=max_waiting_steps,
-        )
+            # Batch prefills only where decode steps replay CUDA graphs and mixed steps run eagerly.
+            prefill_interval_steps=(
+                prefill_interval_steps if prefill_interval_steps is not None
+                else DEFAULT_PREFILL_INTERVAL_STEPS if graphs is not None else 0
+            ),
+        )  # fmt: skip
         self.scheduler = StepScheduler(self.policy, self.block_manager)
         self._seqs: dict[str, Sequence] = {}
         self._stats = StepStats()

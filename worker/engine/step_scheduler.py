@@ -54,6 +54,7 @@ class StepScheduler:
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
+        self.steps_since_prefill = 0  # for prefill batching (BatchPolicy.prefill_interval_steps)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -83,6 +84,8 @@ class StepScheduler:
             self._admit(out, budget, now)
         for seq in self.waiting:
             seq.waited_steps += 1
+        has_prefill = any(item.num_tokens > 1 for item in out.scheduled)
+        self.steps_since_prefill = 0 if has_prefill else self.steps_since_prefill + 1
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -136,7 +139,11 @@ class StepScheduler:
         while self.waiting and budget > 0:
             by_id = {s.request_id: s for s in self.waiting}
             used = self.policy.max_batch_tokens - budget
-            running = RunningState(num_seqs=len(self.running), decode_tokens=used)
+            running = RunningState(
+                num_seqs=len(self.running), decode_tokens=used,
+                prefill_tokens=sum(item.num_tokens for item in out.scheduled if item.num_tokens > 1),
+                steps_since_prefill=self.steps_since_prefill,
+            )  # fmt: skip
             # KV is checked below against the block pool, which knows what the prefix cache shares.
             decision = select_admissions(
                 [self._as_waiting_request(s) for s in self.waiting], running, self.policy, now,
