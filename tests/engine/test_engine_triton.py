@@ -17,7 +17,7 @@ from worker.engine.model_loader import LoadedModel
 
 pytestmark = [
     pytest.mark.model,
-    pytest.mark.skipif(not kernels_usable(torch.device("cpu")), reason="needs triton with TRITON_INTERPRET=1"),
+    pytest.mark.skipif(not kernels_usable(torch.device("cpu")), reason="needs TRITON_INTERPRET=1"),
 ]
 
 
