@@ -163,8 +163,13 @@ def kv_budget_bytes(loaded: LoadedModel, workload: Workload, args: argparse.Name
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """PagedEngine keywords that only newer engines take, passed only when asked for."""
-    return {"enforce_eager": True} if args.enforce_eager else {}
+    """PagedEngine keywords passed only when asked for (the engine's defaults otherwise)."""
+    options: dict[str, Any] = {"enforce_eager": True} if args.enforce_eager else {}
+    if args.prefill_interval_steps is not None:
+        options["prefill_interval_steps"] = args.prefill_interval_steps
+    if args.no_fused_layers:
+        options["fused_layers"] = False
+    return options
 
 
 def run_paged(
@@ -197,7 +202,7 @@ def run_paged(
         wall = time.perf_counter() - start
     engine.close()
     tpot = [(last[r] - first[r]) * 1000 / (counts[r] - 1) for r in counts if counts[r] > 1]
-    notes = {"enforce_eager": True} if args.enforce_eager else {}
+    notes = engine_options(args)
     return RunResult(
         "paged engine", len(workload.prompts), sum(counts.values()), wall, prefill, mem.peak,
         [(t - start) * 1000 for t in first.values()], tpot, notes,
@@ -431,6 +436,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     eager = "pass enforce_eager=True to PagedEngine (no CUDA graphs)"
     p.add_argument("--enforce-eager", action="store_true", help=eager)
+    p.add_argument("--prefill-interval-steps", type=int, default=None,
+                   help="PagedEngine prefill batching interval (default: the engine's, 8 with CUDA graphs)")
+    p.add_argument("--no-fused-layers", action="store_true", help="keep transformers' layers (no fused swap)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
