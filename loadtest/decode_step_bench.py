@@ -130,7 +130,7 @@ def time_static(loaded: LoadedModel, batch: int, args: argparse.Namespace) -> tu
         cache.reset()
         model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=[], pad_token_id=loaded.tokenizer.pad_token_id, past_key_values=cache,
+            eos_token_id=[], pad_token_id=bench.pad_token_id(loaded), past_key_values=cache,
             streamer=clock,
         )  # fmt: skip
 

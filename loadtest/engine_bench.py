@@ -162,6 +162,12 @@ def kv_budget_bytes(loaded: LoadedModel, workload: Workload, args: argparse.Name
     return int(workload.total_kv_tokens * workload.kv_fraction * spec.bytes_per_block(1))
 
 
+def pad_token_id(loaded: LoadedModel) -> int:
+    """The tokenizer's pad id, else its EOS id (a tokenizer converted from GGUF may define no pad token)."""
+    pad = loaded.tokenizer.pad_token_id
+    return int(pad if pad is not None else loaded.tokenizer.eos_token_id)
+
+
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """PagedEngine keywords passed only when asked for (the engine's defaults otherwise)."""
     options: dict[str, Any] = {"enforce_eager": True} if args.enforce_eager else {}
@@ -244,7 +250,7 @@ def run_static(
     """
     from transformers import StaticCache
 
-    model, pad_id = loaded.model, loaded.tokenizer.pad_token_id
+    model, pad_id = loaded.model, pad_token_id(loaded)
     model.set_attn_implementation("sdpa")
     batches = [
         (workload.prompts[lo : lo + batch_size], workload.max_tokens[lo : lo + batch_size])
@@ -333,7 +339,7 @@ def run_generate_batch(
         lengths = [len(p) + new for p in workload.prompts]
         cb_fields["num_blocks"] = sum(-(-n // block) for n in lengths)
     generation_config = GenerationConfig(
-        max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=loaded.tokenizer.pad_token_id
+        max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=pad_token_id(loaded)
     )  # eos -1: no request stops early
     model.set_attn_implementation("paged|sdpa")  # SDPA, as the other systems; no flash-attn assumed
     with PeakMemory(device) as mem:

@@ -30,6 +30,9 @@ def test_triton_path_gives_the_reference_tokens_and_restores_the_model(smol: Loa
             max_prefill_chunk_tokens=40, attention_backend=backend,
         )  # fmt: skip
         assert engine.attention_backend == backend
+        if backend == "triton":
+            engine.runner.warm_up()  # compiles the kernels; must leave the cache untouched
+            assert not engine.kv_cache.data.any()
         prompt = chat(engine, "What is the capital of France?", "Answer briefly.")
         # Chunked prefill (40-token chunks), a prefix hit, and decodes sharing steps with prefills.
         for rid, ids in (("full", prompt), ("prefix", prompt[:-3] + prompt[-3:]), ("short", prompt[:20])):

@@ -153,7 +153,8 @@ def test_both_backends_give_one_function_on_a_mixed_step():
 
 def test_decode_splits_fill_the_gpu_and_stay_bounded():
     assert num_decode_splits(1, 8, 132) == 32
-    assert num_decode_splits(4, 8, 132) == 9
+    assert num_decode_splits(4, 8, 132) == 16
+    assert num_decode_splits(32, 8, 132) == 2
     assert num_decode_splits(64, 8, 132) == 1
     assert num_decode_splits(0, 8, 132) == 32
-    assert all(1 <= num_decode_splits(b, 8, 132) <= 32 for b in range(0, 300))
+    assert {num_decode_splits(b, 8, 132) for b in range(0, 300)} == {1, 2, 4, 8, 16, 32}

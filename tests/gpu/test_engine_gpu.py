@@ -81,7 +81,7 @@ def test_greedy_tokens_match_generate_for_32_steps(dtype: str):
             out = model.generate(
                 torch.tensor([prompt], device="cuda"),
                 attention_mask=torch.ones(1, len(prompt), device="cuda"),
-                max_new_tokens=32, do_sample=False, eos_token_id=[], pad_token_id=tokenizer.pad_token_id,
+                max_new_tokens=32, do_sample=False, eos_token_id=[], pad_token_id=tokenizer.eos_token_id,
             )  # fmt: skip
             expected.append(out[0, len(prompt) :].tolist())
     engine = PagedEngine(model, tokenizer, kv_cache_bytes=1 << 30, max_num_seqs=8)

@@ -98,6 +98,8 @@ class PagedEngine(Engine):
         self.runner = ModelRunner(
             model, self.kv_cache, self.block_manager, self.device, self.attention_backend, graphs
         )
+        if self.attention_backend == "triton" and self.device.type == "cuda":
+            self.runner.warm_up()
         if graphs is not None:
             graphs.capture()  # after the runner registered the paged attention with the model
         self.policy = BatchPolicy(

@@ -159,6 +159,27 @@ class ModelRunner:
             block_tables=[item.seq.block_table for item in rows],
         )
 
+    @torch.inference_mode()
+    def warm_up(self, prefill_tokens: int = 16) -> None:
+        """One eager forward (a decode row and a prefill chunk) that reads and writes nothing of the cache.
+
+        Compiles the step's Triton kernels before the first request pays for it. Every row has context
+        length 0 and slot -1: attention returns zeros and no K/V is stored.
+        """
+        num_tokens = 1 + prefill_tokens
+        zeros = torch.zeros(2, dtype=torch.int32, device=self.device)
+        metadata = AttentionMetadata(
+            kv_cache=self.kv_cache, backend=self.backend,
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=self.device),
+            block_tables=torch.zeros(2, 1, dtype=torch.int32, device=self.device),
+            context_lens=zeros, num_decodes=1,
+            query_start_loc=torch.tensor([0, prefill_tokens], dtype=torch.int32, device=self.device),
+            max_query_len=prefill_tokens, query_lens_host=[1, prefill_tokens], context_lens_host=[0, 0],
+        )  # fmt: skip
+        ids = torch.zeros(1, num_tokens, dtype=torch.long, device=self.device)
+        with attention_context(metadata):
+            self.model(input_ids=ids, position_ids=ids, use_cache=False, logits_to_keep=1)
+
     def uses_graph(self, rows: list[ScheduledSequence]) -> bool:
         return (
             self.graphs is not None

@@ -33,6 +33,10 @@ def kernels_usable(device: torch.device) -> bool:
 
 
 def num_decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int, max_splits: int = 32) -> int:
-    """Context splits per sequence for the decode kernel: enough programs for about two waves of the GPU."""
+    """Context splits per sequence for the decode kernel: enough programs for about two waves of the GPU.
+
+    A power of two, so the kernel (specialised on it) compiles for at most six values.
+    """
     programs = max(num_seqs * num_kv_heads, 1)
-    return max(1, min(max_splits, -(-2 * num_sms // programs)))
+    wanted = -(-2 * num_sms // programs)
+    return min(max_splits, 1 << (wanted - 1).bit_length())
