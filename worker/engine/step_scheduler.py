@@ -137,7 +137,10 @@ class StepScheduler:
     def _admit(self, out: SchedulerOutput, budget: int, now: float) -> None:
         first = True
         while self.waiting and budget > 0:
-            by_id = {s.request_id: s for s in self.waiting}
+            candidates = self._candidates(now)
+            if not candidates:
+                return
+            by_id = {s.request_id: s for s in candidates}
             used = self.policy.max_batch_tokens - budget
             running = RunningState(
                 num_seqs=len(self.running), decode_tokens=used,
@@ -146,7 +149,7 @@ class StepScheduler:
             )  # fmt: skip
             # KV is checked below against the block pool, which knows what the prefix cache shares.
             decision = select_admissions(
-                [self._as_waiting_request(s) for s in self.waiting], running, self.policy, now,
+                [self._as_waiting_request(s) for s in candidates], running, self.policy, now,
                 kv_capacity_tokens=self.kv_capacity_tokens,
             )  # fmt: skip
             for req in decision.expired:
@@ -175,6 +178,34 @@ class StepScheduler:
                     break
             if not stale:
                 return
+
+    def _candidates(self, now: float) -> list[Sequence]:
+        """The waiting sequences the admission policy must see this step, without looking at the rest.
+
+        The policy admits at most the free sequence slots, walking in service order (priority class
+        with aging, then arrival), and separately reports expired and too-large requests. So it needs
+        every expired or too-large request, plus the first `slots + 1` of each priority class: within
+        a class the waiting queue is in arrival order (preempted sequences return to its front, and
+        they arrived first), and a class's aged requests are its oldest. Asking the policy about all
+        of them would cost a prefix-cache lookup per waiting request per step: with a thousand
+        requests queued that is most of a decode step's time.
+        """
+        slots = self.policy.max_num_seqs - len(self.running)
+        per_class: dict[bool, int] = {True: 0, False: 0}
+        capacity = self.kv_capacity_tokens
+        picked: list[Sequence] = []
+        for seq in self.waiting:
+            expired = seq.deadline_s is not None and seq.deadline_s <= now
+            remaining = max(seq.sampling.max_tokens - seq.num_completion_tokens, 0)
+            # kv_tokens_needed() of the policy, for either reserve mode.
+            need = len(seq) + (remaining if self.policy.kv_reserve == "worst_case" else 1)
+            interactive = seq.priority < Priority.BATCH
+            if expired or need > capacity:
+                picked.append(seq)
+            elif per_class[interactive] <= slots:
+                per_class[interactive] += 1
+                picked.append(seq)
+        return picked
 
     def _start(self, seq: Sequence, kv_tokens: int, chunk: int, out: SchedulerOutput) -> None:
         cached = self.block_manager.allocate(seq, kv_tokens)
