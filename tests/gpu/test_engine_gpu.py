@@ -41,12 +41,12 @@ def test_graph_replay_matches_the_eager_forward():
 
     loaded = random_causal_lm("llama-1b", device="cuda", dtype=torch.float16)
     engine = PagedEngine(loaded.model, loaded.tokenizer, kv_cache_bytes=2 << 30, max_num_seqs=48,
-                         max_batch_tokens=8192, max_prefill_chunk_tokens=4096)  # fmt: skip
+                         max_batch_tokens=8192, max_prefill_chunk_tokens=4096, prefill_interval_steps=0)  # fmt: skip
     assert engine.runner.graphs is not None
     rng = random.Random(0)
     for i in range(37):  # a bucket of 40, padded with 3 rows
         prompt = [rng.randrange(100, 49000) for _ in range(rng.randint(5, 900))]
-        engine.add_request(request(f"r{i}", prompt, 8))
+        engine.add_request(request(f"r{i}", prompt, 64))  # none finishes before all are decoding
     while any(seq.num_uncomputed_tokens > 1 for seq in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
     rows = [ScheduledSequence(seq, 1) for seq in engine.scheduler.running]
