@@ -40,8 +40,10 @@ def test_graph_replay_matches_the_eager_forward():
     from worker.engine.random_model import random_causal_lm
 
     loaded = random_causal_lm("llama-1b", device="cuda", dtype=torch.float16)
-    engine = PagedEngine(loaded.model, loaded.tokenizer, kv_cache_bytes=2 << 30, max_num_seqs=48,
-                         max_batch_tokens=8192, max_prefill_chunk_tokens=4096, prefill_interval_steps=0)  # fmt: skip
+    engine = PagedEngine(
+        loaded.model, loaded.tokenizer, kv_cache_bytes=2 << 30, max_num_seqs=48, max_batch_tokens=8192,
+        max_prefill_chunk_tokens=4096, prefill_interval_steps=0,
+    )  # fmt: skip
     assert engine.runner.graphs is not None
     rng = random.Random(0)
     for i in range(37):  # a bucket of 40, padded with 3 rows
