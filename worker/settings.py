@@ -81,6 +81,19 @@ class WorkerSettings(BaseSettings):
         default="worst_case",
         description="KV admission: reserve prompt+max_tokens, or prompt only with preemption.",
     )
+    attention_backend: Literal["auto", "triton", "torch"] = Field(
+        default="auto",
+        description="Paged attention: triton (GPU kernels) or torch (reference); auto = triton on CUDA.",
+    )
+    cuda_graphs: bool = Field(
+        default=True, description="Replay decode steps as CUDA graphs (triton backend on CUDA); false: eager."
+    )
+    prefill_interval_steps: int | None = Field(
+        default=None,
+        ge=0,
+        description="While decoding, admit new prompts at latest every N steps (or once they fill a step); "
+        "unset = 8 with CUDA graphs, else 0 (every step).",
+    )
     max_prompt_tokens: int = Field(
         default=4096, ge=1, description="Prompts longer than this get a too_long error."
     )

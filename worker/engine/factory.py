@@ -32,4 +32,7 @@ def create_engine(settings: WorkerSettings) -> Engine:
         max_batch_tokens=settings.max_batch_tokens,
         max_prefill_chunk_tokens=settings.max_prefill_chunk_tokens,
         kv_reserve=settings.kv_reserve,
+        attention_backend=settings.attention_backend,
+        enforce_eager=not settings.cuda_graphs,
+        prefill_interval_steps=settings.prefill_interval_steps,
     )

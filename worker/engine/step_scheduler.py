@@ -92,6 +92,7 @@ class StepScheduler:
         # Decodes first: a long prefill chunk must never stall the streams already running.
         order = sorted(self.running, key=lambda s: s.is_prefilling)  # stable: FIFO within each group
         scheduled: set[int] = set()
+        block_size = self.block_manager.block_size
         for seq in order:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this pass
@@ -99,10 +100,13 @@ class StepScheduler:
             if num_tokens <= 0:
                 break
             target = seq.num_computed_tokens + num_tokens
-            if not self._make_room(seq, target, order, scheduled, out):
-                continue
-            self.block_manager.ensure_slots(seq, target)
-            self.block_manager.register_full_blocks(seq, target)
+            # Most decodes need no new block and fill none: skip the block manager for them.
+            if target > len(seq.block_table) * block_size:
+                if not self._make_room(seq, target, order, scheduled, out):
+                    continue
+                self.block_manager.ensure_slots(seq, target)
+            if target // block_size > seq.num_registered_blocks:
+                self.block_manager.register_full_blocks(seq, target)
             out.scheduled.append(ScheduledSequence(seq, num_tokens))
             scheduled.add(id(seq))
             budget -= num_tokens

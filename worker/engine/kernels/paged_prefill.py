@@ -17,7 +17,7 @@ import triton.language as tl
 from worker.engine.kernels.paged_decode import LOG2E, dot_precision
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes every step
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr, out_ptr,
     qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_bt, stride_ot, stride_oh,
