@@ -74,6 +74,7 @@ class PagedEngine(Engine):
         max_model_len: int | None = None,
         fused_layers: bool = True,
         prefill_interval_steps: int | None = None,
+        async_output: bool | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -117,6 +118,10 @@ class PagedEngine(Engine):
         )  # fmt: skip
         self.scheduler = StepScheduler(self.policy, self.block_manager)
         self._seqs: dict[str, Sequence] = {}
+        # Tokens sampled by the last step, streamed by the next one (async output processing; on by
+        # default where a device computes while the host works): (sequence, token, finish reason).
+        self.async_output = self.device.type == "cuda" if async_output is None else async_output
+        self._pending: list[tuple[Sequence, int, FinishReason | None]] = []
         self._stats = StepStats()
         self._admitted_prompt_tokens = 0
         self._admitted_cached_tokens = 0
@@ -169,11 +174,19 @@ class PagedEngine(Engine):
 
     def abort_request(self, request_id: str, reason: FinishReason = "cancelled") -> SequenceOutput | None:
         seq = self._seqs.get(request_id)
-        if seq is None:
-            return None
-        return self._finish(seq, reason)
+        if seq is None:  # unknown, or ended with its final output still pending
+            seq = next((s for s, _, _ in self._pending if s.request_id == request_id), None)
+        return None if seq is None else self._finish(seq, reason)
 
     def step(self) -> list[SequenceOutput]:
+        """One iteration. With `async_output`, it returns the tokens sampled by the previous step.
+
+        Detokenizing and building the outputs of N sampled tokens is host work proportional to the
+        batch; done while the device computes the next step (vLLM's async output processing), it
+        costs no step time. Stop tokens and length are checked at once, so a finished sequence never
+        takes a step's slot; a stop string is found one step later, and the one token its sequence
+        computed meanwhile is dropped.
+        """
         now = time.monotonic()
         outputs = [
             self._finish(seq, "deadline_exceeded")
@@ -186,7 +199,9 @@ class PagedEngine(Engine):
         outputs += [self._finish(seq, "length") for seq in plan.cache_full]
         self._record_stats(plan)
         try:
-            sampled = self.runner.execute(plan.scheduled)
+            launched = self.runner.launch(plan.scheduled)
+            outputs += self._emit_pending()  # host work while the device runs this step
+            sampled = launched.result()
         except Exception:
             # This step's K/V writes may be incomplete: no later request may reuse those blocks.
             for item in plan.scheduled:
@@ -194,19 +209,38 @@ class PagedEngine(Engine):
             raise
         for item, token in zip(plan.scheduled, sampled, strict=True):
             seq = item.seq
+            if seq.is_finished:
+                continue  # a stop string or an abort ended it while this step ran
             seq.num_computed_tokens = item.start + item.num_tokens
             if token is None:
                 continue
-            delta = seq.append_token(token)
+            seq.token_ids.append(token)
             reason = self._stop_reason(seq, token)
             if reason is not None:
-                outputs.append(self._finish(seq, reason, [token], delta))
-            else:
-                outputs.append(self._output(seq, [token], delta))
+                self._release(seq, reason)  # frees its slot and blocks before the next step is planned
+            self._pending.append((seq, token, reason))
+        if not self.async_output:
+            outputs += self._emit_pending()
         return outputs
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def _emit_pending(self) -> list[SequenceOutput]:
+        pending, self._pending = self._pending, []
+        return [self._emit(seq, token, reason) for seq, token, reason in pending]
+
+    def _emit(self, seq: Sequence, token: int, reason: FinishReason | None) -> SequenceOutput:
+        """The output of one sampled token: its text delta, and the final reply if the sequence ended."""
+        delta = seq.decode_token(token)
+        if reason is None and seq.detokenizer is not None and seq.detokenizer.stopped:
+            reason = "stop"
+            self._release(seq, reason)
+        if reason is None:
+            return self._output(seq, [token], delta)
+        if not seq.is_finished:
+            self._release(seq, reason)
+        return self._final(seq, reason, [token], delta)
 
     def capacity(self) -> EngineCapacity:
         bs = self.block_manager.block_size
@@ -225,6 +259,7 @@ class PagedEngine(Engine):
     def close(self) -> None:
         for request_id in list(self._seqs):
             self.abort_request(request_id)
+        self._pending.clear()
         self.runner.model = None
         self.runner.graphs = None
         if self._fused is not None:
@@ -252,12 +287,24 @@ class PagedEngine(Engine):
             cached_tokens=seq.cached_tokens,
         )
 
-    def _finish(
-        self, seq: Sequence, reason: FinishReason, new_token_ids: list[int] | None = None, delta: str = ""
-    ) -> SequenceOutput:
+    def _finish(self, seq: Sequence, reason: FinishReason) -> SequenceOutput:
+        """End a sequence now; a token it sampled but has not streamed yet goes out with the final reply."""
+        entry = next((e for e in self._pending if e[0] is seq), None)
+        if entry is not None:
+            self._pending.remove(entry)
+            return self._emit(seq, entry[1], entry[2] or reason)
+        self._release(seq, reason)
+        return self._final(seq, reason, [], "")
+
+    def _release(self, seq: Sequence, reason: FinishReason) -> None:
+        """Take the sequence out of the engine (slot and blocks freed); its final output may come later."""
         self.scheduler.finish(seq)
         seq.finish_reason = reason
         self._seqs.pop(seq.request_id, None)
+
+    def _final(
+        self, seq: Sequence, reason: FinishReason, new_token_ids: list[int], delta: str
+    ) -> SequenceOutput:
         if seq.detokenizer is not None:
             delta += seq.detokenizer.flush()
         out = self._output(seq, new_token_ids or [], delta)

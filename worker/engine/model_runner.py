@@ -54,6 +54,23 @@ class ScheduledSequence:
         return self.num_tokens == 1 and self.start >= self.seq.num_prompt_tokens
 
 
+@dataclass
+class LaunchedStep:
+    """A step queued on the device: its sampled ids, read back (the step's one sync) by `result`."""
+
+    tokens: torch.Tensor | None  # int64 [K] on the device
+    rows: list[int]  # index in the scheduled list of each sampled token
+    num_scheduled: int
+
+    def result(self) -> list[int | None]:
+        """The sampled token of each scheduled sequence, None mid-prefill (waits for the device)."""
+        sampled: list[int | None] = [None] * self.num_scheduled
+        if self.tokens is not None:
+            for row, token in zip(self.rows, self.tokens.tolist(), strict=True):
+                sampled[row] = int(token)
+        return sampled
+
+
 def sliding_window(config: Any) -> int | None:
     """The model's attention window if it uses one (the paged engine attends to the full context)."""
     window = getattr(config, "sliding_window", None)
@@ -189,24 +206,25 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence]) -> list[int | None]:
-        """Run the step; returns the sampled token of each scheduled sequence, None mid-prefill."""
+    def launch(self, scheduled: list[ScheduledSequence]) -> LaunchedStep:
+        """Queue the step's forward and sampling on the device; the host reads nothing back yet."""
         if not scheduled:
-            return []
+            return LaunchedStep(None, [], 0)
         order = self.order(scheduled)
         rows = [scheduled[i] for i in order]
         if self.uses_graph(rows):
             logits, sampled_rows = self._graph_logits(rows), list(range(len(rows)))
         else:
             logits, sampled_rows = self._eager_logits(rows)
-        sampled: list[int | None] = [None] * len(scheduled)
         if not sampled_rows:
-            return sampled
+            return LaunchedStep(None, [], len(scheduled))
         seqs = [rows[i].seq for i in sampled_rows]
         tensors = SamplingTensors.from_params(
             [s.sampling for s in seqs], [s.num_completion_tokens for s in seqs], self.device
         )
-        tokens = sample(logits[: len(sampled_rows)], tensors).tolist()
-        for i, token in zip(sampled_rows, tokens, strict=True):
-            sampled[order[i]] = int(token)
-        return sampled
+        tokens = sample(logits[: len(sampled_rows)], tensors)
+        return LaunchedStep(tokens, [order[i] for i in sampled_rows], len(scheduled))
+
+    def execute(self, scheduled: list[ScheduledSequence]) -> list[int | None]:
+        """Run the step; returns the sampled token of each scheduled sequence, None mid-prefill."""
+        return self.launch(scheduled).result()

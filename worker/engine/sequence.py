@@ -113,6 +113,10 @@ class Sequence:
     def append_token(self, token_id: int) -> str:
         """Record a sampled token; returns the text delta that is safe to stream now."""
         self.token_ids.append(token_id)
+        return self.decode_token(token_id)
+
+    def decode_token(self, token_id: int) -> str:
+        """Feed an appended token to the detokenizer (separately, so decoding can overlap the GPU)."""
         if self.detokenizer is None:
             return ""
         return self.detokenizer.add(token_id)
