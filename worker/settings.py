@@ -94,6 +94,10 @@ class WorkerSettings(BaseSettings):
         description="While decoding, admit new prompts at latest every N steps (or once they fill a step); "
         "unset = 8 with CUDA graphs, else 0 (every step).",
     )
+    async_output: bool | None = Field(
+        default=None,
+        description="Detokenize and stream step N's tokens while step N+1 runs; unset = on with CUDA.",
+    )
     max_prompt_tokens: int = Field(
         default=4096, ge=1, description="Prompts longer than this get a too_long error."
     )

@@ -35,4 +35,5 @@ def create_engine(settings: WorkerSettings) -> Engine:
         attention_backend=settings.attention_backend,
         enforce_eager=not settings.cuda_graphs,
         prefill_interval_steps=settings.prefill_interval_steps,
+        async_output=settings.async_output,
     )
