@@ -224,7 +224,3 @@ class ModelRunner:
         )
         tokens = sample(logits[: len(sampled_rows)], tensors)
         return LaunchedStep(tokens, [order[i] for i in sampled_rows], len(scheduled))
-
-    def execute(self, scheduled: list[ScheduledSequence]) -> list[int | None]:
-        """Run the step; returns the sampled token of each scheduled sequence, None mid-prefill."""
-        return self.launch(scheduled).result()
