@@ -181,8 +181,8 @@ def _triton_attention(
         )  # fmt: skip
     if metadata.max_query_len:
         paged_prefill_attention(
-            query[n:], k_cache, v_cache, metadata.block_tables[n:], metadata.query_start_loc,
-            metadata.context_lens[n:], metadata.max_query_len, scale, out=out[n:],
+            query[n:], k_cache, v_cache, metadata.block_tables, metadata.query_start_loc,
+            metadata.context_lens, metadata.max_query_len, scale, out=out[n:], first_seq=n,
         )  # fmt: skip
     return out
 

@@ -17,10 +17,12 @@ import triton.language as tl
 from worker.engine.kernels.paged_decode import LOG2E, dot_precision
 
 
-@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes every step
+# Neither the block-table width nor the index of the first prefill sequence may select a new compiled
+# variant: both change from step to step (Triton specialises integers on == 1 and divisibility by 16).
+@triton.jit(do_not_specialize=["stride_bt", "first_seq"])
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr, out_ptr,
-    qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_bt, stride_ot, stride_oh,
+    first_seq, qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -31,7 +33,7 @@ def _paged_prefill_kernel(
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
     if tile * BLOCK_M >= q_len:
         return
-    context_len = tl.load(context_lens_ptr + seq)
+    context_len = tl.load(context_lens_ptr + first_seq + seq)
     kv_head = head // GROUP
 
     r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -45,7 +47,7 @@ def _paged_prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    table = block_tables_ptr + seq * stride_bt
+    table = block_tables_ptr + (first_seq + seq).to(tl.int64) * stride_bt
     # Keys past the tile's last query position are masked for every row: stop there.
     hi = tl.minimum(context_len, context_len - q_len + (tile + 1) * BLOCK_M)
     for start in range(0, hi, BLOCK_N):
@@ -73,22 +75,28 @@ def _paged_prefill_kernel(
 def paged_prefill_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     query_start_loc: torch.Tensor, context_lens: torch.Tensor, max_query_len: int, scale: float,
-    out: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64,
+    out: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64, first_seq: int = 0,
 ) -> torch.Tensor:  # fmt: skip
-    """query [T, H, D] of S sequences (offsets `query_start_loc` [S + 1]) over the paged cache: [T, H, D]."""
+    """query [T, H, D] of S sequences (offsets `query_start_loc` [S + 1]) over the paged cache: [T, H, D].
+
+    `block_tables` and `context_lens` may hold other sequences first (the step's decodes): the
+    prefill sequences are their rows from `first_seq` on. They are passed whole rather than sliced,
+    because a slice at an odd row would change the pointer alignment the kernel was compiled for
+    and compile another variant in the middle of serving.
+    """
     if query.stride(-1) != 1:
         query = query.contiguous()
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
     if out is None:
         out = torch.empty_like(query)
-    num_seqs = context_lens.shape[0]
-    if num_seqs == 0 or num_tokens == 0:
+    num_seqs = context_lens.shape[0] - first_seq
+    if num_seqs <= 0 or num_tokens == 0:
         return out
     grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
     _paged_prefill_kernel[grid](
         query, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
-        scale * LOG2E, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
+        first_seq, scale * LOG2E, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
