@@ -18,7 +18,15 @@ from enum import Enum
 from typing import Annotated, Any, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 PROTOCOL_VERSION = 1
 DEFAULT_PREFIX = "llm"
@@ -33,6 +41,8 @@ MAX_MESSAGES = 256
 MAX_TOKENS_CAP = 4096
 MAX_STOP_SEQUENCES = 8
 MAX_METADATA_BYTES = 4096
+# Latest absolute deadline accepted (9999-12-31, epoch ms): bounded, so it converts to seconds.
+MAX_EPOCH_MS = 253_402_300_799_999
 REPLY_TTL_S_DEFAULT = 3600
 
 
@@ -113,17 +123,21 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool = True
     priority: Literal["interactive", "batch"] = "interactive"
-    deadline_ms: int | None = Field(default=None, ge=0)
+    deadline_ms: int | None = Field(default=None, ge=0, le=MAX_EPOCH_MS)
     timeout_ms: int | None = Field(default=None, ge=1, le=24 * 3600 * 1000)
     tenant: Annotated[str, StringConstraints(max_length=64)] = "default"
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)  # JSON-shaped: str keys, no bytes
     reply_to: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("exactly one of `messages` or `prompt` is required")
-        if len(json.dumps(self.metadata, default=str)) > MAX_METADATA_BYTES:
+        try:
+            size = len(json.dumps(self.metadata, default=str))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"metadata is not JSON-serialisable: {exc}"[:200]) from None
+        if size > MAX_METADATA_BYTES:
             raise ValueError(f"metadata exceeds {MAX_METADATA_BYTES} bytes")
         return self
 
@@ -298,7 +312,8 @@ def decode_request(
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
         raise fail(ErrorCode.INVALID_REQUEST, f"{where}: {first.get('msg', 'invalid')}"[:300]) from None
-    except (ValueError, RecursionError) as exc:  # e.g. nesting deeper than the validator's recursion limit
+    # e.g. nesting deeper than the validator's recursion limit, or a value no float can hold
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise fail(ErrorCode.INVALID_REQUEST, f"body: {exc}"[:300]) from None
     return request, content_type
 

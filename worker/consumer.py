@@ -230,20 +230,29 @@ class Consumer:
         try:
             step()
         except TRANSIENT_ERRORS as exc:
-            self.counters.redis_errors += 1
-            delay_s = self.backoff.next_delay_s()
-            log.warning("redis_unavailable", error=str(exc)[:200], retry_in_ms=round(delay_s * 1000))
-            time.sleep(delay_s)
+            self._back_off("redis_unavailable", exc)
             return False
         except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            # The server lost the group (restarted without persistence): recreate it and go on.
-            log.warning("group_recreated", error=str(exc)[:200])
-            self.ensure_group()
+            if "NOGROUP" in str(exc):
+                # The server lost the group (restarted without persistence): recreate it and go on.
+                log.warning("group_recreated", error=str(exc)[:200])
+                self.ensure_group()
+                return False
+            # OOM, BUSY, WRONGTYPE, NOPERM, READONLY...: a server or data problem, not ours to die of.
+            self._back_off("redis_error", exc)
+            return False
+        except Exception as exc:  # a bug in one iteration must not end the worker; it is logged loudly
+            log.exception("iteration_failed", error=type(exc).__name__)
+            self._back_off("iteration_failed", exc)
             return False
         self.backoff.reset()
         return True
+
+    def _back_off(self, event: str, exc: Exception) -> None:
+        self.counters.redis_errors += 1
+        delay_s = self.backoff.next_delay_s()
+        log.warning(event, error=str(exc)[:200], retry_in_ms=round(delay_s * 1000))
+        time.sleep(delay_s)
 
     def run_once(self, read: bool = True) -> None:
         """One iteration: housekeeping, read, admit, step, reply."""
@@ -329,7 +338,14 @@ class Consumer:
                 self.replies.ack(entry_id)
                 continue
             self.counters.read += 1
-            self._accept(entry_id, fields, deliveries.get(entry_id, 1))
+            try:
+                self._accept(entry_id, fields, deliveries.get(entry_id, 1))
+            except redis.RedisError:
+                raise
+            except Exception as exc:  # one entry's failure costs that entry, never its batch-mates
+                log.exception("entry_failed", entry=entry_id.decode(), error=type(exc).__name__)
+                reason = f"failed while being accepted: {type(exc).__name__}: {exc}"
+                self._dead_letter_and_answer(entry_id, fields, reason, deliveries.get(entry_id, 1))
         self._skip_answered()
 
     def _resync(self) -> None:
@@ -390,6 +406,10 @@ class Consumer:
         except ProtocolError as exc:
             self._reject_invalid(entry_id, fields, exc)
             return
+        except Exception as exc:  # a decoder bug must cost one entry, never the loop
+            log.exception("request_undecodable", entry=entry_id.decode())
+            self._dead_letter(entry_id, fields, f"undecodable: {type(exc).__name__}", 1)
+            return
         self.counters.errors += 1
         self.replies.error(request.id, self._reply_key(request), code, message, ct, entry_id)
 
@@ -439,16 +459,24 @@ class Consumer:
         reason = (
             f"delivered {deliveries} times (max_deliveries={self.settings.max_deliveries}) without completing"
         )
+        self._dead_letter_and_answer(entry_id, fields, reason, deliveries)
+
+    def _dead_letter_and_answer(
+        self, entry_id: bytes, fields: dict[bytes, bytes], reason: str, deliveries: int
+    ) -> None:
+        """Dead-letter an entry that can never succeed and answer its sender `internal`, if one is known."""
         self._dead_letter(entry_id, fields, reason, deliveries)
         try:
             request, ct = decode_request(fields, self.settings.prefix, self.settings.max_body_bytes)
         except ProtocolError as exc:
             rid, key, ct = exc.request_id, exc.reply_to, exc.content_type
+        except Exception:
+            return  # undecodable: the dead letter is all there is
         else:
             rid, key = request.id, self._reply_key(request)
         if rid is not None:
             self.replies.error(
-                rid, key, ErrorCode.INTERNAL, f"request could not be processed: {reason}", ct, entry_id
+                rid, key, ErrorCode.INTERNAL, f"request could not be processed: {reason}"[:300], ct, entry_id
             )
 
     # -- shutdown --------------------------------------------------------------------------------------
