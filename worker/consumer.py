@@ -242,16 +242,19 @@ class Consumer:
             self._back_off("redis_error", exc)
             return False
         except Exception as exc:  # a bug in one iteration must not end the worker; it is logged loudly
-            log.exception("iteration_failed", error=type(exc).__name__)
-            self._back_off("iteration_failed", exc)
+            self._back_off("iteration_failed", exc, traceback=True)
             return False
         self.backoff.reset()
         return True
 
-    def _back_off(self, event: str, exc: Exception) -> None:
+    def _back_off(self, event: str, exc: Exception, traceback: bool = False) -> None:
         self.counters.redis_errors += 1
         delay_s = self.backoff.next_delay_s()
-        log.warning(event, error=str(exc)[:200], retry_in_ms=round(delay_s * 1000))
+        fields = {"error": f"{type(exc).__name__}: {exc}"[:200], "retry_in_ms": round(delay_s * 1000)}
+        if traceback:
+            log.exception(event, **fields)
+        else:
+            log.warning(event, **fields)
         time.sleep(delay_s)
 
     def run_once(self, read: bool = True) -> None:
