@@ -168,3 +168,17 @@ def test_request_done_log_matches_the_reply(start_worker, chat_client: ChatClien
         reply.timings.queue_ms, reply.timings.ttft_ms, reply.timings.total_ms)
     assert (logged["prompt_tokens"], logged["completion_tokens"], logged["finish_reason"]) == (
         reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.finish_reason)
+
+
+def test_waiting_requests_never_wait_for_the_idle_read_block(start_worker, chat_client: ChatClient) -> None:
+    # 96 requests, 8 at a time: each time the engine drains, the rest are runnable at once. A worker
+    # that blocked on Redis with requests waiting would sit 5 s per drain (12 drains) and time out.
+    start_worker("echo", max_num_seqs=8, read_block_ms=5_000, max_wait_ms=5)
+    ids = chat_client.submit_many(
+        [{"messages": [{"role": "user", "content": f"m{i}"}], "max_tokens": 3} for i in range(96)]
+    )
+    assert all(isinstance(i, str) for i in ids)
+    replies = chat_client.results([str(i) for i in ids], timeout_s=30)
+    assert sorted(r.text for r in replies.values() if not isinstance(r, Exception)) == sorted(
+        f"m{i}" for i in range(96)
+    )

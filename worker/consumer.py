@@ -61,6 +61,9 @@ from worker.settings import WorkerSettings
 
 log = structlog.get_logger("worker")
 
+# While the time window holds waiting requests, the loop re-reads at least this often.
+WINDOW_POLL_S = 0.001
+
 _FINISH_ERRORS = {
     "deadline_exceeded": ErrorCode.DEADLINE_EXCEEDED,
     "cancelled": ErrorCode.CANCELLED,
@@ -308,13 +311,11 @@ class Consumer:
         if room <= 0:
             return
         busy = self.engine.has_unfinished() or bool(self.running)
-        block: int | None
-        if busy:
-            block = None
-        elif self.waiting and self._wake_at_s is not None:
-            block = max(1, int((self._wake_at_s - time.monotonic()) * 1000))
-        else:
-            block = self.settings.read_block_ms
+        # Block on Redis only when nothing is runnable. Requests waiting here are runnable (the engine
+        # has drained, so they are admitted next), unless the time window holds them: that wait runs
+        # on the worker's clock (short sleeps between non-blocking reads), because a server-side
+        # BLOCK shorter than Redis's timer tick (1/hz) ends up to ~100 ms late.
+        block: int | None = None if busy or self.waiting else self.settings.read_block_ms
         replaying = self._replay_from is not None
         reply = read_entries(
             self.client.xreadgroup(
@@ -326,6 +327,8 @@ class Consumer:
             )
         )
         entries = reply[0][1] if reply else []
+        if not entries and not busy and self._wake_at_s is not None:
+            time.sleep(max(0.0, min(self._wake_at_s - time.monotonic(), WINDOW_POLL_S)))
         deliveries: dict[bytes, int] = {}
         if replaying:
             # Our own pending list, left by a previous run of this consumer: served before new entries.
