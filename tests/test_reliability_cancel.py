@@ -45,6 +45,8 @@ def test_cancel_stops_a_running_generation(
     time.sleep(0.5)
     assert redis_client.xlen(key) == length, "tokens kept coming after the cancel"
     assert finals(redis_client, key) == 1
+    last = redis_client.xrevrange(key, count=1)[0][1]
+    assert json.loads(last[b"body"])["type"] == "error", "a token event followed the cancelled final"
     assert chat_client.cancel(rid) is False  # already final: nothing more is written
 
 

@@ -766,7 +766,7 @@ class Consumer:
                 event = TokenEvent(
                     index=f.tokens_sent, text=out.new_text, token_ids=out.new_token_ids, attempt=self.attempt
                 )
-                self.replies.token(f.reply_key, event, f.content_type, f.tokens_sent == 0)
+                self.replies.token(out.request_id, f.reply_key, event, f.content_type, f.tokens_sent == 0)
                 f.tokens_sent += 1
             if out.finished:
                 timings = self._timings(f, out, now)  # once, so the reply and the log agree

@@ -40,6 +40,19 @@ if won then return 1 else return 0 end
 """
 
 
+# KEYS: guard, reply stream. ARGV: ttl_s, set_ttl (1/0), then ct, body for each token event in order.
+# Token events are appended only while the request has no final reply: once a final is written (by
+# this worker, another one, or a client's cancel, which all take the guard first), nothing follows it.
+_TOKENS_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 3, #ARGV, 2 do
+  redis.call('XADD', KEYS[2], '*', 'ct', ARGV[i], 'body', ARGV[i + 1])
+end
+if ARGV[2] == '1' then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class FinalWrite:
     """A final event for one request, with the stream entry to acknowledge."""
@@ -53,7 +66,7 @@ class FinalWrite:
 
 @dataclass
 class _Queued:
-    tokens: list[tuple[str, ReplyEvent, ContentType, bool]] = field(default_factory=list)
+    tokens: list[tuple[str, str, ReplyEvent, ContentType, bool]] = field(default_factory=list)
     finals: list[FinalWrite] = field(default_factory=list)
     dead: list[tuple[dict[bytes, bytes], bytes]] = field(default_factory=list)
     acks: list[bytes] = field(default_factory=list)
@@ -82,6 +95,7 @@ class ReplyWriter:
         self.dead_stream = dead_stream or f"{prefix}:dead"
         self.dead_max_entries = dead_max_entries
         self._final = client.register_script(_FINAL_SCRIPT)
+        self._tokens = client.register_script(_TOKENS_SCRIPT)
         self._queued = _Queued()
 
     @property
@@ -90,9 +104,11 @@ class ReplyWriter:
         q = self._queued
         return bool(q.tokens or q.finals or q.dead or q.acks)
 
-    def token(self, key: str, event: ReplyEvent, content_type: ContentType, first: bool) -> None:
-        """Queue a token event (`first`: also set the reply stream's TTL)."""
-        self._queued.tokens.append((key, event, content_type, first))
+    def token(
+        self, request_id: str, key: str, event: ReplyEvent, content_type: ContentType, first: bool
+    ) -> None:
+        """Queue a token event (`first`: also set the reply stream's TTL); dropped if the request is final."""
+        self._queued.tokens.append((request_id, key, event, content_type, first))
 
     def final(self, final: FinalWrite) -> None:
         """Queue a final reply, guarded and acknowledged atomically."""
@@ -135,10 +151,16 @@ class ReplyWriter:
         for fields, entry_id in q.dead:
             pipe.xadd(self.dead_stream, fields, maxlen=self.dead_max_entries, approximate=True)  # type: ignore[arg-type]
             pipe.xack(self.stream, self.group, entry_id)
-        for key, event, ct, first in q.tokens:
-            pipe.xadd(key, encode_event(event, ct))  # type: ignore[arg-type]
+        # One script call per reply stream, carrying its token events in order.
+        streams: dict[tuple[str, str], list[Any]] = {}
+        for request_id, key, event, ct, first in q.tokens:
+            args = streams.setdefault((request_id, key), [self.ttl_s, "0"])
+            encoded = encode_event(event, ct)
+            args += [encoded["ct"], encoded["body"]]
             if first:
-                pipe.expire(key, self.ttl_s)
+                args[1] = "1"
+        for (request_id, key), args in streams.items():
+            self._tokens(keys=[final_guard_key(self.prefix, request_id), key], args=args, client=pipe)
         for final in q.finals:
             self._queue_final(pipe, final)
         if q.acks:
