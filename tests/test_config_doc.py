@@ -2,6 +2,9 @@
 
 from pathlib import Path
 
+import pydantic
+import pytest
+
 from producer.bulk import BulkSettings
 from producer.settings import ProducerSettings
 from worker.config_doc import README, current_readme_block, readme_block
@@ -28,3 +31,11 @@ def test_settings_read_the_environment(monkeypatch) -> None:
     assert (s.redis_url, s.model, s.max_batch_tokens) == ("redis://example.invalid:6380/2", "/models/x", 1234)
     assert ProducerSettings().redis_url == "redis://example.invalid:6380/2"
     assert Path(README).name == "README.md"
+
+
+def test_heartbeat_must_outlast_an_idle_read() -> None:
+    """An idle worker beats between reads that block up to read_block_ms: a shorter TTL would expire."""
+    fast = dict(heartbeat_interval_s=0.3, heartbeat_ttl_s=1.0, reclaim_min_idle_ms=1000)
+    with pytest.raises(pydantic.ValidationError, match="read_block_ms"):
+        WorkerSettings(**fast, read_block_ms=2000)  # type: ignore[arg-type]
+    WorkerSettings(**fast, read_block_ms=200)  # type: ignore[arg-type]

@@ -16,7 +16,10 @@ from producer.protocol import ErrorCode, encode_request
 pytestmark = pytest.mark.timeout(300)
 
 # Short liveness timings so that recovery happens within seconds in tests.
-FAST = dict(heartbeat_interval_s=0.3, heartbeat_ttl_s=1.0, reclaim_interval_s=0.3, reclaim_min_idle_ms=1000)
+FAST = dict(
+    heartbeat_interval_s=0.3, heartbeat_ttl_s=1.0, reclaim_interval_s=0.3, reclaim_min_idle_ms=1000,
+    read_block_ms=200,
+)
 
 
 def decode(fields: dict[bytes, bytes]) -> dict:

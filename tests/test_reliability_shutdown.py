@@ -12,7 +12,10 @@ from producer.client import ChatClient
 
 pytestmark = pytest.mark.timeout(180)
 
-FAST = dict(heartbeat_interval_s=0.3, heartbeat_ttl_s=1.0, reclaim_interval_s=0.3, reclaim_min_idle_ms=1000)
+FAST = dict(
+    heartbeat_interval_s=0.3, heartbeat_ttl_s=1.0, reclaim_interval_s=0.3, reclaim_min_idle_ms=1000,
+    read_block_ms=200,
+)
 
 
 def words(i: int, n: int) -> str:

@@ -77,6 +77,7 @@ def test_acl_restricted_users_work_end_to_end(acl_server: EmbeddedRedis, tmp_pat
         tmp_path / "w.log",
         heartbeat_interval_s="0.3",
         heartbeat_ttl_s="1",
+        read_block_ms="200",
         reclaim_interval_s="0.3",
         reclaim_min_idle_ms="1000",
         trim_interval_s="0.2",

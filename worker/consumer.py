@@ -233,7 +233,9 @@ class Consumer:
         try:
             step()
         except TRANSIENT_ERRORS as exc:
-            self._back_off("redis_unavailable", exc)
+            delay_s, fields = self._backoff_fields(exc)
+            log.warning("redis_unavailable", **fields)
+            time.sleep(delay_s)
             return False
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):
@@ -242,23 +244,23 @@ class Consumer:
                 self.ensure_group()
                 return False
             # OOM, BUSY, WRONGTYPE, NOPERM, READONLY...: a server or data problem, not ours to die of.
-            self._back_off("redis_error", exc)
+            delay_s, fields = self._backoff_fields(exc)
+            log.warning("redis_error", **fields)
+            time.sleep(delay_s)
             return False
         except Exception as exc:  # a bug in one iteration must not end the worker; it is logged loudly
-            self._back_off("iteration_failed", exc, traceback=True)
+            delay_s, fields = self._backoff_fields(exc)
+            log.exception("iteration_failed", **fields)
+            time.sleep(delay_s)
             return False
         self.backoff.reset()
         return True
 
-    def _back_off(self, event: str, exc: Exception, traceback: bool = False) -> None:
+    def _backoff_fields(self, exc: Exception) -> tuple[float, dict[str, object]]:
+        """The next back-off delay, and the fields of the event that reports it."""
         self.counters.redis_errors += 1
         delay_s = self.backoff.next_delay_s()
-        fields = {"error": f"{type(exc).__name__}: {exc}"[:200], "retry_in_ms": round(delay_s * 1000)}
-        if traceback:
-            log.exception(event, **fields)
-        else:
-            log.warning(event, **fields)
-        time.sleep(delay_s)
+        return delay_s, {"error": f"{type(exc).__name__}: {exc}"[:200], "retry_in_ms": round(delay_s * 1000)}
 
     def run_once(self, read: bool = True) -> None:
         """One iteration: housekeeping, read, admit, step, reply."""

@@ -193,6 +193,9 @@ class WorkerSettings(BaseSettings):
             raise ValueError("heartbeat_ttl_s must exceed heartbeat_interval_s")
         if self.reclaim_min_idle_ms <= self.heartbeat_interval_s * 1000:
             raise ValueError("reclaim_min_idle_ms must exceed heartbeat_interval_s")
+        # An idle worker beats only between reads, which block up to read_block_ms.
+        if self.heartbeat_ttl_s * 1000 <= self.read_block_ms + self.heartbeat_interval_s * 1000:
+            raise ValueError("heartbeat_ttl_s must exceed read_block_ms + heartbeat_interval_s")
         return self
 
     def resolved_device(self) -> str:
