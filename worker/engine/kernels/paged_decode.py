@@ -15,12 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-
-def dot_precision(dtype: torch.dtype) -> str | None:
-    """FP32 caches get IEEE dot products (exact like the reference); FP16/BF16 use the tensor cores anyway."""
-    return "ieee" if dtype == torch.float32 else None
+from worker.engine.kernels.paged_softmax import LOG2E, attend_paged, dot_precision
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes every eager step
@@ -48,22 +43,11 @@ def _paged_decode_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     table = block_tables_ptr + seq * stride_bt
-    for start in range(lo, hi, BLOCK_N):
-        t = start + tl.arange(0, BLOCK_N)
-        t_mask = t < hi
-        block = tl.load(table + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
-        offs = (block * stride_kb + (t % BLOCK_SIZE) * stride_ks + kv_head * HEAD_DIM)[:, None] + d[None, :]
-        kv_mask = t_mask[:, None] & (d < HEAD_DIM)[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 domain
-        s = tl.where(t_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = attend_paged(
+        q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head, lo, hi, hi, qk_scale,
+        stride_kb, stride_ks, CAUSAL=False, HEAD_DIM=HEAD_DIM, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION,
+    )  # fmt: skip
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     if NUM_SPLITS == 1:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.engine.kernels.paged_decode import LOG2E, dot_precision
+from worker.engine.kernels.paged_softmax import LOG2E, attend_paged, dot_precision
 
 
 # Neither the block-table width nor the index of the first prefill sequence may select a new compiled
@@ -50,22 +50,11 @@ def _paged_prefill_kernel(
     table = block_tables_ptr + (first_seq + seq).to(tl.int64) * stride_bt
     # Keys past the tile's last query position are masked for every row: stop there.
     hi = tl.minimum(context_len, context_len - q_len + (tile + 1) * BLOCK_M)
-    for start in range(0, hi, BLOCK_N):
-        t = start + tl.arange(0, BLOCK_N)
-        t_mask = t < hi
-        block = tl.load(table + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
-        offs = (block * stride_kb + (t % BLOCK_SIZE) * stride_ks + kv_head * HEAD_DIM)[:, None] + d[None, :]
-        kv_mask = t_mask[:, None] & (d < HEAD_DIM)[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 domain
-        s = tl.where(t_mask[None, :] & (t[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = attend_paged(
+        q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head, 0, hi, q_pos, qk_scale,
+        stride_kb, stride_ks, CAUSAL=True, HEAD_DIM=HEAD_DIM, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION,
+    )  # fmt: skip
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o = out_ptr + (q_start + r)[:, None] * stride_ot + head * stride_oh + d[None, :]
