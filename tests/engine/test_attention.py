@@ -34,19 +34,10 @@ def test_matches_dense_causal_attention_with_gqa_chunks_and_decodes():
         v = values.repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
         mask = torch.ones(new, context_len, dtype=torch.bool).tril(context_len - new)
         dense.append(F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask).transpose(0, 1))
-    max_blocks = max(len(t) for t in tables)
-    metadata = AttentionMetadata(
-        kv_cache=cache,
-        backend="torch",
-        slot_mapping=torch.cat(slots),
-        block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32),
-        context_lens=torch.tensor([c for c, _ in shapes], dtype=torch.int32),
-        num_decodes=2,
-        query_start_loc=torch.tensor([0, 7, 12], dtype=torch.int32),
-        max_query_len=7,
-        query_lens_host=[n for _, n in shapes],
-        context_lens_host=[c for c, _ in shapes],
+    metadata = AttentionMetadata.for_step(
+        cache, "torch", torch.cat(slots).tolist(), tables, [n for _, n in shapes], [c for c, _ in shapes]
     )
+    assert metadata.num_decodes == 2 and metadata.query_start_loc.tolist() == [0, 7, 12]
     k_cache, v_cache = cache.layer(0)
     out = paged_attention_reference(torch.cat(queries), k_cache, v_cache, metadata, dim**-0.5)
     torch.testing.assert_close(out, torch.cat(dense), rtol=1e-5, atol=1e-5)

@@ -47,22 +47,8 @@ def random_step(
         cache.write(0, seq_slots, keys, values)
         tables.append(table)
         slots.append(seq_slots[-new:])
-    width = max(len(t) for t in tables)
-    num_decodes = sum(1 for _, new in shapes if new == 1)
-    prefill_starts = [0]
-    for _, new in shapes[num_decodes:]:
-        prefill_starts.append(prefill_starts[-1] + new)
-    metadata = AttentionMetadata(
-        kv_cache=cache,
-        backend="torch",
-        slot_mapping=torch.cat(slots),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        context_lens=torch.tensor([c for c, _ in shapes], dtype=torch.int32),
-        num_decodes=num_decodes,
-        query_start_loc=torch.tensor(prefill_starts, dtype=torch.int32),
-        max_query_len=max((new for _, new in shapes[num_decodes:]), default=0),
-        query_lens_host=[new for _, new in shapes],
-        context_lens_host=[c for c, _ in shapes],
+    metadata = AttentionMetadata.for_step(
+        cache, "torch", torch.cat(slots).tolist(), tables, [n for _, n in shapes], [c for c, _ in shapes]
     )
     query = torch.randn(sum(new for _, new in shapes), heads, dim, generator=gen)
     return cache, metadata, query
@@ -141,14 +127,14 @@ def test_store_kv_writes_only_its_slots_and_skips_padding():
 
 def test_both_backends_give_one_function_on_a_mixed_step():
     """Decodes and prefill chunks in one step, through the attention entry point of each backend."""
-    from worker.engine.attention import _triton_attention
+    from worker.engine.attention import triton_paged_attention
 
     gen = torch.Generator().manual_seed(11)
     cache, metadata, query = random_step(gen, [(20, 1), (3, 1), (18, 18), (50, 9)], 8, 2, 32)
     metadata.decode_splits = 2
     k_cache, v_cache = cache.layer(0)
     expected = paged_attention_reference(query, k_cache, v_cache, metadata, 0.17)
-    torch.testing.assert_close(_triton_attention(query, k_cache, v_cache, metadata, 0.17), expected)
+    torch.testing.assert_close(triton_paged_attention(query, k_cache, v_cache, metadata, 0.17), expected)
 
 
 def test_decode_splits_fill_the_gpu_and_stay_bounded():

@@ -28,23 +28,8 @@ def step(
         table = [perm.pop() for _ in range(-(-context_len // BLOCK))]
         tables.append(table)
         slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(context_len - new, context_len)]
-    width = max(len(t) for t in tables)
-    num_decodes = sum(1 for _, n in shapes if n == 1)
-    starts = [0]
-    for _, n in shapes[num_decodes:]:
-        starts.append(starts[-1] + n)
-    meta = AttentionMetadata(
-        kv_cache=cache, backend="triton",
-        slot_mapping=torch.tensor(slots, device="cuda"),
-        block_tables=torch.tensor(
-            [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda"
-        ),
-        context_lens=torch.tensor([c for c, _ in shapes], dtype=torch.int32, device="cuda"),
-        num_decodes=num_decodes,
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device="cuda"),
-        max_query_len=max((n for _, n in shapes[num_decodes:]), default=0),
-        query_lens_host=[n for _, n in shapes], context_lens_host=[c for c, _ in shapes],
-    )  # fmt: skip
+    query_lens, context_lens = [n for _, n in shapes], [c for c, _ in shapes]
+    meta = AttentionMetadata.for_step(cache, "triton", slots, tables, query_lens, context_lens)
     query = torch.randn(sum(n for _, n in shapes), HEADS, DIM, generator=gen, device="cuda", dtype=dtype)
     return cache, meta, query
 
@@ -84,7 +69,7 @@ def test_prefill_kernel_chunks_and_prefix_hits(dtype: torch.dtype):
 
 
 def test_store_kv_then_mixed_step_through_the_attention_entry_point():
-    from worker.engine.attention import _triton_attention
+    from worker.engine.attention import triton_paged_attention
     from worker.engine.kernels.kv_store import store_kv
 
     cache, meta, query = step(torch.float16, [(300, 1), (17, 1), (64, 64), (1000, 200)], seed=9)
@@ -98,5 +83,5 @@ def test_store_kv_then_mixed_step_through_the_attention_entry_point():
     keep[1] = False
     assert torch.equal(flat_k[slots[keep]], new_k[keep]) and torch.equal(flat_v[slots[keep]], new_v[keep])
     meta.decode_splits = 8
-    out = _triton_attention(query, k, v, meta, DIM**-0.5)
+    out = triton_paged_attention(query, k, v, meta, DIM**-0.5)
     assert rel_error(out, reference(cache, meta, query)) < BOUND[torch.float16]

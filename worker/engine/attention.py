@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 
-from worker.engine.kernels import kernels_usable
+from worker.engine.kernels import kernels_usable, num_decode_splits
 from worker.engine.kv_cache import KVCache
 
 PAGED_ATTENTION = "engine_paged"
@@ -76,6 +76,36 @@ class AttentionMetadata:
     query_lens_host: list[int] | None = None
     context_lens_host: list[int] | None = None
 
+    @classmethod
+    def for_step(
+        cls, kv_cache: KVCache, backend: AttentionBackend, slot_mapping: list[int],
+        block_tables: list[list[int]], query_lens: list[int], context_lens: list[int], num_sms: int = 1,
+    ) -> AttentionMetadata:  # fmt: skip
+        """An eager step's metadata from host lists, one row per sequence, decodes (1 query token) first."""
+        num_decodes = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
+        prefill_starts = [0]
+        for n in query_lens[num_decodes:]:
+            prefill_starts.append(prefill_starts[-1] + n)
+        width = max(len(t) for t in block_tables)
+        tables = [t + [0] * (width - len(t)) for t in block_tables]
+
+        def on_device(values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(kv_cache.device, non_blocking=True)
+
+        return cls(
+            kv_cache=kv_cache,
+            backend=backend,
+            slot_mapping=on_device(slot_mapping, torch.long),
+            block_tables=on_device(tables, torch.int32),
+            context_lens=on_device(context_lens, torch.int32),
+            num_decodes=num_decodes,
+            query_start_loc=on_device(prefill_starts, torch.int32),
+            max_query_len=max(query_lens[num_decodes:], default=0),
+            decode_splits=num_decode_splits(num_decodes, kv_cache.spec.num_kv_heads, num_sms),
+            query_lens_host=query_lens,
+            context_lens_host=context_lens,
+        )
+
 
 _current: contextvars.ContextVar[AttentionMetadata | None] = contextvars.ContextVar(
     "paged_attention_metadata", default=None
@@ -90,6 +120,14 @@ def attention_context(metadata: AttentionMetadata) -> Iterator[None]:
         yield
     finally:
         _current.reset(token)
+
+
+def current_metadata() -> AttentionMetadata:
+    """The metadata of the forward in progress (set by `attention_context`)."""
+    metadata = _current.get()
+    if metadata is None:
+        raise RuntimeError(f"{PAGED_ATTENTION} attention called outside attention_context()")
+    return metadata
 
 
 def _decode_reference(
@@ -165,7 +203,7 @@ def paged_attention_reference(
     return out
 
 
-def _triton_attention(
+def triton_paged_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # fmt: skip
@@ -198,9 +236,7 @@ def paged_attention_forward(
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: query [1, H, T, D], key/value [1, KV, T, D] -> [1, T, H, D]."""
-    metadata = _current.get()
-    if metadata is None:
-        raise RuntimeError(f"{PAGED_ATTENTION} attention called outside attention_context()")
+    metadata = current_metadata()
     if query.shape[0] != 1:
         raise ValueError("paged attention expects the step flattened into one batch row")
     layer_idx: int = module.layer_idx  # type: ignore[assignment]
@@ -212,7 +248,7 @@ def paged_attention_forward(
         from worker.engine.kernels.kv_store import store_kv
 
         store_kv(new_keys, new_values, k_cache, v_cache, metadata.slot_mapping)
-        out = _triton_attention(q, k_cache, v_cache, metadata, scale)
+        out = triton_paged_attention(q, k_cache, v_cache, metadata, scale)
     else:
         metadata.kv_cache.write(layer_idx, metadata.slot_mapping, new_keys, new_values)
         with sdpa_kernel(_SDPA_BACKENDS):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.engine.attention import _current, _triton_attention
+from worker.engine.attention import current_metadata, triton_paged_attention
 
 SUPPORTED_ATTENTION = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
 SUPPORTED_MLP = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
@@ -99,9 +99,7 @@ class PagedSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         from worker.engine.kernels.rope_store import rope_and_store
 
-        metadata = _current.get()
-        if metadata is None:
-            raise RuntimeError("paged attention called outside attention_context()")
+        metadata = current_metadata()
         tokens = hidden_states.shape[1]
         k_cache, v_cache = metadata.kv_cache.layer(self.layer_idx)
         cos, sin = position_embeddings
@@ -109,7 +107,7 @@ class PagedSelfAttention(nn.Module):
             self.qkv(hidden_states[0]), cos, sin, k_cache, v_cache, metadata.slot_mapping,
             self.num_heads, self.num_kv_heads, self.head_dim,
         )  # fmt: skip
-        out = _triton_attention(query, k_cache, v_cache, metadata, self.scaling)
+        out = triton_paged_attention(query, k_cache, v_cache, metadata, self.scaling)
         return self.original.o_proj(out.view(1, tokens, -1)), None  # type: ignore[operator]
 
 

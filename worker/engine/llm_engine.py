@@ -168,7 +168,7 @@ class PagedEngine(Engine):
     def add_request(self, request: GenerationRequest) -> None:
         if request.request_id in self._seqs:
             raise ValueError(f"duplicate request id {request.request_id!r}")
-        seq = Sequence(request, self.tokenizer, self.device)
+        seq = Sequence(request, self.tokenizer)
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
 

@@ -26,7 +26,6 @@ from worker.engine.attention import (
 )
 from worker.engine.block_manager import BlockManager
 from worker.engine.cuda_graphs import DecodeGraphs
-from worker.engine.kernels import num_decode_splits
 from worker.engine.kv_cache import KVCache
 from worker.engine.sampler import SamplingTensors, sample
 from worker.engine.sequence import Sequence
@@ -128,37 +127,22 @@ class ModelRunner:
                 logits_indices.append(len(input_ids) - 1)
                 sampled_rows.append(i)
         self._check_window(context_lens)
-        num_decodes = sum(1 for n in query_lens if n == 1)
-        prefill_starts = [0]
-        for n in query_lens[num_decodes:]:
-            prefill_starts.append(prefill_starts[-1] + n)
-        max_blocks = max(len(item.seq.block_table) for item in rows)
-        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in rows]
-
-        def on_device(values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-        metadata = AttentionMetadata(
-            kv_cache=self.kv_cache,
-            backend=self.backend,
-            slot_mapping=on_device(slots, torch.long),
-            block_tables=on_device(tables, torch.int32),
-            context_lens=on_device(context_lens, torch.int32),
-            num_decodes=num_decodes,
-            query_start_loc=on_device(prefill_starts, torch.int32),
-            max_query_len=max(query_lens[num_decodes:], default=0),
-            decode_splits=num_decode_splits(num_decodes, self.kv_cache.spec.num_kv_heads, self.num_sms),
-            query_lens_host=query_lens,
-            context_lens_host=context_lens,
+        metadata = AttentionMetadata.for_step(
+            self.kv_cache, self.backend, slots, [item.seq.block_table for item in rows], query_lens,
+            context_lens, self.num_sms,
         )
+
+        def on_device(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
         if not sampled_rows:
-            logits_to_keep: Any = on_device([len(input_ids) - 1], torch.long)  # nothing sampled; keep one row
+            logits_to_keep: Any = on_device([len(input_ids) - 1])  # nothing sampled; keep one row
         else:
-            logits_to_keep = on_device(logits_indices, torch.long)
+            logits_to_keep = on_device(logits_indices)
         with attention_context(metadata):
             out = self.model(
-                input_ids=on_device(input_ids, torch.long).unsqueeze(0),
-                position_ids=on_device(positions, torch.long).unsqueeze(0),
+                input_ids=on_device(input_ids).unsqueeze(0),
+                position_ids=on_device(positions).unsqueeze(0),
                 use_cache=False,
                 logits_to_keep=logits_to_keep,
             )
@@ -184,15 +168,10 @@ class ModelRunner:
         length 0 and slot -1: attention returns zeros and no K/V is stored.
         """
         num_tokens = 1 + prefill_tokens
-        zeros = torch.zeros(2, dtype=torch.int32, device=self.device)
-        metadata = AttentionMetadata(
-            kv_cache=self.kv_cache, backend=self.backend,
-            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=self.device),
-            block_tables=torch.zeros(2, 1, dtype=torch.int32, device=self.device),
-            context_lens=zeros, num_decodes=1,
-            query_start_loc=torch.tensor([0, prefill_tokens], dtype=torch.int32, device=self.device),
-            max_query_len=prefill_tokens, query_lens_host=[1, prefill_tokens], context_lens_host=[0, 0],
-        )  # fmt: skip
+        metadata = AttentionMetadata.for_step(
+            self.kv_cache, self.backend, [-1] * num_tokens, [[0], [0]], [1, prefill_tokens], [0, 0],
+            self.num_sms,
+        )
         ids = torch.zeros(1, num_tokens, dtype=torch.long, device=self.device)
         with attention_context(metadata):
             self.model(input_ids=ids, position_ids=ids, use_cache=False, logits_to_keep=1)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import enum
 
-import torch
-
 from worker.engine.base import FinishReason, GenerationRequest, SamplingParams
 from worker.engine.detokenizer import Decoder, IncrementalDetokenizer
 
@@ -30,11 +28,7 @@ class Sequence:
         self,
         request: GenerationRequest,
         tokenizer: Decoder | None = None,
-        device: torch.device | None = None,
     ):
-        # `device` is accepted for callers that still pass it; a sequence holds no device state
-        # (seeded sampling hashes the seed with the step index, see worker.engine.sampler).
-        del device
         if not request.prompt_token_ids:
             raise ValueError(f"request {request.request_id!r} has an empty prompt")
         self.request_id = request.request_id

@@ -1,9 +1,11 @@
-"""Triton kernels of the paged engine's GPU path: KV store, paged decode and paged prefill attention.
+"""Triton kernels of the paged engine's GPU path.
 
-Each kernel module holds one `@triton.jit` kernel (or a kernel and its reduction) and a torch-facing
-wrapper; `worker/engine/attention.py` is their only caller. The torch functions in `attention.py`
-stay the reference: every kernel here is tested against them (on the GPU, and on CPU tensors under
-`TRITON_INTERPRET=1`, which is how CI checks them without a GPU).
+Attention (`paged_decode`, `paged_prefill`, sharing the loop of `paged_softmax`) and the KV store
+are called by `worker/engine/attention.py`; the fused layers of `worker/engine/fused_layers.py` call
+`rope_store`, `rms_norm` and `silu_mul`. Each module holds one `@triton.jit` kernel (or a kernel
+and its reduction) and a torch-facing wrapper. The torch code they replace stays the reference:
+every kernel is tested against it, on the GPU and on CPU tensors under `TRITON_INTERPRET=1`
+(how CI checks them without a GPU).
 """
 
 from __future__ import annotations
