@@ -199,7 +199,7 @@ class ModelRunner:
             return LaunchedStep(None, [], len(scheduled))
         seqs = [rows[i].seq for i in sampled_rows]
         tensors = SamplingTensors.from_params(
-            [s.sampling for s in seqs], [s.num_completion_tokens for s in seqs], self.device
+            [s.sampling for s in seqs], [s.sampling_step for s in seqs], self.device
         )
         tokens = sample(logits[: len(sampled_rows)], tensors)
         return LaunchedStep(tokens, [order[i] for i in sampled_rows], len(scheduled))

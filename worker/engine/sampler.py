@@ -255,8 +255,8 @@ def _gumbel_noise(shape: torch.Size, t: SamplingTensors, device: torch.device) -
     """-log q [B, V] for q ~ Exp(1): seeded rows from their hash, the others from the global RNG."""
     batch, vocab = shape
     if t.num_seeded == batch:
-        uniform = _seeded_uniform(_uint32(t.seed_lo), _uint32(t.seed_hi), _uint32(t.step), vocab)
-        return uniform.log_().neg_().log_().neg_()
+        noise = seeded_exponential_noise(_uint32(t.seed_lo), _uint32(t.seed_hi), _uint32(t.step), vocab)
+        return noise.log_().neg_()
     if t.num_unseeded:
         noise = torch.empty(shape, dtype=torch.float32, device=device).exponential_()
         noise.clamp_(min=_MIN_EXPONENTIAL).log_().neg_()
@@ -264,13 +264,13 @@ def _gumbel_noise(shape: torch.Size, t: SamplingTensors, device: torch.device) -
         noise = torch.zeros(shape, dtype=torch.float32, device=device)
     if t.num_seeded:
         rows = t.seeded_rows.to(torch.int64)
-        uniform = _seeded_uniform(
+        seeded = seeded_exponential_noise(
             _uint32(t.seed_lo.index_select(0, rows)),
             _uint32(t.seed_hi.index_select(0, rows)),
             _uint32(t.step.index_select(0, rows)),
             vocab,
         )
-        noise.index_copy_(0, rows, uniform.log_().neg_().log_().neg_())
+        noise.index_copy_(0, rows, seeded.log_().neg_())
     return noise
 
 
