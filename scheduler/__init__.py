@@ -3,6 +3,7 @@
 from scheduler.policy import (
     defer_prefill,
     effective_priority,
+    kv_tokens_for,
     kv_tokens_needed,
     prefill_chunk,
     select_admissions,
@@ -18,6 +19,7 @@ __all__ = [
     "WaitingRequest",
     "defer_prefill",
     "effective_priority",
+    "kv_tokens_for",
     "kv_tokens_needed",
     "prefill_chunk",
     "select_admissions",

@@ -13,11 +13,16 @@ from scheduler.types import Admission, BatchPolicy, Priority, RunningState, Wait
 
 def kv_tokens_needed(req: WaitingRequest, policy: BatchPolicy) -> int:
     """KV tokens reserved at admission: prompt + max_tokens (worst_case) or prompt + 1 (optimistic)."""
+    return kv_tokens_for(req.prompt_tokens, req.max_tokens, policy)
+
+
+def kv_tokens_for(prompt_tokens: int, max_tokens: int, policy: BatchPolicy) -> int:
+    """`kv_tokens_needed` from the two numbers, for callers that have no WaitingRequest at hand."""
     # Cached prefix tokens still occupy KV slots in the sequence's block table, so they count here.
     if policy.kv_reserve == "worst_case":
-        return req.prompt_tokens + req.max_tokens
+        return prompt_tokens + max_tokens
     # Optimistic still needs the slot of the first sampled token; later growth is covered by preemption.
-    return req.prompt_tokens + 1
+    return prompt_tokens + 1
 
 
 def effective_priority(req: WaitingRequest, policy: BatchPolicy) -> Priority:

@@ -233,6 +233,7 @@ class Consumer:
         try:
             step()
         except TRANSIENT_ERRORS as exc:
+            self.counters.redis_errors += 1
             delay_s, fields = self._backoff_fields(exc)
             log.warning("redis_unavailable", **fields)
             time.sleep(delay_s)
@@ -244,6 +245,7 @@ class Consumer:
                 self.ensure_group()
                 return False
             # OOM, BUSY, WRONGTYPE, NOPERM, READONLY...: a server or data problem, not ours to die of.
+            self.counters.redis_errors += 1
             delay_s, fields = self._backoff_fields(exc)
             log.warning("redis_error", **fields)
             time.sleep(delay_s)
@@ -258,7 +260,6 @@ class Consumer:
 
     def _backoff_fields(self, exc: Exception) -> tuple[float, dict[str, object]]:
         """The next back-off delay, and the fields of the event that reports it."""
-        self.counters.redis_errors += 1
         delay_s = self.backoff.next_delay_s()
         return delay_s, {"error": f"{type(exc).__name__}: {exc}"[:200], "retry_in_ms": round(delay_s * 1000)}
 

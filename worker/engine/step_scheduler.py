@@ -19,7 +19,15 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from scheduler import BatchPolicy, Priority, RunningState, WaitingRequest, prefill_chunk, select_admissions
+from scheduler import (
+    BatchPolicy,
+    Priority,
+    RunningState,
+    WaitingRequest,
+    kv_tokens_for,
+    prefill_chunk,
+    select_admissions,
+)
 from worker.engine.block_manager import BlockManager
 from worker.engine.model_runner import ScheduledSequence
 from worker.engine.sequence import Sequence, SequenceStatus
@@ -201,8 +209,7 @@ class StepScheduler:
         for seq in self.waiting:
             expired = seq.deadline_s is not None and seq.deadline_s <= now
             remaining = max(seq.sampling.max_tokens - seq.num_completion_tokens, 0)
-            # kv_tokens_needed() of the policy, for either reserve mode.
-            need = len(seq) + (remaining if self.policy.kv_reserve == "worst_case" else 1)
+            need = kv_tokens_for(len(seq), remaining, self.policy)
             interactive = seq.priority < Priority.BATCH
             if expired or need > capacity:
                 picked.append(seq)
