@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from worker.engine.attention import AttentionMetadata, paged_attention_reference
 from worker.engine.kernels import kernels_usable, num_decode_splits
@@ -144,3 +145,40 @@ def test_decode_splits_fill_the_gpu_and_stay_bounded():
     assert num_decode_splits(64, 8, 132) == 1
     assert num_decode_splits(0, 8, 132) == 32
     assert {num_decode_splits(b, 8, 132) for b in range(0, 300)} == {1, 2, 4, 8, 16, 32}
+
+
+def test_fused_layer_kernels_match_transformers_llama_math():
+    """RMSNorm, SiLU-and-mul and RoPE + KV store against the torch code they replace."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from worker.engine.kernels.rms_norm import rms_norm
+    from worker.engine.kernels.rope_store import rope_and_store
+    from worker.engine.kernels.silu_mul import silu_mul
+
+    gen = torch.Generator().manual_seed(5)
+    x, weight = torch.randn(7, 48, generator=gen), torch.randn(48, generator=gen)
+    expected = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(rms_norm(x, weight, 1e-6), expected)
+    gate_up = torch.randn(5, 2 * 40, generator=gen)
+    torch.testing.assert_close(silu_mul(gate_up), F.silu(gate_up[:, :40]) * gate_up[:, 40:])
+
+    heads, kv_heads, dim, tokens = 6, 2, 16, 5
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen)
+    angles = torch.randn(tokens, dim // 2, generator=gen)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    k_cache, v_cache = torch.zeros(4, 4, kv_heads, dim), torch.zeros(4, 4, kv_heads, dim)
+    slots = torch.tensor([3, 9, -1, 0, 14])
+    query = rope_and_store(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads, dim)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q_ref, k_ref = apply_rotary_pos_emb(
+        q.view(1, tokens, heads, dim).transpose(1, 2), k.view(1, tokens, kv_heads, dim).transpose(1, 2),
+        cos[None], sin[None],
+    )  # fmt: skip
+    torch.testing.assert_close(query, q_ref[0].transpose(0, 1))
+    stored = slots >= 0
+    flat_k, flat_v = k_cache.view(-1, kv_heads, dim), v_cache.view(-1, kv_heads, dim)
+    torch.testing.assert_close(flat_k[slots[stored]], k_ref[0].transpose(0, 1)[stored])
+    torch.testing.assert_close(flat_v[slots[stored]], v.view(tokens, kv_heads, dim)[stored])
+    untouched = torch.ones(16, dtype=torch.bool)
+    untouched[slots[stored]] = False
+    assert not flat_k[untouched].any() and not flat_v[untouched].any()  # the padding row stored nothing
