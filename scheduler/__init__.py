@@ -1,5 +1,6 @@
 """Microbatch admission policy: pure decisions over plain data, no I/O and no clock reads."""
 
+from scheduler.arrivals import ArrivalGap
 from scheduler.policy import (
     defer_prefill,
     effective_priority,
@@ -13,6 +14,7 @@ from scheduler.types import Admission, BatchPolicy, Priority, RunningState, Wait
 
 __all__ = [
     "Admission",
+    "ArrivalGap",
     "BatchPolicy",
     "Priority",
     "RunningState",

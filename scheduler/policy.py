@@ -52,7 +52,11 @@ def _full_first_chunk(req: WaitingRequest, policy: BatchPolicy) -> int:
 
 
 def _hold_until(
-    eligible: Sequence[WaitingRequest], running: RunningState, policy: BatchPolicy, now: float
+    eligible: Sequence[WaitingRequest],
+    running: RunningState,
+    policy: BatchPolicy,
+    now: float,
+    next_arrival_s: float | None,
 ) -> float | None:
     """End of the time window if an idle engine should keep waiting for more requests, else None."""
     if running.num_seqs > 0 or not eligible:
@@ -73,6 +77,9 @@ def _hold_until(
         return None
     # Holding must not be what makes a request miss its deadline.
     if any(r.deadline_s is not None and r.deadline_s <= window_end for r in eligible):
+        return None
+    # Hold only while another request is due inside the window (see scheduler.arrivals).
+    if next_arrival_s is not None and next_arrival_s >= window_end:
         return None
     return window_end
 
@@ -99,6 +106,7 @@ def select_admissions(
     policy: BatchPolicy,
     now: float,
     kv_capacity_tokens: int | None = None,
+    next_arrival_s: float | None = None,
 ) -> Admission:
     """Pick the waiting requests that join the next engine step.
 
@@ -122,7 +130,9 @@ def select_admissions(
 
     Time window: when the engine is idle and the eligible requests would not fill the step (tokens,
     seqs or KV), nothing is admitted until the oldest has waited max_wait_ms, and `wake_at_s` says when
-    to call again. The window is skipped if holding would let a deadline pass.
+    to call again. The window is skipped if holding would let a deadline pass, or if the next request is
+    not expected before the window ends (`next_arrival_s`, from `scheduler.arrivals.ArrivalGap`; None =
+    no estimate, hold).
 
     Prefill batching: while the engine decodes, `defer_prefill` may admit nobody this step.
     """
@@ -137,7 +147,7 @@ def select_admissions(
         else:
             eligible.append(req)
 
-    wake_at_s = _hold_until(eligible, running, policy, now)
+    wake_at_s = _hold_until(eligible, running, policy, now, next_arrival_s)
     admitted: list[WaitingRequest] = []
     chunks: list[int] = []
     if wake_at_s is None and not defer_prefill(eligible, running, policy):

@@ -32,7 +32,11 @@ def test_capital_of_france_names_paris(model_worker, chat_client: ChatClient) ->
 def test_raw_redis_json_request_gets_json_reply(model_worker, redis_client: redis.Redis, prefix: str) -> None:
     body = {"id": "raw-json-1", "messages": CAPITAL, "max_tokens": 24, "stream": False}
     redis_client.xadd(f"{prefix}:requests", {"v": "1", "ct": "json", "body": json.dumps(body)})
-    got = redis_client.xread({f"{prefix}:reply:raw-json-1": "0"}, block=300_000)
+    # Short blocks in a loop: one long BLOCK would outlast the client's socket timeout.
+    deadline = time.monotonic() + 300
+    got = None
+    while not got and time.monotonic() < deadline:
+        got = redis_client.xread({f"{prefix}:reply:raw-json-1": "0"}, block=1000)
     assert got, "no reply within the timeout"
     entries = got[0][1]
     assert len(entries) == 1  # stream=false: only the final event

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from scheduler import (
     Admission,
+    ArrivalGap,
     BatchPolicy,
     Priority,
     RunningState,
@@ -374,3 +375,33 @@ def test_decoding_engine_batches_prefills_until_they_fill_the_step_or_the_interv
     assert not defer_prefill(big, decoding, policy)
     # Off by default.
     assert not defer_prefill(small, decoding, replace(policy, prefill_interval_steps=0))
+
+
+def test_window_holds_only_while_another_request_is_due() -> None:
+    policy = BatchPolicy(max_wait_ms=10.0)
+    lone = [req("a", 1.000)]
+    # The next request is expected after the window ends: holding would only add latency.
+    quiet = select_admissions(lone, IDLE, policy, now=1.001, next_arrival_s=1.500)
+    assert [r.request_id for r in quiet.admitted] == ["a"] and quiet.wake_at_s is None
+    # Expected inside the window: hold until it ends (never past it).
+    busy = select_admissions(lone, IDLE, policy, now=1.001, next_arrival_s=1.004)
+    assert busy.admitted == () and busy.wake_at_s == pytest.approx(1.010)
+    # No estimate yet: the window holds as configured.
+    unknown = select_admissions(lone, IDLE, policy, now=1.001)
+    assert unknown.admitted == () and unknown.wake_at_s == pytest.approx(1.010)
+
+
+def test_arrival_gap_tracks_bursts_and_quiet_spells() -> None:
+    gap = ArrivalGap(weight=0.5)
+    assert gap.next_arrival_s(now=0.0) is None
+    gap.observe(1.0)
+    assert gap.next_arrival_s(now=1.0) is None  # one arrival gives no gap
+    gap.observe(1.2)
+    assert gap.mean_gap_s == pytest.approx(0.2) and gap.next_arrival_s(now=1.2) == pytest.approx(1.4)
+    for t in (1.2, 1.2, 1.2):  # a backlog read at once: gaps of zero pull the mean down
+        gap.observe(t)
+    assert gap.mean_gap_s == pytest.approx(0.025)
+    # A silence longer than the mean counts as a gap of its own length.
+    assert gap.next_arrival_s(now=3.2) == pytest.approx(5.2)
+    gap.observe(1.1)  # out of order by a little: never moves the last arrival back
+    assert gap.last_arrival_s == pytest.approx(1.2)

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from scheduler import BatchPolicy
 from worker.engine.model_loader import default_cache_dir
 
 
@@ -72,6 +73,12 @@ class WorkerSettings(BaseSettings):
     max_num_seqs: int = Field(default=32, ge=1, description="Most sequences running at once.")
     max_prefill_chunk_tokens: int = Field(
         default=512, ge=16, description="Largest prefill chunk of one prompt per step."
+    )
+    max_waiting_steps: int = Field(
+        default=20,
+        ge=0,
+        description="Priority aging: a batch request passed over this many engine steps is served as "
+        "interactive.",
     )
     kv_cache_bytes: int = Field(
         default=256 * 2**20, ge=2**20, description="KV cache pool size in bytes (paged engine)."
@@ -197,6 +204,21 @@ class WorkerSettings(BaseSettings):
         if self.heartbeat_ttl_s * 1000 <= self.read_block_ms + self.heartbeat_interval_s * 1000:
             raise ValueError("heartbeat_ttl_s must exceed read_block_ms + heartbeat_interval_s")
         return self
+
+    def batch_policy(self) -> BatchPolicy:
+        """The one admission policy of this worker; every engine's scheduler decides with it.
+
+        `prefill_interval_steps` is left at 0 here: its default depends on whether the engine replays
+        CUDA graphs, so the paged engine resolves it from `self.prefill_interval_steps`.
+        """
+        return BatchPolicy(
+            max_wait_ms=self.max_wait_ms,
+            max_batch_tokens=self.max_batch_tokens,
+            max_num_seqs=self.max_num_seqs,
+            max_prefill_chunk_tokens=self.max_prefill_chunk_tokens,
+            kv_reserve=self.kv_reserve,
+            max_waiting_steps=self.max_waiting_steps,
+        )
 
     def resolved_device(self) -> str:
         """The torch device to use."""

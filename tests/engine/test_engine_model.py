@@ -170,7 +170,7 @@ def test_encode_and_capacity(smol: LoadedModel):
     assert ids and all(isinstance(t, int) for t in ids)
     assert engine.encode_prompt("hello world") == smol.tokenizer.encode("hello world")
     cap = engine.capacity()
-    assert cap.running == 0 and cap.free_kv_tokens == cap.total_kv_tokens and cap.accepts_new
+    assert cap.running == 0 and cap.free_kv_tokens == cap.total_kv_tokens and cap.waiting == 0
     assert engine.eos_token_ids == frozenset({2})
     with pytest.raises(ValueError):
         engine.add_request(request("x", []))

@@ -3,6 +3,13 @@
 Every engine (the paged continuous-batching engine, the static padded baseline, the
 deterministic echo engine) is stepped by the same loop in `worker/consumer.py`, so
 the queue path, the reply stream and the tests are shared by all of them.
+
+The engine owns admission: the worker hands it every validated request as soon as it is
+read, and the engine's scheduler decides, with the worker's one `BatchPolicy`, which
+waiting requests join each step (time window, token budget, sequence cap, KV, priority
+aging) and which expire. A step is split in two so the loop can overlap its Redis round
+trips with the device: `submit_step()` plans and launches a step, `collect()` waits for
+it and returns its outputs; `step()` is the two together.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ import abc
 from dataclasses import dataclass, field
 from typing import Literal
 
-FinishReason = Literal["stop", "length", "cancelled", "deadline_exceeded", "error"]
+# "too_long": the request can never fit this engine's KV cache; "deadline_exceeded" covers requests
+# that expired while waiting as well as while running.
+FinishReason = Literal["stop", "length", "cancelled", "deadline_exceeded", "too_long", "error"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,7 @@ class StepStats:
     prefill_tokens: int = 0
     decode_tokens: int = 0
     cached_tokens: int = 0
+    admitted: tuple[str, ...] = ()  # requests this step started for the first time (one microbatch)
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -74,7 +84,7 @@ class EngineCapacity:
     decode_tokens: int
     free_kv_tokens: int | None
     total_kv_tokens: int | None
-    accepts_new: bool = True
+    waiting: int = 0  # requests handed over that have not started yet
 
 
 class Engine(abc.ABC):
@@ -82,6 +92,11 @@ class Engine(abc.ABC):
 
     name: str = "engine"
     eos_token_ids: frozenset[int] = frozenset()
+    # True when `submit_step()` returns before the step's work is done (a device computes it), so the
+    # loop publishes the previous step's outputs meanwhile; engines that compute in `submit_step()`
+    # have their outputs published in the same iteration.
+    overlaps_host: bool = False
+    _collected: list[SequenceOutput] | None = None
 
     @abc.abstractmethod
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -93,15 +108,41 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def add_request(self, request: GenerationRequest) -> None:
-        """Queue a request; it starts at a later `step()`."""
+        """Queue a request; the engine's scheduler starts it at a later step."""
 
     @abc.abstractmethod
     def abort_request(self, request_id: str, reason: FinishReason = "cancelled") -> SequenceOutput | None:
-        """Stop a request and free its resources; returns its final output if it was known."""
+        """Stop a request, waiting or running, and free its resources; its final output if it was known.
+
+        Safe between `submit_step()` and `collect()`: the step in flight drops the request's token.
+        """
 
     @abc.abstractmethod
     def step(self) -> list[SequenceOutput]:
         """Run one iteration; returns the outputs of every sequence that produced tokens or finished."""
+
+    def submit_step(self) -> None:
+        """Plan and launch one step; `collect()` returns its outputs. Engines without a device run it here."""
+        self._collected = self.step()
+
+    def collect(self) -> list[SequenceOutput]:
+        """Wait for the step launched by `submit_step()` and return its outputs ([] if none was launched)."""
+        outputs, self._collected = self._collected or [], None
+        return outputs
+
+    @abc.abstractmethod
+    def take_unstarted(self) -> list[str]:
+        """Remove every waiting request that has produced nothing yet and return their ids (no outputs).
+
+        A warm shutdown hands these back to the queue, where another worker serves them.
+        """
+
+    @abc.abstractmethod
+    def wake_at_s(self) -> float | None:
+        """When the time window holds every waiting request of an idle engine: when to step again.
+
+        None when a step now can make progress (or there is nothing to do). Adding a request clears it.
+        """
 
     @abc.abstractmethod
     def has_unfinished(self) -> bool:

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections import deque
 from dataclasses import dataclass, field
 
-from worker.engine.base import Engine, EngineCapacity, GenerationRequest, SequenceOutput, StepStats
+from scheduler import BatchPolicy, RunningState
+from worker.engine.admission_queue import AdmissionQueue
+from worker.engine.base import (
+    Engine,
+    EngineCapacity,
+    FinishReason,
+    GenerationRequest,
+    SequenceOutput,
+    StepStats,
+)
 
 
 @dataclass
@@ -32,10 +40,10 @@ class EchoEngine(Engine):
 
     name = "echo"
 
-    def __init__(self, max_num_seqs: int = 256, token_delay_ms: float = 0.0):
-        self.max_num_seqs = max_num_seqs
+    def __init__(self, policy: BatchPolicy | None = None, token_delay_ms: float = 0.0):
+        self.policy = policy or BatchPolicy(max_num_seqs=256)
         self.token_delay_s = token_delay_ms / 1000.0
-        self._waiting: deque[GenerationRequest] = deque()
+        self._waiting = AdmissionQueue(self.policy)
         self._running: dict[str, _EchoSequence] = {}
         self._stats = StepStats()
 
@@ -49,35 +57,46 @@ class EchoEngine(Engine):
         return list(prompt.encode("utf-8"))
 
     def add_request(self, request: GenerationRequest) -> None:
-        self._waiting.append(request)
+        self._waiting.add(request)
 
-    def abort_request(self, request_id: str, reason: str = "cancelled") -> SequenceOutput | None:
+    def abort_request(self, request_id: str, reason: FinishReason = "cancelled") -> SequenceOutput | None:
         seq = self._running.pop(request_id, None)
         if seq is None:
-            for req in list(self._waiting):
-                if req.request_id == request_id:
-                    self._waiting.remove(req)
-                    seq = _EchoSequence(req, [])
+            req = self._waiting.remove(request_id)
+            seq = None if req is None else _EchoSequence(req, [])
         if seq is None:
             return None
         return self._final(seq, reason)
 
-    def _final(self, seq: _EchoSequence, reason: str) -> SequenceOutput:
+    def take_unstarted(self) -> list[str]:
+        return self._waiting.take_all()
+
+    def wake_at_s(self) -> float | None:
+        return None if self._running else self._waiting.wake_at_s
+
+    def _final(self, seq: _EchoSequence, reason: FinishReason) -> SequenceOutput:
         return SequenceOutput(
             request_id=seq.request.request_id, new_token_ids=[], new_text="", finished=True,
-            finish_reason=reason,  # type: ignore[arg-type]
+            finish_reason=reason,
             prompt_tokens=len(seq.request.prompt_token_ids), completion_tokens=len(seq.produced),
             text="".join(seq.produced),
         )
 
     def step(self) -> list[SequenceOutput]:
-        while self._waiting and len(self._running) < self.max_num_seqs:
-            req = self._waiting.popleft()
+        now = time.monotonic()
+        n = len(self._running)
+        decision = self._waiting.admit(RunningState(num_seqs=n, decode_tokens=n), now)
+        outputs = [self._final(_EchoSequence(r, []), "deadline_exceeded") for r in decision.expired]
+        for req in decision.started:
             words = _decode_bytes(req.prompt_token_ids).split() or ["(empty)"]
             self._running[req.request_id] = _EchoSequence(req, words)
+        admitted = tuple(r.request_id for r in decision.started)
+        if not self._running:
+            self._stats = StepStats()
+            return outputs
         if self.token_delay_s:
             time.sleep(self.token_delay_s)
-        outputs: list[SequenceOutput] = []
+        ran = len(self._running)
         now = time.monotonic()
         for rid, seq in list(self._running.items()):
             deadline = seq.request.deadline_s
@@ -100,20 +119,20 @@ class EchoEngine(Engine):
                 out.finish_reason = "stop" if done_stop else "length"
                 out.text = "".join(seq.produced)
             outputs.append(out)
-        self._stats = StepStats(num_seqs=len(outputs), decode_tokens=len(outputs))
+        self._stats = StepStats(num_seqs=ran, decode_tokens=ran, admitted=admitted)
         return outputs
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(len(self._waiting) or self._running)
 
     def capacity(self) -> EngineCapacity:
-        running = len(self._running) + len(self._waiting)
+        running = len(self._running)
         return EngineCapacity(
             running=running,
             decode_tokens=running,
             free_kv_tokens=None,
             total_kv_tokens=None,
-            accepts_new=running < self.max_num_seqs,
+            waiting=len(self._waiting),
         )
 
     def last_step_stats(self) -> StepStats:

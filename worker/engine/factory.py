@@ -1,4 +1,4 @@
-"""Build the engine a worker runs, from its settings."""
+"""Build the engine a worker runs, from its settings; every engine admits with `settings.batch_policy()`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def create_engine(settings: WorkerSettings) -> Engine:
     if settings.engine == "echo":
         from worker.engine.echo import EchoEngine
 
-        return EchoEngine(max_num_seqs=settings.max_num_seqs, token_delay_ms=settings.echo_token_delay_ms)
+        return EchoEngine(settings.batch_policy(), token_delay_ms=settings.echo_token_delay_ms)
     from worker.engine.model_loader import load_model
 
     device = settings.resolved_device()
@@ -20,7 +20,7 @@ def create_engine(settings: WorkerSettings) -> Engine:
     if settings.engine == "static":
         from worker.engine.static_hf import StaticBatchEngine
 
-        return StaticBatchEngine(loaded, device=device, max_num_seqs=settings.max_num_seqs)
+        return StaticBatchEngine(loaded, device=device, policy=settings.batch_policy())
     from worker.engine.llm_engine import PagedEngine
 
     return PagedEngine(
@@ -28,10 +28,7 @@ def create_engine(settings: WorkerSettings) -> Engine:
         loaded.tokenizer,
         kv_cache_bytes=settings.kv_cache_bytes,
         block_size=settings.kv_block_size_tokens,
-        max_num_seqs=settings.max_num_seqs,
-        max_batch_tokens=settings.max_batch_tokens,
-        max_prefill_chunk_tokens=settings.max_prefill_chunk_tokens,
-        kv_reserve=settings.kv_reserve,
+        policy=settings.batch_policy(),
         attention_backend=settings.attention_backend,
         enforce_eager=not settings.cuda_graphs,
         prefill_interval_steps=settings.prefill_interval_steps,

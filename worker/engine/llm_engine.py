@@ -8,6 +8,7 @@ at once; their full KV blocks stay in the prefix cache until evicted.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Literal
 
@@ -27,7 +28,7 @@ from worker.engine.block_manager import BlockManager
 from worker.engine.cuda_graphs import DecodeGraphs
 from worker.engine.fused_layers import fuse_model
 from worker.engine.kv_cache import GPU_DEFAULT_MEMORY_FRACTION, KVCache, KVCacheSpec, num_blocks_for_budget
-from worker.engine.model_runner import ModelRunner
+from worker.engine.model_runner import LaunchedStep, ModelRunner
 from worker.engine.sequence import Sequence
 from worker.engine.step_scheduler import SchedulerOutput, StepScheduler
 
@@ -75,7 +76,18 @@ class PagedEngine(Engine):
         fused_layers: bool = True,
         prefill_interval_steps: int | None = None,
         async_output: bool | None = None,
+        policy: BatchPolicy | None = None,
     ):
+        """`policy`, when given (the worker passes the one built from its settings), replaces the
+        admission knobs above (max_num_seqs ... max_wait_ms); `prefill_interval_steps` None = automatic."""
+        base = policy or BatchPolicy(
+            max_wait_ms=max_wait_ms,
+            max_batch_tokens=max_batch_tokens,
+            max_num_seqs=max_num_seqs,
+            max_prefill_chunk_tokens=max_prefill_chunk_tokens,
+            kv_reserve=kv_reserve,
+            max_waiting_steps=max_waiting_steps,
+        )
         self.model = model
         self.tokenizer = tokenizer
         param = next(model.parameters())
@@ -95,7 +107,9 @@ class PagedEngine(Engine):
         self._fused = fuse_model(model) if self.attention_backend == "triton" and fused_layers else None
         graphs = None
         if self.attention_backend == "triton" and self.device.type == "cuda" and not enforce_eager:
-            graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, -(-self.max_model_len // block_size))
+            graphs = DecodeGraphs(
+                model, self.kv_cache, base.max_num_seqs, -(-self.max_model_len // block_size)
+            )
         self.runner = ModelRunner(
             model, self.kv_cache, self.block_manager, self.device, self.attention_backend, graphs
         )
@@ -103,13 +117,8 @@ class PagedEngine(Engine):
             self.runner.warm_up()
         if graphs is not None:
             graphs.capture()  # after the runner registered the paged attention with the model
-        self.policy = BatchPolicy(
-            max_wait_ms=max_wait_ms,
-            max_batch_tokens=max_batch_tokens,
-            max_num_seqs=max_num_seqs,
-            max_prefill_chunk_tokens=max_prefill_chunk_tokens,
-            kv_reserve=kv_reserve,
-            max_waiting_steps=max_waiting_steps,
+        self.policy = dataclasses.replace(
+            base,
             # Batch prefills only where decode steps replay CUDA graphs and mixed steps run eagerly.
             prefill_interval_steps=(
                 prefill_interval_steps if prefill_interval_steps is not None
@@ -121,7 +130,9 @@ class PagedEngine(Engine):
         # Tokens sampled by the last step, streamed by the next one (async output processing; on by
         # default where a device computes while the host works): (sequence, token, finish reason).
         self.async_output = self.device.type == "cuda" if async_output is None else async_output
+        self.overlaps_host = self.device.type == "cuda"
         self._pending: list[tuple[Sequence, int, FinishReason | None]] = []
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep, list[SequenceOutput]] | None = None
         self._stats = StepStats()
         self._admitted_prompt_tokens = 0
         self._admitted_cached_tokens = 0
@@ -179,13 +190,15 @@ class PagedEngine(Engine):
         return None if seq is None else self._finish(seq, reason)
 
     def step(self) -> list[SequenceOutput]:
-        """One iteration. With `async_output`, it returns the tokens sampled by the previous step.
+        """One iteration: `submit_step()` then `collect()`."""
+        self.submit_step()
+        return self.collect()
 
-        Detokenizing and building the outputs of N sampled tokens is host work proportional to the
-        batch; done while the device computes the next step (vLLM's async output processing), it
-        costs no step time. Stop tokens and length are checked at once, so a finished sequence never
-        takes a step's slot; a stop string is found one step later, and the one token its sequence
-        computed meanwhile is dropped.
+    def submit_step(self) -> None:
+        """Plan the next step and queue its forward and sampling on the device; returns at once.
+
+        Requests whose deadline passed, that can never fit, or that outgrew the cache end here; their
+        final outputs come with `collect()`.
         """
         now = time.monotonic()
         outputs = [
@@ -195,17 +208,35 @@ class PagedEngine(Engine):
         ]
         plan = self.scheduler.schedule(now)
         outputs += [self._finish(seq, "deadline_exceeded") for seq in plan.expired]
-        outputs += [self._finish(seq, "error") for seq in plan.rejected]
+        outputs += [self._finish(seq, "too_long") for seq in plan.rejected]
         outputs += [self._finish(seq, "length") for seq in plan.cache_full]
         self._record_stats(plan)
         try:
             launched = self.runner.launch(plan.scheduled)
+        except Exception:
+            self._unpublish(plan)
+            raise
+        self._in_flight = (plan, launched, outputs)
+
+    def collect(self) -> list[SequenceOutput]:
+        """Wait for the submitted step; with `async_output`, return the tokens the previous step sampled.
+
+        Detokenizing and building the outputs of N sampled tokens is host work proportional to the
+        batch; done while the device computes the next step (vLLM's async output processing), it
+        costs no step time. Stop tokens and length are checked at once, so a finished sequence never
+        takes a step's slot; a stop string is found one step later, and the one token its sequence
+        computed meanwhile is dropped. Between `submit_step()` and `collect()` the caller may add and
+        abort requests: an aborted sequence's token from this step is dropped.
+        """
+        if self._in_flight is None:
+            return []
+        plan, launched, outputs = self._in_flight
+        self._in_flight = None
+        try:
             outputs += self._emit_pending()  # host work while the device runs this step
             sampled = launched.result()
         except Exception:
-            # This step's K/V writes may be incomplete: no later request may reuse those blocks.
-            for item in plan.scheduled:
-                self.block_manager.unpublish(item.seq, item.start // self.block_manager.block_size)
+            self._unpublish(plan)
             raise
         for item, token in zip(plan.scheduled, sampled, strict=True):
             seq = item.seq
@@ -222,6 +253,20 @@ class PagedEngine(Engine):
         if not self.async_output:
             outputs += self._emit_pending()
         return outputs
+
+    def _unpublish(self, plan: SchedulerOutput) -> None:
+        """This step's K/V writes may be incomplete: no later request may reuse those blocks."""
+        for item in plan.scheduled:
+            self.block_manager.unpublish(item.seq, item.start // self.block_manager.block_size)
+
+    def take_unstarted(self) -> list[str]:
+        unstarted = self.scheduler.take_unstarted()
+        for seq in unstarted:
+            self._seqs.pop(seq.request_id, None)
+        return [seq.request_id for seq in unstarted]
+
+    def wake_at_s(self) -> float | None:
+        return None if self.scheduler.running or self._pending else self.scheduler.wake_at_s
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
@@ -249,8 +294,7 @@ class PagedEngine(Engine):
             decode_tokens=len(self.scheduler.running),
             free_kv_tokens=self.block_manager.num_free_blocks * bs,
             total_kv_tokens=self.block_manager.num_blocks * bs,
-            # The engine's own queue stays short; requests wait upstream, where priorities are visible.
-            accepts_new=len(self.scheduler.waiting) < self.policy.max_num_seqs,
+            waiting=len(self.scheduler.waiting),
         )
 
     def last_step_stats(self) -> StepStats:
@@ -322,6 +366,7 @@ class PagedEngine(Engine):
             prefill_tokens=plan.prefill_tokens,
             decode_tokens=plan.decode_tokens,
             cached_tokens=plan.cached_tokens,
+            admitted=tuple(plan.admitted),
             extra={
                 "prefix_hit_rate": hit_rate,
                 "preempted": float(len(plan.preempted)),

@@ -11,12 +11,13 @@ does not cover.
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from scheduler import BatchPolicy, RunningState
+from worker.engine.admission_queue import AdmissionQueue
 from worker.engine.base import (
     Engine,
     EngineCapacity,
@@ -64,14 +65,14 @@ class StaticBatchEngine(Engine):
 
     name = "static"
 
-    def __init__(self, loaded: LoadedModel, device: str = "cpu", max_num_seqs: int = 32):
+    def __init__(self, loaded: LoadedModel, device: str = "cpu", policy: BatchPolicy | None = None):
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = torch.device(device)
-        self.max_num_seqs = max_num_seqs
+        self.policy = policy or BatchPolicy(max_num_seqs=32)
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._waiting: deque[GenerationRequest] = deque()
+        self._waiting = AdmissionQueue(self.policy)
         self._rows: list[_Row] = []
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
@@ -84,25 +85,33 @@ class StaticBatchEngine(Engine):
         return [int(t) for t in self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
 
     def add_request(self, request: GenerationRequest) -> None:
-        self._waiting.append(request)
+        self._waiting.add(request)
 
     def abort_request(self, request_id: str, reason: FinishReason = "cancelled") -> SequenceOutput | None:
-        for req in list(self._waiting):
-            if req.request_id == request_id:
-                self._waiting.remove(req)
-                return SequenceOutput(request_id, [], "", True, reason, len(req.prompt_token_ids), 0)
+        req = self._waiting.remove(request_id)
+        if req is not None:
+            return SequenceOutput(request_id, [], "", True, reason, len(req.prompt_token_ids), 0)
         for row in self._rows:
             if row.request.request_id == request_id and not row.finished:
                 return self._finish(row, reason, [], "")
         return None
 
+    def take_unstarted(self) -> list[str]:
+        return self._waiting.take_all()
+
+    def wake_at_s(self) -> float | None:
+        return None if self._busy() else self._waiting.wake_at_s
+
     def has_unfinished(self) -> bool:
-        return bool(self._waiting) or any(not r.finished for r in self._rows)
+        return bool(len(self._waiting)) or self._busy()
+
+    def _busy(self) -> bool:
+        return any(not r.finished for r in self._rows)
 
     def capacity(self) -> EngineCapacity:
-        busy = len(self._rows) + len(self._waiting)
-        return EngineCapacity(running=busy, decode_tokens=len(self._rows), free_kv_tokens=None,
-                              total_kv_tokens=None, accepts_new=busy < self.max_num_seqs)
+        running = sum(not r.finished for r in self._rows)
+        return EngineCapacity(running=running, decode_tokens=running, free_kv_tokens=None,
+                              total_kv_tokens=None, waiting=len(self._waiting))
 
     def last_step_stats(self) -> StepStats:
         return self._stats
@@ -118,15 +127,19 @@ class StaticBatchEngine(Engine):
 
     @torch.inference_mode()
     def step(self) -> list[SequenceOutput]:
-        if not any(not r.finished for r in self._rows):
-            self._rows, self._cache, self._mask = [], None, None
-            if not self._waiting:
-                return []
-            return self._prefill()
-        return self._decode()
+        if self._busy():
+            return self._decode()
+        # A static batch forms only on an idle engine; the policy picks its members.
+        self._rows, self._cache, self._mask = [], None, None
+        decision = self._waiting.admit(RunningState(), time.monotonic())
+        outputs = [SequenceOutput(r.request_id, [], "", True, "deadline_exceeded", len(r.prompt_token_ids))
+                   for r in decision.expired]  # fmt: skip
+        self._stats = StepStats()
+        if decision.started:
+            outputs += self._prefill(decision.started)
+        return outputs
 
-    def _prefill(self) -> list[SequenceOutput]:
-        batch = [self._waiting.popleft() for _ in range(min(self.max_num_seqs, len(self._waiting)))]
+    def _prefill(self, batch: list[GenerationRequest]) -> list[SequenceOutput]:
         longest = max(len(r.prompt_token_ids) for r in batch)
         ids = torch.full((len(batch), longest), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), longest), dtype=torch.long)
@@ -139,7 +152,8 @@ class StaticBatchEngine(Engine):
             for r in batch
         ]
         self._mask = mask.to(self.device)
-        self._stats = StepStats(num_seqs=len(batch), prefill_tokens=int(mask.sum()))
+        self._stats = StepStats(num_seqs=len(batch), prefill_tokens=int(mask.sum()),
+                                admitted=tuple(r.request_id for r in batch))
         return self._forward(ids.to(self.device))
 
     def _decode(self) -> list[SequenceOutput]:

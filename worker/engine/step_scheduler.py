@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from scheduler import (
+    ArrivalGap,
     BatchPolicy,
     Priority,
     RunningState,
@@ -42,6 +43,7 @@ class SchedulerOutput:
     expired: list[Sequence] = field(default_factory=list)  # deadline passed while waiting
     rejected: list[Sequence] = field(default_factory=list)  # can never fit in the KV cache
     cache_full: list[Sequence] = field(default_factory=list)  # outgrew the whole cache while running
+    admitted: list[str] = field(default_factory=list)  # requests started for the first time
     admitted_prompt_tokens: int = 0  # prompt tokens of this step's first-time admissions
     cached_tokens: int = 0  # of those, tokens served from the prefix cache
 
@@ -63,6 +65,8 @@ class StepScheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.steps_since_prefill = 0  # for prefill batching (BatchPolicy.prefill_interval_steps)
+        self.arrivals = ArrivalGap()  # for the time window (scheduler.arrivals)
+        self.wake_at_s: float | None = None  # set while the time window holds an idle engine
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -71,6 +75,16 @@ class StepScheduler:
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+        self.arrivals.observe(seq.arrival_s)
+        self.wake_at_s = None
+
+    def take_unstarted(self) -> list[Sequence]:
+        """Remove the waiting sequences that never ran (preempted ones have streamed: they stay)."""
+        unstarted = [s for s in self.waiting if s.num_preemptions == 0]
+        for seq in unstarted:
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+        return unstarted
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -87,6 +101,7 @@ class StepScheduler:
     def schedule(self, now: float) -> SchedulerOutput:
         """Plan the next step: running sequences first, then admissions into what is left."""
         out = SchedulerOutput()
+        self.wake_at_s = None
         budget = self._schedule_running(out, self.policy.max_batch_tokens)
         if not out.preempted:  # memory is short; admitting now would only preempt again
             self._admit(out, budget, now)
@@ -162,8 +177,9 @@ class StepScheduler:
             # KV is checked below against the block pool, which knows what the prefix cache shares.
             decision = select_admissions(
                 [self._as_waiting_request(s) for s in candidates], running, self.policy, now,
-                kv_capacity_tokens=self.kv_capacity_tokens,
+                kv_capacity_tokens=self.kv_capacity_tokens, next_arrival_s=self.arrivals.next_arrival_s(now),
             )  # fmt: skip
+            self.wake_at_s = decision.wake_at_s
             for req in decision.expired:
                 out.expired.append(by_id[req.request_id])
                 self.waiting.remove(by_id[req.request_id])
@@ -221,6 +237,7 @@ class StepScheduler:
     def _start(self, seq: Sequence, kv_tokens: int, chunk: int, out: SchedulerOutput) -> None:
         cached = self.block_manager.allocate(seq, kv_tokens)
         if seq.num_preemptions == 0:
+            out.admitted.append(seq.request_id)
             seq.cached_tokens = min(cached, seq.num_prompt_tokens)
             out.cached_tokens += seq.cached_tokens
             out.admitted_prompt_tokens += seq.num_prompt_tokens

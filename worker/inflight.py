@@ -1,0 +1,66 @@
+"""What the worker knows about each request it serves, from the moment it is read to its final reply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from producer.protocol import ChatRequest, ContentType
+
+
+def entry_epoch_ms(entry_id: bytes) -> int:
+    """The server time (ms) embedded in a stream entry id, i.e. when it was XADDed."""
+    return int(entry_id.split(b"-", 1)[0])
+
+
+@dataclass
+class InFlight:
+    """A validated request handed to the engine; dropped from the table with its final reply."""
+
+    entry_id: bytes
+    request: ChatRequest
+    content_type: ContentType
+    reply_key: str
+    prompt_token_ids: list[int]
+    enqueued_epoch_ms: int  # when it was XADDed (server clock)
+    read_s: float  # when this worker read it (monotonic)
+    deadline_s: float | None  # monotonic
+    admitted_s: float | None = None  # when the engine started it
+    first_token_s: float | None = None
+    tokens_sent: int = 0
+    batch_id: int = 0
+
+
+@dataclass
+class Microbatch:
+    """Requests the engine started in one step; logged as one `batch_done` when the last one ends."""
+
+    size: int
+    admitted_s: float
+    wait_ms: float
+    remaining: int
+    tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class LoopCounters:
+    """Totals over the worker's life, logged with `worker_stopped`."""
+
+    read: int = 0
+    invalid: int = 0
+    done: int = 0
+    errors: int = 0
+    steps: int = 0
+    reclaimed: int = 0
+    replayed: int = 0
+    dead_lettered: int = 0
+    shed: int = 0
+    cancelled: int = 0
+    lost: int = 0
+    finals_dropped: int = 0
+    redis_errors: int = 0
+    batches: dict[int, Microbatch] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, int]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, int)}
