@@ -37,11 +37,18 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from producer.backoff import Backoff
 from producer.client import ChatClient, ChatError
-from producer.protocol import MAX_TOKENS_CAP, DoneEvent, ErrorCode, ErrorEvent, decode_event, reply_stream
-from producer.redis_types import read_entries
 from producer.settings import ProducerSettings
+from producer.wire.backoff import Backoff
+from producer.wire.protocol import (
+    MAX_TOKENS_CAP,
+    DoneEvent,
+    ErrorCode,
+    ErrorEvent,
+    decode_event,
+    reply_stream,
+)
+from producer.wire.redis_types import read_entries
 
 DEFAULT_INSTRUCTION = "Summarize the document in at most three sentences."
 # A client-side grace past a request's own deadline: the worker answers `deadline_exceeded`

@@ -33,9 +33,10 @@ import redis
 import redis.asyncio as aioredis
 from redis.typing import KeyT, StreamIdT
 
-from producer import admission, cancellation
-from producer.backoff import TRANSIENT_ERRORS, Backoff
-from producer.protocol import (
+from producer.settings import ProducerSettings
+from producer.wire import backlog, final_guard
+from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
+from producer.wire.protocol import (
     CONSUMER_GROUP,
     ChatRequest,
     ContentType,
@@ -52,8 +53,7 @@ from producer.protocol import (
     reply_stream,
     requests_stream,
 )
-from producer.redis_types import read_entries
-from producer.settings import ProducerSettings
+from producer.wire.redis_types import read_entries
 
 
 class ChatError(Exception):
@@ -184,7 +184,7 @@ class _ClientCore:
         request = build_request(messages, prompt, params)
         check_reply_key(request, self.settings.prefix)
         ct = content_type or self.settings.content_type
-        args = admission.script_args(
+        args = backlog.script_args(
             CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct)
         )
         return request, ct, args
@@ -201,7 +201,7 @@ class _ClientCore:
             reply_stream(request_id, self.settings.prefix),
             self.settings.content_type,
         )
-        return cancellation.cancel_call(
+        return final_guard.cancel_call(
             self.settings.prefix,
             request_id,
             key,
@@ -224,8 +224,8 @@ class ChatClient(_ClientCore):
     ):
         super().__init__(redis_url, settings, overrides)
         self.redis = client or redis.Redis.from_url(self.settings.redis_url, **self._connection_args())
-        self._admit = admission.register(self.redis)
-        self._cancel = cancellation.register(self.redis)
+        self._admit = backlog.register(self.redis)
+        self._cancel = final_guard.register(self.redis)
 
     def submit(
         self,
@@ -244,11 +244,11 @@ class ChatClient(_ClientCore):
         backoff = self._backoff()
         while True:
             try:
-                admission.admitted_entry_id(
+                backlog.admitted_entry_id(
                     self._admit(keys=[self.stream_key], args=args), self.settings.max_backlog_requests
                 )
                 break
-            except admission.AdmissionRefused as exc:
+            except backlog.AdmissionRefused as exc:
                 raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
             except TRANSIENT_ERRORS:
                 if time.monotonic() >= give_up:
@@ -288,8 +288,8 @@ class ChatClient(_ClientCore):
         out: list[str | ChatError] = []
         for (request, ct, _), reply in zip(prepared, replies, strict=True):
             try:
-                admission.admitted_entry_id(reply, limit)
-            except admission.AdmissionRefused as exc:
+                backlog.admitted_entry_id(reply, limit)
+            except backlog.AdmissionRefused as exc:
                 out.append(ChatError(ErrorCode.OVERLOADED, str(exc), request.id))
                 continue
             self._record(request, ct)
@@ -434,8 +434,8 @@ class AsyncChatClient(_ClientCore):
     ):
         super().__init__(redis_url, settings, overrides)
         self.redis = client or aioredis.Redis.from_url(self.settings.redis_url, **self._connection_args())
-        self._admit = admission.register(self.redis)
-        self._cancel = cancellation.register(self.redis)
+        self._admit = backlog.register(self.redis)
+        self._cancel = final_guard.register(self.redis)
 
     async def submit(
         self,
@@ -451,11 +451,11 @@ class AsyncChatClient(_ClientCore):
         backoff = self._backoff()
         while True:
             try:
-                admission.admitted_entry_id(
+                backlog.admitted_entry_id(
                     await self._admit(keys=[self.stream_key], args=args), self.settings.max_backlog_requests
                 )
                 break
-            except admission.AdmissionRefused as exc:
+            except backlog.AdmissionRefused as exc:
                 raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
             except TRANSIENT_ERRORS:
                 if time.monotonic() >= give_up:

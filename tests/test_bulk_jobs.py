@@ -13,7 +13,7 @@ from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from producer.bulk import bulk_queue, enqueue_bulk, job_status, main, read_documents
-from producer.protocol import decode_request, requests_stream
+from producer.wire.protocol import decode_request, requests_stream
 
 
 def echo_reply(document: str, max_tokens: int) -> str:

@@ -15,7 +15,7 @@ import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.protocol import ChatRequest, ProtocolError, decode_request, now_ms
+from producer.wire.protocol import ChatRequest, ProtocolError, decode_request, now_ms
 
 PREFIX = "llm"
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from producer.client import ChatClient
-from producer.protocol import ProtocolError, decode_request, reply_key_allowed, reply_stream
+from producer.wire.protocol import ProtocolError, decode_request, reply_key_allowed, reply_stream
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 

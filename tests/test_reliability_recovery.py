@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from producer.client import ChatClient, ChatError, build_request
-from producer.protocol import ErrorCode, encode_request
+from producer.wire.protocol import ErrorCode, encode_request
 
 pytestmark = pytest.mark.timeout(300)
 

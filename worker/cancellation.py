@@ -15,8 +15,8 @@ from collections import OrderedDict
 
 import redis
 
-from producer.protocol import cancel_stream
-from producer.redis_types import range_entries, read_entries
+from producer.wire.protocol import cancel_stream
+from producer.wire.redis_types import range_entries, read_entries
 
 
 class CancelWatch:

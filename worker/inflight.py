@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from producer.protocol import ChatRequest, ContentType
+from producer.wire.protocol import ChatRequest, ContentType
 
 
 def entry_epoch_ms(entry_id: bytes) -> int:

@@ -14,7 +14,7 @@ import time
 import redis
 import structlog
 
-from producer.protocol import (
+from producer.wire.protocol import (
     ErrorCode,
     ProtocolError,
     decode_request,
@@ -22,7 +22,7 @@ from producer.protocol import (
     now_ms,
     reply_key_allowed,
 )
-from producer.redis_types import pending_rows, range_entries, read_entries
+from producer.wire.redis_types import pending_rows, range_entries, read_entries
 from scheduler import Priority
 from worker.backpressure import Backpressure
 from worker.cancellation import CancelWatch

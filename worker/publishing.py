@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import structlog
 
-from producer.protocol import DoneEvent, ErrorCode, ErrorEvent, ReplyEvent, Timings, TokenEvent, Usage, now_ms
+from producer.wire.protocol import (
+    DoneEvent,
+    ErrorCode,
+    ErrorEvent,
+    ReplyEvent,
+    Timings,
+    TokenEvent,
+    Usage,
+    now_ms,
+)
 from worker.engine.base import SequenceOutput
 from worker.inflight import InFlight, LoopCounters, Microbatch
 from worker.replies import FinalWrite, ReplyWriter

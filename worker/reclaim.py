@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import redis
 import structlog
 
-from producer.redis_types import Entry
+from producer.wire.redis_types import Entry
 from worker.heartbeat import DRAINING, heartbeat_key
 
 log = structlog.get_logger("worker")

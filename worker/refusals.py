@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import structlog
 
-from producer.protocol import (
+from producer.wire.protocol import (
     ChatRequest,
     ContentType,
     ErrorCode,

@@ -20,7 +20,14 @@ from typing import Any
 import redis
 import structlog
 
-from producer.protocol import ContentType, ErrorCode, ErrorEvent, ReplyEvent, encode_event, final_guard_key
+from producer.wire.protocol import (
+    ContentType,
+    ErrorCode,
+    ErrorEvent,
+    ReplyEvent,
+    encode_event,
+    final_guard_key,
+)
 
 __all__ = ["FinalWrite", "ReplyWriter", "final_guard_key"]
 

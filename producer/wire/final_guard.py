@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from producer.protocol import (
+from producer.wire.protocol import (
     ContentType,
     ErrorCode,
     ErrorEvent,

@@ -1,0 +1,12 @@
+"""The wire contract: what the chat clients and the workers both depend on.
+
+Everything a client and a worker must agree on byte for byte lives here, and nowhere
+else: change a module of this package and both sides change together. Backends in other
+languages implement the same contract from `docs/protocol.md`.
+
+- `protocol.py`: keys, request and reply models, encodings, error codes (wire contract v1).
+- `final_guard.py`: the client's cancel script (takes the final-reply guard).
+- `backlog.py`: the producer's admission script (backlog check + XADD).
+- `redis_types.py`: typed views of redis-py's stream replies.
+- `backoff.py`: reconnect delays and the errors worth retrying.
+"""
