@@ -40,14 +40,10 @@ from rq.serializers import JSONSerializer
 from producer.client import ChatClient, ChatError
 from producer.settings import ProducerSettings
 from producer.wire.backoff import Backoff
-from producer.wire.protocol import (
-    MAX_TOKENS_CAP,
-    DoneEvent,
-    ErrorCode,
-    ErrorEvent,
-    decode_event,
-    reply_stream,
-)
+from producer.wire.codec import decode_event
+from producer.wire.keys import reply_stream
+from producer.wire.limits import MAX_TOKENS_CAP
+from producer.wire.models import DoneEvent, ErrorCode, ErrorEvent
 from producer.wire.redis_types import read_entries
 
 DEFAULT_INSTRUCTION = "Summarize the document in at most three sentences."

@@ -36,10 +36,10 @@ from redis.typing import KeyT, StreamIdT
 from producer.settings import ProducerSettings
 from producer.wire import backlog, final_guard
 from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
-from producer.wire.protocol import (
-    CONSUMER_GROUP,
+from producer.wire.codec import ContentType, decode_event, encode_request
+from producer.wire.keys import CONSUMER_GROUP, reply_key_allowed, reply_stream, requests_stream
+from producer.wire.models import (
     ChatRequest,
-    ContentType,
     DoneEvent,
     ErrorCode,
     ErrorEvent,
@@ -47,11 +47,6 @@ from producer.wire.protocol import (
     Timings,
     TokenEvent,
     Usage,
-    decode_event,
-    encode_request,
-    reply_key_allowed,
-    reply_stream,
-    requests_stream,
 )
 from producer.wire.redis_types import read_entries
 

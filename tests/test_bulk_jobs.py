@@ -13,7 +13,8 @@ from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from producer.bulk import bulk_queue, enqueue_bulk, job_status, main, read_documents
-from producer.wire.protocol import decode_request, requests_stream
+from producer.wire.codec import decode_request
+from producer.wire.keys import requests_stream
 
 
 def echo_reply(document: str, max_tokens: int) -> str:

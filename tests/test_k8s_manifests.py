@@ -28,7 +28,7 @@ from pydantic_settings import BaseSettings
 from producer.bulk import BulkSettings
 from producer.client import ChatClient, ChatError
 from producer.settings import ProducerSettings
-from producer.wire.protocol import CONSUMER_GROUP, requests_stream
+from producer.wire.keys import CONSUMER_GROUP, requests_stream
 from worker.heartbeat import DRAINING, heartbeat_key
 from worker.settings import WorkerSettings
 

@@ -15,7 +15,8 @@ import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.wire.protocol import ChatRequest, ProtocolError, decode_request, now_ms
+from producer.wire.codec import ProtocolError, decode_request
+from producer.wire.models import ChatRequest, now_ms
 
 PREFIX = "llm"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from producer.wire.protocol import ChatRequest, DoneEvent, ErrorCode, ErrorEvent
+from producer.wire.models import ChatRequest, DoneEvent, ErrorCode, ErrorEvent
 from worker.engine.base import SequenceOutput
 from worker.inflight import InFlight, Microbatch, entry_epoch_ms
 from worker.publishing import (

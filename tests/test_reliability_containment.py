@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from producer.client import ChatClient, ChatError
-from producer.wire.protocol import ErrorCode
+from producer.wire.models import ErrorCode
 
 pytestmark = pytest.mark.timeout(120)
 

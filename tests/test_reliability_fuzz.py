@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from producer.client import ChatClient
-from producer.wire.protocol import ProtocolError, decode_request, reply_key_allowed, reply_stream
+from producer.wire.codec import ProtocolError, decode_request
+from producer.wire.keys import reply_key_allowed, reply_stream
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 

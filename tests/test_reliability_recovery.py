@@ -11,7 +11,8 @@ import pytest
 import redis
 
 from producer.client import ChatClient, ChatError, build_request
-from producer.wire.protocol import ErrorCode, encode_request
+from producer.wire.codec import encode_request
+from producer.wire.models import ErrorCode
 
 pytestmark = pytest.mark.timeout(300)
 

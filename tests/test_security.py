@@ -17,7 +17,8 @@ import pytest
 import redis
 
 from producer.client import ChatClient, ChatError
-from producer.wire.protocol import MAX_MESSAGES, MAX_TOKENS_CAP, ErrorCode, new_request_id
+from producer.wire.limits import MAX_MESSAGES, MAX_TOKENS_CAP
+from producer.wire.models import ErrorCode, new_request_id
 from worker.embedded_redis import EmbeddedRedis, free_port
 from worker.settings import WorkerSettings
 

@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import redis
 
-from producer.wire.protocol import cancel_stream
+from producer.wire.keys import cancel_stream
 from producer.wire.redis_types import range_entries, read_entries
 
 

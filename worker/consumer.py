@@ -30,7 +30,7 @@ import structlog
 from redis.typing import StreamIdT
 
 from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
-from producer.wire.protocol import dead_letter_stream, requests_stream
+from producer.wire.keys import dead_letter_stream, requests_stream
 from worker.backpressure import Backpressure
 from worker.cancellation import CancelWatch
 from worker.engine.base import Engine, FinishReason, SequenceOutput

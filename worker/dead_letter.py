@@ -10,7 +10,7 @@ Parking and acknowledging go in the same pipeline as the step's other writes.
 
 from __future__ import annotations
 
-from producer.wire.protocol import now_ms
+from producer.wire.models import now_ms
 
 MAX_FIELDS_COPIED = 32
 MAX_FIELD_NAME_BYTES = 64

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from producer.wire.protocol import ChatRequest, ContentType
+from producer.wire.codec import ContentType
+from producer.wire.models import ChatRequest
 
 
 def entry_epoch_ms(entry_id: bytes) -> int:

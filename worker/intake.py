@@ -14,14 +14,9 @@ import time
 import redis
 import structlog
 
-from producer.wire.protocol import (
-    ErrorCode,
-    ProtocolError,
-    decode_request,
-    final_guard_key,
-    now_ms,
-    reply_key_allowed,
-)
+from producer.wire.codec import ProtocolError, decode_request
+from producer.wire.keys import final_guard_key, reply_key_allowed
+from producer.wire.models import ErrorCode, now_ms
 from producer.wire.redis_types import pending_rows, range_entries, read_entries
 from scheduler import Priority
 from worker.backpressure import Backpressure

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import structlog
 
-from producer.wire.protocol import (
+from producer.wire.models import (
     DoneEvent,
     ErrorCode,
     ErrorEvent,

@@ -9,15 +9,9 @@ from __future__ import annotations
 
 import structlog
 
-from producer.wire.protocol import (
-    ChatRequest,
-    ContentType,
-    ErrorCode,
-    ProtocolError,
-    decode_request,
-    reply_key_allowed,
-    reply_stream,
-)
+from producer.wire.codec import ContentType, ProtocolError, decode_request
+from producer.wire.keys import reply_key_allowed, reply_stream
+from producer.wire.models import ChatRequest, ErrorCode
 from worker.dead_letter import dead_letter_fields
 from worker.inflight import LoopCounters
 from worker.replies import ReplyWriter

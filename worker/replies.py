@@ -20,14 +20,9 @@ from typing import Any
 import redis
 import structlog
 
-from producer.wire.protocol import (
-    ContentType,
-    ErrorCode,
-    ErrorEvent,
-    ReplyEvent,
-    encode_event,
-    final_guard_key,
-)
+from producer.wire.codec import ContentType, encode_event
+from producer.wire.keys import final_guard_key
+from producer.wire.models import ErrorCode, ErrorEvent, ReplyEvent
 
 __all__ = ["FinalWrite", "ReplyWriter", "final_guard_key"]
 

@@ -4,7 +4,10 @@ Everything a client and a worker must agree on byte for byte lives here, and now
 else: change a module of this package and both sides change together. Backends in other
 languages implement the same contract from `docs/protocol.md`.
 
-- `protocol.py`: keys, request and reply models, encodings, error codes (wire contract v1).
+- `keys.py`: the name of every Redis key (request stream, reply streams, guards, ...).
+- `limits.py`: hard limits of a request (body size, messages, tokens, metadata, deadline).
+- `models.py`: request and reply bodies (pydantic models) and the stable error codes.
+- `codec.py`: stream-entry envelopes, msgpack/JSON bodies, bounded decoding (`ProtocolError`).
 - `final_guard.py`: the client's cancel script (takes the final-reply guard).
 - `backlog.py`: the producer's admission script (backlog check + XADD).
 - `redis_types.py`: typed views of redis-py's stream replies.

@@ -14,14 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from producer.wire.protocol import (
-    ContentType,
-    ErrorCode,
-    ErrorEvent,
-    cancel_stream,
-    encode_event,
-    final_guard_key,
-)
+from producer.wire.codec import ContentType, encode_event
+from producer.wire.keys import cancel_stream, final_guard_key
+from producer.wire.models import ErrorCode, ErrorEvent
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
