@@ -41,7 +41,6 @@ from producer.client import ChatClient, ChatError
 from producer.settings import ProducerSettings
 from producer.wire.backoff import Backoff
 from producer.wire.codec import decode_event
-from producer.wire.keys import reply_stream
 from producer.wire.limits import MAX_TOKENS_CAP
 from producer.wire.models import DoneEvent, ErrorCode, ErrorEvent
 from producer.wire.redis_types import read_entries
@@ -199,7 +198,7 @@ class BulkRun:
                 return
             self.to_send.popleft()
             self._backoff.reset()
-            key = reply_stream(request_id, self.client.settings.prefix).encode()
+            key = self.client.names.reply(request_id).encode()
             self.in_flight[key] = _InFlight(
                 index, request_id, time.monotonic() + self.request_timeout_s + DEADLINE_GRACE_S
             )

@@ -37,7 +37,7 @@ from producer.settings import ProducerSettings
 from producer.wire import backlog, final_guard
 from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
 from producer.wire.codec import ContentType, decode_event, encode_request
-from producer.wire.keys import CONSUMER_GROUP, reply_key_allowed, reply_stream, requests_stream
+from producer.wire.keys import CONSUMER_GROUP, StreamNames, reply_key_allowed
 from producer.wire.models import (
     ChatRequest,
     DoneEvent,
@@ -161,7 +161,7 @@ class _ClientCore:
     def __init__(self, redis_url: str | None, settings: ProducerSettings | None, overrides: dict[str, Any]):
         url: dict[str, Any] = {"redis_url": redis_url} if redis_url else {}
         self.settings = settings or ProducerSettings(**url, **overrides)
-        self.stream_key = requests_stream(self.settings.prefix)
+        self.names = StreamNames.for_prefix(self.settings.prefix)
         self._sent: dict[str, tuple[str, ContentType]] = {}
 
     def _connection_args(self) -> dict[str, Any]:
@@ -189,15 +189,12 @@ class _ClientCore:
         self._sent[request.id] = (request.reply_key(self.settings.prefix), ct)
 
     def _reply_key(self, request_id: str) -> str:
-        return self._sent.get(request_id, (reply_stream(request_id, self.settings.prefix), "json"))[0]
+        return self._sent.get(request_id, (self.names.reply(request_id), "json"))[0]
 
     def _cancel_call(self, request_id: str) -> tuple[list[str], list[Any]]:
-        key, ct = self._sent.get(request_id) or (
-            reply_stream(request_id, self.settings.prefix),
-            self.settings.content_type,
-        )
+        key, ct = self._sent.get(request_id) or (self.names.reply(request_id), self.settings.content_type)
         return final_guard.cancel_call(
-            self.settings.prefix,
+            self.names,
             request_id,
             key,
             ct,
@@ -240,7 +237,7 @@ class ChatClient(_ClientCore):
         while True:
             try:
                 backlog.admitted_entry_id(
-                    self._admit(keys=[self.stream_key], args=args), self.settings.max_backlog_requests
+                    self._admit(keys=[self.names.requests], args=args), self.settings.max_backlog_requests
                 )
                 break
             except backlog.AdmissionRefused as exc:
@@ -272,7 +269,7 @@ class ChatClient(_ClientCore):
         while True:
             pipe = self.redis.pipeline(transaction=False)
             for _, _, args in prepared:
-                self._admit(keys=[self.stream_key], args=args, client=pipe)
+                self._admit(keys=[self.names.requests], args=args, client=pipe)
             try:
                 replies = pipe.execute()
                 break
@@ -446,9 +443,8 @@ class AsyncChatClient(_ClientCore):
         backoff = self._backoff()
         while True:
             try:
-                backlog.admitted_entry_id(
-                    await self._admit(keys=[self.stream_key], args=args), self.settings.max_backlog_requests
-                )
+                reply = await self._admit(keys=[self.names.requests], args=args)
+                backlog.admitted_entry_id(reply, self.settings.max_backlog_requests)
                 break
             except backlog.AdmissionRefused as exc:
                 raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None

@@ -28,8 +28,8 @@ from pydantic_settings import BaseSettings
 from producer.bulk import BulkSettings
 from producer.client import ChatClient, ChatError
 from producer.settings import ProducerSettings
-from producer.wire.keys import CONSUMER_GROUP, requests_stream
-from worker.heartbeat import DRAINING, heartbeat_key
+from producer.wire.keys import CONSUMER_GROUP, heartbeat_key, requests_stream
+from worker.heartbeat import DRAINING
 from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]

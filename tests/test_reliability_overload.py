@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from producer.client import ChatClient, ChatError
+from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode
 from worker.backpressure import Backpressure
 
@@ -37,7 +38,7 @@ def test_trim_removes_only_acknowledged_entries(redis_client: redis.Redis, prefi
     redis_client.xack(stream, "workers", ids[0], ids[1], ids[3])  # ids[2], ids[4], ids[5] stay pending
     redis_client.xreadgroup("slow-group", "c", {stream: ">"}, count=8)
     redis_client.xack(stream, "slow-group", *ids[:8])
-    bp = Backpressure(redis_client, stream, "workers", 0, 100, 1)
+    bp = Backpressure(redis_client, StreamNames.for_prefix(prefix), "workers", 0, 100, 1)
     assert bp.trim() == 2
     assert [e[0] for e in redis_client.xrange(stream)] == ids[2:]
     redis_client.xack(stream, "workers", ids[2], ids[4], ids[5])

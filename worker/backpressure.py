@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import redis
 
+from producer.wire.keys import StreamNames
+
 
 @dataclass(frozen=True)
 class GroupState:
@@ -61,14 +63,14 @@ class Backpressure:
     def __init__(
         self,
         client: redis.Redis,
-        stream: str,
+        names: StreamNames,
         group: str,
         max_backlog_requests: int,
         check_interval_ms: float,
         trim_interval_s: float,
     ):
         self.client = client
-        self.stream = stream
+        self.stream = names.requests
         self.group = group
         self.limit = max_backlog_requests
         self.check_interval_s = check_interval_ms / 1000

@@ -15,16 +15,18 @@ from collections import OrderedDict
 
 import redis
 
-from producer.wire.keys import cancel_stream
+from producer.wire.keys import StreamNames
 from producer.wire.redis_types import range_entries, read_entries
 
 
 class CancelWatch:
     """Cursor over the cancel stream plus a bounded memory of cancelled ids."""
 
-    def __init__(self, client: redis.Redis, prefix: str, poll_interval_ms: float, remember_requests: int):
+    def __init__(
+        self, client: redis.Redis, names: StreamNames, poll_interval_ms: float, remember_requests: int
+    ):
         self.client = client
-        self.key = cancel_stream(prefix)
+        self.key = names.cancel
         self.poll_interval_s = poll_interval_ms / 1000
         self.remember_requests = remember_requests
         self._cursor: str | None = None

@@ -30,7 +30,7 @@ import structlog
 from redis.typing import StreamIdT
 
 from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
-from producer.wire.keys import dead_letter_stream, requests_stream
+from producer.wire.keys import StreamNames
 from worker.backpressure import Backpressure
 from worker.cancellation import CancelWatch
 from worker.engine.base import Engine, FinishReason, SequenceOutput
@@ -55,30 +55,30 @@ class Consumer:
     def __init__(self, client: redis.Redis, engine: Engine, settings: WorkerSettings):
         s = self.settings = settings
         self.client, self.engine = client, engine
-        self.stream = requests_stream(s.prefix)
+        self.names = StreamNames.for_prefix(s.prefix)
+        self.stream = self.names.requests
         self.attempt = f"{s.consumer_name}:{int(time.time() * 1000)}"
         self.counters = LoopCounters()
         self.table: dict[str, InFlight] = {}  # every request handed to the engine, until its final reply
         self.replies = ReplyWriter(
-            client, s.prefix, s.group, self.stream, self.attempt, s.reply_ttl_s,
-            dead_letter_stream(s.prefix), s.dead_letter_max_entries,
-        )  # fmt: skip
+            client, self.names, s.group, self.attempt, s.reply_ttl_s, s.dead_letter_max_entries
+        )
         self.heartbeat = Heartbeat(
-            client, s.prefix, self.stream, s.group, s.consumer_name, s.heartbeat_interval_s, s.heartbeat_ttl_s
+            client, self.names, s.group, s.consumer_name, s.heartbeat_interval_s, s.heartbeat_ttl_s
         )
         self.reclaimer = Reclaimer(
-            client, s.prefix, self.stream, s.group, s.consumer_name, s.reclaim_interval_s,
+            client, self.names, s.group, s.consumer_name, s.reclaim_interval_s,
             s.reclaim_min_idle_ms, s.reclaim_count,
         )  # fmt: skip
         self.backpressure = Backpressure(
             client,
-            self.stream,
+            self.names,
             s.group,
             s.max_backlog_requests,
             s.backlog_check_interval_ms,
             s.trim_interval_s,
         )
-        self.cancels = CancelWatch(client, s.prefix, s.cancel_poll_interval_ms, s.cancel_memory_requests)
+        self.cancels = CancelWatch(client, self.names, s.cancel_poll_interval_ms, s.cancel_memory_requests)
         self.backoff = Backoff(s.reconnect_backoff_initial_ms, s.reconnect_backoff_max_ms)
         self.refusals = Refusals(self.replies, s, self.counters)
         self.intake = Intake(

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 
 import redis
 
+from producer.wire.keys import StreamNames
+
 ALIVE = "alive"
 DRAINING = "draining"
 
@@ -39,27 +41,21 @@ return lost
 """
 
 
-def heartbeat_key(prefix: str, consumer: str) -> str:
-    """Key that exists while `consumer` is alive."""
-    return f"{prefix}:hb:{consumer}"
-
-
 class Heartbeat:
     """Beats at most once per interval; `beat(force=True)` beats now."""
 
     def __init__(
         self,
         client: redis.Redis,
-        prefix: str,
-        stream: str,
+        names: StreamNames,
         group: str,
         consumer: str,
         interval_s: float,
         ttl_s: float,
     ):
         self.client = client
-        self.key = heartbeat_key(prefix, consumer)
-        self.stream = stream
+        self.key = names.heartbeat(consumer)
+        self.stream = names.requests
         self.group = group
         self.consumer = consumer
         self.interval_s = interval_s

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import redis
 import structlog
 
+from producer.wire.keys import StreamNames
 from producer.wire.redis_types import Entry
-from worker.heartbeat import DRAINING, heartbeat_key
+from worker.heartbeat import DRAINING
 
 log = structlog.get_logger("worker")
 
@@ -61,8 +62,7 @@ class Reclaimer:
     def __init__(
         self,
         client: redis.Redis,
-        prefix: str,
-        stream: str,
+        names: StreamNames,
         group: str,
         consumer: str,
         interval_s: float,
@@ -70,8 +70,8 @@ class Reclaimer:
         count: int,
     ):
         self.client = client
-        self.prefix = prefix
-        self.stream = stream
+        self.names = names
+        self.stream = names.requests
         self.group = group
         self.consumer = consumer
         self.interval_s = interval_s
@@ -94,7 +94,7 @@ class Reclaimer:
             return Claimed([], {}, [])
         pipe = self.client.pipeline(transaction=False)
         for c in consumers:
-            pipe.get(heartbeat_key(self.prefix, _name(c)))
+            pipe.get(self.names.heartbeat(_name(c)))
         gone = [
             (c, state)
             for c, state in zip(consumers, pipe.execute(), strict=True)
@@ -132,7 +132,7 @@ class Reclaimer:
         self._delete_if_empty(name)
 
     def _delete_if_empty(self, name: str) -> None:
-        removed = self._delete(keys=[self.stream, heartbeat_key(self.prefix, name)], args=[self.group, name])
+        removed = self._delete(keys=[self.stream, self.names.heartbeat(name)], args=[self.group, name])
         if int(removed) >= 0:
             log.info("consumer_removed", consumer=name)
 

@@ -21,10 +21,10 @@ import redis
 import structlog
 
 from producer.wire.codec import ContentType, encode_event
-from producer.wire.keys import final_guard_key
+from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode, ErrorEvent, ReplyEvent
 
-__all__ = ["FinalWrite", "ReplyWriter", "final_guard_key"]
+__all__ = ["FinalWrite", "ReplyWriter"]
 
 log = structlog.get_logger("worker")
 
@@ -80,21 +80,19 @@ class ReplyWriter:
     def __init__(
         self,
         client: redis.Redis,
-        prefix: str,
+        names: StreamNames,
         group: str,
-        stream: str,
         attempt: str,
         ttl_s: int,
-        dead_stream: str = "",
         dead_max_entries: int = 100_000,
     ):
         self.client = client
-        self.prefix = prefix
+        self.names = names
         self.group = group
-        self.stream = stream
+        self.stream = names.requests
         self.attempt = attempt
         self.ttl_s = ttl_s
-        self.dead_stream = dead_stream or f"{prefix}:dead"
+        self.dead_stream = names.dead_letter
         self.dead_max_entries = dead_max_entries
         self._final = client.register_script(_FINAL_SCRIPT)
         self._tokens = client.register_script(_TOKENS_SCRIPT)
@@ -162,7 +160,7 @@ class ReplyWriter:
             if first:
                 args[1] = "1"
         for (request_id, key), args in streams.items():
-            self._tokens(keys=[final_guard_key(self.prefix, request_id), key], args=args, client=pipe)
+            self._tokens(keys=[self.names.final_guard(request_id), key], args=args, client=pipe)
         for final in q.finals:
             self._queue_final(pipe, final)
         if q.acks:
@@ -181,7 +179,7 @@ class ReplyWriter:
         fields = encode_event(final.event, final.content_type)
         entry = final.entry_id.decode() if isinstance(final.entry_id, bytes) else (final.entry_id or "")
         self._final(
-            keys=[final_guard_key(self.prefix, final.request_id), final.reply_key, self.stream],
+            keys=[self.names.final_guard(final.request_id), final.reply_key, self.stream],
             args=[self.attempt, self.ttl_s, fields["ct"], fields["body"], self.group, entry],
             client=pipe,
         )

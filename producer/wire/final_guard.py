@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from producer.wire.codec import ContentType, encode_event
-from producer.wire.keys import cancel_stream, final_guard_key
+from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode, ErrorEvent
 
 if TYPE_CHECKING:
@@ -36,14 +36,19 @@ if won then return 1 else return 0 end
 
 
 def cancel_call(
-    prefix: str, request_id: str, reply_key: str, content_type: ContentType, ttl_s: int, max_entries: int
+    names: StreamNames,
+    request_id: str,
+    reply_key: str,
+    content_type: ContentType,
+    ttl_s: int,
+    max_entries: int,
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of CANCEL_SCRIPT for one request."""
     event = ErrorEvent(
         id=request_id, code=ErrorCode.CANCELLED, message="cancelled by the client", attempt=CLIENT_ATTEMPT
     )
     fields = encode_event(event, content_type)
-    keys = [final_guard_key(prefix, request_id), reply_key, cancel_stream(prefix)]
+    keys = [names.final_guard(request_id), reply_key, names.cancel]
     return keys, [request_id, ttl_s, fields["ct"], fields["body"], max_entries, CLIENT_ATTEMPT]
 
 

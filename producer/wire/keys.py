@@ -7,6 +7,8 @@ cannot disagree on one; `docs/protocol.md` lists them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 DEFAULT_PREFIX = "llm"
 CONSUMER_GROUP = "workers"
 
@@ -36,6 +38,41 @@ def final_guard_key(prefix: str, request_id: str) -> str:
     return f"{prefix}:final:{request_id}"
 
 
+def heartbeat_key(prefix: str, consumer: str) -> str:
+    """Key that exists while worker `consumer` is alive (its value: `alive` or `draining`)."""
+    return f"{prefix}:hb:{consumer}"
+
+
 def reply_key_allowed(key: str, prefix: str = DEFAULT_PREFIX) -> bool:
     """Whether a `reply_to` stays inside the reply namespace, so no request makes a worker write elsewhere."""
     return key.startswith(f"{prefix}:reply:") and len(key) > len(prefix) + 7
+
+
+@dataclass(frozen=True)
+class StreamNames:
+    """The keys of one deployment, built once from its prefix and handed around as one value.
+
+    A component that needs several keys takes a `StreamNames` instead of a row of key
+    strings, which could be passed in the wrong order without any type noticing.
+    """
+
+    prefix: str
+    requests: str
+    dead_letter: str
+    cancel: str
+
+    @classmethod
+    def for_prefix(cls, prefix: str = DEFAULT_PREFIX) -> StreamNames:
+        return cls(prefix, requests_stream(prefix), dead_letter_stream(prefix), cancel_stream(prefix))
+
+    def reply(self, request_id: str) -> str:
+        """The default reply stream of a request."""
+        return reply_stream(request_id, self.prefix)
+
+    def final_guard(self, request_id: str) -> str:
+        """The final-reply guard of a request."""
+        return final_guard_key(self.prefix, request_id)
+
+    def heartbeat(self, consumer: str) -> str:
+        """The heartbeat key of a worker."""
+        return heartbeat_key(self.prefix, consumer)

@@ -20,7 +20,8 @@ import sys
 
 import redis
 
-from worker.heartbeat import ALIVE, heartbeat_key
+from producer.wire.keys import heartbeat_key
+from worker.heartbeat import ALIVE
 from worker.settings import WorkerSettings
 
 MODES = ("startup", "readiness", "liveness")
