@@ -217,7 +217,7 @@ class ChatClient(_ClientCore):
         super().__init__(redis_url, settings, overrides)
         self.redis = client or redis.Redis.from_url(self.settings.redis_url, **self._connection_args())
         self._admit = backlog.register(self.redis)
-        self._cancel = final_guard.register(self.redis)
+        self._cancel = self.redis.register_script(final_guard.CANCEL_SCRIPT)
 
     def submit(
         self,
@@ -427,7 +427,7 @@ class AsyncChatClient(_ClientCore):
         super().__init__(redis_url, settings, overrides)
         self.redis = client or aioredis.Redis.from_url(self.settings.redis_url, **self._connection_args())
         self._admit = backlog.register(self.redis)
-        self._cancel = final_guard.register(self.redis)
+        self._cancel = self.redis.register_script(final_guard.CANCEL_SCRIPT)
 
     async def submit(
         self,

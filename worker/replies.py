@@ -1,9 +1,11 @@
 """Writing reply events: streamed tokens, then exactly one final `done` or `error`.
 
-Delivery is at-least-once (a reclaimed entry can run twice), so the final event goes
-through a Lua script that sets a per-request guard key with NX and only then appends
-the event and acknowledges the request entry. The first final write wins; a duplicate
-run's final is dropped, and the client sees one `done`/`error` per request id.
+Delivery is at-least-once (a reclaimed entry can run twice), so every write goes
+through the guard scripts of `producer/wire/final_guard.py`: a final event is appended
+only by the writer that takes the request's guard first, and acknowledges the request
+entry in the same script; token events are appended only while no final exists. A
+duplicate run's final is dropped, and the client sees one `done`/`error` per request id,
+always as the last event of its reply stream.
 
 All writes of one loop iteration (tokens, finals, dead letters, acks) are queued in the
 `ReplyWriter` and sent in one pipeline by `flush()`. If Redis is unreachable, the queue
@@ -21,39 +23,13 @@ import redis
 import structlog
 
 from producer.wire.codec import ContentType, encode_event
+from producer.wire.final_guard import FINAL_SCRIPT, TOKENS_SCRIPT, final_call, tokens_call
 from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode, ErrorEvent, ReplyEvent
 
 __all__ = ["FinalWrite", "ReplyWriter"]
 
 log = structlog.get_logger("worker")
-
-# KEYS: guard, reply stream, request stream. ARGV: attempt, ttl_s, ct, body, group, entry id.
-_FINAL_SCRIPT = """
-local won = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
-if won then
-  redis.call('XADD', KEYS[2], '*', 'ct', ARGV[3], 'body', ARGV[4])
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
-end
-if ARGV[6] ~= '' then
-  redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
-end
-if won then return 1 else return 0 end
-"""
-
-
-# KEYS: guard, reply stream. ARGV: ttl_s, set_ttl (1/0), then ct, body for each token event in order.
-# Token events are appended only while the request has no final reply: once a final is written (by
-# this worker, another one, or a client's cancel, which all take the guard first), nothing follows it.
-_TOKENS_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for i = 3, #ARGV, 2 do
-  redis.call('XADD', KEYS[2], '*', 'ct', ARGV[i], 'body', ARGV[i + 1])
-end
-if ARGV[2] == '1' then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
-return 1
-"""
-
 
 @dataclass(frozen=True)
 class FinalWrite:
@@ -94,8 +70,8 @@ class ReplyWriter:
         self.ttl_s = ttl_s
         self.dead_stream = names.dead_letter
         self.dead_max_entries = dead_max_entries
-        self._final = client.register_script(_FINAL_SCRIPT)
-        self._tokens = client.register_script(_TOKENS_SCRIPT)
+        self._final = client.register_script(FINAL_SCRIPT)
+        self._tokens = client.register_script(TOKENS_SCRIPT)
         self._queued = _Queued()
 
     @property
@@ -153,14 +129,16 @@ class ReplyWriter:
             pipe.xack(self.stream, self.group, entry_id)
         # One script call per reply stream, carrying its token events in order.
         streams: dict[tuple[str, str], list[Any]] = {}
+        set_ttl: set[tuple[str, str]] = set()
         for request_id, key, event, ct, first in q.tokens:
-            args = streams.setdefault((request_id, key), [self.ttl_s, "0"])
             encoded = encode_event(event, ct)
-            args += [encoded["ct"], encoded["body"]]
+            streams.setdefault((request_id, key), []).extend((encoded["ct"], encoded["body"]))
             if first:
-                args[1] = "1"
-        for (request_id, key), args in streams.items():
-            self._tokens(keys=[self.names.final_guard(request_id), key], args=args, client=pipe)
+                set_ttl.add((request_id, key))
+        for (request_id, key), events in streams.items():
+            sets_ttl = (request_id, key) in set_ttl
+            keys, args = tokens_call(self.names, request_id, key, self.ttl_s, sets_ttl, events)
+            self._tokens(keys=keys, args=args, client=pipe)
         for final in q.finals:
             self._queue_final(pipe, final)
         if q.acks:
@@ -178,8 +156,14 @@ class ReplyWriter:
     def _queue_final(self, pipe: Any, final: FinalWrite) -> None:
         fields = encode_event(final.event, final.content_type)
         entry = final.entry_id.decode() if isinstance(final.entry_id, bytes) else (final.entry_id or "")
-        self._final(
-            keys=[self.names.final_guard(final.request_id), final.reply_key, self.stream],
-            args=[self.attempt, self.ttl_s, fields["ct"], fields["body"], self.group, entry],
-            client=pipe,
+        keys, args = final_call(
+            self.names,
+            final.request_id,
+            final.reply_key,
+            fields,
+            attempt=self.attempt,
+            ttl_s=self.ttl_s,
+            group=self.group,
+            entry_id=entry,
         )
+        self._final(keys=keys, args=args, client=pipe)

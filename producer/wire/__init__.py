@@ -8,7 +8,7 @@ languages implement the same contract from `docs/protocol.md`.
 - `limits.py`: hard limits of a request (body size, messages, tokens, metadata, deadline).
 - `models.py`: request and reply bodies (pydantic models) and the stable error codes.
 - `codec.py`: stream-entry envelopes, msgpack/JSON bodies, bounded decoding (`ProtocolError`).
-- `final_guard.py`: the client's cancel script (takes the final-reply guard).
+- `final_guard.py`: the guard-and-append scripts that keep one final reply per request, last.
 - `backlog.py`: the producer's admission script (backlog check + XADD).
 - `redis_types.py`: typed views of redis-py's stream replies.
 - `backoff.py`: reconnect delays and the errors worth retrying.

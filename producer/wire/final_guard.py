@@ -1,38 +1,94 @@
-"""Cancelling a request: answer the client at once, then tell every worker to stop it.
+"""One final reply per request: the guard-and-append scripts every writer of a reply uses.
 
-One Lua script does both steps atomically. It takes the request's final-reply guard
-with `SET NX` and, if it won, appends the `cancelled` error to the reply stream, so the
-client sees exactly one final reply even if a worker finishes at the same moment (the
-worker's own final then loses the guard and is dropped). It always appends the id to the
-broadcast stream `<prefix>:cancel`, which every worker polls to abort the generation
-and free its KV blocks; a worker that reads the request later finds the guard and skips it.
+The rule: the first final reply (`done` or `error`) of a request wins, and nothing is
+appended to its reply stream after it. Delivery is at-least-once and a client may
+cancel at any moment, so several writers race to finish a request; all of them go
+through the Lua below, which is the rule's only implementation:
+
+- a final takes the guard `<prefix>:final:<id>` with `SET NX` and appends its event
+  only if it won (`_GUARD_AND_APPEND`). A worker's final then acknowledges the request
+  entry either way (`FINAL_SCRIPT`): a duplicate run is still answered once. A client's
+  cancel appends `cancelled` the same way, then broadcasts the id on `<prefix>:cancel`
+  so workers stop generating (`CANCEL_SCRIPT`); a worker that reads the request later
+  finds the guard and skips it;
+- token events are appended only while no guard exists (`TOKENS_SCRIPT`).
+
+Backends in other languages cancel the same way (docs/protocol.md, "Cancelling").
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-import redis
+from typing import Any
 
 from producer.wire.codec import ContentType, encode_event
 from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode, ErrorEvent
 
-if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
+# The guard's value when a client, not a worker run, wrote the final reply.
 CLIENT_ATTEMPT = "client"
 
-# KEYS: guard, reply stream, cancel stream. ARGV: request id, ttl_s, ct, body, cancel stream max length.
-CANCEL_SCRIPT = """
-local won = redis.call('SET', KEYS[1], ARGV[6], 'NX', 'EX', ARGV[2])
+# KEYS[1] guard, KEYS[2] reply stream. ARGV[1] guard value (the writer's attempt), ARGV[2] ttl_s,
+# ARGV[3] ct, ARGV[4] body of the final event. Leaves `won` for the script's own follow-up.
+_GUARD_AND_APPEND = """\
+local won = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
 if won then
   redis.call('XADD', KEYS[2], '*', 'ct', ARGV[3], 'body', ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'id', ARGV[1])
-if won then return 1 else return 0 end
 """
+_RETURN_WON = "if won then return 1 else return 0 end\n"
+
+# A worker's final. KEYS[3] request stream. ARGV[5] group, ARGV[6] entry id ('' = none to acknowledge).
+# Returns 1 if the event was appended, 0 if another final had won.
+FINAL_SCRIPT = (
+    _GUARD_AND_APPEND
+    + """\
+if ARGV[6] ~= '' then
+  redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
+end
+"""
+    + _RETURN_WON
+)
+
+# A client's cancel. KEYS[3] cancel stream. ARGV[5] request id, ARGV[6] cancel stream max length.
+# Returns 1 if `cancelled` was appended, 0 if the request already had its final reply.
+CANCEL_SCRIPT = (
+    _GUARD_AND_APPEND
+    + """\
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'id', ARGV[5])
+"""
+    + _RETURN_WON
+)
+
+# A worker's token events. KEYS[1] guard, KEYS[2] reply stream. ARGV[1] ttl_s, ARGV[2] set the
+# TTL ('1'/'0'), then ct, body of each token event in order. Returns 0 (nothing appended) once
+# the request has a final reply.
+TOKENS_SCRIPT = """\
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 3, #ARGV, 2 do
+  redis.call('XADD', KEYS[2], '*', 'ct', ARGV[i], 'body', ARGV[i + 1])
+end
+if ARGV[2] == '1' then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
+return 1
+"""
+
+# KEYS and ARGV of one script call.
+ScriptCall = tuple[list[str], list[Any]]
+
+
+def final_call(
+    names: StreamNames,
+    request_id: str,
+    reply_key: str,
+    event_fields: dict[str, bytes | str],
+    attempt: str,
+    ttl_s: int,
+    group: str,
+    entry_id: str,
+) -> ScriptCall:
+    """FINAL_SCRIPT's KEYS and ARGV for a worker's final event (`encode_event` fields)."""
+    keys = [names.final_guard(request_id), reply_key, names.requests]
+    return keys, [attempt, ttl_s, event_fields["ct"], event_fields["body"], group, entry_id]
 
 
 def cancel_call(
@@ -42,16 +98,19 @@ def cancel_call(
     content_type: ContentType,
     ttl_s: int,
     max_entries: int,
-) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of CANCEL_SCRIPT for one request."""
+) -> ScriptCall:
+    """CANCEL_SCRIPT's KEYS and ARGV for one request; the `cancelled` event is encoded like the request."""
     event = ErrorEvent(
         id=request_id, code=ErrorCode.CANCELLED, message="cancelled by the client", attempt=CLIENT_ATTEMPT
     )
     fields = encode_event(event, content_type)
     keys = [names.final_guard(request_id), reply_key, names.cancel]
-    return keys, [request_id, ttl_s, fields["ct"], fields["body"], max_entries, CLIENT_ATTEMPT]
+    return keys, [CLIENT_ATTEMPT, ttl_s, fields["ct"], fields["body"], request_id, max_entries]
 
 
-def register(client: redis.Redis | aioredis.Redis) -> Any:
-    """The cancel script bound to a (sync or asyncio) client."""
-    return client.register_script(CANCEL_SCRIPT)
+def tokens_call(
+    names: StreamNames, request_id: str, reply_key: str, ttl_s: int, set_ttl: bool, events: list[Any]
+) -> ScriptCall:
+    """TOKENS_SCRIPT's KEYS and ARGV; `events` is the flat ct, body, ct, body, ... of the token events."""
+    keys = [names.final_guard(request_id), reply_key]
+    return keys, [ttl_s, "1" if set_ttl else "0", *events]
