@@ -216,7 +216,7 @@ class ChatClient(_ClientCore):
     ):
         super().__init__(redis_url, settings, overrides)
         self.redis = client or redis.Redis.from_url(self.settings.redis_url, **self._connection_args())
-        self._admit = backlog.register(self.redis)
+        self._admit = self.redis.register_script(backlog.ADMIT_SCRIPT)
         self._cancel = self.redis.register_script(final_guard.CANCEL_SCRIPT)
 
     def submit(
@@ -426,7 +426,7 @@ class AsyncChatClient(_ClientCore):
     ):
         super().__init__(redis_url, settings, overrides)
         self.redis = client or aioredis.Redis.from_url(self.settings.redis_url, **self._connection_args())
-        self._admit = backlog.register(self.redis)
+        self._admit = self.redis.register_script(backlog.ADMIT_SCRIPT)
         self._cancel = self.redis.register_script(final_guard.CANCEL_SCRIPT)
 
     async def submit(

@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from producer.client import ChatClient, ChatError
+from producer.wire.backlog import ADMIT_SCRIPT
 from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode
 from worker.backpressure import Backpressure
@@ -44,6 +45,22 @@ def test_trim_removes_only_acknowledged_entries(redis_client: redis.Redis, prefi
     redis_client.xack(stream, "workers", ids[2], ids[4], ids[5])
     assert bp.trim() == 3  # ids[2..4] acked by both groups; ids[5] is the last delivered one, kept
     assert [e[0] for e in redis_client.xrange(stream)] == ids[5:]
+
+
+def test_worker_and_producer_count_the_same_backlog(redis_client: redis.Redis, prefix: str) -> None:
+    names = StreamNames.for_prefix(prefix)
+    measured = Backpressure(redis_client, names, "workers", 1, 0, 1).measure
+    admit = redis_client.register_script(ADMIT_SCRIPT)
+    assert measured() == 0  # no stream yet
+    ids = [admit(keys=[names.requests], args=["workers", 10, "n", i])[1] for i in range(5)]
+    assert measured() == 5  # no group yet: the stream length
+    redis_client.xgroup_create(names.requests, "workers", id="0")
+    redis_client.xreadgroup("workers", "c", {names.requests: ">"}, count=2)
+    redis_client.xack(names.requests, "workers", ids[0])
+    assert measured() == 4  # lag 3 + pending 1
+    assert admit(keys=[names.requests], args=["workers", 4, "n", "x"]) == [0, 4]
+    assert admit(keys=[names.requests], args=["workers", 5, "n", "x"])[0] == 1
+    assert measured() == 5
 
 
 @pytest.mark.slow

@@ -2,8 +2,9 @@
 
 - Backlog = the group's `lag` (entries no worker has read) + `pending` (read, not yet
   acknowledged), from XINFO GROUPS; the stream length stands in when lag is unknown.
-  Producers refuse before XADD above their limit (`producer/admission.py`); producers
-  that skip the check (a raw `redis-cli XADD`) are caught here: while the backlog is
+  The rule is `producer/wire/backlog.py`'s, measured with its read-only script, so the
+  worker counts exactly what producers count when they refuse before XADD; producers
+  that skip that check (a raw `redis-cli XADD`) are caught here: while the backlog is
   over `max_backlog_requests`, the worker reads the excess and answers it `overloaded`.
 - Trimming never removes an unread or pending entry: the stream is cut with XTRIM MINID
   at the oldest id any group still needs (its oldest pending entry, or its last
@@ -20,14 +21,15 @@ from dataclasses import dataclass
 
 import redis
 
+from producer.wire.backlog import BACKLOG_SCRIPT
 from producer.wire.keys import StreamNames
 
 
 @dataclass(frozen=True)
 class GroupState:
+    """What trimming needs of one consumer group (the backlog is measured by the wire script)."""
+
     name: str
-    lag: int | None
-    pending: int
     last_delivered_id: str
 
 
@@ -41,15 +43,7 @@ def group_states(client: redis.Redis, stream: str) -> list[GroupState]:
         groups = client.xinfo_groups(stream)
     except redis.ResponseError:
         return []
-    return [
-        GroupState(
-            _text(g["name"]),
-            None if g.get("lag") is None else int(g["lag"]),
-            int(g["pending"]),
-            _text(g["last-delivered-id"]),
-        )
-        for g in groups
-    ]
+    return [GroupState(_text(g["name"]), _text(g["last-delivered-id"])) for g in groups]
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
@@ -78,6 +72,7 @@ class Backpressure:
         self.backlog = 0
         self._checked_s = float("-inf")
         self._trimmed_s = float("-inf")
+        self._measure = client.register_script(BACKLOG_SCRIPT)
 
     def excess(self) -> int:
         """How many requests over the limit the backlog was at the last check (0 when disabled)."""
@@ -94,12 +89,8 @@ class Backpressure:
         self.backlog = max(0, self.backlog - count)
 
     def measure(self) -> int:
-        """Current lag + pending of our group."""
-        for g in group_states(self.client, self.stream):
-            if g.name == self.group:
-                lag = g.lag if g.lag is not None else int(self.client.xlen(self.stream))
-                return lag + g.pending
-        return int(self.client.xlen(self.stream))
+        """Current lag + pending of our group (one read-only script call)."""
+        return int(self._measure(keys=[self.stream], args=[self.group]))
 
     def trim_due(self) -> bool:
         return time.monotonic() - self._trimmed_s >= self.trim_interval_s
