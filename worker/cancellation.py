@@ -5,7 +5,7 @@ once per `cancel_poll_interval_ms`), so the loop stays cheap while a cancel stil
 a running generation within one engine step. Recently cancelled ids are remembered
 (bounded, oldest forgotten first) so that a request read after its cancel is not
 started. The client also takes the final-reply guard when it cancels (see
-`producer/cancellation.py`), which is what makes a later read skip the request for good.
+`producer/wire/final_guard.py`), which is what makes a later read skip the request for good.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 redis-py annotates XREAD, XREADGROUP, XRANGE and XPENDING replies with unions that also
 cover RESP3 and `decode_responses=True`. Our clients speak RESP2 and keep bytes, so each
 reply has one shape; these functions state it (a `cast`, no copy) instead of every caller
-narrowing the union. Like `protocol.py`, this module imports no Redis client.
+narrowing the union. Like `models.py` and `codec.py`, this module imports no Redis client.
 """
 
 from __future__ import annotations
