@@ -43,7 +43,8 @@ class WorkerSettings(BaseSettings):
     model: str = Field(
         default="SmolLM2-135M-Instruct",
         validation_alias=AliasChoices("MODEL", "LLM_MODEL"),
-        description="Hugging Face model id, local directory or .gguf file (env MODEL).",
+        description="Hugging Face model id, local directory or .gguf file (env MODEL); llama-1b-random "
+        "and tiny-random: seeded random weights in those shapes, for benchmarks.",
     )
     cache_dir: Path = Field(
         default_factory=default_cache_dir,

@@ -12,11 +12,18 @@ def create_engine(settings: WorkerSettings) -> Engine:
         from worker.engine.echo import EchoEngine
 
         return EchoEngine(settings.batch_policy(), token_delay_ms=settings.echo_token_delay_ms)
+    import torch
+
     from worker.engine.model_loader import load_model
+    from worker.engine.random_model import RANDOM_MODELS, random_causal_lm
 
     device = settings.resolved_device()
-    loaded = load_model(settings.model, device=device, dtype=settings.dtype,
-                        trust_remote_code=settings.trust_remote_code, cache_dir=settings.cache_dir)
+    if settings.model in RANDOM_MODELS:  # benchmark shapes with seeded random weights: nothing to load
+        dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+        loaded = random_causal_lm(RANDOM_MODELS[settings.model], device=device, dtype=dtype)
+    else:
+        loaded = load_model(settings.model, device=device, dtype=settings.dtype,
+                            trust_remote_code=settings.trust_remote_code, cache_dir=settings.cache_dir)
     if settings.engine == "static":
         from worker.engine.static_hf import StaticBatchEngine
 

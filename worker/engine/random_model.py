@@ -37,6 +37,8 @@ TINY_SHAPE: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 SHAPES = {"llama-1b": LLAMA_1B_SHAPE, "tiny": TINY_SHAPE}
+# Model names the worker and the benchmarks accept for these shapes (`LLM_MODEL=llama-1b-random`).
+RANDOM_MODELS = {"llama-1b-random": "llama-1b", "tiny-random": "tiny"}
 
 
 def load_default_tokenizer() -> Any:

@@ -1,0 +1,169 @@
+"""The whole service against its own engine: W1 XADDed by a client, served by `python -m worker`.
+
+One run, in this order, on the same machine and the same engine settings:
+
+  engine   `loadtest/engine_bench.py --workload w1 --skip-static` in a subprocess: the paged engine
+           alone, every request handed to it in process (the ceiling the service is measured against);
+  service  a private Redis-compatible server (the packaged valkey-server), one worker process
+           (`python -m worker`, paged engine) and this process as the client: the W1 prompts are
+           XADDed with `ChatClient.submit_many` (streamed replies, so the worker writes every token
+           event), and the final replies read back with `ChatClient.results`.
+
+The service's output tok/s counts the completion tokens of the final replies over the time from the
+first XADD to the last final reply read. TTFT, TPOT and queue time are the worker's own timings from
+each reply (`done.timings`; TTFT counts from the entry's XADD time, so it includes the Redis backlog).
+W1's prompts are token ids; the service gets them as text (decoded with the model's tokenizer), so
+its prompt token counts differ slightly from the engine's: both totals are printed.
+
+    python loadtest/service_bench.py --model llama-1b-random --device cuda --dtype float16 \
+        --max-num-seqs 256 --max-batch-tokens 8192 --max-prefill-chunk-tokens 2048 \
+        --kv-cache-bytes 17179869184 --json-out service_w1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loadtest.engine_bench import build_workload, percentile  # noqa: E402
+from producer.client import ChatClient, Reply  # noqa: E402
+from worker.embedded_redis import EmbeddedRedis  # noqa: E402
+from worker.engine.random_model import load_default_tokenizer  # noqa: E402
+
+
+def engine_row(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Run the engine-only W1 row in a subprocess (its GPU memory is freed before the worker starts)."""
+    cmd = [
+        sys.executable, str(ROOT / "loadtest" / "engine_bench.py"), "--workload", "w1", "--skip-static",
+        "--model", args.model, "--device", args.device, "--dtype", args.dtype,
+        "--max-num-seqs", str(args.max_num_seqs), "--max-batch-tokens", str(args.max_batch_tokens),
+        "--max-prefill-chunk-tokens", str(args.max_prefill_chunk_tokens), "--json-out", str(out),
+    ]  # fmt: skip
+    if args.kv_cache_bytes:
+        cmd += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads(out.read_text())["results"][0]
+
+
+def start_worker(url: str, prefix: str, args: argparse.Namespace, log_path: Path) -> subprocess.Popen[bytes]:
+    settings = {
+        "engine": "hf", "model": args.model, "device": args.device, "dtype": args.dtype,
+        "max_num_seqs": args.max_num_seqs, "max_batch_tokens": args.max_batch_tokens,
+        "max_prefill_chunk_tokens": args.max_prefill_chunk_tokens, "max_waiting_requests": args.requests,
+        "read_count": 256, "max_backlog_requests": 0, "max_prompt_tokens": 8192,
+    }  # fmt: skip
+    if args.kv_cache_bytes:
+        settings["kv_cache_bytes"] = args.kv_cache_bytes
+    env = {**os.environ, "REDIS_URL": url, "LLM_PREFIX": prefix, "PYTHONUNBUFFERED": "1"}
+    env.update({f"LLM_{k.upper()}": str(v) for k, v in settings.items()})
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=log, stderr=log)
+    deadline = time.monotonic() + args.start_timeout_s
+    while time.monotonic() < deadline:
+        if '"worker_started"' in log_path.read_text(errors="replace"):
+            return proc
+        if proc.poll() is not None:
+            raise SystemExit(f"worker exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"worker did not start:\n{log_path.read_text()[-3000:]}")
+
+
+def service_row(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    tokenizer = load_default_tokenizer()
+    workload = build_workload("w1", vocab_size=len(tokenizer))
+    prompts = [tokenizer.decode(p) for p in workload.prompts[: args.requests]]
+    requests = [
+        {"prompt": text, "max_tokens": m, "stream": True}
+        for text, m in zip(prompts, workload.max_tokens, strict=False)
+    ]
+    prefix = f"svc-{uuid.uuid4().hex[:6]}"
+    with EmbeddedRedis() as server:
+        proc = start_worker(server.url, prefix, args, workdir / "worker.log")
+        client = ChatClient(server.url, prefix=prefix, timeout_s=args.timeout_s, max_backlog_requests=0)
+        try:
+            start = time.perf_counter()
+            ids: list[str] = []
+            for i in range(0, len(requests), 100):  # 100 XADDs per round trip
+                ids += [r for r in client.submit_many(requests[i : i + 100]) if isinstance(r, str)]
+            replies = client.results(ids, timeout_s=args.timeout_s)
+            wall_s = time.perf_counter() - start
+        finally:
+            client.close()
+            proc.terminate()
+            proc.wait(timeout=120)
+    done = [r for r in replies.values() if isinstance(r, Reply)]
+    errors = len(replies) - len(done)
+    stats = {}
+    for line in (workdir / "worker.log").read_text(errors="replace").splitlines():
+        if '"worker_stopped"' in line:
+            stats = json.loads(line)
+    ttft = [r.timings.ttft_ms for r in done if r.timings.ttft_ms is not None]
+    tpot = [r.timings.tpot_ms for r in done if r.timings.tpot_ms is not None]
+    output_tokens = sum(r.usage.completion_tokens for r in done)
+    return {
+        "system": "service", "requests": len(ids), "answered": len(done), "errors": errors,
+        "output_tokens": output_tokens, "requested_tokens": sum(workload.max_tokens[: len(ids)]),
+        "prompt_tokens": sum(r.usage.prompt_tokens for r in done),
+        "cached_tokens": sum(r.usage.cached_tokens for r in done),
+        "wall_s": wall_s, "output_tok_s": output_tokens / wall_s,
+        "ttft_p50_ms": percentile(ttft, 50), "ttft_p95_ms": percentile(ttft, 95),
+        "tpot_p50_ms": percentile(tpot, 50), "tpot_p95_ms": percentile(tpot, 95),
+        "queue_p50_ms": statistics.median(r.timings.queue_ms for r in done),
+        "worker_steps": stats.get("steps"),
+    }  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-1b-random")
+    p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float16", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--requests", type=int, default=1000, help="the first N requests of W1")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-batch-tokens", type=int, default=8192)
+    p.add_argument("--max-prefill-chunk-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-bytes", type=int, default=None)
+    p.add_argument("--skip-engine", action="store_true", help="run the service only")
+    p.add_argument("--start-timeout-s", type=float, default=600)
+    p.add_argument("--timeout-s", type=float, default=900)
+    p.add_argument("--json-out", type=Path)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        rows = [] if args.skip_engine else [engine_row(args, workdir / "engine.json")]
+        rows.append(service_row(args, workdir))
+    print(f"\nW1 ({args.requests} requests), {args.model} {args.dtype} on {args.device}\n")
+    print(
+        f"{'system':<8} {'out tok/s':>10} {'wall s':>8} {'TTFT p50':>9} {'p95':>9} {'TPOT p50':>9} {'p95':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['system']:<8} {r['output_tok_s']:>10,.0f} {r['wall_s']:>8.2f} {r['ttft_p50_ms']:>9.1f} "
+            f"{r['ttft_p95_ms']:>9.1f} {r['tpot_p50_ms']:>9.2f} {r['tpot_p95_ms']:>8.2f}"
+        )
+    if len(rows) == 2:
+        print(f"\nservice / engine output tok/s: {rows[1]['output_tok_s'] / rows[0]['output_tok_s']:.1%}")
+    svc = rows[-1]
+    print(f"service: {svc['answered']}/{svc['requests']} answered, {svc['errors']} errors, "
+          f"{svc['output_tokens']} of {svc['requested_tokens']} requested tokens, "
+          f"prompt tokens {svc['prompt_tokens']} ({svc['cached_tokens']} cached)")  # fmt: skip
+    if args.json_out:
+        config = {k: str(v) for k, v in vars(args).items()}
+        args.json_out.write_text(json.dumps({"config": config, "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
