@@ -68,8 +68,11 @@ def start_worker(url: str, prefix: str, args: argparse.Namespace, log_path: Path
         settings["kv_cache_bytes"] = args.kv_cache_bytes
     env = {**os.environ, "REDIS_URL": url, "LLM_PREFIX": prefix, "PYTHONUNBUFFERED": "1"}
     env.update({f"LLM_{k.upper()}": str(v) for k, v in settings.items()})
+    cmd = [sys.executable, "-m", "worker"]
+    if args.profile_worker:
+        cmd[1:1] = ["-m", "cProfile", "-o", str(args.profile_worker)]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=log, stderr=log)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
     deadline = time.monotonic() + args.start_timeout_s
     while time.monotonic() < deadline:
         if '"worker_started"' in log_path.read_text(errors="replace"):
@@ -140,6 +143,7 @@ def main() -> None:
     p.add_argument("--start-timeout-s", type=float, default=600)
     p.add_argument("--timeout-s", type=float, default=900)
     p.add_argument("--json-out", type=Path)
+    p.add_argument("--profile-worker", type=Path, help="run the worker under cProfile, stats to this file")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

@@ -124,11 +124,13 @@ class Consumer:
 
     def run_once(self, read: bool = True) -> None:
         """One iteration: housekeeping; launch a step; publish and read while it runs; collect it."""
-        self._flush()  # writes left over from an outage go first, in order
+        if self.replies.pending:
+            self._flush()  # writes left over from an outage go first, in order; no step while Redis is away
         self._housekeeping(read)
         stepping = self._submit()
         try:
             self._publish()  # the previous step's outputs go out while this one computes
+            self._flush()
             if read:
                 self._read(block=not stepping and not self.engine.has_unfinished())
         finally:
@@ -136,7 +138,7 @@ class Consumer:
                 self._collect()
         if not self.engine.overlaps_host:
             self._publish()  # nothing computes meanwhile: do not hold the outputs for an iteration
-        self._flush()
+            self._flush()
 
     def _guarded(self, step: Callable[[], None]) -> bool:
         """Run one unit of work; on a Redis outage or error back off (with jitter) instead of crashing."""

@@ -127,7 +127,7 @@ class ReplyWriter:
         for fields, entry_id in q.dead:
             pipe.xadd(self.dead_stream, fields, maxlen=self.dead_max_entries, approximate=True)  # type: ignore[arg-type]
             pipe.xack(self.stream, self.group, entry_id)
-        # One script call per reply stream, carrying its token events in order.
+        # One script call for all token events, each reply stream's in order.
         streams: dict[tuple[str, str], list[Any]] = {}
         set_ttl: set[tuple[str, str]] = set()
         for request_id, key, event, ct, first in q.tokens:
@@ -135,9 +135,9 @@ class ReplyWriter:
             streams.setdefault((request_id, key), []).extend((encoded["ct"], encoded["body"]))
             if first:
                 set_ttl.add((request_id, key))
-        for (request_id, key), events in streams.items():
-            sets_ttl = (request_id, key) in set_ttl
-            keys, args = tokens_call(self.names, request_id, key, self.ttl_s, sets_ttl, events)
+        if streams:
+            calls = [(rid, key, (rid, key) in set_ttl, events) for (rid, key), events in streams.items()]
+            keys, args = tokens_call(self.names, self.ttl_s, calls)
             self._tokens(keys=keys, args=args, client=pipe)
         for final in q.finals:
             self._queue_final(pipe, final)

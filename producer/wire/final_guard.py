@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
+
 from producer.wire.codec import ContentType, encode_event
 from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode, ErrorEvent
@@ -60,16 +62,26 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'id', ARGV[5])
     + _RETURN_WON
 )
 
-# A worker's token events. KEYS[1] guard, KEYS[2] reply stream. ARGV[1] ttl_s, ARGV[2] set the
-# TTL ('1'/'0'), then ct, body of each token event in order. Returns 0 (nothing appended) once
-# the request has a final reply.
+# A worker's token events of one step, for any number of requests in one call: one command per step
+# instead of one per request (at a few hundred streams per step the client library's per-command and
+# per-argument cost dominated the worker's loop). KEYS: guard, reply stream of each request in turn.
+# ARGV[1] ttl_s; ARGV[2] a msgpack array (raw strings: Redis's cmsgpack has no bin type) holding, per
+# request in KEYS order, [set the TTL (1/0), [ct, body, ct, body, ...]]. A request that has a final
+# reply gets nothing appended. Returns how many requests got their events appended. (With sharded
+# keys the caller makes one call per hash slot.)
 TOKENS_SCRIPT = """\
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for i = 3, #ARGV, 2 do
-  redis.call('XADD', KEYS[2], '*', 'ct', ARGV[i], 'body', ARGV[i + 1])
+local appended = 0
+for j, s in ipairs(cmsgpack.unpack(ARGV[2])) do
+  if redis.call('EXISTS', KEYS[2 * j - 1]) == 0 then
+    local reply, events = KEYS[2 * j], s[2]
+    for i = 1, #events, 2 do
+      redis.call('XADD', reply, '*', 'ct', events[i], 'body', events[i + 1])
+    end
+    if s[1] == 1 then redis.call('EXPIRE', reply, ARGV[1]) end
+    appended = appended + 1
+  end
 end
-if ARGV[2] == '1' then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
-return 1
+return appended
 """
 
 # KEYS and ARGV of one script call.
@@ -109,8 +121,12 @@ def cancel_call(
 
 
 def tokens_call(
-    names: StreamNames, request_id: str, reply_key: str, ttl_s: int, set_ttl: bool, events: list[Any]
+    names: StreamNames, ttl_s: int, streams: list[tuple[str, str, bool, list[Any]]]
 ) -> ScriptCall:
-    """TOKENS_SCRIPT's KEYS and ARGV; `events` is the flat ct, body, ct, body, ... of the token events."""
-    keys = [names.final_guard(request_id), reply_key]
-    return keys, [ttl_s, "1" if set_ttl else "0", *events]
+    """TOKENS_SCRIPT's KEYS and ARGV for (request id, reply key, set the TTL, events) of each request;
+    `events` is the flat ct, body, ct, body, ... of its token events in order."""
+    keys: list[str] = []
+    for request_id, reply_key, _, _ in streams:
+        keys += (names.final_guard(request_id), reply_key)
+    blob = msgpack.packb([[int(set_ttl), events] for _, _, set_ttl, events in streams], use_bin_type=False)
+    return keys, [ttl_s, blob]
