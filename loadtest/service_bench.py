@@ -37,6 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import redis  # noqa: E402
+
 from loadtest.engine_bench import build_workload, percentile  # noqa: E402
 from producer.client import ChatClient, Reply  # noqa: E402
 from worker.embedded_redis import EmbeddedRedis  # noqa: E402
@@ -84,12 +86,26 @@ def start_worker(url: str, prefix: str, args: argparse.Namespace, log_path: Path
     raise SystemExit(f"worker did not start:\n{log_path.read_text()[-3000:]}")
 
 
-def service_row(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def command_stats(client: redis.Redis) -> dict[str, dict[str, float]]:
+    """Redis's own account of the run: calls and microseconds per command (INFO commandstats)."""
+    stats = client.info("commandstats")
+    return {
+        k.removeprefix("cmdstat_"): {
+            "calls": v["calls"],
+            "usec": v["usec"],
+            "usec_per_call": v["usec_per_call"],
+        }
+        for k, v in stats.items()
+        if v.get("usec", 0) > 0
+    }
+
+
+def service_row(args: argparse.Namespace, workdir: Path, stream: bool) -> dict[str, Any]:
     tokenizer = load_default_tokenizer()
     workload = build_workload("w1", vocab_size=len(tokenizer))
     prompts = [tokenizer.decode(p) for p in workload.prompts[: args.requests]]
     requests = [
-        {"prompt": text, "max_tokens": m, "stream": True}
+        {"prompt": text, "max_tokens": m, "stream": stream}
         for text, m in zip(prompts, workload.max_tokens, strict=False)
     ]
     prefix = f"svc-{uuid.uuid4().hex[:6]}"
@@ -103,6 +119,8 @@ def service_row(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 ids += [r for r in client.submit_many(requests[i : i + 100]) if isinstance(r, str)]
             replies = client.results(ids, timeout_s=args.timeout_s)
             wall_s = time.perf_counter() - start
+            redis_stats = command_stats(client.redis)
+            client_cpu_s = time.process_time()
         finally:
             client.close()
             proc.terminate()
@@ -117,7 +135,8 @@ def service_row(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     tpot = [r.timings.tpot_ms for r in done if r.timings.tpot_ms is not None]
     output_tokens = sum(r.usage.completion_tokens for r in done)
     return {
-        "system": "service", "requests": len(ids), "answered": len(done), "errors": errors,
+        "system": "service" if stream else "service, stream=false",
+        "requests": len(ids), "answered": len(done), "errors": errors,
         "output_tokens": output_tokens, "requested_tokens": sum(workload.max_tokens[: len(ids)]),
         "prompt_tokens": sum(r.usage.prompt_tokens for r in done),
         "cached_tokens": sum(r.usage.cached_tokens for r in done),
@@ -125,7 +144,7 @@ def service_row(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "ttft_p50_ms": percentile(ttft, 50), "ttft_p95_ms": percentile(ttft, 95),
         "tpot_p50_ms": percentile(tpot, 50), "tpot_p95_ms": percentile(tpot, 95),
         "queue_p50_ms": statistics.median(r.timings.queue_ms for r in done),
-        "worker_steps": stats.get("steps"),
+        "worker_steps": stats.get("steps"), "redis_commands": redis_stats, "client_cpu_s": client_cpu_s,
     }  # fmt: skip
 
 
@@ -140,6 +159,7 @@ def main() -> None:
     p.add_argument("--max-prefill-chunk-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-bytes", type=int, default=None)
     p.add_argument("--skip-engine", action="store_true", help="run the service only")
+    p.add_argument("--also-unstreamed", action="store_true", help="add a service row with stream=false")
     p.add_argument("--start-timeout-s", type=float, default=600)
     p.add_argument("--timeout-s", type=float, default=900)
     p.add_argument("--json-out", type=Path)
@@ -148,22 +168,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         rows = [] if args.skip_engine else [engine_row(args, workdir / "engine.json")]
-        rows.append(service_row(args, workdir))
+        rows.append(service_row(args, workdir, stream=True))
+        if args.also_unstreamed:
+            rows.append(service_row(args, workdir, stream=False))
     print(f"\nW1 ({args.requests} requests), {args.model} {args.dtype} on {args.device}\n")
     print(
         f"{'system':<8} {'out tok/s':>10} {'wall s':>8} {'TTFT p50':>9} {'p95':>9} {'TPOT p50':>9} {'p95':>8}"
     )
     for r in rows:
         print(
-            f"{r['system']:<8} {r['output_tok_s']:>10,.0f} {r['wall_s']:>8.2f} {r['ttft_p50_ms']:>9.1f} "
+            f"{r['system']:<22} {r['output_tok_s']:>10,.0f} {r['wall_s']:>8.2f} {r['ttft_p50_ms']:>9.1f} "
             f"{r['ttft_p95_ms']:>9.1f} {r['tpot_p50_ms']:>9.2f} {r['tpot_p95_ms']:>8.2f}"
         )
-    if len(rows) == 2:
-        print(f"\nservice / engine output tok/s: {rows[1]['output_tok_s'] / rows[0]['output_tok_s']:.1%}")
-    svc = rows[-1]
-    print(f"service: {svc['answered']}/{svc['requests']} answered, {svc['errors']} errors, "
-          f"{svc['output_tokens']} of {svc['requested_tokens']} requested tokens, "
-          f"prompt tokens {svc['prompt_tokens']} ({svc['cached_tokens']} cached)")  # fmt: skip
+    for svc in rows[0 if args.skip_engine else 1 :]:
+        if not args.skip_engine:
+            ratio = svc["output_tok_s"] / rows[0]["output_tok_s"]
+            print(f"\n{svc['system']} / engine output tok/s: {ratio:.1%}")
+        print(f"{svc['system']}: {svc['answered']}/{svc['requests']} answered, {svc['errors']} errors, "
+              f"{svc['output_tokens']} of {svc['requested_tokens']} requested tokens, "
+              f"prompt tokens {svc['prompt_tokens']} ({svc['cached_tokens']} cached), "
+              f"client CPU {svc['client_cpu_s']:.1f} s")  # fmt: skip
+        busiest = sorted(svc["redis_commands"].items(), key=lambda kv: -kv[1]["usec"])[:6]
+        print("  Redis time by command: " + ", ".join(
+            f"{name} {v['usec'] / 1e6:.2f} s ({v['calls']} calls)" for name, v in busiest))  # fmt: skip
     if args.json_out:
         config = {k: str(v) for k, v in vars(args).items()}
         args.json_out.write_text(json.dumps({"config": config, "results": rows}, indent=2))
