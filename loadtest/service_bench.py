@@ -144,7 +144,8 @@ def service_row(args: argparse.Namespace, workdir: Path, stream: bool) -> dict[s
         "ttft_p50_ms": percentile(ttft, 50), "ttft_p95_ms": percentile(ttft, 95),
         "tpot_p50_ms": percentile(tpot, 50), "tpot_p95_ms": percentile(tpot, 95),
         "queue_p50_ms": statistics.median(r.timings.queue_ms for r in done),
-        "worker_steps": stats.get("steps"), "redis_commands": redis_stats, "client_cpu_s": client_cpu_s,
+        "worker_steps": stats.get("steps"), "worker_phase_s": stats.get("phase_s"),
+        "redis_commands": redis_stats, "client_cpu_s": client_cpu_s,
     }  # fmt: skip
 
 
@@ -188,6 +189,7 @@ def main() -> None:
               f"{svc['output_tokens']} of {svc['requested_tokens']} requested tokens, "
               f"prompt tokens {svc['prompt_tokens']} ({svc['cached_tokens']} cached), "
               f"client CPU {svc['client_cpu_s']:.1f} s")  # fmt: skip
+        print(f"  worker seconds by loop phase: {svc['worker_phase_s']}")
         busiest = sorted(svc["redis_commands"].items(), key=lambda kv: -kv[1]["usec"])[:6]
         print("  Redis time by command: " + ", ".join(
             f"{name} {v['usec'] / 1e6:.2f} s ({v['calls']} calls)" for name, v in busiest))  # fmt: skip

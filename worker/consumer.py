@@ -37,6 +37,7 @@ from worker.engine.base import Engine, FinishReason, SequenceOutput
 from worker.heartbeat import Heartbeat
 from worker.inflight import InFlight, LoopCounters, Microbatch
 from worker.intake import Intake, generation_request
+from worker.phase_times import PhaseTimes
 from worker.publishing import Publisher
 from worker.reclaim import Reclaimer
 from worker.refusals import Refusals
@@ -87,6 +88,7 @@ class Consumer:
         )  # fmt: skip
         self.publisher = Publisher(self.replies, self.table, self.counters, self.attempt, s.consumer_name)
         self._ready: list[SequenceOutput] = []  # outputs collected but not yet published
+        self.phases = PhaseTimes()
         self._next_batch_id = 0
 
     # -- setup -----------------------------------------------------------------------------------------
@@ -124,21 +126,32 @@ class Consumer:
 
     def run_once(self, read: bool = True) -> None:
         """One iteration: housekeeping; launch a step; publish and read while it runs; collect it."""
+        mark = self.phases.mark
+        mark("other")
         if self.replies.pending:
             self._flush()  # writes left over from an outage go first, in order; no step while Redis is away
+            mark("flush")
         self._housekeeping(read)
+        mark("housekeeping")
         stepping = self._submit()
+        mark("submit")
         try:
             self._publish()  # the previous step's outputs go out while this one computes
+            mark("publish")
             self._flush()
+            mark("flush")
             if read:
                 self._read(block=not stepping and not self.engine.has_unfinished())
+                mark("read")
         finally:
             if stepping:
                 self._collect()
+                mark("collect")
         if not self.engine.overlaps_host:
             self._publish()  # nothing computes meanwhile: do not hold the outputs for an iteration
+            mark("publish")
             self._flush()
+            mark("flush")
 
     def _guarded(self, step: Callable[[], None]) -> bool:
         """Run one unit of work; on a Redis outage or error back off (with jitter) instead of crashing."""
@@ -323,7 +336,12 @@ class Consumer:
         except TRANSIENT_ERRORS as exc:
             # Redis is away: the entries stay pending under our name and are reclaimed once idle.
             log.warning("shutdown_without_redis", error=str(exc)[:200])
-        log.info("worker_stopped", handed_back=len(handed_back) + len(leftovers), **self.counters.summary())
+        log.info(
+            "worker_stopped",
+            handed_back=len(handed_back) + len(leftovers),
+            phase_s=self.phases.summary(),
+            **self.counters.summary(),
+        )
 
     def _hand_back(self, entry_ids: list[bytes]) -> None:
         if not entry_ids:
