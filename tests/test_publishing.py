@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from producer.wire.models import ChatRequest, DoneEvent, ErrorCode, ErrorEvent
+from producer.wire.models import ChatRequest, DoneEvent, ErrorCode, ErrorEvent, TokenEvent
 from worker.engine.base import SequenceOutput
 from worker.inflight import InFlight, Microbatch, entry_epoch_ms
 from worker.publishing import (
@@ -49,8 +49,10 @@ def test_timings_of_a_request_that_never_started() -> None:
 
 def test_token_events_only_for_streaming_requests_with_news() -> None:
     out = SequenceOutput("r1", [42], " hi")
-    event = token_event(inflight(tokens_sent=3), out, "w:1")
-    assert event is not None and (event.index, event.text, event.token_ids) == (3, " hi", [42])
+    body = token_event(inflight(tokens_sent=3), out, "w:1")
+    assert body is not None
+    event = TokenEvent.model_validate(body)  # the wire's model accepts it as is
+    assert (event.index, event.text, event.token_ids, event.attempt) == (3, " hi", [42], "w:1")
     assert token_event(inflight(stream=False), out, "w:1") is None
     assert token_event(inflight(), SequenceOutput("r1", [], ""), "w:1") is None
 

@@ -176,7 +176,7 @@ class Intake:
                 continue
             if f is not None:
                 accepted[f.request.id] = f
-        return self._unanswered(list(accepted.values()))
+        return self._tokenize(self._unanswered(list(accepted.values())))
 
     def _accept(
         self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int, batch: dict[str, InFlight]
@@ -215,21 +215,35 @@ class Intake:
         enqueued_ms = entry_epoch_ms(entry_id)
         deadline_epoch = request.deadline_epoch_ms(enqueued_ms)
         deadline_s = None if deadline_epoch is None else time.monotonic() + (deadline_epoch - now_ms()) / 1000
-        try:
-            if request.messages is not None:
-                ids = self.engine.encode_chat([m.model_dump() for m in request.messages])
+        # Tokenized with the rest of its read by `_tokenize`.
+        return InFlight(entry_id, request, ct, reply_key, [], enqueued_ms, time.monotonic(), deadline_s)
+
+    def _tokenize(self, accepted: list[InFlight]) -> list[InFlight]:
+        """Tokenize a read's requests in one batch; a template or tokenizer failure costs only its request."""
+        if not accepted:
+            return []
+        items: list[list[dict[str, str]] | str] = [
+            [m.model_dump() for m in f.request.messages]
+            if f.request.messages is not None
+            else f.request.prompt or ""
+            for f in accepted
+        ]
+        limit = self.settings.max_prompt_tokens
+        keep = []
+        for f, ids in zip(accepted, self.engine.encode_batch(items), strict=True):
+            r = f.request
+            if isinstance(ids, Exception):
+                message = f"cannot tokenize: {ids}"
+                self.refusals.fail(
+                    f.entry_id, r, f.content_type, f.reply_key, ErrorCode.INVALID_REQUEST, message
+                )
+            elif len(ids) > limit:
+                message = f"prompt is {len(ids)} tokens; the limit is {limit}"
+                self.refusals.fail(f.entry_id, r, f.content_type, f.reply_key, ErrorCode.TOO_LONG, message)
             else:
-                ids = self.engine.encode_prompt(request.prompt or "")
-        except Exception as exc:  # a template or tokenizer failure is the request's, not the loop's
-            self.refusals.fail(
-                entry_id, request, ct, reply_key, ErrorCode.INVALID_REQUEST, f"cannot tokenize: {exc}"
-            )
-            return None
-        if len(ids) > s.max_prompt_tokens:
-            message = f"prompt is {len(ids)} tokens; the limit is {s.max_prompt_tokens}"
-            self.refusals.fail(entry_id, request, ct, reply_key, ErrorCode.TOO_LONG, message)
-            return None
-        return InFlight(entry_id, request, ct, reply_key, ids, enqueued_ms, time.monotonic(), deadline_s)
+                f.prompt_token_ids = ids
+                keep.append(f)
+        return keep
 
     def _unanswered(self, accepted: list[InFlight]) -> list[InFlight]:
         """Drop requests that already have a final reply (a redelivery, or a client's cancel): ack them."""

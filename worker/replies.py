@@ -22,7 +22,7 @@ from typing import Any
 import redis
 import structlog
 
-from producer.wire.codec import ContentType, encode_event
+from producer.wire.codec import ContentType, encode_body, encode_event
 from producer.wire.final_guard import FINAL_SCRIPT, TOKENS_SCRIPT, final_call, tokens_call
 from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode, ErrorEvent, ReplyEvent
@@ -44,7 +44,7 @@ class FinalWrite:
 
 @dataclass
 class _Queued:
-    tokens: list[tuple[str, str, ReplyEvent, ContentType, bool]] = field(default_factory=list)
+    tokens: list[tuple[str, str, dict[str, Any], ContentType, bool]] = field(default_factory=list)
     finals: list[FinalWrite] = field(default_factory=list)
     dead: list[tuple[dict[bytes, bytes], bytes]] = field(default_factory=list)
     acks: list[bytes] = field(default_factory=list)
@@ -81,10 +81,11 @@ class ReplyWriter:
         return bool(q.tokens or q.finals or q.dead or q.acks)
 
     def token(
-        self, request_id: str, key: str, event: ReplyEvent, content_type: ContentType, first: bool
+        self, request_id: str, key: str, body: dict[str, Any], content_type: ContentType, first: bool
     ) -> None:
-        """Queue a token event (`first`: also set the reply stream's TTL); dropped if the request is final."""
-        self._queued.tokens.append((request_id, key, event, content_type, first))
+        """Queue a token event, given as its `TokenEvent` body (`first`: also set the reply stream's TTL);
+        dropped if the request is final."""
+        self._queued.tokens.append((request_id, key, body, content_type, first))
 
     def final(self, final: FinalWrite) -> None:
         """Queue a final reply, guarded and acknowledged atomically."""
@@ -130,9 +131,8 @@ class ReplyWriter:
         # One script call for all token events, each reply stream's in order.
         streams: dict[tuple[str, str], list[Any]] = {}
         set_ttl: set[tuple[str, str]] = set()
-        for request_id, key, event, ct, first in q.tokens:
-            encoded = encode_event(event, ct)
-            streams.setdefault((request_id, key), []).extend((encoded["ct"], encoded["body"]))
+        for request_id, key, body, ct, first in q.tokens:
+            streams.setdefault((request_id, key), []).extend((ct, encode_body(body, ct)))
             if first:
                 set_ttl.add((request_id, key))
         if streams:

@@ -106,6 +106,19 @@ class Engine(abc.ABC):
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a raw completion prompt."""
 
+    def encode_batch(self, items: list[list[dict[str, str]] | str]) -> list[list[int] | Exception]:
+        """Token ids of many chats (message lists) and prompts (strings), or the exception of each failure.
+
+        Engines with a tokenizer encode them in one parallel call (`worker.engine.tokenize`).
+        """
+        out: list[list[int] | Exception] = []
+        for item in items:
+            try:
+                out.append(self.encode_prompt(item) if isinstance(item, str) else self.encode_chat(item))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
     @abc.abstractmethod
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a request; the engine's scheduler starts it at a later step."""

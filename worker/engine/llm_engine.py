@@ -31,6 +31,7 @@ from worker.engine.kv_cache import GPU_DEFAULT_MEMORY_FRACTION, KVCache, KVCache
 from worker.engine.model_runner import LaunchedStep, ModelRunner
 from worker.engine.sequence import Sequence
 from worker.engine.step_scheduler import SchedulerOutput, StepScheduler
+from worker.engine.tokenize import batch_encode
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -175,6 +176,9 @@ class PagedEngine(Engine):
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(prompt)]
+
+    def encode_batch(self, items: list[list[dict[str, str]] | str]) -> list[list[int] | Exception]:
+        return batch_encode(self.tokenizer, items, prompt_special_tokens=True)
 
     def add_request(self, request: GenerationRequest) -> None:
         if request.request_id in self._seqs:

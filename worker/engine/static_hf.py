@@ -29,6 +29,7 @@ from worker.engine.base import (
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.model_loader import LoadedModel
 from worker.engine.sampler import sample_next_tokens
+from worker.engine.tokenize import batch_encode
 
 
 def chat_token_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -83,6 +84,9 @@ class StaticBatchEngine(Engine):
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return [int(t) for t in self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+
+    def encode_batch(self, items: list[list[dict[str, str]] | str]) -> list[list[int] | Exception]:
+        return batch_encode(self.tokenizer, items, prompt_special_tokens=False)
 
     def add_request(self, request: GenerationRequest) -> None:
         self._waiting.add(request)
