@@ -170,6 +170,28 @@ def test_live_long_generation_is_not_stolen(
         assert chat_client.result(rid, timeout_s=60).text == f"ghost {i}"
 
 
+def test_startup_reclaim_counts_one_delivery(
+    start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str
+) -> None:
+    """A fresh worker's first reclaim is one delivery: its startup replay must not read the entry again.
+
+    The entry was read by one worker and reclaimed by another (2 deliveries); both died. A new
+    worker's reclaim is the 3rd delivery, within max_deliveries=3, so the request is served.
+    """
+    stream = f"{prefix}:requests"
+    redis_client.xgroup_create(stream, "workers", id="0", mkstream=True)
+    request = build_request([{"role": "user", "content": "third time lucky"}], None, {"id": "third-1"})
+    entry = redis_client.xadd(stream, encode_request(request, "json"))
+    redis_client.xreadgroup("workers", "crashed", {stream: ">"}, count=1)
+    # Already reclaimed once, and idle past reclaim_min_idle_ms: the new worker's first round takes it.
+    redis_client.xclaim(stream, "workers", "crashed", 0, [entry], idle=60_000, retrycount=2)
+    worker = start_worker("echo", max_deliveries=3, **FAST)
+    assert chat_client.result("third-1", timeout_s=30).text == "third time lucky"
+    assert redis_client.xlen(f"{prefix}:dead") == 0
+    assert sum(e["count"] for e in worker.events("entries_reclaimed")) == 1
+    assert not worker.events("pending_replayed"), "a new consumer has no pending entries of its own"
+
+
 def test_poison_entry_goes_to_dead_letter(
     start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str
 ) -> None:

@@ -101,10 +101,15 @@ class Intake:
         return self._accept_all(entries, deliveries)
 
     def reclaim(self, room: int) -> list[InFlight]:
-        """Entries of dead consumers, and our own that a lost reply hid from us."""
-        found: list[InFlight] = []
-        if self.replay_from is None:  # the startup replay (XREADGROUP 0) comes first
-            found += self._resync()
+        """Entries of dead consumers, and our own that a lost reply hid from us (after the startup replay).
+
+        The startup replay (XREADGROUP 0) comes first. It re-reads every entry pending under our
+        name, and Redis counts that read as a delivery: an entry claimed before it would be counted
+        twice for one hand-over, and parked as poison one delivery early.
+        """
+        if self.replay_from is not None:
+            return []
+        found = self._resync()
         claimed = self.reclaimer.reclaim(room)
         self.counters.reclaimed += len(claimed.entries)
         found += self._accept_all(claimed.entries, claimed.deliveries)
