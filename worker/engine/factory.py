@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import structlog
+
 from worker.engine.base import Engine
 from worker.settings import WorkerSettings
+
+log = structlog.get_logger(__name__)
 
 
 def create_engine(settings: WorkerSettings) -> Engine:
     """The engine named by `settings.engine`, with its model loaded and warmed up."""
+    engine = _build(settings)
+    # Weight and KV formats in force (also meant for the `worker_started` event: `engine.describe()`).
+    log.info("engine_ready", engine=engine.name, **engine.describe())
+    return engine
+
+
+def _build(settings: WorkerSettings) -> Engine:
     if settings.engine == "echo":
         from worker.engine.echo import EchoEngine
 
@@ -15,8 +26,14 @@ def create_engine(settings: WorkerSettings) -> Engine:
     from worker.engine.model_loader import load_model
 
     device = settings.resolved_device()
-    loaded = load_model(settings.model, device=device, dtype=settings.dtype,
-                        trust_remote_code=settings.trust_remote_code, cache_dir=settings.cache_dir)
+    loaded = load_model(
+        settings.model,
+        device=device,
+        dtype=settings.dtype,
+        trust_remote_code=settings.trust_remote_code,
+        cache_dir=settings.cache_dir,
+        weights=settings.weights,
+    )
     if settings.engine == "static":
         from worker.engine.static_hf import StaticBatchEngine
 
