@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(available)}")
     text = args.text.read_text(encoding="utf-8")
+    started = {"commit": commit(), "machine": machine()}  # the code measured, not what HEAD is at the end
     results: list[RowResult] = []
     reference: list[list[int]] | None = None
     for name in names:
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, results[0], args.prompts)
     meta = {
         "command": "python " + " ".join(sys.argv if argv is None else [sys.argv[0], *argv]),
-        "commit": commit(), "machine": machine(), "model": args.model, "text": str(args.text.name),
+        **started, "model": args.model, "text": str(args.text.name),
         "window": args.window, "chunk": args.chunk, "prompts": args.prompts, "max_tokens": args.max_tokens,
         "threads": torch.get_num_threads(), "dtype": args.dtype,
     }  # fmt: skip
