@@ -54,7 +54,9 @@ class WorkerSettings(BaseSettings):
         default="auto", description="Torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:N."
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        default="auto", description="Weight dtype; auto = float16 on GPU, float32 on CPU."
+        default="auto",
+        description="Float dtype of weights and activations; auto = float16 on GPU, float32 on CPU "
+        "(LLM_WEIGHTS=fp16/bf16 sets it).",
     )
     weights: Literal["auto", "fp16", "bf16", "int8", "w8a8"] = Field(
         default="auto",
