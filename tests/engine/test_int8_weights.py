@@ -25,7 +25,10 @@ from worker.settings import WorkerSettings
 def test_weight_only_error_stays_within_the_rounding_bound():
     torch.manual_seed(0)
     linear = nn.Linear(256, 96, bias=True)
+    with torch.no_grad():
+        linear.weight[5] = 0.0  # an all-zero row gets scale 1 and computes exactly its bias
     quantized = Int8Linear.from_linear(linear)
+    assert quantized.scale[5] == 1.0 and not quantized.weight[5].any()
     x = torch.randn(3, 7, 256)
     out, ref = quantized(x), linear(x)
     assert out.shape == ref.shape and out.dtype == ref.dtype

@@ -35,7 +35,9 @@ QMAX = 127
 def quantize_weight(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel INT8: (int8 weight [out, in], scale [out] in `scale_dtype`)."""
     w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / QMAX).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype)
+    scale = (w.abs().amax(dim=1) / QMAX).to(scale_dtype)
+    # An all-zero row (or one too small for a float16 scale) quantises to zeros with scale 1.
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     # Round against the stored (possibly float16) scale, so dequantising reproduces this rounding.
     q = torch.round(w / scale.float()[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
     return q, scale
