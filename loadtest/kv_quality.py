@@ -34,6 +34,8 @@ Rows (`--rows`, comma-separated, in order; the first is the agreement reference)
   int8-weights           weight-only INT8 linears, per-output-channel scales (embedding, lm_head float)
   int8-weights-lm-head   the same, lm_head quantised too
   w8a8                   INT8 linears with per-token INT8 activations (`torch._int_mm`)
+  bf16                   LLM_WEIGHTS=bf16: the whole model in bfloat16, for scale (what a plain
+                         half-precision change costs in perplexity and agreement)
 
 KV rows (INT8 KV, INT8 weights + KV, sinks+window and score-based eviction at 50% / 25% budgets)
 are added in `build_rows` as `Row(name, weights, engine_options={...})` once `PagedEngine`
@@ -172,6 +174,7 @@ def build_rows(args: argparse.Namespace) -> dict[str, Row]:
             Row("int8-weights", "int8", note="weight-only INT8, per-channel scales; lm_head float"),
             Row("int8-weights-lm-head", "int8", transform=quantize_lm_head, note="lm_head INT8 too"),
             Row("w8a8", "w8a8", note="INT8 weights + per-token INT8 activations"),
+            Row("bf16", "bf16", note="every weight and activation in bfloat16: a reference precision change"),
         )
     }
 
