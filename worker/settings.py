@@ -56,7 +56,15 @@ class WorkerSettings(BaseSettings):
         default="auto", description="Torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:N."
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        default="auto", description="Weight dtype; auto = float16 on GPU, float32 on CPU."
+        default="auto",
+        description="Float dtype of weights and activations; auto = float16 on GPU, float32 on CPU "
+        "(LLM_WEIGHTS=fp16/bf16 sets it).",
+    )
+    weights: Literal["auto", "fp16", "bf16", "int8", "w8a8"] = Field(
+        default="auto",
+        description="Weight format: auto (LLM_DTYPE), fp16, bf16, int8 (INT8 linears with per-channel "
+        "scales, activations in LLM_DTYPE), w8a8 (INT8 linears and per-token INT8 activations on "
+        "torch._int_mm); embedding and lm_head stay float.",
     )
     trust_remote_code: bool = Field(
         default=False, description="Allow model repositories to run their own Python code."
@@ -193,6 +201,15 @@ class WorkerSettings(BaseSettings):
     reconnect_backoff_max_ms: float = Field(
         default=5000.0, gt=0, description="Cap of the exponential Redis reconnect delay (jittered)."
     )
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> WorkerSettings:
+        wanted = {"fp16": "float16", "bf16": "bfloat16"}.get(self.weights)
+        if wanted is not None and self.dtype not in ("auto", wanted):
+            raise ValueError(
+                f"LLM_WEIGHTS={self.weights} conflicts with LLM_DTYPE={self.dtype}; set one of them"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_liveness(self) -> WorkerSettings:

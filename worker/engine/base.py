@@ -169,5 +169,9 @@ class Engine(abc.ABC):
         """Counters of the most recent step."""
         return StepStats()
 
+    def describe(self) -> dict[str, str]:
+        """What the engine runs, for the start-up log: e.g. `weights` and `kv_dtype` (fp16, int8...)."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release model memory; engines without resources need not override."""

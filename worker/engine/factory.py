@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import structlog
+
 from worker.engine.base import Engine
 from worker.settings import WorkerSettings
+
+log = structlog.get_logger(__name__)
 
 
 def create_engine(settings: WorkerSettings) -> Engine:
     """The engine named by `settings.engine`, with its model loaded and warmed up."""
+    engine = _build(settings)
+    # Weight and KV formats in force (also meant for the `worker_started` event: `engine.describe()`).
+    log.info("engine_ready", engine=engine.name, **engine.describe())
+    return engine
+
+
+def _build(settings: WorkerSettings) -> Engine:
     if settings.engine == "echo":
         from worker.engine.echo import EchoEngine
 
@@ -19,11 +32,23 @@ def create_engine(settings: WorkerSettings) -> Engine:
 
     device = settings.resolved_device()
     if settings.model in RANDOM_MODELS:  # benchmark shapes with seeded random weights: nothing to load
-        dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+        from worker.engine.quant import plan_weights, quantize_linears
+
+        plan = plan_weights(settings.weights, settings.dtype)
+        dtype = None if plan.dtype == "auto" else getattr(torch, plan.dtype)
         loaded = random_causal_lm(RANDOM_MODELS[settings.model], device=device, dtype=dtype)
+        if plan.int8_activations is not None:
+            report = quantize_linears(loaded.model, activations=plan.int8_activations)
+            loaded = dataclasses.replace(loaded, weights=settings.weights, quant_report=report)
     else:
-        loaded = load_model(settings.model, device=device, dtype=settings.dtype,
-                            trust_remote_code=settings.trust_remote_code, cache_dir=settings.cache_dir)
+        loaded = load_model(
+            settings.model,
+            device=device,
+            dtype=settings.dtype,
+            trust_remote_code=settings.trust_remote_code,
+            cache_dir=settings.cache_dir,
+            weights=settings.weights,
+        )
     if settings.engine == "static":
         from worker.engine.static_hf import StaticBatchEngine
 

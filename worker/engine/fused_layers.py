@@ -15,7 +15,8 @@ The fused weights are new tensors; the original projections are re-pointed at vi
 no weight is held twice and `restore` puts the original modules back unchanged (the benchmark
 runs transformers' own `generate()` on the same model afterwards). Only classes known to compute
 exactly this are swapped (`SUPPORTED`); any other model keeps its modules and reaches the paged
-kernels through the attention interface.
+kernels through the attention interface. A model quantised by `quant.quantize_linears` (at load,
+before the engine swaps) fuses its INT8 projections the same way.
 """
 
 from __future__ import annotations
@@ -27,14 +28,27 @@ import torch
 from torch import nn
 
 from worker.engine.attention import current_metadata, triton_paged_attention
+from worker.engine.quant.int8_linear import Int8Linear
 
 SUPPORTED_ATTENTION = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
 SUPPORTED_MLP = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
 SUPPORTED_NORM = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
 
 
-def _fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One Linear computing the concatenated outputs; the originals become views of its weight."""
+def _fuse_linears(linears: list[nn.Module]) -> nn.Module:
+    """One Linear computing the concatenated outputs; the originals become views of its weight.
+
+    INT8 projections (`quant.Int8Linear`, from `LLM_WEIGHTS=int8`) fuse into one `Int8Linear`: their
+    scales are per output channel, so concatenating weights and scales is exact.
+    """
+    if all(isinstance(lin, Int8Linear) for lin in linears):
+        return Int8Linear.concat(linears)  # type: ignore[arg-type]
+    if not all(type(lin) is nn.Linear for lin in linears):
+        raise TypeError(f"cannot fuse {sorted({type(lin).__name__ for lin in linears})}")
+    return _fuse_float_linears(linears)  # type: ignore[arg-type]
+
+
+def _fuse_float_linears(linears: list[nn.Linear]) -> nn.Linear:
     weight = torch.cat([lin.weight.data for lin in linears])
     has_bias = [lin.bias is not None for lin in linears]
     fused = nn.Linear(

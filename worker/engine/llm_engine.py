@@ -29,6 +29,7 @@ from worker.engine.cuda_graphs import DecodeGraphs
 from worker.engine.fused_layers import fuse_model
 from worker.engine.kv_cache import GPU_DEFAULT_MEMORY_FRACTION, KVCache, KVCacheSpec, num_blocks_for_budget
 from worker.engine.model_runner import LaunchedStep, ModelRunner
+from worker.engine.quant import dtype_name, weights_label
 from worker.engine.sequence import Sequence
 from worker.engine.step_scheduler import SchedulerOutput, StepScheduler
 from worker.engine.tokenize import batch_encode
@@ -155,11 +156,14 @@ class PagedEngine(Engine):
         trust_remote_code: bool = False,
         attention_backend: str = "auto",
         enforce_eager: bool = False,
+        weights: str = "auto",
     ) -> PagedEngine:
         """Load a model by id or path (see `model_loader`) and build the engine around it."""
         from worker.engine.model_loader import load_model
 
-        loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        loaded = load_model(
+            model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, weights=weights
+        )
         return cls(
             loaded.model, loaded.tokenizer, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
             max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
@@ -303,6 +307,9 @@ class PagedEngine(Engine):
 
     def last_step_stats(self) -> StepStats:
         return self._stats
+
+    def describe(self) -> dict[str, str]:
+        return {"weights": weights_label(self.model), "kv_dtype": dtype_name(self.kv_cache.spec.dtype)}
 
     def close(self) -> None:
         for request_id in list(self._seqs):

@@ -34,6 +34,8 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     source: str
+    weights: str = "auto"  # the LLM_WEIGHTS it was loaded with
+    quant_report: Any = None  # quant.QuantReport when its linears were quantised
 
 
 def default_cache_dir() -> Path:
@@ -88,13 +90,21 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     cache_dir: Path | None = None,
+    weights: str = "auto",
 ) -> LoadedModel:
-    """Load model and tokenizer; a GGUF source is converted once and cached as safetensors."""
+    """Load model and tokenizer; a GGUF source is converted once and cached as safetensors.
+
+    `weights` (`LLM_WEIGHTS`, see `quant/weights.py`) may override the float dtype and quantise
+    the linears to INT8, on the host before the model moves to `device`.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from worker.engine.quant import plan_weights, quantize_linears
+
+    plan = plan_weights(weights, dtype)
     cache_dir = cache_dir or default_cache_dir()
     source, gguf_name = resolve_model_dir(model, cache_dir)
-    torch_dtype = _torch_dtype(dtype, device)
+    torch_dtype = _torch_dtype(plan.dtype, device)
     if gguf_name is not None:
         gguf_path = Path(source)
         target = cache_dir / "models" / (DEFAULT_MODEL if model in _DEFAULT_ALIASES else gguf_path.stem)
@@ -120,10 +130,19 @@ def load_model(
     hf_model = AutoModelForCausalLM.from_pretrained(
         str(source), dtype=torch_dtype, trust_remote_code=trust_remote_code
     )
+    report = None
+    if plan.int8_activations is not None:
+        report = quantize_linears(hf_model, activations=plan.int8_activations)
+        log.info(
+            "model_quantized", weights=weights, linears=len(report.quantized), skipped=report.skipped,
+            bytes_before=report.bytes_before, bytes_after=report.bytes_after,
+        )  # fmt: skip
     # transformers wraps `to` with @wraps(nn.Module.to), which mypy reads as an unbound method.
     hf_model.to(device)  # type: ignore[arg-type]
     hf_model.eval()
-    return LoadedModel(model=hf_model, tokenizer=tokenizer, source=str(source))
+    return LoadedModel(
+        model=hf_model, tokenizer=tokenizer, source=str(source), weights=weights, quant_report=report
+    )
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from worker.engine.base import (
 )
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.model_loader import LoadedModel
+from worker.engine.quant import dtype_name, weights_label
 from worker.engine.sampler import sample_next_tokens
 from worker.engine.tokenize import batch_encode
 
@@ -78,6 +79,10 @@ class StaticBatchEngine(Engine):
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
         self._stats = StepStats()
+
+    def describe(self) -> dict[str, str]:
+        kv_dtype = next(self.model.parameters()).dtype  # transformers' cache holds K/V in the model dtype
+        return {"weights": weights_label(self.model), "kv_dtype": dtype_name(kv_dtype)}
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_token_ids(self.tokenizer, messages)

@@ -1,0 +1,197 @@
+"""INT8 weights (`LLM_WEIGHTS=int8|w8a8`): `Int8Linear` against `nn.Linear`, exact byte counts, fused
+projections, the setting, and the quantised SmolLM2 through PagedEngine on the torch path and on the
+Triton path (under the interpreter without a GPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pydantic
+import pytest
+import torch
+import torch.nn.functional as F
+from engine_helpers import chat, collect, drain, request
+from torch import nn
+
+from worker.engine.factory import create_engine
+from worker.engine.fused_layers import _fuse_linears
+from worker.engine.kernels import kernels_usable
+from worker.engine.llm_engine import PagedEngine
+from worker.engine.model_loader import LoadedModel, load_model
+from worker.engine.quant import Int8Linear, plan_weights, quantize_linears
+from worker.settings import WorkerSettings
+
+
+def test_weight_only_error_stays_within_the_rounding_bound():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96, bias=True)
+    with torch.no_grad():
+        linear.weight[5] = 0.0  # an all-zero row gets scale 1 and computes exactly its bias
+    quantized = Int8Linear.from_linear(linear)
+    assert quantized.scale[5] == 1.0 and not quantized.weight[5].any()
+    x = torch.randn(3, 7, 256)
+    out, ref = quantized(x), linear(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    # Rounding moves each weight by at most half a step, so |error[o]| <= scale[o] / 2 * sum_i |x_i|
+    # (plus FP32 summation error, far below 1e-4 here).
+    bound = 0.5 * quantized.scale * x.abs().sum(-1, keepdim=True)
+    assert ((out - ref).abs() <= bound + 1e-4).all()
+    # The module computes with exactly its dequantised weight, and the error is small overall.
+    torch.testing.assert_close(out, F.linear(x, quantized.dequantized_weight(), linear.bias))
+    assert ((out - ref).norm() / ref.norm()).item() < 0.01  # measured 0.4%
+
+
+def test_w8a8_stays_close_and_keeps_the_activation_dtype():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96, bias=False)
+    x = torch.randn(40, 256)
+    w8a8 = Int8Linear.from_linear(linear, activations="int8")
+    ref = linear(x)
+    # Activations rounded per token as well: about twice the weight-only error (measured 0.8%).
+    assert ((w8a8(x) - ref).norm() / ref.norm()).item() < 0.02
+    bf16 = Int8Linear.from_linear(linear.to(torch.bfloat16))
+    assert bf16.scale.dtype == torch.bfloat16 and bf16(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_fused_int8_projections_compute_the_concatenated_outputs_and_share_storage():
+    torch.manual_seed(0)
+    parts = [
+        Int8Linear.from_linear(nn.Linear(64, n, bias=b)) for n, b in ((32, True), (16, False), (16, True))
+    ]
+    x = torch.randn(5, 64)
+    separate = [part(x) for part in parts]
+    fused = _fuse_linears(parts)  # type: ignore[arg-type]
+    assert isinstance(fused, Int8Linear) and fused.weight.shape == (64, 64)
+    torch.testing.assert_close(fused(x), torch.cat(separate, dim=-1), rtol=1e-6, atol=1e-6)
+    for part, before in zip(parts, separate, strict=True):
+        assert part.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+        torch.testing.assert_close(part(x), before, rtol=1e-6, atol=1e-6)  # originals unchanged
+    with pytest.raises(TypeError):
+        _fuse_linears([parts[0], nn.Linear(64, 8)])
+
+
+def test_weights_setting_rejects_bad_and_conflicting_values():
+    with pytest.raises(pydantic.ValidationError, match="'auto', 'fp16', 'bf16', 'int8' or 'w8a8'"):
+        WorkerSettings(weights="int4")  # type: ignore[arg-type]
+    with pytest.raises(pydantic.ValidationError, match="LLM_WEIGHTS=fp16 conflicts with LLM_DTYPE=bfloat16"):
+        WorkerSettings(weights="fp16", dtype="bfloat16")
+    assert WorkerSettings().weights == "auto"
+    assert (plan_weights("bf16").dtype, plan_weights("bf16").int8_activations) == ("bfloat16", None)
+    assert (plan_weights("int8").dtype, plan_weights("int8").int8_activations) == ("auto", "float")
+    assert plan_weights("w8a8", "float16").int8_activations == "int8"
+    with pytest.raises(ValueError, match="LLM_WEIGHTS must be one of"):
+        plan_weights("int4")
+
+
+@pytest.mark.model
+def test_int8_linears_of_fp16_smollm2_take_half_the_bytes_exactly():
+    loaded = load_model(device="cpu", dtype="float16", weights="int8")
+    report = loaded.quant_report
+    config = loaded.model.config
+    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q_out, kv_out = config.num_attention_heads * d, config.num_key_value_heads * d
+    # Per layer: q, k, v, o and gate, up, down; lm_head stays float (tied to the embedding).
+    shapes = [(q_out, h), (kv_out, h), (kv_out, h), (h, q_out), (i, h), (i, h), (h, i)]
+    weights = config.num_hidden_layers * sum(o * n for o, n in shapes)
+    channels = config.num_hidden_layers * sum(o for o, _ in shapes)
+    assert len(report.quantized) == 7 * config.num_hidden_layers and report.skipped == ["lm_head"]
+    assert report.bytes_before == 2 * weights == 212_336_640  # FP16, no biases in SmolLM2
+    assert report.bytes_after == weights + 2 * channels == 106_479_360  # INT8 + one FP16 scale per row
+    assert 0.5 < report.ratio < 0.502
+    held = sum(
+        b.numel() * b.element_size()
+        for m in loaded.model.modules()
+        if isinstance(m, Int8Linear)
+        for b in m.buffers()
+    )
+    assert held == report.bytes_after
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight  # still tied, still FP16
+
+
+@pytest.fixture(scope="module")
+def smol_int8() -> Iterator[LoadedModel]:
+    yield load_model(device="cpu", dtype="float32", weights="int8")
+
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Give me three tips for better sleep.",
+    "What is 12 times 12?",
+    "Explain what a CPU does in one sentence.",
+    "Translate 'thank you' into Spanish.",
+]
+NEW_TOKENS = 16
+
+
+def _greedy(engine: PagedEngine) -> list[list[int]]:
+    for n, prompt in enumerate(PROMPTS):
+        engine.add_request(request(f"p{n}", chat(engine, prompt), max_tokens=NEW_TOKENS, ignore_eos=True))
+    outputs = drain(engine)
+    return [collect(outputs[f"p{n}"])[0] for n in range(len(PROMPTS))]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((n for n, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+
+
+@pytest.mark.model
+def test_int8_smollm2_generates_through_the_engine_and_mostly_agrees_with_fp32(smol: LoadedModel):
+    baseline_engine = PagedEngine(
+        smol.model, smol.tokenizer, kv_cache_bytes=32 << 20, attention_backend="torch"
+    )
+    baseline = _greedy(baseline_engine)
+    baseline_engine.close()
+    # Through the worker's own wiring: settings -> factory -> loader (quantise) -> PagedEngine.
+    engine = create_engine(
+        WorkerSettings(weights="int8", device="cpu", dtype="float32", kv_cache_bytes=32 << 20)
+    )
+    assert isinstance(engine, PagedEngine)
+    assert engine.describe() == {"weights": "int8", "kv_dtype": "fp32"}
+    assert sum(isinstance(m, Int8Linear) for m in engine.model.modules()) == 210
+    int8 = _greedy(engine)
+    engine.close()
+    prefixes = [_common_prefix(b, q) for b, q in zip(baseline, int8, strict=True)]
+    # Measured (torch 2.13 CPU): 4 of 6 prompts give the same 16 tokens, the others diverge after 3 and 11
+    # (81% of the baseline's tokens reproduced before a divergence). Weight rounding flips near-ties and
+    # after a flip the texts part ways, so the bar is "most prompts agree at the start": at least 4 of 6
+    # identical over their first 8 tokens (measured 5) and at least 70% overall (measured 81%). A broken
+    # quantiser (wrong scale axis, lost bias, bad fused split) produces unrelated text: near 0%.
+    assert sum(p >= 8 for p in prefixes) >= 4, prefixes
+    assert sum(prefixes) >= 0.7 * NEW_TOKENS * len(PROMPTS), prefixes
+
+
+@pytest.mark.model
+@pytest.mark.skipif(not kernels_usable(torch.device("cpu")), reason="needs TRITON_INTERPRET=1")
+def test_int8_triton_path_fuses_int8_projections_and_matches_the_torch_path(smol_int8: LoadedModel):
+    modules_before = [type(m).__name__ for m in smol_int8.model.modules()]
+    results: dict[str, dict[str, list[int]]] = {}
+    for backend in ("torch", "triton"):
+        engine = PagedEngine(
+            smol_int8.model, smol_int8.tokenizer, kv_cache_bytes=16 << 20, max_batch_tokens=64,
+            max_prefill_chunk_tokens=40, attention_backend=backend,
+        )  # fmt: skip
+        prompt = chat(engine, "What is the capital of France?", "Answer briefly.")
+        for rid, ids in (("full", prompt), ("short", prompt[:20])):
+            engine.add_request(request(rid, ids, max_tokens=4, ignore_eos=True))
+        results[backend] = {rid: collect(outs)[0] for rid, outs in drain(engine).items()}
+        if backend == "triton":
+            fused = [
+                m for m in smol_int8.model.modules() if type(m).__name__ in ("PagedSelfAttention", "FusedMLP")
+            ]
+            assert len(fused) == 2 * smol_int8.model.config.num_hidden_layers
+            assert all(isinstance(getattr(m, "qkv", None) or m.gate_up, Int8Linear) for m in fused)
+        engine.close()
+        assert [type(m).__name__ for m in smol_int8.model.modules()] == modules_before
+    assert results["triton"] == results["torch"]
+    assert all(len(tokens) == 4 for tokens in results["torch"].values())
+
+
+def test_quantize_linears_skips_lm_head_and_reports_bytes():
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(32, 16))
+    model.add_module("lm_head", nn.Linear(16, 8, bias=False))
+    report = quantize_linears(model)
+    assert report.quantized == ["proj"] and report.skipped == ["lm_head"]
+    assert (report.bytes_before, report.bytes_after) == (16 * 32 * 4 + 16 * 4, 16 * 32 + 16 * 4 + 16 * 4)
+    assert isinstance(model.proj, Int8Linear) and type(model.lm_head) is nn.Linear

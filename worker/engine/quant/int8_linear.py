@@ -1,0 +1,156 @@
+"""`Int8Linear`: a swap-in for `nn.Linear` holding an INT8 weight and one scale per output channel.
+
+Quantisation is symmetric per output row (gpt-fast's `WeightOnlyInt8QuantHandler`):
+`scale[o] = max_i |W[o, i]| / 127`, `W_q = round(W / scale)`, so `W ~= W_q * scale[:, None]` and
+`x @ W.T ~= (x @ W_q.T) * scale`: the scale multiplies the output, never a copy of the weight.
+
+Two forwards, chosen per module by `activations`:
+
+- `"float"` (weight-only): the INT8 weight is cast to the activation dtype and multiplied; the
+  output is scaled per channel. Memory holds one byte per weight; the cast is a temporary of the
+  weight's size in the activation dtype, so this is slower than a float `F.linear` on CPU
+  (measured in docs/benchmarks.md) and, in eager mode, on the GPU. It is the exact path: its
+  only error is the weight rounding.
+- `"int8"` (W8A8): each token's activations are quantised too (one scale per row of `x`,
+  dynamic), the product runs on `torch._int_mm` (INT8 x INT8 -> INT32) and is rescaled by both
+  scales. On CPUs with VNNI this is several times faster than an FP32 `F.linear`. CUDA's
+  `_int_mm` needs more than 16 rows and dimensions that are multiples of 8; smaller steps (the
+  decode steps of small batches) take the weight-only path.
+
+The bias, if any, stays in the activation dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ActivationMode = Literal["float", "int8"]
+QMAX = 127
+
+
+def quantize_weight(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel INT8: (int8 weight [out, in], scale [out] in `scale_dtype`)."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / QMAX).to(scale_dtype)
+    # An all-zero row (or one too small for a float16 scale) quantises to zeros with scale 1.
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    # Round against the stored (possibly float16) scale, so dequantising reproduces this rounding.
+    q = torch.round(w / scale.float()[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def _int_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if x.device.type == "cpu":
+        return True
+    # CUDA's cuBLASLt INT8 GEMM: rows > 16, inner and output dimensions multiples of 8.
+    return x.shape[0] > 16 and x.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0
+
+
+class Int8Linear(nn.Module):
+    """`y = (x @ W_q.T) * scale + bias` with `W_q` INT8 [out, in] and `scale` [out] (see module doc)."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        activations: ActivationMode = "float",
+    ):
+        super().__init__()
+        if activations not in ("float", "int8"):
+            raise ValueError(f"activations must be 'float' or 'int8', not {activations!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.activations: ActivationMode = activations
+        # Buffers, not parameters: nothing trains them, and `next(model.parameters())` keeps
+        # naming the model's float dtype (the embedding comes first).
+        self.register_buffer(
+            "weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("scale", torch.ones(out_features, dtype=dtype, device=device))
+        self.bias: nn.Parameter | None = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, activations: ActivationMode = "float") -> Int8Linear:
+        """Quantise a float `nn.Linear`; the scale and bias keep its dtype."""
+        weight = linear.weight
+        module = cls(
+            linear.in_features, linear.out_features, linear.bias is not None,
+            dtype=weight.dtype, device=weight.device, activations=activations,
+        )  # fmt: skip
+        module.weight, module.scale = quantize_weight(weight, weight.dtype)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    @classmethod
+    def concat(cls, linears: list[Int8Linear]) -> Int8Linear:
+        """One module computing the concatenated outputs (fused QKV, gate/up); exact, since the
+        scales are per output channel. The originals are re-pointed at views of its tensors."""
+        first = linears[0]
+        if any(
+            lin.in_features != first.in_features or lin.activations != first.activations for lin in linears
+        ):
+            raise ValueError("fused Int8Linear modules must share in_features and activation mode")
+        has_bias = any(lin.bias is not None for lin in linears)
+        fused = cls(
+            first.in_features, sum(lin.out_features for lin in linears), has_bias,
+            dtype=first.scale.dtype, device=first.weight.device, activations=first.activations,
+        )  # fmt: skip
+        fused.weight = torch.cat([lin.weight for lin in linears])
+        fused.scale = torch.cat([lin.scale for lin in linears])
+        if has_bias:
+            biases = [
+                lin.bias if lin.bias is not None else first.scale.new_zeros(lin.out_features)
+                for lin in linears
+            ]
+            fused.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
+        row = 0
+        for lin in linears:
+            n = lin.out_features
+            lin.weight, lin.scale = fused.weight[row : row + n], fused.scale[row : row + n]
+            if lin.bias is not None and fused.bias is not None:
+                lin.bias = nn.Parameter(fused.bias.data[row : row + n], requires_grad=False)
+            row += n
+        return fused
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight this module computes with (for tests and comparisons)."""
+        dtype = dtype or self.scale.dtype
+        return (self.weight.to(torch.float32) * self.scale.float()[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.activations == "int8" and x2.shape[0] > 0 and _int_mm_usable(x2, self.weight):
+            out = self._forward_w8a8(x2)
+        else:
+            out = F.linear(x2, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.view(*shape[:-1], self.out_features)
+
+    def _forward_w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        x_scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-8) / QMAX
+        x_q = torch.round(x.float() / x_scale).clamp(-QMAX, QMAX).to(torch.int8)
+        acc = torch._int_mm(x_q, self.weight.t())
+        return (acc.float() * x_scale * self.scale.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, activations={self.activations}"
+        )
