@@ -119,6 +119,7 @@ class Consumer:
             stream=self.stream,
             group=self.settings.group,
             attempt=self.attempt,
+            **self.engine.describe(),
         )
         while not should_stop():
             self._guarded(self.run_once)
