@@ -55,7 +55,8 @@ def start_server(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
     raise RuntimeError("server did not start")
 
 
-def test_redis_restart_mid_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_replies", ["false", "true"], ids=["inline-writes", "background-writes"])
+def test_redis_restart_mid_run(tmp_path: Path, async_replies: str) -> None:
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     server = start_server(port, tmp_path)
@@ -69,6 +70,7 @@ def test_redis_restart_mid_run(tmp_path: Path) -> None:
         LLM_CONSUMER_NAME="w-restart",
         PYTHONUNBUFFERED="1",
         LLM_RECONNECT_BACKOFF_MAX_MS="500",
+        LLM_ASYNC_REPLIES=async_replies,  # replies written by the loop, or by its writer thread
     )
     with open(log_path, "wb") as log_file:
         worker = subprocess.Popen(

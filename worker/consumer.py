@@ -42,6 +42,7 @@ from worker.publishing import Publisher
 from worker.reclaim import Reclaimer
 from worker.refusals import Refusals
 from worker.replies import ReplyWriter
+from worker.reply_thread import BackgroundWriter
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger("worker")
@@ -87,6 +88,15 @@ class Consumer:
             self.reclaimer, self.backpressure, self.counters,
         )  # fmt: skip
         self.publisher = Publisher(self.replies, self.table, self.counters, self.attempt, s.consumer_name)
+        # Writes from a thread where a device computes the steps (see reply_thread.py), else inline.
+        background = s.async_replies if s.async_replies is not None else engine.overlaps_host
+        self.writer = (
+            BackgroundWriter(
+                self.replies, Backoff(s.reconnect_backoff_initial_ms, s.reconnect_backoff_max_ms)
+            )
+            if background
+            else None
+        )
         self._ready: list[SequenceOutput] = []  # outputs collected but not yet published
         self.phases = PhaseTimes()
         self._next_batch_id = 0
@@ -129,7 +139,7 @@ class Consumer:
         """One iteration: housekeeping; launch a step; publish and read while it runs; collect it."""
         mark = self.phases.mark
         mark("other")
-        if self.replies.pending:
+        if self._writes_pending():
             self._flush()  # writes left over from an outage go first, in order; no step while Redis is away
             mark("flush")
         self._housekeeping(read)
@@ -271,8 +281,12 @@ class Consumer:
         if ready:
             self.publisher.publish(ready, time.monotonic())
 
+    def _writes_pending(self) -> bool:
+        return self.writer.pending if self.writer is not None else self.replies.pending
+
     def _flush(self) -> None:
-        for request_id in self.replies.flush():
+        dropped = self.writer.flush() if self.writer is not None else self.replies.flush()
+        for request_id in dropped:
             self.counters.finals_dropped += 1
             log.info(
                 "final_not_written", id=request_id, reason="another writer already answered this request"
@@ -324,12 +338,16 @@ class Consumer:
         self._guarded(lambda: self._hand_back(handed_back))
         self._guarded(lambda: self.heartbeat.drain([f.entry_id for f in self.table.values()]))
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        while (self.table or self._ready or self.replies.pending) and time.monotonic() < deadline:
+        while (self.table or self._ready or self._writes_pending()) and time.monotonic() < deadline:
             self._guarded(lambda: self.run_once(read=False))
+            if self.writer is not None and not (self.table or self._ready):
+                self.writer.wait_written(max(0.0, min(0.1, deadline - time.monotonic())))
         leftovers = [f.entry_id for f in self.table.values()]
         for rid in list(self.table):
             self.engine.abort_request(rid, "cancelled")
         self.table.clear()
+        if self.writer is not None:
+            self.writer.close(timeout_s=max(0.0, min(5.0, deadline - time.monotonic())))
         try:
             self._hand_back(leftovers)
             self.heartbeat.stop()

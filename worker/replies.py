@@ -121,9 +121,23 @@ class ReplyWriter:
 
         On a connection error the queue is kept and the error propagates; call again to retry.
         """
-        q = self._queued
         if not self.pending:
             return []
+        dropped = self.write(self._queued)
+        self._queued = _Queued()
+        return dropped
+
+    def take(self) -> _Queued | None:
+        """Hand over everything queued as one batch for `write` (the background writer's way)."""
+        if not self.pending:
+            return None
+        batch, self._queued = self._queued, _Queued()
+        return batch
+
+    def write(self, q: _Queued) -> list[str]:
+        """Send one batch in one pipeline; returns the ids whose final lost the guard. Raises on connection
+        errors, and the batch may then be written again whole (token events repeat; clients drop them by
+        index; finals and acks are idempotent under the guard)."""
         pipe = self.client.pipeline(transaction=False)
         for fields, entry_id in q.dead:
             pipe.xadd(self.dead_stream, fields, maxlen=self.dead_max_entries, approximate=True)  # type: ignore[arg-type]
@@ -146,7 +160,6 @@ class ReplyWriter:
         # A command error (say, a hostile reply key of the wrong type) must not block the queue forever:
         # it is logged and dropped; only connection errors propagate and keep the queue for a retry.
         results = pipe.execute(raise_on_error=False)
-        self._queued = _Queued()
         for result in results:
             if isinstance(result, Exception):
                 log.warning("reply_write_failed", error=str(result)[:200])

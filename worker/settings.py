@@ -114,6 +114,11 @@ class WorkerSettings(BaseSettings):
         default=None,
         description="Detokenize and stream step N's tokens while step N+1 runs; unset = on with CUDA.",
     )
+    async_replies: bool | None = Field(
+        default=None,
+        description="Write replies from a background thread, so the loop never waits on Redis inside a "
+        "step; unset = on when a device computes the steps (CUDA).",
+    )
     max_prompt_tokens: int = Field(
         default=4096, ge=1, description="Prompts longer than this get a too_long error."
     )
