@@ -13,6 +13,7 @@ for the thread (the loop then runs at Redis's pace).
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -26,11 +27,16 @@ from worker.replies import ReplyWriter
 
 log = structlog.get_logger("worker")
 
+SWITCH_INTERVAL_S = 0.0005
+
 
 class BackgroundWriter:
     """Writes a `ReplyWriter`'s batches from one thread, oldest first."""
 
     def __init__(self, writer: ReplyWriter, backoff: Backoff, max_batches: int = 8):
+        # The loop and this thread share the GIL; with the default 5 ms switch interval the loop can wait
+        # a whole decode step for it while this thread encodes a batch.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.writer = writer
         self.backoff = backoff
         self.max_batches = max_batches
