@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+import pydantic
+
 from producer.client import ChatClient, ChatError, ChatTimeout
+from producer.config_errors import CONFIG_ERROR_EXIT, print_config_error
+from producer.settings import ProducerSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,14 +20,20 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--system", help="optional system prompt")
     chat.add_argument("--max-tokens", type=int, default=128)
     chat.add_argument("--temperature", type=float, default=0.0)
-    chat.add_argument("--redis-url", help="default: REDIS_URL or redis://127.0.0.1:6379/0")
+    chat.add_argument("--redis-url", help="default: REDIS_URL, else redis://127.0.0.1:6379/0")
     chat.add_argument("--timeout-s", type=float, default=120.0)
     args = p.parse_args(argv)
 
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.text}
     ]
-    with ChatClient(args.redis_url) as client:
+    overrides = {"redis_url": args.redis_url} if args.redis_url else {}
+    try:
+        settings = ProducerSettings(**overrides)
+    except pydantic.ValidationError as exc:
+        print_config_error(exc, ProducerSettings, {k: "--redis-url" for k in overrides})
+        return CONFIG_ERROR_EXIT
+    with ChatClient(settings=settings) as client:
         try:
             stream = client.stream(
                 messages, max_tokens=args.max_tokens, temperature=args.temperature, timeout_s=args.timeout_s

@@ -3,20 +3,62 @@
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlparse
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Where workers and clients meet when `REDIS_URL` is unset: a worker starts the packaged server
+# there when nothing listens (worker/embedded_redis.py), a client connects there.
+LOCAL_REDIS_HOST = "127.0.0.1"
+DEFAULT_LOCAL_REDIS_PORT = 6379
+REDIS_URL_EXPECTED = (
+    "a Redis URL: redis://[[user]:password@]host[:port][/db], rediss://... (TLS) or unix:///path/to/socket"
+)
+
+
+def local_redis_url(port: int = DEFAULT_LOCAL_REDIS_PORT) -> str:
+    """The address worker and client use when `REDIS_URL` is unset."""
+    return f"redis://{LOCAL_REDIS_HOST}:{port}/0"
+
+
+def check_redis_url(url: str) -> str:
+    """`url` if redis-py can connect with it (scheme, host, port, db); else ValueError naming the form."""
+    try:
+        parsed = urlparse(url)
+        port_ok = parsed.port is None or 0 < parsed.port < 65536  # .port raises on a non-number
+    except ValueError:
+        raise ValueError(REDIS_URL_EXPECTED) from None
+    if parsed.scheme == "unix":
+        ok = bool(parsed.path)
+    else:
+        db = parsed.path.lstrip("/")
+        ok = parsed.scheme in ("redis", "rediss") and bool(parsed.hostname) and port_ok and (
+            db == "" or db.isdigit()
+        )
+    if not ok:
+        raise ValueError(REDIS_URL_EXPECTED)
+    return url
 
 
 class ProducerSettings(BaseSettings):
     """Configuration of `ChatClient`, `AsyncChatClient` and `python -m producer`."""
 
-    model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_", extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
 
     redis_url: str = Field(
-        default="redis://127.0.0.1:6379/0",
+        default=local_redis_url(),
         validation_alias=AliasChoices("REDIS_URL", "LLM_REDIS_URL"),
-        description="Redis/Valkey URL the client sends requests to (env REDIS_URL).",
+        description="Redis/Valkey URL the client sends requests to (env REDIS_URL); unset = "
+        "redis://127.0.0.1:<LLM_LOCAL_REDIS_PORT>/0, where a worker without REDIS_URL serves.",
+    )
+    local_redis_port: int = Field(
+        default=DEFAULT_LOCAL_REDIS_PORT,
+        ge=1,
+        le=65535,
+        description="Port on 127.0.0.1 that workers and clients without REDIS_URL share.",
     )
     prefix: str = Field(default="llm", description="Key prefix shared with the workers.")
     content_type: Literal["msgpack", "json"] = Field(
@@ -54,3 +96,15 @@ class ProducerSettings(BaseSettings):
     cancel_stream_max_entries: int = Field(
         default=10_000, ge=100, description="Approximate cap of the `<prefix>:cancel` stream (MAXLEN ~)."
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, url: str) -> str:
+        return check_redis_url(url)
+
+    @model_validator(mode="after")
+    def _default_redis_url(self) -> ProducerSettings:
+        if "redis_url" not in self.model_fields_set:
+            self.redis_url = local_redis_url(self.local_redis_port)
+            self.model_fields_set.discard("redis_url")  # still unset: callers may start a local server
+        return self

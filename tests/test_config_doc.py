@@ -36,6 +36,6 @@ def test_settings_read_the_environment(monkeypatch) -> None:
 def test_heartbeat_must_outlast_an_idle_read() -> None:
     """An idle worker beats between reads that block up to read_block_ms: a shorter TTL would expire."""
     fast = dict(heartbeat_interval_s=0.3, heartbeat_ttl_s=1.0, reclaim_min_idle_ms=1000)
-    with pytest.raises(pydantic.ValidationError, match="read_block_ms"):
+    with pytest.raises(pydantic.ValidationError, match="LLM_READ_BLOCK_MS"):
         WorkerSettings(**fast, read_block_ms=2000)  # type: ignore[arg-type]
     WorkerSettings(**fast, read_block_ms=200)  # type: ignore[arg-type]

@@ -8,13 +8,19 @@ import sys
 from contextlib import ExitStack
 from types import FrameType
 
+import pydantic
 import redis
+import structlog
 
+from producer.config_errors import CONFIG_ERROR_EXIT, config_error_fields
 from worker.consumer import Consumer
-from worker.embedded_redis import EmbeddedRedis
+from worker.embedded_redis import local_server
 from worker.engine.factory import create_engine
 from worker.settings import WorkerSettings
 from worker.telemetry import configure_logging
+
+log = structlog.get_logger("worker")
+OPTIONS = {"engine": "--engine", "model": "--model", "redis_url": "--redis-url"}
 
 
 class ShutdownFlag:
@@ -50,17 +56,25 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in {"engine": args.engine, "model": args.model, "redis_url": args.redis_url}.items()
         if v is not None
     }
-    settings = WorkerSettings(**overrides)
+    try:
+        settings = WorkerSettings(**overrides)
+    except pydantic.ValidationError as exc:
+        configure_logging("info")
+        options = {k: OPTIONS[k] for k in overrides}
+        log.error("config_invalid", **config_error_fields(exc, WorkerSettings, options))
+        return CONFIG_ERROR_EXIT
     configure_logging(settings.log_level)
     flag = ShutdownFlag()
     signal.signal(signal.SIGTERM, flag)
     signal.signal(signal.SIGINT, flag)
     with ExitStack() as stack:
-        url = settings.redis_url
-        if url is None:
-            server = stack.enter_context(EmbeddedRedis())
-            url = server.url
-            print(f"embedded Redis on {url}", file=sys.stderr)
+        url = settings.resolved_redis_url()
+        if settings.redis_url is None:
+            # The address clients default to; serve it ourselves only if no one does.
+            server = local_server(settings.local_redis_port)
+            if server is not None:
+                stack.callback(server.stop)
+                log.info("embedded_redis_started", address=server.url, port=server.port)
         client = redis.Redis.from_url(
             url,
             socket_timeout=settings.read_block_ms / 1000 + 10,

@@ -32,6 +32,7 @@ from redis.typing import StreamIdT
 from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
 from producer.wire.keys import StreamNames
 from worker.backpressure import Backpressure
+from worker.build_info import build_info
 from worker.cancellation import CancelWatch
 from worker.engine.base import Engine, FinishReason, SequenceOutput
 from worker.heartbeat import Heartbeat
@@ -130,6 +131,7 @@ class Consumer:
             group=self.settings.group,
             attempt=self.attempt,
             **self.engine.describe(),
+            **build_info(),
         )
         while not should_stop():
             self._guarded(self.run_once)

@@ -1,8 +1,10 @@
 """`python -m worker.demo`: the whole path on one machine, with real model answers.
 
-Starts a private Redis-compatible server when `REDIS_URL` is unset, starts one
-worker process (default engine and model), sends a handful of concurrent chat
-requests through `ChatClient`, prints each reply with its timings, and shuts down.
+With `REDIS_URL` unset it uses the address worker and client share by default,
+127.0.0.1:6379 (`LLM_LOCAL_REDIS_PORT`), and starts the packaged Redis-compatible
+server there when nothing listens. It starts one worker process (default engine and
+model), sends a handful of concurrent chat requests through `ChatClient`, prints each
+reply with its timings, deletes its keys and shuts down.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
+import redis
+
 from producer.client import ChatClient
-from worker.embedded_redis import EmbeddedRedis
+from producer.settings import ProducerSettings
+from worker.embedded_redis import local_server
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -42,6 +47,17 @@ def _wait_for_worker(log_path: Path, proc: subprocess.Popen[bytes], timeout_s: f
     raise SystemExit(f"worker did not start within {timeout_s:.0f} s; log: {log_path}")
 
 
+def _delete_keys(url: str, prefix: str) -> None:
+    """Remove the demo's streams and keys, so a shared server keeps nothing of it."""
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m worker.demo", description=__doc__)
     p.add_argument("--engine", default=os.environ.get("LLM_ENGINE", "hf"), choices=["hf", "static", "echo"])
@@ -49,11 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     with ExitStack() as stack:
-        url = os.environ.get("REDIS_URL")
-        if not url:
-            url = stack.enter_context(EmbeddedRedis()).url
-            print(f"started a private Redis-compatible server at {url}")
+        settings = ProducerSettings()
+        url = settings.redis_url
+        if "redis_url" not in settings.model_fields_set:
+            server = local_server(settings.local_redis_port)
+            if server is None:
+                print(f"using the Redis server that listens at {url}")
+            else:
+                stack.callback(server.stop)
+                print(f"started the packaged Redis-compatible server at {url}")
         prefix = f"demo-{uuid.uuid4().hex[:6]}"
+        stack.callback(_delete_keys, url, prefix)
         log_path = Path(tempfile.gettempdir()) / f"{prefix}-worker.log"
         env = {**os.environ, "REDIS_URL": url, "LLM_PREFIX": prefix, "LLM_ENGINE": args.engine,
                "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}

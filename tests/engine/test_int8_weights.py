@@ -147,7 +147,14 @@ def test_int8_smollm2_generates_through_the_engine_and_mostly_agrees_with_fp32(s
         WorkerSettings(weights="int8", device="cpu", dtype="float32", kv_cache_bytes=32 << 20)
     )
     assert isinstance(engine, PagedEngine)
-    assert engine.describe() == {"weights": "int8", "kv_dtype": "fp32"}
+    described = engine.describe()
+    assert {k: described[k] for k in ("weights", "kv_dtype", "device", "dtype")} == {
+        "weights": "int8", "kv_dtype": "fp32", "device": "cpu", "dtype": "fp32",
+    }  # fmt: skip
+    # The KV pool the worker_started event reports: what was allocated, within LLM_KV_CACHE_BYTES.
+    assert described["kv_blocks"] == engine.block_manager.num_blocks > 0
+    assert described["kv_pool_bytes"] == engine.kv_cache.data.nbytes <= 32 << 20
+    assert described["model"] == WorkerSettings().model
     assert sum(isinstance(m, Int8Linear) for m in engine.model.modules()) == 210
     int8 = _greedy(engine)
     engine.close()

@@ -169,8 +169,12 @@ class Engine(abc.ABC):
         """Counters of the most recent step."""
         return StepStats()
 
-    def describe(self) -> dict[str, str]:
-        """What the engine runs, for the start-up log: e.g. `weights` and `kv_dtype` (fp16, int8...)."""
+    def describe(self) -> dict[str, str | int]:
+        """What the engine runs, for the start-up logs (`engine_ready`, `worker_started`).
+
+        Model engines name `model`, `device`, `dtype` (activations), `weights` and `kv_dtype` (fp16,
+        int8...); engines with a preallocated KV pool add `kv_pool_bytes` and `kv_blocks`.
+        """
         return {}
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -47,6 +47,9 @@ class EchoEngine(Engine):
         self._running: dict[str, _EchoSequence] = {}
         self._stats = StepStats()
 
+    def describe(self) -> dict[str, str | int]:
+        return {"model": "none", "device": "cpu", "dtype": "none"}
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         last_user = next(
             (m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"]

@@ -52,7 +52,9 @@ def _build(settings: WorkerSettings) -> Engine:
     if settings.engine == "static":
         from worker.engine.static_hf import StaticBatchEngine
 
-        return StaticBatchEngine(loaded, device=device, policy=settings.batch_policy())
+        return StaticBatchEngine(
+            loaded, device=device, policy=settings.batch_policy(), model_name=settings.model
+        )
     from worker.engine.llm_engine import PagedEngine
 
     return PagedEngine(
@@ -65,4 +67,5 @@ def _build(settings: WorkerSettings) -> Engine:
         enforce_eager=not settings.cuda_graphs,
         prefill_interval_steps=settings.prefill_interval_steps,
         async_output=settings.async_output,
+        model_name=settings.model,
     )

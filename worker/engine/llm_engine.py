@@ -79,9 +79,11 @@ class PagedEngine(Engine):
         prefill_interval_steps: int | None = None,
         async_output: bool | None = None,
         policy: BatchPolicy | None = None,
+        model_name: str | None = None,
     ):
         """`policy`, when given (the worker passes the one built from its settings), replaces the
-        admission knobs above (max_num_seqs ... max_wait_ms); `prefill_interval_steps` None = automatic."""
+        admission knobs above (max_num_seqs ... max_wait_ms); `prefill_interval_steps` None = automatic.
+        `model_name` (the worker's MODEL) names the model in the start-up logs; default: its config's path."""
         base = policy or BatchPolicy(
             max_wait_ms=max_wait_ms,
             max_batch_tokens=max_batch_tokens,
@@ -91,6 +93,7 @@ class PagedEngine(Engine):
             max_waiting_steps=max_waiting_steps,
         )
         self.model = model
+        self.model_name = model_name or str(getattr(model.config, "_name_or_path", "") or "unknown")
         self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -308,8 +311,12 @@ class PagedEngine(Engine):
     def last_step_stats(self) -> StepStats:
         return self._stats
 
-    def describe(self) -> dict[str, str]:
-        return {"weights": weights_label(self.model), "kv_dtype": dtype_name(self.kv_cache.spec.dtype)}
+    def describe(self) -> dict[str, str | int]:
+        return {
+            "model": self.model_name, "device": str(self.device), "dtype": dtype_name(self.dtype),
+            "weights": weights_label(self.model), "kv_dtype": dtype_name(self.kv_cache.spec.dtype),
+            "kv_pool_bytes": self.kv_cache.nbytes, "kv_blocks": self.block_manager.num_blocks,
+        }  # fmt: skip
 
     def close(self) -> None:
         for request_id in list(self._seqs):

@@ -67,8 +67,15 @@ class StaticBatchEngine(Engine):
 
     name = "static"
 
-    def __init__(self, loaded: LoadedModel, device: str = "cpu", policy: BatchPolicy | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: str = "cpu",
+        policy: BatchPolicy | None = None,
+        model_name: str | None = None,
+    ):
         self.model = loaded.model
+        self.model_name = model_name or loaded.source
         self.tokenizer = loaded.tokenizer
         self.device = torch.device(device)
         self.policy = policy or BatchPolicy(max_num_seqs=32)
@@ -80,9 +87,12 @@ class StaticBatchEngine(Engine):
         self._mask: torch.Tensor | None = None
         self._stats = StepStats()
 
-    def describe(self) -> dict[str, str]:
-        kv_dtype = next(self.model.parameters()).dtype  # transformers' cache holds K/V in the model dtype
-        return {"weights": weights_label(self.model), "kv_dtype": dtype_name(kv_dtype)}
+    def describe(self) -> dict[str, str | int]:
+        dtype = next(self.model.parameters()).dtype  # transformers' cache holds K/V in the model dtype
+        return {
+            "model": self.model_name, "device": str(self.device), "dtype": dtype_name(dtype),
+            "weights": weights_label(self.model), "kv_dtype": dtype_name(dtype),
+        }  # fmt: skip
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_token_ids(self.tokenizer, messages)
