@@ -195,7 +195,7 @@ def test_worker_env_vars_are_real_settings(docs) -> None:
 
 def test_bulk_worker_env_vars_are_real_settings(docs, monkeypatch: pytest.MonkeyPatch) -> None:
     bulk = container(find(docs, "Deployment", "llm-bulk-worker"), "bulk-worker")
-    assert bulk["command"] == ["python", "-m", "producer.bulk", "worker"]
+    assert bulk["command"] == ["llm-bulk", "worker"]  # the console script of pyproject.toml
     env = container_env(docs, bulk)
     allowed = settings_env_names(ProducerSettings) | settings_env_names(BulkSettings)
     check_env_names(env, allowed, "llm-bulk-worker")

