@@ -17,6 +17,13 @@ Reliability, client side (see docs/reliability.md):
 - token events carry `attempt`: after a reclaim two worker runs may stream tokens for
   the same id, so `ReplyStream` yields only the run whose `index` sequence is contiguous
   from 0, and the final reply (exactly one per id) names the attempt that won.
+
+Trust (see docs/protocol.md, "Reply authenticity"): a reply stream is only a Redis key, and
+anyone who may write it could append a fake answer. The client accepts an event only if it
+names the request's own id and, when `LLM_REPLY_SIGNING_KEY` is set, carries a valid `sig`
+from the workers. Any other entry (wrong id, missing or bad signature, malformed) is skipped
+with a `reply_event_rejected` log line and the client keeps waiting for the real final: a
+forged `done` is never returned, and a forged `error` cannot end the wait either.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,6 +57,9 @@ from producer.wire.models import (
     Usage,
 )
 from producer.wire.redis_types import read_entries
+from producer.wire.signing import verify
+
+log = logging.getLogger("producer")
 
 
 class ChatError(Exception):
@@ -163,6 +174,36 @@ class _ClientCore:
         self.settings = settings or ProducerSettings(**url, **overrides)
         self.names = StreamNames.for_prefix(self.settings.prefix)
         self._sent: dict[str, tuple[str, ContentType]] = {}
+        self._signing_key = self.settings.signing_key()
+        self.rejected_events = 0  # reply entries skipped as not the workers' answer to our request
+
+    def _trusted(
+        self, request_id: str, key: str, entry_id: bytes, fields: dict[bytes, bytes]
+    ) -> ReplyEvent | None:
+        """The entry's event if it is a reply to this request from the workers, else None (logged, skipped).
+
+        Skipping, not raising: whoever could forge an entry could otherwise end the caller's wait with it.
+        """
+        reason = None
+        event: ReplyEvent | None = None
+        if self._signing_key is not None and not verify(self._signing_key, key, fields):
+            reason = "bad_signature"
+        else:
+            try:
+                event = decode_event(fields)
+            except (ValueError, TypeError, RecursionError):
+                reason = "malformed"
+            else:
+                if event.id != request_id:
+                    reason = "wrong_id"
+        if reason is None:
+            return event
+        self.rejected_events += 1
+        log.warning(
+            "reply_event_rejected",
+            extra={"id": request_id, "reply_key": key, "entry": entry_id.decode(), "reason": reason},
+        )
+        return None
 
     def _connection_args(self) -> dict[str, Any]:
         # The socket timeout stays above the longest XREAD BLOCK the client issues.
@@ -200,6 +241,7 @@ class _ClientCore:
             ct,
             self.settings.reply_ttl_s,
             self.settings.cancel_stream_max_entries,
+            self._signing_key,
         )
 
 
@@ -320,10 +362,10 @@ class ChatClient(_ClientCore):
                 key = raw_key.decode()
                 for entry_id, fields in entries:
                     cursors[key] = entry_id
-                    event = decode_event(fields)
-                    if isinstance(event, TokenEvent):
-                        continue
                     request_id = keys[key]
+                    event = self._trusted(request_id, key, entry_id, fields)
+                    if event is None or isinstance(event, TokenEvent):
+                        continue
                     try:
                         reply = final_reply(event, request_id)
                         assert reply is not None
@@ -369,7 +411,9 @@ class ChatClient(_ClientCore):
             for _, entries in got:
                 for entry_id, fields in entries:
                     last_id = entry_id
-                    event = decode_event(fields)
+                    event = self._trusted(request_id, key, entry_id, fields)
+                    if event is None:
+                        continue
                     yield event
                     if not isinstance(event, TokenEvent):
                         self._sent.pop(request_id, None)
@@ -486,7 +530,9 @@ class AsyncChatClient(_ClientCore):
             for _, entries in got:
                 for entry_id, fields in entries:
                     last_id = entry_id
-                    event = decode_event(fields)
+                    event = self._trusted(request_id, key, entry_id, fields)
+                    if event is None:
+                        continue
                     yield event
                     if not isinstance(event, TokenEvent):
                         self._sent.pop(request_id, None)

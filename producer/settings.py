@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Where workers and clients meet when `REDIS_URL` is unset: a worker starts the packaged server
@@ -33,8 +33,11 @@ def check_redis_url(url: str) -> str:
         ok = bool(parsed.path)
     else:
         db = parsed.path.lstrip("/")
-        ok = parsed.scheme in ("redis", "rediss") and bool(parsed.hostname) and port_ok and (
-            db == "" or db.isdigit()
+        ok = (
+            parsed.scheme in ("redis", "rediss")
+            and bool(parsed.hostname)
+            and port_ok
+            and (db == "" or db.isdigit())
         )
     if not ok:
         raise ValueError(REDIS_URL_EXPECTED)
@@ -93,9 +96,19 @@ class ProducerSettings(BaseSettings):
     reply_ttl_s: int = Field(
         default=3600, ge=1, description="TTL of the `cancelled` reply the client writes itself."
     )
+    reply_signing_key: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        description="The workers' reply signing secret: when set, only reply events with a valid `sig` "
+        "are accepted, and the client signs its own `cancelled` event.",
+    )
     cancel_stream_max_entries: int = Field(
         default=10_000, ge=100, description="Approximate cap of the `<prefix>:cancel` stream (MAXLEN ~)."
     )
+
+    def signing_key(self) -> bytes | None:
+        """The reply signing secret as bytes, or None when replies are not checked."""
+        return None if self.reply_signing_key is None else self.reply_signing_key.get_secret_value().encode()
 
     @field_validator("redis_url")
     @classmethod

@@ -64,8 +64,9 @@ class Consumer:
         self.counters = LoopCounters()
         self.table: dict[str, InFlight] = {}  # every request handed to the engine, until its final reply
         self.replies = ReplyWriter(
-            client, self.names, s.group, self.attempt, s.reply_ttl_s, s.dead_letter_max_entries
-        )
+            client, self.names, s.group, self.attempt, s.reply_ttl_s, s.dead_letter_max_entries,
+            signing_key=s.signing_key(),
+        )  # fmt: skip
         self.heartbeat = Heartbeat(
             client, self.names, s.group, s.consumer_name, s.heartbeat_interval_s, s.heartbeat_ttl_s
         )

@@ -46,8 +46,8 @@ def token_event(f: InFlight, out: SequenceOutput, attempt: str) -> dict[str, Any
     if not f.request.stream or not (out.new_text or out.new_token_ids):
         return None
     return {
-        "type": "token", "index": f.tokens_sent, "text": out.new_text, "token_ids": out.new_token_ids,
-        "attempt": attempt,
+        "type": "token", "id": f.request.id, "index": f.tokens_sent, "text": out.new_text,
+        "token_ids": out.new_token_ids, "attempt": attempt,
     }  # fmt: skip
 
 

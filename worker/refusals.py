@@ -1,8 +1,11 @@
 """Answering entries that will not be served: invalid, refused, poison, or failed while accepted.
 
-Each path is total: whatever the entry holds, it ends with an `error` reply to its sender when the
-sender can be named, or a dead letter when it cannot (or when the entry can never succeed), and the
-entry is acknowledged with it. Writes go through the `ReplyWriter`, so they survive Redis outages.
+Every answer here is written before the request ran, with the short `refusal_ttl_s` on its reply
+stream and guard: a flood of refused requests (say, `overloaded` while shedding) costs Redis a
+minute of memory each, not the hour of a served reply. Each path is total: whatever the entry
+holds, it ends with an `error` reply to its sender when the sender can be named, or a dead letter
+when it cannot (or when the entry can never succeed), and the entry is acknowledged with it.
+Writes go through the `ReplyWriter`, so they survive Redis outages.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class Refusals:
         """A decoded request that cannot run (too long, cancelled before it started...)."""
         self.counters.errors += 1
         log.info("request_rejected", id=request.id, tenant=request.tenant, code=code.value, reason=message)
-        self.replies.error(request.id, reply_key, code, message, ct, entry_id)
+        self.replies.error(request.id, reply_key, code, message, ct, entry_id, self.settings.refusal_ttl_s)
 
     def refuse(self, entry_id: bytes, fields: dict[bytes, bytes], code: ErrorCode, message: str) -> None:
         """Answer an entry with an error without serving it (dead-letter it if it names no sender)."""
@@ -63,7 +66,9 @@ class Refusals:
             self.dead_letter(entry_id, fields, f"undecodable: {type(exc).__name__}", 1)
             return
         self.counters.errors += 1
-        self.replies.error(request.id, self.reply_key(request), code, message, ct, entry_id)
+        self.replies.error(
+            request.id, self.reply_key(request), code, message, ct, entry_id, self.settings.refusal_ttl_s
+        )
 
     def invalid(self, entry_id: bytes, fields: dict[bytes, bytes], exc: ProtocolError) -> None:
         self.counters.invalid += 1
@@ -76,8 +81,9 @@ class Refusals:
         )
         if exc.request_id is not None:
             self.replies.error(
-                exc.request_id, exc.reply_to, exc.code, exc.message, exc.content_type, entry_id
-            )
+                exc.request_id, exc.reply_to, exc.code, exc.message, exc.content_type, entry_id,
+                self.settings.refusal_ttl_s,
+            )  # fmt: skip
         else:
             self.dead_letter(entry_id, fields, f"{exc.code.value}: {exc.message}", 1)
 
@@ -116,5 +122,6 @@ class Refusals:
             rid, key = request.id, self.reply_key(request)
         if rid is not None:
             self.replies.error(
-                rid, key, ErrorCode.INTERNAL, f"request could not be processed: {reason}"[:300], ct, entry_id
-            )
+                rid, key, ErrorCode.INTERNAL, f"request could not be processed: {reason}"[:300], ct, entry_id,
+                self.settings.refusal_ttl_s,
+            )  # fmt: skip

@@ -26,10 +26,12 @@ from producer.wire.codec import ContentType, encode_body, encode_event
 from producer.wire.final_guard import FINAL_SCRIPT, TOKENS_SCRIPT, final_call, tokens_call
 from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode, ErrorEvent, ReplyEvent
+from producer.wire.signing import sign
 
 __all__ = ["FinalWrite", "ReplyWriter"]
 
 log = structlog.get_logger("worker")
+
 
 @dataclass(frozen=True)
 class FinalWrite:
@@ -40,6 +42,8 @@ class FinalWrite:
     event: ReplyEvent
     content_type: ContentType
     entry_id: str | bytes | None
+    # TTL of the reply stream and guard; None = the writer's `ttl_s`. Refusals use a short one.
+    ttl_s: int | None = None
 
 
 @dataclass
@@ -61,6 +65,7 @@ class ReplyWriter:
         attempt: str,
         ttl_s: int,
         dead_max_entries: int = 100_000,
+        signing_key: bytes | None = None,
     ):
         self.client = client
         self.names = names
@@ -70,6 +75,7 @@ class ReplyWriter:
         self.ttl_s = ttl_s
         self.dead_stream = names.dead_letter
         self.dead_max_entries = dead_max_entries
+        self.signing_key = signing_key  # sign every event (`sig`, producer/wire/signing.py) when set
         self._final = client.register_script(FINAL_SCRIPT)
         self._tokens = client.register_script(TOKENS_SCRIPT)
         self._queued = _Queued()
@@ -99,14 +105,16 @@ class ReplyWriter:
         message: str,
         content_type: ContentType,
         entry_id: str | bytes | None,
+        ttl_s: int | None = None,
     ) -> None:
-        """Queue one final error (or only the acknowledgement when the sender left no usable address)."""
+        """Queue one final error (or only the acknowledgement when the sender left no usable address);
+        `ttl_s` overrides the reply stream's and guard's TTL (refusals keep theirs short)."""
         if request_id is None or reply_key is None:
             if entry_id is not None:
                 self.ack(entry_id if isinstance(entry_id, bytes) else entry_id.encode())
             return
         event = ErrorEvent(id=request_id, code=code, message=message, attempt=self.attempt)
-        self.final(FinalWrite(request_id, reply_key, event, content_type, entry_id))
+        self.final(FinalWrite(request_id, reply_key, event, content_type, entry_id, ttl_s))
 
     def dead_letter(self, fields: dict[bytes, bytes], entry_id: bytes) -> None:
         """Queue parking an entry in the dead-letter stream, then its acknowledgement."""
@@ -146,7 +154,9 @@ class ReplyWriter:
         streams: dict[tuple[str, str], list[Any]] = {}
         set_ttl: set[tuple[str, str]] = set()
         for request_id, key, body, ct, first in q.tokens:
-            streams.setdefault((request_id, key), []).extend((ct, encode_body(body, ct)))
+            raw = encode_body(body, ct)
+            sig = "" if self.signing_key is None else sign(self.signing_key, key, ct, raw)
+            streams.setdefault((request_id, key), []).extend((ct, raw, sig))
             if first:
                 set_ttl.add((request_id, key))
         if streams:
@@ -167,7 +177,7 @@ class ReplyWriter:
         return [f.request_id for f, w in zip(q.finals, won, strict=True) if w != 1]
 
     def _queue_final(self, pipe: Any, final: FinalWrite) -> None:
-        fields = encode_event(final.event, final.content_type)
+        fields = encode_event(final.event, final.content_type, final.reply_key, self.signing_key)
         entry = final.entry_id.decode() if isinstance(final.entry_id, bytes) else (final.entry_id or "")
         keys, args = final_call(
             self.names,
@@ -175,7 +185,7 @@ class ReplyWriter:
             final.reply_key,
             fields,
             attempt=self.attempt,
-            ttl_s=self.ttl_s,
+            ttl_s=self.ttl_s if final.ttl_s is None else final.ttl_s,
             group=self.group,
             entry_id=entry,
         )

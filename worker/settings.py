@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.settings import DEFAULT_LOCAL_REDIS_PORT, check_redis_url, local_redis_url
@@ -139,6 +139,18 @@ class WorkerSettings(BaseSettings):
         default=256, ge=1, description="Validated requests held locally before reading pauses."
     )
     reply_ttl_s: int = Field(default=3600, ge=1, description="TTL of reply streams and final-reply guards.")
+    refusal_ttl_s: int = Field(
+        default=60,
+        ge=1,
+        description="TTL of the reply stream and guard of a request refused before it ran (`overloaded`, "
+        "`invalid_request`, `too_long`, ...), so a flood of refusals cannot fill Redis for an hour.",
+    )
+    reply_signing_key: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        description="Shared secret (at least 16 characters): sign every reply event with HMAC-SHA256 "
+        "(field `sig`); clients with the same key accept only signed replies. Unset = unsigned.",
+    )
     echo_token_delay_ms: float = Field(
         default=0.0, ge=0, description="Echo engine: sleep per generated token."
     )
@@ -273,6 +285,10 @@ class WorkerSettings(BaseSettings):
             kv_reserve=self.kv_reserve,
             max_waiting_steps=self.max_waiting_steps,
         )
+
+    def signing_key(self) -> bytes | None:
+        """The reply signing secret as bytes, or None when replies are not signed."""
+        return None if self.reply_signing_key is None else self.reply_signing_key.get_secret_value().encode()
 
     def resolved_redis_url(self) -> str:
         """`redis_url`, or the shared local address when it is unset."""

@@ -2,7 +2,8 @@
 
 A request is one entry of the stream `<prefix>:requests` with fields `v` (protocol
 version), `ct` (`msgpack` or `json`) and `body`. Each reply event is one entry of the
-request's reply stream with fields `ct` and `body`, encoded the way the request was.
+request's reply stream with fields `ct` and `body`, encoded the way the request was, and `sig`
+when the deployment signs replies (`signing.py`).
 Decoding is bounded (sizes, container lengths, nesting) and turns every malformed entry
 into a `ProtocolError` that says where to send the refusal, when an id can be found.
 """
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 from producer.wire.keys import DEFAULT_PREFIX, reply_key_allowed, reply_stream
 from producer.wire.limits import MAX_BODY_BYTES, MAX_MESSAGES
 from producer.wire.models import ChatRequest, DoneEvent, ErrorCode, ErrorEvent, ReplyEvent, TokenEvent
+from producer.wire.signing import SIGNATURE_FIELD, sign
 
 PROTOCOL_VERSION = 1
 
@@ -145,15 +147,39 @@ def decode_request(
     return request, content_type
 
 
-def encode_event(event: ReplyEvent, content_type: ContentType) -> dict[str, bytes | str]:
-    """Reply-stream fields for an event."""
-    return {"ct": content_type, "body": encode_body(event.model_dump(mode="json"), content_type)}
+def encode_event(
+    event: ReplyEvent,
+    content_type: ContentType,
+    reply_key: str | None = None,
+    signing_key: bytes | None = None,
+) -> dict[str, bytes | str]:
+    """Reply-stream fields for an event; with a signing key (and the stream it goes to) also `sig`."""
+    return event_fields(
+        encode_body(event.model_dump(mode="json"), content_type), content_type, reply_key, signing_key
+    )
+
+
+def event_fields(
+    body: bytes, content_type: ContentType, reply_key: str | None, signing_key: bytes | None
+) -> dict[str, bytes | str]:
+    """Reply-stream fields for an encoded event body: `ct`, `body` and, when signing, `sig`."""
+    fields: dict[str, bytes | str] = {"ct": content_type, "body": body}
+    if signing_key is not None:
+        if reply_key is None:
+            raise ValueError("a signed event needs the reply key it is written to")
+        fields[SIGNATURE_FIELD] = sign(signing_key, reply_key, content_type, body)
+    return fields
 
 
 def decode_event(fields: dict[bytes, bytes]) -> ReplyEvent:
-    """Parse a reply-stream entry into its event model."""
-    ct = fields.get(b"ct", b"json").decode()
-    body = decode_body(fields[b"body"], ct)
+    """Parse a reply-stream entry into its event model; ValueError (pydantic's included) if malformed."""
+    ct = fields.get(b"ct", b"json").decode("utf-8", "replace")
+    raw = fields.get(b"body")
+    if raw is None:
+        raise ValueError("reply entry has no `body`")
+    body = decode_body(raw, ct)
+    if not isinstance(body, dict):
+        raise ValueError("reply body must be a map/object")
     kind = body.get("type")
     if kind == "token":
         return TokenEvent.model_validate(body)

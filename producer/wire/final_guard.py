@@ -25,16 +25,22 @@ import msgpack
 from producer.wire.codec import ContentType, encode_event
 from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode, ErrorEvent
+from producer.wire.signing import SIGNATURE_FIELD
 
 # The guard's value when a client, not a worker run, wrote the final reply.
 CLIENT_ATTEMPT = "client"
 
 # KEYS[1] guard, KEYS[2] reply stream. ARGV[1] guard value (the writer's attempt), ARGV[2] ttl_s,
-# ARGV[3] ct, ARGV[4] body of the final event. Leaves `won` for the script's own follow-up.
+# ARGV[3] ct, ARGV[4] body of the final event, ARGV[7] its `sig` field ('' = unsigned, no field; see
+# signing.py). Leaves `won` for the script's own follow-up.
 _GUARD_AND_APPEND = """\
 local won = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
 if won then
-  redis.call('XADD', KEYS[2], '*', 'ct', ARGV[3], 'body', ARGV[4])
+  if ARGV[7] and ARGV[7] ~= '' then
+    redis.call('XADD', KEYS[2], '*', 'ct', ARGV[3], 'body', ARGV[4], 'sig', ARGV[7])
+  else
+    redis.call('XADD', KEYS[2], '*', 'ct', ARGV[3], 'body', ARGV[4])
+  end
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
 """
@@ -66,7 +72,8 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'id', ARGV[5])
 # instead of one per request (at a few hundred streams per step the client library's per-command and
 # per-argument cost dominated the worker's loop). KEYS: guard, reply stream of each request in turn.
 # ARGV[1] ttl_s; ARGV[2] a msgpack array (raw strings: Redis's cmsgpack has no bin type) holding, per
-# request in KEYS order, [set the TTL (1/0), [ct, body, ct, body, ...]]. A request that has a final
+# request in KEYS order, [set the TTL (1/0), [ct, body, sig, ct, body, sig, ...]] (sig '' = unsigned, no
+# `sig` field). A request that has a final
 # reply gets nothing appended. Returns how many requests got their events appended. (With sharded
 # keys the caller makes one call per hash slot.)
 TOKENS_SCRIPT = """\
@@ -74,8 +81,12 @@ local appended = 0
 for j, s in ipairs(cmsgpack.unpack(ARGV[2])) do
   if redis.call('EXISTS', KEYS[2 * j - 1]) == 0 then
     local reply, events = KEYS[2 * j], s[2]
-    for i = 1, #events, 2 do
-      redis.call('XADD', reply, '*', 'ct', events[i], 'body', events[i + 1])
+    for i = 1, #events, 3 do
+      if events[i + 2] ~= '' then
+        redis.call('XADD', reply, '*', 'ct', events[i], 'body', events[i + 1], 'sig', events[i + 2])
+      else
+        redis.call('XADD', reply, '*', 'ct', events[i], 'body', events[i + 1])
+      end
     end
     if s[1] == 1 then redis.call('EXPIRE', reply, ARGV[1]) end
     appended = appended + 1
@@ -98,9 +109,10 @@ def final_call(
     group: str,
     entry_id: str,
 ) -> ScriptCall:
-    """FINAL_SCRIPT's KEYS and ARGV for a worker's final event (`encode_event` fields)."""
+    """FINAL_SCRIPT's KEYS and ARGV for a worker's final event (`encode_event` fields, `sig` if signed)."""
     keys = [names.final_guard(request_id), reply_key, names.requests]
-    return keys, [attempt, ttl_s, event_fields["ct"], event_fields["body"], group, entry_id]
+    sig = event_fields.get(SIGNATURE_FIELD, "")
+    return keys, [attempt, ttl_s, event_fields["ct"], event_fields["body"], group, entry_id, sig]
 
 
 def cancel_call(
@@ -110,21 +122,24 @@ def cancel_call(
     content_type: ContentType,
     ttl_s: int,
     max_entries: int,
+    signing_key: bytes | None = None,
 ) -> ScriptCall:
-    """CANCEL_SCRIPT's KEYS and ARGV for one request; the `cancelled` event is encoded like the request."""
+    """CANCEL_SCRIPT's KEYS and ARGV for one request; the `cancelled` event is encoded like the request,
+    and signed when the deployment signs replies (the client holds the same key as the workers)."""
     event = ErrorEvent(
         id=request_id, code=ErrorCode.CANCELLED, message="cancelled by the client", attempt=CLIENT_ATTEMPT
     )
-    fields = encode_event(event, content_type)
+    fields = encode_event(event, content_type, reply_key, signing_key)
     keys = [names.final_guard(request_id), reply_key, names.cancel]
-    return keys, [CLIENT_ATTEMPT, ttl_s, fields["ct"], fields["body"], request_id, max_entries]
+    sig = fields.get(SIGNATURE_FIELD, "")
+    return keys, [CLIENT_ATTEMPT, ttl_s, fields["ct"], fields["body"], request_id, max_entries, sig]
 
 
 def tokens_call(
     names: StreamNames, ttl_s: int, streams: list[tuple[str, str, bool, list[Any]]]
 ) -> ScriptCall:
     """TOKENS_SCRIPT's KEYS and ARGV for (request id, reply key, set the TTL, events) of each request;
-    `events` is the flat ct, body, ct, body, ... of its token events in order."""
+    `events` is the flat ct, body, sig, ct, body, sig, ... of its token events in order."""
     keys: list[str] = []
     for request_id, reply_key, _, _ in streams:
         keys += (names.final_guard(request_id), reply_key)

@@ -120,6 +120,9 @@ class Timings(BaseModel):
 
 class TokenEvent(BaseModel):
     type: Literal["token"] = "token"
+    # The request id. Optional only so events of older workers still decode; clients accept a token
+    # event only when it names their request.
+    id: str | None = None
     index: int
     text: str
     token_ids: list[int]

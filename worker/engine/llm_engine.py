@@ -32,7 +32,7 @@ from worker.engine.model_runner import LaunchedStep, ModelRunner
 from worker.engine.quant import dtype_name, weights_label
 from worker.engine.sequence import Sequence
 from worker.engine.step_scheduler import SchedulerOutput, StepScheduler
-from worker.engine.tokenize import batch_encode
+from worker.engine.tokenize import batch_encode, encode_one
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -176,13 +176,10 @@ class PagedEngine(Engine):
         )  # fmt: skip
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        # transformers 5 returns a BatchEncoding here; older versions a plain list.
-        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-        return [int(t) for t in ids]
+        return encode_one(self.tokenizer, messages, prompt_special_tokens=True)
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return [int(t) for t in self.tokenizer.encode(prompt)]
+        return encode_one(self.tokenizer, prompt, prompt_special_tokens=True)
 
     def encode_batch(self, items: list[list[dict[str, str]] | str]) -> list[list[int] | Exception]:
         return batch_encode(self.tokenizer, items, prompt_special_tokens=True)

@@ -30,15 +30,12 @@ from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.model_loader import LoadedModel
 from worker.engine.quant import dtype_name, weights_label
 from worker.engine.sampler import sample_next_tokens
-from worker.engine.tokenize import batch_encode
+from worker.engine.tokenize import batch_encode, encode_one
 
 
 def chat_token_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a chat with the model's template and the assistant generation prompt."""
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(encoded, dict) or hasattr(encoded, "input_ids"):
-        encoded = encoded["input_ids"]
-    return [int(t) for t in encoded]
+    """Token ids of a chat with the model's template and the assistant generation prompt (content as text)."""
+    return encode_one(tokenizer, messages, prompt_special_tokens=False)
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -98,7 +95,7 @@ class StaticBatchEngine(Engine):
         return chat_token_ids(self.tokenizer, messages)
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return [int(t) for t in self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        return encode_one(self.tokenizer, prompt, prompt_special_tokens=False)
 
     def encode_batch(self, items: list[list[dict[str, str]] | str]) -> list[list[int] | Exception]:
         return batch_encode(self.tokenizer, items, prompt_special_tokens=False)
