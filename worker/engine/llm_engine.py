@@ -391,5 +391,6 @@ class PagedEngine(Engine):
                 "running": float(len(self.scheduler.running)),
                 "waiting": float(len(self.scheduler.waiting)),
                 "free_kv_blocks": float(self.block_manager.num_free_blocks),
+                "cached_kv_blocks": float(len(self.block_manager.evictable)),
             },
         )
