@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from structlog.testing import capture_logs
 
 from producer.client import ChatClient
 from producer.wire.keys import StreamNames
-from worker.engine.base import EngineCapacity
+from worker.engine.base import EngineCapacity, StepStats
 from worker.gpu_telemetry import GpuSample, GpuTelemetry
 from worker.inflight import LoopCounters
 from worker.live_stats import group_backlog, write_entry
@@ -117,9 +118,8 @@ def test_stats_stream_stays_capped(redis_client: redis.Redis, prefix: str) -> No
 def _load(client: ChatClient, stop: threading.Event) -> None:
     n = 0
     while not stop.is_set():
-        ids = client.submit_many(
-            [{"prompt": f"one two three four five six seven eight {n} {i}", "max_tokens": 8} for i in range(8)]
-        )
+        prompts = [f"one two three four five six seven eight {n} {i}" for i in range(8)]
+        ids = client.submit_many([{"prompt": p, "max_tokens": 8} for p in prompts])
         client.results([i for i in ids if isinstance(i, str)])
         n += 1
 
@@ -168,7 +168,8 @@ def test_worker_writes_stats_under_load(start_worker, redis_url: str, redis_clie
 
     assert top.returncode == 0, top.stderr
     row = next(line for line in top.stdout.splitlines() if worker.name in line)
-    numbers = [float(x.replace(",", "")) for x in row.split() if x.replace(",", "").replace(".", "").isdigit()]
+    cells = [x.replace(",", "") for x in row.split()]
+    numbers = [float(x) for x in cells if x.replace(".", "").isdigit()]
     assert any(n > 0 for n in numbers), top.stdout  # its rates
     assert "total (1)" in top.stdout and "req/s" in top.stdout and "step p95 ms" in top.stdout
 
@@ -182,3 +183,27 @@ def test_stats_group_backlog_reads_lag_and_pending(redis_client: redis.Redis, pr
     backlog = group_backlog(redis_client, names.requests, "workers")
     assert backlog is not None and backlog.pending == 1 and backlog.lag in (2, None)
     assert group_backlog(redis_client, names.requests, "other") is None
+
+
+class _IdleEngine:
+    def capacity(self) -> EngineCapacity:
+        return EngineCapacity(running=0, decode_tokens=0, free_kv_tokens=None, total_kv_tokens=None)
+
+    def last_step_stats(self) -> StepStats:
+        return StepStats()
+
+
+def test_stats_without_redis_are_logged_and_skipped(prefix: str) -> None:
+    from worker.live_stats import LiveStats
+    from worker.settings import WorkerSettings
+
+    client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)  # nothing listens
+    settings = WorkerSettings(redis_url="redis://127.0.0.1:1/0", stats_interval_s=0.01, consumer_name="w")
+    stats = LiveStats(client, StreamNames.for_prefix(prefix), settings, _IdleEngine(), LoopCounters(),
+                      PhaseTimes())  # type: ignore[arg-type]  # fmt: skip
+    time.sleep(0.02)
+    with capture_logs() as logs:
+        fields = stats.tick()  # does not raise
+    assert fields is not None and fields["worker"] == "w" and "lag" not in fields
+    events = [e["event"] for e in logs if e["event"] != "gpu_telemetry_unavailable"]
+    assert events == ["stats_not_written", "worker_stats"]
