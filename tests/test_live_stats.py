@@ -3,6 +3,8 @@ records and `python -m worker.top --once` against it."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import threading
@@ -207,3 +209,18 @@ def test_stats_without_redis_are_logged_and_skipped(prefix: str) -> None:
     assert fields is not None and fields["worker"] == "w" and "lag" not in fields
     events = [e["event"] for e in logs if e["event"] != "gpu_telemetry_unavailable"]
     assert events == ["stats_not_written", "worker_stats"]
+
+
+def test_dashboard_reads_fields_that_worker_stats_has() -> None:
+    dashboard = json.loads((ROOT / "k8s" / "base" / "dashboards" / "llm-workers.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    queried = {f for e in exprs if 'event="worker_stats"' in e for f in re.findall(r"unwrap (\w+)", e)}
+    panels = {"lag", "pending", "kv_blocks_used", "prefix_hit_rate", "gpu_util_pct", "gpu_mem_used_bytes"}
+    assert panels <= queried
+    counters = LoopCounters(done=1, tokens=4, prompt_tokens=10, cached_tokens=5)
+    capacity = EngineCapacity(running=1, decode_tokens=1, free_kv_tokens=32, total_kv_tokens=64)
+    gpu = GpuSample(0, util_pct=50.0, mem_used_bytes=1, mem_total_bytes=2, power_w=100.0, temp_c=40.0)
+    fields = StatsWindow(1.0, LoopCounters(), 0.0).close(
+        "w", counters, 1.0, [0.001], capacity, {"cached_kv_blocks": 1.0}, 16, GroupBacklog(0, 0), [gpu]
+    )
+    assert queried <= set(fields), queried - set(fields)
