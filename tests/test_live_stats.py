@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from producer.client import ChatClient
 from producer.wire.keys import StreamNames
-from worker.engine.base import EngineCapacity, StepStats
+from worker.engine.base import EngineCapacity
 from worker.gpu_telemetry import GpuSample, GpuTelemetry
 from worker.inflight import LoopCounters
 from worker.live_stats import group_backlog, write_entry
@@ -42,9 +42,11 @@ def test_window_rates_kv_steps_and_absent_readings() -> None:
     window = StatsWindow(5.0, counters, now_s=100.0)
     assert not window.due(104.9) and window.due(105.0)
     counters.done, counters.tokens, counters.prompt_tokens, counters.cached_tokens = 10, 400, 1000, 250
-    capacity = EngineCapacity(running=3, decode_tokens=3, free_kv_tokens=160, total_kv_tokens=640, waiting=2)
+    capacity = EngineCapacity(
+        running=3, decode_tokens=3, free_kv_tokens=160, total_kv_tokens=640, waiting=2, cached_kv_tokens=64
+    )
     fields = window.close(
-        "w1", counters, 105.0, [0.010, 0.002, 0.004, 0.020], capacity, {"cached_kv_blocks": 4.0}, 16,
+        "w1", counters, 105.0, [0.010, 0.002, 0.004, 0.020], capacity, 16,
         GroupBacklog(lag=7, pending=5), [],
     )  # fmt: skip
     assert fields == {
@@ -55,7 +57,7 @@ def test_window_rates_kv_steps_and_absent_readings() -> None:
     }  # fmt: skip
     # The next interval starts where this one ended; what the worker does not know is absent.
     idle = EngineCapacity(running=0, decode_tokens=0, free_kv_tokens=None, total_kv_tokens=None)
-    fields = window.close("w1", counters, 107.0, [], idle, {}, 16, GroupBacklog(lag=None, pending=0), [])
+    fields = window.close("w1", counters, 107.0, [], idle, 16, GroupBacklog(lag=None, pending=0), [])
     assert fields == {
         "worker": "w1", "interval_s": 2.0, "requests_per_s": 0.0, "tokens_per_s": 0.0, "pending": 0,
         "running": 0, "waiting": 0, "steps": 0,
@@ -191,9 +193,6 @@ class _IdleEngine:
     def capacity(self) -> EngineCapacity:
         return EngineCapacity(running=0, decode_tokens=0, free_kv_tokens=None, total_kv_tokens=None)
 
-    def last_step_stats(self) -> StepStats:
-        return StepStats()
-
 
 def test_stats_without_redis_are_logged_and_skipped(prefix: str) -> None:
     from worker.live_stats import LiveStats
@@ -218,9 +217,11 @@ def test_dashboard_reads_fields_that_worker_stats_has() -> None:
     panels = {"lag", "pending", "kv_blocks_used", "prefix_hit_rate", "gpu_util_pct", "gpu_mem_used_bytes"}
     assert panels <= queried
     counters = LoopCounters(done=1, tokens=4, prompt_tokens=10, cached_tokens=5)
-    capacity = EngineCapacity(running=1, decode_tokens=1, free_kv_tokens=32, total_kv_tokens=64)
+    capacity = EngineCapacity(
+        running=1, decode_tokens=1, free_kv_tokens=32, total_kv_tokens=64, cached_kv_tokens=16
+    )
     gpu = GpuSample(0, util_pct=50.0, mem_used_bytes=1, mem_total_bytes=2, power_w=100.0, temp_c=40.0)
     fields = StatsWindow(1.0, LoopCounters(), 0.0).close(
-        "w", counters, 1.0, [0.001], capacity, {"cached_kv_blocks": 1.0}, 16, GroupBacklog(0, 0), [gpu]
+        "w", counters, 1.0, [0.001], capacity, 16, GroupBacklog(0, 0), [gpu]
     )
     assert queried <= set(fields), queried - set(fields)

@@ -80,7 +80,7 @@ class LiveStats:
             self._not_written(exc)
         fields = self.window.close(
             self.worker, self.counters, now, self.phases.take_steps(), self.engine.capacity(),
-            self.engine.last_step_stats().extra, self.block_size, backlog, self.gpus.sample(),
+            self.block_size, backlog, self.gpus.sample(),
         )  # fmt: skip
         log.info("worker_stats", **fields)
         if reachable:  # Redis answered a moment ago

@@ -81,14 +81,14 @@ def rate_fields(prev: Totals, cur: Totals) -> Fields:
     return fields
 
 
-def engine_fields(capacity: EngineCapacity, extra: dict[str, float], block_size: int) -> Fields:
+def engine_fields(capacity: EngineCapacity, block_size: int) -> Fields:
     fields: Fields = {"running": capacity.running, "waiting": capacity.waiting}
     if capacity.total_kv_tokens is not None and capacity.free_kv_tokens is not None:
         total = capacity.total_kv_tokens // block_size
         free = capacity.free_kv_tokens // block_size
         fields.update(kv_blocks_used=total - free, kv_blocks_free=free, kv_blocks_total=total)
-        if "cached_kv_blocks" in extra:
-            fields["kv_blocks_cached"] = int(extra["cached_kv_blocks"])
+        if capacity.cached_kv_tokens is not None:
+            fields["kv_blocks_cached"] = capacity.cached_kv_tokens // block_size
     return fields
 
 
@@ -149,7 +149,6 @@ class StatsWindow:
         now_s: float,
         step_s: Sequence[float],
         capacity: EngineCapacity,
-        extra: dict[str, float],
         block_size: int,
         backlog: GroupBacklog | None,
         gpus: Sequence[GpuSample],
@@ -159,7 +158,7 @@ class StatsWindow:
         fields: Fields = {"worker": worker}
         fields.update(rate_fields(self.start, cur))
         fields.update(group_fields(backlog))
-        fields.update(engine_fields(capacity, extra, block_size))
+        fields.update(engine_fields(capacity, block_size))
         fields.update(step_fields(step_s))
         fields.update(gpu_fields(gpus))
         self.start = cur

@@ -306,6 +306,7 @@ class PagedEngine(Engine):
             free_kv_tokens=self.block_manager.num_free_blocks * bs,
             total_kv_tokens=self.block_manager.num_blocks * bs,
             waiting=len(self.scheduler.waiting),
+            cached_kv_tokens=len(self.block_manager.evictable) * bs,
         )
 
     def last_step_stats(self) -> StepStats:
@@ -391,6 +392,5 @@ class PagedEngine(Engine):
                 "running": float(len(self.scheduler.running)),
                 "waiting": float(len(self.scheduler.waiting)),
                 "free_kv_blocks": float(self.block_manager.num_free_blocks),
-                "cached_kv_blocks": float(len(self.block_manager.evictable)),
             },
         )
