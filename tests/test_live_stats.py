@@ -158,6 +158,10 @@ def test_worker_writes_stats_under_load(start_worker, redis_url: str, redis_clie
         assert isinstance(e["lag"], int) and isinstance(e["pending"], int) and e["pending"] >= 0
         assert isinstance(e["running"], int) and isinstance(e["waiting"], int)
         assert not any(f in e for f in GPU_FIELDS)  # no GPU on this machine
+    from test_logging_schema import check, documented  # every field is on docs/logging.md, typed
+
+    common, documented_events = documented()
+    assert not [p for e in events for p in check(e, common, documented_events)]
     e = busy[-1]
     assert e["tokens_per_s"] > 0 and e["steps"] > 0
     assert 0 < e["step_p50_ms"] <= e["step_p95_ms"] < 5000
