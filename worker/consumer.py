@@ -38,6 +38,7 @@ from worker.engine.base import Engine, FinishReason, SequenceOutput
 from worker.heartbeat import Heartbeat
 from worker.inflight import InFlight, LoopCounters, Microbatch
 from worker.intake import Intake, generation_request
+from worker.live_stats import LiveStats
 from worker.phase_times import PhaseTimes
 from worker.publishing import Publisher
 from worker.reclaim import Reclaimer
@@ -102,6 +103,7 @@ class Consumer:
         self._ready: list[SequenceOutput] = []  # outputs collected but not yet published
         self.phases = PhaseTimes()
         self._next_batch_id = 0
+        self.stats = LiveStats(client, self.names, s, engine, self.counters, self.phases)
 
     # -- setup -----------------------------------------------------------------------------------------
     def ensure_group(self) -> None:
@@ -208,6 +210,7 @@ class Consumer:
             self._drop_lost(entry_id)
         for request_id in self.cancels.poll():
             self._cancel(request_id)
+        self.stats.tick()  # `worker_stats` and `<prefix>:stats` every interval; never raises Redis errors
         if not reading:
             return
         if self.reclaimer.due():

@@ -51,6 +51,9 @@ class LoopCounters:
     read: int = 0
     invalid: int = 0
     done: int = 0
+    tokens: int = 0  # generated tokens published
+    prompt_tokens: int = 0  # of the requests done
+    cached_tokens: int = 0  # of those prompt tokens, served from the prefix cache
     errors: int = 0
     steps: int = 0
     reclaimed: int = 0

@@ -147,6 +147,7 @@ class Publisher:
             f = self.table.get(out.request_id)
             if f is None:
                 continue  # already answered (cancelled, lost): nothing may follow a final
+            self.counters.tokens += len(out.new_token_ids)
             if out.new_token_ids and f.first_token_s is None:
                 f.first_token_s = now_s
             event = token_event(f, out, self.attempt)
@@ -166,6 +167,8 @@ class Publisher:
 
     def _log_done(self, f: InFlight, out: SequenceOutput, t: Timings, now_s: float) -> None:
         self.counters.done += 1
+        self.counters.prompt_tokens += prompt_tokens(f, out)
+        self.counters.cached_tokens += out.cached_tokens
         log.info(
             "request_done",
             id=f.request.id,

@@ -222,6 +222,15 @@ class WorkerSettings(BaseSettings):
         description="After SIGTERM, how long in-flight requests may run before the rest is handed back "
         "(keep below the pod's termination grace period).",
     )
+    stats_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How often the worker logs `worker_stats` and writes it to `<prefix>:stats` "
+        "(rates, backlog, KV, step times, GPUs); 0 = off.",
+    )
+    stats_max_entries: int = Field(
+        default=10_000, ge=100, description="Approximate cap (MAXLEN ~) of the stats stream `<prefix>:stats`."
+    )
     reconnect_backoff_initial_ms: float = Field(
         default=100.0,
         gt=0,

@@ -33,6 +33,11 @@ def cancel_stream(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}:cancel"
 
 
+def stats_stream(prefix: str = DEFAULT_PREFIX) -> str:
+    """Capped stream of the workers' live stats (`worker_stats`), one entry per worker per interval."""
+    return f"{prefix}:stats"
+
+
 def final_guard_key(prefix: str, request_id: str) -> str:
     """Key whose `SET NX` decides which writer publishes the one final reply of a request."""
     return f"{prefix}:final:{request_id}"
@@ -60,10 +65,17 @@ class StreamNames:
     requests: str
     dead_letter: str
     cancel: str
+    stats: str
 
     @classmethod
     def for_prefix(cls, prefix: str = DEFAULT_PREFIX) -> StreamNames:
-        return cls(prefix, requests_stream(prefix), dead_letter_stream(prefix), cancel_stream(prefix))
+        return cls(
+            prefix,
+            requests_stream(prefix),
+            dead_letter_stream(prefix),
+            cancel_stream(prefix),
+            stats_stream(prefix),
+        )
 
     def reply(self, request_id: str) -> str:
         """The default reply stream of a request."""

@@ -85,6 +85,7 @@ class EngineCapacity:
     free_kv_tokens: int | None
     total_kv_tokens: int | None
     waiting: int = 0  # requests handed over that have not started yet
+    cached_kv_tokens: int | None = None  # of the free ones, those holding a reusable prefix (live stats)
 
 
 class Engine(abc.ABC):

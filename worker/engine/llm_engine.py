@@ -303,6 +303,7 @@ class PagedEngine(Engine):
             free_kv_tokens=self.block_manager.num_free_blocks * bs,
             total_kv_tokens=self.block_manager.num_blocks * bs,
             waiting=len(self.scheduler.waiting),
+            cached_kv_tokens=len(self.block_manager.evictable) * bs,
         )
 
     def last_step_stats(self) -> StepStats:
