@@ -136,7 +136,9 @@ class WorkerSettings(BaseSettings):
         default=256 * 1024, ge=1024, description="Request bodies larger than this get a too_long error."
     )
     max_waiting_requests: int = Field(
-        default=256, ge=1, description="Requests waiting in the engine's queue (read, not started) before reading pauses."
+        default=256,
+        ge=1,
+        description="Requests waiting in the engine's queue (read, not started) before reading pauses.",
     )
     reply_ttl_s: int = Field(default=3600, ge=1, description="TTL of reply streams and final-reply guards.")
     refusal_ttl_s: int = Field(
