@@ -4,8 +4,8 @@ It "generates" the words of the last user message (or of the prompt), one word p
 step for every running request, as a model engine would emit one token per step.
 Stop strings (`stop`) end the echo as they end a model's reply: once the produced text
 contains one, the reply finishes with `stop`, cut before it, and text that could still
-start a stop string is held back from the stream. Prompt tokens are counted as UTF-8 bytes. An optional per-step delay makes
-generations long enough for crash and shutdown tests.
+start a stop string is held back from the stream. Prompt tokens are counted as UTF-8
+bytes. An optional per-step delay makes generations long enough for crash and shutdown tests.
 """
 
 from __future__ import annotations
