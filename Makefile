@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TQDM_DISABLE := 1
 
-.PHONY: install model demo test test-fast lint bench-queue bench-engine clean
+.PHONY: install model demo test test-fast lint loadtest bench-queue bench-engine clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ lint: install
 	$(BIN)/ruff check producer scheduler worker tests loadtest k8s/base/probes
 	$(BIN)/mypy producer scheduler worker
 
+# A short headless Locust run against a local echo worker; report under build/report/.
+# LOADTEST_ARGS: run_locust.py's options, then Locust's after `--` (see docs/operations.md).
+LOADTEST_ARGS ?=
+loadtest: install
+	$(BIN)/python loadtest/run_locust.py $(LOADTEST_ARGS)
+
 bench-queue: install
 	$(BIN)/python loadtest/queue_bench.py
 
@@ -53,4 +59,4 @@ bench-engine: model
 	$(BIN)/python loadtest/engine_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis build/report

@@ -9,6 +9,9 @@ reads its reply stream, and reports three Locust request events (type `redis`):
 - `tpot`: mean time per output token after the first (only for replies of 2+ tokens);
 - `chat`: submit to the final reply; its response length is the number of completion tokens.
 
+With `--llm-stream false` requests ask for the final reply only (`stream: false`) and only
+`chat` is reported.
+
 An `error` reply fails `chat` with the service's error code as the failure (`overloaded`,
 `too_long`, ...), so Locust's failure table counts codes; a client timeout fails it with
 `timeout`. Service-side timings (queue_ms, ttft_ms from XADD) are in the workers' logs.
@@ -20,9 +23,10 @@ by every request (a prefix the engine caches), user turns log-uniform between
 one token for the echo engine and about 1.3 for a BPE tokenizer. User k (in spawn order)
 draws from its own generator seeded with (seed, k), so a rerun sends the same requests.
 
-Redis and the key prefix come from the environment, as for every client: `REDIS_URL`,
-`LLM_PREFIX` (ProducerSettings). Every option below also reads the `LOADTEST_*` variable named
-in its help.
+Redis comes from the environment, as for every client (`REDIS_URL`); the key prefix from
+`--llm-prefix` or `LLM_PREFIX`. Every option below also reads the variable named in its help.
+`loadtest/run_locust.py` (`make loadtest`) runs this file headless against a local echo worker
+and writes its CSV and HTML report.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import Any
 from locust import User, between, events, task
 from locust.env import Environment
 
-from producer.client import ChatClient, ChatError, ChatTimeout
+from producer.client import ChatClient, ChatError, ChatTimeout, Reply
 
 # A fixed vocabulary keeps prompts plain text in any tokenizer, with no rare-token effects.
 _VOCABULARY = (
@@ -52,6 +56,17 @@ _VOCABULARY = (
 WORDS = tuple(_VOCABULARY.split())
 
 _user_numbers = itertools.count()
+
+
+def _flag(value: str | bool) -> bool:
+    """A true/false option value (command line or environment)."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not true/false: {value!r}")
 
 
 @events.init_command_line_parser.add_listener
@@ -73,6 +88,15 @@ def _add_options(parser: Any) -> None:
                        env_var="LOADTEST_PRIORITY", help="Request priority (LOADTEST_PRIORITY).")
     group.add_argument("--request-timeout-s", type=float, default=120.0, env_var="LOADTEST_REQUEST_TIMEOUT_S",
                        help="Client wait for a final reply (LOADTEST_REQUEST_TIMEOUT_S).")
+    group.add_argument("--llm-prefix", default=None, env_var="LLM_PREFIX",
+                       help="Key prefix of the service's streams (LLM_PREFIX; default llm).")
+    group.add_argument("--llm-max-tokens", type=int, default=None, env_var="LOADTEST_LLM_MAX_TOKENS",
+                       help="max_tokens of every request, instead of the uniform --max-tokens-min/max draw "
+                            "(LOADTEST_LLM_MAX_TOKENS).")
+    group.add_argument("--llm-stream", type=_flag, default=True, metavar="true|false",
+                       env_var="LOADTEST_LLM_STREAM",
+                       help="Stream tokens (ttft, tpot and chat) or ask for the final reply only (chat); "
+                            "default true (LOADTEST_LLM_STREAM).")
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -97,13 +121,15 @@ class ChatWorkload:
         o = self.options
         lo, hi = math.log(o.user_tokens_min), math.log(o.user_tokens_max)
         user_words = round(math.exp(self.rng.uniform(lo, hi)))
+        max_tokens = self.rng.randint(o.max_tokens_min, o.max_tokens_max)  # drawn either way: same requests
         return {
             "messages": [{"role": "system", "content": self.system},
                          {"role": "user", "content": words(self.rng, user_words)}],
-            "max_tokens": self.rng.randint(o.max_tokens_min, o.max_tokens_max),
+            "max_tokens": o.llm_max_tokens or max_tokens,
             "temperature": 0.0,
             "seed": self.rng.randrange(2**31),
             "priority": o.priority,
+            "stream": o.llm_stream,
         }
 
 
@@ -125,8 +151,10 @@ class ChatUser(User):
         assert options is not None, "run through the locust command line"
         self.workload = ChatWorkload(options, next(_user_numbers))
         self.timeout_s = options.request_timeout_s
-        # REDIS_URL and LLM_PREFIX from the environment (ProducerSettings).
-        self.client = ChatClient(timeout_s=self.timeout_s)
+        self.stream = options.llm_stream
+        # REDIS_URL from the environment (ProducerSettings); the prefix from --llm-prefix or LLM_PREFIX.
+        prefix = {"prefix": options.llm_prefix} if options.llm_prefix else {}
+        self.client = ChatClient(timeout_s=self.timeout_s, **prefix)
 
     def on_stop(self) -> None:
         self.client.close()
@@ -141,12 +169,17 @@ class ChatUser(User):
         messages = request.pop("messages")
         start = time.perf_counter()
         first_token_at: float | None = None
+        reply: Reply | None = None
         try:
-            stream = self.client.stream(messages, timeout_s=self.timeout_s, **request)
-            for _ in stream:
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                    self._fire("ttft", (first_token_at - start) * 1000)
+            if self.stream:
+                stream = self.client.stream(messages, timeout_s=self.timeout_s, **request)
+                for _ in stream:
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                        self._fire("ttft", (first_token_at - start) * 1000)
+                reply = stream.reply
+            else:
+                reply = self.client.chat(messages, timeout_s=self.timeout_s, **request)
         except ChatError as exc:
             self._fire("chat", (time.perf_counter() - start) * 1000, exception=ServiceError(exc.code.value))
             return
@@ -154,7 +187,6 @@ class ChatUser(User):
             self._fire("chat", (time.perf_counter() - start) * 1000, exception=ServiceError("timeout"))
             return
         end = time.perf_counter()
-        reply = stream.reply
         if reply is None:
             self._fire("chat", (end - start) * 1000, exception=ServiceError("no_final_reply"))
             return

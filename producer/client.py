@@ -33,7 +33,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -56,7 +56,7 @@ from producer.wire.models import (
     TokenEvent,
     Usage,
 )
-from producer.wire.redis_types import read_entries
+from producer.wire.redis_types import StreamEntries, read_entries
 from producer.wire.signing import verify
 
 log = logging.getLogger("producer")
@@ -147,6 +147,56 @@ class TokenRuns:
         return True
 
 
+class _ResultsWait:
+    """The I/O-free part of `results`: cursors over many reply streams and the final replies read so far."""
+
+    def __init__(self, core: _ClientCore, request_ids: Sequence[str], timeout_s: float):
+        self.core = core
+        self.keys = {core._reply_key(i): i for i in request_ids}
+        self.cursors: dict[str, str | bytes] = dict.fromkeys(self.keys, "0")
+        self.out: dict[str, Reply | ChatError] = {}
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+
+    def left_s(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def next_poll(self) -> tuple[dict[KeyT, StreamIdT], int] | None:
+        """The XREAD streams and block time of the next poll; None when every final reply is in.
+
+        Raises ChatTimeout (naming the first unanswered id) once the deadline has passed.
+        """
+        if not self.cursors:
+            return None
+        left_ms = int((self.deadline - time.monotonic()) * 1000)
+        if left_ms <= 0:
+            raise ChatTimeout(self.keys[next(iter(self.cursors))], self.timeout_s)
+        # One XREAD names at most a few hundred streams, so the command stays small.
+        batch = dict(itertools.islice(self.cursors.items(), 512))
+        streams = cast("dict[KeyT, StreamIdT]", batch)  # redis-py only reads it; dicts are invariant
+        return streams, min(left_ms, self.core.settings.reply_block_ms)
+
+    def take(self, got: StreamEntries) -> None:
+        """Advance the cursors over one XREAD's entries; keep each request's final reply or error."""
+        for raw_key, entries in got:
+            key = raw_key.decode()
+            for entry_id, fields in entries:
+                self.cursors[key] = entry_id
+                request_id = self.keys[key]
+                event = self.core._trusted(request_id, key, entry_id, fields)
+                if event is None or isinstance(event, TokenEvent):
+                    continue
+                try:
+                    reply = final_reply(event, request_id)
+                    assert reply is not None
+                    self.out[request_id] = reply
+                except ChatError as exc:
+                    self.out[request_id] = exc
+                self.core._sent.pop(request_id, None)
+                del self.cursors[key]
+                break
+
+
 class ReplyStream:
     """Iterates a request's token events; `.reply` holds the final reply once iteration ends."""
 
@@ -225,6 +275,31 @@ class _ClientCore:
         )
         return request, ct, args
 
+    def _prepare_many(
+        self, requests: Sequence[dict[str, Any]], content_type: ContentType | None
+    ) -> list[tuple[ChatRequest, ContentType, list[Any]]]:
+        """`_prepare` for each dict of `submit_many` (what `submit` takes as keywords); all or nothing."""
+        return [
+            self._prepare(r.get("messages"), r.get("prompt"), content_type,
+                          {k: v for k, v in r.items() if k not in ("messages", "prompt")})
+            for r in requests
+        ]  # fmt: skip
+
+    def _admitted_many(
+        self, prepared: list[tuple[ChatRequest, ContentType, list[Any]]], replies: list[Any]
+    ) -> list[str | ChatError]:
+        """Each request's id (recorded as sent) or its `overloaded` refusal, from the admission replies."""
+        out: list[str | ChatError] = []
+        for (request, ct, _), reply in zip(prepared, replies, strict=True):
+            try:
+                backlog.admitted_entry_id(reply, self.settings.max_backlog_requests)
+            except backlog.AdmissionRefused as exc:
+                out.append(ChatError(ErrorCode.OVERLOADED, str(exc), request.id))
+                continue
+            self._record(request, ct)
+            out.append(request.id)
+        return out
+
     def _record(self, request: ChatRequest, ct: ContentType) -> None:
         """Remember where a sent request's replies go and how they are encoded."""
         self._sent[request.id] = (request.reply_key(self.settings.prefix), ct)
@@ -300,12 +375,7 @@ class ChatClient(_ClientCore):
         All are validated before anything is sent. After a connection error the whole batch is
         sent again with the same ids: a request that then runs twice still gets one final reply.
         """
-        prepared = [
-            self._prepare(r.get("messages"), r.get("prompt"), content_type,
-                          {k: v for k, v in r.items() if k not in ("messages", "prompt")})
-            for r in requests
-        ]  # fmt: skip
-        limit = self.settings.max_backlog_requests
+        prepared = self._prepare_many(requests, content_type)
         give_up = time.monotonic() + self.settings.submit_retry_s
         backoff = self._backoff()
         while True:
@@ -319,16 +389,7 @@ class ChatClient(_ClientCore):
                 if time.monotonic() >= give_up:
                     raise
                 time.sleep(backoff.next_delay_s())
-        out: list[str | ChatError] = []
-        for (request, ct, _), reply in zip(prepared, replies, strict=True):
-            try:
-                backlog.admitted_entry_id(reply, limit)
-            except backlog.AdmissionRefused as exc:
-                out.append(ChatError(ErrorCode.OVERLOADED, str(exc), request.id))
-                continue
-            self._record(request, ct)
-            out.append(request.id)
-        return out
+        return self._admitted_many(prepared, replies)
 
     def results(
         self, request_ids: Sequence[str], *, timeout_s: float | None = None
@@ -338,44 +399,18 @@ class ChatClient(_ClientCore):
         Token events are skipped. Raises ChatTimeout (naming the first unanswered id) if not all
         final replies arrive in time.
         """
-        keys = {self._reply_key(i): i for i in request_ids}
-        cursors: dict[str, str | bytes] = dict.fromkeys(keys, "0")
-        out: dict[str, Reply | ChatError] = {}
-        timeout_s = timeout_s or self.settings.timeout_s
-        deadline = time.monotonic() + timeout_s
+        wait = _ResultsWait(self, request_ids, timeout_s or self.settings.timeout_s)
         backoff = self._backoff()
-        while cursors:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                raise ChatTimeout(keys[next(iter(cursors))], timeout_s)
-            # One XREAD names at most a few hundred streams, so the command stays small.
-            batch = dict(itertools.islice(cursors.items(), 512))
+        while (poll := wait.next_poll()) is not None:
+            streams, block_ms = poll
             try:
-                streams = cast("dict[KeyT, StreamIdT]", batch)  # redis-py only reads it; dicts are invariant
-                block_ms = min(left_ms, self.settings.reply_block_ms)
                 got = read_entries(self.redis.xread(streams, block=block_ms))
                 backoff.reset()
             except TRANSIENT_ERRORS:
-                time.sleep(min(backoff.next_delay_s(), max(0.0, deadline - time.monotonic())))
+                time.sleep(min(backoff.next_delay_s(), wait.left_s()))
                 continue
-            for raw_key, entries in got:
-                key = raw_key.decode()
-                for entry_id, fields in entries:
-                    cursors[key] = entry_id
-                    request_id = keys[key]
-                    event = self._trusted(request_id, key, entry_id, fields)
-                    if event is None or isinstance(event, TokenEvent):
-                        continue
-                    try:
-                        reply = final_reply(event, request_id)
-                        assert reply is not None
-                        out[request_id] = reply
-                    except ChatError as exc:
-                        out[request_id] = exc
-                    self._sent.pop(request_id, None)
-                    del cursors[key]
-                    break
-        return out
+            wait.take(got)
+        return wait.out
 
     def cancel(self, request_id: str) -> bool:
         """Stop a request: the client gets `cancelled` unless a final reply already exists (then False)."""
@@ -499,6 +534,51 @@ class AsyncChatClient(_ClientCore):
         self._record(request, ct)
         return request.id
 
+    async def submit_many(
+        self, requests: Sequence[dict[str, Any]], *, content_type: ContentType | None = None
+    ) -> list[str | ChatError]:
+        """Enqueue many requests in one round trip; returns, in order, each id or its `overloaded` refusal.
+
+        As `ChatClient.submit_many`: every request is validated before anything is sent, and after a
+        connection error the whole batch is sent again with the same ids.
+        """
+        prepared = self._prepare_many(requests, content_type)
+        give_up = time.monotonic() + self.settings.submit_retry_s
+        backoff = self._backoff()
+        while True:
+            pipe = self.redis.pipeline(transaction=False)
+            for _, _, args in prepared:
+                await self._admit(keys=[self.names.requests], args=args, client=pipe)  # queued, not sent
+            try:
+                replies = await pipe.execute()
+                break
+            except TRANSIENT_ERRORS:
+                if time.monotonic() >= give_up:
+                    raise
+                await asyncio.sleep(backoff.next_delay_s())
+        return self._admitted_many(prepared, replies)
+
+    async def results(
+        self, request_ids: Sequence[str], *, timeout_s: float | None = None
+    ) -> dict[str, Reply | ChatError]:
+        """Final replies of many requests (id -> Reply or ChatError), one XREAD over their streams per poll.
+
+        As `ChatClient.results`: token events are skipped; ChatTimeout (naming the first unanswered
+        id) if not all final replies arrive in time.
+        """
+        wait = _ResultsWait(self, request_ids, timeout_s or self.settings.timeout_s)
+        backoff = self._backoff()
+        while (poll := wait.next_poll()) is not None:
+            streams, block_ms = poll
+            try:
+                got = read_entries(await self.redis.xread(streams, block=block_ms))
+                backoff.reset()
+            except TRANSIENT_ERRORS:
+                await asyncio.sleep(min(backoff.next_delay_s(), wait.left_s()))
+                continue
+            wait.take(got)
+        return wait.out
+
     async def cancel(self, request_id: str) -> bool:
         """Stop a request: the client gets `cancelled` unless a final reply already exists (then False)."""
         keys, args = self._cancel_call(request_id)
@@ -557,21 +637,18 @@ class AsyncChatClient(_ClientCore):
     ) -> Reply:
         return await self.result(await self.submit(messages, **params), timeout_s=timeout_s)
 
-    async def stream(
+    def stream(
         self, messages: list[dict[str, str]] | None = None, *, timeout_s: float | None = None, **params: Any
-    ) -> AsyncIterator[TokenEvent | Reply]:
-        """Yield token events, then the final `Reply` as the last item."""
+    ) -> AsyncReplyStream:
+        """A request to stream: `async for` it for token events, then read `.reply`.
+
+        The request is sent when iteration starts, or at `await client.stream(...)`, which gives
+        the stream with its `.id` set. Validation errors are raised here, before anything is sent.
+        """
         params.setdefault("stream", True)
-        request_id = await self.submit(messages, **params)
-        runs = TokenRuns()
-        async for event in self.events(request_id, timeout_s=timeout_s):
-            if isinstance(event, TokenEvent):
-                if runs.accept(event):
-                    yield event
-            else:
-                reply = final_reply(event, request_id)
-                assert reply is not None
-                yield reply
+        rest = {k: v for k, v in params.items() if k not in ("prompt", "content_type")}
+        self._prepare(messages, params.get("prompt"), params.get("content_type"), rest)
+        return AsyncReplyStream(self, messages, timeout_s or self.settings.timeout_s, params)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -581,3 +658,42 @@ class AsyncChatClient(_ClientCore):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+class AsyncReplyStream:
+    """asyncio twin of `ReplyStream`: iterates token events; `.reply` holds the final reply after iteration.
+
+    An error reply raises ChatError from the iteration, as for the sync stream.
+    """
+
+    def __init__(
+        self, client: AsyncChatClient, messages: list[dict[str, str]] | None, timeout_s: float,
+        params: dict[str, Any],
+    ):  # fmt: skip
+        self.id: str | None = None
+        self.reply: Reply | None = None
+        self._client = client
+        self._messages = messages
+        self._params = params
+        self._timeout_s = timeout_s
+
+    async def submit(self) -> AsyncReplyStream:
+        """Send the request (once); `.id` is set afterwards."""
+        if self.id is None:
+            self.id = await self._client.submit(self._messages, **self._params)
+        return self
+
+    def __await__(self) -> Generator[Any, None, AsyncReplyStream]:
+        return self.submit().__await__()
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        request_id = (await self.submit()).id
+        assert request_id is not None
+        runs = TokenRuns()
+        async for event in self._client.events(request_id, timeout_s=self._timeout_s):
+            if isinstance(event, TokenEvent):
+                if runs.accept(event):
+                    yield event
+                continue
+            self.reply = final_reply(event, request_id)
+            return

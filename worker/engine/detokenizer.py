@@ -34,35 +34,26 @@ def fast_decode(tokenizer: _Decoder) -> Callable[[list[int]], str]:
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
-class IncrementalDetokenizer:
-    """Per-sequence streaming decoder with stop-string handling."""
+class StopStrings:
+    """Reply text released as it grows, cut before the first stop string.
 
-    def __init__(self, tokenizer: _Decoder, prompt_token_ids: list[int], stop: tuple[str, ...] = ()):
-        self._decode = fast_decode(tokenizer)
-        # A few prompt tokens give the decoder the context for the first reply token's leading space.
-        self._ids: list[int] = list(prompt_token_ids[-4:])
-        self._prefix_offset = 0
-        self._read_offset = len(self._ids)
+    Text that could still be the start of a stop string is held back until it can no longer
+    be, so a client never sees part of a stop sequence. The model engines' detokenizer and the
+    echo engine share it, so every engine treats `stop` the same way.
+    """
+
+    def __init__(self, stop: tuple[str, ...] = ()):
         self._stop = tuple(s for s in stop if s)
         self._holdback = max((len(s) for s in self._stop), default=1) - 1
-        self.text = ""  # all decoded reply text (including held-back text)
+        self.text = ""  # all reply text so far (including held-back text), cut at a stop string
         self._emitted = 0  # characters of `text` already returned as deltas
         self.stopped = False
 
-    def add(self, token_id: int) -> str:
-        """Append one token; returns the text delta that is safe to stream now."""
+    def add(self, piece: str) -> str:
+        """Append reply text; returns the delta that is safe to stream now ("" once stopped)."""
         if self.stopped:
             return ""
-        self._ids.append(token_id)
-        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        full = self._decode(self._ids[self._prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix) :]
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(self._ids)
-        return self._release()
-
-    def _release(self) -> str:
+        self.text += piece
         for s in self._stop:
             at = self.text.find(s, max(0, self._emitted - len(s)))
             if at != -1:
@@ -79,3 +70,42 @@ class IncrementalDetokenizer:
         delta = self.text[self._emitted :]
         self._emitted = len(self.text)
         return delta
+
+
+class IncrementalDetokenizer:
+    """Per-sequence streaming decoder with stop-string handling."""
+
+    def __init__(self, tokenizer: _Decoder, prompt_token_ids: list[int], stop: tuple[str, ...] = ()):
+        self._decode = fast_decode(tokenizer)
+        # A few prompt tokens give the decoder the context for the first reply token's leading space.
+        self._ids: list[int] = list(prompt_token_ids[-4:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._text = StopStrings(stop)
+
+    @property
+    def text(self) -> str:
+        """All decoded reply text (including held-back text), cut at a stop string."""
+        return self._text.text
+
+    @property
+    def stopped(self) -> bool:
+        return self._text.stopped
+
+    def add(self, token_id: int) -> str:
+        """Append one token; returns the text delta that is safe to stream now."""
+        if self._text.stopped:
+            return ""
+        self._ids.append(token_id)
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        piece = ""
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            piece = full[len(prefix) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+        return self._text.add(piece)
+
+    def flush(self) -> str:
+        """Release held-back text at the end of generation."""
+        return self._text.flush()

@@ -2,8 +2,10 @@
 
 It "generates" the words of the last user message (or of the prompt), one word per
 step for every running request, as a model engine would emit one token per step.
-Prompt tokens are counted as UTF-8 bytes. An optional per-step delay makes
-generations long enough for crash and shutdown tests.
+Stop strings (`stop`) end the echo as they end a model's reply: once the produced text
+contains one, the reply finishes with `stop`, cut before it, and text that could still
+start a stop string is held back from the stream. Prompt tokens are counted as UTF-8
+bytes. An optional per-step delay makes generations long enough for crash and shutdown tests.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from worker.engine.base import (
     SequenceOutput,
     StepStats,
 )
+from worker.engine.detokenizer import StopStrings
 
 
 @dataclass
@@ -29,6 +32,7 @@ class _EchoSequence:
     request: GenerationRequest
     words: list[str]
     produced: list[str] = field(default_factory=list)
+    text: StopStrings = field(default_factory=StopStrings)
 
 
 def _decode_bytes(token_ids: list[int]) -> str:
@@ -82,7 +86,7 @@ class EchoEngine(Engine):
             request_id=seq.request.request_id, new_token_ids=[], new_text="", finished=True,
             finish_reason=reason,
             prompt_tokens=len(seq.request.prompt_token_ids), completion_tokens=len(seq.produced),
-            text="".join(seq.produced),
+            text=seq.text.text,
         )
 
     def step(self) -> list[SequenceOutput]:
@@ -92,7 +96,7 @@ class EchoEngine(Engine):
         outputs = [self._final(_EchoSequence(r, []), "deadline_exceeded") for r in decision.expired]
         for req in decision.started:
             words = _decode_bytes(req.prompt_token_ids).split() or ["(empty)"]
-            self._running[req.request_id] = _EchoSequence(req, words)
+            self._running[req.request_id] = _EchoSequence(req, words, text=StopStrings(req.sampling.stop))
         admitted = tuple(r.request_id for r in decision.started)
         if not self._running:
             self._stats = StepStats()
@@ -110,17 +114,20 @@ class EchoEngine(Engine):
             i = len(seq.produced)
             word = seq.words[i] if i == 0 else " " + seq.words[i]
             seq.produced.append(word)
+            delta = seq.text.add(word)
+            # As in the model engines, a stop string wins over max_tokens on the same token.
+            done_stop = seq.text.stopped or len(seq.produced) >= len(seq.words)
             done_length = len(seq.produced) >= seq.request.sampling.max_tokens
-            done_stop = len(seq.produced) >= len(seq.words)
             out = SequenceOutput(
-                request_id=rid, new_token_ids=[zlib.crc32(word.encode()) % 50_000], new_text=word,
+                request_id=rid, new_token_ids=[zlib.crc32(word.encode()) % 50_000], new_text=delta,
                 prompt_tokens=len(seq.request.prompt_token_ids), completion_tokens=len(seq.produced),
             )
             if done_length or done_stop:
                 del self._running[rid]
+                out.new_text += seq.text.flush()
                 out.finished = True
                 out.finish_reason = "stop" if done_stop else "length"
-                out.text = "".join(seq.produced)
+                out.text = seq.text.text
             outputs.append(out)
         self._stats = StepStats(num_seqs=ran, decode_tokens=ran, admitted=admitted)
         return outputs
