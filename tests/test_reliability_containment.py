@@ -47,6 +47,7 @@ def test_a_foreign_value_at_a_service_key_is_backed_off_from_and_served_after(
         time.sleep(0.05)
     assert worker.events("redis_error"), "the WRONGTYPE error was not reported"
     assert "WRONGTYPE" in worker.events("redis_error")[0]["error"]
+    assert worker.events("redis_error")[0]["key"] == f"{prefix}:cancel"  # the line names the key to fix
     assert worker.proc.poll() is None  # still running
     redis_client.delete(f"{prefix}:cancel")
     assert chat_client.chat([{"role": "user", "content": "back"}], max_tokens=4, timeout_s=30).text == "back"

@@ -17,6 +17,7 @@ import redis
 
 from producer.wire.keys import StreamNames
 from producer.wire.redis_types import range_entries, read_entries
+from worker.keyed_errors import about
 
 
 class CancelWatch:
@@ -35,7 +36,8 @@ class CancelWatch:
 
     def start(self) -> None:
         """Begin after the newest existing entry (older cancels are covered by the final-reply guard)."""
-        newest = range_entries(self.client.xrevrange(self.key, count=1))
+        with about(self.key):
+            newest = range_entries(self.client.xrevrange(self.key, count=1))
         self._cursor = newest[0][0].decode() if newest else "0-0"
 
     def poll(self) -> list[str]:
@@ -46,7 +48,8 @@ class CancelWatch:
         self._last_s = now
         if self._cursor is None:
             self.start()
-        got = read_entries(self.client.xread({self.key: self._cursor or "0-0"}, count=1000))
+        with about(self.key):
+            got = read_entries(self.client.xread({self.key: self._cursor or "0-0"}, count=1000))
         ids: list[str] = []
         for _, entries in got:
             for entry_id, fields in entries:

@@ -38,6 +38,7 @@ from worker.engine.base import Engine, FinishReason, SequenceOutput
 from worker.heartbeat import Heartbeat
 from worker.inflight import InFlight, LoopCounters, Microbatch
 from worker.intake import Intake, generation_request
+from worker.keyed_errors import KeyedResponseError
 from worker.live_stats import LiveStats
 from worker.phase_times import PhaseTimes
 from worker.publishing import Publisher
@@ -188,6 +189,8 @@ class Consumer:
             # OOM, BUSY, WRONGTYPE, NOPERM, READONLY...: a server or data problem, not ours to die of.
             self.counters.redis_errors += 1
             delay_s, fields = self._backoff_fields(exc)
+            if isinstance(exc, KeyedResponseError):
+                fields["key"] = exc.key
             log.warning("redis_error", **fields)
             time.sleep(delay_s)
             return False

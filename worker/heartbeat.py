@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import redis
 
 from producer.wire.keys import StreamNames
+from worker.keyed_errors import about
 
 ALIVE = "alive"
 DRAINING = "draining"
@@ -70,9 +71,10 @@ class Heartbeat:
         if not force and now - self._last_s < self.interval_s:
             return []
         ids = [i.decode() if isinstance(i, bytes) else i for i in serving]
-        lost = self._script(
-            keys=[self.key, self.stream], args=[self.state, self.ttl_ms, self.group, self.consumer, *ids]
-        )
+        with about(self.key):
+            lost = self._script(
+                keys=[self.key, self.stream], args=[self.state, self.ttl_ms, self.group, self.consumer, *ids]
+            )
         self._last_s = now
         return [i if isinstance(i, bytes) else str(i).encode() for i in lost]
 

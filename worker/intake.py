@@ -23,6 +23,7 @@ from worker.backpressure import Backpressure
 from worker.cancellation import CancelWatch
 from worker.engine.base import Engine, GenerationRequest, SamplingParams
 from worker.inflight import InFlight, LoopCounters, entry_epoch_ms
+from worker.keyed_errors import about
 from worker.reclaim import Reclaimer, delivery_counts
 from worker.refusals import Refusals
 from worker.replies import ReplyWriter
@@ -78,15 +79,16 @@ class Intake:
         if room <= 0:
             return []
         replaying = self.replay_from is not None
-        reply = read_entries(
-            self.client.xreadgroup(
-                self.settings.group,
-                self.settings.consumer_name,
-                {self.stream: self.replay_from or ">"},
-                count=min(room, self.settings.read_count),
-                block=None if replaying else block_ms,
+        with about(self.stream):
+            reply = read_entries(
+                self.client.xreadgroup(
+                    self.settings.group,
+                    self.settings.consumer_name,
+                    {self.stream: self.replay_from or ">"},
+                    count=min(room, self.settings.read_count),
+                    block=None if replaying else block_ms,
+                )
             )
-        )
         entries: Entries = reply[0][1] if reply else []
         deliveries: dict[bytes, int] = {}
         if replaying:

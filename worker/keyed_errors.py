@@ -1,0 +1,30 @@
+"""Server errors that name their key, so one `redis_error` line tells the on-call engineer where to look.
+
+Redis's errors (WRONGTYPE, OOM, NOPERM...) do not say which key a command touched. The worker's
+single-key calls run inside `about(key)`, which re-raises such an error as a `KeyedResponseError`
+carrying the key; the loop's back-off logs it as the `key` field of `redis_error`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+
+
+class KeyedResponseError(redis.ResponseError):
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
+@contextmanager
+def about(key: str) -> Iterator[None]:
+    """Name `key` in a server error raised inside (connection errors pass through unchanged)."""
+    try:
+        yield
+    except KeyedResponseError:
+        raise
+    except redis.ResponseError as exc:
+        raise KeyedResponseError(str(exc), key) from exc
