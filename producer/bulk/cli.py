@@ -1,0 +1,184 @@
+"""The CLI (`python -m producer.bulk`, `llm-bulk`): submit, status, results, resume, cancel, worker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import redis
+from rq import Worker
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from producer.bulk.control import bulk_queue, cancel_job, enqueue_bulk, job_status, resume_job
+from producer.bulk.documents import read_documents
+from producer.bulk.settings import DEFAULT_INSTRUCTION
+from producer.bulk.store import job_state
+from producer.settings import ProducerSettings
+
+
+def _connection(url: str | None) -> redis.Redis:
+    return redis.Redis.from_url(url or ProducerSettings().redis_url)
+
+
+def _fetch(job_id: str, conn: redis.Redis) -> Job | None:
+    try:
+        return Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+    except NoSuchJobError:
+        print(f"no job {job_id} (unknown, or its results expired)", file=sys.stderr)
+        return None
+
+
+ENDED = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+
+
+def _wait(job: Job, *, show_progress: bool) -> JobStatus | None:
+    """Wait for the job to end; a progress bar (answered documents) on stderr meanwhile."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    state = job_state(job)
+    total = len(job.args[0]) if job.args else None
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
+        task = bar.add_task(f"job {job.id}", total=total)
+        while True:
+            status = job.get_status(refresh=True)
+            bar.update(task, completed=state.answered())
+            if status in ENDED:
+                return status
+            time.sleep(0.5)
+
+
+def _write_results(job: Job, output: str | None) -> int:
+    """The job's results stored so far, in document order, as JSON lines (stdout or `output`)."""
+    results = [r for _, r in sorted(job_state(job).results().items())]
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    if output:
+        Path(output).write_text(lines, encoding="utf-8")
+    else:
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+    return len(results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m producer.bulk", description="Bulk document jobs through RQ.")
+    p.add_argument("--redis-url", help="default: REDIS_URL or redis://127.0.0.1:6379/0")
+    p.add_argument("--queue", help="RQ queue (default LLM_BULK_QUEUE or llm-bulk)")
+    sub = p.add_subparsers(dest="command", required=True)
+    submit = sub.add_parser("submit", help="enqueue a job for the documents in FILE (JSON lines or array)")
+    submit.add_argument("file", help="path, or - for stdin")
+    submit.add_argument("--instruction", default=DEFAULT_INSTRUCTION)
+    submit.add_argument("--max-in-flight", type=int)
+    submit.add_argument("--max-tokens", type=int)
+    submit.add_argument("--temperature", type=float, default=0.0)
+    submit.add_argument("--seed", type=int)
+    submit.add_argument("--strict", action="store_true", help="refuse the whole file if any line is bad")
+    submit.add_argument("--wait", action="store_true",
+                        help="wait for the job (progress on stderr) and write its results as JSON lines")
+    submit.add_argument("--output", help="with --wait: write the results to this file instead of stdout")
+    submit.add_argument("--no-progress", action="store_true", help="with --wait: no progress bar")
+    status = sub.add_parser("status", help="print a job's status (and results once finished) as JSON")
+    status.add_argument("job_id")
+    status.add_argument("--no-results", action="store_true", help="omit the per-document results")
+    res = sub.add_parser("results", help="write a job's results stored so far as JSON lines")
+    res.add_argument("job_id")
+    res.add_argument("--output", help="write to this file instead of stdout")
+    resume = sub.add_parser("resume", help="run a failed, stopped or abandoned job again, where it stopped")
+    resume.add_argument("job_id")
+    resume.add_argument("--force", action="store_true",
+                        help="also a job still marked started (its RQ worker is dead)")
+    cancel = sub.add_parser("cancel", help="stop a job and cancel its outstanding chat requests")
+    cancel.add_argument("job_id")
+    work = sub.add_parser("worker", help="run an RQ worker for the bulk queue (JSON serializer)")
+    work.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    args = p.parse_args(argv)
+
+    conn = _connection(args.redis_url)
+    if args.command == "worker":
+        worker = Worker([bulk_queue(conn, args.queue)], connection=conn, serializer=JSONSerializer)
+        worker.work(burst=args.burst)
+        return 0
+    if args.command == "submit":
+        return _submit(args, conn)
+    job = _fetch(args.job_id, conn)
+    if job is None:
+        return 1
+    if args.command == "results":
+        n = _write_results(job, args.output)
+        print(f"{n} results", file=sys.stderr)
+        return 0
+    if args.command == "resume":
+        try:
+            job = resume_job(job.id, conn, force=args.force)
+        except InvalidJobOperation as exc:
+            print(f"cannot resume: {exc}", file=sys.stderr)
+            return 1
+        print(f"job {job.id} queued again; it resumes with {job_state(job).answered()} documents answered",
+              file=sys.stderr)
+        return 0
+    if args.command == "cancel":
+        print(json.dumps(cancel_job(job.id, conn, redis_url=args.redis_url)))
+        return 0
+    state = job_status(args.job_id, conn, with_results=not args.no_results)
+    print(json.dumps(state, indent=2, ensure_ascii=False))
+    return 0 if state["status"] != "failed" else 1
+
+
+def _submit(args: argparse.Namespace, conn: redis.Redis) -> int:
+    try:
+        parsed = read_documents(args.file)
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+    for error in parsed.errors:
+        print(f"{args.file}:{error['line']}: {error['reason']}", file=sys.stderr)
+    if parsed.errors:
+        if args.strict or not parsed.documents:
+            why = "--strict" if parsed.documents else "no good lines"
+            print(f"{len(parsed.errors)} bad lines; nothing submitted ({why})", file=sys.stderr)
+            return 2
+        good = len(parsed.documents)
+        bad = len(parsed.errors)
+        print(f"{bad} bad lines skipped; submitting the other {good} documents", file=sys.stderr)
+    elif not parsed.documents:
+        print(f"{args.file}: no documents; nothing submitted", file=sys.stderr)
+        return 2
+    job = enqueue_bulk(
+        parsed.documents,
+        args.instruction,
+        connection=conn,
+        queue=args.queue,
+        max_in_flight=args.max_in_flight,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        ids=parsed.ids,
+        input_errors=parsed.errors,
+    )
+    if not args.wait:
+        print(job.id)
+        return 0
+    print(f"job {job.id}: {len(parsed.documents)} documents", file=sys.stderr)
+    try:
+        ended = _wait(job, show_progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; job {job.id} goes on (cancel: llm-bulk cancel {job.id})", file=sys.stderr)
+        return 130
+    n = _write_results(job, args.output)
+    result = job.return_value() if ended == JobStatus.FINISHED else None
+    if isinstance(result, dict):
+        summary = f"{result['succeeded']} succeeded, {result['failed']} failed"
+        if result.get("cancelled"):
+            summary += ", cancelled"
+        print(f"job {job.id} finished: {summary}", file=sys.stderr)
+        return 1 if result.get("cancelled") else 0
+    print(f"job {job.id} {ended.value if ended else 'ended'}; {n} results stored", file=sys.stderr)
+    return 1
