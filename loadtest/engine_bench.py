@@ -55,7 +55,6 @@ from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from worker.engine.kv_cache import KVCacheSpec  # noqa: E402
 from worker.engine.llm_engine import PagedEngine  # noqa: E402
 from worker.engine.model_loader import LoadedModel, load_model  # noqa: E402
-from worker.engine.random_model import RANDOM_MODELS, random_causal_lm  # noqa: E402
 
 FIRST_ORDINARY_ID = 100  # below are SmolLM2's special and byte tokens; random prompts avoid them
 BASELINES = ("generate", "generate_batch", "static_compile")
@@ -398,9 +397,6 @@ def run_baselines(
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
-    if args.model in RANDOM_MODELS:
-        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-        return random_causal_lm(RANDOM_MODELS[args.model], device=args.device, dtype=dtype)
     return load_model("SmolLM2-135M-Instruct" if args.model == "default" else args.model,
                       device=args.device, dtype=args.dtype)  # fmt: skip
 

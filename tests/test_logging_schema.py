@@ -23,25 +23,22 @@ TYPES = {
 
 
 def documented() -> tuple[dict[str, str], dict[str, dict[str, str]]]:
-    """(common fields, {event: {field: type}}) from the tables of docs/logging.md."""
+    """(common fields, {event: {field: type}}) from the tables of docs/logging.md.
+
+    The table before the first heading lists the fields of every line; each `### ` heading names the
+    events (one or more, in backticks) whose fields the table under it lists.
+    """
     common: dict[str, str] = {}
     events: dict[str, dict[str, str]] = {}
-    current: list[str] | None = None
+    target: list[dict[str, str]] = [common]
     for line in (ROOT / "docs" / "logging.md").read_text().splitlines():
         if line.startswith("### "):
-            current = re.findall(r"`([a-z_]+)`", line)
-            for name in current:
-                events.setdefault(name, {})
+            target = [events.setdefault(name, {}) for name in re.findall(r"`([a-z_]+)`", line)]
         elif line.startswith("## "):
-            current = None if events or common else []
-        row = re.match(r"\| `([a-z_0-9]+)` \| ([a-z]+\??) \|", line)
-        if row:
-            field, kind = row.groups()
-            if current is None or current == []:
-                common[field] = kind
-            else:
-                for name in current:
-                    events[name][field] = kind
+            target = []  # a section's prose: its events follow under `###` headings
+        elif row := re.match(r"\| `([a-z_0-9]+)` \| ([a-z]+\??) \|", line):
+            for fields in target:
+                fields[row.group(1)] = row.group(2)
     return common, events
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import structlog
 
 from worker.engine.base import Engine
@@ -25,30 +23,17 @@ def _build(settings: WorkerSettings) -> Engine:
         from worker.engine.echo import EchoEngine
 
         return EchoEngine(settings.batch_policy(), token_delay_ms=settings.echo_token_delay_ms)
-    import torch
-
     from worker.engine.model_loader import load_model
-    from worker.engine.random_model import RANDOM_MODELS, random_causal_lm
 
     device = settings.resolved_device()
-    if settings.model in RANDOM_MODELS:  # benchmark shapes with seeded random weights: nothing to load
-        from worker.engine.quant import plan_weights, quantize_linears
-
-        plan = plan_weights(settings.weights, settings.dtype)
-        dtype = None if plan.dtype == "auto" else getattr(torch, plan.dtype)
-        loaded = random_causal_lm(RANDOM_MODELS[settings.model], device=device, dtype=dtype)
-        if plan.int8_activations is not None:
-            report = quantize_linears(loaded.model, activations=plan.int8_activations)
-            loaded = dataclasses.replace(loaded, weights=settings.weights, quant_report=report)
-    else:
-        loaded = load_model(
-            settings.model,
-            device=device,
-            dtype=settings.dtype,
-            trust_remote_code=settings.trust_remote_code,
-            cache_dir=settings.cache_dir,
-            weights=settings.weights,
-        )
+    loaded = load_model(
+        settings.model,
+        device=device,
+        dtype=settings.dtype,
+        trust_remote_code=settings.trust_remote_code,
+        cache_dir=settings.cache_dir,
+        weights=settings.weights,
+    )
     if settings.engine == "static":
         from worker.engine.static_hf import StaticBatchEngine
 

@@ -83,28 +83,13 @@ def _torch_dtype(dtype: str, device: str) -> Any:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
-def load_model(
-    model: str = DEFAULT_MODEL,
-    *,
-    device: str = "cpu",
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-    cache_dir: Path | None = None,
-    weights: str = "auto",
-) -> LoadedModel:
-    """Load model and tokenizer; a GGUF source is converted once and cached as safetensors.
-
-    `weights` (`LLM_WEIGHTS`, see `quant/weights.py`) may override the float dtype and quantise
-    the linears to INT8, on the host before the model moves to `device`.
-    """
+def _load_pretrained(
+    model: str, cache_dir: Path, torch_dtype: Any, trust_remote_code: bool
+) -> tuple[Any, Any, Path | str]:
+    """(model, tokenizer, source) from a directory or hub id; a GGUF source is converted into the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from worker.engine.quant import plan_weights, quantize_linears
-
-    plan = plan_weights(weights, dtype)
-    cache_dir = cache_dir or default_cache_dir()
     source, gguf_name = resolve_model_dir(model, cache_dir)
-    torch_dtype = _torch_dtype(plan.dtype, device)
     if gguf_name is not None:
         gguf_path = Path(source)
         target = cache_dir / "models" / (DEFAULT_MODEL if model in _DEFAULT_ALIASES else gguf_path.stem)
@@ -130,6 +115,37 @@ def load_model(
     hf_model = AutoModelForCausalLM.from_pretrained(
         str(source), dtype=torch_dtype, trust_remote_code=trust_remote_code
     )
+    return hf_model, tokenizer, source
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    cache_dir: Path | None = None,
+    weights: str = "auto",
+) -> LoadedModel:
+    """Load model and tokenizer; a GGUF source is converted once and cached as safetensors, and the
+    names of `random_model.RANDOM_MODELS` build a benchmark shape with seeded random weights.
+
+    `weights` (`LLM_WEIGHTS`, see `quant/weights.py`) may override the float dtype and quantise
+    the linears to INT8, on the host before the model moves to `device`.
+    """
+    from worker.engine.quant import plan_weights, quantize_linears
+    from worker.engine.random_model import RANDOM_MODELS, random_causal_lm  # it imports this module
+
+    plan = plan_weights(weights, dtype)
+    torch_dtype = _torch_dtype(plan.dtype, device)
+    source: Path | str
+    if model in RANDOM_MODELS:  # benchmark shapes with seeded random weights: nothing to load or convert
+        built = random_causal_lm(RANDOM_MODELS[model], device=device, dtype=torch_dtype)
+        hf_model, tokenizer, source = built.model, built.tokenizer, built.source
+    else:
+        hf_model, tokenizer, source = _load_pretrained(
+            model, cache_dir or default_cache_dir(), torch_dtype, trust_remote_code
+        )
     report = None
     if plan.int8_activations is not None:
         report = quantize_linears(hf_model, activations=plan.int8_activations)
