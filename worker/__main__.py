@@ -15,7 +15,8 @@ import structlog
 from producer.config_errors import CONFIG_ERROR_EXIT, config_error_fields
 from worker.consumer import Consumer
 from worker.embedded_redis import local_server
-from worker.engine.factory import create_engine
+from worker.engine.factory import open_engine
+from worker.engine.process_engine import EngineProcessDied
 from worker.settings import WorkerSettings
 from worker.telemetry import configure_logging
 
@@ -81,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
             socket_connect_timeout=5,
             health_check_interval=30,
         )
-        engine = create_engine(settings)
-        Consumer(client, engine, settings).run(lambda: flag.requested)
+        engine = open_engine(settings)
+        stack.callback(engine.close)
+        try:
+            Consumer(client, engine, settings).run(lambda: flag.requested)
+        except EngineProcessDied as exc:
+            # The entries this worker held stay pending; a live worker (or this pod's restart) reclaims them.
+            log.error("worker_exiting", reason=str(exc)[:200])
+            return 1
     return 0
 
 

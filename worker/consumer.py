@@ -35,6 +35,7 @@ from worker.backpressure import Backpressure
 from worker.build_info import build_info
 from worker.cancellation import CancelWatch
 from worker.engine.base import Engine, FinishReason, SequenceOutput
+from worker.engine.process_engine import EngineProcessDied, ProcessEngine
 from worker.heartbeat import Heartbeat
 from worker.inflight import InFlight, LoopCounters, Microbatch
 from worker.intake import Intake, generation_request
@@ -102,7 +103,8 @@ class Consumer:
             else None
         )
         self._ready: list[SequenceOutput] = []  # outputs collected but not yet published
-        self.phases = PhaseTimes()
+        # An engine in its own process times its steps itself; the loop's submit-to-collect is not one.
+        self.phases = PhaseTimes(time_steps=not isinstance(engine, ProcessEngine))
         self._next_batch_id = 0
         self.stats = LiveStats(client, self.names, s, engine, self.counters, self.phases)
 
@@ -137,8 +139,13 @@ class Consumer:
             **self.engine.describe(),
             **build_info(),
         )
-        while not should_stop():
-            self._guarded(self.run_once)
+        try:
+            while not should_stop():
+                self._guarded(self.run_once)
+        except EngineProcessDied:
+            if self.writer is not None:
+                self.writer.close(timeout_s=5.0)  # what is already answered still goes out
+            raise
         self.shutdown()
 
     def run_once(self, read: bool = True) -> None:
@@ -257,8 +264,10 @@ class Consumer:
         except Exception:
             self._fail_step()
             return False
-        self.counters.steps += 1
-        self._note_admitted(self.engine.last_step_stats().admitted, now)
+        stats = self.engine.last_step_stats()
+        self.counters.steps += stats.steps
+        self.phases.add_steps(stats.step_s)
+        self._note_admitted(stats.admitted, now)
         return True
 
     def _collect(self) -> None:

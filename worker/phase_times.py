@@ -18,7 +18,8 @@ MAX_STEP_SAMPLES = 65_536
 
 
 class PhaseTimes:
-    def __init__(self) -> None:
+    def __init__(self, time_steps: bool = True) -> None:
+        self.time_steps = time_steps
         self.totals: dict[str, float] = defaultdict(float)
         self._last = time.perf_counter()
         self._step_start: float | None = None
@@ -27,12 +28,17 @@ class PhaseTimes:
     def mark(self, phase: str) -> None:
         now = time.perf_counter()
         self.totals[phase] += now - self._last
-        if phase == "submit":
-            self._step_start = self._last  # a step that is launched here ends with the next `collect`
-        elif phase == "collect" and self._step_start is not None:
-            self.steps.append(now - self._step_start)
-            self._step_start = None
+        if self.time_steps:
+            if phase == "submit":
+                self._step_start = self._last  # a step that is launched here ends with the next `collect`
+            elif phase == "collect" and self._step_start is not None:
+                self.steps.append(now - self._step_start)
+                self._step_start = None
         self._last = now
+
+    def add_steps(self, step_s: tuple[float, ...]) -> None:
+        """Step times measured by the engine itself (an engine in its own process)."""
+        self.steps.extend(step_s)
 
     def take_steps(self) -> list[float]:
         """The step times (seconds) recorded since the last call."""

@@ -124,6 +124,11 @@ class WorkerSettings(BaseSettings):
         default=None,
         description="Detokenize and stream step N's tokens while step N+1 runs; unset = on with CUDA.",
     )
+    engine_process: Literal["auto", "inline", "separate"] = Field(
+        default="auto",
+        description="Run the engine in its own process (separate), so the device never waits for the loop's "
+        "Redis and per-token work, or in the loop's (inline); auto = separate for the paged engine on CUDA.",
+    )
     async_replies: bool | None = Field(
         default=None,
         description="Write replies from a background thread, so the loop never waits on Redis inside a "
@@ -304,6 +309,12 @@ class WorkerSettings(BaseSettings):
     def resolved_redis_url(self) -> str:
         """`redis_url`, or the shared local address when it is unset."""
         return self.redis_url or local_redis_url(self.local_redis_port)
+
+    def separate_engine_process(self) -> bool:
+        """Whether the engine runs in a process of its own (`engine_process`)."""
+        if self.engine_process != "auto":
+            return self.engine_process == "separate"
+        return self.engine == "hf" and self.resolved_device() == "cuda"
 
     def resolved_device(self) -> str:
         """The torch device to use."""

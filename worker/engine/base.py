@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from worker.engine.encoder import Encoder
 
 # "too_long": the request can never fit this engine's KV cache; "deadline_exceeded" covers requests
 # that expired while waiting as well as while running.
@@ -74,6 +77,10 @@ class StepStats:
     cached_tokens: int = 0
     admitted: tuple[str, ...] = ()  # requests this step started for the first time (one microbatch)
     extra: dict[str, float] = field(default_factory=dict)
+    # An engine in its own process reports every step it ran since the last report: their count and
+    # wall times (seconds); an engine stepped by the loop reports one step, timed by the loop.
+    steps: int = 1
+    step_s: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,10 @@ class Engine(abc.ABC):
             except Exception as exc:
                 out.append(exc)
         return out
+
+    def encoder(self) -> Encoder:
+        """A picklable object doing what `encode_*` do, for an engine run in its own process."""
+        raise NotImplementedError(f"the {self.name} engine cannot run in a separate process")
 
     @abc.abstractmethod
     def add_request(self, request: GenerationRequest) -> None:

@@ -25,6 +25,7 @@ from worker.engine.base import (
     StepStats,
 )
 from worker.engine.detokenizer import StopStrings
+from worker.engine.encoder import ByteEncoder
 
 
 @dataclass
@@ -50,18 +51,19 @@ class EchoEngine(Engine):
         self._waiting = AdmissionQueue(self.policy)
         self._running: dict[str, _EchoSequence] = {}
         self._stats = StepStats()
+        self._encoder = ByteEncoder()
 
     def describe(self) -> dict[str, str | int]:
         return {"model": "none", "device": "cpu", "dtype": "none"}
 
+    def encoder(self) -> ByteEncoder:
+        return self._encoder
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        last_user = next(
-            (m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"]
-        )
-        return list(last_user.encode("utf-8"))
+        return self._encoder.encode_chat(messages)
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return list(prompt.encode("utf-8"))
+        return self._encoder.encode_prompt(prompt)
 
     def add_request(self, request: GenerationRequest) -> None:
         self._waiting.add(request)

@@ -18,6 +18,15 @@ def create_engine(settings: WorkerSettings) -> Engine:
     return engine
 
 
+def open_engine(settings: WorkerSettings) -> Engine:
+    """The engine the worker loop drives: built here, or in a process of its own (`engine_process`)."""
+    if settings.separate_engine_process():
+        from worker.engine.process_engine import ProcessEngine
+
+        return ProcessEngine(settings)
+    return create_engine(settings)
+
+
 def _build(settings: WorkerSettings) -> Engine:
     if settings.engine == "echo":
         from worker.engine.echo import EchoEngine

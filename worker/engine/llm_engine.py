@@ -26,13 +26,13 @@ from worker.engine.base import (
 )
 from worker.engine.block_manager import BlockManager
 from worker.engine.cuda_graphs import DecodeGraphs
+from worker.engine.encoder import TokenizerEncoder
 from worker.engine.fused_layers import fuse_model
 from worker.engine.kv_cache import GPU_DEFAULT_MEMORY_FRACTION, KVCache, KVCacheSpec, num_blocks_for_budget
 from worker.engine.model_runner import LaunchedStep, ModelRunner
 from worker.engine.quant import dtype_name, weights_label
 from worker.engine.sequence import Sequence
 from worker.engine.step_scheduler import SchedulerOutput, StepScheduler
-from worker.engine.tokenize import batch_encode, encode_one
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -95,6 +95,7 @@ class PagedEngine(Engine):
         self.model = model
         self.model_name = model_name or str(getattr(model.config, "_name_or_path", "") or "unknown")
         self.tokenizer = tokenizer
+        self._encoder = TokenizerEncoder(tokenizer, prompt_special_tokens=True)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.eos_token_ids = eos_token_ids(model, tokenizer)
@@ -175,14 +176,17 @@ class PagedEngine(Engine):
             enforce_eager=enforce_eager,
         )  # fmt: skip
 
+    def encoder(self) -> TokenizerEncoder:
+        return self._encoder
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return encode_one(self.tokenizer, messages, prompt_special_tokens=True)
+        return self._encoder.encode_chat(messages)
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return encode_one(self.tokenizer, prompt, prompt_special_tokens=True)
+        return self._encoder.encode_prompt(prompt)
 
     def encode_batch(self, items: list[list[dict[str, str]] | str]) -> list[list[int] | Exception]:
-        return batch_encode(self.tokenizer, items, prompt_special_tokens=True)
+        return self._encoder.encode_batch(items)
 
     def add_request(self, request: GenerationRequest) -> None:
         if request.request_id in self._seqs:
