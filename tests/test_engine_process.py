@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import fields
 
 import pytest
 import redis
 
 from producer.client import ChatClient
+from worker.engine.base import SequenceOutput
+from worker.engine.core_process import pack_output, unpack_output
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -104,3 +107,9 @@ def test_model_replies_are_the_same_in_its_own_process(start_worker, chat_client
         assert worker.stop(signal.SIGTERM) == 0
     assert texts["separate"] == texts["inline"]
     assert "Paris" in texts["separate"][0]
+
+
+def test_output_rows_carry_every_field() -> None:
+    out = SequenceOutput("r1", [5, 6], "ab", True, "stop", 3, 2, 1, "xab")
+    assert unpack_output(pack_output(out)) == out
+    assert len(pack_output(out)) == len(fields(SequenceOutput))

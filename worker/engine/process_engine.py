@@ -123,6 +123,7 @@ class ProcessEngine(Engine):
         self._raise_failure()
 
     def collect(self) -> list[SequenceOutput]:
+        self._send_commands()  # what the loop read meanwhile reaches the engine before the next step
         if not self._outputs and self._live:
             self._receive(self.wait_s)
             self._raise_failure()
