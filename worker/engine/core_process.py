@@ -15,18 +15,21 @@ collects step N. Messages are tuples of plain values, pickled by `multiprocessin
     to the worker:   ("ready", name, describe, encoder), ("outputs", rows, admitted, capacity,
                      step_s), ("unstarted", ids), ("failed", error), ("closed",)
 
-An output row is `pack_output(SequenceOutput)`. The child ignores SIGINT and SIGTERM: the worker
+An output row is `pack_output(SequenceOutput)`. Messages are written by a thread (`Outbox`), so a
+step never waits for the worker to drain the pipe. The child ignores SIGINT and SIGTERM: the worker
 decides when it stops (warm shutdown, `("close",)`), and a worker that dies closes the pipe,
 which ends this process too.
 """
 
 from __future__ import annotations
 
-import contextlib
+import queue
 import signal
+import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import structlog
@@ -65,21 +68,52 @@ def serve(conn: Connection, settings: WorkerSettings) -> None:
     except Exception as exc:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"[:2000]))
         raise
-    conn.send(("ready", engine.name, engine.describe(), engine.encoder()))
+    outbox = Outbox(conn)
+    outbox.send(("ready", engine.name, engine.describe(), engine.encoder()))
     try:
-        CoreLoop(engine, conn).run()
+        CoreLoop(engine, conn, outbox).run()
     finally:
         engine.close()
-        with contextlib.suppress(OSError):  # the worker may be gone
-            conn.send(("closed",))
+        outbox.send(("closed",))
+        outbox.close()
+
+
+class Outbox:
+    """Messages to the worker, pickled in order by the loop and written to the pipe by a thread.
+
+    A worker busy publishing a step may leave the pipe's buffer full for a moment; written from the
+    loop, the next step would wait for it. The queue is bounded: a worker that falls behind for good
+    slows the engine down instead of growing this process without limit.
+    """
+
+    def __init__(self, conn: Connection, max_pending: int = 1024):
+        self.conn = conn
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=max_pending)
+        self._thread = threading.Thread(target=self._run, name="engine-outbox", daemon=True)
+        self._thread.start()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self._queue.put(bytes(ForkingPickler.dumps(message)))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=timeout_s)
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            try:
+                self.conn.send_bytes(data)
+            except OSError:
+                return  # the worker is gone; the loop sees the closed pipe when it next reads
 
 
 class CoreLoop:
     """Steps one engine for a worker at the other end of `conn`."""
 
-    def __init__(self, engine: Engine, conn: Connection):
+    def __init__(self, engine: Engine, conn: Connection, outbox: Outbox):
         self.engine = engine
         self.conn = conn
+        self.outbox = outbox
         self.closing = False
         self._unsent: list[OutputRow] = []  # outputs collected, not yet sent
         self._admitted: list[str] = []
@@ -156,7 +190,7 @@ class CoreLoop:
                     self._unsent.append(pack_output(out))
         elif kind == "take_unstarted":
             self._send()
-            self.conn.send(("unstarted", self.engine.take_unstarted()))
+            self.outbox.send(("unstarted", self.engine.take_unstarted()))
         elif kind == "close":
             self.closing = True
         else:
@@ -165,7 +199,7 @@ class CoreLoop:
     def _send(self) -> None:
         if not (self._unsent or self._admitted or self._step_s):
             return
-        self.conn.send(
+        self.outbox.send(
             ("outputs", self._unsent, tuple(self._admitted), self.engine.capacity(), tuple(self._step_s))
         )
         self._unsent, self._admitted, self._step_s = [], [], []
@@ -175,4 +209,4 @@ class CoreLoop:
         error = traceback.format_exc(limit=20)
         log.error("engine_process_step_failed", error=error[-2000:])
         self._send()
-        self.conn.send(("failed", error[-2000:]))
+        self.outbox.send(("failed", error[-2000:]))
