@@ -1,0 +1,298 @@
+"""Tenants under real ACLs: each backend may touch only its own namespace, and Redis says so.
+
+A private server gets the users `python -m worker.acl` prints (two tenants and the workers);
+a worker serving both tenants runs as the workers' user, and each client connects as its
+tenant's user. Tenant B then tries every attack of issue 9 against tenant A: each is refused
+by Redis (NOPERM) or by the client or worker, and A's request still gets its own answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.client import AsyncChatClient, ChatClient, ChatError
+from producer.wire.codec import encode_request
+from producer.wire.keys import StreamNames
+from producer.wire.models import ChatRequest, ErrorCode
+from worker import acl
+from worker.embedded_redis import EmbeddedRedis
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOT = Path(__file__).resolve().parents[1]
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "llm-worker": "worker-pw"}
+
+
+@dataclass
+class Deployment:
+    server: EmbeddedRedis
+    prefix: str
+    tmp_path: Path
+    workers: list[subprocess.Popen[bytes]]
+
+    def url(self, user: str) -> str:
+        return f"redis://{user}:{PASSWORDS[user]}@127.0.0.1:{self.server.port}/0"
+
+    def as_user(self, user: str) -> redis.Redis:
+        return redis.Redis.from_url(self.url(user))
+
+    def client(self, tenant: str, **overrides: object) -> ChatClient:
+        return ChatClient(self.url(tenant), prefix=self.prefix, tenant=tenant, timeout_s=60, **overrides)
+
+    def names(self, tenant: str) -> StreamNames:
+        return StreamNames.for_prefix(self.prefix, tenant)
+
+    def start_worker(self, **settings: str) -> subprocess.Popen[bytes]:
+        name = f"w{len(self.workers)}"
+        env = dict(
+            os.environ, REDIS_URL=self.url("llm-worker"), LLM_PREFIX=self.prefix, LLM_ENGINE="echo",
+            LLM_TENANTS="alice,bob", LLM_CONSUMER_NAME=name, PYTHONUNBUFFERED="1",
+        )  # fmt: skip
+        env.update({f"LLM_{k.upper()}": v for k, v in settings.items()})
+        with open(self.tmp_path / f"{name}.log", "wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+            )
+        self.workers.append(proc)
+        deadline = time.monotonic() + 120
+        index = len(self.workers) - 1
+        while not self.events(index, "worker_started"):
+            assert proc.poll() is None and time.monotonic() < deadline, self.log(index)[-3000:]
+            time.sleep(0.1)
+        return proc
+
+    def log(self, index: int = 0) -> str:
+        return (self.tmp_path / f"w{index}.log").read_text(errors="replace")
+
+    def events(self, index: int, name: str) -> list[dict]:
+        lines = [line for line in self.log(index).splitlines() if line.startswith("{")]
+        return [e for e in map(json.loads, lines) if e.get("event") == name]
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+@pytest.fixture()
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    lines = [
+        acl.setuser("alice", acl.producer_rules("alice", PASSWORDS["alice"], prefix)),
+        acl.setuser("bob", acl.producer_rules("bob", PASSWORDS["bob"], prefix)),
+        acl.setuser("llm-worker", acl.worker_rules(PASSWORDS["llm-worker"], prefix)),
+    ]
+    with EmbeddedRedis() as server:
+        admin = redis.Redis(port=server.port)
+        for line in lines:  # exactly as an operator pastes them into redis-cli
+            assert admin.execute_command(*shlex.split(line)) == b"OK"
+        admin.execute_command("ACL", "SETUSER", "default", "on", ">admin-pw")
+        admin.close()
+        d = Deployment(server, prefix, tmp_path, [])
+        try:
+            yield d
+        finally:
+            for proc in d.workers:
+                stop(proc)
+
+
+FAST = {"heartbeat_interval_s": "0.3", "heartbeat_ttl_s": "1", "read_block_ms": "200",
+        "reclaim_interval_s": "0.3", "reclaim_min_idle_ms": "1000", "trim_interval_s": "0.2"}  # fmt: skip
+
+
+def ask(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_tenants_are_served_end_to_end_under_their_acls(deployment: Deployment) -> None:
+    d = deployment
+    worker = d.start_worker(echo_token_delay_ms="20", **FAST)
+    alice, bob = d.client("alice"), d.client("bob")
+    try:
+        assert alice.chat(ask("hello from alice"), max_tokens=8).text == "hello from alice"
+        stream = bob.stream(ask("bob streams words"), max_tokens=8)
+        assert "".join(t.text for t in stream) == "bob streams words"
+        assert stream.reply is not None and stream.reply.text == "bob streams words"
+        ids = alice.submit_many([{"messages": ask(f"batch {i}"), "max_tokens": 4} for i in range(5)])
+        results = alice.results([i for i in ids if isinstance(i, str)])
+        assert sorted(r.text for r in results.values() if not isinstance(r, ChatError)) == [
+            f"batch {i}" for i in range(5)
+        ]
+        # A tenant cancels through its own cancel stream; a worker writes the `cancelled` reply.
+        rid = alice.submit(ask(" ".join(["word"] * 200)), max_tokens=200)
+        time.sleep(0.5)
+        assert alice.cancel(rid)
+        with pytest.raises(ChatError) as info:
+            alice.result(rid, timeout_s=20)
+        assert info.value.code == ErrorCode.CANCELLED
+        # A cancel of a request no worker is serving is answered by the workers too (under the guard).
+        alice.cancel("not-sent-yet")
+        with pytest.raises(ChatError) as info:
+            alice.result("not-sent-yet", timeout_s=20)
+        assert info.value.code == ErrorCode.CANCELLED
+
+        async def async_chat() -> str:
+            async with AsyncChatClient(d.url("bob"), prefix=d.prefix, tenant="bob", timeout_s=60) as c:
+                return (await c.chat(ask("async bob"), max_tokens=4)).text
+
+        assert asyncio.run(async_chat()) == "async bob"
+        time.sleep(1.0)  # a trim, reclaim and backlog round under the worker's user
+        assert worker.poll() is None
+        log = d.log()
+        assert "NOPERM" not in log and "Traceback" not in log and "redis_error" not in log, log[-3000:]
+        done = d.events(0, "request_done")
+        assert {e["tenant"] for e in done} == {"alice", "bob"}
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_one_tenant_cannot_reach_another(deployment: Deployment) -> None:
+    d = deployment
+    d.start_worker(echo_token_delay_ms="30", **FAST)
+    alice, bob = d.client("alice"), d.client("bob")
+    a, b = d.names("alice"), d.names("bob")
+    raw_bob = d.as_user("bob")
+    try:
+        text = " ".join(f"w{i}" for i in range(40))
+        rid = alice.submit(ask(text), max_tokens=64)
+        time.sleep(0.3)  # in flight
+
+        def refused(call) -> None:  # noqa: ANN001
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                call()
+
+        # Read another tenant's requests (and, for that matter, its own).
+        refused(lambda: raw_bob.xread({a.requests: "0"}))
+        refused(lambda: raw_bob.xrange(a.requests))
+        refused(lambda: raw_bob.xreadgroup("workers", "evil", {a.requests: ">"}))
+        refused(lambda: raw_bob.xread({b.requests: "0"}))
+        # Read another tenant's replies.
+        refused(lambda: raw_bob.xread({a.reply(rid): "0"}))
+        # Forge events into another tenant's reply stream.
+        forged = {"ct": "json", "body": json.dumps({"type": "done", "id": rid, "text": "forged"})}
+        refused(lambda: raw_bob.xadd(a.reply(rid), forged))  # type: ignore[arg-type]
+        # Take another request's final-reply guard (or any guard: a tenant has no SET at all).
+        refused(lambda: raw_bob.set(a.final_guard(rid), "bob"))
+        refused(lambda: raw_bob.set(b.final_guard(rid), "bob"))
+        # Break the cancel streams: SET one to a string, or cancel another tenant's request.
+        refused(lambda: raw_bob.set(f"{d.prefix}:cancel", "x"))
+        refused(lambda: raw_bob.set(a.cancel, "x"))
+        refused(lambda: raw_bob.xadd(a.cancel, {"id": rid}))
+        # Replace or drop the request stream.
+        refused(lambda: raw_bob.delete(a.requests))
+        refused(lambda: raw_bob.set(a.requests, "x"))
+        refused(lambda: raw_bob.rename(b.requests, a.requests))
+        refused(lambda: raw_bob.xadd(a.requests, {"v": "1"}))
+        # Scripts, key listing, server administration.
+        refused(lambda: raw_bob.eval("return redis.call('SET', KEYS[1], 'x')", 1, a.final_guard(rid)))
+        refused(lambda: raw_bob.evalsha("0" * 40, 0))
+        refused(lambda: raw_bob.script_load("return 1"))
+        refused(lambda: raw_bob.execute_command("FUNCTION", "LIST"))
+        refused(lambda: raw_bob.keys("*"))
+        refused(lambda: raw_bob.scan())
+        refused(lambda: raw_bob.config_get("*"))
+        refused(lambda: raw_bob.flushall())
+        refused(lambda: raw_bob.publish("x", "y"))
+
+        # reply_to naming A's reply stream: the client refuses it before sending...
+        with pytest.raises(ValueError):
+            bob.submit(ask("steal"), reply_to=a.reply(rid))
+        # ...and a raw entry in B's own stream is answered `invalid_request`, in B's namespace.
+        evil = ChatRequest(id="evil-1", messages=ask("steal"), reply_to=a.reply(rid))  # type: ignore[arg-type]
+        raw_bob.xadd(b.requests, encode_request(evil))  # type: ignore[arg-type]
+        with pytest.raises(ChatError) as info:
+            bob.result("evil-1", timeout_s=20)
+        assert info.value.code == ErrorCode.INVALID_REQUEST
+        # Reuse A's in-flight id: B's request is B's own and gets B's answer; B cancels "it" too.
+        assert bob.chat(ask("bob same id"), id=rid, max_tokens=8).text == "bob same id"
+        bob.cancel(rid)
+
+        reply = alice.result(rid, timeout_s=60)
+        assert reply.text == text and reply.id == rid
+        assert alice.rejected_events == 0
+    finally:
+        alice.close()
+        bob.close()
+        raw_bob.close()
+
+
+def test_a_dead_workers_tenant_requests_are_reclaimed_under_the_worker_acl(deployment: Deployment) -> None:
+    d = deployment
+    first = d.start_worker(echo_token_delay_ms="100", **FAST)
+    alice, bob = d.client("alice"), d.client("bob")
+    try:
+        texts = {"alice": "slow words for alice to finish", "bob": "and some for bob as well"}
+        rids = {t: c.submit(ask(texts[t]), max_tokens=16) for t, c in (("alice", alice), ("bob", bob))}
+        time.sleep(0.4)  # both running on the first worker
+        stop(first, signal.SIGKILL)
+        d.start_worker(**FAST)
+        assert alice.result(rids["alice"], timeout_s=60).text == texts["alice"]
+        assert bob.result(rids["bob"], timeout_s=60).text == texts["bob"]
+        assert d.events(1, "entries_reclaimed")
+        assert "NOPERM" not in d.log(1)
+    finally:
+        alice.close()
+        bob.close()
+
+
+# -- the ACL generator ---------------------------------------------------------------------------------
+
+
+def test_producer_acl_grants_exactly_its_own_streams() -> None:
+    line = acl.setuser("alice", acl.producer_rules("alice", "pw", "llm"))
+    assert line == (
+        "ACL SETUSER alice reset on >pw resetchannels -@all +ping +client|setinfo "
+        "(+xadd %W~llm:t:{alice}:requests %W~llm:t:{alice}:cancel) "
+        "(+xread +xrange %R~llm:t:{alice}:reply:*)"
+    )
+
+
+def test_worker_acl_covers_every_command_of_the_worker_and_its_scripts() -> None:
+    rules = acl.worker_rules("pw", "llm")
+    assert rules[:7] == ["reset", "on", ">pw", "resetchannels", "-@all", "+ping", "+client|setinfo"]
+    assert "~llm:*" in rules and "+eval" not in rules and "+keys" not in rules
+    commands = {r[1:] for r in rules if r.startswith("+")}
+    sources = [ROOT / p for p in ("producer/wire/final_guard.py", "producer/wire/backlog.py",
+                                  "worker/heartbeat.py", "worker/reclaim.py")]  # fmt: skip
+    in_scripts = {m.lower() for p in sources for m in re.findall(r"redis\.call\('([A-Z]+)'", p.read_text())}
+    for command in in_scripts:
+        assert command in commands or any(c.startswith(command + "|") for c in commands), command
+
+
+def test_acl_cli_prints_one_command_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert acl.main(["--prefix", "svc", "producer", "--tenant", "bob", "--password", "s3cret"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("ACL SETUSER bob reset on >s3cret ")
+    assert "%W~svc:t:{bob}:requests" in out[0]
+    assert acl.main(["worker", "--password", "s3cret", "--hashed"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("ACL SETUSER llm-worker reset on #") and "s3cret" not in out[0]
+    bad_args = (
+        ["producer", "--tenant", "a*", "--password", "x"],
+        ["producer", "--tenant", "{a}", "--password", "x"],
+        ["worker", "--password", "has space"],
+    )
+    for bad in bad_args:
+        with pytest.raises(SystemExit):
+            acl.main(bad)
