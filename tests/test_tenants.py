@@ -296,3 +296,9 @@ def test_acl_cli_prints_one_command_per_line(capsys: pytest.CaptureFixture[str])
     for bad in bad_args:
         with pytest.raises(SystemExit):
             acl.main(bad)
+
+
+def test_security_page_shows_the_generated_lines() -> None:
+    page = (ROOT / "docs" / "security.md").read_text()
+    assert acl.setuser("alice", acl.producer_rules("alice", "alice-secret")) in page
+    assert acl.setuser("llm-worker", acl.worker_rules("worker-secret")) in page
