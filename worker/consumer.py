@@ -86,7 +86,9 @@ class Consumer:
         self._ready: list[SequenceOutput] = []  # outputs collected but not yet published
         self.phases = PhaseTimes()
         self._next_batch_id = 0
-        self.stats = LiveStats(client, self.names, s, engine, self.counters, self.phases)
+        self.stats = LiveStats(
+            client, self.names, s, engine, self.counters, self.phases, [lane.stream for lane in self.lanes]
+        )
 
     # -- setup -----------------------------------------------------------------------------------------
     def ensure_group(self) -> None:
