@@ -82,8 +82,9 @@ class Intake:
         """The id to read from: `0` and on while replaying our own pending entries, then `>`."""
         return self.replay_from or ">"
 
-    def accept_read(self, entries: Entries) -> list[InFlight]:
-        """Accept the entries one XREADGROUP from `cursor()` returned for this stream."""
+    def read_candidates(self, entries: Entries) -> list[InFlight]:
+        """Accept the entries one XREADGROUP from `cursor()` returned for this stream, up to the final-reply
+        check, which the caller makes (`guard_keys`, then `admit`): one pipeline checks every stream's."""
         replaying = self.replay_from is not None
         deliveries: dict[bytes, int] = {}
         if replaying:
@@ -95,7 +96,7 @@ class Intake:
             self.counters.replayed += len(entries)
             if entries:
                 log.info("pending_replayed", count=len(entries), first=entries[0][0].decode())
-        return self._accept_all(entries, deliveries)
+        return self._candidates(entries, deliveries)
 
     def reclaim(self, room: int) -> list[InFlight]:
         """Entries of dead consumers, and our own that a lost reply hid from us (after the startup replay).
@@ -160,6 +161,10 @@ class Intake:
 
     # -- accepting ---------------------------------------------------------------------------------
     def _accept_all(self, entries: Entries, deliveries: dict[bytes, int]) -> list[InFlight]:
+        return self._finish(self._candidates(entries, deliveries))
+
+    def _candidates(self, entries: Entries, deliveries: dict[bytes, int]) -> list[InFlight]:
+        """Decode, validate and dedupe; what is left still needs the final-reply check and tokenizing."""
         accepted: dict[str, InFlight] = {}
         for entry_id, fields in entries:
             if not fields:  # pending entry deleted from the stream: nothing to serve, just ack
@@ -178,7 +183,23 @@ class Intake:
                 continue
             if f is not None:
                 accepted[f.key] = f
-        return self._tokenize(self._unanswered(list(accepted.values())))
+        return list(accepted.values())
+
+    def _finish(self, candidates: list[InFlight]) -> list[InFlight]:
+        if not candidates:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.guard_keys(candidates):
+            pipe.exists(key)
+        return self.admit(candidates, pipe.execute())
+
+    def guard_keys(self, candidates: list[InFlight]) -> list[str]:
+        """The final-reply guard of each candidate, to check with EXISTS."""
+        return [self.names.final_guard(f.request.id) for f in candidates]
+
+    def admit(self, candidates: list[InFlight], answered: list[int]) -> list[InFlight]:
+        """Drop (and ack) the candidates whose guard exists (`answered`, in order); tokenize the rest."""
+        return self._tokenize(self._unanswered(candidates, answered))
 
     def _accept(
         self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int, batch: dict[str, InFlight]
@@ -251,15 +272,10 @@ class Intake:
                 keep.append(f)
         return keep
 
-    def _unanswered(self, accepted: list[InFlight]) -> list[InFlight]:
+    def _unanswered(self, accepted: list[InFlight], guards: list[int]) -> list[InFlight]:
         """Drop requests that already have a final reply (a redelivery, or a client's cancel): ack them."""
-        if not accepted:
-            return []
-        pipe = self.client.pipeline(transaction=False)
-        for f in accepted:
-            pipe.exists(self.names.final_guard(f.request.id))
         keep = []
-        for f, answered in zip(accepted, pipe.execute(), strict=True):
+        for f, answered in zip(accepted, guards, strict=True):
             if answered:
                 log.info("request_already_answered", id=f.request.id, entry=f.entry_id.decode())
                 self.replies.ack(f.entry_id)

@@ -126,11 +126,23 @@ def read_lanes(
             )
         )  # fmt: skip
     got = {key.decode(): entries for key, entries in reply}
-    accepted: list[InFlight] = []
+    candidates: list[tuple[Lane, list[InFlight]]] = []
     for lane in lanes:
         entries = got.get(lane.stream)
         if entries is not None or streams[lane.stream] != ">":  # a replaying lane learns it is done
-            accepted += lane.intake.accept_read(entries or [])
+            candidates.append((lane, lane.intake.read_candidates(entries or [])))
+    # Whether each already has a final reply: one pipeline for all streams, not one per stream.
+    guards = [key for lane, found in candidates for key in lane.intake.guard_keys(found)]
+    if not guards:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for key in guards:
+        pipe.exists(key)
+    answered = pipe.execute()
+    accepted: list[InFlight] = []
+    for lane, found in candidates:
+        accepted += lane.intake.admit(found, answered[: len(found)])
+        answered = answered[len(found) :]
     return accepted
 
 
