@@ -302,3 +302,18 @@ def test_security_page_shows_the_generated_lines() -> None:
     page = (ROOT / "docs" / "security.md").read_text()
     assert acl.setuser("alice", acl.producer_rules("alice", "alice-secret")) in page
     assert acl.setuser("llm-worker", acl.worker_rules("worker-secret")) in page
+
+
+def test_clients_take_their_tenant_from_the_argument_or_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = ChatClient("redis://127.0.0.1:1/0", prefix="p", tenant="alice")
+    assert client.names.requests == "p:t:{alice}:requests"
+    assert client.names.reply("x") == "p:t:{alice}:reply:x"
+    with pytest.raises(ValueError):
+        client.submit(ask("hi"), reply_to="p:reply:x")  # outside its namespace: refused before sending
+    monkeypatch.setenv("LLM_TENANT", "bob")
+    assert AsyncChatClient("redis://127.0.0.1:1/0", prefix="p").names.cancel == "p:t:{bob}:cancel"
+    monkeypatch.delenv("LLM_TENANT")
+    assert ChatClient("redis://127.0.0.1:1/0", prefix="p").names.requests == "p:requests"
+    for bad in ("a*", "{a}", "a:b", ""):
+        with pytest.raises(ValueError):
+            ChatClient("redis://127.0.0.1:1/0", tenant=bad)
