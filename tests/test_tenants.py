@@ -246,11 +246,34 @@ def test_a_dead_workers_tenant_requests_are_reclaimed_under_the_worker_acl(deplo
         rids = {t: c.submit(ask(texts[t]), max_tokens=16) for t, c in (("alice", alice), ("bob", bob))}
         time.sleep(0.4)  # both running on the first worker
         stop(first, signal.SIGKILL)
-        d.start_worker(**FAST)
+        d.start_worker(async_replies="true", **FAST)  # and its writes go through the background writer
         assert alice.result(rids["alice"], timeout_s=60).text == texts["alice"]
         assert bob.result(rids["bob"], timeout_s=60).text == texts["bob"]
         assert d.events(1, "entries_reclaimed")
         assert "NOPERM" not in d.log(1)
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_one_tenants_flood_is_shed_on_its_own_stream_while_another_is_served(deployment: Deployment) -> None:
+    d = deployment
+    d.start_worker(
+        echo_token_delay_ms="50", max_num_seqs="1", max_waiting_requests="2", max_backlog_requests="5",
+        backlog_check_interval_ms="50", **FAST,
+    )  # fmt: skip
+    alice, bob = d.client("alice"), d.client("bob")
+    try:
+        flood = alice.submit_many([{"messages": ask(f"flood {i}"), "max_tokens": 4} for i in range(40)])
+        time.sleep(0.3)
+        assert bob.chat(ask("bob is served"), max_tokens=4).text == "bob is served"
+        results = alice.results([i for i in flood if isinstance(i, str)], timeout_s=120)
+        codes = [r.code for r in results.values() if isinstance(r, ChatError)]
+        served = [r for r in results.values() if not isinstance(r, ChatError)]
+        assert codes and set(codes) == {ErrorCode.OVERLOADED}
+        assert served and all(r.text.startswith("flood ") for r in served)
+        shed = d.events(0, "requests_shed")
+        assert shed and sum(e["count"] for e in shed) == len(codes)
     finally:
         alice.close()
         bob.close()
