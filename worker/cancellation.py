@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import redis
 
+from producer.wire.codec import ContentType
 from producer.wire.keys import StreamNames
 from producer.wire.redis_types import range_entries, read_entries
 from worker.inflight import table_key
@@ -35,7 +36,7 @@ class Cancel:
 
     tenant: str | None
     request_id: str
-    content_type: str = "json"
+    content_type: ContentType = "json"
     reply_to: str | None = None
 
     @property
@@ -111,6 +112,6 @@ def _cancel(tenant: str | None, raw_id: bytes, fields: dict[bytes, bytes]) -> Ca
     request_id = raw_id.decode("utf-8", "replace")[:128]
     if tenant is None:
         return Cancel(None, request_id)
-    ct = "msgpack" if fields.get(b"ct") == b"msgpack" else "json"
+    ct: ContentType = "msgpack" if fields.get(b"ct") == b"msgpack" else "json"
     reply_to = fields.get(b"reply_to")
     return Cancel(tenant, request_id, ct, reply_to.decode("utf-8", "replace")[:256] if reply_to else None)

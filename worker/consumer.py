@@ -33,7 +33,6 @@ import structlog
 from redis.typing import StreamIdT
 
 from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
-from producer.wire.models import ErrorCode
 from worker.build_info import build_info
 from worker.cancellation import Cancel, CancelWatch
 from worker.engine.base import Engine, FinishReason, SequenceOutput
@@ -312,13 +311,7 @@ class Consumer:
         if f is None:
             lane = self.lane_of.get(cancel.tenant)
             if cancel.tenant is not None and lane is not None:
-                reply_key = cancel.reply_to or lane.names.reply(cancel.request_id)
-                if not lane.names.reply_allowed(reply_key):
-                    reply_key = lane.names.reply(cancel.request_id)
-                lane.replies.error(
-                    cancel.request_id, reply_key, ErrorCode.CANCELLED, "cancelled by the client",
-                    "msgpack" if cancel.content_type == "msgpack" else "json", None,
-                )  # fmt: skip
+                lane.answer_cancel(cancel)
             return
         self.counters.cancelled += 1
         log.info(

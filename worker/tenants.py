@@ -29,9 +29,10 @@ from typing import Any
 import redis
 
 from producer.wire.keys import StreamNames
+from producer.wire.models import ErrorCode
 from producer.wire.redis_types import read_entries
 from worker.backpressure import Backpressure
-from worker.cancellation import CancelWatch
+from worker.cancellation import Cancel, CancelWatch
 from worker.engine.base import Engine
 from worker.heartbeat import Heartbeat
 from worker.inflight import InFlight, LoopCounters
@@ -62,6 +63,19 @@ class Lane:
     @property
     def stream(self) -> str:
         return self.names.requests
+
+    def answer_cancel(self, cancel: Cancel) -> None:
+        """Queue the `cancelled` reply to a tenant's cancel of a request this worker is not serving.
+
+        Guarded like every final: if the request already has its final reply, nothing is written; if
+        not, a worker that reads it later finds the guard and skips it. No entry is acknowledged here.
+        """
+        key = cancel.reply_to or self.names.reply(cancel.request_id)
+        if not self.names.reply_allowed(key):
+            key = self.names.reply(cancel.request_id)
+        self.replies.error(
+            cancel.request_id, key, ErrorCode.CANCELLED, "cancelled by the client", cancel.content_type, None
+        )
 
 
 def namespaces(settings: WorkerSettings) -> list[StreamNames]:
