@@ -83,7 +83,8 @@ class ProducerSettings(BaseSettings):
         default=10_000,
         ge=0,
         description="Refuse new requests with `overloaded` (before XADD) while the group's lag + pending "
-        "is at least this many requests; 0 disables the check.",
+        "is at least this many requests; 0 disables the check. A tenant's client (LLM_TENANT) may not "
+        "read its stream and skips it: the workers shed its excess.",
     )
     submit_retry_s: float = Field(
         default=30.0,
