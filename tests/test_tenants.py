@@ -151,11 +151,15 @@ def test_tenants_are_served_end_to_end_under_their_acls(deployment: Deployment) 
             alice.result("not-sent-yet", timeout_s=20)
         assert info.value.code == ErrorCode.CANCELLED
 
-        async def async_chat() -> str:
+        async def async_chat() -> list[str]:
             async with AsyncChatClient(d.url("bob"), prefix=d.prefix, tenant="bob", timeout_s=60) as c:
-                return (await c.chat(ask("async bob"), max_tokens=4)).text
+                texts = [(await c.chat(ask("async bob"), max_tokens=4)).text]
+                batch = [{"messages": ask(f"async {i}"), "max_tokens": 4} for i in range(3)]
+                ids = await c.submit_many(batch)
+                replies = await c.results([i for i in ids if isinstance(i, str)])
+                return texts + sorted(r.text for r in replies.values() if not isinstance(r, ChatError))
 
-        assert asyncio.run(async_chat()) == "async bob"
+        assert asyncio.run(async_chat()) == ["async bob", "async 0", "async 1", "async 2"]
         time.sleep(1.0)  # a trim, reclaim and backlog round under the worker's user
         assert worker.poll() is None
         log = d.log()
@@ -277,6 +281,26 @@ def test_one_tenants_flood_is_shed_on_its_own_stream_while_another_is_served(dep
     finally:
         alice.close()
         bob.close()
+
+
+def test_a_tenants_undecodable_entries_are_dead_lettered_in_its_namespace(deployment: Deployment) -> None:
+    d = deployment
+    d.start_worker(**FAST)
+    raw_bob = d.as_user("bob")
+    admin = redis.Redis(port=d.server.port, password="admin-pw")
+    try:
+        raw_bob.xadd(d.names("bob").requests, {"v": "1", "ct": "json", "body": "not json"})
+        deadline = time.monotonic() + 30
+        while not admin.xlen(d.names("bob").dead_letter) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        dead = admin.xrange(d.names("bob").dead_letter)
+        assert len(dead) == 1 and dead[0][1][b"f:body"] == b"not json"
+        assert not admin.exists(d.names("alice").dead_letter, f"{d.prefix}:dead")
+        group = admin.xinfo_groups(d.names("bob").requests)[0]
+        assert group["pending"] == 0  # acknowledged on bob's stream
+    finally:
+        raw_bob.close()
+        admin.close()
 
 
 # -- the ACL generator ---------------------------------------------------------------------------------
