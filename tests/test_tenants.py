@@ -126,8 +126,9 @@ def ask(text: str) -> list[dict[str, str]]:
 
 def test_tenants_are_served_end_to_end_under_their_acls(deployment: Deployment) -> None:
     d = deployment
-    worker = d.start_worker(echo_token_delay_ms="20", **FAST)
-    alice, bob = d.client("alice"), d.client("bob")
+    key = "tenant-test-signing-key"  # signed replies work in tenant namespaces too (cancels included)
+    worker = d.start_worker(echo_token_delay_ms="20", reply_signing_key=key, **FAST)
+    alice, bob = d.client("alice", reply_signing_key=key), d.client("bob", reply_signing_key=key)
     try:
         assert alice.chat(ask("hello from alice"), max_tokens=8).text == "hello from alice"
         stream = bob.stream(ask("bob streams words"), max_tokens=8)
@@ -152,7 +153,9 @@ def test_tenants_are_served_end_to_end_under_their_acls(deployment: Deployment) 
         assert info.value.code == ErrorCode.CANCELLED
 
         async def async_chat() -> list[str]:
-            async with AsyncChatClient(d.url("bob"), prefix=d.prefix, tenant="bob", timeout_s=60) as c:
+            async with AsyncChatClient(
+                d.url("bob"), prefix=d.prefix, tenant="bob", timeout_s=60, reply_signing_key=key
+            ) as c:
                 texts = [(await c.chat(ask("async bob"), max_tokens=4)).text]
                 batch = [{"messages": ask(f"async {i}"), "max_tokens": 4} for i in range(3)]
                 ids = await c.submit_many(batch)
@@ -166,6 +169,7 @@ def test_tenants_are_served_end_to_end_under_their_acls(deployment: Deployment) 
         assert "NOPERM" not in log and "Traceback" not in log and "redis_error" not in log, log[-3000:]
         done = d.events(0, "request_done")
         assert {e["tenant"] for e in done} == {"alice", "bob"}
+        assert alice.rejected_events == 0 and bob.rejected_events == 0
     finally:
         alice.close()
         bob.close()
