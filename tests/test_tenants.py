@@ -30,7 +30,12 @@ from producer.wire.codec import encode_request
 from producer.wire.keys import StreamNames
 from producer.wire.models import ChatRequest, ErrorCode
 from worker import acl
+from worker.cancellation import CancelWatch
 from worker.embedded_redis import EmbeddedRedis
+from worker.engine.echo import EchoEngine
+from worker.inflight import LoopCounters
+from worker.settings import WorkerSettings
+from worker.tenants import build_lanes, namespaces, read_lanes
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -305,6 +310,28 @@ def test_a_tenants_undecodable_entries_are_dead_lettered_in_its_namespace(deploy
     finally:
         raw_bob.close()
         admin.close()
+
+
+def test_one_read_gives_every_tenant_the_same_share(redis_client: redis.Redis, prefix: str) -> None:
+    """In process, no ACL: one XREADGROUP over both streams, COUNT per stream, so a deep backlog
+    (alice's 100) cannot crowd out a shallow one (bob's 3) in any read."""
+    s = WorkerSettings(prefix=prefix, tenants="alice,bob", consumer_name="c1", read_count=64)
+    spaces = namespaces(s)
+    table: dict = {}
+    cancels = CancelWatch(redis_client, spaces, 50, 100)
+    lanes = build_lanes(redis_client, s, EchoEngine(), table, LoopCounters(), cancels, "c1:1")
+    for lane in lanes:
+        redis_client.xgroup_create(lane.stream, s.group, id="0", mkstream=True)
+    for tenant, n in (("alice", 100), ("bob", 3)):
+        for i in range(n):
+            request = ChatRequest(id=f"r{i}", prompt=f"{tenant} {i}")
+            redis_client.xadd(StreamNames.for_prefix(prefix, tenant).requests, encode_request(request))  # type: ignore[arg-type]
+    read_lanes(redis_client, s, lanes, 64, None)  # the startup replay of our (empty) pending lists
+    first = read_lanes(redis_client, s, lanes, 64, None)
+    assert sorted(f.key for f in first if f.tenant == "bob") == ["bob/r0", "bob/r1", "bob/r2"]
+    assert len([f for f in first if f.tenant == "alice"]) == 32  # ceil(64 / 2)
+    # The same id in two tenants is two requests.
+    assert {f.key for f in first} >= {"alice/r0", "bob/r0"}
 
 
 # -- the ACL generator ---------------------------------------------------------------------------------
