@@ -7,6 +7,13 @@
 Requests go to the stream `<prefix>:requests`; replies are read from the request's
 own reply stream, from its beginning, so a late or reconnecting reader loses nothing.
 
+Tenants (`LLM_TENANT` or `tenant=`; docs/security.md): every key is the tenant's own,
+under `<prefix>:t:{<tenant>}`, and the client uses only what a tenant's ACL user may:
+XADD to its request and cancel streams, XREAD of its reply streams. So a tenant's client
+runs no script: `submit` appends with a plain XADD (the workers shed a backlog over
+their limit with `overloaded`), and `cancel` appends the id to the tenant's cancel
+stream, after which a worker writes the `cancelled` reply under the final-reply guard.
+
 Reliability, client side (see docs/reliability.md):
 - `submit` refuses with `ChatError(overloaded)` before XADD when the backlog is over
   `max_backlog_requests` (an atomic check-and-append script);
@@ -45,7 +52,7 @@ from producer.settings import ProducerSettings
 from producer.wire import backlog, final_guard
 from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
 from producer.wire.codec import ContentType, decode_event, encode_request
-from producer.wire.keys import CONSUMER_GROUP, StreamNames, reply_key_allowed
+from producer.wire.keys import CONSUMER_GROUP, StreamNames, check_tenant, reply_key_allowed
 from producer.wire.models import (
     ChatRequest,
     DoneEvent,
@@ -110,7 +117,8 @@ def build_request(
 
 
 def check_reply_key(request: ChatRequest, prefix: str) -> None:
-    """Workers answer only inside `<prefix>:reply:`; refuse any other `reply_to` before sending."""
+    """Workers answer only inside `<prefix>:reply:` (`prefix`: the namespace root, a tenant's own);
+    refuse any other `reply_to` before sending."""
     if not reply_key_allowed(request.reply_key(prefix), prefix):
         raise ValueError(f"reply_to must start with `{prefix}:reply:`")
 
@@ -219,10 +227,16 @@ class ReplyStream:
 class _ClientCore:
     """What the sync and async clients share: settings, request preparation, reply keys (no I/O)."""
 
-    def __init__(self, redis_url: str | None, settings: ProducerSettings | None, overrides: dict[str, Any]):
+    def __init__(
+        self, redis_url: str | None, settings: ProducerSettings | None, tenant: str | None,
+        overrides: dict[str, Any],
+    ):  # fmt: skip
         url: dict[str, Any] = {"redis_url": redis_url} if redis_url else {}
         self.settings = settings or ProducerSettings(**url, **overrides)
-        self.names = StreamNames.for_prefix(self.settings.prefix)
+        if tenant is not None:
+            self.settings = self.settings.model_copy(update={"tenant": check_tenant(tenant)})
+        self.tenant = self.settings.tenant
+        self.names = StreamNames.for_prefix(self.settings.prefix, self.tenant)
         self._sent: dict[str, tuple[str, ContentType]] = {}
         self._signing_key = self.settings.signing_key()
         self.rejected_events = 0  # reply entries skipped as not the workers' answer to our request
@@ -268,12 +282,21 @@ class _ClientCore:
     ) -> tuple[ChatRequest, ContentType, list[Any]]:  # fmt: skip
         """Validate a request locally and build the admission script's ARGV for it."""
         request = build_request(messages, prompt, params)
-        check_reply_key(request, self.settings.prefix)
+        check_reply_key(request, self.names.root)
         ct = content_type or self.settings.content_type
         args = backlog.script_args(
             CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct)
         )
         return request, ct, args
+
+    def _entry(self, args: list[Any]) -> dict[Any, Any]:
+        """The request entry's fields, back from the admission script's ARGV (a tenant's plain XADD)."""
+        pairs = args[2:]
+        return dict(zip(pairs[::2], pairs[1::2], strict=True))
+
+    def _admission(self, reply: Any) -> list[Any]:
+        """A tenant's XADD reply in the admission script's shape (always appended)."""
+        return [1, reply] if self.tenant is not None else reply
 
     def _prepare_many(
         self, requests: Sequence[dict[str, Any]], content_type: ContentType | None
@@ -302,10 +325,19 @@ class _ClientCore:
 
     def _record(self, request: ChatRequest, ct: ContentType) -> None:
         """Remember where a sent request's replies go and how they are encoded."""
-        self._sent[request.id] = (request.reply_key(self.settings.prefix), ct)
+        self._sent[request.id] = (request.reply_key(self.names.root), ct)
 
     def _reply_key(self, request_id: str) -> str:
         return self._sent.get(request_id, (self.names.reply(request_id), "json"))[0]
+
+    def _cancel_entry(self, request_id: str) -> dict[Any, Any]:
+        """A tenant's cancel: the entry for its cancel stream (`id`, `ct`, and `reply_to` if not the default);
+        the worker that reads it writes the `cancelled` reply."""
+        key, ct = self._sent.get(request_id) or (self.names.reply(request_id), self.settings.content_type)
+        fields = {"id": request_id, "ct": ct}
+        if key != self.names.reply(request_id):
+            fields["reply_to"] = key
+        return fields
 
     def _cancel_call(self, request_id: str) -> tuple[list[str], list[Any]]:
         key, ct = self._sent.get(request_id) or (self.names.reply(request_id), self.settings.content_type)
@@ -329,9 +361,10 @@ class ChatClient(_ClientCore):
         *,
         client: redis.Redis | None = None,
         settings: ProducerSettings | None = None,
+        tenant: str | None = None,
         **overrides: Any,
     ):
-        super().__init__(redis_url, settings, overrides)
+        super().__init__(redis_url, settings, tenant, overrides)
         self.redis = client or redis.Redis.from_url(self.settings.redis_url, **self._connection_args())
         self._admit = self.redis.register_script(backlog.ADMIT_SCRIPT)
         self._cancel = self.redis.register_script(final_guard.CANCEL_SCRIPT)
@@ -353,9 +386,7 @@ class ChatClient(_ClientCore):
         backoff = self._backoff()
         while True:
             try:
-                backlog.admitted_entry_id(
-                    self._admit(keys=[self.names.requests], args=args), self.settings.max_backlog_requests
-                )
+                backlog.admitted_entry_id(self._send(args), self.settings.max_backlog_requests)
                 break
             except backlog.AdmissionRefused as exc:
                 raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
@@ -381,9 +412,9 @@ class ChatClient(_ClientCore):
         while True:
             pipe = self.redis.pipeline(transaction=False)
             for _, _, args in prepared:
-                self._admit(keys=[self.names.requests], args=args, client=pipe)
+                self._send(args, pipe)
             try:
-                replies = pipe.execute()
+                replies = [self._admission(r) for r in pipe.execute()]
                 break
             except TRANSIENT_ERRORS:
                 if time.monotonic() >= give_up:
@@ -412,8 +443,26 @@ class ChatClient(_ClientCore):
             wait.take(got)
         return wait.out
 
+    def _send(self, args: list[Any], pipe: Any = None) -> Any:
+        """Append one request: the admission script, or a tenant's plain XADD (queued on `pipe` if given)."""
+        if self.tenant is not None:
+            fields = self._entry(args)
+            if pipe is not None:
+                return pipe.xadd(self.names.requests, fields)
+            return self._admission(self.redis.xadd(self.names.requests, fields))
+        return self._admit(keys=[self.names.requests], args=args, client=pipe)
+
     def cancel(self, request_id: str) -> bool:
-        """Stop a request: the client gets `cancelled` unless a final reply already exists (then False)."""
+        """Stop a request: the client gets `cancelled` unless a final reply already exists (then False).
+
+        A tenant's client only announces the cancel (always True); a worker writes the `cancelled` reply.
+        """
+        if self.tenant is not None:
+            self.redis.xadd(
+                self.names.cancel, self._cancel_entry(request_id),
+                maxlen=self.settings.cancel_stream_max_entries, approximate=True,
+            )  # fmt: skip
+            return True
         keys, args = self._cancel_call(request_id)
         return bool(self._cancel(keys=keys, args=args))
 
@@ -501,9 +550,10 @@ class AsyncChatClient(_ClientCore):
         *,
         client: aioredis.Redis | None = None,
         settings: ProducerSettings | None = None,
+        tenant: str | None = None,
         **overrides: Any,
     ):
-        super().__init__(redis_url, settings, overrides)
+        super().__init__(redis_url, settings, tenant, overrides)
         self.redis = client or aioredis.Redis.from_url(self.settings.redis_url, **self._connection_args())
         self._admit = self.redis.register_script(backlog.ADMIT_SCRIPT)
         self._cancel = self.redis.register_script(final_guard.CANCEL_SCRIPT)
@@ -522,8 +572,7 @@ class AsyncChatClient(_ClientCore):
         backoff = self._backoff()
         while True:
             try:
-                reply = await self._admit(keys=[self.names.requests], args=args)
-                backlog.admitted_entry_id(reply, self.settings.max_backlog_requests)
+                backlog.admitted_entry_id(await self._send(args), self.settings.max_backlog_requests)
                 break
             except backlog.AdmissionRefused as exc:
                 raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
@@ -548,9 +597,9 @@ class AsyncChatClient(_ClientCore):
         while True:
             pipe = self.redis.pipeline(transaction=False)
             for _, _, args in prepared:
-                await self._admit(keys=[self.names.requests], args=args, client=pipe)  # queued, not sent
+                await self._send(args, pipe)  # queued, not sent
             try:
-                replies = await pipe.execute()
+                replies = [self._admission(r) for r in await pipe.execute()]
                 break
             except TRANSIENT_ERRORS:
                 if time.monotonic() >= give_up:
@@ -579,8 +628,26 @@ class AsyncChatClient(_ClientCore):
             wait.take(got)
         return wait.out
 
+    async def _send(self, args: list[Any], pipe: Any = None) -> Any:
+        """Append one request: the admission script, or a tenant's plain XADD (queued on `pipe` if given)."""
+        if self.tenant is not None:
+            fields = self._entry(args)
+            if pipe is not None:
+                return pipe.xadd(self.names.requests, fields)
+            return self._admission(await self.redis.xadd(self.names.requests, fields))
+        return await self._admit(keys=[self.names.requests], args=args, client=pipe)
+
     async def cancel(self, request_id: str) -> bool:
-        """Stop a request: the client gets `cancelled` unless a final reply already exists (then False)."""
+        """Stop a request: the client gets `cancelled` unless a final reply already exists (then False).
+
+        A tenant's client only announces the cancel (always True); a worker writes the `cancelled` reply.
+        """
+        if self.tenant is not None:
+            await self.redis.xadd(
+                self.names.cancel, self._cancel_entry(request_id),
+                maxlen=self.settings.cancel_stream_max_entries, approximate=True,
+            )  # fmt: skip
+            return True
         keys, args = self._cancel_call(request_id)
         return bool(await self._cancel(keys=keys, args=args))
 

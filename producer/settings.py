@@ -8,6 +8,8 @@ from urllib.parse import urlparse
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producer.wire.keys import check_tenant
+
 # Where workers and clients meet when `REDIS_URL` is unset: a worker starts the packaged server
 # there when nothing listens (worker/embedded_redis.py), a client connects there.
 LOCAL_REDIS_HOST = "127.0.0.1"
@@ -64,6 +66,12 @@ class ProducerSettings(BaseSettings):
         description="Port on 127.0.0.1 that workers and clients without REDIS_URL share.",
     )
     prefix: str = Field(default="llm", description="Key prefix shared with the workers.")
+    tenant: str | None = Field(
+        default=None,
+        description="This backend's tenant: requests, replies and cancels use its key namespace "
+        "`<prefix>:t:{<tenant>}` (workers list it in LLM_TENANTS; docs/security.md); unset = the "
+        "un-namespaced keys.",
+    )
     content_type: Literal["msgpack", "json"] = Field(
         default="msgpack", description="Encoding of request bodies."
     )
@@ -75,7 +83,8 @@ class ProducerSettings(BaseSettings):
         default=10_000,
         ge=0,
         description="Refuse new requests with `overloaded` (before XADD) while the group's lag + pending "
-        "is at least this many requests; 0 disables the check.",
+        "is at least this many requests; 0 disables the check. A tenant's client (LLM_TENANT) may not "
+        "read its stream and skips it: the workers shed its excess.",
     )
     submit_retry_s: float = Field(
         default=30.0,
@@ -114,6 +123,11 @@ class ProducerSettings(BaseSettings):
     @classmethod
     def _check_redis_url(cls, url: str) -> str:
         return check_redis_url(url)
+
+    @field_validator("tenant")
+    @classmethod
+    def _check_tenant(cls, tenant: str | None) -> str | None:
+        return None if tenant is None else check_tenant(tenant)
 
     @model_validator(mode="after")
     def _default_redis_url(self) -> ProducerSettings:

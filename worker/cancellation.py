@@ -6,63 +6,112 @@ a running generation within one engine step. Recently cancelled ids are remember
 (bounded, oldest forgotten first) so that a request read after its cancel is not
 started. The client also takes the final-reply guard when it cancels (see
 `producer/wire/final_guard.py`), which is what makes a later read skip the request for good.
+
+With tenants, each tenant has its own cancel stream `<prefix>:t:{<tenant>}:cancel`, which
+only that tenant (and the workers) may write; all are read in one XREAD, and an id counts
+only for the tenant whose stream named it (`table_key`). A tenant's client may not take the
+guard itself, so its cancel entry also says how to answer (`ct`, `reply_to`): the worker
+writes the `cancelled` reply (see `Consumer._cancel`).
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import redis
 
+from producer.wire.codec import ContentType
 from producer.wire.keys import StreamNames
 from producer.wire.redis_types import range_entries, read_entries
+from worker.inflight import table_key
 from worker.keyed_errors import about
 
 
+@dataclass(frozen=True)
+class Cancel:
+    """One cancel entry: whose request (tenant, id), and for a tenant's, how to answer it."""
+
+    tenant: str | None
+    request_id: str
+    content_type: ContentType = "json"
+    reply_to: str | None = None
+
+    @property
+    def key(self) -> str:
+        return table_key(self.tenant, self.request_id)
+
+
 class CancelWatch:
-    """Cursor over the cancel stream plus a bounded memory of cancelled ids."""
+    """Cursors over the cancel streams plus a bounded memory of cancelled requests (by `table_key`)."""
 
     def __init__(
-        self, client: redis.Redis, names: StreamNames, poll_interval_ms: float, remember_requests: int
+        self,
+        client: redis.Redis,
+        names: StreamNames | Sequence[StreamNames],
+        poll_interval_ms: float,
+        remember_requests: int,
     ):
         self.client = client
-        self.key = names.cancel
+        spaces = [names] if isinstance(names, StreamNames) else list(names)
+        self.tenants = {n.cancel: n.tenant for n in spaces}  # cancel stream -> its tenant
+        self.key = spaces[0].cancel
         self.poll_interval_s = poll_interval_ms / 1000
         self.remember_requests = remember_requests
-        self._cursor: str | None = None
+        self._cursors: dict[str, str] | None = None
         self._last_s = float("-inf")
         self._recent: OrderedDict[str, None] = OrderedDict()
 
     def start(self) -> None:
-        """Begin after the newest existing entry (older cancels are covered by the final-reply guard)."""
+        """Begin after the newest existing entries (older cancels are covered by the final-reply guard)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.tenants:
+            pipe.xrevrange(key, count=1)
         with about(self.key):
-            newest = range_entries(self.client.xrevrange(self.key, count=1))
-        self._cursor = newest[0][0].decode() if newest else "0-0"
+            newest = [range_entries(r) for r in pipe.execute()]
+        self._cursors = {
+            key: n[0][0].decode() if n else "0-0" for key, n in zip(self.tenants, newest, strict=True)
+        }
 
-    def poll(self) -> list[str]:
-        """Ids cancelled since the last poll (empty when polled again too soon)."""
+    def poll(self) -> list[Cancel]:
+        """Cancels read since the last poll (empty when polled again too soon)."""
         now = time.monotonic()
         if now - self._last_s < self.poll_interval_s:
             return []
         self._last_s = now
-        if self._cursor is None:
+        if self._cursors is None:
             self.start()
+        assert self._cursors is not None
         with about(self.key):
-            got = read_entries(self.client.xread({self.key: self._cursor or "0-0"}, count=1000))
-        ids: list[str] = []
-        for _, entries in got:
+            got = read_entries(self.client.xread(dict(self._cursors), count=1000))  # type: ignore[arg-type]
+        found: list[Cancel] = []
+        for raw_key, entries in got:
+            key = raw_key.decode()
+            tenant = self.tenants[key]
             for entry_id, fields in entries:
-                self._cursor = entry_id.decode()
+                self._cursors[key] = entry_id.decode()
                 raw_id = fields.get(b"id")
                 if raw_id:
-                    ids.append(raw_id.decode("utf-8", "replace"))
-        for rid in ids:
-            self._recent[rid] = None
-            self._recent.move_to_end(rid)
+                    found.append(_cancel(tenant, raw_id, fields))
+        for c in found:
+            self._recent[c.key] = None
+            self._recent.move_to_end(c.key)
         while len(self._recent) > self.remember_requests:
             self._recent.popitem(last=False)
-        return ids
+        return found
 
-    def is_cancelled(self, request_id: str) -> bool:
-        return request_id in self._recent
+    def is_cancelled(self, key: str) -> bool:
+        """Whether the request known as `key` (`table_key`) was cancelled lately."""
+        return key in self._recent
+
+
+def _cancel(tenant: str | None, raw_id: bytes, fields: dict[bytes, bytes]) -> Cancel:
+    """The cancel of one entry; `ct` and `reply_to` count only on a tenant's stream (length-capped)."""
+    request_id = raw_id.decode("utf-8", "replace")[:128]
+    if tenant is None:
+        return Cancel(None, request_id)
+    ct: ContentType = "msgpack" if fields.get(b"ct") == b"msgpack" else "json"
+    reply_to = fields.get(b"reply_to")
+    return Cancel(tenant, request_id, ct, reply_to.decode("utf-8", "replace")[:256] if reply_to else None)

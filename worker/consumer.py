@@ -10,6 +10,9 @@ One thread does everything, so there is no locking. Each iteration, top to botto
    entries (`intake.py`) and hand them to the engine at once;
 4. collect the step's outputs.
 
+Each request stream is a `Lane` (`tenants.py`): the single `<prefix>:requests`, or one per
+tenant (`LLM_TENANTS`), all read in one call; housekeeping runs per lane.
+
 The engine owns admission (time window, token budget, sequence cap, KV, priority aging,
 deadlines) with the one `BatchPolicy` of `WorkerSettings`. The loop blocks on Redis only
 when nothing is runnable; while the time window holds requests it polls on its own clock.
@@ -30,24 +33,20 @@ import structlog
 from redis.typing import StreamIdT
 
 from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
-from producer.wire.keys import StreamNames
-from worker.backpressure import Backpressure
 from worker.build_info import build_info
-from worker.cancellation import CancelWatch
+from worker.cancellation import Cancel, CancelWatch
 from worker.engine.base import Engine, FinishReason, SequenceOutput
 from worker.engine.process_engine import EngineProcessDied, ProcessEngine
-from worker.heartbeat import Heartbeat
 from worker.inflight import InFlight, LoopCounters, Microbatch
-from worker.intake import Intake, generation_request
+from worker.intake import generation_request
 from worker.keyed_errors import KeyedResponseError
 from worker.live_stats import LiveStats
 from worker.phase_times import PhaseTimes
 from worker.publishing import Publisher
-from worker.reclaim import Reclaimer
-from worker.refusals import Refusals
 from worker.replies import ReplyWriter
 from worker.reply_thread import BackgroundWriter
 from worker.settings import WorkerSettings
+from worker.tenants import Lane, LaneWriters, build_lanes, namespaces, read_lanes
 
 log = structlog.get_logger("worker")
 
@@ -61,38 +60,20 @@ class Consumer:
     def __init__(self, client: redis.Redis, engine: Engine, settings: WorkerSettings):
         s = self.settings = settings
         self.client, self.engine = client, engine
-        self.names = StreamNames.for_prefix(s.prefix)
-        self.stream = self.names.requests
+        spaces = namespaces(s)
+        self.names = spaces[0]
         self.attempt = f"{s.consumer_name}:{int(time.time() * 1000)}"
         self.counters = LoopCounters()
-        self.table: dict[str, InFlight] = {}  # every request handed to the engine, until its final reply
-        self.replies = ReplyWriter(
-            client, self.names, s.group, self.attempt, s.reply_ttl_s, s.dead_letter_max_entries,
-            signing_key=s.signing_key(),
-        )  # fmt: skip
-        self.heartbeat = Heartbeat(
-            client, self.names, s.group, s.consumer_name, s.heartbeat_interval_s, s.heartbeat_ttl_s
-        )
-        self.reclaimer = Reclaimer(
-            client, self.names, s.group, s.consumer_name, s.reclaim_interval_s,
-            s.reclaim_min_idle_ms, s.reclaim_count,
-        )  # fmt: skip
-        self.backpressure = Backpressure(
-            client,
-            self.names,
-            s.group,
-            s.max_backlog_requests,
-            s.backlog_check_interval_ms,
-            s.trim_interval_s,
-        )
-        self.cancels = CancelWatch(client, self.names, s.cancel_poll_interval_ms, s.cancel_memory_requests)
+        self.table: dict[str, InFlight] = {}  # every request handed to the engine, by `table_key`
+        self.cancels = CancelWatch(client, spaces, s.cancel_poll_interval_ms, s.cancel_memory_requests)
+        self.lanes = build_lanes(client, s, engine, self.table, self.counters, self.cancels, self.attempt)
+        self.lane_of = {lane.tenant: lane for lane in self.lanes}
         self.backoff = Backoff(s.reconnect_backoff_initial_ms, s.reconnect_backoff_max_ms)
-        self.refusals = Refusals(self.replies, s, self.counters)
-        self.intake = Intake(
-            client, s, self.stream, engine, self.table, self.replies, self.refusals, self.cancels,
-            self.reclaimer, self.backpressure, self.counters,
-        )  # fmt: skip
-        self.publisher = Publisher(self.replies, self.table, self.counters, self.attempt, s.consumer_name)
+        writers = {lane.tenant: lane.replies for lane in self.lanes}
+        # One lane writes through its own writer, several through their union (same interface).
+        union = LaneWriters(list(writers.values()))
+        self.replies = self.lanes[0].replies if len(self.lanes) == 1 else cast(ReplyWriter, union)
+        self.publisher = Publisher(writers, self.table, self.counters, self.attempt, s.consumer_name)
         # Writes from a thread where a device computes the steps (see reply_thread.py), else inline.
         background = s.async_replies if s.async_replies is not None else engine.overlaps_host
         self.writer = (
@@ -106,21 +87,25 @@ class Consumer:
         # An engine in its own process times its steps itself; the loop's submit-to-collect is not one.
         self.phases = PhaseTimes(time_steps=not isinstance(engine, ProcessEngine))
         self._next_batch_id = 0
-        self.stats = LiveStats(client, self.names, s, engine, self.counters, self.phases)
+        self.stats = LiveStats(
+            client, self.names, s, engine, self.counters, self.phases, [lane.stream for lane in self.lanes]
+        )
 
     # -- setup -----------------------------------------------------------------------------------------
     def ensure_group(self) -> None:
-        """Create the stream and consumer group if absent (id 0: a new group serves the backlog)."""
-        try:
-            self.client.xgroup_create(self.stream, self.settings.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create each stream and its consumer group if absent (id 0: a new group serves the backlog)."""
+        for lane in self.lanes:
+            try:
+                self.client.xgroup_create(lane.stream, self.settings.group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     def start(self) -> None:
-        """Join the group: create it if needed, beat once, and start watching cancellations."""
+        """Join the groups: create them if needed, beat once, and start watching cancellations."""
         self.ensure_group()
-        self.heartbeat.beat([], force=True)
+        for lane in self.lanes:
+            lane.heartbeat.beat([], force=True)
         self.cancels.start()
 
     # -- loop ------------------------------------------------------------------------------------------
@@ -133,7 +118,8 @@ class Consumer:
             "worker_started",
             consumer=self.settings.consumer_name,
             engine=self.engine.name,
-            stream=self.stream,
+            stream=self.lanes[0].stream if len(self.lanes) == 1 else f"{self.names.prefix}:t:*:requests",
+            tenants=len([lane for lane in self.lanes if lane.tenant is not None]),
             group=self.settings.group,
             attempt=self.attempt,
             **self.engine.describe(),
@@ -216,22 +202,28 @@ class Consumer:
 
     # -- the parts of an iteration ---------------------------------------------------------------------
     def _housekeeping(self, reading: bool) -> None:
-        for entry_id in self.heartbeat.beat([f.entry_id for f in self.table.values()]):
-            self._drop_lost(entry_id)
-        for request_id in self.cancels.poll():
-            self._cancel(request_id)
+        for lane in self.lanes:
+            for entry_id in lane.heartbeat.beat(self._entries(lane)):
+                self._drop_lost(lane, entry_id)
+        for cancel in self.cancels.poll():
+            self._cancel(cancel)
         self.stats.tick()  # `worker_stats` and `<prefix>:stats` every interval; never raises Redis errors
         if not reading:
             return
-        if self.reclaimer.due():
-            self._hand_over(self.intake.reclaim(self._room()))
-        if self.backpressure.trim_due():
-            trimmed = self.backpressure.trim()
-            if trimmed:
-                log.info("stream_trimmed", entries=trimmed)
-        excess = self.backpressure.excess()
-        if excess:
-            self.intake.shed(excess)
+        for lane in self.lanes:
+            if lane.reclaimer.due():
+                self._hand_over(lane.intake.reclaim(self._room()))
+            if lane.backpressure.trim_due():
+                trimmed = lane.backpressure.trim()
+                if trimmed:
+                    log.info("stream_trimmed", entries=trimmed, stream=lane.stream)
+            excess = lane.backpressure.excess()
+            if excess:
+                lane.intake.shed(excess)
+
+    def _entries(self, lane: Lane) -> list[bytes]:
+        """The entries of `lane`'s stream this worker is serving."""
+        return [f.entry_id for f in self.table.values() if f.tenant == lane.tenant]
 
     def _room(self) -> int:
         return self.settings.max_waiting_requests - self.engine.capacity().waiting
@@ -240,7 +232,8 @@ class Consumer:
         # Block on Redis only when nothing is runnable. While the time window holds requests, wait on
         # the worker's clock (short sleeps between non-blocking reads): a server-side BLOCK shorter than
         # Redis's timer tick (1/hz) ends up to ~100 ms late.
-        accepted = self.intake.read(self._room(), self.settings.read_block_ms if block else None)
+        block_ms = self.settings.read_block_ms if block else None
+        accepted = read_lanes(self.client, self.settings, self.lanes, self._room(), block_ms)
         self._hand_over(accepted)
         wake = self.engine.wake_at_s()
         if not accepted and wake is not None:
@@ -248,7 +241,7 @@ class Consumer:
 
     def _hand_over(self, accepted: list[InFlight]) -> None:
         for f in accepted:
-            self.table[f.request.id] = f
+            self.table[f.key] = f
             self.engine.add_request(generation_request(f))
 
     def _submit(self) -> bool:
@@ -316,21 +309,29 @@ class Consumer:
         out = self.engine.abort_request(request_id, reason)
         self._ready.append(out or SequenceOutput(request_id, [], "", True, reason))
 
-    def _cancel(self, request_id: str) -> None:
-        """A client cancelled: stop the request wherever it is, free its resources, answer `cancelled`."""
-        f = self.table.get(request_id)
+    def _cancel(self, cancel: Cancel) -> None:
+        """A client cancelled: stop the request wherever it is, free its resources, answer `cancelled`.
+
+        A tenant's client cannot take the final-reply guard, so for a request this worker is not
+        serving (queued, or served elsewhere) the worker answers `cancelled` under the guard: the
+        first writer wins, and a worker that reads the request later finds the guard and skips it.
+        """
+        f = self.table.get(cancel.key)
         if f is None:
+            lane = self.lane_of.get(cancel.tenant)
+            if cancel.tenant is not None and lane is not None:
+                lane.answer_cancel(cancel)
             return
         self.counters.cancelled += 1
         log.info(
-            "request_cancelled", id=request_id, state="running" if f.admitted_s is not None else "waiting"
+            "request_cancelled", id=f.request.id, state="running" if f.admitted_s is not None else "waiting"
         )
-        self._abort(request_id, "cancelled")
+        self._abort(cancel.key, "cancelled")
 
-    def _drop_lost(self, entry_id: bytes) -> None:
+    def _drop_lost(self, lane: Lane, entry_id: bytes) -> None:
         """Another worker claimed this entry (we stalled past the idle limit): stop our copy silently."""
         for rid, f in list(self.table.items()):
-            if f.entry_id == entry_id:
+            if f.entry_id == entry_id and f.tenant == lane.tenant:
                 del self.table[rid]
                 self.engine.abort_request(rid, "cancelled")
                 self.counters.lost += 1
@@ -352,15 +353,15 @@ class Consumer:
             running=len(self.table) - len(unstarted),
             drain_timeout_s=self.settings.drain_timeout_s,
         )
-        handed_back = [self.table.pop(rid).entry_id for rid in unstarted if rid in self.table]
+        handed_back = [self.table.pop(rid) for rid in unstarted if rid in self.table]
         self._guarded(lambda: self._hand_back(handed_back))
-        self._guarded(lambda: self.heartbeat.drain([f.entry_id for f in self.table.values()]))
+        self._guarded(self._drain_beats)
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while (self.table or self._ready or self._writes_pending()) and time.monotonic() < deadline:
             self._guarded(lambda: self.run_once(read=False))
             if self.writer is not None and not (self.table or self._ready):
                 self.writer.wait_written(max(0.0, min(0.1, deadline - time.monotonic())))
-        leftovers = [f.entry_id for f in self.table.values()]
+        leftovers = list(self.table.values())
         for rid in list(self.table):
             self.engine.abort_request(rid, "cancelled")
         self.table.clear()
@@ -368,8 +369,9 @@ class Consumer:
             self.writer.close(timeout_s=max(0.0, min(5.0, deadline - time.monotonic())))
         try:
             self._hand_back(leftovers)
-            self.heartbeat.stop()
-            self.reclaimer.remove_if_empty(self.settings.consumer_name)
+            self.lanes[0].heartbeat.stop()  # one key for all lanes
+            for lane in self.lanes:
+                lane.reclaimer.remove_if_empty(self.settings.consumer_name)
         except TRANSIENT_ERRORS as exc:
             # Redis is away: the entries stay pending under our name and are reclaimed once idle.
             log.warning("shutdown_without_redis", error=str(exc)[:200])
@@ -380,17 +382,25 @@ class Consumer:
             **self.counters.summary(),
         )
 
-    def _hand_back(self, entry_ids: list[bytes]) -> None:
-        if not entry_ids:
+    def _drain_beats(self) -> None:
+        for lane in self.lanes:
+            lane.heartbeat.drain(self._entries(lane))
+
+    def _hand_back(self, requests: list[InFlight]) -> None:
+        if not requests:
             return
         idle_ms = self.settings.reclaim_min_idle_ms * 2
-        self.client.xclaim(
-            self.stream,
-            self.settings.group,
-            self.settings.consumer_name,
-            0,
-            cast(list[StreamIdT], entry_ids),  # only read; list[bytes] is not a list[StreamIdT] to mypy
-            idle=idle_ms,
-            justid=True,
-        )
-        log.info("entries_handed_back", count=len(entry_ids))
+        for lane in self.lanes:
+            entry_ids = [f.entry_id for f in requests if f.tenant == lane.tenant]
+            if not entry_ids:
+                continue
+            self.client.xclaim(
+                lane.stream,
+                self.settings.group,
+                self.settings.consumer_name,
+                0,
+                cast(list[StreamIdT], entry_ids),  # only read; list[bytes] is not a list[StreamIdT] to mypy
+                idle=idle_ms,
+                justid=True,
+            )
+        log.info("entries_handed_back", count=len(requests))

@@ -8,6 +8,12 @@ from producer.wire.codec import ContentType
 from producer.wire.models import ChatRequest
 
 
+def table_key(tenant: str | None, request_id: str) -> str:
+    """How the loop and the engine know a request: its id, prefixed `<tenant>/` when read from a tenant's
+    stream (ids are the tenants' own, so two tenants may use the same one; `/` is in no id or tenant)."""
+    return request_id if tenant is None else f"{tenant}/{request_id}"
+
+
 def entry_epoch_ms(entry_id: bytes) -> int:
     """The server time (ms) embedded in a stream entry id, i.e. when it was XADDed."""
     return int(entry_id.split(b"-", 1)[0])
@@ -29,6 +35,12 @@ class InFlight:
     first_token_s: float | None = None
     tokens_sent: int = 0
     batch_id: int = 0
+    tenant: str | None = None  # the tenant whose stream it was read from (None: the un-namespaced one)
+
+    @property
+    def key(self) -> str:
+        """The request's key in the loop's table and the engine (`table_key`)."""
+        return table_key(self.tenant, self.request.id)
 
 
 @dataclass

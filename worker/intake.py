@@ -5,6 +5,10 @@ takes entries back from dead consumers and from lost replies (resync), answers t
 over-full backlog `overloaded`, and turns each entry into an `InFlight` request: decode and validate,
 dedupe by request id, honour an early cancel, tokenize, check the prompt length, and skip entries
 that already have a final reply. Every failure costs the entry alone (see `refusals.py`).
+
+One `Intake` serves one request stream: the single `<prefix>:requests`, or one tenant's (then
+every key it names is that tenant's, and requests are known by `table_key(tenant, id)`). The
+loop reads all streams in one call (`tenants.read_lanes`) and hands each its entries.
 """
 
 from __future__ import annotations
@@ -15,15 +19,13 @@ import redis
 import structlog
 
 from producer.wire.codec import ProtocolError, decode_request
-from producer.wire.keys import final_guard_key, reply_key_allowed
 from producer.wire.models import ErrorCode, now_ms
 from producer.wire.redis_types import pending_rows, range_entries, read_entries
 from scheduler import Priority
 from worker.backpressure import Backpressure
 from worker.cancellation import CancelWatch
 from worker.engine.base import Engine, GenerationRequest, SamplingParams
-from worker.inflight import InFlight, LoopCounters, entry_epoch_ms
-from worker.keyed_errors import about
+from worker.inflight import InFlight, LoopCounters, entry_epoch_ms, table_key
 from worker.reclaim import Reclaimer, delivery_counts
 from worker.refusals import Refusals
 from worker.replies import ReplyWriter
@@ -38,7 +40,7 @@ def generation_request(f: InFlight) -> GenerationRequest:
     """What the engine needs of a request: its tokens, sampling, priority and deadline."""
     r = f.request
     return GenerationRequest(
-        request_id=r.id,
+        request_id=f.key,
         prompt_token_ids=f.prompt_token_ids,
         sampling=SamplingParams(
             max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=r.seed,
@@ -70,26 +72,20 @@ class Intake:
         self.client, self.settings, self.stream, self.engine = client, settings, stream, engine
         self.table, self.replies, self.refusals, self.cancels = table, replies, refusals, cancels
         self.reclaimer, self.backpressure, self.counters = reclaimer, backpressure, counters
+        self.names = replies.names  # this stream's namespace: reply keys, guards
+        self.tenant = self.names.tenant
         # After a restart our own pending entries (read but never acked) are served first.
         self.replay_from: str | None = "0"
 
     # -- reading -----------------------------------------------------------------------------------
-    def read(self, room: int, block_ms: int | None) -> list[InFlight]:
-        """XREADGROUP up to `room` entries (blocking `block_ms`, None = not at all) and accept them."""
-        if room <= 0:
-            return []
+    def cursor(self) -> str:
+        """The id to read from: `0` and on while replaying our own pending entries, then `>`."""
+        return self.replay_from or ">"
+
+    def read_candidates(self, entries: Entries) -> list[InFlight]:
+        """Accept the entries one XREADGROUP from `cursor()` returned for this stream, up to the final-reply
+        check, which the caller makes (`guard_keys`, then `admit`): one pipeline checks every stream's."""
         replaying = self.replay_from is not None
-        with about(self.stream):
-            reply = read_entries(
-                self.client.xreadgroup(
-                    self.settings.group,
-                    self.settings.consumer_name,
-                    {self.stream: self.replay_from or ">"},
-                    count=min(room, self.settings.read_count),
-                    block=None if replaying else block_ms,
-                )
-            )
-        entries: Entries = reply[0][1] if reply else []
         deliveries: dict[bytes, int] = {}
         if replaying:
             # Our own pending list, left by a previous run of this consumer: served before new entries.
@@ -100,7 +96,7 @@ class Intake:
             self.counters.replayed += len(entries)
             if entries:
                 log.info("pending_replayed", count=len(entries), first=entries[0][0].decode())
-        return self._accept_all(entries, deliveries)
+        return self._candidates(entries, deliveries)
 
     def reclaim(self, room: int) -> list[InFlight]:
         """Entries of dead consumers, and our own that a lost reply hid from us (after the startup replay).
@@ -165,6 +161,10 @@ class Intake:
 
     # -- accepting ---------------------------------------------------------------------------------
     def _accept_all(self, entries: Entries, deliveries: dict[bytes, int]) -> list[InFlight]:
+        return self._finish(self._candidates(entries, deliveries))
+
+    def _candidates(self, entries: Entries, deliveries: dict[bytes, int]) -> list[InFlight]:
+        """Decode, validate and dedupe; what is left still needs the final-reply check and tokenizing."""
         accepted: dict[str, InFlight] = {}
         for entry_id, fields in entries:
             if not fields:  # pending entry deleted from the stream: nothing to serve, just ack
@@ -182,8 +182,24 @@ class Intake:
                 self.refusals.dead_letter_and_answer(entry_id, fields, reason, n)
                 continue
             if f is not None:
-                accepted[f.request.id] = f
-        return self._tokenize(self._unanswered(list(accepted.values())))
+                accepted[f.key] = f
+        return list(accepted.values())
+
+    def _finish(self, candidates: list[InFlight]) -> list[InFlight]:
+        if not candidates:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.guard_keys(candidates):
+            pipe.exists(key)
+        return self.admit(candidates, pipe.execute())
+
+    def guard_keys(self, candidates: list[InFlight]) -> list[str]:
+        """The final-reply guard of each candidate, to check with EXISTS."""
+        return [self.names.final_guard(f.request.id) for f in candidates]
+
+    def admit(self, candidates: list[InFlight], answered: list[int]) -> list[InFlight]:
+        """Drop (and ack) the candidates whose guard exists (`answered`, in order); tokenize the rest."""
+        return self._tokenize(self._unanswered(candidates, answered))
 
     def _accept(
         self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int, batch: dict[str, InFlight]
@@ -193,7 +209,7 @@ class Intake:
             self.refusals.poison(entry_id, fields, deliveries)
             return None
         try:
-            request, ct = decode_request(fields, s.prefix, s.max_body_bytes)
+            request, ct = decode_request(fields, self.names.root, s.max_body_bytes)
         except ProtocolError as exc:
             self.refusals.invalid(entry_id, fields, exc)
             return None
@@ -201,20 +217,21 @@ class Intake:
             log.exception("request_undecodable", entry=entry_id.decode())
             self.refusals.dead_letter(entry_id, fields, f"undecodable: {type(exc).__name__}", deliveries)
             return None
-        reply_key = request.reply_key(s.prefix)
-        if not reply_key_allowed(reply_key, s.prefix):
+        reply_key = request.reply_key(self.names.root)
+        if not self.names.reply_allowed(reply_key):
             self.refusals.fail(
                 entry_id, request, ct, self.refusals.reply_key(request), ErrorCode.INVALID_REQUEST,
-                f"reply_to must start with `{s.prefix}:reply:`",
+                f"reply_to must start with `{self.names.root}:reply:`",
             )  # fmt: skip
             return None
-        known = self.table.get(request.id) or batch.get(request.id)
+        key = table_key(self.tenant, request.id)
+        known = self.table.get(key) or batch.get(key)
         if known is not None:
             if known.entry_id != entry_id:
                 # The same request id sent twice (a client retry): serve the first, ack this one.
                 self.replies.ack(entry_id)
             return None
-        if self.cancels.is_cancelled(request.id):
+        if self.cancels.is_cancelled(key):
             self.refusals.fail(
                 entry_id, request, ct, reply_key, ErrorCode.CANCELLED, "cancelled before it started"
             )
@@ -223,7 +240,10 @@ class Intake:
         deadline_epoch = request.deadline_epoch_ms(enqueued_ms)
         deadline_s = None if deadline_epoch is None else time.monotonic() + (deadline_epoch - now_ms()) / 1000
         # Tokenized with the rest of its read by `_tokenize`.
-        return InFlight(entry_id, request, ct, reply_key, [], enqueued_ms, time.monotonic(), deadline_s)
+        return InFlight(
+            entry_id, request, ct, reply_key, [], enqueued_ms, time.monotonic(), deadline_s,
+            tenant=self.tenant,
+        )  # fmt: skip
 
     def _tokenize(self, accepted: list[InFlight]) -> list[InFlight]:
         """Tokenize a read's requests in one batch; a template or tokenizer failure costs only its request."""
@@ -252,15 +272,10 @@ class Intake:
                 keep.append(f)
         return keep
 
-    def _unanswered(self, accepted: list[InFlight]) -> list[InFlight]:
+    def _unanswered(self, accepted: list[InFlight], guards: list[int]) -> list[InFlight]:
         """Drop requests that already have a final reply (a redelivery, or a client's cancel): ack them."""
-        if not accepted:
-            return []
-        pipe = self.client.pipeline(transaction=False)
-        for f in accepted:
-            pipe.exists(final_guard_key(self.settings.prefix, f.request.id))
         keep = []
-        for f, answered in zip(accepted, pipe.execute(), strict=True):
+        for f, answered in zip(accepted, guards, strict=True):
             if answered:
                 log.info("request_already_answered", id=f.request.id, entry=f.entry_id.decode())
                 self.replies.ack(f.entry_id)

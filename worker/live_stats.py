@@ -11,6 +11,7 @@ numbers; the next interval tries again. `python -m worker.top` reads the stream.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import redis
 import structlog
@@ -39,6 +40,18 @@ def group_backlog(client: redis.Redis, stream: str, group: str) -> GroupBacklog 
     return None
 
 
+def total_backlog(client: redis.Redis, streams: Sequence[str], group: str) -> GroupBacklog | None:
+    """`group_backlog` summed over the request streams (one per tenant); None if no group is there."""
+    found = [b for b in (group_backlog(client, s, group) for s in streams) if b is not None]
+    if len(found) <= 1:
+        return found[0] if found else None
+    lags, pendings = [b.lag for b in found], [b.pending for b in found]
+    return GroupBacklog(
+        lag=None if None in lags else sum(x or 0 for x in lags),
+        pending=None if None in pendings else sum(x or 0 for x in pendings),
+    )
+
+
 def write_entry(client: redis.Redis, stream: str, fields: Fields, max_entries: int) -> None:
     """Append one stats record to the capped stream (values as strings)."""
     body = {k: str(v) for k, v in fields.items()}
@@ -56,10 +69,12 @@ class LiveStats:
         engine: Engine,
         counters: LoopCounters,
         phases: PhaseTimes,
+        requests: Sequence[str] | None = None,
     ):
         self.client, self.engine, self.counters, self.phases = client, engine, counters, phases
         self.stream = names.stats
-        self.requests = names.requests
+        # The request streams whose backlog is reported (one per tenant); default: the names' one.
+        self.requests = list(requests) if requests is not None else [names.requests]
         self.group = settings.group
         self.worker = settings.consumer_name
         self.max_entries = settings.stats_max_entries
@@ -74,7 +89,7 @@ class LiveStats:
             return None
         backlog, reachable = None, True
         try:
-            backlog = group_backlog(self.client, self.requests, self.group)
+            backlog = total_backlog(self.client, self.requests, self.group)
         except redis.RedisError as exc:
             reachable = False
             self._not_written(exc)

@@ -8,6 +8,7 @@ streams) and logs `request_done` and `batch_done`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -129,13 +130,16 @@ class Publisher:
 
     def __init__(
         self,
-        replies: ReplyWriter,
+        replies: ReplyWriter | Mapping[str | None, ReplyWriter],
         table: dict[str, InFlight],
         counters: LoopCounters,
         attempt: str,
         worker: str,
     ):
-        self.replies = replies
+        # The writer of each tenant's namespace (None: the un-namespaced one).
+        self.writers: Mapping[str | None, ReplyWriter] = (
+            replies if isinstance(replies, Mapping) else {None: replies}
+        )
         self.table = table
         self.counters = counters
         self.attempt = attempt
@@ -150,13 +154,14 @@ class Publisher:
             self.counters.tokens += len(out.new_token_ids)
             if out.new_token_ids and f.first_token_s is None:
                 f.first_token_s = now_s
+            replies = self.writers[f.tenant]
             event = token_event(f, out, self.attempt)
             if event is not None:
-                self.replies.token(out.request_id, f.reply_key, event, f.content_type, f.tokens_sent == 0)
+                replies.token(f.request.id, f.reply_key, event, f.content_type, f.tokens_sent == 0)
                 f.tokens_sent += 1
             if out.finished:
                 timings = request_timings(f, out.completion_tokens, now_s, epoch_ms, self.worker)
-                self.replies.final(
+                replies.final(
                     FinalWrite(
                         f.request.id, f.reply_key, final_event(f, out, timings, self.attempt),
                         f.content_type, f.entry_id,
@@ -172,7 +177,7 @@ class Publisher:
         log.info(
             "request_done",
             id=f.request.id,
-            tenant=f.request.tenant,
+            tenant=f.tenant or f.request.tenant,
             queue_ms=t.queue_ms,
             ttft_ms=t.ttft_ms,
             tpot_ms=t.tpot_ms,

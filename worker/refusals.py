@@ -5,7 +5,8 @@ stream and guard: a flood of refused requests (say, `overloaded` while shedding)
 minute of memory each, not the hour of a served reply. Each path is total: whatever the entry
 holds, it ends with an `error` reply to its sender when the sender can be named, or a dead letter
 when it cannot (or when the entry can never succeed), and the entry is acknowledged with it.
-Writes go through the `ReplyWriter`, so they survive Redis outages.
+Writes go through the `ReplyWriter`, so they survive Redis outages. Reply keys are those of the
+writer's namespace (`ReplyWriter.names`): a tenant's entries are answered in that tenant's keys.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import structlog
 
 from producer.wire.codec import ContentType, ProtocolError, decode_request
-from producer.wire.keys import reply_key_allowed, reply_stream
 from producer.wire.models import ChatRequest, ErrorCode
 from worker.dead_letter import dead_letter_fields
 from worker.inflight import LoopCounters
@@ -30,15 +30,13 @@ class Refusals:
         self.replies = replies
         self.settings = settings
         self.counters = counters
+        self.names = replies.names
+        self.root = self.names.root  # where the senders of these entries are answered
 
     def reply_key(self, request: ChatRequest) -> str:
         """Where to answer: reply_to if it is a reply stream of this service, else the default stream."""
-        key = request.reply_key(self.settings.prefix)
-        return (
-            key
-            if reply_key_allowed(key, self.settings.prefix)
-            else reply_stream(request.id, self.settings.prefix)
-        )
+        key = request.reply_key(self.root)
+        return key if self.names.reply_allowed(key) else self.names.reply(request.id)
 
     def fail(
         self,
@@ -51,13 +49,14 @@ class Refusals:
     ) -> None:
         """A decoded request that cannot run (too long, cancelled before it started...)."""
         self.counters.errors += 1
-        log.info("request_rejected", id=request.id, tenant=request.tenant, code=code.value, reason=message)
+        tenant = self.names.tenant or request.tenant
+        log.info("request_rejected", id=request.id, tenant=tenant, code=code.value, reason=message)
         self.replies.error(request.id, reply_key, code, message, ct, entry_id, self.settings.refusal_ttl_s)
 
     def refuse(self, entry_id: bytes, fields: dict[bytes, bytes], code: ErrorCode, message: str) -> None:
         """Answer an entry with an error without serving it (dead-letter it if it names no sender)."""
         try:
-            request, ct = decode_request(fields, self.settings.prefix, self.settings.max_body_bytes)
+            request, ct = decode_request(fields, self.root, self.settings.max_body_bytes)
         except ProtocolError as exc:
             self.invalid(entry_id, fields, exc)
             return
@@ -113,7 +112,7 @@ class Refusals:
         """Dead-letter an entry that can never succeed and answer its sender `internal`, if one is known."""
         self.dead_letter(entry_id, fields, reason, deliveries)
         try:
-            request, ct = decode_request(fields, self.settings.prefix, self.settings.max_body_bytes)
+            request, ct = decode_request(fields, self.root, self.settings.max_body_bytes)
         except ProtocolError as exc:
             rid, key, ct = exc.request_id, exc.reply_to, exc.content_type
         except Exception:

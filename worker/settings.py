@@ -11,6 +11,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.settings import DEFAULT_LOCAL_REDIS_PORT, check_redis_url, local_redis_url
+from producer.wire.keys import check_tenant
 from scheduler import BatchPolicy
 from worker.engine.model_loader import default_cache_dir
 
@@ -41,6 +42,11 @@ class WorkerSettings(BaseSettings):
     )
     prefix: str = Field(default="llm", description="Key prefix of every stream and key the service uses.")
     group: str = Field(default="workers", description="Consumer group of the request stream.")
+    tenants: str = Field(
+        default="",
+        description="Comma-separated tenants served, each from its own key namespace "
+        "`<prefix>:t:{<tenant>}` (docs/security.md); empty = the one un-namespaced `<prefix>:requests`.",
+    )
     consumer_name: str = Field(
         default_factory=_default_consumer_name,
         description="This worker's consumer name in the group (default host-pid).",
@@ -252,6 +258,16 @@ class WorkerSettings(BaseSettings):
     def _check_redis_url(cls, url: str | None) -> str | None:
         return None if url is None else check_redis_url(url)
 
+    @field_validator("tenants")
+    @classmethod
+    def _check_tenants(cls, value: str) -> str:
+        names = [t.strip() for t in value.split(",") if t.strip()]
+        for name in names:
+            check_tenant(name)
+        if len(set(names)) != len(names):
+            raise ValueError("each tenant may be named once")
+        return ",".join(names)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_log_level(cls, level: object) -> object:
@@ -301,6 +317,10 @@ class WorkerSettings(BaseSettings):
             kv_reserve=self.kv_reserve,
             max_waiting_steps=self.max_waiting_steps,
         )
+
+    def tenant_list(self) -> list[str | None]:
+        """The tenants whose request streams this worker reads; `[None]` = the single un-namespaced stream."""
+        return [t for t in self.tenants.split(",") if t] or [None]
 
     def signing_key(self) -> bytes | None:
         """The reply signing secret as bytes, or None when replies are not signed."""

@@ -16,6 +16,7 @@ Workers whose latest record is older than `--max-age-s` are left out (stopped or
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -82,24 +83,32 @@ def latest_stats(client: redis.Redis, stream: str, now_ms: float, max_age_s: flo
     return rows
 
 
-def read_frame(client: redis.Redis, names: StreamNames, group: str, max_age_s: float) -> Frame:
+def read_frame(
+    client: redis.Redis, names: StreamNames, group: str, max_age_s: float, streams: list[str] | None = None
+) -> Frame:
+    """The workers' latest records and their group's state, summed over `streams` (one per tenant;
+    default: the names' request stream)."""
     seconds, micros = client.time()
     rows = latest_stats(client, names.stats, seconds * 1000 + micros / 1000, max_age_s)
     frame = Frame(sorted(rows.values(), key=lambda r: r.name))
-    try:
-        groups = client.xinfo_groups(names.requests)
-        consumers = client.xinfo_consumers(names.requests, group)
-    except redis.ResponseError:  # no stream or no group yet
-        return frame
-    for g in groups:
-        if _text(g["name"]) == group:
-            frame.lag = None if g.get("lag") is None else int(g["lag"])
-            frame.pending = int(g["pending"])
-            frame.consumers = int(g["consumers"])
-    for c in consumers:
-        row = rows.get(_text(c["name"]))
-        if row is not None:
-            row.pending = int(c["pending"])
+    lags: list[int | None] = []
+    for stream in streams or [names.requests]:
+        try:
+            groups = client.xinfo_groups(stream)
+            consumers = client.xinfo_consumers(stream, group)
+        except redis.ResponseError:  # no stream or no group yet
+            continue
+        for g in groups:
+            if _text(g["name"]) == group:
+                lags.append(None if g.get("lag") is None else int(g["lag"]))
+                frame.pending = (frame.pending or 0) + int(g["pending"])
+                frame.consumers = max(frame.consumers, int(g["consumers"]))
+        for c in consumers:
+            row = rows.get(_text(c["name"]))
+            if row is not None:
+                row.pending = (row.pending or 0) + int(c["pending"])
+    if lags and None not in lags:
+        frame.lag = sum(lag or 0 for lag in lags)
     return frame
 
 
@@ -183,6 +192,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--redis-url", help="default: REDIS_URL, else redis://127.0.0.1:6379/0")
     p.add_argument("--prefix", help="key prefix (default: LLM_PREFIX, else llm)")
     p.add_argument("--group", default=CONSUMER_GROUP, help="consumer group (default: %(default)s)")
+    p.add_argument(
+        "--tenants",
+        default=os.environ.get("LLM_TENANTS", ""),
+        help="comma-separated tenants whose streams to sum (default: LLM_TENANTS, else the single stream)",
+    )
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default: 2)")
     p.add_argument(
         "--max-age-s", type=float, default=60.0, help="hide workers silent this long (default: 60)"
@@ -197,12 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     url = args.redis_url or settings.redis_url
     prefix = args.prefix or settings.prefix
     names = StreamNames.for_prefix(prefix)
+    tenants = [t.strip() for t in args.tenants.split(",") if t.strip()]
+    streams = [StreamNames.for_prefix(prefix, t).requests for t in tenants] or None
     client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
     # Piped output (tests, `watch`, logs) gets a wide table instead of the 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 200)
 
     def frame() -> Table:
-        return render(read_frame(client, names, args.group, args.max_age_s), prefix)
+        return render(read_frame(client, names, args.group, args.max_age_s, streams), prefix)
 
     try:
         if args.once:

@@ -3,14 +3,37 @@
 All keys share one prefix (default `llm`, `LLM_PREFIX`), so one ACL pattern (`~llm:*`)
 covers the service. Clients and workers take key names from here, so the two sides
 cannot disagree on one; `docs/protocol.md` lists them.
+
+Tenants (docs/security.md): a deployment that names tenants gives each its own namespace,
+`<prefix>:t:{<tenant>}`, holding that tenant's request stream, reply streams, final-reply
+guards, cancel stream and dead letters. The braces are a cluster hash tag, so one tenant's
+keys share one slot; the namespace is what the tenant's ACL user may touch. Without a tenant
+the namespace is the bare prefix and every key is the one of the single-stream deployment.
+Heartbeats and live stats are the workers' own and stay under the bare prefix.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "llm"
 CONSUMER_GROUP = "workers"
+
+# A tenant name: no glob or hash-tag character, so it cannot widen an ACL pattern or split a namespace.
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_tenant(name: str) -> str:
+    """`name` if it is a valid tenant name (1-64 of `A-Za-z0-9_-`), else ValueError."""
+    if not TENANT_PATTERN.match(name):
+        raise ValueError(f"tenant {name!r} must be 1-64 characters of A-Za-z0-9_-")
+    return name
+
+
+def namespace(prefix: str = DEFAULT_PREFIX, tenant: str | None = None) -> str:
+    """Root of a tenant's keys: `<prefix>:t:{<tenant>}`; the bare prefix without a tenant."""
+    return prefix if tenant is None else f"{prefix}:t:{{{check_tenant(tenant)}}}"
 
 
 def requests_stream(prefix: str = DEFAULT_PREFIX, shard: int | None = None) -> str:
@@ -49,7 +72,10 @@ def heartbeat_key(prefix: str, consumer: str) -> str:
 
 
 def reply_key_allowed(key: str, prefix: str = DEFAULT_PREFIX) -> bool:
-    """Whether a `reply_to` stays inside the reply namespace, so no request makes a worker write elsewhere."""
+    """Whether a `reply_to` stays inside the reply namespace, so no request makes a worker write elsewhere.
+
+    `prefix` is the namespace root: `namespace(prefix, tenant)` for a tenant's requests.
+    """
     return key.startswith(f"{prefix}:reply:") and len(key) > len(prefix) + 7
 
 
@@ -58,7 +84,8 @@ class StreamNames:
     """The keys of one deployment, built once from its prefix and handed around as one value.
 
     A component that needs several keys takes a `StreamNames` instead of a row of key
-    strings, which could be passed in the wrong order without any type noticing.
+    strings, which could be passed in the wrong order without any type noticing. With a
+    `tenant`, the request, reply, guard, cancel and dead-letter keys are that tenant's.
     """
 
     prefix: str
@@ -66,24 +93,36 @@ class StreamNames:
     dead_letter: str
     cancel: str
     stats: str
+    tenant: str | None = None
 
     @classmethod
-    def for_prefix(cls, prefix: str = DEFAULT_PREFIX) -> StreamNames:
+    def for_prefix(cls, prefix: str = DEFAULT_PREFIX, tenant: str | None = None) -> StreamNames:
+        root = namespace(prefix, tenant)
         return cls(
             prefix,
-            requests_stream(prefix),
-            dead_letter_stream(prefix),
-            cancel_stream(prefix),
+            requests_stream(root),
+            dead_letter_stream(root),
+            cancel_stream(root),
             stats_stream(prefix),
+            tenant,
         )
+
+    @property
+    def root(self) -> str:
+        """The namespace of the request, reply, guard, cancel and dead-letter keys."""
+        return namespace(self.prefix, self.tenant)
 
     def reply(self, request_id: str) -> str:
         """The default reply stream of a request."""
-        return reply_stream(request_id, self.prefix)
+        return reply_stream(request_id, self.root)
 
     def final_guard(self, request_id: str) -> str:
         """The final-reply guard of a request."""
-        return final_guard_key(self.prefix, request_id)
+        return final_guard_key(self.root, request_id)
+
+    def reply_allowed(self, key: str) -> bool:
+        """Whether `key` is a reply stream of this namespace (what a `reply_to` must be)."""
+        return reply_key_allowed(key, self.root)
 
     def heartbeat(self, consumer: str) -> str:
         """The heartbeat key of a worker."""

@@ -1,0 +1,397 @@
+"""Tenants under real ACLs: each backend may touch only its own namespace, and Redis says so.
+
+A private server gets the users `python -m worker.acl` prints (two tenants and the workers);
+a worker serving both tenants runs as the workers' user, and each client connects as its
+tenant's user. Tenant B then tries every attack of issue 9 against tenant A: each is refused
+by Redis (NOPERM) or by the client or worker, and A's request still gets its own answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.client import AsyncChatClient, ChatClient, ChatError
+from producer.wire.codec import encode_request
+from producer.wire.keys import StreamNames
+from producer.wire.models import ChatRequest, ErrorCode
+from worker import acl
+from worker.cancellation import CancelWatch
+from worker.embedded_redis import EmbeddedRedis
+from worker.engine.echo import EchoEngine
+from worker.inflight import LoopCounters
+from worker.settings import WorkerSettings
+from worker.tenants import build_lanes, namespaces, read_lanes
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOT = Path(__file__).resolve().parents[1]
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "llm-worker": "worker-pw"}
+
+
+@dataclass
+class Deployment:
+    server: EmbeddedRedis
+    prefix: str
+    tmp_path: Path
+    workers: list[subprocess.Popen[bytes]]
+
+    def url(self, user: str) -> str:
+        return f"redis://{user}:{PASSWORDS[user]}@127.0.0.1:{self.server.port}/0"
+
+    def as_user(self, user: str) -> redis.Redis:
+        return redis.Redis.from_url(self.url(user))
+
+    def client(self, tenant: str, **overrides: object) -> ChatClient:
+        return ChatClient(self.url(tenant), prefix=self.prefix, tenant=tenant, timeout_s=60, **overrides)
+
+    def names(self, tenant: str) -> StreamNames:
+        return StreamNames.for_prefix(self.prefix, tenant)
+
+    def start_worker(self, **settings: str) -> subprocess.Popen[bytes]:
+        name = f"w{len(self.workers)}"
+        env = dict(
+            os.environ, REDIS_URL=self.url("llm-worker"), LLM_PREFIX=self.prefix, LLM_ENGINE="echo",
+            LLM_TENANTS="alice,bob", LLM_CONSUMER_NAME=name, PYTHONUNBUFFERED="1",
+        )  # fmt: skip
+        env.update({f"LLM_{k.upper()}": v for k, v in settings.items()})
+        with open(self.tmp_path / f"{name}.log", "wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+            )
+        self.workers.append(proc)
+        deadline = time.monotonic() + 120
+        index = len(self.workers) - 1
+        while not self.events(index, "worker_started"):
+            assert proc.poll() is None and time.monotonic() < deadline, self.log(index)[-3000:]
+            time.sleep(0.1)
+        return proc
+
+    def log(self, index: int = 0) -> str:
+        return (self.tmp_path / f"w{index}.log").read_text(errors="replace")
+
+    def events(self, index: int, name: str) -> list[dict]:
+        lines = [line for line in self.log(index).splitlines() if line.startswith("{")]
+        return [e for e in map(json.loads, lines) if e.get("event") == name]
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+@pytest.fixture()
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    lines = [
+        acl.setuser("alice", acl.producer_rules("alice", PASSWORDS["alice"], prefix)),
+        acl.setuser("bob", acl.producer_rules("bob", PASSWORDS["bob"], prefix)),
+        acl.setuser("llm-worker", acl.worker_rules(PASSWORDS["llm-worker"], prefix)),
+    ]
+    with EmbeddedRedis() as server:
+        admin = redis.Redis(port=server.port)
+        for line in lines:  # exactly as an operator pastes them into redis-cli
+            assert admin.execute_command(*shlex.split(line)) == b"OK"
+        admin.execute_command("ACL", "SETUSER", "default", "on", ">admin-pw")
+        admin.close()
+        d = Deployment(server, prefix, tmp_path, [])
+        try:
+            yield d
+        finally:
+            for proc in d.workers:
+                stop(proc)
+
+
+FAST = {"heartbeat_interval_s": "0.3", "heartbeat_ttl_s": "1", "read_block_ms": "200",
+        "reclaim_interval_s": "0.3", "reclaim_min_idle_ms": "1000", "trim_interval_s": "0.2"}  # fmt: skip
+
+
+def ask(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_tenants_are_served_end_to_end_under_their_acls(deployment: Deployment) -> None:
+    d = deployment
+    key = "tenant-test-signing-key"  # signed replies work in tenant namespaces too (cancels included)
+    worker = d.start_worker(echo_token_delay_ms="20", reply_signing_key=key, **FAST)
+    alice, bob = d.client("alice", reply_signing_key=key), d.client("bob", reply_signing_key=key)
+    try:
+        assert alice.chat(ask("hello from alice"), max_tokens=8).text == "hello from alice"
+        stream = bob.stream(ask("bob streams words"), max_tokens=8)
+        assert "".join(t.text for t in stream) == "bob streams words"
+        assert stream.reply is not None and stream.reply.text == "bob streams words"
+        ids = alice.submit_many([{"messages": ask(f"batch {i}"), "max_tokens": 4} for i in range(5)])
+        results = alice.results([i for i in ids if isinstance(i, str)])
+        assert sorted(r.text for r in results.values() if not isinstance(r, ChatError)) == [
+            f"batch {i}" for i in range(5)
+        ]
+        # A tenant cancels through its own cancel stream; a worker writes the `cancelled` reply.
+        rid = alice.submit(ask(" ".join(["word"] * 200)), max_tokens=200)
+        time.sleep(0.5)
+        assert alice.cancel(rid)
+        with pytest.raises(ChatError) as info:
+            alice.result(rid, timeout_s=20)
+        assert info.value.code == ErrorCode.CANCELLED
+        # A cancel of a request no worker is serving is answered by the workers too (under the guard).
+        alice.cancel("not-sent-yet")
+        with pytest.raises(ChatError) as info:
+            alice.result("not-sent-yet", timeout_s=20)
+        assert info.value.code == ErrorCode.CANCELLED
+
+        async def async_chat() -> list[str]:
+            async with AsyncChatClient(
+                d.url("bob"), prefix=d.prefix, tenant="bob", timeout_s=60, reply_signing_key=key
+            ) as c:
+                texts = [(await c.chat(ask("async bob"), max_tokens=4)).text]
+                batch = [{"messages": ask(f"async {i}"), "max_tokens": 4} for i in range(3)]
+                ids = await c.submit_many(batch)
+                replies = await c.results([i for i in ids if isinstance(i, str)])
+                return texts + sorted(r.text for r in replies.values() if not isinstance(r, ChatError))
+
+        assert asyncio.run(async_chat()) == ["async bob", "async 0", "async 1", "async 2"]
+        time.sleep(1.0)  # a trim, reclaim and backlog round under the worker's user
+        assert worker.poll() is None
+        log = d.log()
+        assert "NOPERM" not in log and "Traceback" not in log and "redis_error" not in log, log[-3000:]
+        done = d.events(0, "request_done")
+        assert {e["tenant"] for e in done} == {"alice", "bob"}
+        assert alice.rejected_events == 0 and bob.rejected_events == 0
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_one_tenant_cannot_reach_another(deployment: Deployment) -> None:
+    d = deployment
+    d.start_worker(echo_token_delay_ms="30", **FAST)
+    alice, bob = d.client("alice"), d.client("bob")
+    a, b = d.names("alice"), d.names("bob")
+    raw_bob = d.as_user("bob")
+    try:
+        text = " ".join(f"w{i}" for i in range(40))
+        rid = alice.submit(ask(text), max_tokens=64)
+        time.sleep(0.3)  # in flight
+
+        def refused(call) -> None:  # noqa: ANN001
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                call()
+
+        # Read another tenant's requests (and, for that matter, its own).
+        refused(lambda: raw_bob.xread({a.requests: "0"}))
+        refused(lambda: raw_bob.xrange(a.requests))
+        refused(lambda: raw_bob.xreadgroup("workers", "evil", {a.requests: ">"}))
+        refused(lambda: raw_bob.xread({b.requests: "0"}))
+        # Read another tenant's replies.
+        refused(lambda: raw_bob.xread({a.reply(rid): "0"}))
+        # Forge events into another tenant's reply stream.
+        forged = {"ct": "json", "body": json.dumps({"type": "done", "id": rid, "text": "forged"})}
+        refused(lambda: raw_bob.xadd(a.reply(rid), forged))  # type: ignore[arg-type]
+        # Take another request's final-reply guard (or any guard: a tenant has no SET at all).
+        refused(lambda: raw_bob.set(a.final_guard(rid), "bob"))
+        refused(lambda: raw_bob.set(b.final_guard(rid), "bob"))
+        # Break the cancel streams: SET one to a string, or cancel another tenant's request.
+        refused(lambda: raw_bob.set(f"{d.prefix}:cancel", "x"))
+        refused(lambda: raw_bob.set(a.cancel, "x"))
+        refused(lambda: raw_bob.xadd(a.cancel, {"id": rid}))
+        # Replace or drop the request stream.
+        refused(lambda: raw_bob.delete(a.requests))
+        refused(lambda: raw_bob.set(a.requests, "x"))
+        refused(lambda: raw_bob.rename(b.requests, a.requests))
+        refused(lambda: raw_bob.xadd(a.requests, {"v": "1"}))
+        # Scripts, key listing, server administration.
+        refused(lambda: raw_bob.eval("return redis.call('SET', KEYS[1], 'x')", 1, a.final_guard(rid)))
+        refused(lambda: raw_bob.evalsha("0" * 40, 0))
+        refused(lambda: raw_bob.script_load("return 1"))
+        refused(lambda: raw_bob.execute_command("FUNCTION", "LIST"))
+        refused(lambda: raw_bob.keys("*"))
+        refused(lambda: raw_bob.scan())
+        refused(lambda: raw_bob.config_get("*"))
+        refused(lambda: raw_bob.flushall())
+        refused(lambda: raw_bob.publish("x", "y"))
+
+        # reply_to naming A's reply stream: the client refuses it before sending...
+        with pytest.raises(ValueError):
+            bob.submit(ask("steal"), reply_to=a.reply(rid))
+        # ...and a raw entry in B's own stream is answered `invalid_request`, in B's namespace.
+        evil = ChatRequest(id="evil-1", messages=ask("steal"), reply_to=a.reply(rid))  # type: ignore[arg-type]
+        raw_bob.xadd(b.requests, encode_request(evil))  # type: ignore[arg-type]
+        with pytest.raises(ChatError) as info:
+            bob.result("evil-1", timeout_s=20)
+        assert info.value.code == ErrorCode.INVALID_REQUEST
+        # Reuse A's in-flight id: B's request is B's own and gets B's answer; B cancels "it" too.
+        assert bob.chat(ask("bob same id"), id=rid, max_tokens=8).text == "bob same id"
+        bob.cancel(rid)
+
+        reply = alice.result(rid, timeout_s=60)
+        assert reply.text == text and reply.id == rid
+        assert alice.rejected_events == 0
+    finally:
+        alice.close()
+        bob.close()
+        raw_bob.close()
+
+
+def test_a_dead_workers_tenant_requests_are_reclaimed_under_the_worker_acl(deployment: Deployment) -> None:
+    d = deployment
+    first = d.start_worker(echo_token_delay_ms="100", **FAST)
+    alice, bob = d.client("alice"), d.client("bob")
+    try:
+        texts = {"alice": "slow words for alice to finish", "bob": "and some for bob as well"}
+        rids = {t: c.submit(ask(texts[t]), max_tokens=16) for t, c in (("alice", alice), ("bob", bob))}
+        time.sleep(0.4)  # both running on the first worker
+        stop(first, signal.SIGKILL)
+        d.start_worker(async_replies="true", **FAST)  # and its writes go through the background writer
+        assert alice.result(rids["alice"], timeout_s=60).text == texts["alice"]
+        assert bob.result(rids["bob"], timeout_s=60).text == texts["bob"]
+        assert d.events(1, "entries_reclaimed")
+        assert "NOPERM" not in d.log(1)
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_one_tenants_flood_is_shed_on_its_own_stream_while_another_is_served(deployment: Deployment) -> None:
+    d = deployment
+    d.start_worker(
+        echo_token_delay_ms="50", max_num_seqs="1", max_waiting_requests="2", max_backlog_requests="5",
+        backlog_check_interval_ms="50", **FAST,
+    )  # fmt: skip
+    alice, bob = d.client("alice"), d.client("bob")
+    try:
+        flood = alice.submit_many([{"messages": ask(f"flood {i}"), "max_tokens": 4} for i in range(40)])
+        time.sleep(0.3)
+        assert bob.chat(ask("bob is served"), max_tokens=4).text == "bob is served"
+        results = alice.results([i for i in flood if isinstance(i, str)], timeout_s=120)
+        codes = [r.code for r in results.values() if isinstance(r, ChatError)]
+        served = [r for r in results.values() if not isinstance(r, ChatError)]
+        assert codes and set(codes) == {ErrorCode.OVERLOADED}
+        assert served and all(r.text.startswith("flood ") for r in served)
+        shed = d.events(0, "requests_shed")
+        assert shed and sum(e["count"] for e in shed) == len(codes)
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_a_tenants_undecodable_entries_are_dead_lettered_in_its_namespace(deployment: Deployment) -> None:
+    d = deployment
+    d.start_worker(**FAST)
+    raw_bob = d.as_user("bob")
+    admin = redis.Redis(port=d.server.port, password="admin-pw")
+    try:
+        raw_bob.xadd(d.names("bob").requests, {"v": "1", "ct": "json", "body": "not json"})
+        deadline = time.monotonic() + 30
+        while not admin.xlen(d.names("bob").dead_letter) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        dead = admin.xrange(d.names("bob").dead_letter)
+        assert len(dead) == 1 and dead[0][1][b"f:body"] == b"not json"
+        assert not admin.exists(d.names("alice").dead_letter, f"{d.prefix}:dead")
+        group = admin.xinfo_groups(d.names("bob").requests)[0]
+        assert group["pending"] == 0  # acknowledged on bob's stream
+    finally:
+        raw_bob.close()
+        admin.close()
+
+
+def test_one_read_gives_every_tenant_the_same_share(redis_client: redis.Redis, prefix: str) -> None:
+    """In process, no ACL: one XREADGROUP over both streams, COUNT per stream, so a deep backlog
+    (alice's 100) cannot crowd out a shallow one (bob's 3) in any read."""
+    s = WorkerSettings(prefix=prefix, tenants="alice,bob", consumer_name="c1", read_count=64)
+    spaces = namespaces(s)
+    table: dict = {}
+    cancels = CancelWatch(redis_client, spaces, 50, 100)
+    lanes = build_lanes(redis_client, s, EchoEngine(), table, LoopCounters(), cancels, "c1:1")
+    for lane in lanes:
+        redis_client.xgroup_create(lane.stream, s.group, id="0", mkstream=True)
+    for tenant, n in (("alice", 100), ("bob", 3)):
+        for i in range(n):
+            request = ChatRequest(id=f"r{i}", prompt=f"{tenant} {i}")
+            redis_client.xadd(StreamNames.for_prefix(prefix, tenant).requests, encode_request(request))  # type: ignore[arg-type]
+    read_lanes(redis_client, s, lanes, 64, None)  # the startup replay of our (empty) pending lists
+    first = read_lanes(redis_client, s, lanes, 64, None)
+    assert sorted(f.key for f in first if f.tenant == "bob") == ["bob/r0", "bob/r1", "bob/r2"]
+    assert len([f for f in first if f.tenant == "alice"]) == 32  # ceil(64 / 2)
+    # The same id in two tenants is two requests.
+    assert {f.key for f in first} >= {"alice/r0", "bob/r0"}
+
+
+# -- the ACL generator ---------------------------------------------------------------------------------
+
+
+def test_producer_acl_grants_exactly_its_own_streams() -> None:
+    line = acl.setuser("alice", acl.producer_rules("alice", "pw", "llm"))
+    assert line == (
+        "ACL SETUSER alice reset on >pw resetchannels -@all +ping +client|setinfo "
+        "(+xadd %W~llm:t:{alice}:requests %W~llm:t:{alice}:cancel) "
+        "(+xread +xrange %R~llm:t:{alice}:reply:*)"
+    )
+
+
+def test_worker_acl_covers_every_command_of_the_worker_and_its_scripts() -> None:
+    rules = acl.worker_rules("pw", "llm")
+    assert rules[:7] == ["reset", "on", ">pw", "resetchannels", "-@all", "+ping", "+client|setinfo"]
+    assert "~llm:*" in rules and "+eval" not in rules and "+keys" not in rules
+    commands = {r[1:] for r in rules if r.startswith("+")}
+    sources = [ROOT / p for p in ("producer/wire/final_guard.py", "producer/wire/backlog.py",
+                                  "worker/heartbeat.py", "worker/reclaim.py")]  # fmt: skip
+    in_scripts = {m.lower() for p in sources for m in re.findall(r"redis\.call\('([A-Z]+)'", p.read_text())}
+    for command in in_scripts:
+        assert command in commands or any(c.startswith(command + "|") for c in commands), command
+
+
+def test_acl_cli_prints_one_command_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert acl.main(["--prefix", "svc", "producer", "--tenant", "bob", "--password", "s3cret"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("ACL SETUSER bob reset on >s3cret ")
+    assert "%W~svc:t:{bob}:requests" in out[0]
+    assert acl.main(["worker", "--password", "s3cret", "--hashed"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("ACL SETUSER llm-worker reset on #") and "s3cret" not in out[0]
+    bad_args = (
+        ["producer", "--tenant", "a*", "--password", "x"],
+        ["producer", "--tenant", "{a}", "--password", "x"],
+        ["worker", "--password", "has space"],
+    )
+    for bad in bad_args:
+        with pytest.raises(SystemExit):
+            acl.main(bad)
+
+
+def test_security_page_shows_the_generated_lines() -> None:
+    page = (ROOT / "docs" / "security.md").read_text()
+    assert acl.setuser("alice", acl.producer_rules("alice", "alice-secret")) in page
+    assert acl.setuser("llm-worker", acl.worker_rules("worker-secret")) in page
+
+
+def test_clients_take_their_tenant_from_the_argument_or_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = ChatClient("redis://127.0.0.1:1/0", prefix="p", tenant="alice")
+    assert client.names.requests == "p:t:{alice}:requests"
+    assert client.names.reply("x") == "p:t:{alice}:reply:x"
+    with pytest.raises(ValueError):
+        client.submit(ask("hi"), reply_to="p:reply:x")  # outside its namespace: refused before sending
+    monkeypatch.setenv("LLM_TENANT", "bob")
+    assert AsyncChatClient("redis://127.0.0.1:1/0", prefix="p").names.cancel == "p:t:{bob}:cancel"
+    monkeypatch.delenv("LLM_TENANT")
+    assert ChatClient("redis://127.0.0.1:1/0", prefix="p").names.requests == "p:requests"
+    for bad in ("a*", "{a}", "a:b", ""):
+        with pytest.raises(ValueError):
+            ChatClient("redis://127.0.0.1:1/0", tenant=bad)

@@ -1,0 +1,192 @@
+"""Tenants: one request stream per tenant, and everything the worker keys by stream.
+
+A deployment that lists tenants (`LLM_TENANTS=alice,bob`) gives each its own key namespace
+`<prefix>:t:{<tenant>}` (`producer/wire/keys.py`): its request stream, reply streams, final-reply
+guards, cancel stream and dead letters. Each tenant's ACL user may write only its own request
+and cancel streams and read only its own reply streams (`worker/acl.py`, docs/security.md), so
+Redis itself keeps tenants apart. The worker learns a request's tenant from the stream it read
+the entry from, never from the body, and answers only inside that tenant's namespace.
+
+A `Lane` is one request stream with what is keyed by it: the reply writer (its guards, its
+acknowledgements, its dead letters), refusals, intake, heartbeat touches, reclaim, backlog and
+trimming. Without tenants there is one lane, the un-namespaced `<prefix>:requests`, and every
+command the worker sends is the one it sent before tenants existed.
+
+Fairness: `read_lanes` reads every lane in one XREADGROUP with a COUNT, and Redis applies the
+COUNT to each stream, so in each call every tenant with waiting entries gets up to the same
+share, whatever the others' backlogs; the engine's scheduler takes it from there. Each tenant's
+backlog is measured and shed against `max_backlog_requests` on its own stream, so one tenant's
+flood is answered `overloaded` without refusing the others.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from producer.wire.keys import StreamNames
+from producer.wire.models import ErrorCode
+from producer.wire.redis_types import read_entries
+from worker.backpressure import Backpressure
+from worker.cancellation import Cancel, CancelWatch
+from worker.engine.base import Engine
+from worker.heartbeat import Heartbeat
+from worker.inflight import InFlight, LoopCounters
+from worker.intake import Intake
+from worker.keyed_errors import about
+from worker.reclaim import Reclaimer
+from worker.refusals import Refusals
+from worker.replies import ReplyWriter
+from worker.settings import WorkerSettings
+
+
+@dataclass
+class Lane:
+    """One request stream the worker serves, with the parts that are keyed by it."""
+
+    names: StreamNames
+    replies: ReplyWriter
+    refusals: Refusals
+    intake: Intake
+    heartbeat: Heartbeat
+    reclaimer: Reclaimer
+    backpressure: Backpressure
+
+    @property
+    def tenant(self) -> str | None:
+        return self.names.tenant
+
+    @property
+    def stream(self) -> str:
+        return self.names.requests
+
+    def answer_cancel(self, cancel: Cancel) -> None:
+        """Queue the `cancelled` reply to a tenant's cancel of a request this worker is not serving.
+
+        Guarded like every final: if the request already has its final reply, nothing is written; if
+        not, a worker that reads it later finds the guard and skips it. No entry is acknowledged here.
+        """
+        key = cancel.reply_to or self.names.reply(cancel.request_id)
+        if not self.names.reply_allowed(key):
+            key = self.names.reply(cancel.request_id)
+        self.replies.error(
+            cancel.request_id, key, ErrorCode.CANCELLED, "cancelled by the client", cancel.content_type, None
+        )
+
+
+def namespaces(settings: WorkerSettings) -> list[StreamNames]:
+    """The key namespaces this worker serves: one per tenant, or the single un-namespaced one."""
+    return [StreamNames.for_prefix(settings.prefix, t) for t in settings.tenant_list()]
+
+
+def build_lanes(
+    client: redis.Redis,
+    settings: WorkerSettings,
+    engine: Engine,
+    table: dict[str, InFlight],
+    counters: LoopCounters,
+    cancels: CancelWatch,
+    attempt: str,
+) -> list[Lane]:
+    """One lane per namespace of `settings`, all sharing the loop's table, counters and cancel watch."""
+    s = settings
+    lanes = []
+    for names in namespaces(s):
+        replies = ReplyWriter(
+            client, names, s.group, attempt, s.reply_ttl_s, s.dead_letter_max_entries,
+            signing_key=s.signing_key(),
+        )  # fmt: skip
+        refusals = Refusals(replies, s, counters)
+        heartbeat = Heartbeat(
+            client, names, s.group, s.consumer_name, s.heartbeat_interval_s, s.heartbeat_ttl_s
+        )
+        reclaimer = Reclaimer(
+            client, names, s.group, s.consumer_name, s.reclaim_interval_s, s.reclaim_min_idle_ms,
+            s.reclaim_count,
+        )  # fmt: skip
+        backpressure = Backpressure(
+            client, names, s.group, s.max_backlog_requests, s.backlog_check_interval_ms, s.trim_interval_s
+        )
+        intake = Intake(
+            client, s, names.requests, engine, table, replies, refusals, cancels, reclaimer, backpressure,
+            counters,
+        )  # fmt: skip
+        lanes.append(Lane(names, replies, refusals, intake, heartbeat, reclaimer, backpressure))
+    return lanes
+
+
+def read_lanes(
+    client: redis.Redis, settings: WorkerSettings, lanes: Sequence[Lane], room: int, block_ms: int | None
+) -> list[InFlight]:
+    """One XREADGROUP over every lane's stream (blocking `block_ms`, None = not at all); accept the entries.
+
+    COUNT is per stream, so each lane may bring up to ceil(room / lanes) entries: at most
+    `len(lanes) - 1` more than `room` in all, and the same share for every tenant.
+    """
+    if room <= 0:
+        return []
+    streams = {lane.stream: lane.intake.cursor() for lane in lanes}
+    replaying = any(cursor != ">" for cursor in streams.values())
+    count = max(1, math.ceil(min(room, settings.read_count) / len(lanes)))
+    with about(lanes[0].stream if len(lanes) == 1 else f"{len(lanes)} request streams"):
+        reply = read_entries(
+            client.xreadgroup(
+                settings.group, settings.consumer_name, streams,  # type: ignore[arg-type]
+                count=count, block=None if replaying else block_ms,
+            )
+        )  # fmt: skip
+    got = {key.decode(): entries for key, entries in reply}
+    candidates: list[tuple[Lane, list[InFlight]]] = []
+    for lane in lanes:
+        entries = got.get(lane.stream)
+        if entries is not None or streams[lane.stream] != ">":  # a replaying lane learns it is done
+            candidates.append((lane, lane.intake.read_candidates(entries or [])))
+    # Whether each already has a final reply: one pipeline for all streams, not one per stream.
+    guards = [key for lane, found in candidates for key in lane.intake.guard_keys(found)]
+    if not guards:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for key in guards:
+        pipe.exists(key)
+    answered = pipe.execute()
+    accepted: list[InFlight] = []
+    for lane, found in candidates:
+        accepted += lane.intake.admit(found, answered[: len(found)])
+        answered = answered[len(found) :]
+    return accepted
+
+
+class LaneWriters:
+    """The lanes' reply writers seen as one `ReplyWriter` by the loop and its background writer.
+
+    Each lane's writes go in that lane's own pipeline (its acknowledgements name its stream), one
+    after the other; a batch written again after a connection error is written again whole, which
+    `ReplyWriter.write` allows. With one lane the loop uses that lane's writer directly.
+    """
+
+    def __init__(self, writers: Sequence[ReplyWriter]):
+        self.writers = list(writers)
+
+    @property
+    def pending(self) -> bool:
+        return any(w.pending for w in self.writers)
+
+    def flush(self) -> list[str]:
+        dropped: list[str] = []
+        for w in self.writers:
+            dropped += w.flush()
+        return dropped
+
+    def take(self) -> list[tuple[ReplyWriter, Any]] | None:
+        batches = [(w, batch) for w in self.writers if (batch := w.take()) is not None]
+        return batches or None
+
+    def write(self, batches: list[tuple[ReplyWriter, Any]]) -> list[str]:
+        dropped: list[str] = []
+        for writer, batch in batches:
+            dropped += writer.write(batch)
+        return dropped
