@@ -38,6 +38,8 @@ demo: model
 
 test: model
 	$(BIN)/python -m pytest
+	# The queue-path and reliability suites again, with workers under their generated ACL (docs/security.md).
+	LLM_TEST_WORKER_ACL=1 $(BIN)/python -m pytest -q tests/test_queue_path.py tests/test_reliability_*.py
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not model and not slow"

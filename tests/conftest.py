@@ -100,6 +100,21 @@ class WorkerProcess:
         return self.proc.returncode
 
 
+def worker_acl_url(redis_url: str, prefix: str) -> str:
+    """With `LLM_TEST_WORKER_ACL=1`, workers connect as a user with exactly the ACL that
+    `python -m worker.acl worker` generates for the test's prefix (clients stay the default user)."""
+    from worker.acl import worker_rules
+
+    user, password = f"worker-{prefix}", "test-worker-pw"
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        admin.execute_command("ACL", "SETUSER", user, *worker_rules(password, prefix))
+    finally:
+        admin.close()
+    scheme, rest = redis_url.split("://", 1)
+    return f"{scheme}://{user}:{password}@{rest}"
+
+
 @pytest.fixture()
 def start_worker(redis_url: str, prefix: str, tmp_path: Path) -> Iterator:
     """Factory: start_worker(engine="echo", **env_settings) -> WorkerProcess (already serving)."""
@@ -112,6 +127,8 @@ def start_worker(redis_url: str, prefix: str, tmp_path: Path) -> Iterator:
                     "LLM_CONSUMER_NAME": name, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
                     "PYTHONUNBUFFERED": "1"})
         env.update({f"LLM_{k.upper()}": str(v) for k, v in settings.items()})
+        if os.environ.get("LLM_TEST_WORKER_ACL"):
+            env["REDIS_URL"] = worker_acl_url(redis_url, prefix)
         log_path = tmp_path / f"{name}.log"
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env,
