@@ -46,13 +46,18 @@ class Int8MatmulConfig:
 
 
 # Candidates timed per shape on the GPU; few, since each compiles once and is timed once per shape.
+# The GEMV kernel loads without software pipelining (no tl.dot to feed), so its bytes in flight
+# come from resident programs: split K keeps a few per SM where N alone gives one (o, down). The
+# tl.dot kernel pipelines its loads (cp.async, num_stages), so one row also tries it, padded to 16.
 GEMV_CONFIGS = (
     Int8MatmulConfig(1, 16, 512),
     Int8MatmulConfig(1, 32, 256),
-    Int8MatmulConfig(1, 64, 128),
-    Int8MatmulConfig(1, 16, 256, split_k=2),
+    Int8MatmulConfig(1, 16, 512, split_k=2),
+    Int8MatmulConfig(1, 16, 512, split_k=4),
     Int8MatmulConfig(1, 16, 256, split_k=4),
-    Int8MatmulConfig(1, 32, 256, split_k=4),
+    Int8MatmulConfig(1, 16, 256, split_k=8),
+    Int8MatmulConfig(16, 64, 128, split_k=1, num_stages=4),
+    Int8MatmulConfig(16, 64, 128, split_k=4, num_stages=4),
 )
 DOT_TILES = (  # (block_n, block_k, split_k, num_stages) for each row bucket
     (32, 256, 1, 3),
@@ -102,6 +107,16 @@ def _epilogue(acc, offs_m, offs_n, M, N, scale_ptr, bias_ptr, y_ptr, stride_ym, 
 
 
 @triton.jit
+def _epilogue_row(acc, row, offs_n, N, scale_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS: tl.constexpr):
+    """acc [BLOCK_N] FP32 of one row -> y[row] = acc * scale (+ bias), one rounding to y's dtype."""
+    n_mask = offs_n < N
+    out = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, part_ptr, M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
@@ -123,13 +138,11 @@ def _gemv_kernel(
             mask=n_mask[:, None] & k_mask[None, :], other=0,
         )  # fmt: skip
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    total = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
-    offs_m = row + tl.arange(0, 1)
+    total = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
-        _epilogue(total, offs_m, offs_n, M, N, scale_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
+        _epilogue_row(total, row, offs_n, N, scale_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
     else:
-        part = part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
-        tl.store(part, total, mask=n_mask[None, :])
+        tl.store(part_ptr + (pid_k * M + row) * N + offs_n, total, mask=n_mask)
 
 
 @triton.jit
@@ -177,8 +190,7 @@ def _reduce_kernel(
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(part_ptr + (s * M + row) * N + offs_n, mask=mask, other=0.0)
-    offs_m = row + tl.arange(0, 1)
-    _epilogue(acc[None, :], offs_m, offs_n, M, N, scale_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
+    _epilogue_row(acc, row, offs_n, N, scale_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
 
 
 def _launch(
