@@ -155,3 +155,30 @@ def test_kernels_compile_for_hopper(dtype: str):
         pytest.skip(done.stdout.strip())
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["gemv", "gemv", "dot", "dot", "reduce"]
+
+
+def test_tuning_times_each_candidate_and_keeps_the_fastest(monkeypatch: pytest.MonkeyPatch):
+    """`_tune` with a fake clock (on CPU, where choose_config never tunes): each candidate runs and
+    is timed once; splits leaving K slices shorter than a tile are not tried; the fastest is kept."""
+    import contextlib
+
+    import triton.testing
+
+    from worker.engine.kernels import int8_matmul as km
+
+    x, weight, scale, b = operands(1, 64, 1024, torch.float32, False, seed=5)
+    y = torch.full((1, 64), float("nan"))
+    tried: list[km.Int8MatmulConfig] = []
+
+    def fake_bench(fn, **kwargs):  # type: ignore[no-untyped-def]
+        fn()
+        check(y, x, weight, scale, None)  # every candidate wrote the right product
+        y.fill_(float("nan"))
+        tried.append(fn.__defaults__[0])
+        return {km.GEMV_CONFIGS[4]: 1.0}.get(tried[-1], 2.0)
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    assert km._tune(x, weight, scale, None, y) == km.GEMV_CONFIGS[4]
+    assert tried == [c for c in km.GEMV_CONFIGS if c.split_k * c.block_k <= 1024]
+    assert km.GEMV_CONFIGS[5] not in tried  # 8 slices of 256 need K >= 2048

@@ -236,11 +236,12 @@ def _tune(
 
     m, k = x.shape
     timings = []
-    for cfg in candidate_configs(m):
-        if k < cfg.split_k * cfg.block_k:
-            continue  # K slices shorter than one tile
-        ms = do_bench(lambda cfg=cfg: _launch(x, weight, scale, bias, y, cfg), warmup=5, rep=20)
-        timings.append((ms, cfg))
+    with torch.cuda.device(x.device):
+        for cfg in candidate_configs(m):
+            if k < cfg.split_k * cfg.block_k:
+                continue  # K slices shorter than one tile
+            run = lambda cfg=cfg: _launch(x, weight, scale, bias, y, cfg)  # noqa: E731
+            timings.append((do_bench(run, warmup=5, rep=20, return_mode="median"), cfg))
     return min(timings, key=lambda t: t[0])[1] if timings else default_config(m, weight.shape[0], k)
 
 
