@@ -14,6 +14,12 @@ then the median gap between successive tokens of a timed one.
       --baseline static_compile --json-out decode.json --plot decode.png
   python loadtest/decode_step_bench.py --model tiny-random --batch-sizes 1,4 --context 64 --steps 3 \\
       --hbm-tb-s 0.05
+
+`--weights int8` (or w8a8, fp16; as LLM_WEIGHTS) quantises the linears at load; weights= then counts
+the INT8 weights and scales, so the roofline is that of the bytes an INT8 decode step reads:
+
+  python loadtest/decode_step_bench.py --model llama-1b-random --device cuda --dtype float16 \\
+      --batch-sizes 1,16,64 --weights int8
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from worker.engine.kv_cache import KVCacheSpec  # noqa: E402
 from worker.engine.llm_engine import PagedEngine  # noqa: E402
 from worker.engine.model_loader import LoadedModel  # noqa: E402
+from worker.engine.quant import weights_label  # noqa: E402
 
 WARMUP_STEPS = 2  # untimed decode steps once every sequence decodes
 # HBM bandwidth in TB/s by GPU name (whole words: "GH200" is not an H200); first match wins.
@@ -47,8 +54,10 @@ HBM_TB_S = (("H200", 4.8), ("H100 NVL", 3.9), ("H100 PCIe", 2.0), ("H100", 3.35)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of all parameters, each storage once (tied embeddings share one)."""
-    unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    """Bytes of all parameters and buffers (`Int8Linear` keeps its INT8 weight and scales as buffers),
+    each storage once: tied embeddings share one, and fused projections' views count with their storage."""
+    tensors = [*model.parameters(), *model.buffers()]
+    unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(unique.values())
 
 
@@ -215,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     kv_per_token = KVCacheSpec.from_model_config(loaded.model.config, dtype).bytes_per_block(1)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
-        f"model={loaded.source} device={gpu} dtype={dtype} weights={weights / 1e9:.3f} GB "
+        f"model={loaded.source} device={gpu} dtype={dtype} linears={weights_label(loaded.model)} "
+        f"weights={weights / 1e9:.3f} GB "
         f"kv={kv_per_token} B/token bandwidth={bandwidth} TB/s context={args.context} steps={args.steps}",
         flush=True,
     )
@@ -250,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json_out:
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         found = {"device": gpu, "dtype": str(dtype), "weight_bytes": weights, "hbm_tb_s": bandwidth}
+        found["linears"] = weights_label(loaded.model)
         found["kv_bytes_per_token"] = kv_per_token
         args.json_out.write_text(json.dumps({"config": config, **found, "results": rows}, indent=2))
     if args.plot:

@@ -55,6 +55,7 @@ from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from worker.engine.kv_cache import KVCacheSpec  # noqa: E402
 from worker.engine.llm_engine import PagedEngine  # noqa: E402
 from worker.engine.model_loader import LoadedModel, load_model  # noqa: E402
+from worker.engine.quant import WEIGHTS_CHOICES, weights_label  # noqa: E402
 
 FIRST_ORDINARY_ID = 100  # below are SmolLM2's special and byte tokens; random prompts avoid them
 BASELINES = ("generate", "generate_batch", "static_compile")
@@ -398,7 +399,7 @@ def run_baselines(
 
 def load(args: argparse.Namespace) -> LoadedModel:
     return load_model("SmolLM2-135M-Instruct" if args.model == "default" else args.model,
-                      device=args.device, dtype=args.dtype)  # fmt: skip
+                      device=args.device, dtype=args.dtype, weights=args.weights)  # fmt: skip
 
 
 def format_table(rows: list[dict[str, Any]], device: torch.device) -> str:
@@ -434,6 +435,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help=models)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    quant = "LLM_WEIGHTS: int8 = weight-only INT8 linears, w8a8 = INT8 activations too"
+    p.add_argument("--weights", default="auto", choices=WEIGHTS_CHOICES, help=quant)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     eager = "pass enforce_eager=True to PagedEngine (no CUDA graphs)"
     p.add_argument("--enforce-eager", action="store_true", help=eager)
@@ -478,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"workload={workload.name} requests={len(workload.prompts)} prompt_tokens={prompt_tokens} "
         f"output_tokens={sum(workload.max_tokens)} model={loaded.source} device={device} dtype={dtype} "
-        f"threads={torch.get_num_threads()}",
+        f"weights={weights_label(loaded.model)} threads={torch.get_num_threads()}",
         flush=True,
     )
     results = [run_paged(loaded, workload, device, args)]

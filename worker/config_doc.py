@@ -1,7 +1,7 @@
 """Render the settings classes as the README's configuration table, and keep the README in sync.
 
-    python -m worker.config_doc           # print the table
-    python -m worker.config_doc --write   # replace the block between the markers in README.md
+python -m worker.config_doc           # print the table
+python -m worker.config_doc --write   # replace the block between the markers in README.md
 """
 
 from __future__ import annotations

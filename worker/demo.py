@@ -77,11 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         prefix = f"demo-{uuid.uuid4().hex[:6]}"
         stack.callback(_delete_keys, url, prefix)
         log_path = Path(tempfile.gettempdir()) / f"{prefix}-worker.log"
-        env = {**os.environ, "REDIS_URL": url, "LLM_PREFIX": prefix, "LLM_ENGINE": args.engine,
-               "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+        env = {
+            **os.environ,
+            "REDIS_URL": url,
+            "LLM_PREFIX": prefix,
+            "LLM_ENGINE": args.engine,
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TQDM_DISABLE": "1",
+        }
         with open(log_path, "wb") as log_file:
-            worker = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=log_file,
-                                      stderr=subprocess.STDOUT)
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "worker"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+            )
 
         def stop_worker() -> None:
             worker.send_signal(signal.SIGTERM)
@@ -100,12 +108,16 @@ def main(argv: list[str] | None = None) -> int:
             t = reply.timings
             print(f"\nQ: {question}\nA: {reply.text.strip()}")
             u = reply.usage
-            print(f"   [{reply.finish_reason}; {u.prompt_tokens} prompt + {u.completion_tokens} "
-                  f"completion tokens; queue {t.queue_ms:.0f} ms, TTFT {t.ttft_ms or 0:.0f} ms, "
-                  f"total {t.total_ms:.0f} ms]")
+            print(
+                f"   [{reply.finish_reason}; {u.prompt_tokens} prompt + {u.completion_tokens} "
+                f"completion tokens; queue {t.queue_ms:.0f} ms, TTFT {t.ttft_ms or 0:.0f} ms, "
+                f"total {t.total_ms:.0f} ms]"
+            )
         tokens = sum(r.usage.completion_tokens for r in replies)
-        print(f"\n{len(replies)} concurrent requests answered in {wall_s:.1f} s "
-              f"({tokens / wall_s:.1f} output tok/s)")
+        print(
+            f"\n{len(replies)} concurrent requests answered in {wall_s:.1f} s "
+            f"({tokens / wall_s:.1f} output tok/s)"
+        )
     return 0
 
 

@@ -90,9 +90,22 @@ class EmbeddedRedis:
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         args = [
-            str(server_binary()), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self._dir,
-            "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no",
-            "--loglevel", "warning", *self.extra_args,
+            str(server_binary()),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self._dir,
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            *self.extra_args,
         ]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s

@@ -34,6 +34,7 @@ if #p > 0 then return -1 end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
+
 @dataclass(frozen=True)
 class Claimed:
     """Entries taken over from dead consumers, with their delivery counts."""

@@ -85,9 +85,13 @@ class EchoEngine(Engine):
 
     def _final(self, seq: _EchoSequence, reason: FinishReason) -> SequenceOutput:
         return SequenceOutput(
-            request_id=seq.request.request_id, new_token_ids=[], new_text="", finished=True,
+            request_id=seq.request.request_id,
+            new_token_ids=[],
+            new_text="",
+            finished=True,
             finish_reason=reason,
-            prompt_tokens=len(seq.request.prompt_token_ids), completion_tokens=len(seq.produced),
+            prompt_tokens=len(seq.request.prompt_token_ids),
+            completion_tokens=len(seq.produced),
             text=seq.text.text,
         )
 
@@ -121,8 +125,11 @@ class EchoEngine(Engine):
             done_stop = seq.text.stopped or len(seq.produced) >= len(seq.words)
             done_length = len(seq.produced) >= seq.request.sampling.max_tokens
             out = SequenceOutput(
-                request_id=rid, new_token_ids=[zlib.crc32(word.encode()) % 50_000], new_text=delta,
-                prompt_tokens=len(seq.request.prompt_token_ids), completion_tokens=len(seq.produced),
+                request_id=rid,
+                new_token_ids=[zlib.crc32(word.encode()) % 50_000],
+                new_text=delta,
+                prompt_tokens=len(seq.request.prompt_token_ids),
+                completion_tokens=len(seq.produced),
             )
             if done_length or done_stop:
                 del self._running[rid]

@@ -128,8 +128,13 @@ class ModelRunner:
                 sampled_rows.append(i)
         self._check_window(context_lens)
         metadata = AttentionMetadata.for_step(
-            self.kv_cache, self.backend, slots, [item.seq.block_table for item in rows], query_lens,
-            context_lens, self.num_sms,
+            self.kv_cache,
+            self.backend,
+            slots,
+            [item.seq.block_table for item in rows],
+            query_lens,
+            context_lens,
+            self.num_sms,
         )
 
         def on_device(values: list[int]) -> torch.Tensor:
@@ -169,7 +174,12 @@ class ModelRunner:
         """
         num_tokens = 1 + prefill_tokens
         metadata = AttentionMetadata.for_step(
-            self.kv_cache, self.backend, [-1] * num_tokens, [[0], [0]], [1, prefill_tokens], [0, 0],
+            self.kv_cache,
+            self.backend,
+            [-1] * num_tokens,
+            [[0], [0]],
+            [1, prefill_tokens],
+            [0, 0],
             self.num_sms,
         )
         ids = torch.zeros(1, num_tokens, dtype=torch.long, device=self.device)

@@ -126,8 +126,13 @@ class StaticBatchEngine(Engine):
 
     def capacity(self) -> EngineCapacity:
         running = sum(not r.finished for r in self._rows)
-        return EngineCapacity(running=running, decode_tokens=running, free_kv_tokens=None,
-                              total_kv_tokens=None, waiting=len(self._waiting))
+        return EngineCapacity(
+            running=running,
+            decode_tokens=running,
+            free_kv_tokens=None,
+            total_kv_tokens=None,
+            waiting=len(self._waiting),
+        )
 
     def last_step_stats(self) -> StepStats:
         return self._stats
@@ -136,9 +141,14 @@ class StaticBatchEngine(Engine):
         row.finished = True
         delta += row.detok.flush()
         return SequenceOutput(
-            request_id=row.request.request_id, new_token_ids=new_ids, new_text=delta, finished=True,
-            finish_reason=reason, prompt_tokens=len(row.request.prompt_token_ids),
-            completion_tokens=len(row.produced), text=row.detok.text,
+            request_id=row.request.request_id,
+            new_token_ids=new_ids,
+            new_text=delta,
+            finished=True,
+            finish_reason=reason,
+            prompt_tokens=len(row.request.prompt_token_ids),
+            completion_tokens=len(row.produced),
+            text=row.detok.text,
         )
 
     @torch.inference_mode()
@@ -168,8 +178,9 @@ class StaticBatchEngine(Engine):
             for r in batch
         ]
         self._mask = mask.to(self.device)
-        self._stats = StepStats(num_seqs=len(batch), prefill_tokens=int(mask.sum()),
-                                admitted=tuple(r.request_id for r in batch))
+        self._stats = StepStats(
+            num_seqs=len(batch), prefill_tokens=int(mask.sum()), admitted=tuple(r.request_id for r in batch)
+        )
         return self._forward(ids.to(self.device))
 
     def _decode(self) -> list[SequenceOutput]:
@@ -185,12 +196,18 @@ class StaticBatchEngine(Engine):
     def _forward(self, input_ids: torch.Tensor) -> list[SequenceOutput]:
         assert self._mask is not None
         positions = (self._mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
-        out = self.model(input_ids=input_ids, attention_mask=self._mask, position_ids=positions,
-                         past_key_values=self._cache, use_cache=True)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=self._mask,
+            position_ids=positions,
+            past_key_values=self._cache,
+            use_cache=True,
+        )
         self._cache = out.past_key_values
         logits = out.logits[:, -1, :]
-        tokens = sample_next_tokens(logits, [r.request.sampling for r in self._rows],
-                                    [len(r.produced) for r in self._rows])
+        tokens = sample_next_tokens(
+            logits, [r.request.sampling for r in self._rows], [len(r.produced) for r in self._rows]
+        )
         now = time.monotonic()
         outputs: list[SequenceOutput] = []
         for row, token in zip(self._rows, tokens, strict=True):
@@ -211,7 +228,13 @@ class StaticBatchEngine(Engine):
             elif len(row.produced) >= sampling.max_tokens:
                 outputs.append(self._finish(row, "length", [token], delta))
             else:
-                outputs.append(SequenceOutput(row.request.request_id, [token], delta,
-                                              prompt_tokens=len(row.request.prompt_token_ids),
-                                              completion_tokens=len(row.produced)))
+                outputs.append(
+                    SequenceOutput(
+                        row.request.request_id,
+                        [token],
+                        delta,
+                        prompt_tokens=len(row.request.prompt_token_ids),
+                        completion_tokens=len(row.produced),
+                    )
+                )
         return outputs

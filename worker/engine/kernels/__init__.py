@@ -2,7 +2,8 @@
 
 Attention (`paged_decode`, `paged_prefill`, sharing the loop of `paged_softmax`) and the KV store
 are called by `worker/engine/attention.py`; the fused layers of `worker/engine/fused_layers.py` call
-`rope_store`, `rms_norm` and `silu_mul`. Each module holds one `@triton.jit` kernel (or a kernel
+`rope_store`, `rms_norm` and `silu_mul`; `quant.Int8Linear` calls `int8_matmul` (weight-only INT8
+matmul for decode-sized steps). Each module holds one `@triton.jit` kernel (or a kernel
 and its reduction) and a torch-facing wrapper. The torch code they replace stays the reference:
 every kernel is tested against it, on the GPU and on CPU tensors under `TRITON_INTERPRET=1`
 (how CI checks them without a GPU).

@@ -9,19 +9,23 @@ Two forwards, chosen per module by `activations`:
 - `"float"` (weight-only): the INT8 weight is cast to the activation dtype and multiplied; the
   output is scaled per channel. Memory holds one byte per weight; the cast is a temporary of the
   weight's size in the activation dtype, so this is slower than a float `F.linear` on CPU
-  (measured in docs/benchmarks.md) and, in eager mode, on the GPU. It is the exact path: its
-  only error is the weight rounding.
+  (measured in docs/benchmarks.md). It is the exact path: its only error is the weight rounding.
+  On CUDA, steps of at most `TRITON_MAX_ROWS` rows (decode) run the Triton kernel of
+  `kernels/int8_matmul.py` instead: it reads the INT8 tiles and converts them in registers (no
+  float copy of the weight), accumulates in FP32 and scales the output, so a decode step reads
+  half the weight bytes of FP16. Larger steps (prefill) keep the cast and cuBLAS.
 - `"int8"` (W8A8): each token's activations are quantised too (one scale per row of `x`,
   dynamic), the product runs on `torch._int_mm` (INT8 x INT8 -> INT32) and is rescaled by both
   scales. On CPUs with VNNI this is several times faster than an FP32 `F.linear`. CUDA's
   `_int_mm` needs more than 16 rows and dimensions that are multiples of 8; smaller steps (the
-  decode steps of small batches) take the weight-only path.
+  decode steps of small batches) take the weight-only path (the Triton kernel).
 
 The bias, if any, stays in the activation dtype.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal
 
 import torch
@@ -30,6 +34,10 @@ from torch import nn
 
 ActivationMode = Literal["float", "int8"]
 QMAX = 127
+# On CUDA, steps of at most this many rows (decode steps) take the Triton kernel of
+# `kernels/int8_matmul.py` on the weight-only path; larger ones (prefill) dequantise for cuBLAS.
+TRITON_MAX_ROWS = 64
+_TRITON: bool | None = None
 
 
 def quantize_weight(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +49,13 @@ def quantize_weight(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[tor
     # Round against the stored (possibly float16) scale, so dequantising reproduces this rounding.
     q = torch.round(w / scale.float()[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
     return q, scale
+
+
+def _triton_available() -> bool:
+    global _TRITON
+    if _TRITON is None:
+        _TRITON = importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def _int_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -137,6 +152,10 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.activations == "int8" and x2.shape[0] > 0 and _int_mm_usable(x2, self.weight):
             out = self._forward_w8a8(x2)
+        elif x2.is_cuda and x2.shape[0] <= TRITON_MAX_ROWS and _triton_available():
+            from worker.engine.kernels.int8_matmul import int8_matmul
+
+            return int8_matmul(x2, self.weight, self.scale, self.bias).view(*shape[:-1], self.out_features)
         else:
             out = F.linear(x2, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         if self.bias is not None:

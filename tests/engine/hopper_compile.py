@@ -1,0 +1,66 @@
+"""Compile the INT8 matmul kernels to sm_90 cubins without a GPU: `python hopper_compile.py fp16`.
+
+Run by tests/engine/test_int8_matmul.py in a process without TRITON_INTERPRET (the interpreter
+replaces the kernels by Python functions). Pointers and the sizes and strides of rows are declared
+16-aligned, as Triton specialises them at run time; unit strides along K are constants, likewise.
+Prints one word per compiled kernel; exits with 3 where this Triton has no ahead-of-time compiler.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as exc:
+    print(f"no ahead-of-time Triton compiler: {exc}")
+    sys.exit(3)
+
+from worker.engine.kernels import int8_matmul as km
+
+MATMUL_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "y_ptr", "part_ptr", "M", "N", "K"]
+MATMUL_ARGS += ["stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ym"]
+ALIGNED = ("N", "K", "stride_xm", "stride_wn", "stride_ym")
+
+
+def compile_for_hopper(kernel: Any, types: dict[str, str], constexprs: dict[str, Any], **options: int) -> Any:
+    names = [n for n in kernel.arg_names]
+    signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
+    aligned = [i for i, n in enumerate(names) if n not in constexprs and (n.endswith("_ptr") or n in ALIGNED)]
+    source = ASTSource(
+        fn=kernel,
+        signature=signature,
+        constexprs={(names.index(n),): v for n, v in constexprs.items()},
+        attrs={(i,): [["tt.divisibility", 16]] for i in aligned},
+    )
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def main(dtype: str) -> None:
+    pointers = [f"*{dtype}", "*i8", f"*{dtype}", f"*{dtype}", f"*{dtype}", "*fp32"]
+    types = dict(zip(MATMUL_ARGS, pointers + ["i32"] * 8, strict=True))
+    unit = {"stride_xk": 1, "stride_wk": 1}
+    for cfg in (km.GEMV_CONFIGS[0], km.GEMV_CONFIGS[3]):
+        consts = {**unit, "HAS_BIAS": True, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}
+        compiled = compile_for_hopper(km._gemv_kernel, types, consts | {"SPLIT_K": cfg.split_k}, num_warps=4)
+        assert compiled.asm["cubin"]
+        print("gemv")
+    for cfg in km.candidate_configs(20)[:2]:
+        consts = {**unit, "HAS_BIAS": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
+        consts |= {"BLOCK_K": cfg.block_k, "SPLIT_K": cfg.split_k}
+        consts["PRECISION"] = "ieee" if dtype == "fp32" else "tf32"
+        compiled = compile_for_hopper(km._dot_kernel, types, consts, num_warps=4, num_stages=cfg.num_stages)
+        assert "cp.async" in compiled.asm["ptx"], "the K loop's loads are not pipelined"
+        print("dot")
+    reduce_types = {"part_ptr": "*fp32", "scale_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}"}
+    reduce_types |= {"y_ptr": f"*{dtype}", "M": "i32", "N": "i32", "stride_ym": "i32"}
+    consts = {"HAS_BIAS": True, "SPLIT_K": 4, "BLOCK": 1024}
+    assert compile_for_hopper(km._reduce_kernel, reduce_types, consts, num_warps=4).asm["cubin"]
+    print("reduce")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
