@@ -20,12 +20,13 @@ from worker.engine.quant import kv_int8
 # Globals a kernel reads must be constexpr.
 QMAX = tl.constexpr(float(kv_int8.KV_QMAX))
 SCALE_MIN = tl.constexpr(kv_int8.KV_SCALE_MIN)
+SCALE_MAX = tl.constexpr(kv_int8.KV_SCALE_MAX)
 
 
 @triton.jit
 def quantize_heads(x, amax):
     """x [heads, D] (float; padding lanes 0) with its per-head max |x| [heads] -> (int8 [heads, D], scale)."""
-    scale = tl.maximum((amax / QMAX).to(tl.float16).to(tl.float32), SCALE_MIN)
+    scale = tl.maximum(tl.minimum(amax / QMAX, SCALE_MAX).to(tl.float16).to(tl.float32), SCALE_MIN)
     y = x.to(tl.float32) / scale[:, None]
     y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)

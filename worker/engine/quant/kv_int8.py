@@ -12,7 +12,12 @@ its magnitude varies a lot between heads and between tokens (attention-sink toke
 keys); one scale per (token, head) follows that at the cost of two bytes per 64-128 values.
 Why FP16 scales: with head_dim 64, an FP32 scale would cost 4 of every 68 bytes and leave the
 pool at 1.88x the blocks of FP16; FP16 scales give 1.94x, and their 11-bit mantissa rounds a
-scale by at most 2^-11, absorbed as above.
+scale by at most 2^-11, absorbed as above. Their range is the price: a scale is kept within
+[2^-14, 65504] (FP16's normal range), so a vector whose largest element is below 127 * 2^-14
+(about 0.0078) is quantised on the fixed step 2^-14 (absolute error at most 3e-5, still within
+half a step) instead of 1/127 of its own maximum, and one above 127 * 65504 would saturate.
+K/V elements of the models served here are of order 0.1-100; bf16 scales would have the range
+but round the scale to 8 bits and, under Triton's interpreter, convert by truncation.
 
 Rounding is half away from zero (not torch's half to even) because it is what the Triton store
 kernels compute without a libdevice call; both agree bit for bit under the interpreter.
@@ -24,9 +29,10 @@ import torch
 
 KV_QMAX = 127
 KV_SCALE_DTYPE = torch.float16
-# The smallest normal FP16: a scale below it (an all-zero or nearly zero vector) is raised to it,
-# so no scale is ever zero or subnormal; the values then quantise to 0 or a few steps.
+# FP16's normal range: a scale below it (an all-zero or nearly zero vector) is raised to it, so no
+# scale is ever zero or subnormal (a subnormal scale would round by far more than 2^-11).
 KV_SCALE_MIN = torch.finfo(torch.float16).tiny
+KV_SCALE_MAX = torch.finfo(torch.float16).max
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +43,7 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., head_dim] float -> (int8 [..., head_dim], FP16 scale [...]), one scale per vector."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1) / KV_QMAX).to(KV_SCALE_DTYPE).clamp(min=KV_SCALE_MIN)
+    scale = (xf.abs().amax(dim=-1) / KV_QMAX).clamp(max=KV_SCALE_MAX).to(KV_SCALE_DTYPE).clamp(min=KV_SCALE_MIN)
     q = round_half_away(xf / scale.float()[..., None]).clamp(-KV_QMAX, KV_QMAX).to(torch.int8)
     return q, scale
 
