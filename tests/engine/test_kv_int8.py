@@ -279,9 +279,7 @@ def test_int8_rope_store_kernel_quantises_the_rotated_keys_like_the_reference():
     )  # fmt: skip
     torch.testing.assert_close(query, q_ref[0].transpose(0, 1))
     stored = slots >= 0
-    reference.write(
-        0, slots[stored], k_ref[0].transpose(0, 1)[stored], v.view(tokens, kv_heads, dim)[stored]
-    )
+    reference.write(0, slots[stored], k_ref[0].transpose(0, 1)[stored], v.view(tokens, kv_heads, dim)[stored])
     # The kernel's rotation may differ from transformers' in the last bit, which can move a value
     # across a rounding boundary: at most one INT8 step, and the scales agree to FP16 rounding.
     assert (kernel.data.int() - reference.data.int()).abs().max() <= 1
@@ -316,7 +314,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 @pytest.mark.model
 def test_int8_kv_engine_agrees_with_the_fp32_cache_on_greedy_tokens(smol: LoadedModel):
-    baseline_engine = PagedEngine(smol.model, smol.tokenizer, kv_cache_bytes=32 << 20, attention_backend="torch")
+    baseline_engine = PagedEngine(
+        smol.model, smol.tokenizer, kv_cache_bytes=32 << 20, attention_backend="torch"
+    )
     baseline = _greedy(baseline_engine)
     baseline_engine.close()
     # Through the worker's own wiring: settings -> factory -> PagedEngine(kv_dtype="int8").

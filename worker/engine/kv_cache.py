@@ -101,13 +101,10 @@ class KVCache:
             dtype=spec.dtype, device=device,
         )  # fmt: skip
         # Ones, not zeros: a slot never written dequantises to 0 either way, and no scale is ever 0.
-        self.scales: torch.Tensor | None = (
-            torch.ones(
-                spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, dtype=KV_SCALE_DTYPE, device=device
-            )
-            if spec.quantized
-            else None
-        )
+        self.scales: torch.Tensor | None = None
+        if spec.quantized:
+            shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads)
+            self.scales = torch.ones(shape, dtype=KV_SCALE_DTYPE, device=device)
 
     @property
     def nbytes(self) -> int:

@@ -91,7 +91,7 @@ class PagedEngine(Engine):
         """`policy`, when given (the worker passes the one built from its settings), replaces the
         admission knobs above (max_num_seqs ... max_wait_ms); `prefill_interval_steps` None = automatic.
         `model_name` (the worker's MODEL) names the model in the start-up logs; default: its config's path.
-        `kv_dtype` (`LLM_KV_DTYPE`): auto (the activation dtype), fp16, bf16, fp32 or int8 (see kv_cache.py)."""
+        `kv_dtype` (`LLM_KV_DTYPE`): auto (the activation dtype), fp16, bf16, fp32 or int8 (kv_cache.py)."""
         base = policy or BatchPolicy(
             max_wait_ms=max_wait_ms,
             max_batch_tokens=max_batch_tokens,

@@ -57,8 +57,9 @@ def _store_kv_kernel(
         tl.store(v_cache_ptr + dest, v_q, mask=mask)
         heads = tl.arange(0, BLOCK_H)
         head_mask = heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)
-        tl.store(k_scale_ptr + slot * NUM_KV_HEADS + heads, k_s.to(k_scale_ptr.dtype.element_ty), mask=head_mask)
-        tl.store(v_scale_ptr + slot * NUM_KV_HEADS + heads, v_s.to(v_scale_ptr.dtype.element_ty), mask=head_mask)
+        scale_dest = slot * NUM_KV_HEADS + heads
+        tl.store(k_scale_ptr + scale_dest, k_s.to(k_scale_ptr.dtype.element_ty), mask=head_mask)
+        tl.store(v_scale_ptr + scale_dest, v_s.to(v_scale_ptr.dtype.element_ty), mask=head_mask)
     else:
         key = tl.load(key_ptr + token * stride_kt + h * stride_kh + d, mask=mask)
         value = tl.load(value_ptr + token * stride_vt + h * stride_vh + d, mask=mask)

@@ -43,7 +43,8 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., head_dim] float -> (int8 [..., head_dim], FP16 scale [...]), one scale per vector."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1) / KV_QMAX).clamp(max=KV_SCALE_MAX).to(KV_SCALE_DTYPE).clamp(min=KV_SCALE_MIN)
+    scale = (xf.abs().amax(dim=-1) / KV_QMAX).clamp(max=KV_SCALE_MAX).to(KV_SCALE_DTYPE)
+    scale = scale.clamp(min=KV_SCALE_MIN)
     q = round_half_away(xf / scale.float()[..., None]).clamp(-KV_QMAX, KV_QMAX).to(torch.int8)
     return q, scale
 
