@@ -267,6 +267,13 @@ class WorkerSettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _check_kv_dtype(self) -> WorkerSettings:
+        # The static engine keeps transformers' own KV cache, in the activation dtype.
+        if self.engine == "static" and self.kv_dtype != "auto":
+            raise ValueError(f"LLM_KV_DTYPE={self.kv_dtype} needs LLM_ENGINE=hf (the paged engine)")
+        return self
+
+    @model_validator(mode="after")
     def _check_liveness(self) -> WorkerSettings:
         # A live worker touches its entries every interval: a shorter idle threshold would let it be robbed.
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:

@@ -105,6 +105,8 @@ def test_kv_dtype_setting_and_its_resolution():
     assert WorkerSettings(kv_dtype="int8").kv_dtype == "int8"
     with pytest.raises(pydantic.ValidationError):
         WorkerSettings(kv_dtype="int4")  # type: ignore[arg-type]
+    with pytest.raises(pydantic.ValidationError, match="LLM_KV_DTYPE=int8 needs LLM_ENGINE=hf"):
+        WorkerSettings(kv_dtype="int8", engine="static")
     assert resolve_kv_dtype("auto", torch.bfloat16) == torch.bfloat16
     assert resolve_kv_dtype("int8", torch.float16) == torch.int8
     assert resolve_kv_dtype("fp16", torch.float32) == torch.float16
