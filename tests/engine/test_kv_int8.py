@@ -67,12 +67,15 @@ def test_quantise_dequantise_error_on_smollm2_keys_and_values(smol: LoadedModel)
     engine.add_request(request("r", ids, max_tokens=1))
     drain(engine)
     cache = engine.kv_cache.data  # [layers, 2, blocks, block_size, kv_heads, D]
-    for kind in (0, 1):
-        vectors = cache[:, kind].flatten(1, 2)[:, : len(ids)]  # the prompt's slots in every layer
-        assert vectors.abs().amax(-1).gt(0).all()
-        rel = check_error_bound(vectors)
-        # Measured 0.65% for K and 0.72% for V: rounding error of a near-uniform step.
-        assert rel < 0.012, (kind, rel)
+    # The slots the prompt wrote (the pool starts zeroed), wherever its blocks are.
+    written = cache.flatten(2, 3).abs().amax(-1).amax(-1).amax(0).amax(0) > 0
+    assert int(written.sum()) == len(ids)
+    bounds = {"K": 0.015, "V": 0.01}
+    for kind, name in enumerate(bounds):
+        rel = check_error_bound(cache[:, kind].flatten(1, 2)[:, written])
+        # Measured 1.15% for K (its largest element is ~5x its RMS, so the step is coarser) and
+        # 0.65% for V.
+        assert rel < bounds[name], (name, rel)
     engine.close()
 
 
