@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
-from worker.engine.kv_cache import KVCacheSpec  # noqa: E402
+from worker.engine.kv_cache import KV_DTYPE_CHOICES, KVCacheSpec  # noqa: E402
 from worker.engine.llm_engine import PagedEngine  # noqa: E402
 from worker.engine.model_loader import LoadedModel, load_model  # noqa: E402
 from worker.engine.quant import WEIGHTS_CHOICES, weights_label  # noqa: E402
@@ -175,6 +175,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["prefill_interval_steps"] = args.prefill_interval_steps
     if args.no_fused_layers:
         options["fused_layers"] = False
+    if args.kv_dtype != "auto":
+        options["kv_dtype"] = args.kv_dtype
     return options
 
 
@@ -454,6 +456,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-static", action="store_true", help="run the paged engine only (no baseline)")
     p.add_argument("--kv-cache-bytes", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument(
+        "--kv-dtype", default="auto", choices=KV_DTYPE_CHOICES,
+        help="paged engine's KV cache format (LLM_KV_DTYPE); a workload's KV budget stays in bytes",
+    )  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--max-prefill-chunk-tokens", type=int, default=512)

@@ -36,13 +36,17 @@ Rows (`--rows`, comma-separated, in order; the first is the agreement reference)
   w8a8                   INT8 linears with per-token INT8 activations (`torch._int_mm`)
   bf16                   LLM_WEIGHTS=bf16: the whole model in bfloat16, for scale (what a plain
                          half-precision change costs in perplexity and agreement)
+  int8-kv                LLM_KV_DTYPE=int8: INT8 K/V with one FP16 scale per token per KV head,
+                         weights as the baseline
+  int8-weights-int8-kv   LLM_WEIGHTS=int8 and LLM_KV_DTYPE=int8 together
 
-KV rows (INT8 KV, INT8 weights + KV, sinks+window and score-based eviction at 50% / 25% budgets)
-are added in `build_rows` as `Row(name, weights, engine_options={...})` once `PagedEngine`
-takes those options; a budget of a fraction of the perplexity window is `args.window // 2` etc.
+Further KV rows (sinks+window and score-based eviction at 50% / 25% budgets) are added in
+`build_rows` as `Row(name, weights, engine_options={...})` once `PagedEngine` takes those options;
+a budget of a fraction of the perplexity window is `args.window // 2` etc.
 
     python loadtest/kv_quality.py                                   # baseline, int8-weights
     python loadtest/kv_quality.py --rows baseline,int8-weights,w8a8 --json-out docs/bench/cpu_quality.json
+    python loadtest/kv_quality.py --rows baseline,int8-weights,int8-kv,int8-weights-int8-kv
     python loadtest/kv_quality.py --windows 2 --prompts 8           # a quick look
 """
 
@@ -175,6 +179,11 @@ def build_rows(args: argparse.Namespace) -> dict[str, Row]:
             Row("int8-weights-lm-head", "int8", transform=quantize_lm_head, note="lm_head INT8 too"),
             Row("w8a8", "w8a8", note="INT8 weights + per-token INT8 activations"),
             Row("bf16", "bf16", note="every weight and activation in bfloat16: a reference precision change"),
+            Row("int8-kv", engine_options={"kv_dtype": "int8"}, note="LLM_KV_DTYPE=int8"),
+            Row(
+                "int8-weights-int8-kv", "int8", engine_options={"kv_dtype": "int8"},
+                note="LLM_WEIGHTS=int8, LLM_KV_DTYPE=int8",
+            ),  # fmt: skip
         )
     }
 
@@ -193,6 +202,7 @@ class RowResult:
     gen_tokens: int
     identical: int | None = None
     prefix_agreement: float | None = None
+    kv_blocks: int = 0  # blocks of the pool at --kv-cache-mib (INT8 KV: ~1.94x FP16's)
     note: str = ""
 
 
@@ -298,7 +308,7 @@ def run_row(row: Row, args: argparse.Namespace, text: str) -> tuple[RowResult, l
         name=row.name, weights=info["weights"], kv_dtype=info["kv_dtype"],
         weight_bytes=weight_bytes(loaded.model), ppl=math.exp(nll / scored), nll=nll / scored,
         scored_tokens=scored, ppl_s=round(t1 - t0, 1), gen_s=round(t2 - t1, 1),
-        gen_tokens=sum(len(t) for t in tokens), note=row.note,
+        gen_tokens=sum(len(t) for t in tokens), kv_blocks=int(info["kv_blocks"]), note=row.note,
     )  # fmt: skip
     engine.close()
     del engine, loaded
@@ -332,15 +342,15 @@ def commit() -> str:
 
 
 def print_table(results: list[RowResult], baseline: RowResult, num_prompts: int) -> None:
-    headers = ["row", "weights", "KV", "weights MiB", "PPL", "vs baseline", "identical", "prefix agree",
-               "PPL s", "gen s"]  # fmt: skip
+    headers = ["row", "weights", "KV", "weights MiB", "KV blocks", "PPL", "vs baseline", "identical",
+               "prefix agree", "PPL s", "gen s"]  # fmt: skip
     rows = []
     for r in results:
         delta = f"{(r.ppl / baseline.ppl - 1) * 100:+.2f}%"
         ident = "-" if r.identical is None else f"{r.identical}/{num_prompts}"
         prefix = "-" if r.prefix_agreement is None else f"{r.prefix_agreement * 100:.1f}%"
-        rows.append([r.name, r.weights, r.kv_dtype, f"{r.weight_bytes / 2**20:.1f}", f"{r.ppl:.3f}", delta,
-                     ident, prefix, f"{r.ppl_s:.0f}", f"{r.gen_s:.0f}"])  # fmt: skip
+        rows.append([r.name, r.weights, r.kv_dtype, f"{r.weight_bytes / 2**20:.1f}", str(r.kv_blocks),
+                     f"{r.ppl:.3f}", delta, ident, prefix, f"{r.ppl_s:.0f}", f"{r.gen_s:.0f}"])  # fmt: skip
     try:
         from rich.console import Console
         from rich.table import Table

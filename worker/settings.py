@@ -108,6 +108,11 @@ class WorkerSettings(BaseSettings):
     kv_cache_bytes: int = Field(
         default=256 * 2**20, ge=2**20, description="KV cache pool size in bytes (paged engine)."
     )
+    kv_dtype: Literal["auto", "fp16", "bf16", "fp32", "int8"] = Field(
+        default="auto",
+        description="KV cache format (paged engine): auto (the activation dtype), fp16, bf16, fp32, or int8 "
+        "(one FP16 scale per token and KV head, ~1.9x the tokens of fp16 in the same LLM_KV_CACHE_BYTES).",
+    )
     kv_block_size_tokens: int = Field(default=16, ge=1, description="Tokens per KV cache block.")
     kv_reserve: Literal["worst_case", "optimistic"] = Field(
         default="worst_case",
@@ -280,6 +285,13 @@ class WorkerSettings(BaseSettings):
             raise ValueError(
                 f"LLM_WEIGHTS={self.weights} conflicts with LLM_DTYPE={self.dtype}; set one of them"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_kv_dtype(self) -> WorkerSettings:
+        # The static engine keeps transformers' own KV cache, in the activation dtype.
+        if self.engine == "static" and self.kv_dtype != "auto":
+            raise ValueError(f"LLM_KV_DTYPE={self.kv_dtype} needs LLM_ENGINE=hf (the paged engine)")
         return self
 
     @model_validator(mode="after")

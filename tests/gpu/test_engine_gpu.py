@@ -36,14 +36,16 @@ def run(engine: PagedEngine) -> dict[str, list[int]]:
     return tokens
 
 
-def test_graph_replay_matches_the_eager_forward():
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_graph_replay_matches_the_eager_forward(kv_dtype: str):
     from worker.engine.random_model import random_causal_lm
 
     loaded = random_causal_lm("llama-1b", device="cuda", dtype=torch.float16)
     engine = PagedEngine(
         loaded.model, loaded.tokenizer, kv_cache_bytes=2 << 30, max_num_seqs=48, max_batch_tokens=8192,
-        max_prefill_chunk_tokens=4096, prefill_interval_steps=0,
+        max_prefill_chunk_tokens=4096, prefill_interval_steps=0, kv_dtype=kv_dtype,
     )  # fmt: skip
+    assert engine.describe()["kv_dtype"] == ("int8" if kv_dtype == "int8" else "fp16")
     assert engine.runner.graphs is not None
     rng = random.Random(0)
     for i in range(37):  # a bucket of 40, padded with 3 rows

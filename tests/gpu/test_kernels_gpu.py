@@ -85,3 +85,66 @@ def test_store_kv_then_mixed_step_through_the_attention_entry_point():
     meta.decode_splits = 8
     out = triton_paged_attention(query, k, v, meta, DIM**-0.5)
     assert rel_error(out, reference(cache, meta, query)) < BOUND[torch.float16]
+
+
+def int8_step(shapes: list[tuple[int, int]], seed: int) -> tuple[KVCache, AttentionMetadata, torch.Tensor]:
+    """An INT8 cache filled through the quantising write (keys of varied magnitude), FP16 queries."""
+    cache, meta, query = step(torch.float16, shapes, seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    int8 = KVCache(KVCacheSpec(1, KV_HEADS, DIM, torch.int8), cache.num_blocks, BLOCK, torch.device("cuda"))
+    slots = torch.arange(cache.num_blocks * BLOCK, device="cuda")
+    magnitude = torch.rand(len(slots), KV_HEADS, 1, generator=gen, device="cuda") * 8 + 0.1
+    k, v = cache.layer(0)
+    int8.write(0, slots, k.reshape(-1, KV_HEADS, DIM) * magnitude, v.reshape(-1, KV_HEADS, DIM))
+    meta.kv_cache = int8
+    return int8, meta, query
+
+
+def int8_reference(cache: KVCache, meta: AttentionMetadata, query: torch.Tensor) -> torch.Tensor:
+    k, v = cache.layer(0)
+    k_s, v_s = cache.layer_scales(0)
+    return paged_attention_reference(query.float(), k, v, meta, DIM**-0.5, k_s, v_s)
+
+
+@pytest.mark.parametrize("num_splits", [1, 32])
+def test_int8_decode_kernel(num_splits: int):
+    from worker.engine.kernels.paged_decode import paged_decode_attention
+
+    lens = torch.randint(1, 3000, (37,), generator=torch.Generator().manual_seed(num_splits)).tolist()
+    cache, meta, query = int8_step([(n, 1) for n in lens], seed=num_splits)
+    k, v = cache.layer(0)
+    k_s, v_s = cache.layer_scales(0)
+    out = torch.full_like(query, float("nan"))
+    paged_decode_attention(
+        query, k, v, meta.block_tables, meta.context_lens, DIM**-0.5, num_splits, out=out,
+        k_scale=k_s, v_scale=v_s,
+    )  # fmt: skip
+    assert rel_error(out, int8_reference(cache, meta, query)) < BOUND[torch.float16]
+
+
+def test_int8_prefill_kernel_and_quantising_store():
+    from worker.engine.attention import triton_paged_attention
+    from worker.engine.kernels.kv_store import store_kv
+    from worker.engine.kernels.paged_prefill import paged_prefill_attention
+
+    cache, meta, query = int8_step([(300, 1), (700, 700), (2048, 512), (90, 2)], seed=5)
+    k, v = cache.layer(0)
+    k_s, v_s = cache.layer_scales(0)
+    out = torch.full_like(query, float("nan"))
+    paged_prefill_attention(
+        query[1:], k, v, meta.block_tables, meta.query_start_loc, meta.context_lens, meta.max_query_len,
+        DIM**-0.5, out=out[1:], first_seq=1, k_scale=k_s, v_scale=v_s,
+    )  # fmt: skip
+    assert rel_error(out[1:], int8_reference(cache, meta, query)[1:]) < BOUND[torch.float16]
+    # The store kernel quantises as the torch write does (the GPU's division may move a value by one step).
+    new_k = torch.randn(KV_HEADS, query.shape[0], DIM, device="cuda", dtype=torch.float16).transpose(0, 1) * 5
+    new_v = torch.randn_like(new_k)
+    before = cache.data.clone()
+    store_kv(new_k, new_v, k, v, meta.slot_mapping, k_s, v_s)
+    stored = cache.data.clone()
+    cache.data.copy_(before)
+    cache.write(0, meta.slot_mapping, new_k, new_v)
+    assert (stored.int() - cache.data.int()).abs().max() <= 1
+    meta.decode_splits = 8
+    out = triton_paged_attention(query, k, v, meta, DIM**-0.5, k_s, v_s)
+    assert rel_error(out, int8_reference(cache, meta, query)) < BOUND[torch.float16]

@@ -14,6 +14,12 @@ Two backends compute the same function. `triton` (the GPU path) stores K/V and r
 with the kernels of `worker/engine/kernels/`, launching a fixed number of kernels per layer so
 the decode forward can be captured in a CUDA graph. `torch` (`paged_attention_reference`) is
 plain torch, exact, runs on CPU, and is the oracle the kernels are tested against.
+
+With an INT8 cache (`LLM_KV_DTYPE=int8`) both backends take the layer's scales as well: the
+reference dequantises the blocks it gathers (`quant/kv_int8.py`), the kernels quantise as they
+store and dequantise as they load, so no full-precision copy of the cache is ever made. A float
+cache of another dtype than the activations (FP16 KV under FP32 activations, say) is read and
+cast to the queries' dtype the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from transformers import AttentionInterface
 
 from worker.engine.kernels import kernels_usable, num_decode_splits
 from worker.engine.kv_cache import KVCache
+from worker.engine.quant.kv_int8 import dequantize_kv
 
 PAGED_ATTENTION = "engine_paged"
 AttentionBackend = Literal["triton", "torch"]
@@ -130,17 +137,27 @@ def current_metadata() -> AttentionMetadata:
     return metadata
 
 
+def _gather(
+    cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The blocks `blocks` (any index shape) of one layer's K or V, dequantised or cast to `dtype`."""
+    if scales is None:
+        return cache[blocks].to(dtype)
+    return dequantize_kv(cache[blocks], scales[blocks], dtype)
+
+
 def _decode_reference(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, max_len: int, scale: float,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """One query token per sequence, all sequences at once: [S, H, D] -> [S, H, D]."""
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
     tables = block_tables.long()
     # [S, max_blocks * block_size, kv_heads, D], cut to the longest context, as [S, kv_heads, L, D] views.
-    keys = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
-    values = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    keys = _gather(k_cache, k_scale, tables, query.dtype).flatten(1, 2)[:, :max_len].transpose(1, 2)
+    values = _gather(v_cache, v_scale, tables, query.dtype).flatten(1, 2)[:, :max_len].transpose(1, 2)
     visible = torch.arange(max_len, device=query.device)[None, :] < context_lens[:, None]
     # GQA: the query heads of one kv head (h // group, as transformers' repeat_kv maps them) become
     # that head's query rows, so K/V are never repeated and any SDPA kernel with a mask applies.
@@ -152,7 +169,7 @@ def _decode_reference(
 
 def _prefill_reference(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-    context_len: int, scale: float,
+    context_len: int, scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """A chunk of n query tokens (the last n of `context_len`), causal over the context: [n, H, D]."""
     num_new, num_heads, head_dim = query.shape
@@ -160,8 +177,8 @@ def _prefill_reference(
     group = num_heads // num_kv_heads
     num_blocks = -(-context_len // k_cache.shape[1])
     table = block_table[:num_blocks].long()
-    keys = k_cache[table].flatten(0, 1)[:context_len].transpose(0, 1)
-    values = v_cache[table].flatten(0, 1)[:context_len].transpose(0, 1)
+    keys = _gather(k_cache, k_scale, table, query.dtype).flatten(0, 1)[:context_len].transpose(0, 1)
+    values = _gather(v_cache, v_scale, table, query.dtype).flatten(0, 1)[:context_len].transpose(0, 1)
     # Query i sits at position context_len - num_new + i and sees keys up to that position.
     q_pos = torch.arange(context_len - num_new, context_len, device=query.device)
     visible = torch.arange(context_len, device=query.device)[None, :] <= q_pos[:, None]
@@ -177,12 +194,13 @@ def _prefill_reference(
 
 def paged_attention_reference(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata,
-    scale: float,
+    scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of the flat batch's queries [T, H, D] over the paged cache of one layer -> [T, H, D].
 
     The new tokens' K/V must already be in the cache. Decoding sequences are computed together;
-    prefill chunks one sequence at a time, with a causal mask against the context.
+    prefill chunks one sequence at a time, with a causal mask against the context. An INT8 cache
+    comes with its scales (`KVCache.layer_scales`).
     """
     if metadata.context_lens_host is None or metadata.query_lens_host is None:
         raise ValueError("the torch reference needs the host copies of the step's lengths")
@@ -191,21 +209,22 @@ def paged_attention_reference(
     if n:
         out[:n] = _decode_reference(
             query[:n], k_cache, v_cache, metadata.block_tables[:n], metadata.context_lens[:n],
-            max(metadata.context_lens_host[:n]), scale,
+            max(metadata.context_lens_host[:n]), scale, k_scale, v_scale,
         )  # fmt: skip
     lo = n
     for i in range(n, len(metadata.context_lens_host)):
         hi = lo + metadata.query_lens_host[i]
         out[lo:hi] = _prefill_reference(
-            query[lo:hi], k_cache, v_cache, metadata.block_tables[i], metadata.context_lens_host[i], scale
-        )
+            query[lo:hi], k_cache, v_cache, metadata.block_tables[i], metadata.context_lens_host[i], scale,
+            k_scale, v_scale,
+        )  # fmt: skip
         lo = hi
     return out
 
 
 def triton_paged_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata,
-    scale: float,
+    scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     from worker.engine.kernels.paged_decode import paged_decode_attention
     from worker.engine.kernels.paged_prefill import paged_prefill_attention
@@ -215,12 +234,13 @@ def triton_paged_attention(
     if n:
         paged_decode_attention(
             query[:n], k_cache, v_cache, metadata.block_tables[:n], metadata.context_lens[:n], scale,
-            num_splits=metadata.decode_splits, out=out[:n],
+            num_splits=metadata.decode_splits, out=out[:n], k_scale=k_scale, v_scale=v_scale,
         )  # fmt: skip
     if metadata.max_query_len:
         paged_prefill_attention(
             query[n:], k_cache, v_cache, metadata.block_tables, metadata.query_start_loc,
             metadata.context_lens, metadata.max_query_len, scale, out=out[n:], first_seq=n,
+            k_scale=k_scale, v_scale=v_scale,
         )  # fmt: skip
     return out
 
@@ -242,17 +262,18 @@ def paged_attention_forward(
     layer_idx: int = module.layer_idx  # type: ignore[assignment]
     new_keys, new_values = key[0].transpose(0, 1), value[0].transpose(0, 1)
     k_cache, v_cache = metadata.kv_cache.layer(layer_idx)
+    k_scale, v_scale = metadata.kv_cache.layer_scales(layer_idx)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q = query[0].transpose(0, 1)  # [T, H, D], a view
     if metadata.backend == "triton":
         from worker.engine.kernels.kv_store import store_kv
 
-        store_kv(new_keys, new_values, k_cache, v_cache, metadata.slot_mapping)
-        out = triton_paged_attention(q, k_cache, v_cache, metadata, scale)
+        store_kv(new_keys, new_values, k_cache, v_cache, metadata.slot_mapping, k_scale, v_scale)
+        out = triton_paged_attention(q, k_cache, v_cache, metadata, scale, k_scale, v_scale)
     else:
         metadata.kv_cache.write(layer_idx, metadata.slot_mapping, new_keys, new_values)
         with sdpa_kernel(_SDPA_BACKENDS):
-            out = paged_attention_reference(q, k_cache, v_cache, metadata, scale)
+            out = paged_attention_reference(q, k_cache, v_cache, metadata, scale, k_scale, v_scale)
     return out.unsqueeze(0), None
 
 

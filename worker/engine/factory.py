@@ -62,4 +62,5 @@ def _build(settings: WorkerSettings) -> Engine:
         prefill_interval_steps=settings.prefill_interval_steps,
         async_output=settings.async_output,
         model_name=settings.model,
+        kv_dtype=settings.kv_dtype,
     )

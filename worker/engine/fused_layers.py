@@ -117,12 +117,13 @@ class PagedSelfAttention(nn.Module):
         metadata = current_metadata()
         tokens = hidden_states.shape[1]
         k_cache, v_cache = metadata.kv_cache.layer(self.layer_idx)
+        k_scale, v_scale = metadata.kv_cache.layer_scales(self.layer_idx)
         cos, sin = position_embeddings
         query = rope_and_store(
             self.qkv(hidden_states[0]), cos, sin, k_cache, v_cache, metadata.slot_mapping,
-            self.num_heads, self.num_kv_heads, self.head_dim,
+            self.num_heads, self.num_kv_heads, self.head_dim, k_scale, v_scale,
         )  # fmt: skip
-        out = triton_paged_attention(query, k_cache, v_cache, metadata, self.scaling)
+        out = triton_paged_attention(query, k_cache, v_cache, metadata, self.scaling, k_scale, v_scale)
         return self.original.o_proj(out.view(1, tokens, -1)), None  # type: ignore[operator]
 
 

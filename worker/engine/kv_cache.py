@@ -3,6 +3,12 @@
 Layout [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]: a block id indexes the
 same tokens in every layer, so one block table serves the whole model, and a flat slot id
 (block_id * block_size + offset) addresses one token's K or V of one layer.
+
+The cache dtype is `LLM_KV_DTYPE`: the activation dtype by default, or FP16/BF16/FP32, or INT8
+(`quant/kv_int8.py`). An INT8 cache holds one FP16 scale per token per KV head in a second
+tensor `scales` [num_layers, 2, num_blocks, block_size, num_kv_heads], the same paged layout
+without head_dim: a block's scales live at its block id, so whatever shares or reuses a block
+(prefix caching, preemption) shares its scales with it, and a flat slot id addresses them too.
 """
 
 from __future__ import annotations
@@ -12,10 +18,24 @@ from typing import Any
 
 import torch
 
+from worker.engine.quant.kv_int8 import KV_SCALE_DTYPE, quantize_kv
+
+KV_DTYPE_CHOICES: tuple[str, ...] = ("auto", "fp16", "bf16", "fp32", "int8")
+_KV_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
+
 CPU_DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
 # Share of the free GPU memory (measured after the model is loaded) that the cache may take;
 # the rest is headroom for activations and the logits of the largest step.
 GPU_DEFAULT_MEMORY_FRACTION = 0.85
+
+
+def resolve_kv_dtype(kv_dtype: str, activation_dtype: torch.dtype) -> torch.dtype:
+    """`LLM_KV_DTYPE` as a torch dtype; `auto` keeps the activation dtype (the cache before INT8 KV)."""
+    if kv_dtype == "auto":
+        return activation_dtype
+    if kv_dtype not in _KV_DTYPES:
+        raise ValueError(f"LLM_KV_DTYPE must be one of {', '.join(KV_DTYPE_CHOICES)}; got {kv_dtype!r}")
+    return _KV_DTYPES[kv_dtype]
 
 
 @dataclass(frozen=True)
@@ -34,9 +54,18 @@ class KVCacheSpec:
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         return cls(config.num_hidden_layers, num_kv_heads, head_dim, dtype)
 
+    @property
+    def quantized(self) -> bool:
+        """INT8 values with a scale per token per KV head (see the module doc)."""
+        return self.dtype == torch.int8
+
     def bytes_per_block(self, block_size: int) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * 2 * block_size * self.num_kv_heads * self.head_dim * elem
+        """K and V of `block_size` tokens in every layer, scales included: what a block costs the budget."""
+        vectors = self.num_layers * 2 * block_size * self.num_kv_heads
+        per_vector = self.head_dim * self.dtype.itemsize
+        if self.quantized:
+            per_vector += KV_SCALE_DTYPE.itemsize
+        return vectors * per_vector
 
 
 def num_blocks_for_budget(
@@ -71,14 +100,32 @@ class KVCache:
             spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim,
             dtype=spec.dtype, device=device,
         )  # fmt: skip
+        # Ones, not zeros: a slot never written dequantises to 0 either way, and no scale is ever 0.
+        self.scales: torch.Tensor | None = None
+        if spec.quantized:
+            shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads)
+            self.scales = torch.ones(shape, dtype=KV_SCALE_DTYPE, device=device)
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        """Bytes the pool holds: the K/V blocks and, for INT8, their scales."""
+        scales = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
+        return self.data.numel() * self.data.element_size() + scales
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
         return self.data[layer_idx, 0], self.data[layer_idx, 1]
+
+    def layer_scales(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Scales of one layer's K and V, each [num_blocks, block_size, num_kv_heads]; None unless INT8."""
+        if self.scales is None:
+            return None, None
+        return self.scales[layer_idx, 0], self.scales[layer_idx, 1]
+
+    def release(self) -> None:
+        """Drop the tensors (the engine's `close`), so their memory can be reused at once."""
+        del self.data
+        self.scales = None
 
     def write(
         self, layer_idx: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor
@@ -86,5 +133,13 @@ class KVCache:
         """Store new tokens' K/V ([num_tokens, num_kv_heads, head_dim]) at their flat slots."""
         k_cache, v_cache = self.layer(layer_idx)
         flat = (-1, self.spec.num_kv_heads, self.spec.head_dim)
-        k_cache.view(flat).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-        v_cache.view(flat).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+        k_scale, v_scale = self.layer_scales(layer_idx)
+        if k_scale is None or v_scale is None:
+            k_cache.view(flat).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+            v_cache.view(flat).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+            return
+        flat_scale = (-1, self.spec.num_kv_heads)
+        for cache, scales, new in ((k_cache, k_scale, key), (v_cache, v_scale, value)):
+            q, scale = quantize_kv(new)
+            cache.view(flat).index_copy_(0, slot_mapping, q)
+            scales.view(flat_scale).index_copy_(0, slot_mapping, scale)

@@ -28,7 +28,13 @@ from worker.engine.block_manager import BlockManager
 from worker.engine.cuda_graphs import DecodeGraphs
 from worker.engine.encoder import TokenizerEncoder
 from worker.engine.fused_layers import fuse_model
-from worker.engine.kv_cache import GPU_DEFAULT_MEMORY_FRACTION, KVCache, KVCacheSpec, num_blocks_for_budget
+from worker.engine.kv_cache import (
+    GPU_DEFAULT_MEMORY_FRACTION,
+    KVCache,
+    KVCacheSpec,
+    num_blocks_for_budget,
+    resolve_kv_dtype,
+)
 from worker.engine.model_runner import LaunchedStep, ModelRunner
 from worker.engine.quant import dtype_name, weights_label
 from worker.engine.sequence import Sequence
@@ -80,10 +86,12 @@ class PagedEngine(Engine):
         async_output: bool | None = None,
         policy: BatchPolicy | None = None,
         model_name: str | None = None,
+        kv_dtype: str = "auto",
     ):
         """`policy`, when given (the worker passes the one built from its settings), replaces the
         admission knobs above (max_num_seqs ... max_wait_ms); `prefill_interval_steps` None = automatic.
-        `model_name` (the worker's MODEL) names the model in the start-up logs; default: its config's path."""
+        `model_name` (the worker's MODEL) names the model in the start-up logs; default: its config's path.
+        `kv_dtype` (`LLM_KV_DTYPE`): auto (the activation dtype), fp16, bf16, fp32 or int8 (kv_cache.py)."""
         base = policy or BatchPolicy(
             max_wait_ms=max_wait_ms,
             max_batch_tokens=max_batch_tokens,
@@ -99,7 +107,7 @@ class PagedEngine(Engine):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.eos_token_ids = eos_token_ids(model, tokenizer)
-        spec = KVCacheSpec.from_model_config(model.config, self.dtype)
+        spec = KVCacheSpec.from_model_config(model.config, resolve_kv_dtype(kv_dtype, self.dtype))
         num_blocks = num_blocks_for_budget(spec, block_size, self.device, kv_cache_bytes, gpu_memory_fraction)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.kv_cache = KVCache(spec, num_blocks, block_size, self.device)
@@ -161,6 +169,7 @@ class PagedEngine(Engine):
         attention_backend: str = "auto",
         enforce_eager: bool = False,
         weights: str = "auto",
+        kv_dtype: str = "auto",
     ) -> PagedEngine:
         """Load a model by id or path (see `model_loader`) and build the engine around it."""
         from worker.engine.model_loader import load_model
@@ -173,7 +182,7 @@ class PagedEngine(Engine):
             max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
             max_prefill_chunk_tokens=max_prefill_chunk_tokens, kv_reserve=kv_reserve,
             enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend,
-            enforce_eager=enforce_eager,
+            enforce_eager=enforce_eager, kv_dtype=kv_dtype,
         )  # fmt: skip
 
     def encoder(self) -> TokenizerEncoder:
@@ -328,7 +337,7 @@ class PagedEngine(Engine):
         self.runner.graphs = None
         if self._fused is not None:
             self._fused.restore()
-        del self.kv_cache.data
+        self.kv_cache.release()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -2,6 +2,11 @@
 
 A slot is `block_id * block_size + offset`; a negative slot marks a padding row (CUDA-graph
 buckets pad the batch) and is skipped. One program stores one token's K and V for all KV heads.
+
+For an INT8 cache (QUANT) the program quantises what it stores: one scale per KV head of the
+token, `quantize_heads` below, which computes exactly `quant/kv_int8.quantize_kv` (the scale
+rounded to FP16 first, the values divided by that stored scale, ties rounded away from zero),
+and writes the scales to the same slot of the scale tensor.
 """
 
 from __future__ import annotations
@@ -10,13 +15,30 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.engine.quant import kv_int8
+
+# Globals a kernel reads must be constexpr.
+QMAX = tl.constexpr(float(kv_int8.KV_QMAX))
+SCALE_MIN = tl.constexpr(kv_int8.KV_SCALE_MIN)
+SCALE_MAX = tl.constexpr(kv_int8.KV_SCALE_MAX)
+
+
+@triton.jit
+def quantize_heads(x, amax):
+    """x [heads, D] (float; padding lanes 0) with its per-head max |x| [heads] -> (int8 [heads, D], scale)."""
+    scale = tl.maximum(tl.minimum(amax / QMAX, SCALE_MAX).to(tl.float16).to(tl.float32), SCALE_MIN)
+    y = x.to(tl.float32) / scale[:, None]
+    y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    return y.to(tl.int8), scale
+
 
 @triton.jit
 def _store_kv_kernel(
-    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_slot,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
@@ -24,28 +46,59 @@ def _store_kv_kernel(
     d = tl.arange(0, BLOCK_D)[None, :]
     # A padding row stores nothing: its head count becomes 0 (a mask, not an early return).
     mask = (h < tl.where(slot >= 0, NUM_KV_HEADS, 0)) & (d < HEAD_DIM)
-    key = tl.load(key_ptr + token * stride_kt + h * stride_kh + d, mask=mask)
-    value = tl.load(value_ptr + token * stride_vt + h * stride_vh + d, mask=mask)
     dest = slot * stride_slot + h * HEAD_DIM + d
-    tl.store(k_cache_ptr + dest, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dest, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    if QUANT:
+        # Masked lanes load 0, so they never raise a head's max.
+        key = tl.load(key_ptr + token * stride_kt + h * stride_kh + d, mask=mask, other=0.0)
+        value = tl.load(value_ptr + token * stride_vt + h * stride_vh + d, mask=mask, other=0.0)
+        k_q, k_s = quantize_heads(key, tl.max(tl.abs(key.to(tl.float32)), 1))
+        v_q, v_s = quantize_heads(value, tl.max(tl.abs(value.to(tl.float32)), 1))
+        tl.store(k_cache_ptr + dest, k_q, mask=mask)
+        tl.store(v_cache_ptr + dest, v_q, mask=mask)
+        heads = tl.arange(0, BLOCK_H)
+        head_mask = heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)
+        scale_dest = slot * NUM_KV_HEADS + heads
+        tl.store(k_scale_ptr + scale_dest, k_s.to(k_scale_ptr.dtype.element_ty), mask=head_mask)
+        tl.store(v_scale_ptr + scale_dest, v_s.to(v_scale_ptr.dtype.element_ty), mask=head_mask)
+    else:
+        key = tl.load(key_ptr + token * stride_kt + h * stride_kh + d, mask=mask)
+        value = tl.load(value_ptr + token * stride_vt + h * stride_vh + d, mask=mask)
+        tl.store(k_cache_ptr + dest, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + dest, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def check_scales(
+    k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(k_scale, v_scale, QUANT) for a store kernel; the cache stands in for absent scale pointers."""
+    if k_scale is None or v_scale is None:
+        if k_cache.dtype == torch.int8:
+            raise ValueError("an INT8 KV cache needs its scales")
+        return k_cache, k_cache, False
+    if not (k_scale.is_contiguous() and v_scale.is_contiguous()):
+        raise ValueError("the KV scales must be contiguous")
+    return k_scale, v_scale, True
 
 
 def store_kv(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
-    """key/value [T, KV, D] (any strides) -> k/v_cache [blocks, block_size, KV, D] at slots [T]."""
+    """key/value [T, KV, D] (any strides) -> k/v_cache [blocks, block_size, KV, D] at slots [T].
+
+    An INT8 cache takes its scales `k_scale`/`v_scale` [blocks, block_size, KV] too.
+    """
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the paged cache must be contiguous")
+    k_s, v_s, quant = check_scales(k_cache, k_scale, v_scale)
     key = key if key.stride(2) == 1 else key.contiguous()
     value = value if value.stride(2) == 1 else value.contiguous()
     _store_kv_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping,
+        key, value, k_cache, v_cache, k_s, v_s, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), num_kv_heads * head_dim,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim), QUANT=quant,
     )  # fmt: skip

@@ -6,7 +6,9 @@ head (GQA-aware, as vLLM's and LightLLM's decode kernels). A long context can be
 NUM_SPLITS programs (flash-decoding) whose partial results a second kernel merges by their
 log-sum-exp; the split size is derived inside the kernel from each sequence's length, so the grid
 depends only on the batch size and a CUDA graph captured for one bucket serves every context
-length. A sequence of length 0 (a padding row of a bucket) writes zeros.
+length. A sequence of length 0 (a padding row of a bucket) writes zeros. An INT8 cache is read
+with its scales (`k_scale`/`v_scale`, see `paged_softmax.py`); the grid and the CUDA-graph
+buffers are the same.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.engine.kernels.paged_softmax import LOG2E, attend_paged, dot_precision
+from worker.engine.kernels.paged_softmax import LOG2E, attend_paged, dot_precision, scale_args
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes every eager step
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_bt, stride_ot, stride_oh,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
+    part_out_ptr, part_lse_ptr, qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_sb, stride_ss,
+    stride_bt, stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -44,9 +48,9 @@ def _paged_decode_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     table = block_tables_ptr + seq * stride_bt
     m_i, l_i, acc = attend_paged(
-        q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head, lo, hi, hi, qk_scale,
-        stride_kb, stride_ks, CAUSAL=False, HEAD_DIM=HEAD_DIM, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION,
+        q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, lo, hi, hi,
+        qk_scale, stride_kb, stride_ks, stride_sb, stride_ss, CAUSAL=False, QUANT=QUANT, HEAD_DIM=HEAD_DIM,
+        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION,
     )  # fmt: skip
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
@@ -90,9 +94,12 @@ def _merge_splits_kernel(
 def paged_decode_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, num_splits: int = 1, out: torch.Tensor | None = None,
-    block_n: int = 64,
+    block_n: int = 64, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """query [S, H, D] (unit stride in D) over k/v_cache [blocks, block_size, KV, D] -> [S, H, D]."""
+    """query [S, H, D] (unit stride in D) over k/v_cache [blocks, block_size, KV, D] -> [S, H, D].
+
+    An INT8 cache needs its scales `k_scale`/`v_scale` [blocks, block_size, KV].
+    """
     if query.stride(-1) != 1:
         query = query.contiguous()
     num_seqs, num_heads, head_dim = query.shape
@@ -104,6 +111,7 @@ def paged_decode_attention(
     if num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
+    k_s, v_s, stride_sb, stride_ss, quant = scale_args(k_cache, k_scale, v_scale)
     block_d = triton.next_power_of_2(head_dim)
     if num_splits > 1:
         part_out = torch.empty(
@@ -113,12 +121,12 @@ def paged_decode_attention(
     else:
         part_out = part_lse = out  # unused
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
+        query, k_cache, v_cache, k_s, v_s, block_tables, context_lens, out, part_out, part_lse,
         scale * LOG2E, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        stride_sb, stride_ss, block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, block_d), BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision(k_cache.dtype), num_warps=4, num_stages=2,
+        DOT_PRECISION=dot_precision(query.dtype), QUANT=quant, num_warps=4, num_stages=2,
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](

@@ -5,7 +5,8 @@ and are the last tokens of its context (`context_lens[i]`, K/V already stored), 
 serves a first prefill, a later chunk of a chunked prefill and a prompt whose prefix came from
 the prefix cache. One program computes BLOCK_M query rows of one head with an online softmax
 over K/V tiles read through the block table (FlashAttention-2's loop, paged). Programs whose
-tile starts past their sequence's queries exit at once.
+tile starts past their sequence's queries exit at once. An INT8 cache is read with its scales
+(`k_scale`/`v_scale`, see `paged_softmax.py`).
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.engine.kernels.paged_softmax import LOG2E, attend_paged, dot_precision
+from worker.engine.kernels.paged_softmax import LOG2E, attend_paged, dot_precision, scale_args
 
 
 # Neither the block-table width nor the index of the first prefill sequence may select a new compiled
 # variant: both change from step to step (Triton specialises integers on == 1 and divisibility by 16).
 @triton.jit(do_not_specialize=["stride_bt", "first_seq"])
 def _paged_prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr, out_ptr,
-    first_seq, qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_bt, stride_ot, stride_oh,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, query_start_ptr,
+    context_lens_ptr, out_ptr, first_seq, qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_sb,
+    stride_ss, stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -51,9 +54,9 @@ def _paged_prefill_kernel(
     # Keys past the tile's last query position are masked for every row: stop there.
     hi = tl.minimum(context_len, context_len - q_len + (tile + 1) * BLOCK_M)
     m_i, l_i, acc = attend_paged(
-        q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head, 0, hi, q_pos, qk_scale,
-        stride_kb, stride_ks, CAUSAL=True, HEAD_DIM=HEAD_DIM, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION,
+        q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, 0, hi, q_pos,
+        qk_scale, stride_kb, stride_ks, stride_sb, stride_ss, CAUSAL=True, QUANT=QUANT, HEAD_DIM=HEAD_DIM,
+        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION,
     )  # fmt: skip
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -65,13 +68,15 @@ def paged_prefill_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     query_start_loc: torch.Tensor, context_lens: torch.Tensor, max_query_len: int, scale: float,
     out: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64, first_seq: int = 0,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """query [T, H, D] of S sequences (offsets `query_start_loc` [S + 1]) over the paged cache: [T, H, D].
 
     `block_tables` and `context_lens` may hold other sequences first (the step's decodes): the
     prefill sequences are their rows from `first_seq` on. They are passed whole rather than sliced,
     because a slice at an odd row would change the pointer alignment the kernel was compiled for
-    and compile another variant in the middle of serving.
+    and compile another variant in the middle of serving. An INT8 cache needs its scales
+    `k_scale`/`v_scale` [blocks, block_size, KV].
     """
     if query.stride(-1) != 1:
         query = query.contiguous()
@@ -82,13 +87,14 @@ def paged_prefill_attention(
     num_seqs = context_lens.shape[0] - first_seq
     if num_seqs <= 0 or num_tokens == 0:
         return out
+    k_s, v_s, stride_sb, stride_ss, quant = scale_args(k_cache, k_scale, v_scale)
     grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
     _paged_prefill_kernel[grid](
-        query, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
+        query, k_cache, v_cache, k_s, v_s, block_tables, query_start_loc, context_lens, out,
         first_seq, scale * LOG2E, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        stride_sb, stride_ss, block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        DOT_PRECISION=dot_precision(k_cache.dtype), num_warps=4, num_stages=2,
+        DOT_PRECISION=dot_precision(query.dtype), QUANT=quant, num_warps=4, num_stages=2,
     )  # fmt: skip
     return out

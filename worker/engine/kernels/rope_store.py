@@ -6,6 +6,8 @@ a padding row, nothing stored). This replaces transformers' rotate-half arithmet
 launches per layer) and the separate KV store. `cos`/`sin` are the model's own rotary tables for
 the step's positions ([T, D], both halves), so any RoPE scaling the model configures applies.
 Rounded as transformers rounds it: cos/sin in the model dtype, each product and the sum rounded.
+An INT8 cache (QUANT) gets the rotated keys and the values quantised per KV head on the way, with
+`kv_store.quantize_heads` (the same rounding as the torch reference), and their scales.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from worker.engine.kernels.kv_store import check_scales, quantize_heads
 
 
 @triton.jit
@@ -26,10 +30,10 @@ def _rotate(x1, x2, c1, c2, s1, s2):
 
 @triton.jit
 def _rope_store_kernel(
-    qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
     stride_t, stride_cos, stride_qo, stride_slot,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, HALF: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0)
     half = HEAD_DIM // 2
@@ -58,32 +62,53 @@ def _rope_store_kernel(
     k2 = tl.load(k_row + half, mask=kv_mask, other=0.0)
     r1, r2 = _rotate(k1, k2, c1[None, :], c2[None, :], s1[None, :], s2[None, :])
     dest = slot * stride_slot + g * HEAD_DIM + d[None, :]
-    tl.store(k_cache_ptr + dest, r1.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(k_cache_ptr + dest + half, r2.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
     v_row = k_row + NUM_KV_HEADS * HEAD_DIM
     v1 = tl.load(v_row, mask=kv_mask, other=0.0)
     v2 = tl.load(v_row + half, mask=kv_mask, other=0.0)
-    tl.store(v_cache_ptr + dest, v1.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(v_cache_ptr + dest + half, v2.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
+    if QUANT:
+        # One scale per head over both halves; masked lanes are 0 (rotated zeros stay zero).
+        k_amax = tl.maximum(tl.max(tl.abs(r1.to(tl.float32)), 1), tl.max(tl.abs(r2.to(tl.float32)), 1))
+        v_amax = tl.maximum(tl.max(tl.abs(v1.to(tl.float32)), 1), tl.max(tl.abs(v2.to(tl.float32)), 1))
+        k1_q, k_s = quantize_heads(r1, k_amax)
+        k2_q, _ = quantize_heads(r2, k_amax)
+        v1_q, v_s = quantize_heads(v1, v_amax)
+        v2_q, _ = quantize_heads(v2, v_amax)
+        tl.store(k_cache_ptr + dest, k1_q, mask=kv_mask)
+        tl.store(k_cache_ptr + dest + half, k2_q, mask=kv_mask)
+        tl.store(v_cache_ptr + dest, v1_q, mask=kv_mask)
+        tl.store(v_cache_ptr + dest + half, v2_q, mask=kv_mask)
+        heads = tl.arange(0, BLOCK_KV)
+        head_mask = heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)
+        scale_dest = slot * NUM_KV_HEADS + heads
+        tl.store(k_scale_ptr + scale_dest, k_s.to(k_scale_ptr.dtype.element_ty), mask=head_mask)
+        tl.store(v_scale_ptr + scale_dest, v_s.to(v_scale_ptr.dtype.element_ty), mask=head_mask)
+    else:
+        tl.store(k_cache_ptr + dest, r1.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(k_cache_ptr + dest + half, r2.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(v_cache_ptr + dest, v1.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(v_cache_ptr + dest + half, v2.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
 
 
 def rope_and_store(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """qkv [T, (H + 2 KV) * D] -> rotated queries [T, H, D]; rotated keys and values go to the cache."""
+    """qkv [T, (H + 2 KV) * D] -> rotated queries [T, H, D]; rotated keys and values go to the cache
+    (an INT8 cache: quantised, with their scales in `k_scale`/`v_scale` [blocks, block_size, KV])."""
     num_tokens = qkv.shape[0]
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     cos = cos.to(qkv.dtype).reshape(num_tokens, head_dim)
     sin = sin.to(qkv.dtype).reshape(num_tokens, head_dim)
+    k_s, v_s, quant = check_scales(k_cache, k_scale, v_scale)
     q_out = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if num_tokens:
         _rope_store_kernel[(num_tokens,)](
-            qkv, cos.contiguous(), sin.contiguous(), q_out, k_cache, v_cache, slot_mapping,
+            qkv, cos.contiguous(), sin.contiguous(), q_out, k_cache, v_cache, k_s, v_s, slot_mapping,
             qkv.stride(0), head_dim, num_heads * head_dim, num_kv_heads * head_dim,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
             BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
-            HALF=triton.next_power_of_2(head_dim // 2),
+            HALF=triton.next_power_of_2(head_dim // 2), QUANT=quant,
         )  # fmt: skip
     return q_out
