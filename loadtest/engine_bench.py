@@ -445,6 +445,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-interval-steps", type=int, default=None,
                    help="PagedEngine prefill batching interval (default: the engine's, 8 with CUDA graphs)")
     p.add_argument("--no-fused-layers", action="store_true", help="keep transformers' layers (no fused swap)")
+    p.add_argument(
+        "--kv-dtype", default="auto", choices=KV_DTYPE_CHOICES,
+        help="paged engine's KV cache format (LLM_KV_DTYPE); a workload's KV budget stays in bytes",
+    )  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -456,10 +460,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-static", action="store_true", help="run the paged engine only (no baseline)")
     p.add_argument("--kv-cache-bytes", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument(
-        "--kv-dtype", default="auto", choices=KV_DTYPE_CHOICES,
-        help="paged engine's KV cache format (LLM_KV_DTYPE); a workload's KV budget stays in bytes",
-    )  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--max-prefill-chunk-tokens", type=int, default=512)
