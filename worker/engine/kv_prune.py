@@ -11,9 +11,11 @@ of every later query. Which middle block goes first is the mode:
   snapkv  the block the prompt's last query window attended to least (SnapKV, Li et al., 2024).
           Each prefill chunk of such a sequence scores its kept blocks: the attention of its last
           `obs_window` queries, summed over layers, heads and queries and over the tokens of each
-          block (`window_scores`, torch over the stored K, on any device). Blocks written later
-          (decoded tokens) have no score and go oldest first once every scored block is gone;
-          the last `obs_window` tokens' blocks are kept while anything else can go.
+          block (`window_scores`, torch over the stored K, on any device). While prefilling, the
+          lowest-scored block goes. Blocks written later (decoded tokens) have no score: once
+          decoding, prompt blocks go by score while they hold more than half of the non-sink
+          budget, then the decoded blocks slide as a window, oldest first. The last `obs_window`
+          tokens' blocks are kept while anything else can go.
 
 Positions. Kept tokens keep their original RoPE positions (K is stored already rotated) and new
 tokens get their true index; attention reads the block table with the evicted blocks removed, so
@@ -131,7 +133,14 @@ class PrunePolicy:
         # Keep the blocks of the last obs_window computed tokens while any other block can go.
         protected = -(-self.obs_window // bs)
         candidates = range(first, max(full - protected, first)) or range(first, full)
-        return min(candidates, key=lambda i: (seq.block_score(i), i))
+        scored = [i for i in candidates if i < len(seq.block_scores)]
+        unscored = [i for i in candidates if i >= len(seq.block_scores)]
+        # Prompt blocks (scored) compete by score until they hold at most half of the non-sink budget;
+        # past that, the generated blocks (unscored) slide as a window, oldest first.
+        prompt_blocks = max(min(len(seq.block_scores), len(seq.block_table)) - first, 0)
+        if scored and (not unscored or prompt_blocks * bs > (seq.kv_budget_tokens - first * bs) // 2):
+            return min(scored, key=lambda i: (seq.block_scores[i], i))
+        return unscored[0] if unscored else None
 
 
 def window_scores(
