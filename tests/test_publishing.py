@@ -61,7 +61,8 @@ def test_final_event_done_or_error_code() -> None:
     f = inflight()
     t = request_timings(f, 2, 51.0, 2000.0, "w")
     out = SequenceOutput(
-        "r1", [], "", True, "length", 3, 2, 1, text="a b", kv_dtype="int8", kv_peak_tokens=4, kv_evicted_tokens=16
+        "r1", [], "", True, "length", 3, 2, 1, text="a b", kv_dtype="int8", kv_peak_tokens=4,
+        kv_evicted_tokens=16,
     )
     done = final_event(f, out, t, "w:1")
     assert isinstance(done, DoneEvent) and done.text == "a b" and done.finish_reason == "length"

@@ -117,8 +117,9 @@ class WorkerSettings(BaseSettings):
     kv_budget_tokens: int = Field(
         default=0,
         ge=0,
-        description="KV pruning (paged engine): most cached tokens a sequence keeps; middle blocks are evicted "
-        "past it (0 = off). A request's `kv_budget_tokens` overrides it; at least the sink tokens plus one block.",
+        description="KV pruning (paged engine): most cached tokens a sequence keeps; middle blocks are "
+        "evicted past it (0 = off). A request's `kv_budget_tokens` overrides it; at least the sink tokens "
+        "plus one block.",
     )
     kv_sink_tokens: int = Field(
         default=4,

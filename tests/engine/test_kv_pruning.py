@@ -1,4 +1,4 @@
-"""KV pruning: budgets, sinks + recent window, SnapKV scores, block refcounts under sharing, the wire field."""
+"""KV pruning: budgets, sinks + recent window, SnapKV scores, refcounts under sharing, the wire field."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from worker.engine.sequence import Sequence
 
 
 def make_seq(request_id: str, tokens: list[int], budget: int = 0, max_tokens: int = 64) -> Sequence:
-    seq = Sequence(GenerationRequest(request_id, tokens, SamplingParams(max_tokens=max_tokens), time.monotonic()))
+    seq = Sequence(
+        GenerationRequest(request_id, tokens, SamplingParams(max_tokens=max_tokens), time.monotonic())
+    )
     seq.kv_budget_tokens = budget
     return seq
 
@@ -98,7 +100,12 @@ class PruningUnderSharing(RuleBasedStateMachine):
     """
 
     BS = 4
-    PREFIXES = [[], [1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 10, 11], [20, 21, 22, 23, 24, 25, 26, 27]]
+    PREFIXES = [
+        [],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9],
+        [1, 2, 3, 4, 5, 6, 7, 8, 10, 11],
+        [20, 21, 22, 23, 24, 25, 26, 27],
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -156,7 +163,9 @@ class PruningUnderSharing(RuleBasedStateMachine):
         self.bm.register_full_blocks(seq, start + n)
         for slot in self.bm.slot_mapping(seq, start, start + n):
             block = slot // self.BS
-            assert block in seq.block_table and self.bm.blocks[block].ref_count == 1, "write to a shared block"
+            assert block in seq.block_table and self.bm.blocks[block].ref_count == 1, (
+                "write to a shared block"
+            )
         seq.num_computed_tokens = start + n
         if seq.kv_budget_tokens:
             assert seq.kv_len(seq.num_computed_tokens) <= seq.kv_budget_tokens
@@ -301,7 +310,9 @@ def test_generating_four_times_past_the_budget_stays_coherent(smol: LoadedModel,
         lambda _m, _i, out: finite.append(bool(torch.isfinite(out).all()))
     )
     try:
-        ids = engine.encode_chat([{"role": "user", "content": "Tell me a long story about a dragon who learns to cook."}])
+        ids = engine.encode_chat(
+            [{"role": "user", "content": "Tell me a long story about a dragon who learns to cook."}]
+        )
         engine.add_request(request("long", ids, max_tokens=256, ignore_eos=True))
         outputs = drain(engine)["long"]
     finally:

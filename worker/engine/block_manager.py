@@ -126,12 +126,12 @@ class BlockManager:
         return seq.num_computed_tokens
 
     def can_append(self, seq: Sequence, num_tokens: int, reserved_blocks: int = 0) -> bool:
-        """True if the sequence's table can grow to cover `num_tokens` tokens (evicted ones need no slot)."""
+        """True if the sequence's table can grow to cover `num_tokens` tokens (evicted ones need none)."""
         missing = self.blocks_for(seq.kv_len(num_tokens)) - len(seq.block_table)
         return missing <= 0 or missing + reserved_blocks <= self.num_free_blocks
 
     def ensure_slots(self, seq: Sequence, num_tokens: int) -> None:
-        """Grow the sequence's block table so that tokens [0, num_tokens) all have a slot (or were evicted)."""
+        """Grow the sequence's table so that tokens [0, num_tokens) all have a slot (or were evicted)."""
         for _ in range(self.blocks_for(seq.kv_len(num_tokens)) - len(seq.block_table)):
             seq.block_table.append(self._take_block())
 
@@ -203,7 +203,7 @@ class BlockManager:
         return [table[(pos - shift) // bs] * bs + pos % bs for pos in range(start, end)]
 
     def unpublish(self, seq: Sequence, first_block: int) -> None:
-        """Withdraw the sequence's blocks from logical block `first_block` on from sharing: their K/V is suspect."""
+        """Withdraw the sequence's blocks from logical block `first_block` on from sharing (suspect K/V)."""
         for block_id in seq.block_table[max(first_block - seq.num_evicted_blocks, 0) :]:
             block = self.blocks[block_id]
             if block.block_hash is not None and self.hash_to_block_id.get(block.block_hash) == block_id:

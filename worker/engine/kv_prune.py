@@ -143,9 +143,7 @@ class PrunePolicy:
         return unscored[0] if unscored else None
 
 
-def window_scores(
-    query: torch.Tensor, keys: torch.Tensor, scale: float, context_len: int
-) -> torch.Tensor:
+def window_scores(query: torch.Tensor, keys: torch.Tensor, scale: float, context_len: int) -> torch.Tensor:
     """SnapKV's observation: attention of the last w queries [w, H, D] (at the end of a context of
     `context_len` kept tokens) over keys [context_len, KV, D], causal, summed over queries and heads:
     [context_len] float32."""

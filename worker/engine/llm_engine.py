@@ -28,7 +28,6 @@ from worker.engine.block_manager import BlockManager
 from worker.engine.cuda_graphs import DecodeGraphs
 from worker.engine.encoder import TokenizerEncoder
 from worker.engine.fused_layers import fuse_model
-from worker.engine.kv_prune import DEFAULT_SINK_TOKENS, PrunePolicy, block_scores
 from worker.engine.kv_cache import (
     GPU_DEFAULT_MEMORY_FRACTION,
     KVCache,
@@ -36,6 +35,7 @@ from worker.engine.kv_cache import (
     num_blocks_for_budget,
     resolve_kv_dtype,
 )
+from worker.engine.kv_prune import DEFAULT_SINK_TOKENS, PrunePolicy, block_scores
 from worker.engine.model_runner import LaunchedStep, ModelRunner
 from worker.engine.quant import dtype_name, weights_label
 from worker.engine.sequence import Sequence
