@@ -28,6 +28,8 @@ def make_seq(request_id: str, tokens: list[int], budget: int = 0, max_tokens: in
         GenerationRequest(request_id, tokens, SamplingParams(max_tokens=max_tokens), time.monotonic())
     )
     seq.kv_budget_tokens = budget
+    if budget:
+        seq.max_prefix_blocks = PrunePolicy(block_size=4).max_prefix_blocks(budget)
     return seq
 
 
@@ -37,6 +39,7 @@ def test_budget_validation_and_caps():
     assert policy.budget_problem(0) is None and policy.budget_problem(32) is None
     assert policy.budget_problem(31) and policy.budget_problem(-1)
     assert policy.cap_blocks(100) == 8 and policy.max_prefix_blocks(100) == 5
+    assert policy.max_prefix_blocks(100, worst_case=True) == 1  # the sink block only
     with pytest.raises(ValueError):
         PrunePolicy(block_size=16, default_budget_tokens=20)
     with pytest.raises(ValueError):

@@ -78,15 +78,15 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the longest shareable prefix; never the last token, whose logits we need.
 
-        A sequence with a KV budget takes at most `budget // block_size - 1` of them (room for a chunk).
+        A sequence with a KV budget takes at most `seq.max_prefix_blocks` of them (set by the scheduler).
         """
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
         bs = self.block_size
         limit = (len(seq) - 1) // bs
-        if seq.kv_budget_tokens > 0:
-            limit = min(limit, max(seq.kv_budget_tokens // bs - 1, 0))
+        if seq.max_prefix_blocks is not None:
+            limit = min(limit, seq.max_prefix_blocks)
         for i, digest in enumerate(self.block_digests(seq, limit)):
             block_id = self.hash_to_block_id.get(digest)
             if block_id is None:

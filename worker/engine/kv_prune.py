@@ -95,8 +95,15 @@ class PrunePolicy:
         """Most blocks a sequence with this budget ever holds (kept tokens <= budget, plus slack)."""
         return -(-budget // self.block_size) + 1
 
-    def max_prefix_blocks(self, budget: int) -> int:
-        """Prefix-cache hits a budgeted sequence may take: leave at least one block for its first chunk."""
+    def max_prefix_blocks(self, budget: int, worst_case: bool = False) -> int:
+        """Prefix-cache hits a budgeted sequence may take: leave at least one block for its first chunk.
+
+        Under worst-case reservation only the sink blocks: a shared block it evicted later would free
+        nothing, so the blocks reserved at admission would no longer cover its growth; with private
+        blocks every eviction returns one to the pool for the next one it needs.
+        """
+        if worst_case:
+            return min(self.sink_blocks, max(budget // self.block_size - 1, 0))
         return max(budget // self.block_size - 1, 0)
 
     def chunk_cap(self, budget: int) -> int:

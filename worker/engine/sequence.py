@@ -58,6 +58,7 @@ class Sequence:
         self.block_scores: list[float] = []
         self.kv_peak_tokens = 0
         self.kv_evicted_tokens = 0  # over the sequence's life, recomputes after preemption included
+        self.max_prefix_blocks: int | None = None  # prefix-cache hits it may take (None: any)
         self.detokenizer = (
             IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.sampling.stop)
             if tokenizer is not None

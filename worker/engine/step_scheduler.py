@@ -79,6 +79,10 @@ class StepScheduler:
         return self.block_manager.num_blocks * self.block_manager.block_size
 
     def add(self, seq: Sequence) -> None:
+        if seq.kv_budget_tokens:
+            seq.max_prefix_blocks = self.prune.max_prefix_blocks(
+                seq.kv_budget_tokens, self.policy.kv_reserve == "worst_case"
+            )
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
         self.arrivals.observe(seq.arrival_s)
