@@ -309,6 +309,8 @@ class WorkerSettings(BaseSettings):
         # The static engine keeps transformers' own KV cache, in the activation dtype.
         if self.engine == "static" and self.kv_dtype != "auto":
             raise ValueError(f"LLM_KV_DTYPE={self.kv_dtype} needs LLM_ENGINE=hf (the paged engine)")
+        if self.engine == "static" and self.kv_budget_tokens:
+            raise ValueError("LLM_KV_BUDGET_TOKENS needs LLM_ENGINE=hf (the paged engine)")
         problem = self.kv_budget_problem(self.kv_budget_tokens)
         if problem:
             raise ValueError(f"LLM_KV_BUDGET_TOKENS: {problem}")
