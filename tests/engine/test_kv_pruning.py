@@ -281,13 +281,14 @@ def test_pruning_with_int8_kv_and_prefix_sharing_leaves_the_pool_as_it_found_it(
 
 
 @pytest.mark.skipif(not kernels_usable(torch.device("cpu")), reason="needs TRITON_INTERPRET=1")
-def test_triton_kernels_read_the_pruned_block_tables_like_the_reference():
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_triton_kernels_read_the_pruned_block_tables_like_the_reference(kv_dtype: str):
     loaded = random_causal_lm("tiny", device="cpu", dtype=torch.float32)
     results = {}
     for backend in ("torch", "triton"):
         engine = PagedEngine(
             loaded.model, loaded.tokenizer, kv_cache_bytes=4 << 20, max_prefill_chunk_tokens=32,
-            kv_budget_tokens=32, kv_prune_mode="snapkv", attention_backend=backend, fused_layers=False,
+            kv_budget_tokens=32, kv_prune_mode="snapkv", attention_backend=backend, kv_dtype=kv_dtype,
         )  # fmt: skip
         engine.add_request(request("a", list(range(100, 150)), max_tokens=24, ignore_eos=True))
         engine.add_request(request("b", list(range(300, 310)), max_tokens=40, ignore_eos=True))
