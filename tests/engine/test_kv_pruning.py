@@ -113,7 +113,11 @@ class PruningUnderSharing(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.bm = BlockManager(num_blocks=40, block_size=self.BS)
-        self.policy = PrunePolicy(block_size=self.BS, sink_tokens=4)
+        self.policies = {
+            mode: PrunePolicy(block_size=self.BS, sink_tokens=4, mode=mode, obs_window=4)
+            for mode in ("window", "snapkv")
+        }
+        self.policy = self.policies["window"]
         self.live: list[Sequence] = []
         self.count = 0
 
@@ -133,8 +137,15 @@ class PruningUnderSharing(RuleBasedStateMachine):
         self.live.append(seq)
         self._compute(seq, first)
 
-    @rule(which=st.integers(0, 99), new_token=st.integers(30, 33))
-    def grow(self, which: int, new_token: int) -> None:
+    @rule(which=st.integers(0, 99), scores=st.lists(st.floats(0, 10), max_size=8))
+    def score(self, which: int, scores: list[float]) -> None:
+        """SnapKV scores of the kept blocks (as a scored prefill chunk leaves them)."""
+        if self.live:
+            seq = self.live[which % len(self.live)]
+            seq.block_scores = scores[: len(seq.block_table)]
+
+    @rule(which=st.integers(0, 99), new_token=st.integers(30, 33), snapkv=st.booleans())
+    def grow(self, which: int, new_token: int, snapkv: bool) -> None:
         if not self.live:
             return
         seq = self.live[which % len(self.live)]
@@ -142,9 +153,11 @@ class PruningUnderSharing(RuleBasedStateMachine):
             seq.token_ids.append(new_token)
         want = min(seq.num_uncomputed_tokens, 6)
         others = {s.request_id: list(s.block_table) for s in self.live if s is not seq}
+        before = list(seq.block_table)
         n = want
         if seq.kv_budget_tokens:
-            n, evicted = self.policy.fit(seq, want)
+            n, evicted = self.policies["snapkv" if snapkv else "window"].fit(seq, want)
+            assert seq.block_table[: self.policy.sink_blocks] == before[: self.policy.sink_blocks]
             for block_id in evicted:  # pruning drops a reference; a block still read keeps its count
                 readers = sum(block_id in s.block_table for s in self.live if s is not seq)
                 assert self.bm.blocks[block_id].ref_count == readers + 1
