@@ -15,7 +15,11 @@ of every later query. Which middle block goes first is the mode:
           lowest-scored block goes. Blocks written later (decoded tokens) have no score: once
           decoding, prompt blocks go by score while they hold more than half of the non-sink
           budget, then the decoded blocks slide as a window, oldest first. The last `obs_window`
-          tokens' blocks are kept while anything else can go.
+          tokens' blocks are kept while anything else can go. SnapKV proper prefills the whole
+          prompt with full attention and compresses once; here a prompt longer than the budget is
+          compressed chunk by chunk (a sequence never holds more than its budget), so a later
+          chunk attends to what the earlier chunks' windows kept. A prompt within the budget is
+          prefilled whole and compressed by score as decoding outgrows the budget.
 
 Positions. Kept tokens keep their original RoPE positions (K is stored already rotated) and new
 tokens get their true index; attention reads the block table with the evicted blocks removed, so
