@@ -40,9 +40,17 @@ Rows (`--rows`, comma-separated, in order; the first is the agreement reference)
                          weights as the baseline
   int8-weights-int8-kv   LLM_WEIGHTS=int8 and LLM_KV_DTYPE=int8 together
 
-Further KV rows (sinks+window and score-based eviction at 50% / 25% budgets) are added in
-`build_rows` as `Row(name, weights, engine_options={...})` once `PagedEngine` takes those options;
-a budget of a fraction of the perplexity window is `args.window // 2` etc.
+  window-50, window-25    KV pruning, LLM_KV_PRUNE_MODE=window (4 sink tokens = one block kept, then
+                         the most recent blocks), at a budget of 50% / 25% of each request's tokens
+  snapkv-50, snapkv-25   KV pruning, LLM_KV_PRUNE_MODE=snapkv (sinks, the prompt blocks the last 32
+                         queries of each prefill chunk attend to most, the recent window)
+  int8-kv-snapkv-50      both: an INT8 cache pruned by snapkv at 50%
+
+A pruning row's budget is a share of each request's length, set per request (`kv_budget_tokens`):
+for perplexity, of the window (50%: 512 of 1024 tokens, so the window's second half is scored with
+at most 512 cached tokens; its chunks are cut to (budget - 16) / 2 tokens); for agreement, of
+prompt + max_tokens, rounded up to a block and at least the smallest budget (32 tokens), so a
+short chat may end up with more than the share.
 
     python loadtest/kv_quality.py                                   # baseline, int8-weights
     python loadtest/kv_quality.py --rows baseline,int8-weights,w8a8 --json-out docs/bench/cpu_quality.json
@@ -165,6 +173,7 @@ class Row:
     engine_options: dict[str, Any] = field(default_factory=dict)
     transform: Callable[[Any], None] | None = None
     note: str = ""
+    kv_fraction: float | None = None  # KV pruning budget as a share of each request's tokens
 
 
 def build_rows(args: argparse.Namespace) -> dict[str, Row]:
@@ -183,6 +192,18 @@ def build_rows(args: argparse.Namespace) -> dict[str, Row]:
             Row(
                 "int8-weights-int8-kv", "int8", engine_options={"kv_dtype": "int8"},
                 note="LLM_WEIGHTS=int8, LLM_KV_DTYPE=int8",
+            ),  # fmt: skip
+            *(
+                Row(
+                    f"{mode}-{pct}", engine_options={"kv_prune_mode": mode}, kv_fraction=pct / 100,
+                    note=f"LLM_KV_PRUNE_MODE={mode}, budget {pct}% of each request's tokens",
+                )  # fmt: skip
+                for mode in ("window", "snapkv")
+                for pct in (50, 25)
+            ),
+            Row(
+                "int8-kv-snapkv-50", engine_options={"kv_dtype": "int8", "kv_prune_mode": "snapkv"},
+                kv_fraction=0.5, note="LLM_KV_DTYPE=int8 and snapkv at 50%",
             ),  # fmt: skip
         )
     }
@@ -225,15 +246,28 @@ def make_engine(loaded: LoadedModel, row: Row, args: argparse.Namespace) -> Page
     return PagedEngine(loaded.model, loaded.tokenizer, **options)
 
 
-def _request(rid: str, ids: list[int], max_tokens: int, ignore_eos: bool) -> GenerationRequest:
+def kv_budget(num_tokens: int, fraction: float | None, engine: PagedEngine) -> int | None:
+    """A budget of `fraction` of `num_tokens`, rounded up to a block, at least the engine's smallest."""
+    if fraction is None:
+        return None
+    bs = engine.block_manager.block_size
+    return max(-(-int(num_tokens * fraction) // bs) * bs, engine.prune.min_budget_tokens)
+
+
+def _request(
+    rid: str, ids: list[int], max_tokens: int, ignore_eos: bool, kv_budget_tokens: int | None = None
+) -> GenerationRequest:
     return GenerationRequest(
         request_id=rid, prompt_token_ids=ids, arrival_s=time.monotonic(),
         sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos),
+        kv_budget_tokens=kv_budget_tokens,
     )  # fmt: skip
 
 
 @torch.inference_mode()
-def perplexity(engine: PagedEngine, windows: list[list[int]]) -> tuple[float, int]:
+def perplexity(
+    engine: PagedEngine, windows: list[list[int]], kv_fraction: float | None = None
+) -> tuple[float, int]:
     """(sum of NLL, scored tokens) over the windows, each prefilled in chunks through the engine."""
     model = engine.model
     captured: list[torch.Tensor] = []
@@ -247,7 +281,8 @@ def perplexity(engine: PagedEngine, windows: list[list[int]]) -> tuple[float, in
     try:
         for w, ids in enumerate(windows):
             captured.clear()
-            engine.add_request(_request(f"ppl{w}", ids, max_tokens=1, ignore_eos=True))
+            budget = kv_budget(len(ids), kv_fraction, engine)
+            engine.add_request(_request(f"ppl{w}", ids, 1, ignore_eos=True, kv_budget_tokens=budget))
             while engine.has_unfinished():
                 engine.step()
             hidden = torch.cat(captured)
@@ -265,9 +300,12 @@ def perplexity(engine: PagedEngine, windows: list[list[int]]) -> tuple[float, in
     return total_nll, scored
 
 
-def greedy(engine: PagedEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+def greedy(
+    engine: PagedEngine, prompts: list[list[int]], max_tokens: int, kv_fraction: float | None = None
+) -> list[list[int]]:
     for i, ids in enumerate(prompts):
-        engine.add_request(_request(f"p{i}", ids, max_tokens=max_tokens, ignore_eos=False))
+        budget = kv_budget(len(ids) + max_tokens, kv_fraction, engine)
+        engine.add_request(_request(f"p{i}", ids, max_tokens, ignore_eos=False, kv_budget_tokens=budget))
     tokens: dict[str, list[int]] = {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -298,10 +336,10 @@ def run_row(row: Row, args: argparse.Namespace, text: str) -> tuple[RowResult, l
     windows = [ids[i : i + args.window] for i in range(0, len(ids) - args.window + 1, args.window)]
     windows = windows[: args.windows] if args.windows else windows
     t0 = time.perf_counter()
-    nll, scored = perplexity(engine, windows)
+    nll, scored = perplexity(engine, windows, row.kv_fraction)
     t1 = time.perf_counter()
     prompts = [engine.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS[: args.prompts]]
-    tokens = greedy(engine, prompts, args.max_tokens)
+    tokens = greedy(engine, prompts, args.max_tokens, row.kv_fraction)
     t2 = time.perf_counter()
     info = engine.describe()
     result = RowResult(

@@ -60,9 +60,14 @@ def test_token_events_only_for_streaming_requests_with_news() -> None:
 def test_final_event_done_or_error_code() -> None:
     f = inflight()
     t = request_timings(f, 2, 51.0, 2000.0, "w")
-    done = final_event(f, SequenceOutput("r1", [], "", True, "length", 3, 2, 1, text="a b"), t, "w:1")
+    out = SequenceOutput(
+        "r1", [], "", True, "length", 3, 2, 1, text="a b", kv_dtype="int8", kv_peak_tokens=4,
+        kv_evicted_tokens=16,
+    )
+    done = final_event(f, out, t, "w:1")
     assert isinstance(done, DoneEvent) and done.text == "a b" and done.finish_reason == "length"
     assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.cached_tokens) == (3, 2, 1)
+    assert (done.usage.kv_dtype, done.usage.kv_peak_tokens, done.usage.kv_evicted_tokens) == ("int8", 4, 16)
     expected = {
         "deadline_exceeded": ErrorCode.DEADLINE_EXCEEDED,
         "cancelled": ErrorCode.CANCELLED,
@@ -76,10 +81,10 @@ def test_final_event_done_or_error_code() -> None:
 
 def test_microbatch_ends_with_its_last_member() -> None:
     batch = Microbatch(size=2, admitted_s=10.0, wait_ms=3.0, remaining=2)
-    assert not add_to_batch(batch, prompt=100, completion=10, cached=50)
-    assert add_to_batch(batch, prompt=100, completion=20, cached=0)
+    assert not add_to_batch(batch, prompt=100, completion=10, cached=50, kv_peak=109)
+    assert add_to_batch(batch, prompt=100, completion=20, cached=0, kv_peak=64)
     fields = batch_done_fields(7, batch, now_s=10.5)
     assert fields == {
         "batch": 7, "size": 2, "tokens": 230, "cached_tokens": 50, "prefix_hit_rate": 0.25,
-        "wait_ms": 3.0, "duration_ms": 500.0,
+        "kv_peak_tokens": 173, "wait_ms": 3.0, "duration_ms": 500.0,
     }  # fmt: skip

@@ -54,6 +54,7 @@ class Microbatch:
     tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    kv_peak_tokens: int = 0  # sum of the members' KV peaks
 
 
 @dataclass

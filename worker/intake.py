@@ -49,6 +49,7 @@ def generation_request(f: InFlight) -> GenerationRequest:
         arrival_s=f.read_s,
         priority=int(Priority.BATCH if r.priority == "batch" else Priority.INTERACTIVE),
         deadline_s=f.deadline_s,
+        kv_budget_tokens=r.kv_budget_tokens,
     )  # fmt: skip
 
 
@@ -223,6 +224,10 @@ class Intake:
                 entry_id, request, ct, self.refusals.reply_key(request), ErrorCode.INVALID_REQUEST,
                 f"reply_to must start with `{self.names.root}:reply:`",
             )  # fmt: skip
+            return None
+        problem = None if request.kv_budget_tokens is None else s.kv_budget_problem(request.kv_budget_tokens)
+        if problem:
+            self.refusals.fail(entry_id, request, ct, reply_key, ErrorCode.INVALID_REQUEST, problem)
             return None
         key = table_key(self.tenant, request.id)
         known = self.table.get(key) or batch.get(key)

@@ -74,6 +74,9 @@ def final_event(f: InFlight, out: SequenceOutput, timings: Timings, attempt: str
             prompt_tokens=prompt_tokens(f, out),
             completion_tokens=out.completion_tokens,
             cached_tokens=out.cached_tokens,
+            kv_dtype=out.kv_dtype,
+            kv_peak_tokens=out.kv_peak_tokens,
+            kv_evicted_tokens=out.kv_evicted_tokens,
         ),
         timings=timings,
         attempt=attempt,
@@ -104,9 +107,10 @@ def request_timings(
     )
 
 
-def add_to_batch(batch: Microbatch, prompt: int, completion: int, cached: int) -> bool:
+def add_to_batch(batch: Microbatch, prompt: int, completion: int, cached: int, kv_peak: int = 0) -> bool:
     """Count one finished member; True when it was the last one."""
     batch.remaining -= 1
+    batch.kv_peak_tokens += kv_peak
     batch.prompt_tokens += prompt
     batch.tokens += prompt + completion
     batch.cached_tokens += cached
@@ -120,6 +124,7 @@ def batch_done_fields(batch_id: int, batch: Microbatch, now_s: float) -> dict[st
         "tokens": batch.tokens,
         "cached_tokens": batch.cached_tokens,
         "prefix_hit_rate": round(batch.cached_tokens / max(batch.prompt_tokens, 1), 4),
+        "kv_peak_tokens": batch.kv_peak_tokens,
         "wait_ms": round(batch.wait_ms, 2),
         "duration_ms": round((now_s - batch.admitted_s) * 1000, 2),
     }
@@ -186,10 +191,13 @@ class Publisher:
             completion_tokens=out.completion_tokens,
             cached_tokens=out.cached_tokens,
             finish_reason=out.finish_reason,
+            kv_dtype=out.kv_dtype,
+            kv_peak_tokens=out.kv_peak_tokens,
+            kv_evicted_tokens=out.kv_evicted_tokens,
         )
         batch = self.counters.batches.get(f.batch_id)
         if batch is not None and add_to_batch(
-            batch, prompt_tokens(f, out), out.completion_tokens, out.cached_tokens
+            batch, prompt_tokens(f, out), out.completion_tokens, out.cached_tokens, out.kv_peak_tokens
         ):
             del self.counters.batches[f.batch_id]
             log.info("batch_done", **batch_done_fields(f.batch_id, batch, now_s))

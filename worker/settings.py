@@ -114,6 +114,23 @@ class WorkerSettings(BaseSettings):
         "(one FP16 scale per token and KV head, ~1.9x the tokens of fp16 in the same LLM_KV_CACHE_BYTES).",
     )
     kv_block_size_tokens: int = Field(default=16, ge=1, description="Tokens per KV cache block.")
+    kv_budget_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="KV pruning (paged engine): most cached tokens a sequence keeps; middle blocks are "
+        "evicted past it (0 = off). A request's `kv_budget_tokens` overrides it; at least the sink tokens "
+        "plus one block.",
+    )
+    kv_sink_tokens: int = Field(
+        default=4,
+        ge=0,
+        description="KV pruning: leading tokens never evicted (attention sinks), rounded up to whole blocks.",
+    )
+    kv_prune_mode: Literal["window", "snapkv"] = Field(
+        default="window",
+        description="KV pruning: window evicts the oldest middle block (sinks + recent window); snapkv the "
+        "block the prompt's last 32 queries attended to least.",
+    )
     kv_reserve: Literal["worst_case", "optimistic"] = Field(
         default="worst_case",
         description="KV admission: reserve prompt+max_tokens, or prompt only with preemption.",
@@ -292,7 +309,23 @@ class WorkerSettings(BaseSettings):
         # The static engine keeps transformers' own KV cache, in the activation dtype.
         if self.engine == "static" and self.kv_dtype != "auto":
             raise ValueError(f"LLM_KV_DTYPE={self.kv_dtype} needs LLM_ENGINE=hf (the paged engine)")
+        if self.engine == "static" and self.kv_budget_tokens:
+            raise ValueError("LLM_KV_BUDGET_TOKENS needs LLM_ENGINE=hf (the paged engine)")
+        problem = self.kv_budget_problem(self.kv_budget_tokens)
+        if problem:
+            raise ValueError(f"LLM_KV_BUDGET_TOKENS: {problem}")
         return self
+
+    def kv_budget_problem(self, budget: int) -> str | None:
+        """Why a KV budget (a request's, or the default) is unusable here, or None (0 = off)."""
+        block = self.kv_block_size_tokens
+        least = (-(-self.kv_sink_tokens // block) + 1) * block
+        if 0 < budget < least:
+            return (
+                f"kv_budget_tokens must be 0 (off) or at least {least} "
+                f"(the sink tokens, rounded up to a block of {block}, plus one block)"
+            )
+        return None
 
     @model_validator(mode="after")
     def _check_liveness(self) -> WorkerSettings:

@@ -12,3 +12,4 @@ MAX_METADATA_BYTES = 4096
 # Latest absolute deadline accepted (9999-12-31, epoch ms): bounded, so it converts to seconds.
 MAX_EPOCH_MS = 253_402_300_799_999
 REPLY_TTL_S_DEFAULT = 3600
+MAX_KV_BUDGET_TOKENS = 1 << 20

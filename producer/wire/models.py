@@ -13,12 +13,13 @@ import time
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, StringConstraints, model_validator
 
 from producer.wire.keys import DEFAULT_PREFIX, reply_stream
 from producer.wire.limits import (
     MAX_BODY_BYTES,
     MAX_EPOCH_MS,
+    MAX_KV_BUDGET_TOKENS,
     MAX_MESSAGES,
     MAX_METADATA_BYTES,
     MAX_STOP_SEQUENCES,
@@ -78,6 +79,9 @@ class ChatRequest(BaseModel):
     tenant: Annotated[str, StringConstraints(max_length=64)] = "default"
     metadata: dict[str, JsonValue] = Field(default_factory=dict)  # JSON-shaped: str keys, no bytes
     reply_to: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    # KV pruning budget in tokens (0 = no pruning; absent = the worker's LLM_KV_BUDGET_TOKENS). A worker
+    # also rejects a positive budget below its sink tokens plus one KV block.
+    kv_budget_tokens: StrictInt | None = Field(default=None, ge=0, le=MAX_KV_BUDGET_TOKENS)
 
     @model_validator(mode="after")
     def _check(self) -> ChatRequest:
@@ -108,6 +112,11 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    # KV cache: its format ("" from engines without one), the most tokens the request held at once,
+    # and the tokens KV pruning evicted.
+    kv_dtype: str = ""
+    kv_peak_tokens: int = 0
+    kv_evicted_tokens: int = 0
 
 
 class Timings(BaseModel):

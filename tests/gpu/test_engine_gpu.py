@@ -95,3 +95,42 @@ def test_greedy_tokens_match_generate_for_32_steps(dtype: str):
     tokens = run(engine)
     engine.close()
     assert [tokens[f"q{i}"] for i in range(len(prompts))] == expected
+
+
+@pytest.mark.parametrize(("mode", "kv_dtype"), [("window", "auto"), ("snapkv", "int8")])
+def test_pruned_graph_replay_matches_the_eager_forward(mode: str, kv_dtype: str):
+    """KV pruning on the GPU path: graph replay reads the compacted block tables and kept lengths as the
+    eager forward does, SnapKV scores come from the eager prefill, and the pool ends as it started."""
+    from worker.engine.random_model import random_causal_lm
+
+    loaded = random_causal_lm("llama-1b", device="cuda", dtype=torch.float16)
+    engine = PagedEngine(
+        loaded.model, loaded.tokenizer, kv_cache_bytes=1 << 30, max_num_seqs=16, max_batch_tokens=8192,
+        max_prefill_chunk_tokens=4096, prefill_interval_steps=0, kv_dtype=kv_dtype, kv_budget_tokens=256,
+        kv_prune_mode=mode,
+    )  # fmt: skip
+    assert engine.runner.graphs is not None
+    free_before = engine.block_manager.num_free_blocks
+    rng = random.Random(1)
+    for i in range(13):
+        prompt = [rng.randrange(100, 49000) for _ in range(rng.randint(100, 900))]
+        engine.add_request(request(f"r{i}", prompt, 300))  # every one decodes past its budget
+    while any(seq.num_uncomputed_tokens > 1 for seq in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(250):  # past the budget (>= 350 tokens): every sequence has evicted blocks
+        engine.step()
+    running = list(engine.scheduler.running)
+    assert len(running) == 13 and all(seq.num_evicted_blocks > 0 for seq in running)
+    assert all(seq.kv_len(seq.num_computed_tokens) <= 256 for seq in running)
+    for seq in running:  # what planning the next decode does: evict to fit, give the token a slot
+        assert engine.scheduler._fit_budget(seq, 1) == 1
+        engine.block_manager.ensure_slots(seq, seq.num_computed_tokens + 1)
+    rows = [ScheduledSequence(seq, 1) for seq in running]
+    with torch.inference_mode():
+        graph = engine.runner._graph_logits(rows).float().clone()
+        eager, _ = engine.runner._eager_logits(rows)
+    assert rel_error(graph, eager.float()) < 5e-3
+    run(engine)
+    assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
+    assert engine.block_manager.num_free_blocks == free_before
+    engine.close()

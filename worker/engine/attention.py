@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -82,6 +82,10 @@ class AttentionMetadata:
     # Host copies for the torch reference (unset in CUDA graphs, which never run the reference).
     query_lens_host: list[int] | None = None
     context_lens_host: list[int] | None = None
+    # SnapKV observation windows (`kv_prune.py`), eager steps only: (row, flat index of its first query,
+    # queries), and where each layer adds its scores of the row's kept tokens.
+    score_requests: list[tuple[int, int, int]] = field(default_factory=list)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def for_step(
@@ -274,7 +278,28 @@ def paged_attention_forward(
         metadata.kv_cache.write(layer_idx, metadata.slot_mapping, new_keys, new_values)
         with sdpa_kernel(_SDPA_BACKENDS):
             out = paged_attention_reference(q, k_cache, v_cache, metadata, scale, k_scale, v_scale)
+    if metadata.score_requests:
+        _add_window_scores(q, k_cache, k_scale, metadata, scale)
     return out.unsqueeze(0), None
+
+
+def _add_window_scores(
+    q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tensor | None, metadata: AttentionMetadata,
+    scale: float,
+) -> None:  # fmt: skip
+    """Add this layer's SnapKV scores of each requested row's kept tokens (plain torch over the stored K)."""
+    from worker.engine.kv_prune import window_scores
+
+    if metadata.context_lens_host is None:
+        raise ValueError("SnapKV scores need the host copies of the step's lengths")
+    block_size = k_cache.shape[1]
+    for row, first, num_queries in metadata.score_requests:
+        context_len = metadata.context_lens_host[row]
+        table = metadata.block_tables[row, : -(-context_len // block_size)].long()
+        keys = _gather(k_cache, k_scale, table, q.dtype).flatten(0, 1)[:context_len]
+        scores = window_scores(q[first : first + num_queries], keys, scale, context_len)
+        previous = metadata.scores.get(row)
+        metadata.scores[row] = scores if previous is None else previous + scores
 
 
 def register_paged_attention() -> str:

@@ -49,6 +49,7 @@ class GenerationRequest:
     arrival_s: float
     priority: int = 0
     deadline_s: float | None = None
+    kv_budget_tokens: int | None = None  # KV pruning budget; None = the engine's default (0 = off)
 
 
 @dataclass
@@ -65,6 +66,11 @@ class SequenceOutput:
     cached_tokens: int = 0
     # Full reply text; set when finished.
     text: str = ""
+    # KV usage (engines with a KV cache): format, most tokens held at once, tokens evicted by pruning.
+    # Keep new fields at the end: `core_process.pack_output` packs them in this order.
+    kv_dtype: str = ""
+    kv_peak_tokens: int = 0
+    kv_evicted_tokens: int = 0
 
 
 @dataclass

@@ -76,12 +76,18 @@ class BlockManager:
         return seq.block_hashes[:num_blocks]
 
     def match_prefix(self, seq: Sequence) -> list[int]:
-        """Cached blocks holding the longest shareable prefix; never the last token, whose logits we need."""
+        """Cached blocks holding the longest shareable prefix; never the last token, whose logits we need.
+
+        A sequence with a KV budget takes at most `seq.max_prefix_blocks` of them (set by the scheduler).
+        """
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
         bs = self.block_size
-        for i, digest in enumerate(self.block_digests(seq, (len(seq) - 1) // bs)):
+        limit = (len(seq) - 1) // bs
+        if seq.max_prefix_blocks is not None:
+            limit = min(limit, seq.max_prefix_blocks)
+        for i, digest in enumerate(self.block_digests(seq, limit)):
             block_id = self.hash_to_block_id.get(digest)
             if block_id is None:
                 break
@@ -120,13 +126,13 @@ class BlockManager:
         return seq.num_computed_tokens
 
     def can_append(self, seq: Sequence, num_tokens: int, reserved_blocks: int = 0) -> bool:
-        """True if the sequence's table can grow to cover `num_tokens` tokens."""
-        missing = self.blocks_for(num_tokens) - len(seq.block_table)
+        """True if the sequence's table can grow to cover `num_tokens` tokens (evicted ones need none)."""
+        missing = self.blocks_for(seq.kv_len(num_tokens)) - len(seq.block_table)
         return missing <= 0 or missing + reserved_blocks <= self.num_free_blocks
 
     def ensure_slots(self, seq: Sequence, num_tokens: int) -> None:
-        """Grow the sequence's block table so that tokens [0, num_tokens) all have a slot."""
-        for _ in range(self.blocks_for(num_tokens) - len(seq.block_table)):
+        """Grow the sequence's table so that tokens [0, num_tokens) all have a slot (or were evicted)."""
+        for _ in range(self.blocks_for(seq.kv_len(num_tokens)) - len(seq.block_table)):
             seq.block_table.append(self._take_block())
 
     def register_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
@@ -136,8 +142,8 @@ class BlockManager:
         attention read of the same layer, so a sequence admitted in the same step may already
         read these blocks.
         """
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or seq.num_evicted_blocks:
+            return  # after an eviction the sequence computes K/V over a pruned context: never shared
         num_full = min(num_tokens // self.block_size, len(seq.block_table))
         bs = self.block_size
         for i, digest in enumerate(self.block_digests(seq, num_full)):
@@ -165,17 +171,40 @@ class BlockManager:
                 else:
                     self.free_block_ids.append(block_id)
         seq.block_table = []
+        seq.block_scores = []
         seq.num_registered_blocks = 0
 
+    def evict(self, seq: Sequence, block_ids: list[int]) -> None:
+        """Drop the references of blocks a pruned sequence evicted (`Sequence.evict_block`).
+
+        Only this sequence's reference goes: a block another sequence reads keeps its contents and
+        count; a block nobody reads returns to the pool at once (to the prefix cache if registered).
+        """
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count <= 0:
+                raise RuntimeError(f"block {block_id} evicted with ref_count {block.ref_count}")
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.block_hash is not None:
+                    self.evictable[block_id] = None
+                else:
+                    self.free_block_ids.append(block_id)
+
     def slot_mapping(self, seq: Sequence, start: int, end: int) -> list[int]:
-        """Flat cache slot (block_id * block_size + offset) of each token position in [start, end)."""
+        """Flat cache slot (block_id * block_size + offset) of each token position in [start, end).
+
+        Positions past every eviction of a pruned sequence sit `num_evicted_tokens` earlier in its table
+        (evictions remove whole blocks, so the offset inside a block is unchanged).
+        """
         bs = self.block_size
         table = seq.block_table
-        return [table[pos // bs] * bs + pos % bs for pos in range(start, end)]
+        shift = seq.num_evicted_tokens
+        return [table[(pos - shift) // bs] * bs + pos % bs for pos in range(start, end)]
 
     def unpublish(self, seq: Sequence, first_block: int) -> None:
-        """Withdraw the sequence's blocks from `first_block` on from sharing: their K/V is suspect."""
-        for block_id in seq.block_table[first_block:]:
+        """Withdraw the sequence's blocks from logical block `first_block` on from sharing (suspect K/V)."""
+        for block_id in seq.block_table[max(first_block - seq.num_evicted_blocks, 0) :]:
             block = self.blocks[block_id]
             if block.block_hash is not None and self.hash_to_block_id.get(block.block_hash) == block_id:
                 del self.hash_to_block_id[block.block_hash]

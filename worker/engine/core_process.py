@@ -47,7 +47,7 @@ def pack_output(o: SequenceOutput) -> OutputRow:
     the dataclass, and `dataclasses.astuple` (which deep-copies) costs more than the step's detokenizing."""
     return (
         o.request_id, o.new_token_ids, o.new_text, o.finished, o.finish_reason, o.prompt_tokens,
-        o.completion_tokens, o.cached_tokens, o.text,
+        o.completion_tokens, o.cached_tokens, o.text, o.kv_dtype, o.kv_peak_tokens, o.kv_evicted_tokens,
     )  # fmt: skip
 
 

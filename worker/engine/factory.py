@@ -63,4 +63,7 @@ def _build(settings: WorkerSettings) -> Engine:
         async_output=settings.async_output,
         model_name=settings.model,
         kv_dtype=settings.kv_dtype,
+        kv_budget_tokens=settings.kv_budget_tokens,
+        kv_sink_tokens=settings.kv_sink_tokens,
+        kv_prune_mode=settings.kv_prune_mode,
     )

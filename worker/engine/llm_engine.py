@@ -35,6 +35,7 @@ from worker.engine.kv_cache import (
     num_blocks_for_budget,
     resolve_kv_dtype,
 )
+from worker.engine.kv_prune import DEFAULT_SINK_TOKENS, PrunePolicy, block_scores
 from worker.engine.model_runner import LaunchedStep, ModelRunner
 from worker.engine.quant import dtype_name, weights_label
 from worker.engine.sequence import Sequence
@@ -87,11 +88,20 @@ class PagedEngine(Engine):
         policy: BatchPolicy | None = None,
         model_name: str | None = None,
         kv_dtype: str = "auto",
+        kv_budget_tokens: int = 0,
+        kv_sink_tokens: int = DEFAULT_SINK_TOKENS,
+        kv_prune_mode: str = "window",
     ):
         """`policy`, when given (the worker passes the one built from its settings), replaces the
         admission knobs above (max_num_seqs ... max_wait_ms); `prefill_interval_steps` None = automatic.
         `model_name` (the worker's MODEL) names the model in the start-up logs; default: its config's path.
-        `kv_dtype` (`LLM_KV_DTYPE`): auto (the activation dtype), fp16, bf16, fp32 or int8 (kv_cache.py)."""
+        `kv_dtype` (`LLM_KV_DTYPE`): auto (the activation dtype), fp16, bf16, fp32 or int8 (kv_cache.py).
+        `kv_budget_tokens`, `kv_sink_tokens`, `kv_prune_mode`: KV pruning (`kv_prune.py`); budget 0 = off,
+        a request's own `kv_budget_tokens` overrides it."""
+        self.prune = PrunePolicy(
+            block_size=block_size, default_budget_tokens=kv_budget_tokens, sink_tokens=kv_sink_tokens,
+            mode=kv_prune_mode,  # type: ignore[arg-type]  # checked by PrunePolicy
+        )  # fmt: skip
         base = policy or BatchPolicy(
             max_wait_ms=max_wait_ms,
             max_batch_tokens=max_batch_tokens,
@@ -125,8 +135,9 @@ class PagedEngine(Engine):
                 model, self.kv_cache, base.max_num_seqs, -(-self.max_model_len // block_size)
             )
         self.runner = ModelRunner(
-            model, self.kv_cache, self.block_manager, self.device, self.attention_backend, graphs
-        )
+            model, self.kv_cache, self.block_manager, self.device, self.attention_backend, graphs,
+            score_window=self.prune.obs_window if self.prune.mode == "snapkv" else 0,
+        )  # fmt: skip
         if self.attention_backend == "triton" and self.device.type == "cuda":
             self.runner.warm_up()
         if graphs is not None:
@@ -139,7 +150,8 @@ class PagedEngine(Engine):
                 else DEFAULT_PREFILL_INTERVAL_STEPS if graphs is not None else 0
             ),
         )  # fmt: skip
-        self.scheduler = StepScheduler(self.policy, self.block_manager)
+        self.scheduler = StepScheduler(self.policy, self.block_manager, self.prune)
+        self.kv_dtype_name = dtype_name(self.kv_cache.spec.dtype)
         self._seqs: dict[str, Sequence] = {}
         # Tokens sampled by the last step, streamed by the next one (async output processing; on by
         # default where a device computes while the host works): (sequence, token, finish reason).
@@ -170,6 +182,9 @@ class PagedEngine(Engine):
         enforce_eager: bool = False,
         weights: str = "auto",
         kv_dtype: str = "auto",
+        kv_budget_tokens: int = 0,
+        kv_sink_tokens: int = DEFAULT_SINK_TOKENS,
+        kv_prune_mode: str = "window",
     ) -> PagedEngine:
         """Load a model by id or path (see `model_loader`) and build the engine around it."""
         from worker.engine.model_loader import load_model
@@ -182,7 +197,8 @@ class PagedEngine(Engine):
             max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
             max_prefill_chunk_tokens=max_prefill_chunk_tokens, kv_reserve=kv_reserve,
             enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend,
-            enforce_eager=enforce_eager, kv_dtype=kv_dtype,
+            enforce_eager=enforce_eager, kv_dtype=kv_dtype, kv_budget_tokens=kv_budget_tokens,
+            kv_sink_tokens=kv_sink_tokens, kv_prune_mode=kv_prune_mode,
         )  # fmt: skip
 
     def encoder(self) -> TokenizerEncoder:
@@ -200,7 +216,12 @@ class PagedEngine(Engine):
     def add_request(self, request: GenerationRequest) -> None:
         if request.request_id in self._seqs:
             raise ValueError(f"duplicate request id {request.request_id!r}")
+        budget = self.prune.budget_of(request.kv_budget_tokens)
+        problem = self.prune.budget_problem(budget)
+        if problem:
+            raise ValueError(problem)
         seq = Sequence(request, self.tokenizer)
+        seq.kv_budget_tokens = budget
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -259,6 +280,10 @@ class PagedEngine(Engine):
         except Exception:
             self._unpublish(plan)
             raise
+        bs = self.block_manager.block_size
+        for index, token_scores in launched.scores.items():
+            if not plan.scheduled[index].seq.is_finished:
+                plan.scheduled[index].seq.block_scores = block_scores(token_scores, bs)
         for item, token in zip(plan.scheduled, sampled, strict=True):
             seq = item.seq
             if seq.is_finished:
@@ -358,6 +383,9 @@ class PagedEngine(Engine):
             prompt_tokens=seq.num_prompt_tokens,
             completion_tokens=seq.num_completion_tokens,
             cached_tokens=seq.cached_tokens,
+            kv_dtype=self.kv_dtype_name,
+            kv_peak_tokens=seq.kv_peak_tokens,
+            kv_evicted_tokens=seq.kv_evicted_tokens,
         )
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> SequenceOutput:
@@ -402,5 +430,6 @@ class PagedEngine(Engine):
                 "running": float(len(self.scheduler.running)),
                 "waiting": float(len(self.scheduler.waiting)),
                 "free_kv_blocks": float(self.block_manager.num_free_blocks),
+                "kv_blocks_used": float(self.block_manager.num_blocks - self.block_manager.num_free_blocks),
             },
         )

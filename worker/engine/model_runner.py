@@ -60,6 +60,8 @@ class LaunchedStep:
     tokens: torch.Tensor | None  # int64 [K] on the device
     rows: list[int]  # index in the scheduled list of each sampled token
     num_scheduled: int
+    # SnapKV scores of the kept tokens of scored prefill chunks, by index in the scheduled list.
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def result(self) -> list[int | None]:
         """The sampled token of each scheduled sequence, None mid-prefill (waits for the device)."""
@@ -83,7 +85,7 @@ class ModelRunner:
 
     def __init__(
         self, model: Any, kv_cache: KVCache, block_manager: BlockManager, device: torch.device,
-        backend: AttentionBackend = "torch", graphs: DecodeGraphs | None = None,
+        backend: AttentionBackend = "torch", graphs: DecodeGraphs | None = None, score_window: int = 0,
     ):  # fmt: skip
         self.model = model
         self.kv_cache = kv_cache
@@ -91,6 +93,9 @@ class ModelRunner:
         self.device = device
         self.backend = backend
         self.graphs = graphs
+        # SnapKV (`kv_prune.py`): the last this many queries of a budgeted sequence's prefill chunk score
+        # its kept blocks (0 = never).
+        self.score_window = score_window
         self.window = sliding_window(model.config)
         self.num_sms = (
             torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -106,8 +111,14 @@ class ModelRunner:
         if self.window is not None and max(context_lens) > self.window:
             raise NotImplementedError("sliding-window attention is not supported by the paged engine yet")
 
-    def _eager_logits(self, rows: list[ScheduledSequence]) -> tuple[torch.Tensor, list[int]]:
-        """Run the flat batch eagerly; returns logits of the completing rows and their indices in `rows`."""
+    def _eager_logits(
+        self, rows: list[ScheduledSequence], scores: dict[int, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Run the flat batch eagerly; returns logits of the completing rows and their indices in `rows`.
+
+        Positions are the tokens' true indices; context lengths count the kept tokens (a pruned sequence's
+        evicted blocks are not in its table). SnapKV scores of the rows that ask for them go to `scores`.
+        """
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -115,14 +126,18 @@ class ModelRunner:
         context_lens: list[int] = []
         logits_indices: list[int] = []
         sampled_rows: list[int] = []
+        score_requests: list[tuple[int, int, int]] = []
         for i, item in enumerate(rows):
             seq = item.seq
             start, end = item.start, item.start + item.num_tokens
+            if self.score_window and seq.kv_budget_tokens and item.num_tokens > 1:
+                window = min(self.score_window, item.num_tokens)
+                score_requests.append((i, len(input_ids) + item.num_tokens - window, window))
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(self.block_manager.slot_mapping(seq, start, end))
             query_lens.append(item.num_tokens)
-            context_lens.append(end)
+            context_lens.append(seq.kv_len(end))
             if item.completes:
                 logits_indices.append(len(input_ids) - 1)
                 sampled_rows.append(i)
@@ -136,6 +151,9 @@ class ModelRunner:
             context_lens,
             self.num_sms,
         )
+        if score_requests and scores is not None:
+            metadata.score_requests = score_requests
+            metadata.scores = scores
 
         def on_device(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
@@ -155,7 +173,7 @@ class ModelRunner:
 
     def _graph_logits(self, rows: list[ScheduledSequence]) -> torch.Tensor:
         assert self.graphs is not None
-        context_lens = [item.start + 1 for item in rows]
+        context_lens = [item.seq.kv_len(item.start + 1) for item in rows]
         self._check_window(context_lens)
         return self.graphs.run(
             input_ids=[item.seq.token_ids[item.start] for item in rows],
@@ -201,15 +219,17 @@ class ModelRunner:
             return LaunchedStep(None, [], 0)
         order = self.order(scheduled)
         rows = [scheduled[i] for i in order]
+        row_scores: dict[int, torch.Tensor] = {}
         if self.uses_graph(rows):
             logits, sampled_rows = self._graph_logits(rows), list(range(len(rows)))
         else:
-            logits, sampled_rows = self._eager_logits(rows)
+            logits, sampled_rows = self._eager_logits(rows, row_scores)
+        scores = {order[row]: t for row, t in row_scores.items()}
         if not sampled_rows:
-            return LaunchedStep(None, [], len(scheduled))
+            return LaunchedStep(None, [], len(scheduled), scores)
         seqs = [rows[i].seq for i in sampled_rows]
         tensors = SamplingTensors.from_params(
             [s.sampling for s in seqs], [s.sampling_step for s in seqs], self.device
         )
         tokens = sample(logits[: len(sampled_rows)], tensors)
-        return LaunchedStep(tokens, [order[i] for i in sampled_rows], len(scheduled))
+        return LaunchedStep(tokens, [order[i] for i in sampled_rows], len(scheduled), scores)

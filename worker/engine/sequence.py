@@ -10,6 +10,7 @@ free of per-phase special cases.
 from __future__ import annotations
 
 import enum
+import math
 
 from worker.engine.base import FinishReason, GenerationRequest, SamplingParams
 from worker.engine.detokenizer import Decoder, IncrementalDetokenizer
@@ -48,6 +49,16 @@ class Sequence:
         self.cached_tokens = 0
         self.num_preemptions = 0
         self.waited_steps = 0
+        # KV pruning (`kv_prune.py`): the token budget (0 = off), whole blocks evicted from the middle of
+        # the block table (so table index = logical block - num_evicted_blocks past the last eviction),
+        # eviction scores of the kept blocks (by table index; missing = not scored), and usage figures.
+        self.kv_budget_tokens = 0
+        self.num_evicted_blocks = 0
+        self.num_evicted_tokens = 0
+        self.block_scores: list[float] = []
+        self.kv_peak_tokens = 0
+        self.kv_evicted_tokens = 0  # over the sequence's life, recomputes after preemption included
+        self.max_prefix_blocks: int | None = None  # prefix-cache hits it may take (None: any)
         self.detokenizer = (
             IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.sampling.stop)
             if tokenizer is not None
@@ -115,10 +126,33 @@ class Sequence:
             return ""
         return self.detokenizer.add(token_id)
 
+    def kv_len(self, num_tokens: int) -> int:
+        """Cached tokens the first `num_tokens` tokens leave once evicted blocks are dropped."""
+        return num_tokens - self.num_evicted_tokens
+
+    def block_score(self, index: int) -> float:
+        """Eviction score of the kept block at table `index`; unscored blocks sort after every scored one."""
+        return self.block_scores[index] if index < len(self.block_scores) else math.inf
+
+    def evict_block(self, index: int, block_size: int) -> int:
+        """Drop the kept block at table `index` from this sequence; returns its id (the caller drops the
+        reference). Only full, computed blocks before the tail are evicted, so later positions shift by
+        exactly one block."""
+        block_id = self.block_table.pop(index)
+        if index < len(self.block_scores):
+            del self.block_scores[index]
+        self.num_evicted_blocks += 1
+        self.num_evicted_tokens += block_size
+        self.kv_evicted_tokens += block_size
+        return block_id
+
     def reset_for_recompute(self) -> None:
         """Forget all cached K/V (after preemption); prompt and sampled tokens are recomputed later."""
         self.num_computed_tokens = 0
         self.block_table = []
+        self.num_evicted_blocks = 0
+        self.num_evicted_tokens = 0
+        self.block_scores = []
         self.num_registered_blocks = 0
         self.status = SequenceStatus.WAITING
         self.num_preemptions += 1

@@ -12,6 +12,10 @@ grows block tables while decoding; when the pool runs dry, the running sequence 
 (prefills in progress, then the newest decodes) is preempted by recompute: its blocks are freed
 (full ones stay cached, so its recompute often hits the prefix cache) and it returns to the
 front of the waiting queue (vLLM).
+
+A sequence with a KV budget (`kv_prune.py`) is pruned here, as its step is planned: middle blocks are
+evicted so the step's tokens fit the budget, and its prefill chunks are cut to fit. Admission reserves
+at most ceil(budget / block_size) + 1 blocks for it, so pruning raises how many sequences fit.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from scheduler import (
     select_admissions,
 )
 from worker.engine.block_manager import BlockManager
+from worker.engine.kv_prune import PrunePolicy
 from worker.engine.model_runner import ScheduledSequence
 from worker.engine.sequence import Sequence, SequenceStatus
 
@@ -59,9 +64,10 @@ class SchedulerOutput:
 class StepScheduler:
     """Keeps the waiting and running queues and plans each step under the token and KV budgets."""
 
-    def __init__(self, policy: BatchPolicy, block_manager: BlockManager):
+    def __init__(self, policy: BatchPolicy, block_manager: BlockManager, prune: PrunePolicy | None = None):
         self.policy = policy
         self.block_manager = block_manager
+        self.prune = prune or PrunePolicy(block_size=block_manager.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.steps_since_prefill = 0  # for prefill batching (BatchPolicy.prefill_interval_steps)
@@ -73,6 +79,10 @@ class StepScheduler:
         return self.block_manager.num_blocks * self.block_manager.block_size
 
     def add(self, seq: Sequence) -> None:
+        if seq.kv_budget_tokens:
+            seq.max_prefix_blocks = self.prune.max_prefix_blocks(
+                seq.kv_budget_tokens, self.policy.kv_reserve == "worst_case"
+            )
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
         self.arrivals.observe(seq.arrival_s)
@@ -122,18 +132,33 @@ class StepScheduler:
             num_tokens = min(seq.num_uncomputed_tokens, self.policy.max_prefill_chunk_tokens, budget)
             if num_tokens <= 0:
                 break
+            if seq.kv_budget_tokens:
+                num_tokens = self._fit_budget(seq, num_tokens)
             target = seq.num_computed_tokens + num_tokens
             # Most decodes need no new block and fill none: skip the block manager for them.
-            if target > len(seq.block_table) * block_size:
+            if seq.kv_len(target) > len(seq.block_table) * block_size:
                 if not self._make_room(seq, target, order, scheduled, out):
                     continue
                 self.block_manager.ensure_slots(seq, target)
             if target // block_size > seq.num_registered_blocks:
                 self.block_manager.register_full_blocks(seq, target)
+            seq.kv_peak_tokens = max(seq.kv_peak_tokens, seq.kv_len(target))
             out.scheduled.append(ScheduledSequence(seq, num_tokens))
             scheduled.add(id(seq))
             budget -= num_tokens
         return budget
+
+    def _fit_budget(self, seq: Sequence, num_tokens: int) -> int:
+        """Evict what the budget requires before computing `num_tokens` more; returns how many to compute."""
+        num_tokens, evicted = self.prune.fit(seq, num_tokens)
+        self.block_manager.evict(seq, evicted)
+        return num_tokens
+
+    def budget_kv_tokens(self, seq: Sequence, kv_tokens: int) -> int:
+        """KV tokens to reserve for a sequence, capped at what its budget lets it hold."""
+        if seq.kv_budget_tokens <= 0:
+            return kv_tokens
+        return min(kv_tokens, self.prune.cap_blocks(seq.kv_budget_tokens) * self.block_manager.block_size)
 
     def _make_room(
         self, seq: Sequence, target: int, order: list[Sequence], scheduled: set[int], out: SchedulerOutput
@@ -194,6 +219,12 @@ class StepScheduler:
                 chunk = prefill_chunk(remaining, budget, self.policy)
                 full_chunk = min(remaining, self.policy.max_prefill_chunk_tokens)
                 kv_tokens = seq.max_total_tokens if self.policy.kv_reserve == "worst_case" else len(seq)
+                if seq.kv_budget_tokens:
+                    fits = min(self.prune.chunk_cap(seq.kv_budget_tokens), seq.kv_budget_tokens - cached)
+                    chunk, full_chunk = min(chunk, fits), min(full_chunk, fits)
+                    kv_tokens = self.budget_kv_tokens(seq, kv_tokens)
+                    if self.policy.kv_reserve != "worst_case":
+                        kv_tokens = min(kv_tokens, seq.kv_budget_tokens)
                 if chunk < 1 or (chunk < full_chunk and not first):
                     return
                 if not self.block_manager.can_allocate(seq, kv_tokens):
@@ -225,7 +256,7 @@ class StepScheduler:
         for seq in self.waiting:
             expired = seq.deadline_s is not None and seq.deadline_s <= now
             remaining = max(seq.sampling.max_tokens - seq.num_completion_tokens, 0)
-            need = kv_tokens_for(len(seq), remaining, self.policy)
+            need = self.budget_kv_tokens(seq, kv_tokens_for(len(seq), remaining, self.policy))
             interactive = seq.priority < Priority.BATCH
             if expired or need > capacity:
                 picked.append(seq)
@@ -247,18 +278,24 @@ class StepScheduler:
         seq.waited_steps = 0
         target = seq.num_computed_tokens + chunk
         self.block_manager.register_full_blocks(seq, target)
+        seq.kv_peak_tokens = max(seq.kv_peak_tokens, seq.kv_len(target))
         out.scheduled.append(ScheduledSequence(seq, chunk))
 
     def _as_waiting_request(self, seq: Sequence) -> WaitingRequest:
         cached = len(self.block_manager.match_prefix(seq)) * self.block_manager.block_size
+        # After a preemption the sampled tokens are recomputed like prompt tokens.
+        prompt_tokens, max_tokens = len(seq), max(seq.sampling.max_tokens - seq.num_completion_tokens, 0)
+        if seq.kv_budget_tokens:  # the policy sees the KV a budgeted sequence can hold, not its length
+            cap = self.budget_kv_tokens(seq, prompt_tokens + max_tokens)
+            prompt_tokens = min(prompt_tokens, cap)
+            max_tokens = min(max_tokens, cap - prompt_tokens)
         return WaitingRequest(
             request_id=seq.request_id,
             arrival_s=seq.arrival_s,
-            # After a preemption the sampled tokens are recomputed like prompt tokens.
-            prompt_tokens=len(seq),
-            max_tokens=max(seq.sampling.max_tokens - seq.num_completion_tokens, 0),
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
             priority=Priority.BATCH if seq.priority >= Priority.BATCH else Priority.INTERACTIVE,
             deadline_s=seq.deadline_s,
-            cached_tokens=cached,
+            cached_tokens=min(cached, prompt_tokens),
             waited_steps=seq.waited_steps,
         )
