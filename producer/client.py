@@ -63,7 +63,7 @@ from producer.wire.models import (
     TokenEvent,
     Usage,
 )
-from producer.wire.redis_factory import by_slot, connect, connect_async, register_script
+from producer.wire.redis_factory import by_slot, connect, connect_async, recover, register_script
 from producer.wire.redis_types import StreamEntries, read_entries
 from producer.wire.signing import verify
 
@@ -433,6 +433,7 @@ class ChatClient(_ClientCore):
             except backlog.AdmissionRefused as exc:
                 raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 if time.monotonic() >= give_up:
                     raise
                 time.sleep(backoff.next_delay_s())
@@ -459,6 +460,7 @@ class ChatClient(_ClientCore):
                 replies = [self._admission(r) for r in pipe.execute()]
                 break
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 if time.monotonic() >= give_up:
                     raise
                 time.sleep(backoff.next_delay_s())
@@ -480,6 +482,7 @@ class ChatClient(_ClientCore):
                 got = read_entries(self.redis.xread(streams, block=block_ms))
                 backoff.reset()
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 time.sleep(min(backoff.next_delay_s(), wait.left_s()))
                 continue
             wait.take(got)
@@ -533,6 +536,7 @@ class ChatClient(_ClientCore):
                 )
                 backoff.reset()
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 time.sleep(min(backoff.next_delay_s(), max(0.0, deadline - time.monotonic())))
                 continue
             for _, entries in got:
@@ -622,6 +626,7 @@ class AsyncChatClient(_ClientCore):
             except backlog.AdmissionRefused as exc:
                 raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 if time.monotonic() >= give_up:
                     raise
                 await asyncio.sleep(backoff.next_delay_s())
@@ -647,6 +652,7 @@ class AsyncChatClient(_ClientCore):
                 replies = [self._admission(r) for r in await pipe.execute()]
                 break
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 if time.monotonic() >= give_up:
                     raise
                 await asyncio.sleep(backoff.next_delay_s())
@@ -668,6 +674,7 @@ class AsyncChatClient(_ClientCore):
                 got = read_entries(await self.redis.xread(streams, block=block_ms))
                 backoff.reset()
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 await asyncio.sleep(min(backoff.next_delay_s(), wait.left_s()))
                 continue
             wait.take(got)
@@ -718,6 +725,7 @@ class AsyncChatClient(_ClientCore):
                 )
                 backoff.reset()
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 await asyncio.sleep(min(backoff.next_delay_s(), max(0.0, deadline - time.monotonic())))
                 continue
             for _, entries in got:

@@ -33,6 +33,7 @@ import structlog
 from redis.typing import StreamIdT
 
 from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
+from producer.wire.redis_factory import recover
 from worker.build_info import build_info
 from worker.cancellation import Cancel, CancelWatch
 from worker.engine.base import Engine, FinishReason, SequenceOutput
@@ -174,6 +175,7 @@ class Consumer:
         try:
             step()
         except TRANSIENT_ERRORS as exc:
+            recover(self.client)
             self.counters.redis_errors += 1
             delay_s, fields = self._backoff_fields(exc)
             log.warning("redis_unavailable", **fields)

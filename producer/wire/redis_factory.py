@@ -51,6 +51,18 @@ def is_cluster(client: object) -> bool:
     return isinstance(client, (RedisCluster, ClusterPipeline, AsyncRedisCluster, AsyncClusterPipeline))
 
 
+def recover(client: object) -> None:
+    """After a connection error on a cluster: move the client's default node to another primary.
+
+    redis-py asks its default node which keys a script names (COMMAND GETKEYS) when it routes a
+    pipeline, and keeps that node after it died, so every pipeline would fail until the process
+    restarted. A no-op for a plain client.
+    """
+    replace = getattr(client, "replace_default_node", None)
+    if replace is not None and is_cluster(client):
+        replace()
+
+
 class EvalScript:
     """A script sent whole (EVAL) on every call: what a cluster pipeline can always run."""
 
@@ -63,7 +75,8 @@ class EvalScript:
     ) -> Any:
         keys = list(keys or [])
         target = self.registered_client if client is None else client
-        return target.eval(self.script, len(keys), *keys, *(args or []))
+        # execute_command: a cluster pipeline's own `eval` is not the command (EVALSHA it refuses).
+        return target.execute_command("EVAL", self.script, len(keys), *keys, *(args or []))
 
 
 class AsyncEvalScript(EvalScript):
