@@ -223,3 +223,20 @@ def test_primary_failover_loses_and_repeats_no_answer(tmp_path: Path) -> None:
         c.stop()
     assert codes == [0] * len(workers)
     assert any(w.events("redis_unavailable") or w.events("redis_error") for w in workers)
+
+
+def test_shards_on_one_node(start_worker, redis_url: str, prefix: str) -> None:
+    """Without a cluster, N shards are N streams of one server, read in one XREADGROUP."""
+    worker = start_worker(stream_shards=4)
+    client = ChatClient(redis_url, prefix=prefix, stream_shards=4, content_type="json")
+    try:
+        ids = [i for i in client.submit_many([{"prompt": f"p {i}", "max_tokens": 2} for i in range(40)])]
+        got = client.results([i for i in ids if isinstance(i, str)], timeout_s=60)
+        assert len(got) == 40 and all(not isinstance(r, Exception) for r in got.values())
+        assert all(client.redis.xlen(n.requests) > 0 for n in client.spaces)
+        assert set(finals_per_request(client.redis, client.spaces, list(got)).values()) == {1}
+        assert client.cancel(client.submit(prompt="late", max_tokens=2)) in (True, False)
+    finally:
+        client.close()
+        worker.stop()
+    assert worker.events("worker_started")[0]["shards"] == 4
