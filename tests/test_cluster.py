@@ -240,3 +240,32 @@ def test_shards_on_one_node(start_worker, redis_url: str, prefix: str) -> None:
         client.close()
         worker.stop()
     assert worker.events("worker_started")[0]["shards"] == 4
+
+
+def test_async_client_on_the_cluster(cluster: LocalCluster, tmp_path: Path) -> None:
+    import asyncio
+
+    from producer.client import AsyncChatClient
+
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    worker = start_cluster_worker(cluster.url, prefix, tmp_path, 4)
+
+    async def go() -> None:
+        client = AsyncChatClient(cluster.url, prefix=prefix, redis_cluster=True, stream_shards=4)
+        try:
+            ids = [
+                i
+                for i in await client.submit_many([{"prompt": f"a {i}", "max_tokens": 2} for i in range(20)])
+            ]
+            got = await client.results([i for i in ids if isinstance(i, str)], timeout_s=30)
+            assert len(got) == 20 and all(not isinstance(r, Exception) for r in got.values())
+            reply = await client.chat(prompt="b c", max_tokens=2, shard_key="conv-1")
+            assert reply.text
+            assert await client.cancel(await client.submit(prompt="d", max_tokens=2)) in (True, False)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(go())
+    finally:
+        worker.stop()

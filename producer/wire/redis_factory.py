@@ -86,7 +86,9 @@ class AsyncEvalScript(EvalScript):
         self, keys: Sequence[Any] | None = None, args: Iterable[Any] | None = None, client: Any = None
     ) -> Any:
         result = super().__call__(keys, args, client)
-        return await result if inspect.isawaitable(result) else result
+        # A pipeline queues the command and returns itself, which is awaitable too (and awaiting it
+        # would empty its queue): only the client's own call is a coroutine to await.
+        return await result if inspect.iscoroutine(result) else result
 
 
 def register_script(client: Any, script: str) -> Any:
