@@ -14,6 +14,12 @@ runs no script: `submit` appends with a plain XADD (the workers shed a backlog o
 their limit with `overloaded`), and `cancel` appends the id to the tenant's cancel
 stream, after which a worker writes the `cancelled` reply under the final-reply guard.
 
+Shards and Redis Cluster (`LLM_STREAM_SHARDS`, `LLM_REDIS_CLUSTER`; docs/scaling.md): with N
+shards a request goes to the namespace `<prefix>:s:{<n>}` of shard `crc32(shard_key or id) % N`
+(`submit(..., shard_key="conversation-7")` keeps a conversation on one shard), and its reply,
+guard and cancel keys are that shard's. On a cluster the client is redis-py's `RedisCluster`
+and `results` reads one shard's reply streams per XREAD, the shards in turn.
+
 Reliability, client side (see docs/reliability.md):
 - `submit` refuses with `ChatError(overloaded)` before XADD when the backlog is over
   `max_backlog_requests` (an atomic check-and-append script);

@@ -11,7 +11,8 @@ One thread does everything, so there is no locking. Each iteration, top to botto
 4. collect the step's outputs.
 
 Each request stream is a `Lane` (`tenants.py`): the single `<prefix>:requests`, or one per
-tenant (`LLM_TENANTS`), all read in one call; housekeeping runs per lane.
+tenant (`LLM_TENANTS`) or per shard (`LLM_STREAM_SHARDS`), all read in one call (one per hash
+slot on Redis Cluster); housekeeping runs per lane.
 
 The engine owns admission (time window, token budget, sequence cap, KV, priority aging,
 deadlines) with the one `BatchPolicy` of `WorkerSettings`. The loop blocks on Redis only

@@ -1,4 +1,8 @@
-"""Tenants: one request stream per tenant, and everything the worker keys by stream.
+"""Lanes: one request stream per tenant (or per shard), and everything the worker keys by stream.
+
+Shards (`LLM_STREAM_SHARDS`, docs/scaling.md) are lanes too: one per `<prefix>:s:{<n>}`
+namespace, keyed like a tenant's but without an ACL user of their own. A lane is known by
+`StreamNames.lane`, (tenant, shard), which `InFlight.lane` repeats for the requests read from it.
 
 A deployment that lists tenants (`LLM_TENANTS=alice,bob`) gives each its own key namespace
 `<prefix>:t:{<tenant>}` (`producer/wire/keys.py`): its request stream, reply streams, final-reply
@@ -12,7 +16,8 @@ acknowledgements, its dead letters), refusals, intake, heartbeat touches, reclai
 trimming. Without tenants there is one lane, the un-namespaced `<prefix>:requests`, and every
 command the worker sends is the one it sent before tenants existed.
 
-Fairness: `read_lanes` reads every lane in one XREADGROUP with a COUNT, and Redis applies the
+Fairness: `read_lanes` reads every lane in one XREADGROUP with a COUNT (on Redis Cluster, one
+XREADGROUP per hash slot, see `_read_streams`), and Redis applies the
 COUNT to each stream, so in each call every tenant with waiting entries gets up to the same
 share, whatever the others' backlogs; the engine's scheduler takes it from there. Each tenant's
 backlog is measured and shed against `max_backlog_requests` on its own stream, so one tenant's
