@@ -269,3 +269,38 @@ def test_async_client_on_the_cluster(cluster: LocalCluster, tmp_path: Path) -> N
         asyncio.run(go())
     finally:
         worker.stop()
+
+
+def test_tenants_on_the_cluster_under_their_acl(cluster: LocalCluster, tmp_path: Path) -> None:
+    """Tenants are one slot each as they are; workers and a tenant's backend connect as ACL users
+    with the rules `python -m worker.acl ... --cluster` prints (set on every node: ACLs are per node)."""
+    from worker.acl import producer_rules, worker_rules
+
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    users = {f"w-{prefix}": worker_rules("worker-pw", prefix, cluster=True),
+             f"alice-{prefix}": producer_rules("alice", "alice-pw", prefix, cluster=True)}  # fmt: skip
+    for port in cluster.ports:
+        admin = redis.Redis(port=port)
+        for user, rules in users.items():
+            admin.execute_command("ACL", "SETUSER", user, *rules)
+        admin.close()
+    port = cluster.ports[0]
+    worker = start_cluster_worker(
+        f"redis://w-{prefix}:worker-pw@127.0.0.1:{port}/0", prefix, tmp_path, 1, tenants="alice,bob"
+    )
+    alice = ChatClient(
+        f"redis://alice-{prefix}:alice-pw@127.0.0.1:{port}/0",
+        prefix=prefix,
+        redis_cluster=True,
+        tenant="alice",
+    )
+    try:
+        ids = [alice.submit(prompt=f"hi {i}", max_tokens=2) for i in range(10)]
+        assert all(alice.result(i, timeout_s=30).text for i in ids)
+        assert [t.index for t in alice.stream(prompt="a b", max_tokens=2)] == [0, 1]
+        assert alice.cancel(alice.submit(prompt="c", max_tokens=2)) is True
+    finally:
+        alice.close()
+        assert worker.stop() == 0
+    assert not worker.events("redis_error"), worker.events("redis_error")[:3]
+    assert worker.events("worker_started")[0]["tenants"] == 2
