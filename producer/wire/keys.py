@@ -68,9 +68,9 @@ def sharded(shards: int, cluster: bool) -> bool:
     return shards > 1 or cluster
 
 
-def requests_stream(prefix: str = DEFAULT_PREFIX, shard: int | None = None) -> str:
-    """Key of the request stream (`<prefix>:requests`, or `<prefix>:requests:<n>` when sharded)."""
-    return f"{prefix}:requests" if shard is None else f"{prefix}:requests:{shard}"
+def requests_stream(prefix: str = DEFAULT_PREFIX) -> str:
+    """Key of the request stream of namespace `prefix` (a shard's: `namespace(prefix, shard=n)`)."""
+    return f"{prefix}:requests"
 
 
 def reply_stream(request_id: str, prefix: str = DEFAULT_PREFIX) -> str:
