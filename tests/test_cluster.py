@@ -304,3 +304,37 @@ def test_tenants_on_the_cluster_under_their_acl(cluster: LocalCluster, tmp_path:
         assert worker.stop() == 0
     assert not worker.events("redis_error"), worker.events("redis_error")[:3]
     assert worker.events("worker_started")[0]["tenants"] == 2
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["final-only", "streamed"])
+def test_commands_per_request_on_the_cluster(cluster: LocalCluster, tmp_path: Path, stream: bool) -> None:
+    """Cluster mode adds no command per request: the budget of tests/test_commands_per_request.py holds,
+    counted over all primaries (with one shard: the reads block as on one node)."""
+    from test_commands_per_request import BUDGET, REQUESTS, WORDS
+
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    worker = start_cluster_worker(cluster.url, prefix, tmp_path, 1, max_wait_ms=2)
+    client = ChatClient(cluster.url, prefix=prefix, redis_cluster=True, timeout_s=120)
+    admin = [redis.Redis(port=p) for p in cluster.primaries()]
+    try:
+        client.chat(prompt="warm up", max_tokens=2)
+        for a in admin:
+            a.config_resetstat()
+        text = " ".join(f"w{i}" for i in range(WORDS))
+        ids = []
+        for _ in range(0, REQUESTS, 50):
+            batch = client.submit_many([{"prompt": text, "max_tokens": WORDS, "stream": stream}] * 50)
+            ids += [r for r in batch if isinstance(r, str)]
+        assert len(client.results(ids, timeout_s=120)) == REQUESTS
+        calls: dict[str, int] = {}
+        for a in admin:
+            for k, v in a.info("commandstats").items():
+                if k != "cmdstat_info":
+                    calls[k] = calls.get(k, 0) + v["calls"]
+    finally:
+        client.close()
+        worker.stop()
+        for a in admin:
+            a.close()
+    per_request = sum(calls.values()) / REQUESTS
+    assert per_request <= BUDGET[stream], (per_request, sorted(calls.items(), key=lambda kv: -kv[1]))

@@ -29,7 +29,15 @@ def connect(url: str, cluster: bool = False, **kwargs: Any) -> redis.Redis:
     """A client of the server (or cluster, `cluster`) at `url`; typed as `redis.Redis`, whose commands
     the cluster client shares."""
     if cluster:
-        return cast(redis.Redis, RedisCluster.from_url(url, **kwargs))
+        client = RedisCluster.from_url(url, **kwargs)
+        original = client.commands_parser.get_keys
+
+        def get_keys(redis_conn: Any, *args: Any) -> Any:
+            keys = local_keys(args)
+            return original(redis_conn, *args) if keys is None else keys
+
+        client.commands_parser.get_keys = get_keys  # type: ignore[method-assign]
+        return cast(redis.Redis, client)
     return redis.Redis.from_url(url, **kwargs)
 
 
@@ -38,8 +46,35 @@ def connect_async(url: str, cluster: bool = False, **kwargs: Any) -> aioredis.Re
     if cluster:
         from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
-        return cast(aioredis.Redis, AsyncRedisCluster.from_url(url, **kwargs))
+        client = AsyncRedisCluster.from_url(url, **kwargs)
+        original = client.commands_parser.get_keys
+
+        async def get_keys(*args: Any) -> Any:
+            keys = local_keys(args)
+            return await original(*args) if keys is None else tuple(keys)
+
+        client.commands_parser.get_keys = get_keys  # type: ignore[method-assign]
+        return cast(aioredis.Redis, client)
     return aioredis.Redis.from_url(url, **kwargs)
+
+
+def local_keys(args: Sequence[Any]) -> list[Any] | None:
+    """The keys of the commands whose keys redis-py's cluster client would otherwise ask a server for
+    (COMMAND GETKEYS, one more round trip per command: "movable keys"), read from the arguments: the
+    scripts (EVAL/EVALSHA) and the stream reads (XREAD/XREADGROUP). None for any other command."""
+    if not args:
+        return None
+    name = str(args[0].decode() if isinstance(args[0], bytes) else args[0]).upper()
+    if name in ("EVAL", "EVALSHA") and len(args) >= 3:
+        return list(args[3 : 3 + int(args[2])])
+    if name in ("XREAD", "XREADGROUP"):
+        start = 4 if name == "XREADGROUP" else 1  # after GROUP <group> <consumer>
+        for i in range(start, len(args)):
+            arg = args[i]
+            if str(arg.decode() if isinstance(arg, bytes) else arg).upper() == "STREAMS":
+                rest = args[i + 1 :]
+                return list(rest[: len(rest) // 2])
+    return None
 
 
 def is_cluster(client: object) -> bool:
