@@ -23,8 +23,9 @@ by every request (a prefix the engine caches), user turns log-uniform between
 one token for the echo engine and about 1.3 for a BPE tokenizer. User k (in spawn order)
 draws from its own generator seeded with (seed, k), so a rerun sends the same requests.
 
-Redis comes from the environment, as for every client (`REDIS_URL`, and `LLM_TENANT` for a
-tenant's namespace); the key prefix from `--llm-prefix` or `LLM_PREFIX`. Every option below
+Redis comes from the environment, as for every client (`REDIS_URL`, `LLM_TENANT` for a
+tenant's namespace, `LLM_REDIS_CLUSTER` and `LLM_STREAM_SHARDS` for a cluster and shards); the key
+prefix from `--llm-prefix` or `LLM_PREFIX`. Every option below
 also reads the variable named in its help.
 `loadtest/run_locust.py` (`make loadtest`) runs this file headless against a local echo worker
 and writes its CSV and HTML report.

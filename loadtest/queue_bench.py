@@ -8,6 +8,15 @@ redis-py with pipelining and no project code; the project path is `ChatClient` a
 the same server, one after the other.
 
     python loadtest/queue_bench.py --requests 20000
+
+Cluster mode (docs/scaling.md): `--cluster` runs on a Redis Cluster (REDIS_URL naming a node with
+LLM_REDIS_CLUSTER semantics, or a local 3-primary cluster started here), for each W in `--workers`
+(echo workers) and each N in `--shards`: throughput, p50/p99 of the service latency (enqueue to
+final reply written, the workers' `timings.total_ms`), Redis commands per request (INFO
+commandstats over all nodes) and CPU seconds per worker; plus the raw redis-py baseline of the
+same run (one hash-tagged stream, one consumer process).
+
+    python loadtest/queue_bench.py --cluster --shards 1 4 --workers 1 2 4 --requests 5000
 """
 
 from __future__ import annotations
@@ -31,6 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from producer.client import ChatClient  # noqa: E402
+from producer.wire.keys import StreamNames  # noqa: E402
+from producer.wire.redis_factory import connect  # noqa: E402
+from worker.embedded_cluster import LocalCluster  # noqa: E402
 from worker.embedded_redis import EmbeddedRedis  # noqa: E402
 
 
@@ -133,11 +145,151 @@ def _cleanup(r: redis.Redis, prefix: str) -> None:
         r.delete(*keys[i : i + 1000])
 
 
+def _raw_cluster_worker(url: str, prefix: str, total: int) -> None:
+    """The raw baseline on a cluster: one stream, its replies in its slot (hash tag), one consumer."""
+    r = connect(url, cluster=True)
+    stream = f"{prefix}:{{raw}}:requests"
+    served = 0
+    while served < total:
+        got = r.xreadgroup("workers", "raw", {stream: ">"}, count=64, block=1000)
+        if not got:
+            continue
+        pipe = r.pipeline(transaction=False)
+        for entry_id, fields in got[0][1]:
+            body = msgpack.unpackb(fields[b"body"])
+            key = f"{prefix}:{{raw}}:reply:{body['id']}"
+            pipe.xadd(key, {"ct": "msgpack", "body": msgpack.packb({"type": "done", "id": body["id"]})})
+            pipe.expire(key, 3600)
+            pipe.xack(stream, "workers", entry_id)
+            served += 1
+        pipe.execute()
+
+
+def run_raw_cluster(url: str, n: int) -> float:
+    prefix = f"rawbench-{uuid.uuid4().hex[:6]}"
+    r = connect(url, cluster=True)
+    stream = f"{prefix}:{{raw}}:requests"
+    r.xgroup_create(stream, "workers", id="0", mkstream=True)
+    proc = mp.get_context("spawn").Process(target=_raw_cluster_worker, args=(url, prefix, n))
+    proc.start()
+    ids = [uuid.uuid4().hex for _ in range(n)]
+    start = time.perf_counter()
+    for i in range(0, n, 256):
+        pipe = r.pipeline(transaction=False)
+        for rid in ids[i : i + 256]:
+            body = msgpack.packb({"id": rid, "prompt": "ping"})
+            pipe.xadd(stream, {"v": "1", "ct": "msgpack", "body": body})
+        pipe.execute()
+    waiting = {f"{prefix}:{{raw}}:reply:{rid}": "0" for rid in ids}
+    while waiting:
+        batch = dict(list(waiting.items())[:512])
+        for key, _entries in r.xread(batch, block=5000) or []:  # type: ignore[union-attr]
+            del waiting[key.decode()]
+    elapsed = time.perf_counter() - start
+    proc.join(timeout=30)
+    r.close()
+    return elapsed
+
+
+def _commands(url: str) -> int:
+    """Commands served so far by all primaries of the cluster (INFO commandstats)."""
+    r = connect(url, cluster=True)
+    total = 0
+    for node in r.get_primaries():  # type: ignore[attr-defined]
+        stats = r.info("commandstats", target_nodes=node)  # type: ignore[call-arg]
+        total += sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_"))
+    r.close()
+    return total
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_cluster_case(url: str, n: int, shards: int, workers: int) -> dict[str, float]:
+    """n requests through `workers` echo workers over `shards` shard streams on the cluster."""
+    prefix = f"clbench-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "REDIS_URL": url, "LLM_REDIS_CLUSTER": "true", "LLM_STREAM_SHARDS": str(shards),
+           "LLM_PREFIX": prefix, "LLM_ENGINE": "echo", "LLM_MAX_NUM_SEQS": "256", "LLM_MAX_WAIT_MS": "0",
+           "LLM_LOG_LEVEL": "warning"}  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env={**env, "LLM_CONSUMER_NAME": f"w{i}"})
+        for i in range(workers)
+    ]  # fmt: skip
+    r = connect(url, cluster=True)
+    spaces = StreamNames.layout(prefix, [None], shards, cluster=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(_consumers(r, n.requests) >= workers for n in spaces):
+        time.sleep(0.1)
+    client = ChatClient(url, prefix=prefix, timeout_s=300, max_backlog_requests=0, redis_cluster=True,
+                        stream_shards=shards)  # fmt: skip
+    cpu0 = [_cpu_s(p.pid) for p in procs]
+    commands0 = _commands(url)
+    start = time.perf_counter()
+    ids: list[str] = []
+    for i in range(0, n, 256):
+        chunk = [{"prompt": "ping", "max_tokens": 1, "stream": False} for _ in range(min(256, n - i))]
+        ids += [rid for rid in client.submit_many(chunk) if isinstance(rid, str)]
+    replies = client.results(ids)
+    elapsed = time.perf_counter() - start
+    commands = _commands(url) - commands0
+    cpu = [_cpu_s(p.pid) - c for p, c in zip(procs, cpu0, strict=True)]
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(timeout=60)
+    client.close()
+    r.close()
+    latencies = sorted(rep.timings.total_ms for rep in replies.values() if not isinstance(rep, Exception))
+    assert len(latencies) == n
+    return {
+        "shards": shards, "workers": workers, "requests": n, "seconds": elapsed, "req_per_s": n / elapsed,
+        "p50_ms": latencies[n // 2], "p99_ms": latencies[int(n * 0.99) - 1],
+        "commands_per_request": commands / n, "worker_cpu_s": sum(cpu) / workers,
+        "worker_cpu_share": sum(cpu) / elapsed / workers,
+    }  # fmt: skip
+
+
+def _consumers(r: redis.Redis, stream: str) -> int:
+    try:
+        return len(r.xinfo_consumers(stream, "workers"))
+    except redis.ResponseError:
+        return 0
+
+
+def cluster_main(args: argparse.Namespace) -> None:
+    with ExitStack() as stack:
+        url = os.environ.get("REDIS_URL") or stack.enter_context(LocalCluster(masters=3)).url
+        raw_s = run_raw_cluster(url, args.requests)
+        rows = [run_cluster_case(url, args.requests, s, w) for s in args.shards for w in args.workers]
+    print(f"\nqueue path on a 3-primary cluster, {args.requests} requests, {os.cpu_count()} cores")
+    print(f"raw redis-py (one stream, one consumer): {args.requests / raw_s:.0f} req/s\n")
+    print(f"{'shards':>6} {'workers':>7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'cmd/req':>7} "
+          f"{'cpu/worker':>10}")  # fmt: skip
+    for row in rows:
+        print(f"{row['shards']:>6} {row['workers']:>7} {row['req_per_s']:>7.0f} {row['p50_ms']:>7.1f} "
+              f"{row['p99_ms']:>7.1f} {row['commands_per_request']:>7.1f} "
+              f"{row['worker_cpu_share']:>10.0%}")  # fmt: skip
+    if args.json_out:
+        out = {"requests": args.requests, "cores": os.cpu_count(), "raw_req_per_s": args.requests / raw_s,
+               "rows": rows}  # fmt: skip
+        args.json_out.write_text(json.dumps(out, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=20_000)
     p.add_argument("--json-out", type=Path)
+    p.add_argument("--cluster", action="store_true", help="on a Redis Cluster (REDIS_URL, or a local one)")
+    p.add_argument("--shards", type=int, nargs="+", default=[1, 4], help="--cluster: stream shard counts")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="--cluster: worker counts")
     args = p.parse_args()
+    if args.cluster:
+        cluster_main(args)
+        return
     with ExitStack() as stack:
         url = os.environ.get("REDIS_URL") or stack.enter_context(EmbeddedRedis()).url
         raw_s = run_raw(url, args.requests)

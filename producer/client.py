@@ -14,6 +14,12 @@ runs no script: `submit` appends with a plain XADD (the workers shed a backlog o
 their limit with `overloaded`), and `cancel` appends the id to the tenant's cancel
 stream, after which a worker writes the `cancelled` reply under the final-reply guard.
 
+Shards and Redis Cluster (`LLM_STREAM_SHARDS`, `LLM_REDIS_CLUSTER`; docs/scaling.md): with N
+shards a request goes to the namespace `<prefix>:s:{<n>}` of shard `crc32(shard_key or id) % N`
+(`submit(..., shard_key="conversation-7")` keeps a conversation on one shard), and its reply,
+guard and cancel keys are that shard's. On a cluster the client is redis-py's `RedisCluster`
+and `results` reads one shard's reply streams per XREAD, the shards in turn.
+
 Reliability, client side (see docs/reliability.md):
 - `submit` refuses with `ChatError(overloaded)` before XADD when the backlog is over
   `max_backlog_requests` (an atomic check-and-append script);
@@ -40,7 +46,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -52,7 +58,7 @@ from producer.settings import ProducerSettings
 from producer.wire import backlog, final_guard
 from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
 from producer.wire.codec import ContentType, decode_event, encode_request
-from producer.wire.keys import CONSUMER_GROUP, StreamNames, check_tenant, reply_key_allowed
+from producer.wire.keys import CONSUMER_GROUP, StreamNames, check_tenant, reply_key_allowed, shard_for
 from producer.wire.models import (
     ChatRequest,
     DoneEvent,
@@ -63,6 +69,7 @@ from producer.wire.models import (
     TokenEvent,
     Usage,
 )
+from producer.wire.redis_factory import by_slot, connect, connect_async, recover, register_script
 from producer.wire.redis_types import StreamEntries, read_entries
 from producer.wire.signing import verify
 
@@ -155,6 +162,10 @@ class TokenRuns:
         return True
 
 
+# `results` on a cluster, over several shards: the longest one XREAD blocks on one shard's replies.
+CLUSTER_REPLY_SLICE_MS = 10
+
+
 class _ResultsWait:
     """The I/O-free part of `results`: cursors over many reply streams and the final replies read so far."""
 
@@ -165,6 +176,7 @@ class _ResultsWait:
         self.out: dict[str, Reply | ChatError] = {}
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
+        self._turn = 0
 
     def left_s(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
@@ -179,10 +191,20 @@ class _ResultsWait:
         left_ms = int((self.deadline - time.monotonic()) * 1000)
         if left_ms <= 0:
             raise ChatTimeout(self.keys[next(iter(self.cursors))], self.timeout_s)
+        block_ms = min(left_ms, self.core.settings.reply_block_ms)
+        pending: Iterable[str] = self.cursors
+        if self.core.settings.redis_cluster:
+            # A cluster serves one XREAD from one hash slot (one shard's reply streams): the slots
+            # take turns, each blocking briefly while others wait.
+            groups = by_slot(self.cursors)
+            pending = groups[self._turn % len(groups)]
+            self._turn += 1
+            if len(groups) > 1:
+                block_ms = min(block_ms, CLUSTER_REPLY_SLICE_MS)
         # One XREAD names at most a few hundred streams, so the command stays small.
-        batch = dict(itertools.islice(self.cursors.items(), 512))
+        batch = {key: self.cursors[key] for key in itertools.islice(pending, 512)}
         streams = cast("dict[KeyT, StreamIdT]", batch)  # redis-py only reads it; dicts are invariant
-        return streams, min(left_ms, self.core.settings.reply_block_ms)
+        return streams, block_ms
 
     def take(self, got: StreamEntries) -> None:
         """Advance the cursors over one XREAD's entries; keep each request's final reply or error."""
@@ -236,8 +258,11 @@ class _ClientCore:
         if tenant is not None:
             self.settings = self.settings.model_copy(update={"tenant": check_tenant(tenant)})
         self.tenant = self.settings.tenant
-        self.names = StreamNames.for_prefix(self.settings.prefix, self.tenant)
-        self._sent: dict[str, tuple[str, ContentType]] = {}
+        s = self.settings
+        # The namespaces requests go to: the tenant's, the shards' (`shard_for`), or the bare one.
+        self.spaces = StreamNames.layout(s.prefix, [self.tenant], s.stream_shards, s.redis_cluster)
+        self.names = self.spaces[0]
+        self._sent: dict[str, tuple[str, ContentType, StreamNames]] = {}
         self._signing_key = self.settings.signing_key()
         self.rejected_events = 0  # reply entries skipped as not the workers' answer to our request
 
@@ -276,18 +301,30 @@ class _ClientCore:
     def _backoff(self) -> Backoff:
         return Backoff(self.settings.reconnect_backoff_initial_ms, self.settings.reconnect_backoff_max_ms)
 
+    def _names_for(self, request_id: str, shard_key: str | None = None) -> StreamNames:
+        """The namespace of a request: its shard's (by `shard_key`, else its id) when sharded."""
+        if len(self.spaces) == 1:
+            return self.names
+        return self.spaces[shard_for(shard_key or request_id, len(self.spaces))]
+
     def _prepare(
         self, messages: list[dict[str, str]] | None, prompt: str | None, content_type: ContentType | None,
         params: dict[str, Any],
-    ) -> tuple[ChatRequest, ContentType, list[Any]]:  # fmt: skip
-        """Validate a request locally and build the admission script's ARGV for it."""
+    ) -> tuple[ChatRequest, ContentType, list[Any], StreamNames]:  # fmt: skip
+        """Validate a request locally, pick its namespace, and build the admission script's ARGV for it.
+
+        `shard_key` among `params` (a conversation id, say) picks the shard instead of the request id.
+        """
+        params = dict(params)
+        shard_key = params.pop("shard_key", None)
         request = build_request(messages, prompt, params)
-        check_reply_key(request, self.names.root)
+        names = self._names_for(request.id, None if shard_key is None else str(shard_key))
+        check_reply_key(request, names.root)
         ct = content_type or self.settings.content_type
         args = backlog.script_args(
             CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct)
         )
-        return request, ct, args
+        return request, ct, args, names
 
     def _entry(self, args: list[Any]) -> dict[Any, Any]:
         """The request entry's fields, back from the admission script's ARGV (a tenant's plain XADD)."""
@@ -300,7 +337,7 @@ class _ClientCore:
 
     def _prepare_many(
         self, requests: Sequence[dict[str, Any]], content_type: ContentType | None
-    ) -> list[tuple[ChatRequest, ContentType, list[Any]]]:
+    ) -> list[tuple[ChatRequest, ContentType, list[Any], StreamNames]]:
         """`_prepare` for each dict of `submit_many` (what `submit` takes as keywords); all or nothing."""
         return [
             self._prepare(r.get("messages"), r.get("prompt"), content_type,
@@ -309,40 +346,49 @@ class _ClientCore:
         ]  # fmt: skip
 
     def _admitted_many(
-        self, prepared: list[tuple[ChatRequest, ContentType, list[Any]]], replies: list[Any]
+        self, prepared: list[tuple[ChatRequest, ContentType, list[Any], StreamNames]], replies: list[Any]
     ) -> list[str | ChatError]:
         """Each request's id (recorded as sent) or its `overloaded` refusal, from the admission replies."""
         out: list[str | ChatError] = []
-        for (request, ct, _), reply in zip(prepared, replies, strict=True):
+        for (request, ct, _, names), reply in zip(prepared, replies, strict=True):
             try:
                 backlog.admitted_entry_id(reply, self.settings.max_backlog_requests)
             except backlog.AdmissionRefused as exc:
                 out.append(ChatError(ErrorCode.OVERLOADED, str(exc), request.id))
                 continue
-            self._record(request, ct)
+            self._record(request, ct, names)
             out.append(request.id)
         return out
 
-    def _record(self, request: ChatRequest, ct: ContentType) -> None:
-        """Remember where a sent request's replies go and how they are encoded."""
-        self._sent[request.id] = (request.reply_key(self.names.root), ct)
+    def _record(self, request: ChatRequest, ct: ContentType, names: StreamNames) -> None:
+        """Remember where a sent request's replies go, how they are encoded, and its namespace."""
+        self._sent[request.id] = (request.reply_key(names.root), ct, names)
+
+    def _sent_or_default(self, request_id: str, ct: ContentType) -> tuple[str, ContentType, StreamNames]:
+        """What `_record` kept of a request, else its defaults (a request sent by another client:
+        its shard by its id, so a request sent with a `shard_key` is found only by its sender)."""
+        found = self._sent.get(request_id)
+        if found is not None:
+            return found
+        names = self._names_for(request_id)
+        return names.reply(request_id), ct, names
 
     def _reply_key(self, request_id: str) -> str:
-        return self._sent.get(request_id, (self.names.reply(request_id), "json"))[0]
+        return self._sent_or_default(request_id, "json")[0]
 
-    def _cancel_entry(self, request_id: str) -> dict[Any, Any]:
-        """A tenant's cancel: the entry for its cancel stream (`id`, `ct`, and `reply_to` if not the default);
+    def _cancel_entry(self, request_id: str) -> tuple[StreamNames, dict[Any, Any]]:
+        """A tenant's cancel: its cancel stream and entry (`id`, `ct`, and `reply_to` if not the default);
         the worker that reads it writes the `cancelled` reply."""
-        key, ct = self._sent.get(request_id) or (self.names.reply(request_id), self.settings.content_type)
+        key, ct, names = self._sent_or_default(request_id, self.settings.content_type)
         fields = {"id": request_id, "ct": ct}
-        if key != self.names.reply(request_id):
+        if key != names.reply(request_id):
             fields["reply_to"] = key
-        return fields
+        return names, fields
 
     def _cancel_call(self, request_id: str) -> tuple[list[str], list[Any]]:
-        key, ct = self._sent.get(request_id) or (self.names.reply(request_id), self.settings.content_type)
+        key, ct, names = self._sent_or_default(request_id, self.settings.content_type)
         return final_guard.cancel_call(
-            self.names,
+            names,
             request_id,
             key,
             ct,
@@ -365,9 +411,11 @@ class ChatClient(_ClientCore):
         **overrides: Any,
     ):
         super().__init__(redis_url, settings, tenant, overrides)
-        self.redis = client or redis.Redis.from_url(self.settings.redis_url, **self._connection_args())
-        self._admit = self.redis.register_script(backlog.ADMIT_SCRIPT)
-        self._cancel = self.redis.register_script(final_guard.CANCEL_SCRIPT)
+        self.redis = client or connect(
+            self.settings.redis_url, self.settings.redis_cluster, **self._connection_args()
+        )
+        self._admit = register_script(self.redis, backlog.ADMIT_SCRIPT)
+        self._cancel = register_script(self.redis, final_guard.CANCEL_SCRIPT)
 
     def submit(
         self,
@@ -381,20 +429,21 @@ class ChatClient(_ClientCore):
 
         Raises ChatError(overloaded) without enqueuing when the backlog is at the limit.
         """
-        request, ct, args = self._prepare(messages, prompt, content_type, params)
+        request, ct, args, names = self._prepare(messages, prompt, content_type, params)
         give_up = time.monotonic() + self.settings.submit_retry_s
         backoff = self._backoff()
         while True:
             try:
-                backlog.admitted_entry_id(self._send(args), self.settings.max_backlog_requests)
+                backlog.admitted_entry_id(self._send(args, names), self.settings.max_backlog_requests)
                 break
             except backlog.AdmissionRefused as exc:
                 raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 if time.monotonic() >= give_up:
                     raise
                 time.sleep(backoff.next_delay_s())
-        self._record(request, ct)
+        self._record(request, ct, names)
         return request.id
 
     def submit_many(
@@ -411,12 +460,13 @@ class ChatClient(_ClientCore):
         backoff = self._backoff()
         while True:
             pipe = self.redis.pipeline(transaction=False)
-            for _, _, args in prepared:
-                self._send(args, pipe)
+            for _, _, args, names in prepared:
+                self._send(args, names, pipe)
             try:
                 replies = [self._admission(r) for r in pipe.execute()]
                 break
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 if time.monotonic() >= give_up:
                     raise
                 time.sleep(backoff.next_delay_s())
@@ -438,19 +488,20 @@ class ChatClient(_ClientCore):
                 got = read_entries(self.redis.xread(streams, block=block_ms))
                 backoff.reset()
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 time.sleep(min(backoff.next_delay_s(), wait.left_s()))
                 continue
             wait.take(got)
         return wait.out
 
-    def _send(self, args: list[Any], pipe: Any = None) -> Any:
+    def _send(self, args: list[Any], names: StreamNames, pipe: Any = None) -> Any:
         """Append one request: the admission script, or a tenant's plain XADD (queued on `pipe` if given)."""
         if self.tenant is not None:
             fields = self._entry(args)
             if pipe is not None:
-                return pipe.xadd(self.names.requests, fields)
-            return self._admission(self.redis.xadd(self.names.requests, fields))
-        return self._admit(keys=[self.names.requests], args=args, client=pipe)
+                return pipe.xadd(names.requests, fields)
+            return self._admission(self.redis.xadd(names.requests, fields))
+        return self._admit(keys=[names.requests], args=args, client=pipe)
 
     def cancel(self, request_id: str) -> bool:
         """Stop a request: the client gets `cancelled` unless a final reply already exists (then False).
@@ -458,8 +509,9 @@ class ChatClient(_ClientCore):
         A tenant's client only announces the cancel (always True); a worker writes the `cancelled` reply.
         """
         if self.tenant is not None:
+            names, entry = self._cancel_entry(request_id)
             self.redis.xadd(
-                self.names.cancel, self._cancel_entry(request_id),
+                names.cancel, entry,
                 maxlen=self.settings.cancel_stream_max_entries, approximate=True,
             )  # fmt: skip
             return True
@@ -490,6 +542,7 @@ class ChatClient(_ClientCore):
                 )
                 backoff.reset()
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 time.sleep(min(backoff.next_delay_s(), max(0.0, deadline - time.monotonic())))
                 continue
             for _, entries in got:
@@ -554,9 +607,11 @@ class AsyncChatClient(_ClientCore):
         **overrides: Any,
     ):
         super().__init__(redis_url, settings, tenant, overrides)
-        self.redis = client or aioredis.Redis.from_url(self.settings.redis_url, **self._connection_args())
-        self._admit = self.redis.register_script(backlog.ADMIT_SCRIPT)
-        self._cancel = self.redis.register_script(final_guard.CANCEL_SCRIPT)
+        self.redis = client or connect_async(
+            self.settings.redis_url, self.settings.redis_cluster, **self._connection_args()
+        )
+        self._admit = register_script(self.redis, backlog.ADMIT_SCRIPT)
+        self._cancel = register_script(self.redis, final_guard.CANCEL_SCRIPT)
 
     async def submit(
         self,
@@ -567,20 +622,21 @@ class AsyncChatClient(_ClientCore):
         **params: Any,
     ) -> str:
         """Enqueue a request; ChatError(overloaded), nothing enqueued, when the backlog is at the limit."""
-        request, ct, args = self._prepare(messages, prompt, content_type, params)
+        request, ct, args, names = self._prepare(messages, prompt, content_type, params)
         give_up = time.monotonic() + self.settings.submit_retry_s
         backoff = self._backoff()
         while True:
             try:
-                backlog.admitted_entry_id(await self._send(args), self.settings.max_backlog_requests)
+                backlog.admitted_entry_id(await self._send(args, names), self.settings.max_backlog_requests)
                 break
             except backlog.AdmissionRefused as exc:
                 raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 if time.monotonic() >= give_up:
                     raise
                 await asyncio.sleep(backoff.next_delay_s())
-        self._record(request, ct)
+        self._record(request, ct, names)
         return request.id
 
     async def submit_many(
@@ -596,12 +652,13 @@ class AsyncChatClient(_ClientCore):
         backoff = self._backoff()
         while True:
             pipe = self.redis.pipeline(transaction=False)
-            for _, _, args in prepared:
-                await self._send(args, pipe)  # queued, not sent
+            for _, _, args, names in prepared:
+                await self._send(args, names, pipe)  # queued, not sent
             try:
                 replies = [self._admission(r) for r in await pipe.execute()]
                 break
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 if time.monotonic() >= give_up:
                     raise
                 await asyncio.sleep(backoff.next_delay_s())
@@ -623,19 +680,20 @@ class AsyncChatClient(_ClientCore):
                 got = read_entries(await self.redis.xread(streams, block=block_ms))
                 backoff.reset()
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 await asyncio.sleep(min(backoff.next_delay_s(), wait.left_s()))
                 continue
             wait.take(got)
         return wait.out
 
-    async def _send(self, args: list[Any], pipe: Any = None) -> Any:
+    async def _send(self, args: list[Any], names: StreamNames, pipe: Any = None) -> Any:
         """Append one request: the admission script, or a tenant's plain XADD (queued on `pipe` if given)."""
         if self.tenant is not None:
             fields = self._entry(args)
             if pipe is not None:
-                return pipe.xadd(self.names.requests, fields)
-            return self._admission(await self.redis.xadd(self.names.requests, fields))
-        return await self._admit(keys=[self.names.requests], args=args, client=pipe)
+                return pipe.xadd(names.requests, fields)
+            return self._admission(await self.redis.xadd(names.requests, fields))
+        return await self._admit(keys=[names.requests], args=args, client=pipe)
 
     async def cancel(self, request_id: str) -> bool:
         """Stop a request: the client gets `cancelled` unless a final reply already exists (then False).
@@ -643,8 +701,9 @@ class AsyncChatClient(_ClientCore):
         A tenant's client only announces the cancel (always True); a worker writes the `cancelled` reply.
         """
         if self.tenant is not None:
+            names, entry = self._cancel_entry(request_id)
             await self.redis.xadd(
-                self.names.cancel, self._cancel_entry(request_id),
+                names.cancel, entry,
                 maxlen=self.settings.cancel_stream_max_entries, approximate=True,
             )  # fmt: skip
             return True
@@ -672,6 +731,7 @@ class AsyncChatClient(_ClientCore):
                 )
                 backoff.reset()
             except TRANSIENT_ERRORS:
+                recover(self.redis)
                 await asyncio.sleep(min(backoff.next_delay_s(), max(0.0, deadline - time.monotonic())))
                 continue
             for _, entries in got:

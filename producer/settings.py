@@ -72,6 +72,19 @@ class ProducerSettings(BaseSettings):
         "`<prefix>:t:{<tenant>}` (workers list it in LLM_TENANTS; docs/security.md); unset = the "
         "un-namespaced keys.",
     )
+    redis_cluster: bool = Field(
+        default=False,
+        description="REDIS_URL names a node of a Redis Cluster (or Valkey cluster mode): connect with the "
+        "cluster client; keys are hash-tagged by shard (docs/scaling.md). Set like the workers'.",
+    )
+    stream_shards: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Request streams `<prefix>:s:{<n>}:requests`, n < N, the workers read (same N as "
+        "theirs); a request goes to the shard of its `shard_key`, else of its id. 1 = the one "
+        "`<prefix>:requests` (`<prefix>:s:{0}:requests` in cluster mode). Not with a tenant.",
+    )
     content_type: Literal["msgpack", "json"] = Field(
         default="msgpack", description="Encoding of request bodies."
     )
@@ -128,6 +141,12 @@ class ProducerSettings(BaseSettings):
     @classmethod
     def _check_tenant(cls, tenant: str | None) -> str | None:
         return None if tenant is None else check_tenant(tenant)
+
+    @model_validator(mode="after")
+    def _check_shards(self) -> ProducerSettings:
+        if self.tenant is not None and self.stream_shards > 1:
+            raise ValueError("LLM_STREAM_SHARDS > 1 and LLM_TENANT are exclusive for now")
+        return self
 
     @model_validator(mode="after")
     def _default_redis_url(self) -> ProducerSettings:

@@ -9,10 +9,10 @@ from contextlib import ExitStack
 from types import FrameType
 
 import pydantic
-import redis
 import structlog
 
 from producer.config_errors import CONFIG_ERROR_EXIT, config_error_fields
+from producer.wire.redis_factory import connect
 from worker.consumer import Consumer
 from worker.embedded_redis import local_server
 from worker.engine.factory import open_engine
@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             if server is not None:
                 stack.callback(server.stop)
                 log.info("embedded_redis_started", address=server.url, port=server.port)
-        client = redis.Redis.from_url(
+        client = connect(
             url,
+            settings.redis_cluster,
             socket_timeout=settings.read_block_ms / 1000 + 10,
             socket_connect_timeout=5,
             health_check_interval=30,

@@ -44,6 +44,10 @@ WORKER_COMMANDS = (
     "exists", "get", "set", "del", "expire", "evalsha", "script|load", "script|exists",
 )  # fmt: skip
 
+# What redis-py's cluster client sends besides (LLM_REDIS_CLUSTER): the slot map, the command table
+# (which keys a command names), and the scripts sent whole (EVAL, producer/wire/redis_factory.py).
+CLUSTER_COMMANDS = ("cluster|slots", "command", "eval")
+
 # A prefix is written into key patterns: no glob character, no space.
 _PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
@@ -69,19 +73,28 @@ def _base(password: str, hashed: bool) -> list[str]:
 
 
 def producer_rules(
-    tenant: str, password: str, prefix: str = DEFAULT_PREFIX, hashed: bool = False
+    tenant: str, password: str, prefix: str = DEFAULT_PREFIX, hashed: bool = False, cluster: bool = False
 ) -> list[str]:
-    """The ACL rules of tenant `tenant`'s backend user."""
+    """The ACL rules of tenant `tenant`'s backend user (`cluster`: with what the cluster client needs;
+    a tenant's client runs no script, so without EVAL)."""
     root = namespace(check_prefix(prefix), check_tenant(tenant))
-    return _base(password, hashed) + [
-        f"(+xadd %W~{root}:requests %W~{root}:cancel)",
-        f"(+xread +xrange %R~{root}:reply:*)",
-    ]
+    extra = [f"+{c}" for c in CLUSTER_COMMANDS if c != "eval"] if cluster else []
+    return (
+        _base(password, hashed)
+        + extra
+        + [
+            f"(+xadd %W~{root}:requests %W~{root}:cancel)",
+            f"(+xread +xrange %R~{root}:reply:*)",
+        ]
+    )
 
 
-def worker_rules(password: str, prefix: str = DEFAULT_PREFIX, hashed: bool = False) -> list[str]:
-    """The ACL rules of the workers' user."""
-    return _base(password, hashed) + [f"~{check_prefix(prefix)}:*"] + [f"+{c}" for c in WORKER_COMMANDS]
+def worker_rules(
+    password: str, prefix: str = DEFAULT_PREFIX, hashed: bool = False, cluster: bool = False
+) -> list[str]:
+    """The ACL rules of the workers' user (`cluster`: with what the cluster client needs)."""
+    commands = WORKER_COMMANDS + (CLUSTER_COMMANDS if cluster else ())
+    return _base(password, hashed) + [f"~{check_prefix(prefix)}:*"] + [f"+{c}" for c in commands]
 
 
 def setuser(user: str, rules: list[str]) -> str:
@@ -102,14 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--password", required=True)
         p.add_argument("--user", default=None, help="ACL user name (default: the tenant; llm-worker)")
         p.add_argument("--hashed", action="store_true", help="write the password's SHA-256, not the password")
+        p.add_argument("--cluster", action="store_true", help="for Redis Cluster (LLM_REDIS_CLUSTER)")
     args = parser.parse_args(argv)
     try:
         if args.role == "producer":
             line = setuser(
-                args.user or args.tenant, producer_rules(args.tenant, args.password, args.prefix, args.hashed)
+                args.user or args.tenant,
+                producer_rules(args.tenant, args.password, args.prefix, args.hashed, args.cluster),
             )
         else:
-            line = setuser(args.user or "llm-worker", worker_rules(args.password, args.prefix, args.hashed))
+            rules = worker_rules(args.password, args.prefix, args.hashed, args.cluster)
+            line = setuser(args.user or "llm-worker", rules)
     except ValueError as exc:
         parser.error(str(exc))
     print(line)

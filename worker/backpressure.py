@@ -23,6 +23,7 @@ import redis
 
 from producer.wire.backlog import BACKLOG_SCRIPT
 from producer.wire.keys import StreamNames
+from producer.wire.redis_factory import register_script
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class Backpressure:
         self.backlog = 0
         self._checked_s = float("-inf")
         self._trimmed_s = float("-inf")
-        self._measure = client.register_script(BACKLOG_SCRIPT)
+        self._measure = register_script(client, BACKLOG_SCRIPT)
 
     def excess(self) -> int:
         """How many requests over the limit the backlog was at the last check (0 when disabled)."""

@@ -25,6 +25,7 @@ import redis
 
 from producer.wire.codec import ContentType
 from producer.wire.keys import StreamNames
+from producer.wire.redis_factory import by_slot, is_cluster
 from producer.wire.redis_types import range_entries, read_entries
 from worker.inflight import table_key
 from worker.keyed_errors import about
@@ -84,8 +85,13 @@ class CancelWatch:
         if self._cursors is None:
             self.start()
         assert self._cursors is not None
-        with about(self.key):
-            got = read_entries(self.client.xread(dict(self._cursors), count=1000))  # type: ignore[arg-type]
+        # A cluster serves one XREAD from one hash slot: one call per slot there (shards are in several).
+        groups = by_slot(self._cursors) if is_cluster(self.client) else [list(self._cursors)]
+        got = []
+        for keys in groups:
+            with about(keys[0]):
+                cursors = {k: self._cursors[k] for k in keys}
+                got += read_entries(self.client.xread(cursors, count=1000))  # type: ignore[arg-type]
         found: list[Cancel] = []
         for raw_key, entries in got:
             key = raw_key.decode()

@@ -11,7 +11,8 @@ One thread does everything, so there is no locking. Each iteration, top to botto
 4. collect the step's outputs.
 
 Each request stream is a `Lane` (`tenants.py`): the single `<prefix>:requests`, or one per
-tenant (`LLM_TENANTS`), all read in one call; housekeeping runs per lane.
+tenant (`LLM_TENANTS`) or per shard (`LLM_STREAM_SHARDS`), all read in one call (one per hash
+slot on Redis Cluster); housekeeping runs per lane.
 
 The engine owns admission (time window, token budget, sequence cap, KV, priority aging,
 deadlines) with the one `BatchPolicy` of `WorkerSettings`. The loop blocks on Redis only
@@ -33,6 +34,7 @@ import structlog
 from redis.typing import StreamIdT
 
 from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
+from producer.wire.redis_factory import recover
 from worker.build_info import build_info
 from worker.cancellation import Cancel, CancelWatch
 from worker.engine.base import Engine, FinishReason, SequenceOutput
@@ -67,9 +69,9 @@ class Consumer:
         self.table: dict[str, InFlight] = {}  # every request handed to the engine, by `table_key`
         self.cancels = CancelWatch(client, spaces, s.cancel_poll_interval_ms, s.cancel_memory_requests)
         self.lanes = build_lanes(client, s, engine, self.table, self.counters, self.cancels, self.attempt)
-        self.lane_of = {lane.tenant: lane for lane in self.lanes}
+        self.lane_of = {lane.tenant: lane for lane in self.lanes if lane.tenant is not None}
         self.backoff = Backoff(s.reconnect_backoff_initial_ms, s.reconnect_backoff_max_ms)
-        writers = {lane.tenant: lane.replies for lane in self.lanes}
+        writers = {lane.key: lane.replies for lane in self.lanes}
         # One lane writes through its own writer, several through their union (same interface).
         union = LaneWriters(list(writers.values()))
         self.replies = self.lanes[0].replies if len(self.lanes) == 1 else cast(ReplyWriter, union)
@@ -118,8 +120,10 @@ class Consumer:
             "worker_started",
             consumer=self.settings.consumer_name,
             engine=self.engine.name,
-            stream=self.lanes[0].stream if len(self.lanes) == 1 else f"{self.names.prefix}:t:*:requests",
+            stream=self.lanes[0].stream if len(self.lanes) == 1 else self._streams_pattern(),
             tenants=len([lane for lane in self.lanes if lane.tenant is not None]),
+            shards=len([lane for lane in self.lanes if lane.names.shard is not None]),
+            cluster=self.settings.redis_cluster,
             group=self.settings.group,
             attempt=self.attempt,
             **self.engine.describe(),
@@ -133,6 +137,10 @@ class Consumer:
                 self.writer.close(timeout_s=5.0)  # what is already answered still goes out
             raise
         self.shutdown()
+
+    def _streams_pattern(self) -> str:
+        kind = "t" if self.lanes[0].tenant is not None else "s"
+        return f"{self.names.prefix}:{kind}:*:requests"
 
     def run_once(self, read: bool = True) -> None:
         """One iteration: housekeeping; launch a step; publish and read while it runs; collect it."""
@@ -168,6 +176,7 @@ class Consumer:
         try:
             step()
         except TRANSIENT_ERRORS as exc:
+            recover(self.client)
             self.counters.redis_errors += 1
             delay_s, fields = self._backoff_fields(exc)
             log.warning("redis_unavailable", **fields)
@@ -223,7 +232,7 @@ class Consumer:
 
     def _entries(self, lane: Lane) -> list[bytes]:
         """The entries of `lane`'s stream this worker is serving."""
-        return [f.entry_id for f in self.table.values() if f.tenant == lane.tenant]
+        return [f.entry_id for f in self.table.values() if f.lane == lane.key]
 
     def _room(self) -> int:
         return self.settings.max_waiting_requests - self.engine.capacity().waiting
@@ -318,8 +327,8 @@ class Consumer:
         """
         f = self.table.get(cancel.key)
         if f is None:
-            lane = self.lane_of.get(cancel.tenant)
-            if cancel.tenant is not None and lane is not None:
+            lane = None if cancel.tenant is None else self.lane_of.get(cancel.tenant)
+            if lane is not None:
                 lane.answer_cancel(cancel)
             return
         self.counters.cancelled += 1
@@ -331,7 +340,7 @@ class Consumer:
     def _drop_lost(self, lane: Lane, entry_id: bytes) -> None:
         """Another worker claimed this entry (we stalled past the idle limit): stop our copy silently."""
         for rid, f in list(self.table.items()):
-            if f.entry_id == entry_id and f.tenant == lane.tenant:
+            if f.entry_id == entry_id and f.lane == lane.key:
                 del self.table[rid]
                 self.engine.abort_request(rid, "cancelled")
                 self.counters.lost += 1
@@ -391,7 +400,7 @@ class Consumer:
             return
         idle_ms = self.settings.reclaim_min_idle_ms * 2
         for lane in self.lanes:
-            entry_ids = [f.entry_id for f in requests if f.tenant == lane.tenant]
+            entry_ids = [f.entry_id for f in requests if f.lane == lane.key]
             if not entry_ids:
                 continue
             self.client.xclaim(

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import redis
 
 from producer.wire.keys import StreamNames
+from producer.wire.redis_factory import register_script
 from worker.keyed_errors import about
 
 ALIVE = "alive"
@@ -63,7 +64,7 @@ class Heartbeat:
         self.ttl_ms = int(ttl_s * 1000)
         self.state = ALIVE
         self._last_s = float("-inf")
-        self._script = client.register_script(_BEAT_SCRIPT)
+        self._script = register_script(client, _BEAT_SCRIPT)
 
     def beat(self, serving: Iterable[bytes], force: bool = False) -> list[bytes]:
         """Refresh the key and touch the entries being served; returns entries now owned by someone else."""

@@ -36,6 +36,12 @@ class InFlight:
     tokens_sent: int = 0
     batch_id: int = 0
     tenant: str | None = None  # the tenant whose stream it was read from (None: the un-namespaced one)
+    shard: int | None = None  # the shard whose stream it was read from (None: not sharded)
+
+    @property
+    def lane(self) -> tuple[str | None, int | None]:
+        """The request stream it was read from, as `StreamNames.lane`."""
+        return (self.tenant, self.shard)
 
     @property
     def key(self) -> str:

@@ -247,7 +247,7 @@ class Intake:
         # Tokenized with the rest of its read by `_tokenize`.
         return InFlight(
             entry_id, request, ct, reply_key, [], enqueued_ms, time.monotonic(), deadline_s,
-            tenant=self.tenant,
+            tenant=self.tenant, shard=self.names.shard,
         )  # fmt: skip
 
     def _tokenize(self, accepted: list[InFlight]) -> list[InFlight]:

@@ -135,15 +135,15 @@ class Publisher:
 
     def __init__(
         self,
-        replies: ReplyWriter | Mapping[str | None, ReplyWriter],
+        replies: ReplyWriter | Mapping[tuple[str | None, int | None], ReplyWriter],
         table: dict[str, InFlight],
         counters: LoopCounters,
         attempt: str,
         worker: str,
     ):
-        # The writer of each tenant's namespace (None: the un-namespaced one).
-        self.writers: Mapping[str | None, ReplyWriter] = (
-            replies if isinstance(replies, Mapping) else {None: replies}
+        # The writer of each request stream, by `InFlight.lane` ((None, None): the un-namespaced one).
+        self.writers: Mapping[tuple[str | None, int | None], ReplyWriter] = (
+            replies if isinstance(replies, Mapping) else {(None, None): replies}
         )
         self.table = table
         self.counters = counters
@@ -159,7 +159,7 @@ class Publisher:
             self.counters.tokens += len(out.new_token_ids)
             if out.new_token_ids and f.first_token_s is None:
                 f.first_token_s = now_s
-            replies = self.writers[f.tenant]
+            replies = self.writers[f.lane]
             event = token_event(f, out, self.attempt)
             if event is not None:
                 replies.token(f.request.id, f.reply_key, event, f.content_type, f.tokens_sent == 0)

@@ -21,6 +21,7 @@ import redis
 import structlog
 
 from producer.wire.keys import StreamNames
+from producer.wire.redis_factory import register_script
 from producer.wire.redis_types import Entry
 from worker.heartbeat import DRAINING
 
@@ -80,7 +81,7 @@ class Reclaimer:
         self.count = count
         self._cursor = "0-0"
         self._last_s = float("-inf")
-        self._delete = client.register_script(_DELETE_IF_EMPTY_SCRIPT)
+        self._delete = register_script(client, _DELETE_IF_EMPTY_SCRIPT)
 
     def due(self) -> bool:
         return time.monotonic() - self._last_s >= self.interval_s

@@ -26,6 +26,7 @@ from producer.wire.codec import ContentType, encode_body, encode_event
 from producer.wire.final_guard import FINAL_SCRIPT, TOKENS_SCRIPT, final_call, tokens_call
 from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode, ErrorEvent, ReplyEvent
+from producer.wire.redis_factory import register_script
 from producer.wire.signing import sign
 
 __all__ = ["FinalWrite", "ReplyWriter"]
@@ -76,8 +77,8 @@ class ReplyWriter:
         self.dead_stream = names.dead_letter
         self.dead_max_entries = dead_max_entries
         self.signing_key = signing_key  # sign every event (`sig`, producer/wire/signing.py) when set
-        self._final = client.register_script(FINAL_SCRIPT)
-        self._tokens = client.register_script(TOKENS_SCRIPT)
+        self._final = register_script(client, FINAL_SCRIPT)
+        self._tokens = register_script(client, TOKENS_SCRIPT)
         self._queued = _Queued()
 
     @property

@@ -47,6 +47,19 @@ class WorkerSettings(BaseSettings):
         description="Comma-separated tenants served, each from its own key namespace "
         "`<prefix>:t:{<tenant>}` (docs/security.md); empty = the one un-namespaced `<prefix>:requests`.",
     )
+    redis_cluster: bool = Field(
+        default=False,
+        description="REDIS_URL names a node of a Redis Cluster (or Valkey cluster mode): connect with the "
+        "cluster client, each shard's (or tenant's) keys in one hash slot (docs/scaling.md).",
+    )
+    stream_shards: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Request streams `<prefix>:s:{<n>}:requests`, n < N, read fairly by every worker (set "
+        "the clients' alike); 1 = the one `<prefix>:requests` (`<prefix>:s:{0}:requests` in cluster "
+        "mode). Not with LLM_TENANTS for now.",
+    )
     consumer_name: str = Field(
         default_factory=_default_consumer_name,
         description="This worker's consumer name in the group (default host-pid).",
@@ -294,6 +307,12 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _lower_log_level(cls, level: object) -> object:
         return level.lower() if isinstance(level, str) else level
+
+    @model_validator(mode="after")
+    def _check_shards(self) -> WorkerSettings:
+        if self.stream_shards > 1 and any(self.tenant_list()):
+            raise ValueError("LLM_STREAM_SHARDS > 1 and LLM_TENANTS are exclusive for now")
+        return self
 
     @model_validator(mode="after")
     def _check_weights(self) -> WorkerSettings:

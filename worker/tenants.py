@@ -1,4 +1,8 @@
-"""Tenants: one request stream per tenant, and everything the worker keys by stream.
+"""Lanes: one request stream per tenant (or per shard), and everything the worker keys by stream.
+
+Shards (`LLM_STREAM_SHARDS`, docs/scaling.md) are lanes too: one per `<prefix>:s:{<n>}`
+namespace, keyed like a tenant's but without an ACL user of their own. A lane is known by
+`StreamNames.lane`, (tenant, shard), which `InFlight.lane` repeats for the requests read from it.
 
 A deployment that lists tenants (`LLM_TENANTS=alice,bob`) gives each its own key namespace
 `<prefix>:t:{<tenant>}` (`producer/wire/keys.py`): its request stream, reply streams, final-reply
@@ -12,7 +16,8 @@ acknowledgements, its dead letters), refusals, intake, heartbeat touches, reclai
 trimming. Without tenants there is one lane, the un-namespaced `<prefix>:requests`, and every
 command the worker sends is the one it sent before tenants existed.
 
-Fairness: `read_lanes` reads every lane in one XREADGROUP with a COUNT, and Redis applies the
+Fairness: `read_lanes` reads every lane in one XREADGROUP with a COUNT (on Redis Cluster, one
+XREADGROUP per hash slot, see `_read_streams`), and Redis applies the
 COUNT to each stream, so in each call every tenant with waiting entries gets up to the same
 share, whatever the others' backlogs; the engine's scheduler takes it from there. Each tenant's
 backlog is measured and shed against `max_backlog_requests` on its own stream, so one tenant's
@@ -21,6 +26,7 @@ flood is answered `overloaded` without refusing the others.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,13 +36,14 @@ import redis
 
 from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode
+from producer.wire.redis_factory import by_slot, is_cluster
 from producer.wire.redis_types import read_entries
 from worker.backpressure import Backpressure
 from worker.cancellation import Cancel, CancelWatch
 from worker.engine.base import Engine
 from worker.heartbeat import Heartbeat
 from worker.inflight import InFlight, LoopCounters
-from worker.intake import Intake
+from worker.intake import Entries, Intake
 from worker.keyed_errors import about
 from worker.reclaim import Reclaimer
 from worker.refusals import Refusals
@@ -61,6 +68,11 @@ class Lane:
         return self.names.tenant
 
     @property
+    def key(self) -> tuple[str | None, int | None]:
+        """What tells this lane from the others (`InFlight.lane`): its tenant and shard."""
+        return self.names.lane
+
+    @property
     def stream(self) -> str:
         return self.names.requests
 
@@ -79,8 +91,9 @@ class Lane:
 
 
 def namespaces(settings: WorkerSettings) -> list[StreamNames]:
-    """The key namespaces this worker serves: one per tenant, or the single un-namespaced one."""
-    return [StreamNames.for_prefix(settings.prefix, t) for t in settings.tenant_list()]
+    """The key namespaces this worker serves: one per tenant, or per shard, or the single bare one."""
+    s = settings
+    return StreamNames.layout(s.prefix, s.tenant_list(), s.stream_shards, s.redis_cluster)
 
 
 def build_lanes(
@@ -130,16 +143,8 @@ def read_lanes(
     if room <= 0:
         return []
     streams = {lane.stream: lane.intake.cursor() for lane in lanes}
-    replaying = any(cursor != ">" for cursor in streams.values())
     count = max(1, math.ceil(min(room, settings.read_count) / len(lanes)))
-    with about(lanes[0].stream if len(lanes) == 1 else f"{len(lanes)} request streams"):
-        reply = read_entries(
-            client.xreadgroup(
-                settings.group, settings.consumer_name, streams,  # type: ignore[arg-type]
-                count=count, block=None if replaying else block_ms,
-            )
-        )  # fmt: skip
-    got = {key.decode(): entries for key, entries in reply}
+    got = _read_streams(client, settings, streams, count, block_ms)
     candidates: list[tuple[Lane, list[InFlight]]] = []
     for lane in lanes:
         entries = got.get(lane.stream)
@@ -158,6 +163,48 @@ def read_lanes(
         accepted += lane.intake.admit(found, answered[: len(found)])
         answered = answered[len(found) :]
     return accepted
+
+
+# On a cluster, the longest a blocking read waits on one slot's streams while others may get entries.
+CLUSTER_BLOCK_SLICE_MS = 20
+_turn = itertools.count()
+
+
+def _read_streams(
+    client: redis.Redis, settings: WorkerSettings, streams: dict[str, str], count: int, block_ms: int | None
+) -> dict[str, Entries]:
+    """XREADGROUP of `streams` (key -> cursor): one call, or on a cluster one per hash slot.
+
+    A cluster serves one XREADGROUP from one slot only. Each slot's streams are read without
+    blocking, in turn; only when none had entries does the worker block, on the next slot in
+    rotation and for at most `CLUSTER_BLOCK_SLICE_MS`, so that an idle worker still wakes for
+    an entry on any shard within that slice.
+    """
+    groups = by_slot(streams) if is_cluster(client) else [list(streams)]
+    if any(cursor != ">" for cursor in streams.values()):
+        block_ms = None  # replaying our own pending entries: nothing to wait for
+    got: dict[str, Entries] = {}
+    for keys in groups:
+        wait = block_ms if len(groups) == 1 else None
+        got.update(_read_group(client, settings, {k: streams[k] for k in keys}, count, wait))
+    if not got and len(groups) > 1 and block_ms is not None:
+        keys = groups[next(_turn) % len(groups)]
+        wait = min(block_ms, CLUSTER_BLOCK_SLICE_MS)
+        got.update(_read_group(client, settings, {k: streams[k] for k in keys}, count, wait))
+    return got
+
+
+def _read_group(
+    client: redis.Redis, settings: WorkerSettings, streams: dict[str, str], count: int, block_ms: int | None
+) -> dict[str, Entries]:
+    with about(next(iter(streams)) if len(streams) == 1 else f"{len(streams)} request streams"):
+        reply = read_entries(
+            client.xreadgroup(
+                settings.group, settings.consumer_name, streams,  # type: ignore[arg-type]
+                count=count, block=block_ms,
+            )
+        )  # fmt: skip
+    return {key.decode(): entries for key, entries in reply}
 
 
 class LaneWriters:

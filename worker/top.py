@@ -28,6 +28,7 @@ from rich.table import Table
 
 from producer.settings import ProducerSettings
 from producer.wire.keys import CONSUMER_GROUP, StreamNames
+from producer.wire.redis_factory import connect
 
 SCAN_ENTRIES = 1000  # newest stats entries read per frame: enough for hundreds of workers
 
@@ -211,9 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     url = args.redis_url or settings.redis_url
     prefix = args.prefix or settings.prefix
     names = StreamNames.for_prefix(prefix)
-    tenants = [t.strip() for t in args.tenants.split(",") if t.strip()]
-    streams = [StreamNames.for_prefix(prefix, t).requests for t in tenants] or None
-    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    tenants: list[str | None] = [t.strip() for t in args.tenants.split(",") if t.strip()]
+    # Tenants' streams, else the shards' (LLM_STREAM_SHARDS, LLM_REDIS_CLUSTER), else the single one.
+    spaces = StreamNames.layout(prefix, tenants or [None], settings.stream_shards, settings.redis_cluster)
+    streams = [n.requests for n in spaces]
+    client = connect(url, settings.redis_cluster, socket_timeout=10, socket_connect_timeout=5)
     # Piped output (tests, `watch`, logs) gets a wide table instead of the 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 200)
 

@@ -10,11 +10,24 @@ guards, cancel stream and dead letters. The braces are a cluster hash tag, so on
 keys share one slot; the namespace is what the tenant's ACL user may touch. Without a tenant
 the namespace is the bare prefix and every key is the one of the single-stream deployment.
 Heartbeats and live stats are the workers' own and stay under the bare prefix.
+
+Shards (`LLM_STREAM_SHARDS=N`, docs/scaling.md): N request streams instead of one, each in its
+own namespace `<prefix>:s:{<n>}` for n in 0..N-1, holding the same keys as a tenant's. The hash
+tag `{<n>}` puts every key of one shard in one slot, so on Redis Cluster each shard's scripts
+(final guard + XACK, tokens, heartbeat touch) run on one node, and the shards spread over the
+nodes. A client picks a request's shard from its `shard_key` (a conversation id) or, by default,
+its request id: `shard_for(key, N)`, CRC-32 of the UTF-8 key modulo N. In cluster mode
+(`LLM_REDIS_CLUSTER`) a deployment without tenants always uses the shard namespaces (N = 1: the
+one shard `<prefix>:s:{0}`), and heartbeats live in each namespace (`<root>:hb:<consumer>`) so that
+the scripts which touch them with the request stream stay in one slot. Shards and tenants are
+exclusive for now: a tenant's namespace is already one slot, and a deployment spreads over the
+cluster by its tenants.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "llm"
@@ -31,14 +44,33 @@ def check_tenant(name: str) -> str:
     return name
 
 
-def namespace(prefix: str = DEFAULT_PREFIX, tenant: str | None = None) -> str:
-    """Root of a tenant's keys: `<prefix>:t:{<tenant>}`; the bare prefix without a tenant."""
-    return prefix if tenant is None else f"{prefix}:t:{{{check_tenant(tenant)}}}"
+def namespace(prefix: str = DEFAULT_PREFIX, tenant: str | None = None, shard: int | None = None) -> str:
+    """Root of a tenant's keys `<prefix>:t:{<tenant>}`, of a shard's `<prefix>:s:{<n>}`; else the prefix."""
+    if tenant is not None:
+        if shard is not None:
+            raise ValueError("a namespace is a tenant's or a shard's, not both")
+        return f"{prefix}:t:{{{check_tenant(tenant)}}}"
+    if shard is not None:
+        if shard < 0:
+            raise ValueError(f"shard {shard} must be >= 0")
+        return f"{prefix}:s:{{{shard}}}"
+    return prefix
 
 
-def requests_stream(prefix: str = DEFAULT_PREFIX, shard: int | None = None) -> str:
-    """Key of the request stream (`<prefix>:requests`, or `<prefix>:requests:<n>` when sharded)."""
-    return f"{prefix}:requests" if shard is None else f"{prefix}:requests:{shard}"
+def shard_for(key: str, shards: int) -> int:
+    """The shard of a request whose shard key (conversation id, else request id) is `key`:
+    CRC-32 (IEEE, as zlib) of its UTF-8 bytes modulo `shards`."""
+    return zlib.crc32(key.encode()) % shards if shards > 1 else 0
+
+
+def sharded(shards: int, cluster: bool) -> bool:
+    """Whether an untenanted deployment uses the shard namespaces (several shards, or a cluster)."""
+    return shards > 1 or cluster
+
+
+def requests_stream(prefix: str = DEFAULT_PREFIX) -> str:
+    """Key of the request stream of namespace `prefix` (a shard's: `namespace(prefix, shard=n)`)."""
+    return f"{prefix}:requests"
 
 
 def reply_stream(request_id: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -94,10 +126,18 @@ class StreamNames:
     cancel: str
     stats: str
     tenant: str | None = None
+    shard: int | None = None
+    cluster: bool = False  # heartbeats in the namespace, so that each script touches one slot
 
     @classmethod
-    def for_prefix(cls, prefix: str = DEFAULT_PREFIX, tenant: str | None = None) -> StreamNames:
-        root = namespace(prefix, tenant)
+    def for_prefix(
+        cls,
+        prefix: str = DEFAULT_PREFIX,
+        tenant: str | None = None,
+        shard: int | None = None,
+        cluster: bool = False,
+    ) -> StreamNames:
+        root = namespace(prefix, tenant, shard)
         return cls(
             prefix,
             requests_stream(root),
@@ -105,12 +145,32 @@ class StreamNames:
             cancel_stream(root),
             stats_stream(prefix),
             tenant,
+            shard,
+            cluster,
         )
+
+    @classmethod
+    def layout(
+        cls, prefix: str, tenants: list[str | None], shards: int = 1, cluster: bool = False
+    ) -> list[StreamNames]:
+        """Every namespace of a deployment: one per tenant, else per shard (`sharded`), else the bare one."""
+        if any(t is not None for t in tenants):
+            if shards > 1:
+                raise ValueError("LLM_STREAM_SHARDS > 1 and tenants are exclusive for now")
+            return [cls.for_prefix(prefix, t, cluster=cluster) for t in tenants]
+        if sharded(shards, cluster):
+            return [cls.for_prefix(prefix, shard=n, cluster=cluster) for n in range(shards)]
+        return [cls.for_prefix(prefix)]
 
     @property
     def root(self) -> str:
         """The namespace of the request, reply, guard, cancel and dead-letter keys."""
-        return namespace(self.prefix, self.tenant)
+        return namespace(self.prefix, self.tenant, self.shard)
+
+    @property
+    def lane(self) -> tuple[str | None, int | None]:
+        """What tells this namespace's request stream from the others a worker reads."""
+        return (self.tenant, self.shard)
 
     def reply(self, request_id: str) -> str:
         """The default reply stream of a request."""
@@ -125,5 +185,5 @@ class StreamNames:
         return reply_key_allowed(key, self.root)
 
     def heartbeat(self, consumer: str) -> str:
-        """The heartbeat key of a worker."""
-        return heartbeat_key(self.prefix, consumer)
+        """The heartbeat key of a worker (in the namespace in cluster mode, in the prefix otherwise)."""
+        return heartbeat_key(self.root if self.cluster else self.prefix, consumer)
