@@ -112,30 +112,25 @@ class Engine(abc.ABC):
     overlaps_host: bool = False
     _collected: list[SequenceOutput] | None = None
 
-    @abc.abstractmethod
+    def encoder(self) -> Encoder:
+        """How this engine turns chats and prompts into token ids (`worker/engine/encoder.py`): a
+        picklable object, so an engine in its own process hands it to the worker's process."""
+        raise NotImplementedError(f"the {self.name} engine has no encoder of its own")
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat, with the model's chat template and the generation prompt."""
+        return self.encoder().encode_chat(messages)
 
-    @abc.abstractmethod
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a raw completion prompt."""
+        return self.encoder().encode_prompt(prompt)
 
     def encode_batch(self, items: list[list[dict[str, str]] | str]) -> list[list[int] | Exception]:
         """Token ids of many chats (message lists) and prompts (strings), or the exception of each failure.
 
         Engines with a tokenizer encode them in one parallel call (`worker.engine.tokenize`).
         """
-        out: list[list[int] | Exception] = []
-        for item in items:
-            try:
-                out.append(self.encode_prompt(item) if isinstance(item, str) else self.encode_chat(item))
-            except Exception as exc:
-                out.append(exc)
-        return out
-
-    def encoder(self) -> Encoder:
-        """A picklable object doing what `encode_*` do, for an engine run in its own process."""
-        raise NotImplementedError(f"the {self.name} engine cannot run in a separate process")
+        return self.encoder().encode_batch(items)
 
     @abc.abstractmethod
     def add_request(self, request: GenerationRequest) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 
 from worker.engine.sequence import Sequence
 
@@ -160,16 +161,7 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references; registered blocks stay cached, the rest return to the free list."""
         # Tail first, so that under eviction a prefix outlives the blocks that extend it.
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            if block.ref_count <= 0:
-                raise RuntimeError(f"block {block_id} freed with ref_count {block.ref_count}")
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.block_hash is not None:
-                    self.evictable[block_id] = None
-                else:
-                    self.free_block_ids.append(block_id)
+        self._release(reversed(seq.block_table), "freed")
         seq.block_table = []
         seq.block_scores = []
         seq.num_registered_blocks = 0
@@ -180,10 +172,14 @@ class BlockManager:
         Only this sequence's reference goes: a block another sequence reads keeps its contents and
         count; a block nobody reads returns to the pool at once (to the prefix cache if registered).
         """
+        self._release(block_ids, "evicted")
+
+    def _release(self, block_ids: Iterable[int], what: str) -> None:
+        """Drop a reference from each; an unread block goes to the prefix cache (registered) or free list."""
         for block_id in block_ids:
             block = self.blocks[block_id]
             if block.ref_count <= 0:
-                raise RuntimeError(f"block {block_id} evicted with ref_count {block.ref_count}")
+                raise RuntimeError(f"block {block_id} {what} with ref_count {block.ref_count}")
             block.ref_count -= 1
             if block.ref_count == 0:
                 if block.block_hash is not None:

@@ -59,12 +59,6 @@ class EchoEngine(Engine):
     def encoder(self) -> ByteEncoder:
         return self._encoder
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self._encoder.encode_chat(messages)
-
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return self._encoder.encode_prompt(prompt)
-
     def add_request(self, request: GenerationRequest) -> None:
         self._waiting.add(request)
 

@@ -204,15 +204,6 @@ class PagedEngine(Engine):
     def encoder(self) -> TokenizerEncoder:
         return self._encoder
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self._encoder.encode_chat(messages)
-
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return self._encoder.encode_prompt(prompt)
-
-    def encode_batch(self, items: list[list[dict[str, str]] | str]) -> list[list[int] | Exception]:
-        return self._encoder.encode_batch(items)
-
     def add_request(self, request: GenerationRequest) -> None:
         if request.request_id in self._seqs:
             raise ValueError(f"duplicate request id {request.request_id!r}")

@@ -76,18 +76,9 @@ class ProcessEngine(Engine):
         _, self.name, self._describe, self._encoder = ready
         log.info("engine_process_started", pid=self._proc.pid, engine=self.name)
 
-    # -- encoding: here, with the child's encoder ------------------------------------------------------
+    # -- encoding: here, with the encoder the child sent (`Engine.encode_*` use it) ----------------------
     def encoder(self) -> Encoder:
         return self._encoder
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self._encoder.encode_chat(messages)
-
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return self._encoder.encode_prompt(prompt)
-
-    def encode_batch(self, items: list[list[dict[str, str]] | str]) -> list[list[int] | Exception]:
-        return self._encoder.encode_batch(items)
 
     # -- requests --------------------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest) -> None:
