@@ -7,15 +7,11 @@ tests never see each other's streams.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -26,6 +22,8 @@ import torch
 # chosen before triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from worker_process import WorkerProcess
 
 from producer.client import ChatClient
 from worker.embedded_redis import EmbeddedRedis
@@ -55,51 +53,6 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-@dataclass
-class WorkerProcess:
-    """A `python -m worker` subprocess whose JSON log lines are captured to a file."""
-
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    name: str
-    env: dict[str, str] = field(default_factory=dict)
-
-    def events(self, name: str | None = None) -> list[dict]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if not line.startswith("{"):
-                continue
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if name is None or event.get("event") == name:
-                out.append(event)
-        return out
-
-    def wait_started(self, timeout_s: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.events("worker_started"):
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"worker exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}"
-                )
-            time.sleep(0.1)
-        raise TimeoutError(f"worker did not start:\n{self.log_path.read_text()[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
 def worker_acl_url(redis_url: str, prefix: str) -> str:
     """With `LLM_TEST_WORKER_ACL=1`, workers connect as a user with exactly the ACL that
     `python -m worker.acl worker` generates for the test's prefix (clients stay the default user)."""
@@ -123,16 +76,25 @@ def start_worker(redis_url: str, prefix: str, tmp_path: Path) -> Iterator:
     def start(engine: str = "echo", wait: bool = True, **settings: object) -> WorkerProcess:
         name = f"w{len(started)}-{uuid.uuid4().hex[:6]}"
         env = dict(os.environ)
-        env.update({"REDIS_URL": redis_url, "LLM_PREFIX": prefix, "LLM_ENGINE": engine,
-                    "LLM_CONSUMER_NAME": name, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-                    "PYTHONUNBUFFERED": "1"})
+        env.update(
+            {
+                "REDIS_URL": redis_url,
+                "LLM_PREFIX": prefix,
+                "LLM_ENGINE": engine,
+                "LLM_CONSUMER_NAME": name,
+                "HF_HUB_OFFLINE": "1",
+                "TQDM_DISABLE": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         env.update({f"LLM_{k.upper()}": str(v) for k, v in settings.items()})
         if os.environ.get("LLM_TEST_WORKER_ACL"):
             env["REDIS_URL"] = worker_acl_url(redis_url, prefix)
         log_path = tmp_path / f"{name}.log"
         with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env,
-                                    stdout=log_file, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+            )
         worker = WorkerProcess(proc, log_path, name, env)
         started.append(worker)
         if wait:

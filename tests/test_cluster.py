@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import ROOT, WorkerProcess
 from redis.crc import key_slot
+from worker_process import ROOT, WorkerProcess
 
 from producer.client import ChatClient
 from producer.wire import final_guard
