@@ -89,3 +89,29 @@ def step_into(engine: PagedEngine, outputs: dict[str, list[SequenceOutput]]) -> 
     """One step, recording its outputs."""
     for out in engine.step():
         outputs.setdefault(out.request_id, []).append(out)
+
+
+# Short chat prompts for greedy-agreement checks of a weight or KV format against the FP32 engine.
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Give me three tips for better sleep.",
+    "What is 12 times 12?",
+    "Explain what a CPU does in one sentence.",
+    "Translate 'thank you' into Spanish.",
+    "Name three primary colors.",
+    "Why do leaves change color in autumn?",
+]
+
+
+def greedy_tokens(engine: PagedEngine, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    """Each chat prompt's first `new_tokens` greedy tokens (EOS ignored), run together in one engine."""
+    for n, prompt in enumerate(prompts):
+        engine.add_request(request(f"p{n}", chat(engine, prompt), max_tokens=new_tokens, ignore_eos=True))
+    outputs = drain(engine)
+    return [collect(outputs[f"p{n}"])[0] for n in range(len(prompts))]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Tokens two greedy runs share before they first differ."""
+    return next((n for n, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))

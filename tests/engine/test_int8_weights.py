@@ -10,7 +10,7 @@ import pydantic
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_helpers import chat, collect, drain, request
+from engine_helpers import CHAT_PROMPTS, chat, collect, common_prefix, drain, greedy_tokens, request
 from torch import nn
 
 from worker.engine.factory import create_engine
@@ -113,26 +113,8 @@ def smol_int8() -> Iterator[LoadedModel]:
     yield load_model(device="cpu", dtype="float32", weights="int8")
 
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Give me three tips for better sleep.",
-    "What is 12 times 12?",
-    "Explain what a CPU does in one sentence.",
-    "Translate 'thank you' into Spanish.",
-]
+PROMPTS = CHAT_PROMPTS[:6]
 NEW_TOKENS = 16
-
-
-def _greedy(engine: PagedEngine) -> list[list[int]]:
-    for n, prompt in enumerate(PROMPTS):
-        engine.add_request(request(f"p{n}", chat(engine, prompt), max_tokens=NEW_TOKENS, ignore_eos=True))
-    outputs = drain(engine)
-    return [collect(outputs[f"p{n}"])[0] for n in range(len(PROMPTS))]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    return next((n for n, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
 @pytest.mark.model
@@ -140,7 +122,7 @@ def test_int8_smollm2_generates_through_the_engine_and_mostly_agrees_with_fp32(s
     baseline_engine = PagedEngine(
         smol.model, smol.tokenizer, kv_cache_bytes=32 << 20, attention_backend="torch"
     )
-    baseline = _greedy(baseline_engine)
+    baseline = greedy_tokens(baseline_engine, PROMPTS, NEW_TOKENS)
     baseline_engine.close()
     # Through the worker's own wiring: settings -> factory -> loader (quantise) -> PagedEngine.
     engine = create_engine(
@@ -156,9 +138,9 @@ def test_int8_smollm2_generates_through_the_engine_and_mostly_agrees_with_fp32(s
     assert described["kv_pool_bytes"] == engine.kv_cache.data.nbytes <= 32 << 20
     assert described["model"] == WorkerSettings().model
     assert sum(isinstance(m, Int8Linear) for m in engine.model.modules()) == 210
-    int8 = _greedy(engine)
+    int8 = greedy_tokens(engine, PROMPTS, NEW_TOKENS)
     engine.close()
-    prefixes = [_common_prefix(b, q) for b, q in zip(baseline, int8, strict=True)]
+    prefixes = [common_prefix(b, q) for b, q in zip(baseline, int8, strict=True)]
     # Measured (torch 2.13 CPU): 4 of 6 prompts give the same 16 tokens, the others diverge after 3 and 11
     # (81% of the baseline's tokens reproduced before a divergence). Weight rounding flips near-ties and
     # after a flip the texts part ways, so the bar is "most prompts agree at the start": at least 4 of 6

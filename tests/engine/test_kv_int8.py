@@ -7,7 +7,16 @@ from __future__ import annotations
 import pydantic
 import pytest
 import torch
-from engine_helpers import SYSTEM_PROMPT, chat, collect, drain, request
+from engine_helpers import (
+    CHAT_PROMPTS,
+    SYSTEM_PROMPT,
+    chat,
+    collect,
+    common_prefix,
+    drain,
+    greedy_tokens,
+    request,
+)
 
 from worker.engine.attention import AttentionMetadata, paged_attention_reference
 from worker.engine.factory import create_engine
@@ -293,28 +302,8 @@ def test_int8_rope_store_kernel_quantises_the_rotated_keys_like_the_reference():
 
 
 # Eight short chat prompts for the greedy comparison against the FP32 cache.
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Give me three tips for better sleep.",
-    "What is 12 times 12?",
-    "Explain what a CPU does in one sentence.",
-    "Translate 'thank you' into Spanish.",
-    "Name three primary colors.",
-    "Why do leaves change color in autumn?",
-]
+PROMPTS = CHAT_PROMPTS
 NEW_TOKENS = 16
-
-
-def _greedy(engine: PagedEngine) -> list[list[int]]:
-    for n, prompt in enumerate(PROMPTS):
-        engine.add_request(request(f"p{n}", chat(engine, prompt), max_tokens=NEW_TOKENS, ignore_eos=True))
-    outputs = drain(engine)
-    return [collect(outputs[f"p{n}"])[0] for n in range(len(PROMPTS))]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    return next((n for n, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
 @pytest.mark.model
@@ -322,7 +311,7 @@ def test_int8_kv_engine_agrees_with_the_fp32_cache_on_greedy_tokens(smol: Loaded
     baseline_engine = PagedEngine(
         smol.model, smol.tokenizer, kv_cache_bytes=32 << 20, attention_backend="torch"
     )
-    baseline = _greedy(baseline_engine)
+    baseline = greedy_tokens(baseline_engine, PROMPTS, NEW_TOKENS)
     baseline_engine.close()
     # Through the worker's own wiring: settings -> factory -> PagedEngine(kv_dtype="int8").
     engine = create_engine(
@@ -333,9 +322,9 @@ def test_int8_kv_engine_agrees_with_the_fp32_cache_on_greedy_tokens(smol: Loaded
     assert (described["kv_dtype"], described["dtype"], described["weights"]) == ("int8", "fp32", "fp32")
     assert engine.kv_cache.scales is not None
     assert described["kv_pool_bytes"] == engine.kv_cache.nbytes <= 32 << 20
-    int8 = _greedy(engine)
+    int8 = greedy_tokens(engine, PROMPTS, NEW_TOKENS)
     engine.close()
-    prefixes = [_common_prefix(b, q) for b, q in zip(baseline, int8, strict=True)]
+    prefixes = [common_prefix(b, q) for b, q in zip(baseline, int8, strict=True)]
     # Measured (torch 2.13 CPU): common prefixes [16, 16, 16, 12, 0, 9, 16, 16]: 7 of 8 prompts give the
     # FP32 cache's first 8 tokens, 5 of 8 all 16, 79% of the tokens before a divergence. Each
     # divergence is a near-tie of the FP32 model flipped by the ~1% rounding noise of INT8 K/V (top-2
