@@ -29,8 +29,8 @@ values = st.recursive(
     | st.dictionaries(st.text(max_size=6) | st.binary(max_size=6) | st.integers(), inner, max_size=4),
     max_leaves=16,
 )
-FIELDS = ["messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream",
-          "priority", "deadline_ms", "timeout_ms", "tenant", "metadata", "reply_to", "id"]  # fmt: skip
+# Every field of the request model, so a field added to the wire is garbled here too.
+FIELDS = list(ChatRequest.model_fields)
 # A valid request with at most two fields replaced by anything, so that most bodies are served
 # and the fields' edge values (not only their refusals) reach the worker's arithmetic.
 garbled = st.dictionaries(st.sampled_from(FIELDS), values, max_size=2)
