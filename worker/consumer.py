@@ -38,7 +38,7 @@ from producer.wire.redis_factory import recover
 from worker.build_info import build_info
 from worker.cancellation import Cancel, CancelWatch
 from worker.engine.base import Engine, FinishReason, SequenceOutput
-from worker.engine.process_engine import EngineProcessDied, ProcessEngine
+from worker.engine.process_engine import EngineProcessDied
 from worker.inflight import InFlight, LoopCounters, Microbatch
 from worker.intake import generation_request
 from worker.keyed_errors import KeyedResponseError
@@ -86,8 +86,7 @@ class Consumer:
             else None
         )
         self._ready: list[SequenceOutput] = []  # outputs collected but not yet published
-        # An engine in its own process times its steps itself; the loop's submit-to-collect is not one.
-        self.phases = PhaseTimes(time_steps=not isinstance(engine, ProcessEngine))
+        self.phases = PhaseTimes(time_steps=not engine.times_own_steps)
         self._next_batch_id = 0
         self.stats = LiveStats(
             client, self.names, s, engine, self.counters, self.phases, [lane.stream for lane in self.lanes]

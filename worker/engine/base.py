@@ -110,6 +110,9 @@ class Engine(abc.ABC):
     # loop publishes the previous step's outputs meanwhile; engines that compute in `submit_step()`
     # have their outputs published in the same iteration.
     overlaps_host: bool = False
+    # True when the engine steps on its own (in its own process) and times its steps itself
+    # (`StepStats.step_s`); the loop then does not take its submit-to-collect time for a step's.
+    times_own_steps: bool = False
     _collected: list[SequenceOutput] | None = None
 
     def encoder(self) -> Encoder:

@@ -54,6 +54,7 @@ class ProcessEngine(Engine):
     """Drives the engine built from `settings` in a child process (spawned, so CUDA starts clean)."""
 
     overlaps_host = True
+    times_own_steps = True
 
     def __init__(
         self, settings: WorkerSettings, wait_s: float = DEFAULT_WAIT_S, start_timeout_s: float = 3600
