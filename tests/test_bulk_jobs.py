@@ -331,7 +331,9 @@ def test_cancel_stops_the_job_and_its_requests(redis_url, rq_conn, redis_client,
     assert main(["--redis-url", redis_url, "--queue", queue, "cancel", job.id]) == 0
     cancelled = json.loads(capsys.readouterr().out)
     assert cancelled["status_before"] == "started"
-    assert cancelled["requests_cancelled"] == 3
+    # This command or the job itself (it polls the flag) cancels each of the 3, whichever comes first;
+    # that none had finished normally is checked in the chat worker's log below.
+    assert cancelled["requests_cancelled"] + cancelled["requests_already_ended"] == 3
     assert rq.wait(timeout=60) == 0
     result = job_status(job.id, rq_conn)["result"]
     assert result["cancelled"] is True

@@ -150,9 +150,17 @@ def cancel_job(job_id: str, conn: redis.Redis, *, redis_url: str | None = None) 
     prefix = job.kwargs.get("prefix")
     url: dict[str, Any] = {"redis_url": redis_url} if redis_url else {}
     settings = ProducerSettings(**url, **({"prefix": prefix} if prefix else {}))
-    cancelled = 0
+    # The running job cancels its outstanding requests too once it sees the flag: whichever comes first
+    # writes the `cancelled` reply, and the other finds the request already ended.
+    cancelled = ended = 0
     with ChatClient(settings=settings) as client:
         for sent in state.in_flight().values():
             with contextlib.suppress(redis.RedisError):
-                cancelled += bool(client.cancel(sent["request_id"]))
-    return {"id": job.id, "status_before": status.value if status else None, "requests_cancelled": cancelled}
+                if client.cancel(sent["request_id"]):
+                    cancelled += 1
+                else:
+                    ended += 1
+    return {
+        "id": job.id, "status_before": status.value if status else None,
+        "requests_cancelled": cancelled, "requests_already_ended": ended,
+    }  # fmt: skip
