@@ -22,6 +22,7 @@ Workloads (DESIGN.md, Benchmarks):
   w1      1,000 requests, 256-token shared system prompt, user turns log-uniform 16-512, max_tokens 32-256
   w2      256 requests, 2,048-token shared prefix + 32 own tokens, 64 new tokens
   w3      64 requests of 8,192 prompt tokens, 256 new tokens, KV cache 25% of what all of them need
+          (with `--kv-budget-tokens 2112`, each request is pruned to 25% of its 8,448 tokens, so all 64 fit)
 
 EOS is ignored everywhere, so every system produces the tokens it was asked for. Examples:
 
@@ -177,6 +178,9 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["fused_layers"] = False
     if args.kv_dtype != "auto":
         options["kv_dtype"] = args.kv_dtype
+    if getattr(args, "kv_budget_tokens", 0):
+        options["kv_budget_tokens"] = args.kv_budget_tokens
+        options["kv_prune_mode"] = args.kv_prune_mode
     return options
 
 
@@ -465,6 +469,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-prefill-chunk-tokens", type=int, default=512)
     p.add_argument("--kv-reserve", choices=["worst_case", "optimistic"], default="worst_case")
     p.add_argument("--no-prefix-caching", action="store_true")
+    budget = "KV pruning budget of every request (LLM_KV_BUDGET_TOKENS; 0 = off), paged engine only"
+    p.add_argument("--kv-budget-tokens", type=int, default=0, help=budget)
+    p.add_argument("--kv-prune-mode", choices=["window", "snapkv"], default="window")
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args(argv)
     args.baselines = [b for b in args.baseline.split(",") if b]

@@ -18,6 +18,12 @@ its prompt token counts differ slightly from the engine's: both totals are print
     python loadtest/service_bench.py --model llama-1b-random --device cuda --dtype float16 \
         --max-num-seqs 256 --max-batch-tokens 8192 --max-prefill-chunk-tokens 2048 \
         --kv-cache-bytes 17179869184 --json-out service_w1.json
+
+Finding where the time goes: `--worker-cpus 0-5` runs the worker (and the engine process it starts)
+on those CPUs only and moves this client to the others; `--py-spy-dir DIR` samples the worker and
+its engine process with py-spy (`py-spy record --subprocesses --format raw`, on-CPU stacks) into
+DIR/worker_<row>.txt. Every service row reports the CPU seconds each process spent (client, worker,
+engine process, server), read with psutil at the end of the run.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import psutil  # noqa: E402
 import redis  # noqa: E402
 
 from loadtest.engine_bench import build_workload, percentile  # noqa: E402
@@ -73,6 +80,8 @@ def start_worker(url: str, prefix: str, args: argparse.Namespace, log_path: Path
     cmd = [sys.executable, "-m", "worker"]
     if args.profile_worker:
         cmd[1:1] = ["-m", "cProfile", "-o", str(args.profile_worker)]
+    if args.worker_cpus:
+        cmd = ["taskset", "-c", args.worker_cpus, *cmd]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
     deadline = time.monotonic() + args.start_timeout_s
@@ -100,6 +109,24 @@ def command_stats(client: redis.Redis) -> dict[str, dict[str, float]]:
     }
 
 
+def process_cpu_s(proc: psutil.Process) -> dict[str, float]:
+    """CPU seconds (user + system) of a process and of each of its children, by role."""
+    out: dict[str, float] = {}
+    for role, p in [("worker", proc), *(("engine process", c) for c in proc.children(recursive=True))]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
+def start_py_spy(pid: int, path: Path) -> subprocess.Popen[bytes]:
+    cmd = ["py-spy", "record", "--subprocesses", "--format", "raw", "--rate", "100", "--nonblocking",
+           "--pid", str(pid), "--output", str(path)]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def service_row(args: argparse.Namespace, workdir: Path, stream: bool) -> dict[str, Any]:
     tokenizer = load_default_tokenizer()
     workload = build_workload("w1", vocab_size=len(tokenizer))
@@ -111,6 +138,15 @@ def service_row(args: argparse.Namespace, workdir: Path, stream: bool) -> dict[s
     prefix = f"svc-{uuid.uuid4().hex[:6]}"
     with EmbeddedRedis() as server:
         proc = start_worker(server.url, prefix, args, workdir / "worker.log")
+        spy = None
+        if args.py_spy_dir:
+            args.py_spy_dir.mkdir(parents=True, exist_ok=True)
+            spy = start_py_spy(proc.pid, args.py_spy_dir / f"worker_{'stream' if stream else 'final'}.txt")
+        worker_ps = psutil.Process(proc.pid)
+        server_ps = psutil.Process(server._proc.pid) if server._proc else None
+        cpu_before = process_cpu_s(worker_ps)
+        server_before = sum(server_ps.cpu_times()[:2]) if server_ps else 0.0
+        client_before = time.process_time()
         client = ChatClient(server.url, prefix=prefix, timeout_s=args.timeout_s, max_backlog_requests=0)
         try:
             start = time.perf_counter()
@@ -120,11 +156,17 @@ def service_row(args: argparse.Namespace, workdir: Path, stream: bool) -> dict[s
             replies = client.results(ids, timeout_s=args.timeout_s)
             wall_s = time.perf_counter() - start
             redis_stats = command_stats(client.redis)
-            client_cpu_s = time.process_time()
+            cpu_s = {"client": time.process_time() - client_before}
+            cpu_after = process_cpu_s(worker_ps)
+            cpu_s.update({role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after})
+            if server_ps:
+                cpu_s["server"] = sum(server_ps.cpu_times()[:2]) - server_before
         finally:
             client.close()
             proc.terminate()
             proc.wait(timeout=120)
+            if spy:
+                spy.wait(timeout=60)
     done = [r for r in replies.values() if isinstance(r, Reply)]
     errors = len(replies) - len(done)
     stats = {}
@@ -145,8 +187,17 @@ def service_row(args: argparse.Namespace, workdir: Path, stream: bool) -> dict[s
         "tpot_p50_ms": percentile(tpot, 50), "tpot_p95_ms": percentile(tpot, 95),
         "queue_p50_ms": statistics.median(r.timings.queue_ms for r in done),
         "worker_steps": stats.get("steps"), "worker_phase_s": stats.get("phase_s"),
-        "redis_commands": redis_stats, "client_cpu_s": client_cpu_s,
+        "redis_commands": redis_stats, "cpu_s": cpu_s,
     }  # fmt: skip
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """taskset's list syntax: "0-3,8" -> [0, 1, 2, 3, 8]."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus += range(int(lo), int(hi or lo) + 1)
+    return cpus
 
 
 def main() -> None:
@@ -165,7 +216,14 @@ def main() -> None:
     p.add_argument("--timeout-s", type=float, default=900)
     p.add_argument("--json-out", type=Path)
     p.add_argument("--profile-worker", type=Path, help="run the worker under cProfile, stats to this file")
+    p.add_argument("--worker-cpus", help="taskset CPU list for the worker; the client moves to the others")
+    p.add_argument("--py-spy-dir", type=Path, help="sample the worker and engine processes with py-spy")
     args = p.parse_args()
+    if args.worker_cpus:
+        worker_cpus = set(range(psutil.cpu_count())) - set(parse_cpu_list(args.worker_cpus))
+        if not worker_cpus:
+            raise SystemExit("--worker-cpus leaves no CPU for the client")
+        os.sched_setaffinity(0, worker_cpus)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         rows = [] if args.skip_engine else [engine_row(args, workdir / "engine.json")]
@@ -187,8 +245,8 @@ def main() -> None:
             print(f"\n{svc['system']} / engine output tok/s: {ratio:.1%}")
         print(f"{svc['system']}: {svc['answered']}/{svc['requests']} answered, {svc['errors']} errors, "
               f"{svc['output_tokens']} of {svc['requested_tokens']} requested tokens, "
-              f"prompt tokens {svc['prompt_tokens']} ({svc['cached_tokens']} cached), "
-              f"client CPU {svc['client_cpu_s']:.1f} s")  # fmt: skip
+              f"prompt tokens {svc['prompt_tokens']} ({svc['cached_tokens']} cached)")  # fmt: skip
+        print("  CPU s over the run: " + ", ".join(f"{k} {v:.1f}" for k, v in svc["cpu_s"].items()))
         print(f"  worker seconds by loop phase: {svc['worker_phase_s']}")
         busiest = sorted(svc["redis_commands"].items(), key=lambda kv: -kv[1]["usec"])[:6]
         print("  Redis time by command: " + ", ".join(

@@ -95,6 +95,7 @@ def paged_decode_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, num_splits: int = 1, out: torch.Tensor | None = None,
     block_n: int = 64, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    num_warps: int = 4, num_stages: int = 2,
 ) -> torch.Tensor:  # fmt: skip
     """query [S, H, D] (unit stride in D) over k/v_cache [blocks, block_size, KV, D] -> [S, H, D].
 
@@ -126,7 +127,7 @@ def paged_decode_attention(
         stride_sb, stride_ss, block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, block_d), BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision(query.dtype), QUANT=quant, num_warps=4, num_stages=2,
+        DOT_PRECISION=dot_precision(query.dtype), QUANT=quant, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
