@@ -17,6 +17,16 @@ commandstats over all nodes) and CPU seconds per worker; plus the raw redis-py b
 same run (one hash-tagged stream, one consumer process).
 
     python loadtest/queue_bench.py --cluster --shards 1 4 --workers 1 2 4 --requests 5000
+
+One node's ceiling (docs/scaling.md): `--server-cpu` runs the project path (batched client, one
+echo worker, default backlog checks) on one node, with `stream=false` and with 8 streamed
+tokens, and reads the server's own counters before and after each run: the main thread's CPU
+time (INFO cpu, used_cpu_user_main_thread + used_cpu_sys_main_thread) and the commands and
+their execution time (INFO commandstats). CPU microseconds per request give the ceiling of
+one fully busy server core: 1e6 / µs per request requests/s, times commands per request
+commands/s.
+
+    python loadtest/queue_bench.py --server-cpu --requests 20000 --repeat 3
 """
 
 from __future__ import annotations
@@ -143,6 +153,103 @@ def _cleanup(r: redis.Redis, prefix: str) -> None:
     keys = list(r.scan_iter(f"{prefix}:*", count=1000))
     for i in range(0, len(keys), 1000):
         r.delete(*keys[i : i + 1000])
+
+
+SERVER_CPU_WORDS = 8  # tokens of each --server-cpu request (the echo engine answers the prompt's words)
+SERVER_CPU_CHUNK = 2048  # requests submitted before their results are read (below the default backlog limit)
+
+
+def _server_counters(r: redis.Redis) -> dict[str, float]:
+    """The server's CPU seconds (main thread; whole process) and commandstats totals so far.
+
+    commandstats counts a script's inner commands both in their own entries and in the script's
+    `usec`, so summing every entry's usec counts script time twice: the time is kept as the
+    scripts' (EVAL/EVALSHA, inner commands included) and the stream reads' (XREAD/XREADGROUP),
+    which together are nearly all command time on this path (the rest runs inside the scripts).
+    """
+    cpu = r.info("cpu")
+    stats = r.info("commandstats")
+    commands = {k: v for k, v in stats.items() if k.startswith("cmdstat_") and k != "cmdstat_info"}
+
+    def usec(*names: str) -> float:
+        return float(sum(int(commands.get(f"cmdstat_{name}", {}).get("usec", 0)) for name in names))
+
+    return {
+        "main_cpu_s": float(cpu["used_cpu_user_main_thread"]) + float(cpu["used_cpu_sys_main_thread"]),
+        "cpu_s": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+        "calls": float(sum(int(v["calls"]) for v in commands.values())),
+        "script_usec": usec("eval", "evalsha"),
+        "read_usec": usec("xread", "xreadgroup"),
+    }
+
+
+def run_server_cpu(url: str, n: int, stream: bool) -> dict[str, float]:
+    """n requests of SERVER_CPU_WORDS tokens through ChatClient and one echo worker; the server's
+    own cost per request from its counters (CPU of the main thread, commands, their usec)."""
+    prefix = f"cpubench-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "REDIS_URL": url, "LLM_PREFIX": prefix, "LLM_ENGINE": "echo",
+           "LLM_MAX_NUM_SEQS": "256", "LLM_MAX_WAIT_MS": "2", "LLM_LOG_LEVEL": "warning"}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    r = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 60
+    while not _group_exists(r, f"{prefix}:requests") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # The default backlog check (admission script) stays on: chunks stay below its limit.
+    client = ChatClient(url, prefix=prefix, timeout_s=300)
+    text = " ".join(f"w{i}" for i in range(SERVER_CPU_WORDS))
+    client.chat(prompt=text, max_tokens=SERVER_CPU_WORDS, stream=stream)  # warm: scripts loaded, worker up
+    before = _server_counters(r)
+    start = time.perf_counter()
+    answered = 0
+    for i in range(0, n, SERVER_CPU_CHUNK):
+        ids: list[str] = []
+        for j in range(i, min(n, i + SERVER_CPU_CHUNK), 256):
+            chunk = [{"prompt": text, "max_tokens": SERVER_CPU_WORDS, "stream": stream}] * min(256, n - j)
+            ids += [rid for rid in client.submit_many(chunk) if isinstance(rid, str)]
+        replies = client.results(ids)
+        answered += sum(1 for rep in replies.values() if not isinstance(rep, Exception))
+    elapsed = time.perf_counter() - start
+    after = _server_counters(r)
+    proc.terminate()
+    proc.wait(timeout=60)
+    client.close()
+    _cleanup(r, prefix)
+    r.close()
+    assert answered == n, f"{answered} of {n} answered"
+    d = {k: after[k] - before[k] for k in before}
+    main_us = d["main_cpu_s"] * 1e6 / n
+    return {
+        "stream": stream, "requests": n, "seconds": elapsed, "req_per_s": n / elapsed,
+        "server_main_cpu_us_per_req": main_us, "server_cpu_us_per_req": d["cpu_s"] * 1e6 / n,
+        "commands_per_req": d["calls"] / n, "script_usec_per_req": d["script_usec"] / n,
+        "read_usec_per_req": d["read_usec"] / n,
+        "server_busy_share": d["main_cpu_s"] / elapsed,
+        "ceiling_req_per_s": 1e6 / main_us, "ceiling_commands_per_s": 1e6 / main_us * d["calls"] / n,
+    }  # fmt: skip
+
+
+def server_cpu_main(args: argparse.Namespace) -> None:
+    with ExitStack() as stack:
+        url = os.environ.get("REDIS_URL") or stack.enter_context(EmbeddedRedis()).url
+        info = redis.Redis.from_url(url).info("server")
+        cases = [stream for _ in range(args.repeat) for stream in (False, True)]
+        rows = [run_server_cpu(url, args.requests, stream) for stream in cases]
+    version = info.get("valkey_version") or info.get("redis_version")
+    print(f"\none node ({info.get('server_name', 'redis')} {version}), {args.requests} requests of "
+          f"{SERVER_CPU_WORDS} tokens, one echo worker, {os.cpu_count()} cores\n")  # fmt: skip
+    print(f"{'replies':<10} {'req/s':>7} {'cmd/req':>7} {'server CPU µs/req':>17} {'scripts µs':>10} "
+          f"{'reads µs':>8} {'busy':>5} {'ceiling req/s':>13} {'ceiling cmd/s':>13}")  # fmt: skip
+    for row in rows:
+        print(f"{'streamed' if row['stream'] else 'final':<10} {row['req_per_s']:>7.0f} "
+              f"{row['commands_per_req']:>7.1f} {row['server_main_cpu_us_per_req']:>17.1f} "
+              f"{row['script_usec_per_req']:>10.1f} {row['read_usec_per_req']:>8.1f} "
+              f"{row['server_busy_share']:>5.0%} "
+              f"{row['ceiling_req_per_s']:>13.0f} {row['ceiling_commands_per_s']:>13.0f}")  # fmt: skip
+    if args.json_out:
+        out = {"requests": args.requests, "words": SERVER_CPU_WORDS, "cores": os.cpu_count(),
+               "server": f"{info.get('server_name', 'redis')} {version}", "rows": rows}  # fmt: skip
+        args.json_out.write_text(json.dumps(out, indent=2))
 
 
 def _raw_cluster_worker(url: str, prefix: str, total: int) -> None:
@@ -286,7 +393,13 @@ def main() -> None:
     p.add_argument("--cluster", action="store_true", help="on a Redis Cluster (REDIS_URL, or a local one)")
     p.add_argument("--shards", type=int, nargs="+", default=[1, 4], help="--cluster: stream shard counts")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="--cluster: worker counts")
+    p.add_argument("--server-cpu", action="store_true",
+                   help="one node's CPU time per request and its ceiling (INFO cpu, commandstats)")
+    p.add_argument("--repeat", type=int, default=1, help="--server-cpu: runs of each case")
     args = p.parse_args()
+    if args.server_cpu:
+        server_cpu_main(args)
+        return
     if args.cluster:
         cluster_main(args)
         return

@@ -376,6 +376,11 @@ class _ClientCore:
     def _reply_key(self, request_id: str) -> str:
         return self._sent_or_default(request_id, "json")[0]
 
+    def reply_key(self, request_id: str) -> str:
+        """The reply stream of a request: where this client sent it replies to, else the default key of
+        its namespace (its shard by its id when sharded)."""
+        return self._reply_key(request_id)
+
     def _cancel_entry(self, request_id: str) -> tuple[StreamNames, dict[Any, Any]]:
         """A tenant's cancel: its cancel stream and entry (`id`, `ct`, and `reply_to` if not the default);
         the worker that reads it writes the `cancelled` reply."""

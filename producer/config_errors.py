@@ -100,9 +100,14 @@ def print_config_error(
     exc: ValidationError, cls: type[BaseSettings], options: Mapping[str, str] | None = None
 ) -> None:
     """Write the `config_invalid` event as one JSON line on stdout, in the workers' log format."""
+    print_config_event(config_error_fields(exc, cls, options))
+
+
+def print_config_event(fields: Mapping[str, Any]) -> None:
+    """The `config_invalid` line with these fields (`env`, `value`, `expected`, `settings`, `errors`)."""
     event = {
         "event": "config_invalid",
-        **config_error_fields(exc, cls, options),
+        **fields,
         "level": "error",
         "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
     }

@@ -348,3 +348,27 @@ def test_cancel_stops_the_job_and_its_requests(redis_url, rq_conn, redis_client,
 
     wait_for(lambda: sent_ids <= ended(), what="the 3 requests ended in the worker")
     assert {e["finish_reason"] for e in worker.events("request_done")} <= {"cancelled"}
+
+
+def test_rq_redis_url_defaults_to_the_service_and_bad_values_are_config_errors(
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from producer.bulk.settings import rq_redis_url
+
+    monkeypatch.setenv("REDIS_URL", "redis://service:6379/0")
+    monkeypatch.delenv("LLM_REDIS_CLUSTER", raising=False)
+    monkeypatch.delenv("LLM_BULK_RQ_REDIS_URL", raising=False)
+    assert rq_redis_url() == "redis://service:6379/0"
+    monkeypatch.setenv("LLM_BULK_RQ_REDIS_URL", "redis://rq:6379/1")
+    assert rq_redis_url() == "redis://rq:6379/1"
+    assert rq_redis_url("redis://given:6379/2") == "redis://given:6379/2"
+
+    monkeypatch.setenv("LLM_BULK_RQ_REDIS_URL", "http://not-redis")
+    assert main(["status", "some-job"]) == 2
+    line = json.loads(capsys.readouterr().out)
+    assert (line["event"], line["env"], line["value"]) == ("config_invalid", "LLM_BULK_RQ_REDIS_URL",
+                                                           "http://not-redis")
+    monkeypatch.delenv("LLM_BULK_RQ_REDIS_URL")
+    assert main(["--rq-redis-url", "redis://u:secret@:x", "status", "some-job"]) == 2
+    line = json.loads(capsys.readouterr().out)
+    assert (line["env"], line["value"]) == ("--rq-redis-url", "redis://u:***@:x")

@@ -7,6 +7,7 @@ starts three more as replicas and kills a primary while requests are in flight.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,9 +22,12 @@ import redis
 from redis.crc import key_slot
 from worker_process import ROOT, WorkerProcess
 
+from producer.bulk import JobState, enqueue_bulk, job_status
+from producer.bulk import main as bulk_main
+from producer.bulk.settings import BulkConfigError
 from producer.client import ChatClient
 from producer.wire import final_guard
-from producer.wire.codec import decode_event, encode_event
+from producer.wire.codec import decode_event, decode_request, encode_event
 from producer.wire.keys import StreamNames, shard_for
 from producer.wire.models import ErrorCode, ErrorEvent, TokenEvent
 from producer.wire.redis_factory import by_slot
@@ -155,6 +159,74 @@ def test_shard_key_keeps_a_conversation_on_one_shard(cluster: LocalCluster, tmp_
     finally:
         client.close()
         worker.stop()
+
+
+def test_bulk_job_on_the_cluster(
+    cluster: LocalCluster, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A bulk job end to end: RQ's queue and the job's results on a plain Redis (`redis_url`), the chat
+    requests through the cluster over four shards, run by the stock `rq worker`."""
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    queue = f"{prefix}-bulk"
+    service = {"REDIS_URL": cluster.url, "LLM_REDIS_CLUSTER": "true", "LLM_STREAM_SHARDS": "4",
+               "LLM_PREFIX": prefix}  # fmt: skip
+    for name, value in service.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("LLM_BULK_RQ_REDIS_URL", raising=False)
+    documents = [" ".join(f"d{i}w{j}" for j in range(1 + (5 * i) % 9)) for i in range(60)]
+    docs_file = tmp_path / "docs.jsonl"
+    docs_file.write_text("".join(json.dumps(d) + "\n" for d in documents), encoding="utf-8")
+
+    # Cluster mode without a Redis for RQ: refused with a configuration error, nothing enqueued.
+    assert bulk_main(["--queue", queue, "submit", str(docs_file)]) == 2
+    refused = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (refused["event"], refused["env"]) == ("config_invalid", "LLM_BULK_RQ_REDIS_URL")
+    with pytest.raises(BulkConfigError):
+        enqueue_bulk(documents, queue=queue)
+
+    monkeypatch.setenv("LLM_BULK_RQ_REDIS_URL", redis_url)
+    worker = start_cluster_worker(cluster.url, prefix, tmp_path, 4, trim_interval_s=3600)
+    args = ["--queue", queue, "submit", str(docs_file), "--max-tokens", "6", "--max-in-flight", "16"]
+    assert bulk_main(args) == 0
+    job_id = capsys.readouterr().out.strip()
+    rq_redis = redis.Redis.from_url(redis_url)
+    log_path = tmp_path / "rq-worker.log"
+    try:
+        # The stock RQ worker on RQ's Redis; the job reads the cluster settings from its environment.
+        with open(log_path, "wb") as log:
+            rq = subprocess.run(
+                [str(Path(sys.executable).parent / "rq"), "worker", "--url", redis_url, "--serializer",
+                 "rq.serializers.JSONSerializer", "--burst", queue],
+                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
+                timeout=120, check=False,
+            )  # fmt: skip
+        assert rq.returncode == 0, log_path.read_text()
+        state = job_status(job_id, rq_redis)
+        assert state["status"] == "finished", (state, log_path.read_text())
+        result = state["result"]
+        assert (result["total"], result["succeeded"], result["failed"]) == (60, 60, 0)
+        assert [r["text"] for r in result["results"]] == [" ".join(d.split()[:6]) for d in documents]
+        assert JobState(rq_redis, job_id, 60).answered() == 60
+        # Every shard carried some of the job's requests, each answered exactly once.
+        client = ChatClient(cluster.url, prefix=prefix, redis_cluster=True, stream_shards=4)
+        try:
+            lengths = [client.redis.xlen(n.requests) for n in client.spaces]
+            assert sum(lengths) == 60 and all(n > 0 for n in lengths), lengths
+            ids = [
+                decode_request(fields, prefix)[0].id
+                for names in client.spaces
+                for _, fields in client.redis.xrange(names.requests)
+            ]
+            assert set(finals_per_request(client.redis, client.spaces, ids).values()) == {1}
+        finally:
+            client.close()
+        # RQ's keys are on RQ's Redis only.
+        for port in cluster.primaries():
+            assert redis.Redis(port=port).keys("rq:*") == []
+        assert rq_redis.exists(f"rq:job:{job_id}")
+    finally:
+        rq_redis.close()
+        assert worker.stop() == 0
 
 
 FAST_RECLAIM = {

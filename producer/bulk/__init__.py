@@ -22,11 +22,13 @@ sends only the documents nobody has sent yet.
 Jobs, their arguments, progress and results are stored with RQ's JSON serializer: the
 project keeps pickle off the wire and out of Redis. `rq worker` works too, given
 `--serializer rq.serializers.JSONSerializer`. The Redis that carries the chat requests is
-the RQ worker's `REDIS_URL` (ProducerSettings); a job carries no credentials.
+the RQ worker's `REDIS_URL` (ProducerSettings, a Redis Cluster with `LLM_REDIS_CLUSTER=true`);
+a job carries no credentials. RQ's queue and the jobs' stored state are on
+`LLM_BULK_RQ_REDIS_URL`, by default the same `REDIS_URL`, and never on a cluster (settings.py).
 
 Modules, one concept each:
 
-    settings.py   BulkSettings (env `LLM_BULK_*`) and the default instruction
+    settings.py   BulkSettings (env `LLM_BULK_*`), the default instruction, RQ's Redis (rq_redis_url)
     documents.py  the input file: documents, their ids, the bad lines (parse_documents, read_documents)
     store.py      a job's resumable state in Redis: results and outstanding requests (JobState)
     run.py        BulkRun: the bounded window of requests, replies collected in document order

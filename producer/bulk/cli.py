@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pydantic
 import redis
 from rq import Worker
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
@@ -16,13 +17,37 @@ from rq.serializers import JSONSerializer
 
 from producer.bulk.control import bulk_queue, cancel_job, enqueue_bulk, job_status, resume_job
 from producer.bulk.documents import read_documents
-from producer.bulk.settings import DEFAULT_INSTRUCTION
+from producer.bulk.settings import (
+    DEFAULT_INSTRUCTION,
+    BulkConfigError,
+    BulkSettings,
+    rq_redis_url,
+)
 from producer.bulk.store import job_state
+from producer.config_errors import CONFIG_ERROR_EXIT, print_config_error, print_config_event, redact
 from producer.settings import ProducerSettings
 
 
-def _connection(url: str | None) -> redis.Redis:
-    return redis.Redis.from_url(url or ProducerSettings().redis_url)
+def _rq_connection(args: argparse.Namespace) -> redis.Redis:
+    """RQ's Redis: --rq-redis-url, LLM_BULK_RQ_REDIS_URL, else the service's (--redis-url, REDIS_URL)
+    unless that is a cluster (BulkConfigError); pydantic's ValidationError for a bad setting."""
+    producer = ProducerSettings(**({"redis_url": args.redis_url} if args.redis_url else {}))
+    return redis.Redis.from_url(rq_redis_url(args.rq_redis_url, BulkSettings(), producer))
+
+
+def _config_error(exc: Exception, args: argparse.Namespace) -> int:
+    """A configuration error as the `config_invalid` line of `python -m producer` (exit 2)."""
+    if isinstance(exc, pydantic.ValidationError):
+        cls = BulkSettings if exc.title == BulkSettings.__name__ else ProducerSettings
+        options = {"redis_url": "--redis-url"} if args.redis_url and cls is ProducerSettings else None
+        print_config_error(exc, cls, options)
+        return CONFIG_ERROR_EXIT
+    if isinstance(exc, BulkConfigError):
+        error = {"env": exc.env, "value": None, "expected": str(exc)}
+    else:  # a bad --rq-redis-url
+        error = {"env": "--rq-redis-url", "value": redact(str(args.rq_redis_url)), "expected": str(exc)}
+    print_config_event({**error, "settings": BulkSettings.__name__, "errors": [error]})
+    return CONFIG_ERROR_EXIT
 
 
 def _fetch(job_id: str, conn: redis.Redis) -> Job | None:
@@ -70,7 +95,9 @@ def _write_results(job: Job, output: str | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m producer.bulk", description="Bulk document jobs through RQ.")
-    p.add_argument("--redis-url", help="default: REDIS_URL or redis://127.0.0.1:6379/0")
+    p.add_argument("--redis-url", help="the service's Redis (default: REDIS_URL or redis://127.0.0.1:6379/0)")
+    p.add_argument("--rq-redis-url", help="RQ's Redis, never a cluster (default: LLM_BULK_RQ_REDIS_URL, else "
+                   "the service's when LLM_REDIS_CLUSTER is off)")
     p.add_argument("--queue", help="RQ queue (default LLM_BULK_QUEUE or llm-bulk)")
     sub = p.add_subparsers(dest="command", required=True)
     submit = sub.add_parser("submit", help="enqueue a job for the documents in FILE (JSON lines or array)")
@@ -101,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     work.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     args = p.parse_args(argv)
 
-    conn = _connection(args.redis_url)
+    try:
+        conn = _rq_connection(args)
+    except ValueError as exc:  # pydantic's ValidationError, BulkConfigError, a bad --rq-redis-url
+        return _config_error(exc, args)
     if args.command == "worker":
         worker = Worker([bulk_queue(conn, args.queue)], connection=conn, serializer=JSONSerializer)
         worker.work(burst=args.burst)

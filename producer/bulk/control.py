@@ -13,7 +13,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from producer.bulk.documents import DocumentId
-from producer.bulk.settings import DEFAULT_INSTRUCTION, BulkSettings
+from producer.bulk.settings import DEFAULT_INSTRUCTION, BulkSettings, rq_redis_url
 from producer.bulk.store import job_state
 from producer.client import ChatClient
 from producer.settings import ProducerSettings
@@ -48,6 +48,9 @@ def enqueue_bulk(
 ) -> Job:
     """Enqueue one bulk job; unset options come from BulkSettings (env `LLM_BULK_*`).
 
+    `connection`: RQ's Redis (default: `rq_redis_url()`); the job's chat requests go to the RQ
+    worker's own `REDIS_URL` (a cluster with `LLM_REDIS_CLUSTER=true`).
+
     `ids` name the documents in the results (default: 1, 2, ...); `input_errors` (the
     skipped input lines) are kept in the job's meta for `status`.
     """
@@ -63,7 +66,8 @@ def enqueue_bulk(
         raise ValueError("document ids must be unique")
     settings = BulkSettings()
     producer_settings = ProducerSettings()
-    conn = connection or redis.Redis.from_url(producer_settings.redis_url)
+    # RQ's queue: LLM_BULK_RQ_REDIS_URL, else REDIS_URL (never a cluster: settings.py says why).
+    conn = connection or redis.Redis.from_url(rq_redis_url(settings=settings, producer=producer_settings))
     kwargs = {
         "prefix": prefix or producer_settings.prefix,
         "max_in_flight": max_in_flight or settings.max_in_flight_requests,

@@ -13,11 +13,12 @@ import redis
 
 from producer.bulk.documents import DocumentId
 from producer.bulk.store import JobState
-from producer.client import ChatClient, ChatError
+from producer.client import CLUSTER_REPLY_SLICE_MS, ChatClient, ChatError
 from producer.wire.backoff import Backoff
 from producer.wire.codec import decode_event
 from producer.wire.models import DoneEvent, ErrorCode, ErrorEvent
-from producer.wire.redis_types import read_entries
+from producer.wire.redis_factory import by_slot
+from producer.wire.redis_types import StreamEntries, read_entries
 
 # A client-side grace past a request's own deadline: the worker answers `deadline_exceeded`
 # itself; this only ends the wait when no worker is alive to answer.
@@ -56,10 +57,10 @@ class BulkRun:
     """Sends documents through the service with a bounded window and collects the replies in order.
 
     All outstanding reply streams are read with one blocking XREAD, so a window of hundreds
-    of requests costs one round trip per poll. Requests are sent with `stream: false`, so
-    each reply stream holds only its final event. With a `state`, results and outstanding
-    requests are stored as they change, and a run over the same state resumes where an
-    earlier one stopped.
+    of requests costs one round trip per poll (on a cluster: one XREAD per hash slot, see
+    `_read`). Requests are sent with `stream: false`, so each reply stream holds only its final
+    event. With a `state`, results and outstanding requests are stored as they change, and a
+    run over the same state resumes where an earlier one stopped.
     """
 
     def __init__(
@@ -114,6 +115,7 @@ class BulkRun:
         settings = client.settings
         self._backoff = Backoff(settings.reconnect_backoff_initial_ms, settings.reconnect_backoff_max_ms)
         self._retry_at_s = 0.0
+        self._turn = 0  # on a cluster: the slot whose reply streams the next idle poll blocks on
 
     def _load(self, state: JobState) -> None:
         for index, result in state.results().items():
@@ -124,7 +126,7 @@ class BulkRun:
         for index, sent in state.in_flight().items():
             if not 0 <= index < len(self.results) or self.results[index] is not None:
                 continue
-            key = self.client.names.reply(sent["request_id"])
+            key = self.client.reply_key(sent["request_id"])
             left_s = float(sent["submitted_at"]) + self.request_timeout_s - now_wall
             if left_s <= 0 and not self.client.redis.exists(key):
                 # Past its deadline with no reply kept: send it again.
@@ -193,7 +195,7 @@ class BulkRun:
             if self.state is not None:
                 self.state.sent(index, request_id)
             self._backoff.reset()
-            key = self.client.names.reply(request_id).encode()
+            key = self.client.reply_key(request_id).encode()
             self.in_flight[key] = _InFlight(
                 index, request_id, time.monotonic() + self.request_timeout_s + DEADLINE_GRACE_S
             )
@@ -212,12 +214,33 @@ class BulkRun:
             self.to_send.appendleft(index)
         self._retry_at_s = time.monotonic() + self._backoff.next_delay_s()
 
-    def _poll(self) -> None:
+    def _read(self) -> StreamEntries:
+        """One poll of the outstanding reply streams: one blocking XREAD of them all on one node.
+
+        A cluster serves one XREAD from one hash slot, and the reply streams of a sharded
+        deployment are in one slot per shard: each slot's streams are read without blocking, in one
+        pipeline (the cluster client sends each node its share), and only when none had an entry
+        does the poll block, on the next slot in turn and for at most `CLUSTER_REPLY_SLICE_MS`.
+        """
         streams: dict[Any, Any] = {key: slot.last_id for key, slot in self.in_flight.items()}
-        got = read_entries(
-            self.client.redis.xread(streams, block=self.client.settings.reply_block_ms, count=16)
-        )
-        for key, entries in got:
+        block_ms = self.client.settings.reply_block_ms
+        redis_client = self.client.redis
+        groups = by_slot(streams) if self.client.settings.redis_cluster else [list(streams)]
+        if len(groups) == 1:
+            return read_entries(redis_client.xread(streams, block=block_ms, count=16))
+        pipe = redis_client.pipeline(transaction=False)
+        for keys in groups:
+            pipe.xread({key: streams[key] for key in keys}, count=16)
+        got = [stream for reply in pipe.execute() for stream in read_entries(reply)]
+        if got:
+            return got
+        keys = groups[self._turn % len(groups)]
+        self._turn += 1
+        wait_ms = min(block_ms, CLUSTER_REPLY_SLICE_MS)
+        return read_entries(redis_client.xread({key: streams[key] for key in keys}, block=wait_ms, count=16))
+
+    def _poll(self) -> None:
+        for key, entries in self._read():
             slot = self.in_flight.get(key)
             if slot is None:
                 continue

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -139,9 +139,12 @@ def register_script(client: Any, script: str) -> Any:
     )
 
 
-def by_slot(keys: Iterable[str]) -> list[list[str]]:
+KeyT_ = TypeVar("KeyT_", str, bytes)
+
+
+def by_slot(keys: Iterable[KeyT_]) -> list[list[KeyT_]]:
     """`keys` grouped by hash slot, in first-seen order (a multi-key read may name one slot's keys only)."""
-    groups: dict[int, list[str]] = {}
+    groups: dict[int, list[KeyT_]] = {}
     for key in keys:
-        groups.setdefault(key_slot(key.encode()), []).append(key)
+        groups.setdefault(key_slot(key if isinstance(key, bytes) else key.encode()), []).append(key)
     return list(groups.values())
