@@ -39,6 +39,9 @@ Rows (`--rows`, comma-separated, in order; the first is the agreement reference)
   int8-kv                LLM_KV_DTYPE=int8: INT8 K/V with one FP16 scale per token per KV head,
                          weights as the baseline
   int8-weights-int8-kv   LLM_WEIGHTS=int8 and LLM_KV_DTYPE=int8 together
+  int8-kv-hadamard       INT8 K/V rotated by the normalised 64x64 Hadamard matrix before quantising
+                         (`kv_int8_scheme="hadamard"`, a prototype of the torch backend only)
+  int8-kv-hadamard-rs    the same with fixed random signs on H's rows (`kv_int8_scheme="hadamard-rs"`)
 
   window-50, window-25    KV pruning, LLM_KV_PRUNE_MODE=window (4 sink tokens = one block kept, then
                          the most recent blocks), at a budget of 50% / 25% of each request's tokens
@@ -193,6 +196,13 @@ def build_rows(args: argparse.Namespace) -> dict[str, Row]:
                 "int8-weights-int8-kv", "int8", engine_options={"kv_dtype": "int8"},
                 note="LLM_WEIGHTS=int8, LLM_KV_DTYPE=int8",
             ),  # fmt: skip
+            *(
+                Row(
+                    f"int8-kv-{scheme}", engine_options={"kv_dtype": "int8", "kv_int8_scheme": scheme},
+                    note=f"LLM_KV_DTYPE=int8, K/V rotated before quantising (kv_int8_scheme={scheme})",
+                )  # fmt: skip
+                for scheme in ("hadamard", "hadamard-rs")
+            ),
             *(
                 Row(
                     f"{mode}-{pct}", engine_options={"kv_prune_mode": mode}, kv_fraction=pct / 100,

@@ -269,15 +269,23 @@ def paged_attention_forward(
     k_scale, v_scale = metadata.kv_cache.layer_scales(layer_idx)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q = query[0].transpose(0, 1)  # [T, H, D], a view
+    rotation = metadata.kv_cache.rotation
     if metadata.backend == "triton":
         from worker.engine.kernels.kv_store import store_kv
 
+        if rotation is not None:
+            raise NotImplementedError("a rotated INT8 KV cache (kv_int8_scheme) has only the torch backend")
         store_kv(new_keys, new_values, k_cache, v_cache, metadata.slot_mapping, k_scale, v_scale)
         out = triton_paged_attention(q, k_cache, v_cache, metadata, scale, k_scale, v_scale)
     else:
         metadata.kv_cache.write(layer_idx, metadata.slot_mapping, new_keys, new_values)
+        if rotation is not None:
+            # The cache holds K R and V R: (q R).(k R) = q.k, and the output comes back as (P V) R.
+            q = (q.float() @ rotation).to(q.dtype)
         with sdpa_kernel(_SDPA_BACKENDS):
             out = paged_attention_reference(q, k_cache, v_cache, metadata, scale, k_scale, v_scale)
+        if rotation is not None:
+            out = (out.float() @ rotation.T).to(out.dtype)
     if metadata.score_requests:
         _add_window_scores(q, k_cache, k_scale, metadata, scale)
     return out.unsqueeze(0), None

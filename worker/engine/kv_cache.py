@@ -9,6 +9,10 @@ The cache dtype is `LLM_KV_DTYPE`: the activation dtype by default, or FP16/BF16
 tensor `scales` [num_layers, 2, num_blocks, block_size, num_kv_heads], the same paged layout
 without head_dim: a block's scales live at its block id, so whatever shares or reuses a block
 (prefix caching, preemption) shares its scales with it, and a flat slot id addresses them too.
+
+`int8_scheme` other than `symmetric` (a prototype of the torch backend only) rotates each head's
+K and V before they are quantised (`quant/kv_int8.py`, `kv_rotation`): the cache then holds
+rotated vectors, and the attention function rotates the queries and un-rotates the output.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import torch
 
-from worker.engine.quant.kv_int8 import KV_SCALE_DTYPE, quantize_kv
+from worker.engine.quant.kv_int8 import KV_SCALE_DTYPE, kv_rotation, quantize_kv
 
 KV_DTYPE_CHOICES: tuple[str, ...] = ("auto", "fp16", "bf16", "fp32", "int8")
 _KV_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
@@ -46,13 +50,16 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    int8_scheme: str = "symmetric"  # `quant/kv_int8.py` KV_INT8_SCHEMES; only read for an INT8 cache
 
     @classmethod
-    def from_model_config(cls, config: Any, dtype: torch.dtype) -> KVCacheSpec:
+    def from_model_config(
+        cls, config: Any, dtype: torch.dtype, int8_scheme: str = "symmetric"
+    ) -> KVCacheSpec:
         num_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        return cls(config.num_hidden_layers, num_kv_heads, head_dim, dtype)
+        return cls(config.num_hidden_layers, num_kv_heads, head_dim, dtype, int8_scheme)
 
     @property
     def quantized(self) -> bool:
@@ -102,7 +109,10 @@ class KVCache:
         )  # fmt: skip
         # Ones, not zeros: a slot never written dequantises to 0 either way, and no scale is ever 0.
         self.scales: torch.Tensor | None = None
+        # [head_dim, head_dim] FP32 applied to K/V before quantising (x -> x R); None: stored as they are.
+        self.rotation: torch.Tensor | None = None
         if spec.quantized:
+            self.rotation = kv_rotation(spec.int8_scheme, spec.head_dim, device)
             shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads)
             self.scales = torch.ones(shape, dtype=KV_SCALE_DTYPE, device=device)
 
@@ -140,6 +150,6 @@ class KVCache:
             return
         flat_scale = (-1, self.spec.num_kv_heads)
         for cache, scales, new in ((k_cache, k_scale, key), (v_cache, v_scale, value)):
-            q, scale = quantize_kv(new)
+            q, scale = quantize_kv(new if self.rotation is None else new.float() @ self.rotation)
             cache.view(flat).index_copy_(0, slot_mapping, q)
             scales.view(flat_scale).index_copy_(0, slot_mapping, scale)

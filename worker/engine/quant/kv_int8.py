@@ -26,6 +26,8 @@ kernels compute without a libdevice call; both agree bit for bit under the inter
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 KV_QMAX = 127
@@ -34,6 +36,46 @@ KV_SCALE_DTYPE = torch.float16
 # scale is ever zero or subnormal (a subnormal scale would round by far more than 2^-11).
 KV_SCALE_MIN = torch.finfo(torch.float16).tiny
 KV_SCALE_MAX = torch.finfo(torch.float16).max
+# How K/V are transformed before they are quantised (`kv_rotation`); prototype, torch backend only.
+KV_INT8_SCHEMES: tuple[str, ...] = ("symmetric", "hadamard", "hadamard-rs")
+
+
+def hadamard_matrix(
+    n: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None, random_signs: bool = False
+) -> torch.Tensor:
+    """The normalised n x n Hadamard matrix of Sylvester's construction (n a power of two).
+
+    Orthonormal (H H^T = I): rotating both q and k by it (x -> x H) keeps q.k, and multiplying an
+    attention output by H^T undoes the rotation of V. Sylvester's matrix is also symmetric. With
+    `random_signs` its rows are multiplied by fixed pseudo-random signs (diag(+-1) H, seed 0, as
+    QuaRot randomises it): still orthonormal, no longer symmetric.
+    """
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Sylvester Hadamard matrix needs a power-of-two size; got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    if random_signs:
+        signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(0)) * 2 - 1
+        h = signs.double()[:, None] * h
+    return (h / math.sqrt(n)).to(dtype=dtype, device=device)
+
+
+def kv_rotation(scheme: str, head_dim: int, device: torch.device | None = None) -> torch.Tensor | None:
+    """The FP32 [head_dim, head_dim] rotation an INT8 scheme applies to K and V before quantising.
+
+    `symmetric` (the default) quantises the vectors as they are: None. `hadamard` rotates each head's
+    K and V by the normalised Hadamard matrix H (x -> x H) and quantises the rotated vector; the
+    query is rotated the same way and the attention output multiplied by H^T, so attention is
+    unchanged but for the rounding. A rotation spreads a key's few large channels over all of them
+    (SmolLM2's keys: largest element a median 5.2x the RMS before, 2.4x after), so one scale rounds
+    them about half as coarsely. `hadamard-rs`: H with fixed random signs on its rows.
+    """
+    if scheme not in KV_INT8_SCHEMES:
+        raise ValueError(f"kv_int8_scheme must be one of {', '.join(KV_INT8_SCHEMES)}; got {scheme!r}")
+    if scheme == "symmetric":
+        return None
+    return hadamard_matrix(head_dim, torch.float32, device, random_signs=scheme == "hadamard-rs")
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
