@@ -93,20 +93,28 @@ def test_a_dead_engine_process_ends_the_worker_and_nothing_is_lost(
 @pytest.mark.model
 @pytest.mark.timeout(900)
 def test_model_replies_are_the_same_in_its_own_process(start_worker, chat_client: ChatClient) -> None:
-    """Greedy replies of the real model do not depend on where its engine runs."""
-    chats = [
-        [{"role": "user", "content": "What is the capital of France?"}],
-        [{"role": "user", "content": "Name three colours."}],
+    """Greedy replies of the real model do not depend on where its engine runs, nor on which process
+    turns its tokens into text (the worker's, for requests without stop strings; the engine's, with)."""
+    requests = [
+        {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16},
+        {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 16},
+        {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 16, "stop": [","]},
     ]
-    texts = {}
+    texts, streamed = {}, {}
     for mode in ("inline", "separate"):
         worker = start_worker("hf", engine_process=mode, max_wait_ms=50, max_num_seqs=8)
-        ids = chat_client.submit_many([{"messages": chat, "max_tokens": 16} for chat in chats])
+        ids = chat_client.submit_many(requests)
         texts[mode] = [chat_client.result(rid, timeout_s=600).text for rid in ids]
+        stream = chat_client.stream(requests[1]["messages"], max_tokens=16, timeout_s=600)
+        streamed[mode] = ("".join(event.text for event in stream), stream.reply)
         assert bool(worker.events("engine_process_started")) == (mode == "separate")
         assert worker.stop(signal.SIGTERM) == 0
     assert texts["separate"] == texts["inline"]
     assert "Paris" in texts["separate"][0]
+    assert "," not in texts["separate"][2] and texts["separate"][1].startswith(texts["separate"][2])
+    for mode in ("inline", "separate"):
+        joined, reply = streamed[mode]
+        assert reply is not None and joined == reply.text == texts[mode][1]
 
 
 def test_output_rows_carry_every_field() -> None:

@@ -50,6 +50,9 @@ class GenerationRequest:
     priority: int = 0
     deadline_s: float | None = None
     kv_budget_tokens: int | None = None  # KV pruning budget; None = the engine's default (0 = off)
+    # False: the engine returns token ids only (no text), for a caller that detokenizes them itself;
+    # honoured by engines with `Engine.detokenize_optional`, and only for requests without stop strings.
+    detokenize: bool = True
 
 
 @dataclass
@@ -113,6 +116,8 @@ class Engine(abc.ABC):
     # True when the engine steps on its own (in its own process) and times its steps itself
     # (`StepStats.step_s`); the loop then does not take its submit-to-collect time for a step's.
     times_own_steps: bool = False
+    # True when the engine honours `GenerationRequest.detokenize=False` (token ids only, no text).
+    detokenize_optional: bool = False
     _collected: list[SequenceOutput] | None = None
 
     def encoder(self) -> Encoder:

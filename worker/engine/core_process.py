@@ -12,8 +12,9 @@ collects step N. Messages are tuples of plain values, pickled by `multiprocessin
 
     from the worker: ("add", [GenerationRequest]), ("abort", [(request_id, reason)]),
                      ("take_unstarted",), ("close",)
-    to the worker:   ("ready", name, describe, encoder), ("outputs", rows, admitted, capacity,
-                     step_s), ("unstarted", ids), ("failed", error), ("closed",)
+    to the worker:   ("ready", name, describe, encoder, detokenize_optional),
+                     ("outputs", rows, admitted, capacity, step_s), ("unstarted", ids), ("failed", error),
+                     ("closed",)
 
 An output row is `pack_output(SequenceOutput)`. Messages are written by a thread (`Outbox`), so a
 step never waits for the worker to drain the pipe. The child ignores SIGINT and SIGTERM: the worker
@@ -69,7 +70,7 @@ def serve(conn: Connection, settings: WorkerSettings) -> None:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"[:2000]))
         raise
     outbox = Outbox(conn)
-    outbox.send(("ready", engine.name, engine.describe(), engine.encoder()))
+    outbox.send(("ready", engine.name, engine.describe(), engine.encoder(), engine.detokenize_optional))
     try:
         CoreLoop(engine, conn, outbox).run()
     finally:

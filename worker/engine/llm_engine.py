@@ -63,6 +63,7 @@ class PagedEngine(Engine):
     """Iteration-level engine with chunked prefill, prefix caching and optional preemption."""
 
     name = "paged"
+    detokenize_optional = True
 
     def __init__(
         self,
@@ -218,7 +219,8 @@ class PagedEngine(Engine):
         problem = self.prune.budget_problem(budget)
         if problem:
             raise ValueError(problem)
-        seq = Sequence(request, self.tokenizer)
+        detokenize = request.detokenize or bool(request.sampling.stop)  # stop strings are matched on text
+        seq = Sequence(request, self.tokenizer if detokenize else None)
         seq.kv_budget_tokens = budget
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)

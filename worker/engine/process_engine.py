@@ -10,13 +10,18 @@ What the loop does with it:
 - `abort_request` answers at once (a final output with the abort's reason and no text); the
   child's own final for that request, if it comes, is dropped by the loop like any output of a
   request it already answered.
-- Tokenizing happens here, with the engine's encoder sent by the child at start-up.
+- Tokenizing happens here, with the engine's encoder sent by the child at start-up, and so does
+  detokenizing where the engine allows it (`Engine.detokenize_optional`): the child then sends token
+  ids only and this process turns them into text deltas, as vLLM's front end does for its engine
+  core, so the process that drives the device spends no time on text. A request with stop strings
+  is still detokenized in the child, which must see the text to stop at the right token.
 - If the child dies, every call raises `EngineProcessDied`: the worker exits, and the entries it
   held stay pending for another worker to reclaim (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import time
 from typing import Any
@@ -32,7 +37,8 @@ from worker.engine.base import (
     StepStats,
 )
 from worker.engine.core_process import serve, unpack_output
-from worker.engine.encoder import Encoder
+from worker.engine.detokenizer import IncrementalDetokenizer
+from worker.engine.encoder import Encoder, TokenizerEncoder
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger("worker")
@@ -74,7 +80,14 @@ class ProcessEngine(Engine):
         self._failure: str | None = None
         self._control: dict[str, tuple[Any, ...]] = {}  # the last reply of each kind, until taken
         ready = self._wait_for("ready", start_timeout_s)
-        _, self.name, self._describe, self._encoder = ready
+        _, self.name, self._describe, self._encoder, detokenize_optional = ready
+        # The tokenizer that detokenizes here, when the child leaves text to this process.
+        self._tokenizer = (
+            self._encoder.tokenizer
+            if detokenize_optional and isinstance(self._encoder, TokenizerEncoder)
+            else None
+        )
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         log.info("engine_process_started", pid=self._proc.pid, engine=self.name)
 
     # -- encoding: here, with the encoder the child sent (`Engine.encode_*` use it) ----------------------
@@ -86,12 +99,17 @@ class ProcessEngine(Engine):
         if request.request_id in self._live:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         self._live.add(request.request_id)
+        if self._tokenizer is not None and not request.sampling.stop:
+            detokenizer = IncrementalDetokenizer(self._tokenizer, request.prompt_token_ids)
+            self._detokenizers[request.request_id] = detokenizer
+            request = dataclasses.replace(request, detokenize=False)
         self._commands["add"].append(request)
 
     def abort_request(self, request_id: str, reason: FinishReason = "cancelled") -> SequenceOutput | None:
         if request_id not in self._live:
             return None
         self._live.discard(request_id)
+        self._detokenizers.pop(request_id, None)
         self._commands["abort"].append((request_id, reason))
         return SequenceOutput(request_id, [], "", finished=True, finish_reason=reason)
 
@@ -100,6 +118,8 @@ class ProcessEngine(Engine):
         self._send(("take_unstarted",))
         ids: list[str] = self._wait_for("unstarted", 60.0)[1]
         self._live.difference_update(ids)
+        for request_id in ids:
+            self._detokenizers.pop(request_id, None)
         return ids
 
     # -- stepping --------------------------------------------------------------------------------------
@@ -185,6 +205,8 @@ class ProcessEngine(Engine):
             _, rows, admitted, self._capacity, step_s = message
             for row in rows:
                 out = unpack_output(row)
+                if out.request_id in self._detokenizers:
+                    self._detokenize(out)
                 if out.finished:
                     self._live.discard(out.request_id)
                 self._outputs.append(out)
@@ -198,6 +220,16 @@ class ProcessEngine(Engine):
             self._control[kind] = message
         else:
             log.error("engine_process_bad_message", kind=str(kind)[:100])
+
+    def _detokenize(self, out: SequenceOutput) -> None:
+        """Fill in the text the child left out: the delta of the new tokens, and the whole text at the end."""
+        if out.finished:
+            detokenizer = self._detokenizers.pop(out.request_id)
+            out.new_text = "".join(detokenizer.add(t) for t in out.new_token_ids) + detokenizer.flush()
+            out.text = detokenizer.text
+        else:
+            detokenizer = self._detokenizers[out.request_id]
+            out.new_text = "".join(detokenizer.add(t) for t in out.new_token_ids)
 
     def _wait_for(self, kind: str, timeout_s: float) -> tuple[Any, ...]:
         """Receive until a message of `kind` comes (applying the others); raise if the child dies first."""
