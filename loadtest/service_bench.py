@@ -22,7 +22,9 @@ its prompt token counts differ slightly from the engine's: both totals are print
 Finding where the time goes: `--worker-cpus 0-5` runs the worker (and the engine process it starts)
 on those CPUs only and moves this client to the others; `--py-spy-dir DIR` samples the worker and
 its engine process with py-spy (`py-spy record --subprocesses --format raw`, on-CPU stacks) into
-DIR/worker_<row>.txt. Every service row reports the CPU seconds each process spent (client, worker,
+DIR/worker_<row>.txt. `--repeat N` runs N rounds (engine, then service rows, alternated, so a slow
+or fast spell of the machine hits both) and prints each system's median over the rounds against
+the engine's median. Every service row reports the CPU seconds each process spent (client, worker,
 engine process, server), read with psutil at the end of the run.
 """
 
@@ -218,19 +220,36 @@ def main() -> None:
     p.add_argument("--profile-worker", type=Path, help="run the worker under cProfile, stats to this file")
     p.add_argument("--worker-cpus", help="taskset CPU list for the worker; the client moves to the others")
     p.add_argument("--py-spy-dir", type=Path, help="sample the worker and engine processes with py-spy")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of engine + service rows, alternated")
     args = p.parse_args()
     if args.worker_cpus:
         worker_cpus = set(range(psutil.cpu_count())) - set(parse_cpu_list(args.worker_cpus))
         if not worker_cpus:
             raise SystemExit("--worker-cpus leaves no CPU for the client")
         os.sched_setaffinity(0, worker_cpus)
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        rows = [] if args.skip_engine else [engine_row(args, workdir / "engine.json")]
-        rows.append(service_row(args, workdir, stream=True))
-        if args.also_unstreamed:
-            rows.append(service_row(args, workdir, stream=False))
-    print(f"\nW1 ({args.requests} requests), {args.model} {args.dtype} on {args.device}\n")
+        for n in range(args.repeat):  # alternated, so slow and fast spells of the machine hit both
+            rows = [] if args.skip_engine else [engine_row(args, workdir / "engine.json")]
+            rows.append(service_row(args, workdir, stream=True))
+            if args.also_unstreamed:
+                rows.append(service_row(args, workdir, stream=False))
+            for r in rows:
+                r["round"] = n + 1
+            report(rows, args)
+            rounds.append(rows)
+    if args.repeat > 1:
+        summarize(rounds, args.skip_engine)
+    if args.json_out:
+        config = {k: str(v) for k, v in vars(args).items()}
+        results = [r for rows in rounds for r in rows]
+        args.json_out.write_text(json.dumps({"config": config, "results": results}, indent=2))
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    where = f"{args.model} {args.dtype} on {args.device}"
+    print(f"\nW1 ({args.requests} requests), {where}, round {rows[0]['round']}\n")
     print(
         f"{'system':<8} {'out tok/s':>10} {'wall s':>8} {'TTFT p50':>9} {'p95':>9} {'TPOT p50':>9} {'p95':>8}"
     )
@@ -251,9 +270,21 @@ def main() -> None:
         busiest = sorted(svc["redis_commands"].items(), key=lambda kv: -kv[1]["usec"])[:6]
         print("  Redis time by command: " + ", ".join(
             f"{name} {v['usec'] / 1e6:.2f} s ({v['calls']} calls)" for name, v in busiest))  # fmt: skip
-    if args.json_out:
-        config = {k: str(v) for k, v in vars(args).items()}
-        args.json_out.write_text(json.dumps({"config": config, "results": rows}, indent=2))
+
+
+def summarize(rounds: list[list[dict[str, Any]]], skip_engine: bool) -> None:
+    """Median output tok/s of each system over the rounds, and each against the engine's median."""
+    by_system: dict[str, list[float]] = {}
+    for rows in rounds:
+        for r in rows:
+            by_system.setdefault(r["system"], []).append(r["output_tok_s"])
+    print(f"\nover {len(rounds)} rounds (median, then each round):")
+    engine = None if skip_engine else statistics.median(by_system["paged engine"])
+    for system, values in by_system.items():
+        line = f"  {system:<22} {statistics.median(values):>10,.0f}  " + " ".join(f"{v:,.0f}" for v in values)
+        if engine and system != "paged engine":
+            line += f"   median / engine median: {statistics.median(values) / engine:.1%}"
+        print(line)
 
 
 if __name__ == "__main__":
