@@ -17,8 +17,10 @@ stream, after which a worker writes the `cancelled` reply under the final-reply 
 Shards and Redis Cluster (`LLM_STREAM_SHARDS`, `LLM_REDIS_CLUSTER`; docs/scaling.md): with N
 shards a request goes to the namespace `<prefix>:s:{<n>}` of shard `crc32(shard_key or id) % N`
 (`submit(..., shard_key="conversation-7")` keeps a conversation on one shard), and its reply,
-guard and cancel keys are that shard's. On a cluster the client is redis-py's `RedisCluster`
-and `results` reads one shard's reply streams per XREAD, the shards in turn.
+guard and cancel keys are that shard's. A tenant's client with N > 1 shards does the same
+within its tenant, over the namespaces `<prefix>:t:{<tenant>.<n>}`. A `reply_to` must be in
+one of the client's namespaces, and picks that one. On a cluster the client is redis-py's
+`RedisCluster` and `results` reads one shard's reply streams per XREAD, the shards in turn.
 
 Reliability, client side (see docs/reliability.md):
 - `submit` refuses with `ChatError(overloaded)` before XADD when the backlog is over
@@ -307,6 +309,26 @@ class _ClientCore:
             return self.names
         return self.spaces[shard_for(shard_key or request_id, len(self.spaces))]
 
+    def _names_of(self, request: ChatRequest, shard_key: str | None) -> StreamNames:
+        """The namespace a request goes to, checked against its `reply_to`.
+
+        Sharded, a `reply_to` in any of this client's namespaces (for a tenant: any of its shards) picks
+        that shard, since the worker answers only in the namespace of the stream it read the request
+        from (one hash slot for the guard, the reply stream and the request stream); a `shard_key` that
+        picks another shard is refused. Any other `reply_to` is refused before sending.
+        """
+        if request.reply_to is not None and len(self.spaces) > 1:
+            owner = next((n for n in self.spaces if n.reply_allowed(request.reply_to)), None)
+            if owner is None:
+                roots = f"{self.spaces[0].root} .. {self.spaces[-1].root}"
+                raise ValueError(f"reply_to must start with `<namespace>:reply:`, namespace one of {roots}")
+            if shard_key is not None and self._names_for(request.id, shard_key) is not owner:
+                raise ValueError(f"reply_to is in {owner.root}, shard_key {shard_key!r} picks another shard")
+            return owner
+        names = self._names_for(request.id, shard_key)
+        check_reply_key(request, names.root)
+        return names
+
     def _prepare(
         self, messages: list[dict[str, str]] | None, prompt: str | None, content_type: ContentType | None,
         params: dict[str, Any],
@@ -318,8 +340,7 @@ class _ClientCore:
         params = dict(params)
         shard_key = params.pop("shard_key", None)
         request = build_request(messages, prompt, params)
-        names = self._names_for(request.id, None if shard_key is None else str(shard_key))
-        check_reply_key(request, names.root)
+        names = self._names_of(request, None if shard_key is None else str(shard_key))
         ct = content_type or self.settings.content_type
         args = backlog.script_args(
             CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct)
@@ -365,8 +386,8 @@ class _ClientCore:
         self._sent[request.id] = (request.reply_key(names.root), ct, names)
 
     def _sent_or_default(self, request_id: str, ct: ContentType) -> tuple[str, ContentType, StreamNames]:
-        """What `_record` kept of a request, else its defaults (a request sent by another client:
-        its shard by its id, so a request sent with a `shard_key` is found only by its sender)."""
+        """What `_record` kept of a request, else its defaults (a request sent by another client: its
+        shard by its id, so a request sent with a `shard_key` or a `reply_to` is found only by its sender)."""
         found = self._sent.get(request_id)
         if found is not None:
             return found

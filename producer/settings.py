@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from producer.wire.keys import check_tenant
+from producer.wire.keys import MAX_STREAM_SHARDS, check_tenant
 
 # Where workers and clients meet when `REDIS_URL` is unset: a worker starts the packaged server
 # there when nothing listens (worker/embedded_redis.py), a client connects there.
@@ -69,8 +69,8 @@ class ProducerSettings(BaseSettings):
     tenant: str | None = Field(
         default=None,
         description="This backend's tenant: requests, replies and cancels use its key namespace "
-        "`<prefix>:t:{<tenant>}` (workers list it in LLM_TENANTS; docs/security.md); unset = the "
-        "un-namespaced keys.",
+        "`<prefix>:t:{<tenant>}`, or with LLM_STREAM_SHARDS > 1 its shards' `<prefix>:t:{<tenant>.<n>}` "
+        "(workers list it in LLM_TENANTS; docs/security.md); unset = the un-namespaced keys.",
     )
     redis_cluster: bool = Field(
         default=False,
@@ -80,10 +80,11 @@ class ProducerSettings(BaseSettings):
     stream_shards: int = Field(
         default=1,
         ge=1,
-        le=1024,
+        le=MAX_STREAM_SHARDS,
         description="Request streams `<prefix>:s:{<n>}:requests`, n < N, the workers read (same N as "
         "theirs); a request goes to the shard of its `shard_key`, else of its id. 1 = the one "
-        "`<prefix>:requests` (`<prefix>:s:{0}:requests` in cluster mode). Not with a tenant.",
+        "`<prefix>:requests` (`<prefix>:s:{0}:requests` in cluster mode). With LLM_TENANT: the tenant's "
+        "N streams `<prefix>:t:{<tenant>.<n>}:requests`.",
     )
     content_type: Literal["msgpack", "json"] = Field(
         default="msgpack", description="Encoding of request bodies."
@@ -141,12 +142,6 @@ class ProducerSettings(BaseSettings):
     @classmethod
     def _check_tenant(cls, tenant: str | None) -> str | None:
         return None if tenant is None else check_tenant(tenant)
-
-    @model_validator(mode="after")
-    def _check_shards(self) -> ProducerSettings:
-        if self.tenant is not None and self.stream_shards > 1:
-            raise ValueError("LLM_STREAM_SHARDS > 1 and LLM_TENANT are exclusive for now")
-        return self
 
     @model_validator(mode="after")
     def _default_redis_url(self) -> ProducerSettings:

@@ -39,9 +39,10 @@ def _slots(keys: list[str]) -> set[int]:
     return {key_slot(k.encode()) for k in keys}
 
 
+@pytest.mark.parametrize("tenants", [[None], ["alice", "bob"]], ids=["no-tenant", "tenants"])
 @pytest.mark.parametrize("shards", [1, 4])
-def test_every_script_touches_one_slot(shards: int) -> None:
-    for names in StreamNames.layout("llm", [None], shards, cluster=True):
+def test_every_script_touches_one_slot(shards: int, tenants: list[str | None]) -> None:
+    for names in StreamNames.layout("llm", tenants, shards, cluster=True):
         done = ErrorEvent(id="r1", code=ErrorCode.INTERNAL, message="x", attempt="a")
         fields = encode_event(done, "json", names.reply("r1"))
         keys, _ = final_guard.final_call(names, "r1", names.reply("r1"), fields, "a", 60, "workers", "1-0")
@@ -57,6 +58,10 @@ def test_every_script_touches_one_slot(shards: int) -> None:
     spaces = StreamNames.layout("llm", [None], 4, cluster=True)
     assert len(by_slot([n.requests for n in spaces])) == 4
     assert {key_slot(n.requests.encode()) * 3 // 16384 for n in spaces} == {0, 1, 2}
+    # So do one tenant's shards ({alice.0}..{alice.3}).
+    alice = StreamNames.layout("llm", ["alice"], 4, cluster=True)
+    assert len(by_slot([n.requests for n in alice])) == 4
+    assert {key_slot(n.requests.encode()) * 3 // 16384 for n in alice} == {0, 1, 2}
 
 
 def test_single_node_keys_are_unchanged_and_shards_are_stable() -> None:
@@ -71,8 +76,27 @@ def test_single_node_keys_are_unchanged_and_shards_are_stable() -> None:
     assert spaces[0].heartbeat("w") == "llm:hb:w"  # heartbeats move into the namespace only on a cluster
     assert StreamNames.layout("llm", [None], 1, cluster=True)[0].heartbeat("w") == "llm:s:{0}:hb:w"
     assert shard_for("conversation-42", 4) == shard_for("conversation-42", 4) < 4
-    with pytest.raises(ValueError):
-        StreamNames.layout("llm", ["alice"], 2)
+    # Tenants: unchanged with one shard, N namespaces each with several (tenant by tenant).
+    for cluster in (False, True):
+        (alice,) = StreamNames.layout("llm", ["alice"], 1, cluster=cluster)
+        assert (alice.requests, alice.reply("x"), alice.lane) == (
+            "llm:t:{alice}:requests",
+            "llm:t:{alice}:reply:x",
+            ("alice", None),
+        )
+    spaces = StreamNames.layout("llm", ["alice", "bob"], 2)
+    assert [(n.requests, n.lane) for n in spaces] == [
+        ("llm:t:{alice.0}:requests", ("alice", 0)), ("llm:t:{alice.1}:requests", ("alice", 1)),
+        ("llm:t:{bob.0}:requests", ("bob", 0)), ("llm:t:{bob.1}:requests", ("bob", 1)),
+    ]  # fmt: skip
+    assert spaces[1].reply("x") == "llm:t:{alice.1}:reply:x" and spaces[1].heartbeat("w") == "llm:hb:w"
+    assert StreamNames.layout("llm", ["alice"], 2, cluster=True)[1].heartbeat("w") == "llm:t:{alice.1}:hb:w"
+    assert spaces[1].reply_allowed("llm:t:{alice.1}:reply:y")
+    for other in ("llm:t:{alice.0}:reply:y", "llm:t:{alice}:reply:y", "llm:t:{alice.10}:reply:y"):
+        assert not spaces[1].reply_allowed(other)
+    for bad_shard in (-1, 1024):
+        with pytest.raises(ValueError):
+            StreamNames.for_prefix("llm", "alice", bad_shard)
 
 
 @pytest.fixture(scope="module")
@@ -376,6 +400,69 @@ def test_tenants_on_the_cluster_under_their_acl(cluster: LocalCluster, tmp_path:
         assert worker.stop() == 0
     assert not worker.events("redis_error"), worker.events("redis_error")[:3]
     assert worker.events("worker_started")[0]["tenants"] == 2
+
+
+def test_a_tenants_shards_spread_over_the_cluster_under_its_acl(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """One large tenant with four shards: its requests land on several slots (and primaries), every one
+    is answered exactly once; the ACL lines are the ones `python -m worker.acl ... --cluster` prints,
+    set on every node, and another tenant can read none of the sharded tenant's replies."""
+    from worker.acl import producer_rules, worker_rules
+
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    users = {f"w-{prefix}": worker_rules("worker-pw", prefix, cluster=True),
+             f"alice-{prefix}": producer_rules("alice", "alice-pw", prefix, cluster=True),
+             f"bob-{prefix}": producer_rules("bob", "bob-pw", prefix, cluster=True)}  # fmt: skip
+    for port in cluster.ports:
+        admin = redis.Redis(port=port)
+        for user, rules in users.items():
+            admin.execute_command("ACL", "SETUSER", user, *rules)
+        admin.close()
+    port = cluster.ports[0]
+    settings = {"tenants": "alice,bob", "trim_interval_s": 3600}
+    url = f"redis://w-{prefix}:worker-pw@127.0.0.1:{port}/0"
+    workers = [start_cluster_worker(url, prefix, tmp_path, 4, **settings) for _ in range(2)]
+    common = {"prefix": prefix, "redis_cluster": True, "stream_shards": 4}
+    alice = ChatClient(f"redis://alice-{prefix}:alice-pw@127.0.0.1:{port}/0", tenant="alice", **common)
+    bob = ChatClient(f"redis://bob-{prefix}:bob-pw@127.0.0.1:{port}/0", tenant="bob", **common)
+    admin_cluster = redis.RedisCluster.from_url(cluster.url)
+    try:
+        assert [n.root for n in alice.spaces] == [f"{prefix}:t:{{alice.{n}}}" for n in range(4)]
+        sent = alice.submit_many([{"prompt": f"hello {i}", "max_tokens": 4} for i in range(200)])
+        ids = [i for i in sent if isinstance(i, str)]
+        assert len(ids) == 200
+        got = alice.results(ids, timeout_s=60)
+        assert set(got) == set(ids)
+        assert all(not isinstance(r, Exception) for r in got.values()), got
+        assert set(finals_per_request(admin_cluster, alice.spaces, ids).values()) == {1}
+        lengths = [admin_cluster.xlen(n.requests) for n in alice.spaces]
+        assert sum(lengths) == 200 and all(n > 0 for n in lengths), lengths
+        slots = {key_slot(n.requests.encode()) for n in alice.spaces}
+        assert len(slots) == 4
+        owners = {admin_cluster.get_node_from_key(n.requests).port for n in alice.spaces}
+        assert len(owners) > 1, owners  # one tenant spread over several primaries
+        # Streaming (tokens script) and cancelling (the tenant's cancel stream) in its shards.
+        assert [t.index for t in alice.stream(prompt="one two three", max_tokens=3)] == [0, 1, 2]
+        assert alice.cancel(alice.submit(prompt="c", max_tokens=2)) is True
+        assert bob.chat(prompt="bob too", max_tokens=2).text == "bob too"
+        # Bob, on the cluster, can neither read alice's sharded replies nor add to her streams.
+        victim = ids[0]
+        own = alice.spaces[shard_for(victim, 4)]
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            bob.redis.xrange(own.reply(victim))
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            bob.redis.xadd(own.requests, {"v": "1"})
+    finally:
+        alice.close()
+        bob.close()
+        admin_cluster.close()
+        codes = [w.stop() for w in workers]
+    assert codes == [0, 0]
+    for w in workers:
+        assert not w.events("redis_error"), w.events("redis_error")[:3]
+    started = workers[0].events("worker_started")[0]
+    assert (started["tenants"], started["shards"], started["cluster"]) == (2, 4, True)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["final-only", "streamed"])

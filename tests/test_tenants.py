@@ -4,6 +4,8 @@ A private server gets the users `python -m worker.acl` prints (two tenants and t
 a worker serving both tenants runs as the workers' user, and each client connects as its
 tenant's user. Tenant B then tries every attack of issue 9 against tenant A: each is refused
 by Redis (NOPERM) or by the client or worker, and A's request still gets its own answer.
+The same again with shards within tenants (`LLM_STREAM_SHARDS=4`: each tenant's keys in four
+namespaces `<prefix>:t:{<tenant>.<n>}`), under the very same ACL lines.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
 import redis
 
 from producer.client import AsyncChatClient, ChatClient, ChatError
-from producer.wire.codec import encode_request
-from producer.wire.keys import StreamNames
-from producer.wire.models import ChatRequest, ErrorCode
+from producer.wire.codec import decode_event, encode_request
+from producer.wire.keys import StreamNames, shard_for
+from producer.wire.models import ChatRequest, ErrorCode, TokenEvent
 from worker import acl
 from worker.cancellation import CancelWatch
 from worker.embedded_redis import EmbeddedRedis
@@ -59,8 +62,8 @@ class Deployment:
     def client(self, tenant: str, **overrides: object) -> ChatClient:
         return ChatClient(self.url(tenant), prefix=self.prefix, tenant=tenant, timeout_s=60, **overrides)
 
-    def names(self, tenant: str) -> StreamNames:
-        return StreamNames.for_prefix(self.prefix, tenant)
+    def names(self, tenant: str, shard: int | None = None) -> StreamNames:
+        return StreamNames.for_prefix(self.prefix, tenant, shard)
 
     def start_worker(self, **settings: str) -> subprocess.Popen[bytes]:
         name = f"w{len(self.workers)}"
@@ -334,15 +337,214 @@ def test_one_read_gives_every_tenant_the_same_share(redis_client: redis.Redis, p
     assert {f.key for f in first} >= {"alice/r0", "bob/r0"}
 
 
+def test_a_tenant_with_shards_is_served_and_kept_apart(deployment: Deployment) -> None:
+    """Four shards per tenant, the same ACL lines: alice's requests spread over her four streams and are
+    all answered once; bob can neither read nor forge anything in any of her shard namespaces."""
+    d = deployment
+    worker = d.start_worker(
+        stream_shards="4", echo_token_delay_ms="30", **{**FAST, "trim_interval_s": "3600"}
+    )
+    alice, bob = d.client("alice", stream_shards=4), d.client("bob", stream_shards=4)
+    raw_bob = d.as_user("bob")
+    admin = redis.Redis(port=d.server.port, password="admin-pw")
+    try:
+        assert [n.root for n in alice.spaces] == [f"{d.prefix}:t:{{alice.{n}}}" for n in range(4)]
+        ids = alice.submit_many([{"messages": ask(f"sharded {i}"), "max_tokens": 4} for i in range(40)])
+        got = alice.results([i for i in ids if isinstance(i, str)], timeout_s=60)
+        assert sorted(r.text for r in got.values() if not isinstance(r, ChatError)) == sorted(
+            f"sharded {i}" for i in range(40)
+        )
+        lengths = [admin.xlen(d.names("alice", n).requests) for n in range(4)]
+        assert sum(lengths) == 40 and all(n > 0 for n in lengths), lengths
+        assert not admin.exists(d.names("alice").requests)  # nothing in the unsharded namespace
+        for request_id in got:  # one final each, in the shard of its id
+            names = alice.spaces[shard_for(request_id, 4)]
+            events = [decode_event(f) for _, f in admin.xrange(names.reply(request_id))]
+            assert len([e for e in events if not isinstance(e, TokenEvent)]) == 1, request_id
+        # A conversation stays on one shard; a reply_to in another of alice's shards picks that one.
+        conv = [alice.submit(ask(f"turn {i}"), max_tokens=2, shard_key="conv-9") for i in range(3)]
+        assert [alice.result(i).text for i in conv] == ["turn 0", "turn 1", "turn 2"]
+        other = alice.spaces[(shard_for("own-reply", 4) + 1) % 4]
+        rid = alice.submit(ask("own reply key"), id="own-reply", reply_to=other.reply("mine"), max_tokens=4)
+        assert alice.result(rid).text == "own reply key" and admin.exists(other.reply("mine"))
+        # Streaming, and both kinds of cancel, in a shard namespace.
+        assert "".join(t.text for t in alice.stream(ask("alice streams"), max_tokens=4)) == "alice streams"
+        long_id = alice.submit(ask(" ".join(["word"] * 200)), max_tokens=200)
+        time.sleep(0.5)
+        assert alice.cancel(long_id)
+        with pytest.raises(ChatError) as info:
+            alice.result(long_id, timeout_s=20)
+        assert info.value.code == ErrorCode.CANCELLED
+        alice.cancel("not-sent-yet")
+        with pytest.raises(ChatError) as info:
+            alice.result("not-sent-yet", timeout_s=20)
+        assert info.value.code == ErrorCode.CANCELLED
+
+        # Bob against alice's shards, with one of her requests in flight.
+        text = " ".join(f"w{i}" for i in range(40))
+        victim = alice.submit(ask(text), max_tokens=64)
+        a = alice.spaces[shard_for(victim, 4)]
+        b = bob.spaces[0]
+        time.sleep(0.3)
+
+        def refused(call) -> None:  # noqa: ANN001
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                call()
+
+        for n in range(4):
+            s = d.names("alice", n)
+            refused(partial(raw_bob.xread, {s.requests: "0"}))
+            refused(partial(raw_bob.xreadgroup, "workers", "evil", {s.requests: ">"}))
+            refused(partial(raw_bob.xadd, s.requests, {"v": "1"}))
+            refused(partial(raw_bob.xadd, s.cancel, {"id": victim}))
+            refused(partial(raw_bob.xread, {s.reply(victim): "0"}))
+            refused(partial(raw_bob.xrange, s.reply(victim)))
+        forged = {"ct": "json", "body": json.dumps({"type": "done", "id": victim, "text": "forged"})}
+        refused(lambda: raw_bob.xadd(a.reply(victim), forged))  # type: ignore[arg-type]
+        refused(lambda: raw_bob.set(a.final_guard(victim), "bob"))
+        refused(lambda: raw_bob.delete(a.requests))
+        refused(lambda: raw_bob.rename(b.requests, a.requests))
+        refused(lambda: raw_bob.xadd(d.names("alice").requests, {"v": "1"}))  # her unsharded form too
+        # reply_to in alice's shard: refused by bob's client, and answered in bob's own shard when raw.
+        with pytest.raises(ValueError):
+            bob.submit(ask("steal"), reply_to=a.reply(victim))
+        evil = ChatRequest(id="evil-2", messages=ask("steal"), reply_to=a.reply(victim))  # type: ignore[arg-type]
+        raw_bob.xadd(bob.spaces[shard_for("evil-2", 4)].requests, encode_request(evil))  # type: ignore[arg-type]
+        with pytest.raises(ChatError) as info:
+            bob.result("evil-2", timeout_s=20)
+        assert info.value.code == ErrorCode.INVALID_REQUEST
+        # Bob reusing the victim's id gets his own answer in his own shard, and cancels only his own.
+        assert bob.chat(ask("bob same id"), id=victim, max_tokens=8).text == "bob same id"
+        bob.cancel(victim)
+        reply = alice.result(victim, timeout_s=60)
+        assert reply.text == text and reply.id == victim
+        assert alice.rejected_events == 0 and bob.rejected_events == 0
+        assert worker.poll() is None
+        log = d.log()
+        assert "NOPERM" not in log and "Traceback" not in log and "redis_error" not in log, log[-3000:]
+        started = d.events(0, "worker_started")[0]
+        assert (started["tenants"], started["shards"]) == (2, 4)
+        assert {e["tenant"] for e in d.events(0, "request_done")} == {"alice", "bob"}
+    finally:
+        alice.close()
+        bob.close()
+        raw_bob.close()
+        admin.close()
+
+
+def test_a_dead_workers_sharded_tenant_requests_are_reclaimed(deployment: Deployment) -> None:
+    d = deployment
+    first = d.start_worker(stream_shards="4", echo_token_delay_ms="100", **FAST)
+    alice = d.client("alice", stream_shards=4)
+    try:
+        texts = {f"r{i}": f"slow words number {i} for alice" for i in range(8)}
+        for rid, text in texts.items():
+            alice.submit(ask(text), id=rid, max_tokens=16)
+        assert len({shard_for(rid, 4) for rid in texts}) > 1
+        time.sleep(0.4)
+        stop(first, signal.SIGKILL)
+        d.start_worker(stream_shards="4", **FAST)
+        assert {rid: alice.result(rid, timeout_s=60).text for rid in texts} == texts
+        assert d.events(1, "entries_reclaimed")
+        assert "NOPERM" not in d.log(1)
+    finally:
+        alice.close()
+
+
+def _allowed(admin: redis.Redis, user: str, *command: str) -> bool:
+    """Whether `user` may run `command`, asked of the server itself (ACL DRYRUN runs nothing)."""
+    return admin.execute_command("ACL", "DRYRUN", user, *command) == b"OK"
+
+
+def test_tenant_acl_patterns_match_its_namespaces_and_nothing_else() -> None:
+    """The generated patterns on a real server: every shard namespace of the tenant, for any N, and
+    neither another tenant's (`alice-2` starts with `alice`) nor a key of a form no worker uses."""
+    with EmbeddedRedis() as server:
+        admin = redis.Redis(port=server.port)
+        for tenant in ("alice", "alice-2"):
+            line = acl.setuser(tenant, acl.producer_rules(tenant, "pw", "llm"))
+            assert admin.execute_command(*shlex.split(line)) == b"OK"
+        line = acl.setuser("llm-worker", acl.worker_rules("pw", "llm"))
+        assert admin.execute_command(*shlex.split(line)) == b"OK"
+        own = [
+            "llm:t:{alice}",
+            "llm:t:{alice.0}",
+            "llm:t:{alice.7}",
+            "llm:t:{alice.42}",
+            "llm:t:{alice.1023}",
+        ]
+        for root in own:
+            assert _allowed(admin, "alice", "XADD", f"{root}:requests", "*", "v", "1"), root
+            assert _allowed(admin, "alice", "XADD", f"{root}:cancel", "*", "id", "x"), root
+            assert _allowed(admin, "alice", "XREAD", "STREAMS", f"{root}:reply:r1", "0"), root
+            assert _allowed(admin, "alice", "XRANGE", f"{root}:reply:r1", "-", "+"), root
+            assert not _allowed(admin, "alice", "XREAD", "STREAMS", f"{root}:requests", "0"), root
+            assert not _allowed(admin, "alice", "XADD", f"{root}:reply:r1", "*", "a", "b"), root
+            assert not _allowed(admin, "alice", "XADD", f"{root}:final:r1", "*", "a", "b"), root
+            assert not _allowed(admin, "alice", "XADD", f"{root}:dead", "*", "a", "b"), root
+            assert not _allowed(admin, "alice", "SET", f"{root}:final:r1", "x"), root
+            for command in (
+                ("XREADGROUP", "GROUP", "workers", "w", "STREAMS", f"{root}:requests", ">"),
+                ("SET", f"{root}:hb:w", "alive"),
+                ("EVALSHA", "0" * 40, "1", f"{root}:requests"),
+            ):
+                assert _allowed(admin, "llm-worker", *command), command
+                assert not _allowed(admin, "alice", *command), command
+        foreign = [
+            "llm:t:{alice-2}", "llm:t:{alice-2.0}", "llm:t:{alice_}", "llm:t:{alicex.0}", "llm:t:{bob.0}",
+            "llm:t:{alice.}", "llm:t:{alice.x}", "llm:t:{alice.10000}", "llm:t:{alice.0.1}",
+            "llm:t:{alice.0}x", "llm:t:{alice.0}:reply:x}", "llm:s:{0}", "llm",
+        ]  # fmt: skip
+        for root in foreign:
+            assert not _allowed(admin, "alice", "XADD", f"{root}:requests", "*", "v", "1"), root
+            assert not _allowed(admin, "alice", "XADD", f"{root}:cancel", "*", "id", "x"), root
+            if ":reply:" not in root:  # (that one is under alice's own `{alice.0}:reply:`)
+                assert not _allowed(admin, "alice", "XREAD", "STREAMS", f"{root}:reply:r1", "0"), root
+        for root in ("llm:t:{alice-2}", "llm:t:{alice-2.0}", "llm:t:{alice-2.999}"):
+            assert _allowed(admin, "alice-2", "XADD", f"{root}:requests", "*", "v", "1"), root
+            assert not _allowed(admin, "alice", "XREAD", "STREAMS", f"{root}:reply:r1", "0"), root
+        for root in ("llm:t:{alice}", "llm:t:{alice.3}"):
+            assert not _allowed(admin, "alice-2", "XADD", f"{root}:requests", "*", "v", "1"), root
+            assert not _allowed(admin, "alice-2", "XREAD", "STREAMS", f"{root}:reply:r1", "0"), root
+        admin.close()
+
+
+def test_one_read_gives_every_shard_of_every_tenant_the_same_share(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    """Tenants with shards: one lane per (tenant, shard), read in one XREADGROUP with COUNT per stream."""
+    s = WorkerSettings(prefix=prefix, tenants="alice,bob", stream_shards=4, consumer_name="c1", read_count=64)
+    spaces = namespaces(s)
+    assert [n.lane for n in spaces] == [(t, n) for t in ("alice", "bob") for n in range(4)]
+    cancels = CancelWatch(redis_client, spaces, 50, 100)
+    lanes = build_lanes(redis_client, s, EchoEngine(), {}, LoopCounters(), cancels, "c1:1")
+    for lane in lanes:
+        redis_client.xgroup_create(lane.stream, s.group, id="0", mkstream=True)
+    for i in range(100):  # alice's 100 over her four shards, bob's 2 in one
+        request = ChatRequest(id=f"r{i}", prompt=f"alice {i}")
+        redis_client.xadd(spaces[shard_for(request.id, 4)].requests, encode_request(request))  # type: ignore[arg-type]
+    for i in range(2):
+        request = ChatRequest(id=f"r{i}", prompt=f"bob {i}")
+        redis_client.xadd(spaces[4 + 1].requests, encode_request(request))  # type: ignore[arg-type]
+    read_lanes(redis_client, s, lanes, 64, None)  # the startup replay of our (empty) pending lists
+    first = read_lanes(redis_client, s, lanes, 64, None)
+    assert sorted(f.key for f in first if f.tenant == "bob") == ["bob/r0", "bob/r1"]
+    per_lane = {lane.key: len([f for f in first if f.lane == lane.key]) for lane in lanes}
+    assert all(per_lane[("alice", n)] == 8 for n in range(4)), per_lane  # ceil(64 / 8) from each
+    assert all(f.reply_key == spaces[f.shard or 0].reply(f.request.id) for f in first if f.tenant == "alice")
+
+
 # -- the ACL generator ---------------------------------------------------------------------------------
 
 
 def test_producer_acl_grants_exactly_its_own_streams() -> None:
     line = acl.setuser("alice", acl.producer_rules("alice", "pw", "llm"))
+    roots = ["llm:t:{alice}"] + [f"llm:t:{{alice.{'[0-9]' * width}}}" for width in (1, 2, 3, 4)]
+    assert roots[1:3] == ["llm:t:{alice.[0-9]}", "llm:t:{alice.[0-9][0-9]}"]
     assert line == (
         "ACL SETUSER alice reset on >pw resetchannels -@all +ping +client|setinfo "
-        "(+xadd %W~llm:t:{alice}:requests %W~llm:t:{alice}:cancel) "
-        "(+xread +xrange %R~llm:t:{alice}:reply:*)"
+        "(+xadd " + " ".join(f"%W~{r}:requests %W~{r}:cancel" for r in roots) + ") "
+        "(+xread +xrange " + " ".join(f"%R~{r}:reply:*" for r in roots) + ")"
     )
 
 
@@ -369,6 +571,8 @@ def test_acl_cli_prints_one_command_per_line(capsys: pytest.CaptureFixture[str])
     bad_args = (
         ["producer", "--tenant", "a*", "--password", "x"],
         ["producer", "--tenant", "{a}", "--password", "x"],
+        ["producer", "--tenant", "a.1", "--password", "x"],
+        ["producer", "--tenant", "a\n", "--password", "x"],
         ["worker", "--password", "has space"],
     )
     for bad in bad_args:
@@ -392,6 +596,13 @@ def test_clients_take_their_tenant_from_the_argument_or_the_settings(monkeypatch
     assert AsyncChatClient("redis://127.0.0.1:1/0", prefix="p").names.cancel == "p:t:{bob}:cancel"
     monkeypatch.delenv("LLM_TENANT")
     assert ChatClient("redis://127.0.0.1:1/0", prefix="p").names.requests == "p:requests"
-    for bad in ("a*", "{a}", "a:b", ""):
+    for bad in ("a*", "{a}", "a:b", "", "a.0", "a\n", "a?", "a[b]", "a b"):
         with pytest.raises(ValueError):
             ChatClient("redis://127.0.0.1:1/0", tenant=bad)
+    # With shards, the tenant's namespaces; a reply_to in any of them, and in nothing else.
+    sharded = ChatClient("redis://127.0.0.1:1/0", prefix="p", tenant="alice", stream_shards=4)
+    assert [n.requests for n in sharded.spaces] == [f"p:t:{{alice.{n}}}:requests" for n in range(4)]
+    for outside in ("p:t:{alice}:reply:x", "p:t:{alice.4}:reply:x", "p:t:{bob.0}:reply:x", "p:s:{0}:reply:x"):
+        with pytest.raises(ValueError):
+            sharded.submit(ask("hi"), reply_to=outside)
+    assert ChatClient("redis://127.0.0.1:1/0", prefix="p", tenant="alice").names.root == "p:t:{alice}"

@@ -12,6 +12,9 @@ What a tenant's user may do, and nothing else (docs/security.md):
 - XADD to its request stream and its cancel stream, write-only: it cannot read its own
   request stream, let alone another tenant's;
 - XREAD (blocking or not) and XRANGE of its own reply streams `<prefix>:t:{<tenant>}:reply:*`;
+- the same in each of its shard namespaces `<prefix>:t:{<tenant>.<n>}` (`LLM_STREAM_SHARDS`), whatever
+  their number: the patterns name the shard as 1 to 4 digits (`{<tenant>.[0-9]}`, ...), so the line
+  needs no N and matches no other tenant's keys (producer/wire/keys.py says why);
 - PING, and CLIENT SETINFO (the library's name on its own connection).
 No other key, no SET, no scripts, no KEYS/SCAN, no CONFIG/FLUSH, no pub/sub channels.
 
@@ -30,7 +33,7 @@ import os
 import re
 import sys
 
-from producer.wire.keys import DEFAULT_PREFIX, check_tenant, namespace
+from producer.wire.keys import DEFAULT_PREFIX, tenant_root_patterns
 
 # What a tenant's client sends (producer/client.py with a tenant): XADD, XREAD, and what redis-py
 # sends on its own (PING for health checks, CLIENT SETINFO on connect; AUTH/HELLO are always allowed).
@@ -49,11 +52,11 @@ WORKER_COMMANDS = (
 CLUSTER_COMMANDS = ("cluster|slots", "command", "eval")
 
 # A prefix is written into key patterns: no glob character, no space.
-_PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def check_prefix(prefix: str) -> str:
-    if not _PREFIX.match(prefix):
+    if not _PREFIX.fullmatch(prefix):
         raise ValueError(f"prefix {prefix!r} must be 1-64 characters of A-Za-z0-9_.:-")
     return prefix
 
@@ -76,17 +79,16 @@ def producer_rules(
     tenant: str, password: str, prefix: str = DEFAULT_PREFIX, hashed: bool = False, cluster: bool = False
 ) -> list[str]:
     """The ACL rules of tenant `tenant`'s backend user (`cluster`: with what the cluster client needs;
-    a tenant's client runs no script, so without EVAL)."""
-    root = namespace(check_prefix(prefix), check_tenant(tenant))
+    a tenant's client runs no script, so without EVAL).
+
+    The keys are those of every namespace of the tenant, `<prefix>:t:{<tenant>}` and, for any number of
+    shards, `<prefix>:t:{<tenant>.<n>}` (`tenant_root_patterns`): the same line serves N = 1 and N > 1.
+    """
+    roots = tenant_root_patterns(check_prefix(prefix), tenant)
     extra = [f"+{c}" for c in CLUSTER_COMMANDS if c != "eval"] if cluster else []
-    return (
-        _base(password, hashed)
-        + extra
-        + [
-            f"(+xadd %W~{root}:requests %W~{root}:cancel)",
-            f"(+xread +xrange %R~{root}:reply:*)",
-        ]
-    )
+    writes = " ".join(f"%W~{root}:requests %W~{root}:cancel" for root in roots)
+    reads = " ".join(f"%R~{root}:reply:*" for root in roots)
+    return _base(password, hashed) + extra + [f"(+xadd {writes})", f"(+xread +xrange {reads})"]
 
 
 def worker_rules(

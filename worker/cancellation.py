@@ -11,7 +11,10 @@ With tenants, each tenant has its own cancel stream `<prefix>:t:{<tenant>}:cance
 only that tenant (and the workers) may write; all are read in one XREAD, and an id counts
 only for the tenant whose stream named it (`table_key`). A tenant's client may not take the
 guard itself, so its cancel entry also says how to answer (`ct`, `reply_to`): the worker
-writes the `cancelled` reply (see `Consumer._cancel`).
+writes the `cancelled` reply (see `Consumer._cancel`). A tenant with shards has a cancel stream
+per shard namespace `<prefix>:t:{<tenant>.<n>}:cancel`; its client cancels in the shard it sent
+the request to, and the worker answers there (`Cancel.lane`), so the guard and the reply stream
+stay in the slot of the request.
 """
 
 from __future__ import annotations
@@ -39,10 +42,16 @@ class Cancel:
     request_id: str
     content_type: ContentType = "json"
     reply_to: str | None = None
+    shard: int | None = None  # the shard namespace of the cancel stream it was read from
 
     @property
     def key(self) -> str:
         return table_key(self.tenant, self.request_id)
+
+    @property
+    def lane(self) -> tuple[str | None, int | None]:
+        """The cancel stream's namespace, as `StreamNames.lane`: where a tenant's cancel is answered."""
+        return (self.tenant, self.shard)
 
 
 class CancelWatch:
@@ -57,7 +66,7 @@ class CancelWatch:
     ):
         self.client = client
         spaces = [names] if isinstance(names, StreamNames) else list(names)
-        self.tenants = {n.cancel: n.tenant for n in spaces}  # cancel stream -> its tenant
+        self.tenants = {n.cancel: n.lane for n in spaces}  # cancel stream -> its (tenant, shard)
         self.key = spaces[0].cancel
         self.poll_interval_s = poll_interval_ms / 1000
         self.remember_requests = remember_requests
@@ -95,12 +104,12 @@ class CancelWatch:
         found: list[Cancel] = []
         for raw_key, entries in got:
             key = raw_key.decode()
-            tenant = self.tenants[key]
+            tenant, shard = self.tenants[key]
             for entry_id, fields in entries:
                 self._cursors[key] = entry_id.decode()
                 raw_id = fields.get(b"id")
                 if raw_id:
-                    found.append(_cancel(tenant, raw_id, fields))
+                    found.append(_cancel(tenant, shard, raw_id, fields))
         for c in found:
             self._recent[c.key] = None
             self._recent.move_to_end(c.key)
@@ -113,11 +122,12 @@ class CancelWatch:
         return key in self._recent
 
 
-def _cancel(tenant: str | None, raw_id: bytes, fields: dict[bytes, bytes]) -> Cancel:
+def _cancel(tenant: str | None, shard: int | None, raw_id: bytes, fields: dict[bytes, bytes]) -> Cancel:
     """The cancel of one entry; `ct` and `reply_to` count only on a tenant's stream (length-capped)."""
     request_id = raw_id.decode("utf-8", "replace")[:128]
     if tenant is None:
-        return Cancel(None, request_id)
+        return Cancel(None, request_id, shard=shard)
     ct: ContentType = "msgpack" if fields.get(b"ct") == b"msgpack" else "json"
     reply_to = fields.get(b"reply_to")
-    return Cancel(tenant, request_id, ct, reply_to.decode("utf-8", "replace")[:256] if reply_to else None)
+    text = reply_to.decode("utf-8", "replace")[:256] if reply_to else None
+    return Cancel(tenant, request_id, ct, text, shard)

@@ -11,8 +11,8 @@ One thread does everything, so there is no locking. Each iteration, top to botto
 4. collect the step's outputs.
 
 Each request stream is a `Lane` (`tenants.py`): the single `<prefix>:requests`, or one per
-tenant (`LLM_TENANTS`) or per shard (`LLM_STREAM_SHARDS`), all read in one call (one per hash
-slot on Redis Cluster); housekeeping runs per lane.
+tenant (`LLM_TENANTS`) or per shard (`LLM_STREAM_SHARDS`), or per shard of each tenant, all read
+in one call (one per hash slot on Redis Cluster); housekeeping runs per lane.
 
 The engine owns admission (time window, token budget, sequence cap, KV, priority aging,
 deadlines) with the one `BatchPolicy` of `WorkerSettings`. The loop blocks on Redis only
@@ -69,7 +69,8 @@ class Consumer:
         self.table: dict[str, InFlight] = {}  # every request handed to the engine, by `table_key`
         self.cancels = CancelWatch(client, spaces, s.cancel_poll_interval_ms, s.cancel_memory_requests)
         self.lanes = build_lanes(client, s, engine, self.table, self.counters, self.cancels, self.attempt)
-        self.lane_of = {lane.tenant: lane for lane in self.lanes if lane.tenant is not None}
+        # A tenant's lanes (one per shard namespace) by (tenant, shard): where its cancels are answered.
+        self.lane_of = {lane.key: lane for lane in self.lanes if lane.tenant is not None}
         self.backoff = Backoff(s.reconnect_backoff_initial_ms, s.reconnect_backoff_max_ms)
         writers = {lane.key: lane.replies for lane in self.lanes}
         # One lane writes through its own writer, several through their union (same interface).
@@ -120,8 +121,8 @@ class Consumer:
             consumer=self.settings.consumer_name,
             engine=self.engine.name,
             stream=self.lanes[0].stream if len(self.lanes) == 1 else self._streams_pattern(),
-            tenants=len([lane for lane in self.lanes if lane.tenant is not None]),
-            shards=len([lane for lane in self.lanes if lane.names.shard is not None]),
+            tenants=len({lane.tenant for lane in self.lanes if lane.tenant is not None}),
+            shards=len({lane.names.shard for lane in self.lanes if lane.names.shard is not None}),
             cluster=self.settings.redis_cluster,
             group=self.settings.group,
             attempt=self.attempt,
@@ -326,7 +327,7 @@ class Consumer:
         """
         f = self.table.get(cancel.key)
         if f is None:
-            lane = None if cancel.tenant is None else self.lane_of.get(cancel.tenant)
+            lane = None if cancel.tenant is None else self.lane_of.get(cancel.lane)
             if lane is not None:
                 lane.answer_cancel(cancel)
             return

@@ -11,7 +11,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.settings import DEFAULT_LOCAL_REDIS_PORT, check_redis_url, local_redis_url
-from producer.wire.keys import check_tenant
+from producer.wire.keys import MAX_STREAM_SHARDS, check_tenant
 from scheduler import BatchPolicy
 from worker.engine.model_loader import default_cache_dir
 
@@ -45,7 +45,8 @@ class WorkerSettings(BaseSettings):
     tenants: str = Field(
         default="",
         description="Comma-separated tenants served, each from its own key namespace "
-        "`<prefix>:t:{<tenant>}` (docs/security.md); empty = the one un-namespaced `<prefix>:requests`.",
+        "`<prefix>:t:{<tenant>}` (`<prefix>:t:{<tenant>.<n>}` per shard with LLM_STREAM_SHARDS > 1; "
+        "docs/security.md); empty = the one un-namespaced `<prefix>:requests`.",
     )
     redis_cluster: bool = Field(
         default=False,
@@ -55,10 +56,10 @@ class WorkerSettings(BaseSettings):
     stream_shards: int = Field(
         default=1,
         ge=1,
-        le=1024,
+        le=MAX_STREAM_SHARDS,
         description="Request streams `<prefix>:s:{<n>}:requests`, n < N, read fairly by every worker (set "
         "the clients' alike); 1 = the one `<prefix>:requests` (`<prefix>:s:{0}:requests` in cluster "
-        "mode). Not with LLM_TENANTS for now.",
+        "mode). With LLM_TENANTS, N streams per tenant, `<prefix>:t:{<tenant>.<n>}:requests`.",
     )
     consumer_name: str = Field(
         default_factory=_default_consumer_name,
@@ -307,12 +308,6 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _lower_log_level(cls, level: object) -> object:
         return level.lower() if isinstance(level, str) else level
-
-    @model_validator(mode="after")
-    def _check_shards(self) -> WorkerSettings:
-        if self.stream_shards > 1 and any(self.tenant_list()):
-            raise ValueError("LLM_STREAM_SHARDS > 1 and LLM_TENANTS are exclusive for now")
-        return self
 
     @model_validator(mode="after")
     def _check_weights(self) -> WorkerSettings:

@@ -1,8 +1,9 @@
 """Lanes: one request stream per tenant (or per shard), and everything the worker keys by stream.
 
 Shards (`LLM_STREAM_SHARDS`, docs/scaling.md) are lanes too: one per `<prefix>:s:{<n>}`
-namespace, keyed like a tenant's but without an ACL user of their own. A lane is known by
-`StreamNames.lane`, (tenant, shard), which `InFlight.lane` repeats for the requests read from it.
+namespace, keyed like a tenant's but without an ACL user of their own; with tenants, one per
+shard of each tenant, `<prefix>:t:{<tenant>.<n>}`, under that tenant's ACL user. A lane is known
+by `StreamNames.lane`, (tenant, shard), which `InFlight.lane` repeats for the requests read from it.
 
 A deployment that lists tenants (`LLM_TENANTS=alice,bob`) gives each its own key namespace
 `<prefix>:t:{<tenant>}` (`producer/wire/keys.py`): its request stream, reply streams, final-reply
@@ -91,7 +92,8 @@ class Lane:
 
 
 def namespaces(settings: WorkerSettings) -> list[StreamNames]:
-    """The key namespaces this worker serves: one per tenant, or per shard, or the single bare one."""
+    """The key namespaces this worker serves: one per tenant (per shard of each tenant with shards), or
+    per shard, or the single bare one."""
     s = settings
     return StreamNames.layout(s.prefix, s.tenant_list(), s.stream_shards, s.redis_cluster)
 

@@ -19,9 +19,25 @@ nodes. A client picks a request's shard from its `shard_key` (a conversation id)
 its request id: `shard_for(key, N)`, CRC-32 of the UTF-8 key modulo N. In cluster mode
 (`LLM_REDIS_CLUSTER`) a deployment without tenants always uses the shard namespaces (N = 1: the
 one shard `<prefix>:s:{0}`), and heartbeats live in each namespace (`<root>:hb:<consumer>`) so that
-the scripts which touch them with the request stream stay in one slot. Shards and tenants are
-exclusive for now: a tenant's namespace is already one slot, and a deployment spreads over the
-cluster by its tenants.
+the scripts which touch them with the request stream stay in one slot.
+
+Shards within tenants: with tenants and N > 1, each tenant gets N namespaces
+`<prefix>:t:{<tenant>.<n>}`, n in 0..N-1 (with N = 1 the tenant keeps `<prefix>:t:{<tenant>}`,
+the keys of a deployment without shards, unchanged on the wire). Why this form:
+- the shard number is inside the braces, so it is part of the hash tag: each (tenant, shard)
+  namespace is one slot, and one large tenant spreads over the cluster's primaries;
+- `.` is outside the tenant alphabet (`A-Za-z0-9_-`), so `{alice.3}` cannot be the
+  namespace of any tenant, and no tenant name followed by `.` or `}` is a prefix of another
+  tenant's namespace: `<prefix>:t:{alice.` and `<prefix>:t:{alice}` start only alice's keys,
+  never those of `alice-2` (whose keys start `<prefix>:t:{alice-2`);
+- `.` is no glob character of Redis ACL patterns (`*`, `?`, `[...]`, backslash), nor a brace, nor
+  the `:` that separates a key's parts, nor the `/` of the worker's `table_key`;
+- the sharded form never equals the unsharded one: after the tenant name comes `.` in one and
+  `}` in the other, so an ACL pattern of one form matches no key of the other.
+`tenant_root_patterns` turns this into ACL glob patterns: the unsharded root and the sharded
+roots with 1 to 4 decimal digits (`[0-9]`, `[0-9][0-9]`, ...: every shard below
+`MAX_STREAM_SHARDS`), so a tenant's ACL user covers every N without knowing it and matches no
+key outside its own namespaces.
 """
 
 from __future__ import annotations
@@ -34,27 +50,51 @@ DEFAULT_PREFIX = "llm"
 CONSUMER_GROUP = "workers"
 
 # A tenant name: no glob or hash-tag character, so it cannot widen an ACL pattern or split a namespace.
-TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Shards per deployment (LLM_STREAM_SHARDS) are at most this: a shard number (below it) has 1-4 digits.
+MAX_STREAM_SHARDS = 1024
+# Between a tenant and its shard number in a sharded tenant's hash tag: in no tenant name.
+SHARD_SEPARATOR = "."
 
 
 def check_tenant(name: str) -> str:
     """`name` if it is a valid tenant name (1-64 of `A-Za-z0-9_-`), else ValueError."""
-    if not TENANT_PATTERN.match(name):
+    if not TENANT_PATTERN.fullmatch(name):  # fullmatch: a `$` would let a trailing newline through
         raise ValueError(f"tenant {name!r} must be 1-64 characters of A-Za-z0-9_-")
     return name
 
 
+def check_shard(shard: int) -> int:
+    """`shard` if it is a valid shard number (0 to `MAX_STREAM_SHARDS` - 1), else ValueError."""
+    if not 0 <= shard < MAX_STREAM_SHARDS:
+        raise ValueError(f"shard {shard} must be >= 0 and < {MAX_STREAM_SHARDS}")
+    return shard
+
+
 def namespace(prefix: str = DEFAULT_PREFIX, tenant: str | None = None, shard: int | None = None) -> str:
-    """Root of a tenant's keys `<prefix>:t:{<tenant>}`, of a shard's `<prefix>:s:{<n>}`; else the prefix."""
+    """Root of a tenant's keys `<prefix>:t:{<tenant>}`, of a tenant's shard `<prefix>:t:{<tenant>.<n>}`,
+    of a shard's `<prefix>:s:{<n>}`; else the prefix."""
     if tenant is not None:
         if shard is not None:
-            raise ValueError("a namespace is a tenant's or a shard's, not both")
+            return f"{prefix}:t:{{{check_tenant(tenant)}{SHARD_SEPARATOR}{check_shard(shard)}}}"
         return f"{prefix}:t:{{{check_tenant(tenant)}}}"
     if shard is not None:
-        if shard < 0:
-            raise ValueError(f"shard {shard} must be >= 0")
-        return f"{prefix}:s:{{{shard}}}"
+        return f"{prefix}:s:{{{check_shard(shard)}}}"
     return prefix
+
+
+def tenant_root_patterns(prefix: str, tenant: str) -> list[str]:
+    """ACL glob patterns matching exactly the namespace roots of `tenant`, sharded or not, for any N:
+    `<prefix>:t:{<tenant>}` and `<prefix>:t:{<tenant>.<digits>}` with 1 to 4 digits.
+
+    Append the rest of a key (`:requests`, `:reply:*`) to get a key pattern. The prefix must hold no
+    glob character (`worker.acl.check_prefix`); the tenant holds none (`check_tenant`).
+    """
+    name = check_tenant(tenant)
+    widths = range(1, len(str(MAX_STREAM_SHARDS - 1)) + 1)
+    return [f"{prefix}:t:{{{name}}}"] + [
+        f"{prefix}:t:{{{name}{SHARD_SEPARATOR}{'[0-9]' * width}}}" for width in widths
+    ]
 
 
 def shard_for(key: str, shards: int) -> int:
@@ -153,10 +193,11 @@ class StreamNames:
     def layout(
         cls, prefix: str, tenants: list[str | None], shards: int = 1, cluster: bool = False
     ) -> list[StreamNames]:
-        """Every namespace of a deployment: one per tenant, else per shard (`sharded`), else the bare one."""
+        """Every namespace of a deployment: one per tenant (N per tenant when `shards` N > 1, tenant by
+        tenant, shard 0 first), else per shard (`sharded`), else the bare one."""
         if any(t is not None for t in tenants):
             if shards > 1:
-                raise ValueError("LLM_STREAM_SHARDS > 1 and tenants are exclusive for now")
+                return [cls.for_prefix(prefix, t, n, cluster) for t in tenants for n in range(shards)]
             return [cls.for_prefix(prefix, t, cluster=cluster) for t in tenants]
         if sharded(shards, cluster):
             return [cls.for_prefix(prefix, shard=n, cluster=cluster) for n in range(shards)]
@@ -169,7 +210,7 @@ class StreamNames:
 
     @property
     def lane(self) -> tuple[str | None, int | None]:
-        """What tells this namespace's request stream from the others a worker reads."""
+        """What tells this namespace's request stream from the others a worker reads: (tenant, shard)."""
         return (self.tenant, self.shard)
 
     def reply(self, request_id: str) -> str:
