@@ -5,6 +5,10 @@ without a GPU), and SmolLM2 through `PagedEngine` against the FP32 cache."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pydantic
@@ -440,6 +444,23 @@ def test_int8_rope_store_kernel_rotates_keys_values_and_queries_like_the_referen
     assert (kernel.data.int() - reference.data.int()).abs().max() <= 1
     assert kernel.scales is not None and reference.scales is not None
     torch.testing.assert_close(kernel.scales, reference.scales, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_rotating_store_kernels_compile_for_hopper(dtype: str):
+    """The store kernels with the rotation compiled to sm_90 cubins (no GPU needed; `hopper_compile.py`
+    in a process without the interpreter): the compiler takes the in-register Hadamard tile and its
+    tl.dot, on the tensor cores for FP16/BF16 (the interpreter cannot multiply BF16 tiles)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    script = Path(__file__).with_name("hopper_compile.py")
+    done = subprocess.run(
+        [sys.executable, str(script), dtype, "kv-store"], env=env, capture_output=True, text=True
+    )
+    if done.returncode == 3:  # this Triton has no ahead-of-time compiler
+        pytest.skip(done.stdout.strip())
+    assert done.returncode == 0, done.stderr[-3000:]
+    unit = "fma" if dtype == "fp32" else "mma"
+    assert done.stdout.split() == ["store", unit, "rope", unit] * 3
 
 
 def forward_step(
