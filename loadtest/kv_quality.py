@@ -36,12 +36,9 @@ Rows (`--rows`, comma-separated, in order; the first is the agreement reference)
   w8a8                   INT8 linears with per-token INT8 activations (`torch._int_mm`)
   bf16                   LLM_WEIGHTS=bf16: the whole model in bfloat16, for scale (what a plain
                          half-precision change costs in perplexity and agreement)
-  int8-kv                LLM_KV_DTYPE=int8: INT8 K/V with one FP16 scale per token per KV head,
-                         weights as the baseline
+  int8-kv                LLM_KV_DTYPE=int8: INT8 K/V rotated by the normalised Hadamard matrix, one
+                         FP16 scale per token per KV head, weights as the baseline
   int8-weights-int8-kv   LLM_WEIGHTS=int8 and LLM_KV_DTYPE=int8 together
-  int8-kv-hadamard       INT8 K/V rotated by the normalised 64x64 Hadamard matrix before quantising
-                         (`kv_int8_scheme="hadamard"`, a prototype of the torch backend only)
-  int8-kv-hadamard-rs    the same with fixed random signs on H's rows (`kv_int8_scheme="hadamard-rs"`)
 
   window-50, window-25    KV pruning, LLM_KV_PRUNE_MODE=window (4 sink tokens = one block kept, then
                          the most recent blocks), at a budget of 50% / 25% of each request's tokens
@@ -191,18 +188,14 @@ def build_rows(args: argparse.Namespace) -> dict[str, Row]:
             Row("int8-weights-lm-head", "int8", transform=quantize_lm_head, note="lm_head INT8 too"),
             Row("w8a8", "w8a8", note="INT8 weights + per-token INT8 activations"),
             Row("bf16", "bf16", note="every weight and activation in bfloat16: a reference precision change"),
-            Row("int8-kv", engine_options={"kv_dtype": "int8"}, note="LLM_KV_DTYPE=int8"),
+            Row(
+                "int8-kv", engine_options={"kv_dtype": "int8"},
+                note="LLM_KV_DTYPE=int8 (K/V rotated by H before quantising)",
+            ),  # fmt: skip
             Row(
                 "int8-weights-int8-kv", "int8", engine_options={"kv_dtype": "int8"},
                 note="LLM_WEIGHTS=int8, LLM_KV_DTYPE=int8",
             ),  # fmt: skip
-            *(
-                Row(
-                    f"int8-kv-{scheme}", engine_options={"kv_dtype": "int8", "kv_int8_scheme": scheme},
-                    note=f"LLM_KV_DTYPE=int8, K/V rotated before quantising (kv_int8_scheme={scheme})",
-                )  # fmt: skip
-                for scheme in ("hadamard", "hadamard-rs")
-            ),
             *(
                 Row(
                     f"{mode}-{pct}", engine_options={"kv_prune_mode": mode}, kv_fraction=pct / 100,

@@ -1,13 +1,15 @@
 """INT8 KV cache variants on SmolLM2's real keys and values: reconstruction error and greedy agreement.
 
-Measures, on CPU with the FP32 model and the torch attention backend, how four ways of quantising a
-K or V vector to INT8 compare with today's (`quant/kv_int8.py`):
+Measures, on CPU with the FP32 model and the torch attention backend, how ways of quantising a K or
+V vector to INT8 compare (the engine's INT8 cache is `hadamard`, `quant/kv_int8.py`; the study was
+run before it was, against `sym`, the format it replaced):
 
-  sym           today's format: symmetric, one FP16 scale per token per KV head, `max |x| / 127`.
-  hadamard      the vector is first rotated by the normalised 64x64 Hadamard matrix H (x -> x H, as
-                QuaRot does), then quantised as `sym`. H is orthonormal, so q.k = (q H).(k H) and
-                softmax(.) V = (softmax(.) V H) H^T: a kernel rotates the query and un-rotates the
-                attention output instead of un-rotating every K/V it reads. Same bytes as `sym`.
+  sym           the former format: symmetric, one FP16 scale per token per KV head, `max |x| / 127`.
+  hadamard      the engine's format: the vector is first rotated by the normalised 64x64 Hadamard
+                matrix H (x -> x H, as QuaRot does), then quantised as `sym`. H is orthonormal, so
+                q.k = (q H).(k H) and softmax(.) V = (softmax(.) V H) H^T: the kernels rotate the query
+                and un-rotate the attention output instead of un-rotating every K/V they read. Same
+                bytes as `sym`.
   asym          per token per head with an FP16 scale and an FP16 zero point (the midpoint of the
                 vector's min and max): `q = round((x - mid) / ((max - min) / 254))`. Two bytes more
                 per vector (1.88x the blocks of FP16 instead of 1.94x at head_dim 64).
@@ -36,9 +38,8 @@ Steps:
      forced, each prompt followed by the FP32 engine's 16 tokens is prefilled once and the 16 logit
      rows that predicted them are compared with the FP32 engine's: mean KL(FP32 || variant), RMS
      logit error, and how many of the 128 argmaxes flip.
-  4. With `--engine-schemes`, the same greedy agreement through the real INT8 cache of each scheme
-     that the engine implements (`PagedEngine(kv_dtype="int8", kv_int8_scheme=...)`), to check the
-     prototype against its simulation.
+  4. With `--engine`, the same measures through the engine's real INT8 cache
+     (`PagedEngine(kv_dtype="int8")`, rotated by H), to check it against its simulation.
 
 Run (about 3 minutes on one core of the 2-core dev machine):
 
@@ -63,7 +64,13 @@ sys.path.insert(0, str(ROOT))
 # The prompts and greedy helpers of the engine tests, so this measures exactly what test_kv_int8.py does.
 sys.path.insert(0, str(ROOT / "tests" / "engine"))
 
-from engine_helpers import CHAT_PROMPTS, chat, common_prefix, greedy_tokens, request  # noqa: E402
+from engine_helpers import (  # noqa: E402
+    CHAT_PROMPTS,
+    chat,
+    common_prefix,
+    greedy_tokens,
+    teacher_forced_logits,
+)
 
 from worker.engine.kv_cache import KVCache  # noqa: E402
 from worker.engine.llm_engine import PagedEngine  # noqa: E402
@@ -205,40 +212,6 @@ def rel_error(x: torch.Tensor, back: torch.Tensor) -> float:
     return ((back.float() - x.float()).norm() / x.float().norm()).item()
 
 
-@torch.inference_mode()
-def teacher_forced_logits(
-    engine: PagedEngine, prompts: list[list[int]], tokens: list[list[int]]
-) -> torch.Tensor:
-    """[prompts, NEW_TOKENS, vocab]: the logits that predicted each of `tokens`, one prefill per prompt.
-
-    `engine` (prefix caching off, so every token is computed) is closed afterwards.
-    """
-    captured: list[torch.Tensor] = []
-
-    def keep_hidden(_module: Any, _inputs: Any, output: Any) -> None:
-        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        captured.append(hidden[0].detach())
-
-    handle = engine.model.get_decoder().register_forward_hook(keep_hidden)
-    rows = []
-    try:
-        for i, (prompt, new) in enumerate(zip(prompts, tokens, strict=True)):
-            captured.clear()
-            ids = prompt + new[:-1]
-            engine.add_request(request(f"tf{i}", ids, max_tokens=1, ignore_eos=True))
-            while engine.has_unfinished():
-                engine.step()
-            hidden = torch.cat(captured)
-            if hidden.shape[0] != len(ids):
-                raise RuntimeError(f"prompt {i}: {hidden.shape[0]} hidden states for {len(ids)} tokens")
-            hidden = hidden[len(prompt) - 1 :]
-            rows.append(engine.model.lm_head(hidden).float())
-    finally:
-        handle.remove()
-        engine.close()
-    return torch.stack(rows)
-
-
 def compare_logits(ref: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
     logp_ref, logp_got = ref.log_softmax(-1), got.log_softmax(-1)
     kl = (logp_ref.exp() * (logp_ref - logp_got)).sum(-1)
@@ -282,9 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--variants", default="", help="comma-separated subset of the variants (default all)")
-    parser.add_argument(
-        "--engine-schemes", default="", help="comma-separated kv_int8_scheme values to run through the engine"
-    )
+    parser.add_argument("--engine", action="store_true", help="also run the engine's own INT8 cache")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -347,23 +318,22 @@ def main(argv: list[str] | None = None) -> int:
         }
         print_result(name, results[name])
 
-    # 4. The engine's real INT8 cache, per scheme it implements: with PagedEngine's defaults as the
-    # FP32 baseline above, and with the worker's admission policy as test_kv_int8.py's INT8 engine
-    # (built by create_engine from WorkerSettings: a 4096-token step, 32 sequences, a 10 ms window).
+    # 4. The engine's real INT8 cache: with PagedEngine's defaults as the FP32 baseline above, and with
+    # the worker's admission policy as test_kv_int8.py's INT8 engine (built by create_engine from
+    # WorkerSettings: a 4096-token step, 32 sequences, a 10 ms window).
     engine_results: dict[str, Any] = {}
-    for scheme in filter(None, args.engine_schemes.split(",")):
-        for config, options in (("", {}), ("worker:", {"policy": WorkerSettings().batch_policy()})):
-            engine = fp32_engine(loaded, kv_dtype="int8", kv_int8_scheme=scheme, **options)
-            tokens = greedy_tokens(engine, CHAT_PROMPTS, NEW_TOKENS)
-            engine.close()
-            result: dict[str, Any] = {**agreement(baseline, tokens), "tokens": tokens}
-            if not config:
-                tf_engine = fp32_engine(
-                    loaded, enable_prefix_caching=False, kv_dtype="int8", kv_int8_scheme=scheme
-                )
-                result.update(compare_logits(ref_logits, teacher_forced_logits(tf_engine, prompts, baseline)))
-            engine_results[config + scheme] = result
-            print_result(f"engine:{config}{scheme}", result)
+    for config, options in (("", {}), ("worker:", {"policy": WorkerSettings().batch_policy()})):
+        if not args.engine:
+            break
+        engine = fp32_engine(loaded, kv_dtype="int8", **options)
+        tokens = greedy_tokens(engine, CHAT_PROMPTS, NEW_TOKENS)
+        engine.close()
+        result: dict[str, Any] = {**agreement(baseline, tokens), "tokens": tokens}
+        if not config:
+            tf_engine = fp32_engine(loaded, enable_prefix_caching=False, kv_dtype="int8")
+            result.update(compare_logits(ref_logits, teacher_forced_logits(tf_engine, prompts, baseline)))
+        engine_results[config + "int8"] = result
+        print_result(f"engine:{config}int8", result)
     print(f"\n{time.monotonic() - t0:.0f} s")
     if args.json_out:
         args.json_out.write_text(

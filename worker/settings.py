@@ -125,7 +125,8 @@ class WorkerSettings(BaseSettings):
     kv_dtype: Literal["auto", "fp16", "bf16", "fp32", "int8"] = Field(
         default="auto",
         description="KV cache format (paged engine): auto (the activation dtype), fp16, bf16, fp32, or int8 "
-        "(one FP16 scale per token and KV head, ~1.9x the tokens of fp16 in the same LLM_KV_CACHE_BYTES).",
+        "(K/V rotated by a Hadamard matrix, one FP16 scale per token and KV head, ~1.9x the tokens of fp16 "
+        "in the same LLM_KV_CACHE_BYTES; needs a power-of-two head_dim).",
     )
     kv_block_size_tokens: int = Field(default=16, ge=1, description="Tokens per KV cache block.")
     kv_budget_tokens: int = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -115,3 +116,37 @@ def greedy_tokens(engine: PagedEngine, prompts: list[str], new_tokens: int) -> l
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Tokens two greedy runs share before they first differ."""
     return next((n for n, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+
+
+@torch.inference_mode()
+def teacher_forced_logits(
+    engine: PagedEngine, prompts: list[list[int]], tokens: list[list[int]]
+) -> torch.Tensor:
+    """[prompts, new tokens, vocab]: the logits that predicted each of `tokens`, one prefill per prompt.
+
+    `engine` (prefix caching off, so every token is computed) is closed afterwards.
+    """
+    captured: list[torch.Tensor] = []
+
+    def keep_hidden(_module: Any, _inputs: Any, output: Any) -> None:
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        captured.append(hidden[0].detach())
+
+    handle = engine.model.get_decoder().register_forward_hook(keep_hidden)
+    rows = []
+    try:
+        for i, (prompt, new) in enumerate(zip(prompts, tokens, strict=True)):
+            captured.clear()
+            ids = prompt + new[:-1]
+            engine.add_request(request(f"tf{i}", ids, max_tokens=1, ignore_eos=True))
+            while engine.has_unfinished():
+                engine.step()
+            hidden = torch.cat(captured)
+            if hidden.shape[0] != len(ids):
+                raise RuntimeError(f"prompt {i}: {hidden.shape[0]} hidden states for {len(ids)} tokens")
+            hidden = hidden[len(prompt) - 1 :]
+            rows.append(engine.model.lm_head(hidden).float())
+    finally:
+        handle.remove()
+        engine.close()
+    return torch.stack(rows)

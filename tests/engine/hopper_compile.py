@@ -1,4 +1,5 @@
-"""Compile the INT8 matmul kernels to sm_90 cubins without a GPU: `python hopper_compile.py fp16`.
+"""Compile the INT8 matmul kernels to sm_90 cubins without a GPU: `python hopper_compile.py fp16`;
+`python hopper_compile.py fp16 kv-store` compiles the INT8 KV store kernels (Hadamard rotation) instead.
 
 Run by tests/engine/test_int8_matmul.py in a process without TRITON_INTERPRET (the interpreter
 replaces the kernels by Python functions). Pointers and the sizes and strides of rows are declared
@@ -62,5 +63,32 @@ def main(dtype: str) -> None:
     print("reduce")
 
 
+def main_kv_store(dtype: str) -> None:
+    """The quantising, rotating store kernels at SmolLM2's, Llama-3.2-1B's and a head_dim 128 shape.
+
+    Prints `store` and `rope` per shape, each followed by `mma` where the rotation's tl.dot runs on the
+    tensor cores (FP16/BF16) or `fma` where it does not (FP32, IEEE products)."""
+    from worker.engine.kernels import kv_store, rope_store
+
+    caches = {"k_cache_ptr": "*i8", "v_cache_ptr": "*i8", "k_scale_ptr": "*fp16", "v_scale_ptr": "*fp16"}
+    caches["slot_ptr"] = "*i64"
+    for kv_heads, heads, dim in ((3, 9, 64), (8, 32, 64), (8, 32, 128)):
+        rotation = {"QUANT": True, "IEEE": dtype == "fp32", "NORM": dim**-0.5}
+        types = {"key_ptr": f"*{dtype}", "value_ptr": f"*{dtype}", **caches}
+        types |= {n: "i32" for n in ("stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_slot")}
+        consts = {"NUM_KV_HEADS": kv_heads, "HEAD_DIM": dim, "BLOCK_H": 16, "BLOCK_D": dim, **rotation}
+        ptx = compile_for_hopper(kv_store._store_kv_kernel, types, consts, num_warps=4).asm["ptx"]
+        print("store", "mma" if "mma" in ptx else "fma")
+        types = {n: f"*{dtype}" for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "q_out_ptr")} | caches
+        types |= {n: "i32" for n in ("stride_t", "stride_cos", "stride_qo", "stride_slot")}
+        consts = {"NUM_HEADS": heads, "NUM_KV_HEADS": kv_heads, "HEAD_DIM": dim, "BLOCK_H": max(heads, 16)}
+        consts |= {"BLOCK_KV": 16, "HALF": dim // 2, **rotation}
+        ptx = compile_for_hopper(rope_store._rope_store_kernel, types, consts, num_warps=4).asm["ptx"]
+        print("rope", "mma" if "mma" in ptx else "fma")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[2:] == ["kv-store"]:
+        main_kv_store(sys.argv[1])
+    else:
+        main(sys.argv[1])

@@ -36,16 +36,19 @@ def run(engine: PagedEngine) -> dict[str, list[int]]:
     return tokens
 
 
-@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
-def test_graph_replay_matches_the_eager_forward(kv_dtype: str):
+@pytest.mark.parametrize(("kv_dtype", "fused"), [("auto", True), ("int8", True), ("int8", False)])
+def test_graph_replay_matches_the_eager_forward(kv_dtype: str, fused: bool):
+    """An INT8 cache is rotated by H: the fused layers rotate in rope_store, the unfused attention
+    function in store_kv and a torch matmul on the queries; both un-rotate the output in the graph."""
     from worker.engine.random_model import random_causal_lm
 
     loaded = random_causal_lm("llama-1b", device="cuda", dtype=torch.float16)
     engine = PagedEngine(
         loaded.model, loaded.tokenizer, kv_cache_bytes=2 << 30, max_num_seqs=48, max_batch_tokens=8192,
-        max_prefill_chunk_tokens=4096, prefill_interval_steps=0, kv_dtype=kv_dtype,
+        max_prefill_chunk_tokens=4096, prefill_interval_steps=0, kv_dtype=kv_dtype, fused_layers=fused,
     )  # fmt: skip
     assert engine.describe()["kv_dtype"] == ("int8" if kv_dtype == "int8" else "fp16")
+    assert (engine.kv_cache.rotation is not None) == (kv_dtype == "int8")
     assert engine.runner.graphs is not None
     rng = random.Random(0)
     for i in range(37):  # a bucket of 40, padded with 3 rows
@@ -110,6 +113,7 @@ def test_pruned_graph_replay_matches_the_eager_forward(mode: str, kv_dtype: str)
         kv_prune_mode=mode,
     )  # fmt: skip
     assert engine.runner.graphs is not None
+    assert (engine.kv_cache.rotation is not None) == (kv_dtype == "int8")
     free_before = engine.block_manager.num_free_blocks
     rng = random.Random(1)
     for i in range(13):
@@ -122,6 +126,8 @@ def test_pruned_graph_replay_matches_the_eager_forward(mode: str, kv_dtype: str)
     running = list(engine.scheduler.running)
     assert len(running) == 13 and all(seq.num_evicted_blocks > 0 for seq in running)
     assert all(seq.kv_len(seq.num_computed_tokens) <= 256 for seq in running)
+    if mode == "snapkv":  # the fused attention's eager prefills scored the prompt blocks
+        assert all(seq.block_scores for seq in running)
     for seq in running:  # what planning the next decode does: evict to fit, give the token a slot
         assert engine.scheduler._fit_budget(seq, 1) == 1
         engine.block_manager.ensure_slots(seq, seq.num_computed_tokens + 1)

@@ -17,7 +17,11 @@ plain torch, exact, runs on CPU, and is the oracle the kernels are tested agains
 
 With an INT8 cache (`LLM_KV_DTYPE=int8`) both backends take the layer's scales as well: the
 reference dequantises the blocks it gathers (`quant/kv_int8.py`), the kernels quantise as they
-store and dequantise as they load, so no full-precision copy of the cache is ever made. A float
+store and dequantise as they load, so no full-precision copy of the cache is ever made. Such a
+cache holds K and V rotated by a Hadamard matrix H (`kv_cache.py`): both stores rotate, the
+attention function rotates the queries by H first and multiplies the output by H^T after (two
+small matmuls per layer, on the cache's preallocated H), and the attention kernels and the
+reference attend in the rotated basis unchanged. A float
 cache of another dtype than the activations (FP16 KV under FP32 activations, say) is read and
 cast to the queries' dtype the same way.
 """
@@ -269,33 +273,32 @@ def paged_attention_forward(
     k_scale, v_scale = metadata.kv_cache.layer_scales(layer_idx)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q = query[0].transpose(0, 1)  # [T, H, D], a view
-    rotation = metadata.kv_cache.rotation
+    kv_cache = metadata.kv_cache
+    # An INT8 cache holds K H and V H (kv_cache.py): (q H).(k H) = q.k, and the output comes back as
+    # (P V) H, multiplied by H^T below. Unchanged for a float cache.
+    q = kv_cache.rotate_queries(q)
     if metadata.backend == "triton":
         from worker.engine.kernels.kv_store import store_kv
 
-        if rotation is not None:
-            raise NotImplementedError("a rotated INT8 KV cache (kv_int8_scheme) has only the torch backend")
         store_kv(new_keys, new_values, k_cache, v_cache, metadata.slot_mapping, k_scale, v_scale)
         out = triton_paged_attention(q, k_cache, v_cache, metadata, scale, k_scale, v_scale)
     else:
-        metadata.kv_cache.write(layer_idx, metadata.slot_mapping, new_keys, new_values)
-        if rotation is not None:
-            # The cache holds K R and V R: (q R).(k R) = q.k, and the output comes back as (P V) R.
-            q = (q.float() @ rotation).to(q.dtype)
+        kv_cache.write(layer_idx, metadata.slot_mapping, new_keys, new_values)
         with sdpa_kernel(_SDPA_BACKENDS):
             out = paged_attention_reference(q, k_cache, v_cache, metadata, scale, k_scale, v_scale)
-        if rotation is not None:
-            out = (out.float() @ rotation.T).to(out.dtype)
+    out = kv_cache.unrotate_output(out)
     if metadata.score_requests:
-        _add_window_scores(q, k_cache, k_scale, metadata, scale)
+        add_window_scores(q, k_cache, k_scale, metadata, scale)
     return out.unsqueeze(0), None
 
 
-def _add_window_scores(
+def add_window_scores(
     q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tensor | None, metadata: AttentionMetadata,
     scale: float,
 ) -> None:  # fmt: skip
-    """Add this layer's SnapKV scores of each requested row's kept tokens (plain torch over the stored K)."""
+    """Add this layer's SnapKV scores of each requested row's kept tokens (plain torch over the stored K).
+
+    `q` must be in the stored keys' basis: rotated by H for an INT8 cache (`KVCache.rotate_queries`)."""
     from worker.engine.kv_prune import window_scores
 
     if metadata.context_lens_host is None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.engine.attention import current_metadata, triton_paged_attention
+from worker.engine.attention import add_window_scores, current_metadata, triton_paged_attention
 from worker.engine.quant.int8_linear import Int8Linear
 
 SUPPORTED_ATTENTION = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
@@ -116,14 +116,19 @@ class PagedSelfAttention(nn.Module):
 
         metadata = current_metadata()
         tokens = hidden_states.shape[1]
-        k_cache, v_cache = metadata.kv_cache.layer(self.layer_idx)
-        k_scale, v_scale = metadata.kv_cache.layer_scales(self.layer_idx)
+        kv_cache = metadata.kv_cache
+        k_cache, v_cache = kv_cache.layer(self.layer_idx)
+        k_scale, v_scale = kv_cache.layer_scales(self.layer_idx)
         cos, sin = position_embeddings
+        # With an INT8 cache the kernel stores K H and V H and returns the queries as q H (kv_cache.py).
         query = rope_and_store(
             self.qkv(hidden_states[0]), cos, sin, k_cache, v_cache, metadata.slot_mapping,
             self.num_heads, self.num_kv_heads, self.head_dim, k_scale, v_scale,
         )  # fmt: skip
         out = triton_paged_attention(query, k_cache, v_cache, metadata, self.scaling, k_scale, v_scale)
+        out = kv_cache.unrotate_output(out)  # (P V H) H^T for an INT8 cache
+        if metadata.score_requests:  # SnapKV, eager prefill steps only: queries in the stored keys' basis
+            add_window_scores(query, k_cache, k_scale, metadata, self.scaling)
         return self.original.o_proj(out.view(1, tokens, -1)), None  # type: ignore[operator]
 
 

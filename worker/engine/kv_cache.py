@@ -10,9 +10,11 @@ tensor `scales` [num_layers, 2, num_blocks, block_size, num_kv_heads], the same 
 without head_dim: a block's scales live at its block id, so whatever shares or reuses a block
 (prefix caching, preemption) shares its scales with it, and a flat slot id addresses them too.
 
-`int8_scheme` other than `symmetric` (a prototype of the torch backend only) rotates each head's
-K and V before they are quantised (`quant/kv_int8.py`, `kv_rotation`): the cache then holds
-rotated vectors, and the attention function rotates the queries and un-rotates the output.
+An INT8 cache holds each head's K and V rotated by the normalised Hadamard matrix H before they
+were quantised (`quant/kv_int8.py`; `KVCache.rotation` is H, allocated once with the pool): every
+backend's store rotates (`write` here, the Triton store kernels on the GPU path), and the attention
+rotates the queries by H and multiplies its output by H^T. It needs a power-of-two head_dim, which
+`KVCacheSpec` checks for an INT8 cache.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from worker.engine.quant.kv_int8 import KV_SCALE_DTYPE, kv_rotation, quantize_kv
+from worker.engine.quant.kv_int8 import KV_SCALE_DTYPE, check_head_dim, kv_rotation, quantize_kv, rotate
 
 KV_DTYPE_CHOICES: tuple[str, ...] = ("auto", "fp16", "bf16", "fp32", "int8")
 _KV_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
@@ -50,16 +52,17 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
-    int8_scheme: str = "symmetric"  # `quant/kv_int8.py` KV_INT8_SCHEMES; only read for an INT8 cache
+
+    def __post_init__(self) -> None:
+        if self.quantized:
+            check_head_dim(self.head_dim)  # the Hadamard rotation of an INT8 cache
 
     @classmethod
-    def from_model_config(
-        cls, config: Any, dtype: torch.dtype, int8_scheme: str = "symmetric"
-    ) -> KVCacheSpec:
+    def from_model_config(cls, config: Any, dtype: torch.dtype) -> KVCacheSpec:
         num_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        return cls(config.num_hidden_layers, num_kv_heads, head_dim, dtype, int8_scheme)
+        return cls(config.num_hidden_layers, num_kv_heads, head_dim, dtype)
 
     @property
     def quantized(self) -> bool:
@@ -109,10 +112,11 @@ class KVCache:
         )  # fmt: skip
         # Ones, not zeros: a slot never written dequantises to 0 either way, and no scale is ever 0.
         self.scales: torch.Tensor | None = None
-        # [head_dim, head_dim] FP32 applied to K/V before quantising (x -> x R); None: stored as they are.
+        # INT8 only: the FP32 [head_dim, head_dim] Hadamard matrix H applied to K/V before quantising
+        # (x -> x H), allocated here once so that CUDA graphs capture the same tensor; None: stored as is.
         self.rotation: torch.Tensor | None = None
         if spec.quantized:
-            self.rotation = kv_rotation(spec.int8_scheme, spec.head_dim, device)
+            self.rotation = kv_rotation(spec.head_dim, device)
             shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads)
             self.scales = torch.ones(shape, dtype=KV_SCALE_DTYPE, device=device)
 
@@ -132,6 +136,14 @@ class KVCache:
             return None, None
         return self.scales[layer_idx, 0], self.scales[layer_idx, 1]
 
+    def rotate_queries(self, query: torch.Tensor) -> torch.Tensor:
+        """Queries [..., head_dim] as the stored keys need them: q H for an INT8 cache, else `query`."""
+        return query if self.rotation is None else rotate(query, self.rotation)
+
+    def unrotate_output(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output over the stored (rotated) V back in the model's basis: out H^T for INT8."""
+        return out if self.rotation is None else rotate(out, self.rotation.T)
+
     def release(self) -> None:
         """Drop the tensors (the engine's `close`), so their memory can be reused at once."""
         del self.data
@@ -140,7 +152,10 @@ class KVCache:
     def write(
         self, layer_idx: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> None:
-        """Store new tokens' K/V ([num_tokens, num_kv_heads, head_dim]) at their flat slots."""
+        """Store new tokens' K/V ([num_tokens, num_kv_heads, head_dim]) at their flat slots.
+
+        An INT8 cache stores them rotated by H and quantised (the module doc); the torch reference of
+        the Triton store kernels."""
         k_cache, v_cache = self.layer(layer_idx)
         flat = (-1, self.spec.num_kv_heads, self.spec.head_dim)
         k_scale, v_scale = self.layer_scales(layer_idx)
@@ -150,6 +165,6 @@ class KVCache:
             return
         flat_scale = (-1, self.spec.num_kv_heads)
         for cache, scales, new in ((k_cache, k_scale, key), (v_cache, v_scale, value)):
-            q, scale = quantize_kv(new if self.rotation is None else new.float() @ self.rotation)
+            q, scale = quantize_kv(new.float() if self.rotation is None else new.float() @ self.rotation)
             cache.view(flat).index_copy_(0, slot_mapping, q)
             scales.view(flat_scale).index_copy_(0, slot_mapping, scale)

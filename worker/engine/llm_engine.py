@@ -92,16 +92,14 @@ class PagedEngine(Engine):
         kv_budget_tokens: int = 0,
         kv_sink_tokens: int = DEFAULT_SINK_TOKENS,
         kv_prune_mode: str = "window",
-        kv_int8_scheme: str = "symmetric",
     ):
         """`policy`, when given (the worker passes the one built from its settings), replaces the
         admission knobs above (max_num_seqs ... max_wait_ms); `prefill_interval_steps` None = automatic.
         `model_name` (the worker's MODEL) names the model in the start-up logs; default: its config's path.
-        `kv_dtype` (`LLM_KV_DTYPE`): auto (the activation dtype), fp16, bf16, fp32 or int8 (kv_cache.py).
+        `kv_dtype` (`LLM_KV_DTYPE`): auto (the activation dtype), fp16, bf16, fp32 or int8 (kv_cache.py;
+        INT8 K/V are rotated by a Hadamard matrix before quantising and need a power-of-two head_dim).
         `kv_budget_tokens`, `kv_sink_tokens`, `kv_prune_mode`: KV pruning (`kv_prune.py`); budget 0 = off,
-        a request's own `kv_budget_tokens` overrides it.
-        `kv_int8_scheme` (INT8 KV only; `quant/kv_int8.py`): `symmetric` (the INT8 cache), or a
-        prototype that rotates K/V before quantising (`hadamard`, `hadamard-rs`), torch backend only."""
+        a request's own `kv_budget_tokens` overrides it."""
         self.prune = PrunePolicy(
             block_size=block_size, default_budget_tokens=kv_budget_tokens, sink_tokens=kv_sink_tokens,
             mode=kv_prune_mode,  # type: ignore[arg-type]  # checked by PrunePolicy
@@ -121,15 +119,12 @@ class PagedEngine(Engine):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.eos_token_ids = eos_token_ids(model, tokenizer)
-        spec = KVCacheSpec.from_model_config(
-            model.config, resolve_kv_dtype(kv_dtype, self.dtype), kv_int8_scheme
-        )
+        # Raises for an INT8 cache of a model whose head_dim is not a power of two.
+        spec = KVCacheSpec.from_model_config(model.config, resolve_kv_dtype(kv_dtype, self.dtype))
         num_blocks = num_blocks_for_budget(spec, block_size, self.device, kv_cache_bytes, gpu_memory_fraction)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.kv_cache = KVCache(spec, num_blocks, block_size, self.device)
         self.attention_backend = resolve_backend(attention_backend, self.device)
-        if self.kv_cache.rotation is not None and self.attention_backend != "torch":
-            raise ValueError(f"kv_int8_scheme={kv_int8_scheme!r} needs attention_backend='torch'")
         # Longest sequence a CUDA graph's block table must hold: the model's context, or the whole cache.
         self.max_model_len = min(
             max_model_len or getattr(model.config, "max_position_embeddings", 0) or num_blocks * block_size,

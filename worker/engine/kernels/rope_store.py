@@ -6,8 +6,15 @@ a padding row, nothing stored). This replaces transformers' rotate-half arithmet
 launches per layer) and the separate KV store. `cos`/`sin` are the model's own rotary tables for
 the step's positions ([T, D], both halves), so any RoPE scaling the model configures applies.
 Rounded as transformers rounds it: cos/sin in the model dtype, each product and the sum rounded.
-An INT8 cache (QUANT) gets the rotated keys and the values quantised per KV head on the way, with
-`kv_store.quantize_heads` (the same rounding as the torch reference), and their scales.
+An INT8 cache (QUANT) holds K and V rotated by the normalised Hadamard matrix H (`quant/kv_int8.py`):
+the program multiplies the keys (after RoPE, since H mixes RoPE's two halves) and the values by H,
+quantises them per KV head on the way with `kv_store.quantize_heads` (the same rounding as the torch
+reference), and stores their scales; the queries it returns are rotated by H as well, so attention
+over the cache computes (q H).(k H) = q.k, and the caller multiplies the attention output by H^T
+(`KVCache.unrotate_output`). H of size D is [[H', H'], [H', -H']] with H' of size D/2, so on the two
+halves the kernel works on, [x1, x2] H = [(x1 + x2) H', (x1 - x2) H']: two `tl.dot`s per tensor
+against H' generated in registers (`kv_store.hadamard_product`, +-1 entries; rows and half-width
+padded to 16 with masked zeros).
 """
 
 from __future__ import annotations
@@ -16,7 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.engine.kernels.kv_store import check_scales, quantize_heads
+from worker.engine.kernels.kv_store import (
+    check_scales,
+    hadamard_product,
+    quantize_heads,
+    rotation_launch_args,
+)
 
 
 @triton.jit
@@ -29,11 +41,20 @@ def _rotate(x1, x2, c1, c2, s1, s2):
 
 
 @triton.jit
+def _hadamard_halves(x1, x2, HALF: tl.constexpr, half, IEEE: tl.constexpr, NORM: tl.constexpr):
+    """[x1, x2] H for the halves [rows >= 16, HALF] of vectors of size 2 * half -> FP32 halves."""
+    a1 = hadamard_product(x1, HALF, half, IEEE)
+    a2 = hadamard_product(x2, HALF, half, IEEE)
+    return (a1 + a2) * NORM, (a1 - a2) * NORM
+
+
+@triton.jit
 def _rope_store_kernel(
     qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
     stride_t, stride_cos, stride_qo, stride_slot,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, HALF: tl.constexpr, QUANT: tl.constexpr,
+    IEEE: tl.constexpr = False, NORM: tl.constexpr = 1.0,
 ):  # fmt: skip
     token = tl.program_id(0)
     half = HEAD_DIM // 2
@@ -50,6 +71,9 @@ def _rope_store_kernel(
     q1 = tl.load(row + h * HEAD_DIM + d[None, :], mask=q_mask, other=0.0)
     q2 = tl.load(row + h * HEAD_DIM + half + d[None, :], mask=q_mask, other=0.0)
     o1, o2 = _rotate(q1, q2, c1[None, :], c2[None, :], s1[None, :], s2[None, :])
+    if QUANT:  # the queries of a rotated cache: q H, rounded to the model dtype as the torch path rounds
+        h1, h2 = _hadamard_halves(o1, o2, HALF, half, IEEE, NORM)
+        o1, o2 = h1.to(q1.dtype), h2.to(q1.dtype)
     q_out = q_out_ptr + token * stride_qo + h * HEAD_DIM + d[None, :]
     tl.store(q_out, o1, mask=q_mask)
     tl.store(q_out + half, o2, mask=q_mask)
@@ -66,11 +90,14 @@ def _rope_store_kernel(
     v1 = tl.load(v_row, mask=kv_mask, other=0.0)
     v2 = tl.load(v_row + half, mask=kv_mask, other=0.0)
     if QUANT:
-        # One scale per head over both halves; masked lanes are 0 (rotated zeros stay zero).
-        k_amax = tl.maximum(tl.max(tl.abs(r1.to(tl.float32)), 1), tl.max(tl.abs(r2.to(tl.float32)), 1))
-        v_amax = tl.maximum(tl.max(tl.abs(v1.to(tl.float32)), 1), tl.max(tl.abs(v2.to(tl.float32)), 1))
-        k1_q, k_s = quantize_heads(r1, k_amax)
-        k2_q, _ = quantize_heads(r2, k_amax)
+        # K after RoPE and V, times H (FP32); masked lanes and rows are 0 and stay 0.
+        k1, k2 = _hadamard_halves(r1, r2, HALF, half, IEEE, NORM)
+        v1, v2 = _hadamard_halves(v1, v2, HALF, half, IEEE, NORM)
+        # One scale per head over both halves.
+        k_amax = tl.maximum(tl.max(tl.abs(k1), 1), tl.max(tl.abs(k2), 1))
+        v_amax = tl.maximum(tl.max(tl.abs(v1), 1), tl.max(tl.abs(v2), 1))
+        k1_q, k_s = quantize_heads(k1, k_amax)
+        k2_q, _ = quantize_heads(k2, k_amax)
         v1_q, v_s = quantize_heads(v1, v_amax)
         v2_q, _ = quantize_heads(v2, v_amax)
         tl.store(k_cache_ptr + dest, k1_q, mask=kv_mask)
@@ -94,8 +121,10 @@ def rope_and_store(
     slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """qkv [T, (H + 2 KV) * D] -> rotated queries [T, H, D]; rotated keys and values go to the cache
-    (an INT8 cache: quantised, with their scales in `k_scale`/`v_scale` [blocks, block_size, KV])."""
+    """qkv [T, (H + 2 KV) * D] -> queries [T, H, D] after RoPE; keys after RoPE and values go to the cache.
+
+    An INT8 cache (scales `k_scale`/`v_scale` [blocks, block_size, KV]) stores K and V times H,
+    quantised, and the queries come back times H too (the module doc)."""
     num_tokens = qkv.shape[0]
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
@@ -103,12 +132,17 @@ def rope_and_store(
     sin = sin.to(qkv.dtype).reshape(num_tokens, head_dim)
     k_s, v_s, quant = check_scales(k_cache, k_scale, v_scale)
     q_out = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    block_h, block_kv = triton.next_power_of_2(num_heads), triton.next_power_of_2(num_kv_heads)
+    half = triton.next_power_of_2(head_dim // 2)
+    rotation: dict[str, object] = {}
+    if quant:  # tl.dot's smallest tile is 16 x 16
+        block_h, block_kv, half = max(block_h, 16), max(block_kv, 16), max(half, 16)
+        rotation = rotation_launch_args(qkv.dtype, head_dim)
     if num_tokens:
         _rope_store_kernel[(num_tokens,)](
             qkv, cos.contiguous(), sin.contiguous(), q_out, k_cache, v_cache, k_s, v_s, slot_mapping,
             qkv.stride(0), head_dim, num_heads * head_dim, num_kv_heads * head_dim,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-            BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
-            HALF=triton.next_power_of_2(head_dim // 2), QUANT=quant,
+            BLOCK_H=block_h, BLOCK_KV=block_kv, HALF=half, QUANT=quant, **rotation,
         )  # fmt: skip
     return q_out

@@ -1,11 +1,20 @@
 """INT8 KV cache (`LLM_KV_DTYPE=int8`): the quantise/dequantise reference the kernels are tested against.
 
-Symmetric, one scale per token per KV head, computed when the token is written and never again
-(no calibration, nothing that depends on other tokens): `scale = max_d |x[d]| / 127`, stored as
-FP16, and `q = round(x / scale)` against that stored scale, so dequantising (`q * scale`)
-reproduces exactly the rounding made here. Each element is then off by at most half a step,
-`|x - q * scale| <= scale / 2` (plus the FP16 rounding of the scale itself, which the division
-against the stored scale absorbs).
+Each KV head's K (after RoPE) and V vector is first rotated by the normalised Hadamard matrix H of
+size head_dim (`kv_rotation`: x -> x H), then quantised symmetrically with one scale per token per
+KV head, computed when the token is written and never again (no calibration, nothing that depends
+on other tokens): `scale = max_d |y[d]| / 127`, stored as FP16, and `q = round(y / scale)` against
+that stored scale, so dequantising (`q * scale`) reproduces exactly the rounding made here. Each
+element of the rotated vector y is then off by at most half a step, `|y - q * scale| <= scale / 2`
+(plus the FP16 rounding of the scale itself, which the division against the stored scale absorbs).
+
+Why the rotation: H is orthonormal, so attention reads the cache unchanged but for the rounding
+when the queries are rotated too ((q H).(k H) = q.k) and the output multiplied by H^T
+((P (V H)) H^T = P V). It spreads a key's few large channels over all of them: in SmolLM2-135M a
+key's largest element is a median 5.2x its RMS before H and 2.4x after, so one scale per vector
+rounds it about half as coarsely (K's relative error 1.15% -> 0.55%, V's 0.65% -> 0.59%; see
+docs/benchmarks.md, "INT8 KV cache"). Sylvester's construction needs a power-of-two head_dim, which
+the INT8 cache therefore requires (`check_head_dim`; SmolLM2 and Llama-3.2 use 64).
 
 Why per token and per head: a K/V vector is written once and read by every later query, and
 its magnitude varies a lot between heads and between tokens (attention-sink tokens carry large
@@ -21,7 +30,10 @@ to 20 for K and from 0.045 to 13 for V. BF16 scales would have the range but rou
 8 bits and, under Triton's interpreter, convert by truncation (the kernels' tests compare bits).
 
 Rounding is half away from zero (not torch's half to even) because it is what the Triton store
-kernels compute without a libdevice call; both agree bit for bit under the interpreter.
+kernels compute without a libdevice call; both agree bit for bit under the interpreter on the
+unrotated values. The kernels rotate in registers (`kernels/kv_store.py`, `kernels/rope_store.py`),
+summing in another order than the torch matmul, so a rotated value may differ in its last bit and
+round to the neighbouring INT8 step.
 """
 
 from __future__ import annotations
@@ -36,8 +48,6 @@ KV_SCALE_DTYPE = torch.float16
 # scale is ever zero or subnormal (a subnormal scale would round by far more than 2^-11).
 KV_SCALE_MIN = torch.finfo(torch.float16).tiny
 KV_SCALE_MAX = torch.finfo(torch.float16).max
-# How K/V are transformed before they are quantised (`kv_rotation`); prototype, torch backend only.
-KV_INT8_SCHEMES: tuple[str, ...] = ("symmetric", "hadamard", "hadamard-rs")
 
 
 def hadamard_matrix(
@@ -61,21 +71,29 @@ def hadamard_matrix(
     return (h / math.sqrt(n)).to(dtype=dtype, device=device)
 
 
-def kv_rotation(scheme: str, head_dim: int, device: torch.device | None = None) -> torch.Tensor | None:
-    """The FP32 [head_dim, head_dim] rotation an INT8 scheme applies to K and V before quantising.
+def check_head_dim(head_dim: int) -> None:
+    """Refuse a head_dim the INT8 cache cannot rotate (Sylvester's H needs a power of two)."""
+    if head_dim < 1 or head_dim & (head_dim - 1):
+        raise ValueError(
+            f"LLM_KV_DTYPE=int8 needs a power-of-two head_dim (K/V are rotated by a Hadamard matrix "
+            f"before quantising); this model's head_dim is {head_dim}: use LLM_KV_DTYPE=auto, fp16 or bf16"
+        )
 
-    `symmetric` (the default) quantises the vectors as they are: None. `hadamard` rotates each head's
-    K and V by the normalised Hadamard matrix H (x -> x H) and quantises the rotated vector; the
-    query is rotated the same way and the attention output multiplied by H^T, so attention is
-    unchanged but for the rounding. A rotation spreads a key's few large channels over all of them
-    (SmolLM2's keys: largest element a median 5.2x the RMS before, 2.4x after), so one scale rounds
-    them about half as coarsely. `hadamard-rs`: H with fixed random signs on its rows.
+
+def kv_rotation(head_dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """The FP32 [head_dim, head_dim] matrix H an INT8 cache applies to K and V before quantising.
+
+    Each head's K and V are stored as x H (quantised); the attention rotates the query the same way
+    and multiplies its output by H^T, so attention is unchanged but for the rounding (module doc).
+    Sylvester's H is symmetric, so H^T = H.
     """
-    if scheme not in KV_INT8_SCHEMES:
-        raise ValueError(f"kv_int8_scheme must be one of {', '.join(KV_INT8_SCHEMES)}; got {scheme!r}")
-    if scheme == "symmetric":
-        return None
-    return hadamard_matrix(head_dim, torch.float32, device, random_signs=scheme == "hadamard-rs")
+    check_head_dim(head_dim)
+    return hadamard_matrix(head_dim, torch.float32, device)
+
+
+def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x [..., head_dim] -> x @ rotation in FP32, back in x's dtype (queries in, outputs out)."""
+    return (x.float() @ rotation).to(x.dtype)
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
