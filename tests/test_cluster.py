@@ -143,7 +143,11 @@ def finals_per_request(
 @pytest.mark.parametrize("shards", [1, 4])
 def test_every_request_answered_exactly_once(cluster: LocalCluster, tmp_path: Path, shards: int) -> None:
     prefix = f"c{uuid.uuid4().hex[:8]}"
-    workers = [start_cluster_worker(cluster.url, prefix, tmp_path, shards) for _ in range(2)]
+    # The second worker writes its replies from a background thread, as a worker on a GPU does.
+    workers = [
+        start_cluster_worker(cluster.url, prefix, tmp_path, shards, async_replies=background)
+        for background in (False, True)
+    ]
     client = ChatClient(
         cluster.url, prefix=prefix, redis_cluster=True, stream_shards=shards, content_type="json"
     )
@@ -168,6 +172,7 @@ def test_every_request_answered_exactly_once(cluster: LocalCluster, tmp_path: Pa
             assert w.stop() == 0
     started = workers[0].events("worker_started")[0]
     assert started["cluster"] is True and started["shards"] == shards
+    assert all(w.events("worker_stopped")[0]["done"] > 0 for w in workers)  # both ways of writing served
 
 
 def test_shard_key_keeps_a_conversation_on_one_shard(cluster: LocalCluster, tmp_path: Path) -> None:
