@@ -37,17 +37,31 @@ QMAX = 127
 # On CUDA, steps of at most this many rows (decode steps) take the Triton kernel of
 # `kernels/int8_matmul.py` on the weight-only path; larger ones (prefill) dequantise for cuBLAS.
 TRITON_MAX_ROWS = 64
+# The cast path (CPU, and CUDA prefill) converts the INT8 weight to the activation dtype before the
+# matmul; a weight whose float copy would exceed this many bytes (an lm_head over a large
+# vocabulary: 525 MB in FP16 for Llama-3.2-1B) is multiplied in slices of output channels, so the
+# temporary stays at most this size.
+CAST_CHUNK_BYTES = 64 << 20
+QUANT_CHUNK_ELEMENTS = 1 << 22  # rows quantised at a time by `quantize_weight` (FP32 temporaries)
 _TRITON: bool | None = None
 
 
 def quantize_weight(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel INT8: (int8 weight [out, in], scale [out] in `scale_dtype`)."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / QMAX).to(scale_dtype)
-    # An all-zero row (or one too small for a float16 scale) quantises to zeros with scale 1.
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    # Round against the stored (possibly float16) scale, so dequantising reproduces this rounding.
-    q = torch.round(w / scale.float()[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    """Symmetric per-output-channel INT8: (int8 weight [out, in], scale [out] in `scale_dtype`).
+
+    Rows are independent, so a large weight (an embedding table) is quantised `QUANT_CHUNK_ELEMENTS`
+    at a time: the FP32 temporaries stay small beside the float weight and its INT8 result."""
+    rows = max(1, QUANT_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=scale_dtype, device=weight.device)
+    for start in range(0, weight.shape[0], rows):
+        w = weight[start : start + rows].detach().float()
+        s = (w.abs().amax(dim=1) / QMAX).to(scale_dtype)
+        # An all-zero row (or one too small for a float16 scale) quantises to zeros with scale 1.
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        # Round against the stored (possibly float16) scale, so dequantising reproduces this rounding.
+        q[start : start + rows] = torch.round(w / s.float()[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+        scale[start : start + rows] = s
     return q, scale
 
 
@@ -156,11 +170,23 @@ class Int8Linear(nn.Module):
             from worker.engine.kernels.int8_matmul import int8_matmul
 
             return int8_matmul(x2, self.weight, self.scale, self.bias).view(*shape[:-1], self.out_features)
+        elif self.weight.numel() * x2.element_size() > CAST_CHUNK_BYTES:
+            out = self._forward_cast_chunked(x2)
         else:
             out = F.linear(x2, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.view(*shape[:-1], self.out_features)
+
+    def _forward_cast_chunked(self, x: torch.Tensor) -> torch.Tensor:
+        """The cast path over slices of output channels (see `CAST_CHUNK_BYTES`); the same products."""
+        weight, scale = self.weight, self.scale.to(x.dtype)
+        out = x.new_empty(x.shape[0], self.out_features)
+        rows = max(1, CAST_CHUNK_BYTES // (self.in_features * x.element_size()))
+        for start in range(0, self.out_features, rows):
+            end = min(start + rows, self.out_features)
+            out[:, start:end] = F.linear(x, weight[start:end].to(x.dtype)) * scale[start:end]
+        return out
 
     def _forward_w8a8(self, x: torch.Tensor) -> torch.Tensor:
         x_scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-8) / QMAX
