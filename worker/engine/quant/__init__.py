@@ -5,7 +5,14 @@ that a tied lm_head shares (`int8_embedding.py`), the module swap (`quantize.py`
 from worker.engine.quant.int8_embedding import Int8Embedding, TiedInt8Linear
 from worker.engine.quant.int8_linear import Int8Linear
 from worker.engine.quant.quantize import QuantReport, quantize_embeddings, quantize_linears, quantize_model
-from worker.engine.quant.weights import WEIGHTS_CHOICES, WeightsPlan, dtype_name, plan_weights, weights_label
+from worker.engine.quant.weights import (
+    WEIGHTS_CHOICES,
+    WeightsPlan,
+    dtype_name,
+    plan_weights,
+    weight_bytes,
+    weights_label,
+)
 
 __all__ = [
     "WEIGHTS_CHOICES",
@@ -19,5 +26,6 @@ __all__ = [
     "quantize_embeddings",
     "quantize_linears",
     "quantize_model",
+    "weight_bytes",
     "weights_label",
 ]

@@ -57,6 +57,15 @@ def weights_label(model: nn.Module) -> str:
     return dtype_name(next(model.parameters()).dtype)
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights hold: all parameters and buffers (`Int8Linear` and `Int8Embedding`
+    keep theirs as buffers), each storage once, so a tied lm_head (the same table as the embedding)
+    and fused projections (views of the fused tensor) count once."""
+    tensors = [*model.parameters(), *model.buffers()]
+    unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(unique.values())
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """Short name of a dtype for logs: fp32, fp16, bf16, int8, fp8_e4m3 (else torch's own name)."""
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "int8"}
