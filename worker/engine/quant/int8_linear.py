@@ -13,7 +13,9 @@ Two forwards, chosen per module by `activations`:
   On CUDA, steps of at most `TRITON_MAX_ROWS` rows (decode) run the Triton kernel of
   `kernels/int8_matmul.py` instead: it reads the INT8 tiles and converts them in registers (no
   float copy of the weight), accumulates in FP32 and scales the output, so a decode step reads
-  half the weight bytes of FP16. Larger steps (prefill) keep the cast and cuBLAS.
+  half the weight bytes of FP16. Larger steps (prefill) keep the cast and cuBLAS. A weight whose
+  float copy would exceed `CAST_CHUNK_BYTES` (a large-vocabulary lm_head, `int8_embedding.py`) is
+  cast and multiplied in slices of output channels, so the temporary stays bounded.
 - `"int8"` (W8A8): each token's activations are quantised too (one scale per row of `x`,
   dynamic), the product runs on `torch._int_mm` (INT8 x INT8 -> INT32) and is rescaled by both
   scales. On CPUs with VNNI this is several times faster than an FP32 `F.linear`. CUDA's
