@@ -221,7 +221,8 @@ def test_large_weights_quantise_and_cast_in_chunks_with_the_same_results(monkeyp
     whole = Int8Linear.from_linear(linear)
     out = whole(x)
     monkeypatch.setattr(int8_linear_module, "QUANT_CHUNK_ELEMENTS", 64 * 7)  # 7 rows at a time
-    monkeypatch.setattr(int8_linear_module, "CAST_CHUNK_BYTES", 64 * 4 * 300)  # 300 outputs at a time
+    monkeypatch.setattr(int8_linear_module, "CPU_CAST_MIN_BYTES", 64 * 4 * 999)
+    monkeypatch.setattr(int8_linear_module, "CPU_CAST_CHUNK_BYTES", 64 * 4 * 300)  # 300 outputs at a time
     chunked = Int8Linear.from_linear(linear)
     assert torch.equal(chunked.weight, whole.weight) and torch.equal(chunked.scale, whole.scale)
     torch.testing.assert_close(chunked(x), out, rtol=1e-6, atol=1e-6)
