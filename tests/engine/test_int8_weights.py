@@ -307,3 +307,5 @@ def test_quantize_linears_skips_lm_head_and_reports_bytes():
     assert report.quantized == ["proj"] and report.skipped == ["lm_head"]
     assert (report.bytes_before, report.bytes_after) == (16 * 32 * 4 + 16 * 4, 16 * 32 + 16 * 4 + 16 * 4)
     assert isinstance(model.proj, Int8Linear) and type(model.lm_head) is nn.Linear
+    # Not a transformers model (no get_input/output_embeddings): nothing more to quantise.
+    assert quantize_embeddings(model).quantized == [] and type(model.lm_head) is nn.Linear

@@ -87,9 +87,15 @@ def _find(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str, str] | N
 
 def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
     """The input embedding and the output projection of a transformers model (None where absent)."""
-    get_in = getattr(model, "get_input_embeddings", None)
-    get_out = getattr(model, "get_output_embeddings", None)
-    return (get_in() if callable(get_in) else None), (get_out() if callable(get_out) else None)
+
+    def call(name: str) -> nn.Module | None:
+        getter = getattr(model, name, None)
+        try:
+            return getter() if callable(getter) else None
+        except (NotImplementedError, AttributeError):  # transformers' default for models without one
+            return None
+
+    return call("get_input_embeddings"), call("get_output_embeddings")
 
 
 def quantize_embeddings(model: nn.Module, *, untied_embedding: bool = True) -> QuantReport:
