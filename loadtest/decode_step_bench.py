@@ -46,6 +46,7 @@ from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from worker.engine.kv_cache import KVCacheSpec  # noqa: E402
 from worker.engine.llm_engine import PagedEngine  # noqa: E402
 from worker.engine.model_loader import LoadedModel  # noqa: E402
+from worker.engine.quant import weight_bytes as quant_weight_bytes  # noqa: E402
 from worker.engine.quant import weights_label  # noqa: E402
 
 WARMUP_STEPS = 2  # untimed decode steps once every sequence decodes
@@ -54,11 +55,10 @@ HBM_TB_S = (("H200", 4.8), ("H100 NVL", 3.9), ("H100 PCIe", 2.0), ("H100", 3.35)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of all parameters and buffers (`Int8Linear` keeps its INT8 weight and scales as buffers),
-    each storage once: tied embeddings share one, and fused projections' views count with their storage."""
-    tensors = [*model.parameters(), *model.buffers()]
-    unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(unique.values())
+    """Bytes of all parameters and buffers (INT8 linears and the INT8 embedding table keep theirs as
+    buffers), each storage once: a tied lm_head shares the embedding's table, and fused projections'
+    views count with their storage (`quant.weight_bytes`, also the engine's `describe()` field)."""
+    return quant_weight_bytes(model)
 
 
 def hbm_tb_s(device: torch.device, flag: float | None) -> float:

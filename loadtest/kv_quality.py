@@ -31,8 +31,12 @@ this measures. Nothing here calibrates on it (INT8 scales come from the weights 
 Rows (`--rows`, comma-separated, in order; the first is the agreement reference):
 
   baseline               LLM_WEIGHTS=auto (FP32 on CPU, FP16 on GPU)
-  int8-weights           weight-only INT8 linears, per-output-channel scales (embedding, lm_head float)
-  int8-weights-lm-head   the same, lm_head quantised too
+  int8-weights           LLM_WEIGHTS=int8: weight-only INT8 linears, per-output-channel scales, and
+                         the (tied) embedding / lm_head as one INT8 table with a scale per row
+  int8-weights-lm-head   INT8 linears and an INT8 lm_head, the embedding lookup float (what an untied
+                         model would get if its embedding stayed float: isolates the lookup's cost)
+  int8-weights-float-embedding  INT8 linears only; embedding and lm_head float (LLM_WEIGHTS=int8
+                         before the embedding was quantised)
   w8a8                   INT8 linears with per-token INT8 activations (`torch._int_mm`)
   bf16                   LLM_WEIGHTS=bf16: the whole model in bfloat16, for scale (what a plain
                          half-precision change costs in perplexity and agreement)
@@ -178,14 +182,24 @@ class Row:
 
 def build_rows(args: argparse.Namespace) -> dict[str, Row]:
     def quantize_lm_head(model: Any) -> None:
-        quantize_linears(model, skip=())  # the other linears are Int8Linear already
+        quantize_linears(model, skip=())  # lm_head too (from the tied float table, which stays)
+
+    def quantize_linears_only(model: Any) -> None:
+        quantize_linears(model)  # lm_head skipped
 
     return {
         row.name: row
         for row in (
             Row("baseline", note="LLM_WEIGHTS=auto"),
-            Row("int8-weights", "int8", note="weight-only INT8, per-channel scales; lm_head float"),
-            Row("int8-weights-lm-head", "int8", transform=quantize_lm_head, note="lm_head INT8 too"),
+            Row("int8-weights", "int8", note="INT8 linears; one INT8 table for embedding and lm_head"),
+            Row(
+                "int8-weights-lm-head", transform=quantize_lm_head,
+                note="INT8 linears and lm_head; embedding lookup float",
+            ),  # fmt: skip
+            Row(
+                "int8-weights-float-embedding", transform=quantize_linears_only,
+                note="INT8 linears only; embedding and lm_head float",
+            ),  # fmt: skip
             Row("w8a8", "w8a8", note="INT8 weights + per-token INT8 activations"),
             Row("bf16", "bf16", note="every weight and activation in bfloat16: a reference precision change"),
             Row(

@@ -32,6 +32,16 @@ def test_weight_bytes_count_int8_buffers_and_each_storage_once():
     )
     report = int8.quant_report
     assert report is not None and report.bytes_after < report.bytes_before / 3
+    # The tied embedding / lm_head is one INT8 table with a scale per row, counted once.
+    vocab, hidden = fp32.model.model.embed_tokens.weight.shape
+    assert report.embedding == "tied" and report.quantized[-2:] == ["model.embed_tokens", "lm_head"]
+    assert int8.model.lm_head.weight is int8.model.model.embed_tokens.weight
+    modules = fp32.model.named_modules()
+    linears = [m for name, m in modules if type(m) is torch.nn.Linear and name != "lm_head"]
+    weights = sum(m.weight.numel() for m in linears)
+    channels = sum(m.out_features for m in linears)
+    assert report.bytes_before == 4 * (weights + vocab * hidden)  # FP32, the table once; no biases
+    assert report.bytes_after == weights + vocab * hidden + 4 * (channels + vocab)  # INT8 + FP32 scales
     assert any(t.dtype == torch.float32 for t in fp32.model.buffers())  # rotary frequencies
     expected = decode_step_bench.weight_bytes(fp32.model) - report.bytes_before + report.bytes_after
     assert decode_step_bench.weight_bytes(int8.model) == expected

@@ -94,7 +94,8 @@ class WorkerSettings(BaseSettings):
         default="auto",
         description="Weight format: auto (LLM_DTYPE), fp16, bf16, int8 (INT8 linears with per-channel "
         "scales, activations in LLM_DTYPE), w8a8 (INT8 linears and per-token INT8 activations on "
-        "torch._int_mm); embedding and lm_head stay float.",
+        "torch._int_mm); both also store the embedding as INT8 with a scale per vocabulary row, one table "
+        "that a tied lm_head shares.",
     )
     trust_remote_code: bool = Field(
         default=False, description="Allow model repositories to run their own Python code."

@@ -1,9 +1,11 @@
-"""INT8 weights (`LLM_WEIGHTS=int8|w8a8`): `Int8Linear` against `nn.Linear`, exact byte counts, fused
-projections, the setting, and the quantised SmolLM2 through PagedEngine on the torch path and on the
-Triton path (under the interpreter without a GPU)."""
+"""INT8 weights (`LLM_WEIGHTS=int8|w8a8`): `Int8Linear` against `nn.Linear`, the INT8 embedding table a
+tied lm_head shares, exact byte counts, fused projections, the setting, and the quantised SmolLM2
+through PagedEngine on the torch path and on the Triton path (under the interpreter without a GPU)."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 
 import pydantic
@@ -18,7 +20,18 @@ from worker.engine.fused_layers import _fuse_linears
 from worker.engine.kernels import kernels_usable
 from worker.engine.llm_engine import PagedEngine
 from worker.engine.model_loader import LoadedModel, load_model
-from worker.engine.quant import Int8Linear, plan_weights, quantize_linears
+from worker.engine.quant import (
+    Int8Embedding,
+    Int8Linear,
+    TiedInt8Linear,
+    plan_weights,
+    quantize_embeddings,
+    quantize_linears,
+    quantize_model,
+    weight_bytes,
+)
+from worker.engine.quant import int8_linear as int8_linear_module
+from worker.engine.random_model import random_causal_lm
 from worker.settings import WorkerSettings
 
 
@@ -84,28 +97,135 @@ def test_weights_setting_rejects_bad_and_conflicting_values():
 
 
 @pytest.mark.model
-def test_int8_linears_of_fp16_smollm2_take_half_the_bytes_exactly():
+def test_int8_smollm2_in_fp16_takes_half_the_bytes_exactly():
     loaded = load_model(device="cpu", dtype="float16", weights="int8")
     report = loaded.quant_report
     config = loaded.model.config
     h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
     q_out, kv_out = config.num_attention_heads * d, config.num_key_value_heads * d
-    # Per layer: q, k, v, o and gate, up, down; lm_head stays float (tied to the embedding).
+    # Per layer: q, k, v, o and gate, up, down; then the tied embedding / lm_head table, once.
     shapes = [(q_out, h), (kv_out, h), (kv_out, h), (h, q_out), (i, h), (i, h), (h, i)]
-    weights = config.num_hidden_layers * sum(o * n for o, n in shapes)
-    channels = config.num_hidden_layers * sum(o for o, _ in shapes)
-    assert len(report.quantized) == 7 * config.num_hidden_layers and report.skipped == ["lm_head"]
-    assert report.bytes_before == 2 * weights == 212_336_640  # FP16, no biases in SmolLM2
-    assert report.bytes_after == weights + 2 * channels == 106_479_360  # INT8 + one FP16 scale per row
+    weights = config.num_hidden_layers * sum(o * n for o, n in shapes) + config.vocab_size * h
+    channels = config.num_hidden_layers * sum(o for o, _ in shapes) + config.vocab_size
+    assert len(report.quantized) == 7 * config.num_hidden_layers + 2 and report.skipped == []
+    assert report.quantized[-2:] == ["model.embed_tokens", "lm_head"] and report.embedding == "tied"
+    assert report.bytes_before == 2 * weights == 268_959_744  # FP16, no biases in SmolLM2
+    assert report.bytes_after == weights + 2 * channels == 134_889_216  # INT8 + one FP16 scale per row
     assert 0.5 < report.ratio < 0.502
+    model = loaded.model
     held = sum(
         b.numel() * b.element_size()
-        for m in loaded.model.modules()
-        if isinstance(m, Int8Linear)
-        for b in m.buffers()
+        for m in model.modules()
+        if isinstance(m, (Int8Linear, Int8Embedding))
+        for b in m.buffers()  # a TiedInt8Linear has none of its own
     )
     assert held == report.bytes_after
-    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight  # still tied, still FP16
+    table, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(table, Int8Embedding) and isinstance(head, TiedInt8Linear)
+    assert head.weight is table.weight and head.scale is table.scale
+    # Everything the model holds: INT8 matrices, and float vectors (norms, scales, rotary frequencies).
+    for tensor in (*model.parameters(), *model.buffers()):
+        assert tensor.dtype == torch.int8 or tensor.dim() == 1, tensor.shape
+
+
+def test_int8_embedding_lookup_is_exactly_the_dequantised_rows():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        embedding = nn.Embedding(300, 48).to(dtype)
+        with torch.no_grad():
+            embedding.weight[7] = 0.0  # an all-zero row: scale 1, looks up zeros
+        table = Int8Embedding.from_embedding(embedding)
+        assert table.weight.dtype == torch.int8 and table.scale.dtype == dtype and table.scale[7] == 1.0
+        ids = torch.tensor([[0, 7, 299, 5], [5, 5, 1, 2]])
+        out = table(ids)
+        assert out.shape == (2, 4, 48) and out.dtype == dtype
+        assert torch.equal(out, table.dequantized_weight()[ids])  # bit for bit
+        assert not out[0, 1].any()
+        # Rounding moves each entry by at most half its row's step, plus the output's own rounding
+        # to `dtype` (half an ulp: coarse in bfloat16).
+        err = (out.float() - embedding.weight.float()[ids]).abs()
+        step = table.scale.float()[ids].unsqueeze(-1)
+        assert (err <= step / 2 + out.float().abs() * torch.finfo(dtype).eps + 1e-6).all()
+
+
+def _tiny_tied(dtype: torch.dtype = torch.float32) -> nn.Module:
+    return random_causal_lm("tiny", dtype=dtype).model
+
+
+def test_tied_lm_head_reads_the_one_int8_table_and_no_float_copy_survives():
+    model = _tiny_tied()
+    ids = torch.tensor([[1, 5, 7, 300]])
+    with torch.no_grad():
+        float_logits = model(input_ids=ids).logits
+    float_table = weakref.ref(model.model.embed_tokens.weight)
+    assert model.lm_head.weight is float_table()  # tied by transformers
+    report = quantize_model(model)
+    assert report.embedding == "tied" and report.quantized[-2:] == ["model.embed_tokens", "lm_head"]
+    table, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(table, Int8Embedding) and isinstance(head, TiedInt8Linear)
+    assert model.get_input_embeddings() is table and model.get_output_embeddings() is head
+    assert head.weight.data_ptr() == table.weight.data_ptr()
+    assert head.scale.data_ptr() == table.scale.data_ptr()
+    # Nothing references the float table any more: not the model, not transformers' tying.
+    gc.collect()
+    assert float_table() is None
+    vocab, hidden = table.weight.shape
+    for tensor in (*model.parameters(), *model.buffers()):
+        assert not (tensor.is_floating_point() and tensor.shape == (vocab, hidden))
+    assert "lm_head.weight" not in model.state_dict()  # the table is listed once, under the embedding
+    # lm_head computes with the dequantised table, through Int8Linear's own forward.
+    hidden_states = torch.randn(3, hidden)
+    torch.testing.assert_close(head(hidden_states), F.linear(hidden_states, table.dequantized_weight()))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert ((logits - float_logits).norm() / float_logits.norm()).item() < 0.02
+    # `to` moves (or casts) each buffer once, and the lm_head still reads the embedding's.
+    model.to(torch.float16)
+    assert head.weight is table.weight and head.scale is table.scale and table.scale.dtype == torch.float16
+    with pytest.raises(AttributeError, match="embedding's table"):
+        head.weight = torch.zeros(1, dtype=torch.int8)
+
+
+def test_untied_model_gets_an_int8_lm_head_and_an_int8_embedding_of_its_own():
+    model = _tiny_tied()
+    with torch.no_grad():  # untie: lm_head its own (different) table
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach() * 0.5 + 0.01, requires_grad=False)
+    model.config.tie_word_embeddings = False
+    ids = torch.tensor([[1, 5, 7, 300]])
+    with torch.no_grad():
+        float_logits = model(input_ids=ids).logits
+    float_embedding = model.model.embed_tokens
+    report = quantize_model(model)
+    assert report.embedding == "untied" and report.skipped == []
+    head, table = model.lm_head, model.model.embed_tokens
+    assert type(head) is Int8Linear and isinstance(table, Int8Embedding)
+    assert head.weight.data_ptr() != table.weight.data_ptr()
+    torch.testing.assert_close(
+        table(ids), float_embedding(ids), atol=table.scale.max().item() / 2 + 1e-6, rtol=0
+    )
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert ((logits - float_logits).norm() / float_logits.norm()).item() < 0.02
+    # An untied embedding can stay float: only lm_head is quantised then.
+    again = _tiny_tied()
+    again.lm_head.weight = nn.Parameter(again.lm_head.weight.detach().clone(), requires_grad=False)
+    only_head = quantize_embeddings(again, untied_embedding=False)
+    assert only_head.embedding == "lm_head" and only_head.skipped == ["model.embed_tokens"]
+    assert type(again.model.embed_tokens) is nn.Embedding and type(again.lm_head) is Int8Linear
+
+
+def test_large_weights_quantise_and_cast_in_chunks_with_the_same_results(monkeypatch: pytest.MonkeyPatch):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 1000, bias=True)
+    x = torch.randn(5, 64)
+    whole = Int8Linear.from_linear(linear)
+    out = whole(x)
+    monkeypatch.setattr(int8_linear_module, "QUANT_CHUNK_ELEMENTS", 64 * 7)  # 7 rows at a time
+    monkeypatch.setattr(int8_linear_module, "CPU_CAST_MIN_BYTES", 64 * 4 * 999)
+    monkeypatch.setattr(int8_linear_module, "CPU_CAST_CHUNK_BYTES", 64 * 4 * 300)  # 300 outputs at a time
+    chunked = Int8Linear.from_linear(linear)
+    assert torch.equal(chunked.weight, whole.weight) and torch.equal(chunked.scale, whole.scale)
+    torch.testing.assert_close(chunked(x), out, rtol=1e-6, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -137,15 +257,18 @@ def test_int8_smollm2_generates_through_the_engine_and_mostly_agrees_with_fp32(s
     assert described["kv_blocks"] == engine.block_manager.num_blocks > 0
     assert described["kv_pool_bytes"] == engine.kv_cache.data.nbytes <= 32 << 20
     assert described["model"] == WorkerSettings().model
-    assert sum(isinstance(m, Int8Linear) for m in engine.model.modules()) == 210
+    assert described["weight_bytes"] == weight_bytes(engine.model) < weight_bytes(smol.model) / 3.5
+    assert sum(isinstance(m, Int8Linear) for m in engine.model.modules()) == 211  # with the tied lm_head
     int8 = greedy_tokens(engine, PROMPTS, NEW_TOKENS)
     engine.close()
     prefixes = [common_prefix(b, q) for b, q in zip(baseline, int8, strict=True)]
     # Measured (torch 2.13 CPU): 4 of 6 prompts give the same 16 tokens, the others diverge after 3 and 11
-    # (81% of the baseline's tokens reproduced before a divergence). Weight rounding flips near-ties and
-    # after a flip the texts part ways, so the bar is "most prompts agree at the start": at least 4 of 6
-    # identical over their first 8 tokens (measured 5) and at least 70% overall (measured 81%). A broken
-    # quantiser (wrong scale axis, lost bias, bad fused split) produces unrelated text: near 0%.
+    # (81% of the baseline's tokens reproduced before a divergence); the same prefixes, [16, 16, 3, 16,
+    # 11, 16], with the embedding and lm_head in float and with them in INT8. Weight rounding flips
+    # near-ties and after a flip the texts part ways, so the bar is "most prompts agree at the start":
+    # at least 4 of 6 identical over their first 8 tokens (measured 5) and at least 70% overall
+    # (measured 81%). A broken quantiser (wrong scale axis, lost bias, bad fused split) produces
+    # unrelated text: near 0%.
     assert sum(p >= 8 for p in prefixes) >= 4, prefixes
     assert sum(prefixes) >= 0.7 * NEW_TOKENS * len(PROMPTS), prefixes
 
@@ -184,3 +307,5 @@ def test_quantize_linears_skips_lm_head_and_reports_bytes():
     assert report.quantized == ["proj"] and report.skipped == ["lm_head"]
     assert (report.bytes_before, report.bytes_after) == (16 * 32 * 4 + 16 * 4, 16 * 32 + 16 * 4 + 16 * 4)
     assert isinstance(model.proj, Int8Linear) and type(model.lm_head) is nn.Linear
+    # Not a transformers model (no get_input/output_embeddings): nothing more to quantise.
+    assert quantize_embeddings(model).quantized == [] and type(model.lm_head) is nn.Linear

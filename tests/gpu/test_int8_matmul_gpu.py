@@ -104,13 +104,37 @@ def test_kernel_in_a_cuda_graph(m: int):
             assert rel_error(out, reference(lin, x)) < BOUND[torch.float16]
 
 
+@pytest.mark.parametrize("m", [1, 16, 64, 65])
+def test_tied_lm_head_over_the_int8_embedding_table(m: int):
+    """Llama-3.2-1B's tied lm_head (2048 x 128,256) reads the embedding's INT8 table: the kernel for
+    decode rows, the cast path in slices of output channels above 64 rows; the lookup is exact."""
+    from worker.engine.quant import Int8Embedding, TiedInt8Linear
+
+    torch.manual_seed(0)
+    float_table = torch.nn.Embedding(128256, 2048, device="cuda", dtype=torch.float16)
+    table = Int8Embedding.from_embedding(float_table)
+    del float_table
+    head = TiedInt8Linear(table)
+    assert head.weight.data_ptr() == table.weight.data_ptr()
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.float16)
+    out = head(x)
+    ref = x.double() @ table.dequantized_weight(torch.float64).T
+    assert out.dtype == torch.float16 and rel_error(out, ref) < BOUND[torch.float16]
+    ids = torch.randint(0, 128256, (m,), device="cuda")
+    assert torch.equal(table(ids), table.dequantized_weight()[ids])
+
+
 def test_engine_decode_graphs_with_int8_weights_match_the_cublas_path(monkeypatch: pytest.MonkeyPatch):
     """Llama-3.2-1B's shape with INT8 weights: the decode graphs (fused QKV and gate/up through the
-    kernel) against an eager forward with the kernel switched off (dequantised weights, cuBLAS)."""
+    kernel, the INT8 embedding lookup, the tied lm_head over the same table) against an eager forward
+    with the kernel switched off (dequantised weights, cuBLAS)."""
     from worker.engine.llm_engine import PagedEngine
     from worker.engine.model_loader import load_model
+    from worker.engine.quant import Int8Embedding, TiedInt8Linear
 
     loaded = load_model("llama-1b-random", device="cuda", dtype="float16", weights="int8")
+    assert isinstance(loaded.model.model.embed_tokens, Int8Embedding)
+    assert isinstance(loaded.model.lm_head, TiedInt8Linear)
     engine = PagedEngine(
         loaded.model, loaded.tokenizer, kv_cache_bytes=1 << 30, max_num_seqs=24, max_batch_tokens=8192,
         max_prefill_chunk_tokens=4096, prefill_interval_steps=0,

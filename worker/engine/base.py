@@ -194,7 +194,8 @@ class Engine(abc.ABC):
         """What the engine runs, for the start-up logs (`engine_ready`, `worker_started`).
 
         Model engines name `model`, `device`, `dtype` (activations), `weights` and `kv_dtype` (fp16,
-        int8...); engines with a preallocated KV pool add `kv_pool_bytes` and `kv_blocks`.
+        int8...) and `weight_bytes` (the model's parameters and buffers, each storage once); engines
+        with a preallocated KV pool add `kv_pool_bytes` and `kv_blocks`.
         """
         return {}
 

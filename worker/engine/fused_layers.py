@@ -15,7 +15,7 @@ The fused weights are new tensors; the original projections are re-pointed at vi
 no weight is held twice and `restore` puts the original modules back unchanged (the benchmark
 runs transformers' own `generate()` on the same model afterwards). Only classes known to compute
 exactly this are swapped (`SUPPORTED`); any other model keeps its modules and reaches the paged
-kernels through the attention interface. A model quantised by `quant.quantize_linears` (at load,
+kernels through the attention interface. A model quantised by `quant.quantize_model` (at load,
 before the engine swaps) fuses its INT8 projections the same way; the fused `Int8Linear` modules run
 the INT8 matmul kernel (`kernels/int8_matmul.py`) on decode steps like the unfused ones.
 """

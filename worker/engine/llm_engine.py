@@ -37,7 +37,7 @@ from worker.engine.kv_cache import (
 )
 from worker.engine.kv_prune import DEFAULT_SINK_TOKENS, PrunePolicy, block_scores
 from worker.engine.model_runner import LaunchedStep, ModelRunner
-from worker.engine.quant import dtype_name, weights_label
+from worker.engine.quant import dtype_name, weight_bytes, weights_label
 from worker.engine.sequence import Sequence
 from worker.engine.step_scheduler import SchedulerOutput, StepScheduler
 
@@ -345,8 +345,9 @@ class PagedEngine(Engine):
     def describe(self) -> dict[str, str | int]:
         return {
             "model": self.model_name, "device": str(self.device), "dtype": dtype_name(self.dtype),
-            "weights": weights_label(self.model), "kv_dtype": dtype_name(self.kv_cache.spec.dtype),
-            "kv_pool_bytes": self.kv_cache.nbytes, "kv_blocks": self.block_manager.num_blocks,
+            "weights": weights_label(self.model), "weight_bytes": weight_bytes(self.model),
+            "kv_dtype": dtype_name(self.kv_cache.spec.dtype), "kv_pool_bytes": self.kv_cache.nbytes,
+            "kv_blocks": self.block_manager.num_blocks,
         }  # fmt: skip
 
     def close(self) -> None:

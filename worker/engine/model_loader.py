@@ -131,9 +131,10 @@ def load_model(
     names of `random_model.RANDOM_MODELS` build a benchmark shape with seeded random weights.
 
     `weights` (`LLM_WEIGHTS`, see `quant/weights.py`) may override the float dtype and quantise
-    the linears to INT8, on the host before the model moves to `device`.
+    the linears, the embedding and lm_head to INT8 (`quant.quantize_model`), on the host before the
+    model moves to `device` (a random benchmark model is built, and quantised, on `device`).
     """
-    from worker.engine.quant import plan_weights, quantize_linears
+    from worker.engine.quant import plan_weights, quantize_model
     from worker.engine.random_model import RANDOM_MODELS, random_causal_lm  # it imports this module
 
     plan = plan_weights(weights, dtype)
@@ -148,10 +149,10 @@ def load_model(
         )
     report = None
     if plan.int8_activations is not None:
-        report = quantize_linears(hf_model, activations=plan.int8_activations)
+        report = quantize_model(hf_model, activations=plan.int8_activations)
         log.info(
-            "model_quantized", weights=weights, linears=len(report.quantized), skipped=report.skipped,
-            bytes_before=report.bytes_before, bytes_after=report.bytes_after,
+            "model_quantized", weights=weights, modules=len(report.quantized), skipped=report.skipped,
+            embedding=report.embedding, bytes_before=report.bytes_before, bytes_after=report.bytes_after,
         )  # fmt: skip
     # transformers wraps `to` with @wraps(nn.Module.to), which mypy reads as an unbound method.
     hf_model.to(device)  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ from worker.engine.base import (
 )
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.model_loader import LoadedModel
-from worker.engine.quant import dtype_name, weights_label
+from worker.engine.quant import dtype_name, weight_bytes, weights_label
 from worker.engine.sampler import sample_next_tokens
 from worker.engine.tokenize import batch_encode, encode_one
 
@@ -88,7 +88,8 @@ class StaticBatchEngine(Engine):
         dtype = next(self.model.parameters()).dtype  # transformers' cache holds K/V in the model dtype
         return {
             "model": self.model_name, "device": str(self.device), "dtype": dtype_name(dtype),
-            "weights": weights_label(self.model), "kv_dtype": dtype_name(dtype),
+            "weights": weights_label(self.model), "weight_bytes": weight_bytes(self.model),
+            "kv_dtype": dtype_name(dtype),
         }  # fmt: skip
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:

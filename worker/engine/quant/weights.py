@@ -2,10 +2,11 @@
 
 - `auto`: today's behaviour, `LLM_DTYPE` decides (float16 on GPU, float32 on CPU by default);
 - `fp16` / `bf16`: float16 / bfloat16 weights (and activations); `LLM_DTYPE` must be auto or agree;
-- `int8`: weight-only INT8 linears (`Int8Linear`), activations and the remaining weights
-  (embedding, norms, lm_head) in `LLM_DTYPE`;
-- `w8a8`: INT8 linears that also quantise each token's activations and multiply on
-  `torch._int_mm` (faster on CPU; see `int8_linear.py`).
+- `int8`: weight-only INT8 linears (`Int8Linear`) and an INT8 embedding table with a scale per
+  vocabulary row, which a tied lm_head reads as its INT8 weight (`int8_embedding.py`); activations,
+  norms and scales in `LLM_DTYPE`;
+- `w8a8`: the same, with INT8 linears that also quantise each token's activations and multiply on
+  `torch._int_mm` (faster on CPU; see `int8_linear.py`); lm_head stays weight-only.
 """
 
 from __future__ import annotations
@@ -54,6 +55,15 @@ def weights_label(model: nn.Module) -> str:
         if isinstance(module, Int8Linear):
             return "w8a8" if module.activations == "int8" else "int8"
     return dtype_name(next(model.parameters()).dtype)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights hold: all parameters and buffers (`Int8Linear` and `Int8Embedding`
+    keep theirs as buffers), each storage once, so a tied lm_head (the same table as the embedding)
+    and fused projections (views of the fused tensor) count once."""
+    tensors = [*model.parameters(), *model.buffers()]
+    unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(unique.values())
 
 
 def dtype_name(dtype: torch.dtype) -> str:
