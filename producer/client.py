@@ -464,11 +464,11 @@ class ChatClient(_ClientCore):
                 break
             except backlog.AdmissionRefused as exc:
                 raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
-            except TRANSIENT_ERRORS:
+            except TRANSIENT_ERRORS as exc:
                 recover(self.redis)
                 if time.monotonic() >= give_up:
                     raise
-                time.sleep(backoff.next_delay_s())
+                time.sleep(backoff.next_delay_s(exc))
         self._record(request, ct, names)
         return request.id
 
@@ -491,11 +491,11 @@ class ChatClient(_ClientCore):
             try:
                 replies = [self._admission(r) for r in pipe.execute()]
                 break
-            except TRANSIENT_ERRORS:
+            except TRANSIENT_ERRORS as exc:
                 recover(self.redis)
                 if time.monotonic() >= give_up:
                     raise
-                time.sleep(backoff.next_delay_s())
+                time.sleep(backoff.next_delay_s(exc))
         return self._admitted_many(prepared, replies)
 
     def results(
@@ -513,9 +513,9 @@ class ChatClient(_ClientCore):
             try:
                 got = read_entries(self.redis.xread(streams, block=block_ms))
                 backoff.reset()
-            except TRANSIENT_ERRORS:
+            except TRANSIENT_ERRORS as exc:
                 recover(self.redis)
-                time.sleep(min(backoff.next_delay_s(), wait.left_s()))
+                time.sleep(min(backoff.next_delay_s(exc), wait.left_s()))
                 continue
             wait.take(got)
         return wait.out
@@ -567,9 +567,9 @@ class ChatClient(_ClientCore):
                     )
                 )
                 backoff.reset()
-            except TRANSIENT_ERRORS:
+            except TRANSIENT_ERRORS as exc:
                 recover(self.redis)
-                time.sleep(min(backoff.next_delay_s(), max(0.0, deadline - time.monotonic())))
+                time.sleep(min(backoff.next_delay_s(exc), max(0.0, deadline - time.monotonic())))
                 continue
             for _, entries in got:
                 for entry_id, fields in entries:
@@ -657,11 +657,11 @@ class AsyncChatClient(_ClientCore):
                 break
             except backlog.AdmissionRefused as exc:
                 raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
-            except TRANSIENT_ERRORS:
+            except TRANSIENT_ERRORS as exc:
                 recover(self.redis)
                 if time.monotonic() >= give_up:
                     raise
-                await asyncio.sleep(backoff.next_delay_s())
+                await asyncio.sleep(backoff.next_delay_s(exc))
         self._record(request, ct, names)
         return request.id
 
@@ -683,11 +683,11 @@ class AsyncChatClient(_ClientCore):
             try:
                 replies = [self._admission(r) for r in await pipe.execute()]
                 break
-            except TRANSIENT_ERRORS:
+            except TRANSIENT_ERRORS as exc:
                 recover(self.redis)
                 if time.monotonic() >= give_up:
                     raise
-                await asyncio.sleep(backoff.next_delay_s())
+                await asyncio.sleep(backoff.next_delay_s(exc))
         return self._admitted_many(prepared, replies)
 
     async def results(
@@ -705,9 +705,9 @@ class AsyncChatClient(_ClientCore):
             try:
                 got = read_entries(await self.redis.xread(streams, block=block_ms))
                 backoff.reset()
-            except TRANSIENT_ERRORS:
+            except TRANSIENT_ERRORS as exc:
                 recover(self.redis)
-                await asyncio.sleep(min(backoff.next_delay_s(), wait.left_s()))
+                await asyncio.sleep(min(backoff.next_delay_s(exc), wait.left_s()))
                 continue
             wait.take(got)
         return wait.out
@@ -756,9 +756,9 @@ class AsyncChatClient(_ClientCore):
                     )
                 )
                 backoff.reset()
-            except TRANSIENT_ERRORS:
+            except TRANSIENT_ERRORS as exc:
                 recover(self.redis)
-                await asyncio.sleep(min(backoff.next_delay_s(), max(0.0, deadline - time.monotonic())))
+                await asyncio.sleep(min(backoff.next_delay_s(exc), max(0.0, deadline - time.monotonic())))
                 continue
             for _, entries in got:
                 for entry_id, fields in entries:

@@ -206,7 +206,7 @@ class Consumer:
 
     def _backoff_fields(self, exc: Exception) -> tuple[float, dict[str, object]]:
         """The next back-off delay, and the fields of the event that reports it."""
-        delay_s = self.backoff.next_delay_s()
+        delay_s = self.backoff.next_delay_s(exc)
         return delay_s, {"error": f"{type(exc).__name__}: {exc}"[:200], "retry_in_ms": round(delay_s * 1000)}
 
     # -- the parts of an iteration ---------------------------------------------------------------------

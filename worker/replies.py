@@ -22,11 +22,12 @@ from typing import Any
 import redis
 import structlog
 
+from producer.wire.backoff import TRANSIENT_ERRORS
 from producer.wire.codec import ContentType, encode_body, encode_event
 from producer.wire.final_guard import FINAL_SCRIPT, TOKENS_SCRIPT, final_call, tokens_call
 from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode, ErrorEvent, ReplyEvent
-from producer.wire.redis_factory import register_script
+from producer.wire.redis_factory import is_cluster, register_script
 from producer.wire.signing import sign
 
 __all__ = ["FinalWrite", "ReplyWriter"]
@@ -144,9 +145,9 @@ class ReplyWriter:
         return batch
 
     def write(self, q: _Queued) -> list[str]:
-        """Send one batch in one pipeline; returns the ids whose final lost the guard. Raises on connection
-        errors, and the batch may then be written again whole (token events repeat; clients drop them by
-        index; finals and acks are idempotent under the guard)."""
+        """Send one batch in one pipeline; returns the ids whose final lost the guard. Raises on transient
+        errors, leaving in `q` what is still to write, to be written again (token events may repeat;
+        clients drop them by index; finals and acks are idempotent under the guard)."""
         pipe = self.client.pipeline(transaction=False)
         for fields, entry_id in q.dead:
             pipe.xadd(self.dead_stream, fields, maxlen=self.dead_max_entries, approximate=True)  # type: ignore[arg-type]
@@ -164,18 +165,54 @@ class ReplyWriter:
             calls = [(rid, key, (rid, key) in set_ttl, events) for (rid, key), events in streams.items()]
             keys, args = tokens_call(self.names, self.ttl_s, calls)
             self._tokens(keys=keys, args=args, client=pipe)
+        tokens_done: list[Any] = []
+        if is_cluster(self.client) and any((f.request_id, f.reply_key) in streams for f in q.finals):
+            # A cluster pipeline retries a command that got TRYAGAIN (a slot in migration) after the others
+            # ran: a request's final could then precede its last tokens, which the guard drops for good.
+            # So the tokens go first, and the finals only once they are written (one more round trip).
+            tokens_done = pipe.execute(raise_on_error=False)
+            pipe = self.client.pipeline(transaction=False)
+            failed = next((r for r in tokens_done if isinstance(r, TRANSIENT_ERRORS)), None)
+            if failed is not None:
+                unsent = [failed] * (len(q.finals) + (1 if q.acks else 0))
+                self._keep_unwritten(q, tokens_done + unsent, bool(streams))
+                raise failed
         for final in q.finals:
             self._queue_final(pipe, final)
         if q.acks:
             pipe.xack(self.stream, self.group, *q.acks)
         # A command error (say, a hostile reply key of the wrong type) must not block the queue forever:
-        # it is logged and dropped; only connection errors propagate and keep the queue for a retry.
-        results = pipe.execute(raise_on_error=False)
+        # it is logged and dropped; only transient errors propagate and keep the batch for a retry. On a
+        # cluster those come back as results too (a slot in migration: TRYAGAIN past redis-py's own
+        # retries), not raised: a final that was not written must not pass for one another writer won.
+        results = tokens_done + pipe.execute(raise_on_error=False)
+        transient = next((r for r in results if isinstance(r, TRANSIENT_ERRORS)), None)
+        if transient is not None:
+            self._keep_unwritten(q, results, bool(streams))
+            raise transient
         for result in results:
             if isinstance(result, Exception):
                 log.warning("reply_write_failed", error=str(result)[:200])
         won = results[len(results) - len(q.finals) - (1 if q.acks else 0) :][: len(q.finals)]
         return [f.request_id for f, w in zip(q.finals, won, strict=True) if w != 1]
+
+    @staticmethod
+    def _keep_unwritten(q: _Queued, results: list[Any], tokens_sent: bool) -> None:
+        """Before a retry, take out of `q` what this try wrote (in pipeline order: dead letters with their
+        acks, the tokens script, finals, acks): a final written now would read as lost to the guard next
+        time, and its request be reported as answered by another writer."""
+        n_dead = 2 * len(q.dead)
+        dead, rest = results[:n_dead], results[n_dead:]
+        q.dead = [d for i, d in enumerate(q.dead) if isinstance(dead[2 * i], Exception)
+                  or isinstance(dead[2 * i + 1], Exception)]  # fmt: skip
+        if tokens_sent:
+            if not isinstance(rest[0], Exception):
+                q.tokens = []
+            rest = rest[1:]
+        finals, rest = rest[: len(q.finals)], rest[len(q.finals) :]
+        q.finals = [f for f, won in zip(q.finals, finals, strict=True) if won != 1]
+        if q.acks and not isinstance(rest[0], Exception):
+            q.acks = []
 
     def _queue_final(self, pipe: Any, final: FinalWrite) -> None:
         fields = encode_event(final.event, final.content_type, final.reply_key, self.signing_key)

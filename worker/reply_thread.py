@@ -22,7 +22,7 @@ from typing import Any
 import redis
 import structlog
 
-from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
+from producer.wire.backoff import TRANSIENT_ERRORS, Backoff, slot_in_migration
 from worker.replies import ReplyWriter
 
 log = structlog.get_logger("worker")
@@ -43,6 +43,7 @@ class BackgroundWriter:
         self._batches: deque[Any] = deque()  # handed over, not yet written; the head is being written
         self._dropped: list[str] = []
         self._failing: str | None = None  # the last connection error while it lasts
+        self._migrating = False  # ... and it said a slot is moving (TRYAGAIN), not that Redis is away
         self._closing = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="reply-writer", daemon=True)
@@ -67,7 +68,10 @@ class BackgroundWriter:
                 self._batches.append(batch)
                 self._cond.notify_all()
             dropped, self._dropped = self._dropped, []
-            failing = self._failing
+            failing, migrating = self._failing, self._migrating
+        if failing is not None and migrating:
+            # The loop backs off briefly, as for its own TRYAGAIN (see `Backoff.next_delay_s`).
+            raise redis.exceptions.ClusterError(f"reply writes are waiting for a slot to move: {failing}")
         if failing is not None:
             raise redis.ConnectionError(f"reply writes are waiting for Redis: {failing}")
         return dropped
@@ -99,9 +103,10 @@ class BackgroundWriter:
             try:
                 dropped = self.writer.write(batch)
             except TRANSIENT_ERRORS as exc:
-                delay_s = self.backoff.next_delay_s()
+                delay_s = self.backoff.next_delay_s(exc)
                 with self._cond:
                     self._failing = f"{type(exc).__name__}: {exc}"[:200]
+                    self._migrating = slot_in_migration(exc)
                     if self._closing:
                         return  # shutting down without Redis: the entries stay pending and are reclaimed
                 log.warning("redis_unavailable", error=self._failing, retry_in_ms=round(delay_s * 1000))

@@ -19,7 +19,19 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.ClusterDownError,
     redis.exceptions.TryAgainError,
     redis.exceptions.SlotNotCoveredError,
+    # Redis Cluster: redis-py follows ASK/MOVED and retries TRYAGAIN itself, 16 times within about
+    # 0.4 s, then raises ClusterError("TTL exhausted."). While a slot migrates, a command naming keys
+    # of that slot on both sides (a script, a multi-key XREAD) gets TRYAGAIN until the last of its
+    # keys has moved, which can outlast those 0.4 s: retry it with our backoff like an outage.
+    redis.exceptions.ClusterError,
 )
+
+
+def slot_in_migration(exc: BaseException | None) -> bool:
+    """Whether `exc` says a slot is moving between primaries (TRYAGAIN, directly or past redis-py's own
+    retries), not that a server is away: the cluster serves, and the same call succeeds once the
+    command's keys are on one side again."""
+    return isinstance(exc, redis.exceptions.TryAgainError) or type(exc) is redis.exceptions.ClusterError
 
 
 class Backoff:
@@ -31,8 +43,14 @@ class Backoff:
         self.failures = 0
         self._rng = rng or random.Random()
 
-    def next_delay_s(self) -> float:
-        """Record one more failure and return how long to wait."""
+    def next_delay_s(self, exc: BaseException | None = None) -> float:
+        """Record one more failure and return how long to wait.
+
+        A slot in migration (`slot_in_migration(exc)`) is retried after the initial delay, and does not
+        grow the next one: the move ends when it ends, and waiting seconds would stall every other slot's
+        work of the caller meanwhile."""
+        if slot_in_migration(exc):
+            return self.initial_s * self._rng.uniform(0.5, 1.5)
         base = min(self.max_s, self.initial_s * 2 ** min(self.failures, 30))
         self.failures += 1
         return base * self._rng.uniform(0.5, 1.5)
