@@ -2,7 +2,8 @@
 
 The cluster is started by the tests (`worker/embedded_cluster.py`): three primaries of the packaged
 valkey-server with `--cluster-enabled yes`, joined by `valkey-cli --cluster create`; the failover test
-starts three more as replicas and kills a primary while requests are in flight.
+starts three more as replicas and kills a primary while requests are in flight, and the migration test
+moves a shard's slot to another primary while they are.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,6 +99,30 @@ def test_single_node_keys_are_unchanged_and_shards_are_stable() -> None:
     for bad_shard in (-1, 1024):
         with pytest.raises(ValueError):
             StreamNames.for_prefix("llm", "alice", bad_shard)
+
+
+def test_a_slot_in_migration_is_retried_soon_and_unwritten_replies_are_kept() -> None:
+    """TRYAGAIN past redis-py's retries (`ClusterError: TTL exhausted.`) is transient and retried after the
+    initial delay, not a growing one; a reply batch keeps only what that try did not write."""
+    from producer.wire.backoff import TRANSIENT_ERRORS, Backoff, slot_in_migration
+    from worker.replies import FinalWrite, ReplyWriter, _Queued
+
+    ttl = redis.exceptions.ClusterError("TTL exhausted.")
+    assert isinstance(ttl, TRANSIENT_ERRORS) and slot_in_migration(ttl)
+    assert not slot_in_migration(redis.exceptions.ClusterDownError("CLUSTERDOWN"))
+    assert not slot_in_migration(None)
+    backoff = Backoff(100, 5000)
+    for _ in range(5):
+        backoff.next_delay_s(redis.ConnectionError())
+    assert all(0.05 <= backoff.next_delay_s(ttl) < 0.15 for _ in range(20))
+    assert backoff.next_delay_s(redis.ConnectionError()) >= 1.6  # an outage's delay still grows
+    # Pipeline order: dead letter + its ack, the tokens script, the finals, the acks.
+    failed = [ErrorEvent(id=f"r{i}", code=ErrorCode.INTERNAL, message="x", attempt="a") for i in range(3)]
+    finals = [FinalWrite(e.id, f"k-{e.id}", e, "json", b"1-0") for e in failed]
+    q = _Queued(tokens=[("r9", "k9", {}, "json", True)], finals=finals, dead=[({}, b"2-0")], acks=[b"3-0"])
+    ReplyWriter._keep_unwritten(q, [b"1-1", 1, ttl, 1, ttl, 0, 1], tokens_sent=True)
+    assert q.dead == [] and len(q.tokens) == 1 and q.acks == []
+    assert [f.request_id for f in q.finals] == ["r1", "r2"]  # r0 won now; r2 lost the guard (reported again)
 
 
 @pytest.fixture(scope="module")
@@ -324,6 +350,101 @@ def test_primary_failover_loses_and_repeats_no_answer(tmp_path: Path) -> None:
         c.stop()
     assert codes == [0] * len(workers)
     assert any(w.events("redis_unavailable") or w.events("redis_error") for w in workers)
+
+
+@pytest.mark.slow
+def test_slot_migration_under_load_loses_and_repeats_no_answer(tmp_path: Path) -> None:
+    """Move shard {0}'s slot to another primary while requests flow (ASK and TRYAGAIN during the move,
+    MOVED after it): every request gets exactly one final, no worker fails an iteration or drops a write,
+    and the slot is served by the target afterwards. Its own cluster: the move changes the slot map."""
+    try:
+        c = LocalCluster(masters=3).start()
+    except EmbeddedRedisError as exc:
+        pytest.skip(f"no local cluster: {exc}")
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    slot = key_slot(b"0")  # the hash tag {0}: shard 0's stream, replies, guards and heartbeats
+    workers: list[WorkerProcess] = []
+    clients: list[ChatClient] = []
+    try:
+        workers = [
+            start_cluster_worker(c.url, prefix, tmp_path, 4, async_replies=background)
+            for background in (False, True)
+        ]
+        common = {"prefix": prefix, "redis_cluster": True, "stream_shards": 4, "timeout_s": 60}
+        batches, streamer = ChatClient(c.url, content_type="json", **common), ChatClient(c.url, **common)
+        clients = [batches, streamer]
+        assert key_slot(batches.spaces[0].requests.encode()) == slot
+        ids: list[str] = []
+        streamed: list[str] = []
+        failures: list[BaseException] = []
+        stop = threading.Event()
+
+        def submit_and_read() -> None:
+            """Batches of 20, final-only and streamed alternately, each read back (one XREAD per slot)."""
+            try:
+                stream = False
+                while not stop.is_set():
+                    sent = batches.submit_many([{"prompt": "x y z", "max_tokens": 3, "stream": stream}] * 20)
+                    batch = [i for i in sent if isinstance(i, str)]
+                    ids.extend(batch)
+                    got = batches.results(batch, timeout_s=60)
+                    bad = [r for r in got.values() if isinstance(r, Exception)]
+                    assert len(got) == len(batch) and not bad, bad[:3]
+                    stream = not stream
+            except BaseException as exc:  # nothing may get here: redirects and TRYAGAIN are retried
+                failures.append(exc)
+
+        def stream_one_by_one() -> None:
+            """Streamed requests on shard 0 (the slot that moves), each token read as it comes."""
+            try:
+                while not stop.is_set():
+                    reply = streamer.stream(prompt="a b c d", max_tokens=4, shard_key=conversation)
+                    streamed.append(reply.id)
+                    assert [t.index for t in reply] == [0, 1, 2, 3]
+                    assert reply.reply is not None and reply.reply.text == "a b c d"
+            except BaseException as exc:
+                failures.append(exc)
+
+        conversation = next(k for k in (f"conv-{n}" for n in range(100)) if shard_for(k, 4) == 0)
+        threads = [threading.Thread(target=f, daemon=True) for f in (submit_and_read, stream_one_by_one)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        source = c.owner(slot)
+        target = next(p for p in c.primaries() if p != source)
+        moved = c.migrate_slot(slot, target, batch=10, pause_s=0.05)
+        time.sleep(2)  # MOVED for the clients and workers that still route to the source
+        stop.set()
+        for t in threads:
+            t.join(timeout=90)
+        assert not failures, "\n".join("".join(traceback.format_exception(f)) for f in failures)
+        assert moved > 10, moved
+        assert all(c.owner(slot, port) == target for port in c.primaries())
+        shard0 = [i for i in ids if shard_for(i, 4) == 0]
+        assert len(ids) > 200 and len(shard0) > 30 and len(streamed) > 10, (len(ids), len(shard0))
+        assert all(w.proc.poll() is None for w in workers)  # still serving
+        all_ids = ids + streamed
+        counts = finals_per_request(batches.redis, batches.spaces, ids)
+        counts.update(finals_per_request(streamer.redis, streamer.spaces[:1], streamed))  # all on shard 0
+        assert len(counts) == len(all_ids)
+        assert set(counts.values()) == {1}, {k: v for k, v in counts.items() if v != 1}
+        # The source redirected (ASK during the move, MOVED after it); TRYAGAIN where keys were on both sides.
+        admin = redis.Redis(port=source)
+        errors = {k.removeprefix("errorstat_"): v["count"] for k, v in admin.info("errorstats").items()}
+        admin.close()
+        assert errors.get("ASK", 0) > 0 and errors.get("MOVED", 0) > 0, errors
+        print(f"SLOT_MIGRATION requests={len(all_ids)} keys_moved={moved} source ASK={errors['ASK']} "
+              f"MOVED={errors['MOVED']} TRYAGAIN={errors.get('TRYAGAIN', 0)}")  # fmt: skip
+    finally:
+        for client in clients:
+            client.close()
+        codes = [w.stop() for w in workers]
+        c.stop()
+    assert codes == [0] * len(workers)
+    for w in workers:
+        for name in ("iteration_failed", "reply_write_failed", "reply_batch_failed"):
+            assert not w.events(name), (name, w.events(name)[:3])
+        assert not w.events("redis_error"), w.events("redis_error")[:3]
 
 
 def test_shards_on_one_node(start_worker, redis_url: str, prefix: str) -> None:

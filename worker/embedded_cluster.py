@@ -5,7 +5,8 @@
 (`--cluster-replicas` when asked), and waits until every node reports `cluster_state:ok`.
 `url` names the first node; the cluster client discovers the others. `kill(port)` stops one
 node at once (SIGKILL), the way a crashed primary goes, and `wait_promoted` waits until its
-replica serves its slots.
+replica serves its slots. `migrate_slot` moves one slot to another primary the way
+`valkey-cli --cluster reshard` does (IMPORTING/MIGRATING, MIGRATE in batches, SETSLOT NODE).
 """
 
 from __future__ import annotations
@@ -174,6 +175,60 @@ class LocalCluster:
                 return
             time.sleep(0.2)
         raise EmbeddedRedisError(f"no replica took over from {dead} within {timeout_s} s")
+
+    def node_id(self, port: int) -> str:
+        client = redis.Redis(port=port, socket_timeout=2)
+        try:
+            node_id = client.execute_command("CLUSTER", "MYID")
+        finally:
+            client.close()
+        return node_id.decode() if isinstance(node_id, bytes) else str(node_id)
+
+    def owner(self, slot: int, port: int | None = None) -> int:
+        """The port of the primary that serves `slot`, as the node at `port` (default: the first) sees it."""
+        client = redis.Redis(port=port or self.ports[0], socket_timeout=2)
+        try:
+            for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return int(primary[1])
+        finally:
+            client.close()
+        raise EmbeddedRedisError(f"slot {slot} is not served")
+
+    def migrate_slot(self, slot: int, target: int, batch: int = 10, pause_s: float = 0.0) -> int:
+        """Move `slot` to the primary at port `target` while it serves; returns how many keys moved.
+
+        The standard steps: the target IMPORTING, the source MIGRATING (from then on a command for a
+        key the source no longer has is answered ASK, and one naming keys on both sides TRYAGAIN),
+        MIGRATE of the keys in batches of `batch` (with `pause_s` between batches, as a large slot
+        takes time) until the source has none, then SETSLOT NODE on every primary (MOVED afterwards).
+        """
+        source = self.owner(slot)
+        if source == target:
+            return 0
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        src = redis.Redis(port=source, socket_timeout=10)
+        dst = redis.Redis(port=target, socket_timeout=10)
+        moved = 0
+        try:
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
+                src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+                if pause_s:
+                    time.sleep(pause_s)
+            # The target first, then the source, then the others (the order valkey-cli uses).
+            for port in [target, source, *[p for p in self.primaries() if p not in (source, target)]]:
+                admin = redis.Redis(port=port, socket_timeout=10)
+                try:
+                    admin.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+                finally:
+                    admin.close()
+        finally:
+            src.close()
+            dst.close()
+        return moved
 
     def stop(self) -> None:
         for node in self.nodes:
