@@ -154,6 +154,15 @@ def start_cluster_worker(
     return worker
 
 
+def set_users_on_every_node(cluster: LocalCluster, users: dict[str, list[str]]) -> None:
+    """ACL users are per node: set each one's rules on every node of the cluster."""
+    for port in cluster.ports:
+        admin = redis.Redis(port=port)
+        for user, rules in users.items():
+            admin.execute_command("ACL", "SETUSER", user, *rules)
+        admin.close()
+
+
 def finals_per_request(
     client: redis.Redis, client_names: list[StreamNames], ids: list[str]
 ) -> dict[str, int]:
@@ -501,11 +510,7 @@ def test_tenants_on_the_cluster_under_their_acl(cluster: LocalCluster, tmp_path:
     prefix = f"c{uuid.uuid4().hex[:8]}"
     users = {f"w-{prefix}": worker_rules("worker-pw", prefix, cluster=True),
              f"alice-{prefix}": producer_rules("alice", "alice-pw", prefix, cluster=True)}  # fmt: skip
-    for port in cluster.ports:
-        admin = redis.Redis(port=port)
-        for user, rules in users.items():
-            admin.execute_command("ACL", "SETUSER", user, *rules)
-        admin.close()
+    set_users_on_every_node(cluster, users)
     port = cluster.ports[0]
     worker = start_cluster_worker(
         f"redis://w-{prefix}:worker-pw@127.0.0.1:{port}/0", prefix, tmp_path, 1, tenants="alice,bob"
@@ -540,11 +545,7 @@ def test_a_tenants_shards_spread_over_the_cluster_under_its_acl(
     users = {f"w-{prefix}": worker_rules("worker-pw", prefix, cluster=True),
              f"alice-{prefix}": producer_rules("alice", "alice-pw", prefix, cluster=True),
              f"bob-{prefix}": producer_rules("bob", "bob-pw", prefix, cluster=True)}  # fmt: skip
-    for port in cluster.ports:
-        admin = redis.Redis(port=port)
-        for user, rules in users.items():
-            admin.execute_command("ACL", "SETUSER", user, *rules)
-        admin.close()
+    set_users_on_every_node(cluster, users)
     port = cluster.ports[0]
     settings = {"tenants": "alice,bob", "trim_interval_s": 3600}
     url = f"redis://w-{prefix}:worker-pw@127.0.0.1:{port}/0"

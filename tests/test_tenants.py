@@ -132,6 +132,19 @@ def ask(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
+def assert_both_cancels_answered(client: ChatClient) -> None:
+    """A tenant cancels a running request through its own cancel stream, and one no worker serves:
+    a worker writes the `cancelled` reply of each (the second under the final-reply guard)."""
+    rid = client.submit(ask(" ".join(["word"] * 200)), max_tokens=200)
+    time.sleep(0.5)
+    assert client.cancel(rid)
+    client.cancel("not-sent-yet")
+    for request_id in (rid, "not-sent-yet"):
+        with pytest.raises(ChatError) as info:
+            client.result(request_id, timeout_s=20)
+        assert info.value.code == ErrorCode.CANCELLED
+
+
 def test_tenants_are_served_end_to_end_under_their_acls(deployment: Deployment) -> None:
     d = deployment
     key = "tenant-test-signing-key"  # signed replies work in tenant namespaces too (cancels included)
@@ -147,18 +160,7 @@ def test_tenants_are_served_end_to_end_under_their_acls(deployment: Deployment) 
         assert sorted(r.text for r in results.values() if not isinstance(r, ChatError)) == [
             f"batch {i}" for i in range(5)
         ]
-        # A tenant cancels through its own cancel stream; a worker writes the `cancelled` reply.
-        rid = alice.submit(ask(" ".join(["word"] * 200)), max_tokens=200)
-        time.sleep(0.5)
-        assert alice.cancel(rid)
-        with pytest.raises(ChatError) as info:
-            alice.result(rid, timeout_s=20)
-        assert info.value.code == ErrorCode.CANCELLED
-        # A cancel of a request no worker is serving is answered by the workers too (under the guard).
-        alice.cancel("not-sent-yet")
-        with pytest.raises(ChatError) as info:
-            alice.result("not-sent-yet", timeout_s=20)
-        assert info.value.code == ErrorCode.CANCELLED
+        assert_both_cancels_answered(alice)
 
         async def async_chat() -> list[str]:
             async with AsyncChatClient(
@@ -369,16 +371,7 @@ def test_a_tenant_with_shards_is_served_and_kept_apart(deployment: Deployment) -
         assert alice.result(rid).text == "own reply key" and admin.exists(other.reply("mine"))
         # Streaming, and both kinds of cancel, in a shard namespace.
         assert "".join(t.text for t in alice.stream(ask("alice streams"), max_tokens=4)) == "alice streams"
-        long_id = alice.submit(ask(" ".join(["word"] * 200)), max_tokens=200)
-        time.sleep(0.5)
-        assert alice.cancel(long_id)
-        with pytest.raises(ChatError) as info:
-            alice.result(long_id, timeout_s=20)
-        assert info.value.code == ErrorCode.CANCELLED
-        alice.cancel("not-sent-yet")
-        with pytest.raises(ChatError) as info:
-            alice.result("not-sent-yet", timeout_s=20)
-        assert info.value.code == ErrorCode.CANCELLED
+        assert_both_cancels_answered(alice)
 
         # Bob against alice's shards, with one of her requests in flight.
         text = " ".join(f"w{i}" for i in range(40))

@@ -44,6 +44,13 @@ class QuantReport:
     def ratio(self) -> float:
         return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
 
+    def swap(self, parent: nn.Module, attribute: str, name: str, old: nn.Module, new: nn.Module) -> None:
+        """Put `new` in place of `old` at `parent.attribute` and count the bytes of both."""
+        self.bytes_before += module_bytes(old)
+        self.bytes_after += module_bytes(new)
+        setattr(parent, attribute, new)
+        self.quantized.append(name)
+
 
 def module_bytes(module: nn.Module) -> int:
     """Bytes of a module's own parameters and buffers (not its children's)."""
@@ -68,11 +75,7 @@ def quantize_linears(
             if _skipped(name, skip):
                 report.skipped.append(name)
                 continue
-            quantized = Int8Linear.from_linear(child, activations)
-            report.bytes_before += module_bytes(child)
-            report.bytes_after += module_bytes(quantized)
-            setattr(parent, child_name, quantized)
-            report.quantized.append(name)
+            report.swap(parent, child_name, name, child, Int8Linear.from_linear(child, activations))
     return report
 
 
@@ -116,28 +119,18 @@ def quantize_embeddings(model: nn.Module, *, untied_embedding: bool = True) -> Q
     if tied:
         assert emb_at is not None and head_at is not None and isinstance(embedding, nn.Embedding)
         table = Int8Embedding.from_embedding(embedding)
-        report.bytes_before += module_bytes(embedding)  # the tied float table, counted once
-        report.bytes_after += module_bytes(table)
-        setattr(emb_at[0], emb_at[1], table)
-        setattr(head_at[0], head_at[1], TiedInt8Linear(table))
-        report.quantized += [emb_at[2], head_at[2]]
+        report.swap(*emb_at, embedding, table)  # the tied float table, counted once
+        setattr(head_at[0], head_at[1], TiedInt8Linear(table))  # over the table's buffers: no bytes
+        report.quantized.append(head_at[2])
         report.embedding = "tied"
         return report
     if head_at is not None:
         assert isinstance(head, nn.Linear)
-        quantized = Int8Linear.from_linear(head)
-        report.bytes_before += module_bytes(head)
-        report.bytes_after += module_bytes(quantized)
-        setattr(head_at[0], head_at[1], quantized)
-        report.quantized.append(head_at[2])
+        report.swap(*head_at, head, Int8Linear.from_linear(head))
         report.embedding = "lm_head"
     if emb_at is not None and untied_embedding:
         assert isinstance(embedding, nn.Embedding)
-        table = Int8Embedding.from_embedding(embedding)
-        report.bytes_before += module_bytes(embedding)
-        report.bytes_after += module_bytes(table)
-        setattr(emb_at[0], emb_at[1], table)
-        report.quantized.append(emb_at[2])
+        report.swap(*emb_at, embedding, Int8Embedding.from_embedding(embedding))
         report.embedding = "untied" if head_at is not None else "embedding"
     elif emb_at is not None:
         report.skipped.append(emb_at[2])
