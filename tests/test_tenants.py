@@ -599,3 +599,65 @@ def test_clients_take_their_tenant_from_the_argument_or_the_settings(monkeypatch
         with pytest.raises(ValueError):
             sharded.submit(ask("hi"), reply_to=outside)
     assert ChatClient("redis://127.0.0.1:1/0", prefix="p", tenant="alice").names.root == "p:t:{alice}"
+
+
+def test_hostile_entries_on_a_tenants_shard_cost_only_themselves(
+    start_worker, redis_client: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    """Entries of every shape (the fuzz suite's generator: bad bytes, huge numbers, deep nesting,
+    wrong types) plus forged ones (another tenant's reply key, a bytes map key) in one of a sharded
+    tenant's streams: the worker answers or dead-letters each, keeps serving both tenants, and
+    nothing reaches the other tenant's namespace."""
+    import random
+
+    import msgpack
+    from test_reliability_fuzz import random_fields
+
+    from producer.wire.keys import namespace
+
+    worker = start_worker("echo", tenants="alice,bob", stream_shards=4, read_count=64)
+    alice_2 = namespace(prefix, "alice", 2)
+    bob_0 = namespace(prefix, "bob", 0)
+    rng = random.Random(7)
+    hostile = [random_fields(rng, i) for i in range(500)]
+    forged = [
+        json.dumps({"id": "x1", "prompt": "a", "deadline_ms": 10**320}).encode(),
+        json.dumps({"id": "x2", "prompt": "a", "max_tokens": "lots"}).encode(),
+        msgpack.packb({"id": "x3", "prompt": "a", "metadata": {b"k": 1}}),
+        json.dumps({"id": "x4", "prompt": "a", "reply_to": f"{bob_0}:reply:x4"}).encode(),
+    ]
+    hostile += [
+        {b"v": b"1", b"ct": b"msgpack" if i == 2 else b"json", b"body": body} for i, body in enumerate(forged)
+    ]
+    pipe = redis_client.pipeline(transaction=False)
+    for fields in hostile:
+        pipe.xadd(f"{alice_2}:requests", fields)
+    pipe.execute()
+    clients = {
+        tenant: ChatClient(redis_url, prefix=prefix, tenant=tenant, stream_shards=4, timeout_s=60)
+        for tenant in ("alice", "bob")
+    }
+    try:
+        for tenant, client in clients.items():
+            ids = client.submit_many([{"prompt": f"{tenant} {i}", "max_tokens": 4} for i in range(20)])
+            replies = client.results([i for i in ids if isinstance(i, str)])
+            assert sorted(r.text for r in replies.values() if not isinstance(r, ChatError)) == sorted(
+                f"{tenant} {i}" for i in range(20)
+            )
+        # Each forged request gets one final, in the namespace of the stream it came from (alice's
+        # shard 2): a refusal for the unusable ones; a bytes key in `metadata` is only metadata.
+        for rid in ("x1", "x2", "x3", "x4"):
+            events = [decode_event(f) for _, f in redis_client.xrange(f"{alice_2}:reply:{rid}")]
+            finals = [e for e in events if not isinstance(e, TokenEvent)]
+            assert len(finals) == 1, (rid, events)
+            expected = "done" if rid == "x3" else ErrorCode.INVALID_REQUEST
+            assert getattr(finals[0], "code", finals[0].type) == expected, (rid, finals)
+    finally:
+        for client in clients.values():
+            client.close()
+    deadline = time.monotonic() + 60
+    while redis_client.xpending(f"{alice_2}:requests", "workers")["pending"]:
+        assert time.monotonic() < deadline, "the worker stopped consuming alice's shard"
+        time.sleep(0.2)
+    assert not redis_client.exists(f"{bob_0}:reply:x4")  # the forged reply key was never written
+    assert worker.proc.poll() is None
