@@ -6,6 +6,8 @@ one (`engine.step()` returns once the host has the sampled tokens) and the media
 may produce `--new-tokens` tokens once all decode (its max_tokens adds a bound on the prefill steps).
 Roofline: every weight read once (tied embeddings once) plus each sequence's K/V at its mean context over
 the timed steps, over the HBM bandwidth (`--hbm-tb-s`, or looked up from the GPU's name).
+`--profile-steps N` then runs N more steps under torch.profiler and prints their kernels per step
+(`kernel_profile.py`): how many a step launches, how busy they keep the GPU, and which dominate.
 `--baseline static_compile` also times transformers' decode step at the same B and context: generate() with
 a reused StaticCache (compiled with CUDA graphs by transformers on CUDA, eager on CPU), one warm-up generate,
 then the median gap between successive tokens of a timed one.
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine_bench as bench  # noqa: E402
+import kernel_profile  # noqa: E402
 
 from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from worker.engine.kv_cache import KVCacheSpec  # noqa: E402
@@ -119,6 +122,9 @@ def time_engine(loaded: LoadedModel, batch: int, args: argparse.Namespace) -> tu
             raise RuntimeError("a timed step was not a decode step of every sequence")
         sync(device)
         times.append(time.perf_counter() - start)
+    if args.profile_steps:
+        found = kernel_profile.profile_steps(step, args.profile_steps, lambda: sync(device))
+        print(f"  kernels of a decode step at B={batch}:\n{found.table()}", flush=True)
     engine.close()
     return statistics.median(times) * 1000, mean_context
 
@@ -204,11 +210,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="raised to B + prefill chunk if lower")
     p.add_argument("--max-prefill-chunk-tokens", type=int, default=512)
+    p.add_argument("--profile-steps", type=int, default=0, help="print the kernels of N more steps")
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="PNG of step time vs batch size")
     args = p.parse_args(argv)
-    if args.new_tokens < args.steps + WARMUP_STEPS:
-        p.error(f"--new-tokens must be at least --steps + {WARMUP_STEPS}")
+    if args.new_tokens < args.steps + args.profile_steps + WARMUP_STEPS:
+        p.error(f"--new-tokens must be at least --steps + --profile-steps + {WARMUP_STEPS}")
     return args
 
 
