@@ -37,9 +37,9 @@ class StepProfile:
         ]
         for row in self.rows[:top]:
             share = row.us_per_step / self.busy_us_per_step if self.busy_us_per_step else 0.0
-            lines.append(
-                f"  {row.name[:width]:<{width}} {row.calls_per_step:>6.1f} {row.us_per_step:>8.1f} {share:>6.1%}"
-            )
+            name = row.name[:width]
+            calls, us = row.calls_per_step, row.us_per_step
+            lines.append(f"  {name:<{width}} {calls:>6.1f} {us:>8.1f} {share:>6.1%}")
         return "\n".join(lines)
 
 

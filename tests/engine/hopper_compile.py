@@ -46,15 +46,19 @@ def main(dtype: str) -> None:
     unit = {"stride_xk": 1, "stride_wk": 1}
     for cfg in (km.GEMV_CONFIGS[0], km.GEMV_CONFIGS[3]):
         consts = {**unit, "HAS_BIAS": True, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}
-        compiled = compile_for_hopper(km._gemv_kernel, types, consts | {"SPLIT_K": cfg.split_k}, num_warps=4)
+        consts |= {"SPLIT_K": cfg.split_k, "FAST": True}
+        compiled = compile_for_hopper(km._gemv_kernel, types, consts, num_warps=4)
         assert compiled.asm["cubin"]
+        assert "0x4B000000" in compiled.asm["ptx"], "the byte-permute INT8 conversion is not in the kernel"
         print("gemv")
     for cfg in km.candidate_configs(20)[:2]:
         consts = {**unit, "HAS_BIAS": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
         consts |= {"BLOCK_K": cfg.block_k, "SPLIT_K": cfg.split_k}
         consts["PRECISION"] = "ieee" if dtype == "fp32" else "tf32"
+        consts["FAST"] = dtype == "fp16"
         compiled = compile_for_hopper(km._dot_kernel, types, consts, num_warps=4, num_stages=cfg.num_stages)
         assert "cp.async" in compiled.asm["ptx"], "the K loop's loads are not pipelined"
+        assert ("0x64646464" in compiled.asm["ptx"]) == (dtype == "fp16"), "FP16 takes the byte-permute conversion"
         print("dot")
     reduce_types = {"part_ptr": "*fp32", "scale_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}"}
     reduce_types |= {"y_ptr": f"*{dtype}", "M": "i32", "N": "i32", "stride_ym": "i32"}
