@@ -51,12 +51,14 @@ def main(dtype: str) -> None:
         assert compiled.asm["cubin"]
         assert "0x4B000000" in compiled.asm["ptx"], "the byte-permute INT8 conversion is not in the kernel"
         print("gemv")
-    for cfg in km.candidate_configs(20)[:2]:
+    for cfg in (*km.candidate_configs(20)[:2], km.candidate_configs(200)[-1]):
         consts = {**unit, "HAS_BIAS": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
         consts |= {"BLOCK_K": cfg.block_k, "SPLIT_K": cfg.split_k}
         consts["PRECISION"] = "ieee" if dtype == "fp32" else "tf32"
         consts["FAST"] = dtype == "fp16"
-        compiled = compile_for_hopper(km._dot_kernel, types, consts, num_warps=4, num_stages=cfg.num_stages)
+        compiled = compile_for_hopper(
+            km._dot_kernel, types, consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
         assert "cp.async" in compiled.asm["ptx"], "the K loop's loads are not pipelined"
         assert ("0x64646464" in compiled.asm["ptx"]) == (dtype == "fp16"), "FP16 takes the byte-permute conversion"
         print("dot")

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ GEMV_CONFIGS = (
     Int8MatmulConfig(1, 16, 256, split_k=8),
     Int8MatmulConfig(16, 64, 128, split_k=1, num_stages=4),
     Int8MatmulConfig(16, 64, 128, split_k=4, num_stages=4),
+    # Fastest for Llama-3.2-1B's QKV and o (K = 2,048 in one tile row) and gate/up, on an H200
+    # (`loadtest/int8_kernel_bench.py`).
+    Int8MatmulConfig(1, 16, 1024),
+    Int8MatmulConfig(1, 64, 256, num_warps=8),
 )
 DOT_TILES = (  # (block_n, block_k, split_k, num_stages) for each row bucket
     (32, 256, 1, 3),
@@ -68,19 +73,30 @@ DOT_TILES = (  # (block_n, block_k, split_k, num_stages) for each row bucket
     (64, 128, 4, 4),
     (32, 128, 4, 4),
 )
+# Steps of more than 64 rows (decode at larger batches) tile M by 128: each weight tile is read and
+# converted once per 128 rows instead of once per 64, which is what the conversion costs there.
+# (block_n, block_k, num_warps, num_stages); a config the GPU cannot hold is skipped when tuning.
+WIDE_TILES = (
+    (64, 64, 4, 3),
+    (64, 128, 8, 3),
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),
+)
 
 
 def row_bucket(m: int) -> int:
-    """BLOCK_M for `m` rows: 1 (GEMV), else 16, 32 or 64 (a larger M tiles over BLOCK_M = 64)."""
+    """BLOCK_M for `m` rows: 1 (GEMV), else 16, 32, 64 or 128 (a larger M tiles over BLOCK_M = 128)."""
     if m <= 1:
         return 1
-    return min(64, max(16, triton.next_power_of_2(m)))
+    return min(128, max(16, triton.next_power_of_2(m)))
 
 
 def candidate_configs(m: int) -> tuple[Int8MatmulConfig, ...]:
     block_m = row_bucket(m)
     if block_m == 1:
         return GEMV_CONFIGS
+    if block_m == 128:
+        return tuple(Int8MatmulConfig(128, n, k, 1, w, st) for n, k, w, st in WIDE_TILES)
     return tuple(Int8MatmulConfig(block_m, n, k, s, 4, st) for n, k, s, st in DOT_TILES)
 
 
@@ -304,7 +320,10 @@ def _tune(
             if k < cfg.split_k * cfg.block_k:
                 continue  # K slices shorter than one tile
             run = lambda cfg=cfg: _launch(x, weight, scale, bias, y, cfg)  # noqa: E731
-            timings.append((do_bench(run, warmup=5, rep=20, return_mode="median"), cfg))
+            try:
+                timings.append((do_bench(run, warmup=5, rep=20, return_mode="median"), cfg))
+            except OutOfResources:
+                continue  # more shared memory or registers than this GPU has
     return min(timings, key=lambda t: t[0])[1] if timings else default_config(m, weight.shape[0], k)
 
 
