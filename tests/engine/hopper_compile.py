@@ -60,7 +60,8 @@ def main(dtype: str) -> None:
             km._dot_kernel, types, consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages
         )
         assert "cp.async" in compiled.asm["ptx"], "the K loop's loads are not pipelined"
-        assert ("0x64646464" in compiled.asm["ptx"]) == (dtype == "fp16"), "FP16 takes the byte-permute conversion"
+        permuted = "0x64646464" in compiled.asm["ptx"]
+        assert permuted == (dtype == "fp16"), "FP16 (only) takes the byte-permute conversion"
         print("dot")
     reduce_types = {"part_ptr": "*fp32", "scale_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}"}
     reduce_types |= {"y_ptr": f"*{dtype}", "M": "i32", "N": "i32", "stride_ym": "i32"}
