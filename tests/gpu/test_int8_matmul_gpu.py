@@ -60,6 +60,7 @@ def test_int8_linear_takes_the_kernel_for_decode_steps_without_a_float_weight_co
     monkeypatch: pytest.MonkeyPatch,
 ):
     import worker.engine.kernels.int8_matmul as kernel
+    from worker.engine.quant.int8_linear import TRITON_MAX_ROWS
 
     calls = []
     original = kernel.int8_matmul
@@ -67,8 +68,9 @@ def test_int8_linear_takes_the_kernel_for_decode_steps_without_a_float_weight_co
         kernel, "int8_matmul", lambda *a, **kw: calls.append(a[0].shape) or original(*a, **kw)
     )
     lin = module(2048, 16384, torch.float16)
+    rows = (1, 64, TRITON_MAX_ROWS, TRITON_MAX_ROWS + 1)
     with torch.inference_mode():
-        for m in (1, 64, 65):
+        for m in rows:
             x = torch.randn(1, m, 2048, device="cuda", dtype=torch.float16)
             lin(x)  # tunes (first call), then a measured call
             torch.cuda.synchronize()
@@ -79,11 +81,11 @@ def test_int8_linear_takes_the_kernel_for_decode_steps_without_a_float_weight_co
             extra = torch.cuda.max_memory_allocated() - base
             assert rel_error(out[0], reference(lin, x[0])) < BOUND[torch.float16]
             float_copy = lin.weight.numel() * 2
-            if m <= 64:  # the output and a split-K workspace (at most 4 x 64 x 16384 FP32: 16 MiB)
+            if m <= TRITON_MAX_ROWS:  # the output and a split-K workspace (at most 4 x 64 x 16384 FP32)
                 assert extra < float_copy / 2, (m, extra)
             else:  # prefill-sized: the dequantised weight for cuBLAS
                 assert extra >= float_copy, (m, extra)
-    assert calls == [(1, 2048)] * 2 + [(64, 2048)] * 2
+    assert calls == [(m, 2048) for m in rows[:-1] for _ in range(2)]
 
 
 @pytest.mark.parametrize("m", [1, 16, 40])

@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from worker.engine.kernels.int8_convert import int8_to_f16, int8_to_f32
+
 
 @dataclass(frozen=True)
 class Int8MatmulConfig:
@@ -44,7 +46,7 @@ class Int8MatmulConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    fast_convert: bool = True  # on CUDA: the byte-permute conversion (`_int8_to_f32`); False: cvt
+    fast_convert: bool = True  # on CUDA: the byte-permute conversion (`int8_convert.py`); False: cvt
 
 
 # Candidates timed per shape on the GPU; few, since each compiles once and is timed once per shape.
@@ -111,63 +113,6 @@ def default_config(m: int, n: int, k: int) -> Int8MatmulConfig:
     return Int8MatmulConfig(block_m, block_n, block_k, split)
 
 
-# INT8 -> float conversion. The hardware's integer-to-float conversion (I2F) runs at a quarter of the
-# FP32 rate on Hopper, too slow to keep up with the HBM bytes of a weight-only GEMV: with it these
-# kernels converted ~1.6 TB/s of INT8 where an FP16 GEMV reads ~3.1 TB/s. As FasterTransformer's and
-# TensorRT-LLM's weight-only kernels do, four INT8 values in one register are biased to unsigned
-# (xor 0x80), each byte is permuted (prmt, full rate) into the mantissa of a float whose exponent
-# makes its value 2^23 + u (FP32) or 1024 + u (FP16), and one subtraction removes the offset: exact,
-# since |w| <= 127 fits either mantissa. PTX cannot run under the CPU interpreter, so FAST is off there.
-@triton.jit
-def _int8_to_f32(w, FAST: tl.constexpr):
-    if FAST:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, k, off;
-            xor.b32 t, $4, 0x80808080;
-            mov.b32 k, 0x4B000000;
-            mov.b32 off, 0x4B000080;
-            prmt.b32 $0, t, k, 0x7540;
-            prmt.b32 $1, t, k, 0x7541;
-            prmt.b32 $2, t, k, 0x7542;
-            prmt.b32 $3, t, k, 0x7543;
-            sub.f32 $0, $0, off;
-            sub.f32 $1, $1, off;
-            sub.f32 $2, $2, off;
-            sub.f32 $3, $3, off;
-            }""",
-            constraints="=r,=r,=r,=r,r",
-            args=[w],
-            dtype=tl.float32,
-            is_pure=True,
-            pack=4,
-        )
-    return w.to(tl.float32)
-
-
-@triton.jit
-def _int8_to_f16(w, FAST: tl.constexpr):
-    if FAST:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, k, off;
-            xor.b32 t, $2, 0x80808080;
-            mov.b32 k, 0x64646464;
-            mov.b32 off, 0x64806480;
-            prmt.b32 $0, t, k, 0x4140;
-            prmt.b32 $1, t, k, 0x4342;
-            sub.f16x2 $0, $0, off;
-            sub.f16x2 $1, $1, off;
-            }""",
-            constraints="=r,=r,r",
-            args=[w],
-            dtype=tl.float16,
-            is_pure=True,
-            pack=4,
-        )
-    return w.to(tl.float16)
-
-
 @triton.jit
 def _epilogue(acc, offs_m, offs_n, M, N, scale_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] FP32 -> y = acc * scale (+ bias), one rounding to y's dtype."""
@@ -212,7 +157,7 @@ def _gemv_kernel(
             w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
             mask=n_mask[:, None] & k_mask[None, :], other=0,
         )  # fmt: skip
-        acc += _int8_to_f32(w, FAST) * x.to(tl.float32)[None, :]
+        acc += int8_to_f32(w, FAST) * x.to(tl.float32)[None, :]
     total = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
         _epilogue_row(total, row, offs_n, N, scale_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
@@ -247,7 +192,7 @@ def _dot_kernel(
             mask=k_mask[:, None] & n_mask[None, :], other=0,
         )  # fmt: skip
         if FAST:  # x is FP16
-            acc = tl.dot(x, _int8_to_f16(w, FAST), acc, input_precision=PRECISION)
+            acc = tl.dot(x, int8_to_f16(w, FAST), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
     if SPLIT_K == 1:
