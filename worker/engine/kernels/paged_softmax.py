@@ -7,8 +7,7 @@ block table names (no copy of the context), and fold them into the running max `
 may see (CAUSAL adds key position <= the row's position), so this is written once, here.
 
 An INT8 cache (QUANT, `LLM_KV_DTYPE=int8`) is dequantised here, in registers: the INT8 tile is
-converted to the queries' dtype (-127..127 is exact in FP16 and BF16; FP16 on CUDA by byte
-permutes, `int8_convert.py`, since the hardware conversion bound the loop), and each key's scale
+converted to the queries' dtype (-127..127 is exact in FP16 and BF16), and each key's scale
 multiplies its column of the scores, each value's scale its column of the probabilities, before
 the product. That is `q . (k_q * s_k)` and `sum_t p_t * s_v[t] * v_q[t]` with the scales applied
 to the [rows, BLOCK_N] tiles instead of the [BLOCK_N, D] ones, and no dequantised copy of K or V
@@ -22,8 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.engine.kernels.int8_convert import int8_to_f16
-
 LOG2E = 1.4426950408889634
 
 
@@ -33,11 +30,6 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     Pass the queries' dtype: the K/V tiles are converted to it (an INT8 or a narrower float cache).
     """
     return "ieee" if dtype == torch.float32 else None
-
-
-def fast_convert(query: torch.Tensor, quant: bool) -> bool:
-    """Whether the INT8 tiles take the byte-permute conversion: FP16 queries on CUDA (`int8_convert.py`)."""
-    return quant and query.is_cuda and query.dtype == torch.float16
 
 
 def scale_args(
@@ -62,7 +54,7 @@ def attend_paged(
     q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, lo, hi, q_pos,
     qk_scale, stride_kb, stride_ks, stride_sb, stride_ss, CAUSAL: tl.constexpr, QUANT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FAST_CVT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Fold keys [lo, hi) into (m_i, l_i, acc); `qk_scale` includes log2(e). Returns the new three."""
     d = tl.arange(0, BLOCK_D)
@@ -73,8 +65,6 @@ def attend_paged(
         offs = (block * stride_kb + (t % BLOCK_SIZE) * stride_ks + kv_head * HEAD_DIM)[:, None] + d[None, :]
         kv_mask = t_mask[:, None] & (d < HEAD_DIM)[None, :]
         k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
-        if FAST_CVT:  # an INT8 cache, FP16 queries, on CUDA (`int8_convert.py`)
-            k = int8_to_f16(k, FAST_CVT)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
         if QUANT:
             scale_offs = block * stride_sb + (t % BLOCK_SIZE) * stride_ss + kv_head
@@ -90,8 +80,6 @@ def attend_paged(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
-        if FAST_CVT:
-            v = int8_to_f16(v, FAST_CVT)
         if QUANT:
             v_s = tl.load(v_scale_ptr + scale_offs, mask=t_mask, other=0.0).to(tl.float32)
             pv = p * v_s[None, :]
