@@ -3,8 +3,9 @@
 A decode step multiplies a handful of rows by every weight of the model, so it is bound by reading
 the weights; with INT8 weights it reads half the bytes of FP16, but only if nothing writes a float
 copy of the weight first (what `F.linear(x, W_q.to(x.dtype))` does). Here the INT8 tiles are loaded
-and converted in registers (by byte permutes on CUDA, `int8_convert.py`), products accumulate in FP32, and the per-channel scale (and the bias)
-is applied once to each output, rounded to x's dtype once.
+and converted in registers (by byte permutes on CUDA, `int8_convert.py`), products accumulate in
+FP32, and the per-channel scale (and the bias) is applied once to each output, rounded to x's dtype
+once.
 
 Two kernels share the layout (W_q row-major [N, K], one program per BLOCK_N outputs, per BLOCK_M
 rows and per slice of K):
