@@ -301,7 +301,10 @@ def test_int8_reference_attention_stays_close_to_fp32_attention():
 @needs_kernels
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 2, 32), (9, 3, 64), (4, 4, 16)])
 @pytest.mark.parametrize("num_splits", [1, 4])
-def test_int8_decode_kernel_matches_reference(heads: int, kv_heads: int, dim: int, num_splits: int):
+@pytest.mark.parametrize("loads_first", [False, True])
+def test_int8_decode_kernel_matches_reference(
+    heads: int, kv_heads: int, dim: int, num_splits: int, loads_first: bool
+):
     from worker.engine.kernels.paged_decode import paged_decode_attention
 
     gen = torch.Generator().manual_seed(heads * 100 + num_splits)
@@ -313,7 +316,7 @@ def test_int8_decode_kernel_matches_reference(heads: int, kv_heads: int, dim: in
     out = torch.full_like(query, float("nan"))
     paged_decode_attention(
         query, k, v, metadata.block_tables, metadata.context_lens, dim**-0.5, num_splits=num_splits,
-        out=out, block_n=16, k_scale=k_s, v_scale=v_s,
+        out=out, block_n=16, k_scale=k_s, v_scale=v_s, loads_first=loads_first,
     )  # fmt: skip
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="needs its scales"):

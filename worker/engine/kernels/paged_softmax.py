@@ -54,9 +54,15 @@ def attend_paged(
     q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, lo, hi, q_pos,
     qk_scale, stride_kb, stride_ks, stride_sb, stride_ss, CAUSAL: tl.constexpr, QUANT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, LOADS_FIRST: tl.constexpr = False,
 ):  # fmt: skip
-    """Fold keys [lo, hi) into (m_i, l_i, acc); `qk_scale` includes log2(e). Returns the new three."""
+    """Fold keys [lo, hi) into (m_i, l_i, acc); `qk_scale` includes log2(e). Returns the new three.
+
+    LOADS_FIRST issues a tile's V (and the INT8 scales) with its K, before the first tl.dot, so the
+    tile waits for memory once instead of once per load (each tl.dot's shared-memory barrier keeps
+    a later load from being hoisted above it). Off in the engine until measured faster; the
+    attention benchmark times both (`loadtest/attention_kernel_bench.py`).
+    """
     d = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
@@ -64,11 +70,17 @@ def attend_paged(
         block = tl.load(table + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
         offs = (block * stride_kb + (t % BLOCK_SIZE) * stride_ks + kv_head * HEAD_DIM)[:, None] + d[None, :]
         kv_mask = t_mask[:, None] & (d < HEAD_DIM)[None, :]
+        scale_offs = block * stride_sb + (t % BLOCK_SIZE) * stride_ss + kv_head
         k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
+        if LOADS_FIRST:
+            v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+            if QUANT:
+                k_s = tl.load(k_scale_ptr + scale_offs, mask=t_mask, other=0.0).to(tl.float32)
+                v_s = tl.load(v_scale_ptr + scale_offs, mask=t_mask, other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
         if QUANT:
-            scale_offs = block * stride_sb + (t % BLOCK_SIZE) * stride_ss + kv_head
-            k_s = tl.load(k_scale_ptr + scale_offs, mask=t_mask, other=0.0).to(tl.float32)
+            if not LOADS_FIRST:
+                k_s = tl.load(k_scale_ptr + scale_offs, mask=t_mask, other=0.0).to(tl.float32)
             s = s * (k_s * qk_scale)[None, :]
         else:
             s = s * qk_scale
@@ -79,9 +91,11 @@ def attend_paged(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        if not LOADS_FIRST:
+            v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
         if QUANT:
-            v_s = tl.load(v_scale_ptr + scale_offs, mask=t_mask, other=0.0).to(tl.float32)
+            if not LOADS_FIRST:
+                v_s = tl.load(v_scale_ptr + scale_offs, mask=t_mask, other=0.0).to(tl.float32)
             pv = p * v_s[None, :]
         else:
             pv = p
