@@ -4,9 +4,9 @@ A decode step replays its kernels from a CUDA graph and reads every weight once 
 call here is timed the same way: a CUDA graph of `--calls` launches over copies of the weight that
 together exceed the L2 cache several times (each launch finds its weight in HBM), replayed and timed
 with CUDA events; microseconds per launch and the HBM bandwidth that implies. For each shape and row
-count: FP16 `F.linear` (cuBLAS), then every candidate config of `kernels/int8_matmul.py` (plus
-`--extra` tiles) with the byte-permute INT8 conversion and with the hardware conversion; the table
-shows the best of each and the config that won.
+count: FP16 `F.linear` (cuBLAS), then every candidate config of `kernels/int8_matmul.py` (plus, for
+one row, the `EXTRA_GEMV` tiles unless `--no-extra`) with the byte-permute INT8 conversion and with the
+hardware conversion; the table shows the best of each and the config that won.
 
     python loadtest/int8_kernel_bench.py --rows 1,16,64 --json-out int8_kernel_h200.json
 """
@@ -40,10 +40,8 @@ SHAPES = {
 EXTRA_GEMV = (  # (block_n, block_k, split_k, num_warps): tiles beyond the shipped candidates
     (64, 128, 1, 4),
     (32, 512, 1, 4),
-    (64, 256, 1, 8),
     (128, 128, 1, 8),
     (32, 256, 2, 4),
-    (16, 1024, 1, 4),
 )
 L2_MULTIPLE = 4  # weight copies that together take at least this many L2 caches
 

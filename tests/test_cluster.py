@@ -175,6 +175,18 @@ def finals_per_request(
     return out
 
 
+def answer_exactly_once(client: ChatClient, admin: redis.Redis, count: int) -> list[str]:
+    """Send `count` requests; each gets one successful answer and its reply stream one final event."""
+    sent = client.submit_many([{"prompt": f"hello {i}", "max_tokens": 4} for i in range(count)])
+    ids = [i for i in sent if isinstance(i, str)]
+    assert len(ids) == count
+    got = client.results(ids, timeout_s=60)
+    assert set(got) == set(ids)
+    assert all(not isinstance(r, Exception) for r in got.values()), got
+    assert set(finals_per_request(admin, client.spaces, ids).values()) == {1}
+    return ids
+
+
 @pytest.mark.parametrize("shards", [1, 4])
 def test_every_request_answered_exactly_once(cluster: LocalCluster, tmp_path: Path, shards: int) -> None:
     prefix = f"c{uuid.uuid4().hex[:8]}"
@@ -187,13 +199,7 @@ def test_every_request_answered_exactly_once(cluster: LocalCluster, tmp_path: Pa
         cluster.url, prefix=prefix, redis_cluster=True, stream_shards=shards, content_type="json"
     )
     try:
-        sent = client.submit_many([{"prompt": f"hello {i}", "max_tokens": 4} for i in range(200)])
-        ids = [i for i in sent if isinstance(i, str)]
-        assert len(ids) == 200
-        got = client.results(ids, timeout_s=60)
-        assert set(got) == set(ids)
-        assert all(not isinstance(r, Exception) for r in got.values()), got
-        assert set(finals_per_request(client.redis, client.spaces, ids).values()) == {1}
+        answer_exactly_once(client, client.redis, 200)
         # Streaming (the tokens script) and cancelling (the cancel script) on the cluster too.
         tokens = list(client.stream(prompt="one two three", max_tokens=3))
         assert [t.index for t in tokens] == [0, 1, 2]
@@ -556,13 +562,7 @@ def test_a_tenants_shards_spread_over_the_cluster_under_its_acl(
     admin_cluster = redis.RedisCluster.from_url(cluster.url)
     try:
         assert [n.root for n in alice.spaces] == [f"{prefix}:t:{{alice.{n}}}" for n in range(4)]
-        sent = alice.submit_many([{"prompt": f"hello {i}", "max_tokens": 4} for i in range(200)])
-        ids = [i for i in sent if isinstance(i, str)]
-        assert len(ids) == 200
-        got = alice.results(ids, timeout_s=60)
-        assert set(got) == set(ids)
-        assert all(not isinstance(r, Exception) for r in got.values()), got
-        assert set(finals_per_request(admin_cluster, alice.spaces, ids).values()) == {1}
+        ids = answer_exactly_once(alice, admin_cluster, 200)
         lengths = [admin_cluster.xlen(n.requests) for n in alice.spaces]
         assert sum(lengths) == 200 and all(n > 0 for n in lengths), lengths
         slots = {key_slot(n.requests.encode()) for n in alice.spaces}

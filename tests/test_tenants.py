@@ -132,6 +132,30 @@ def ask(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
+def bob_cannot_reach_alices_request(
+    alice: ChatClient, bob: ChatClient, raw_bob: redis.Redis, victim: str, victim_reply: str,
+    bob_requests: str, evil_id: str, text: str,
+) -> None:  # fmt: skip
+    """Alice's request `victim` (answered `text`) stays hers whatever bob sends.
+
+    A reply_to naming her reply stream is refused by bob's client before sending, and a raw entry
+    carrying it in bob's own request stream is answered `invalid_request` in bob's namespace. Bob
+    reusing her id gets his own answer, and his cancel reaches only his own request.
+    """
+    with pytest.raises(ValueError):
+        bob.submit(ask("steal"), reply_to=victim_reply)
+    evil = ChatRequest(id=evil_id, messages=ask("steal"), reply_to=victim_reply)  # type: ignore[arg-type]
+    raw_bob.xadd(bob_requests, encode_request(evil))  # type: ignore[arg-type]
+    with pytest.raises(ChatError) as info:
+        bob.result(evil_id, timeout_s=20)
+    assert info.value.code == ErrorCode.INVALID_REQUEST
+    assert bob.chat(ask("bob same id"), id=victim, max_tokens=8).text == "bob same id"
+    bob.cancel(victim)
+    reply = alice.result(victim, timeout_s=60)
+    assert reply.text == text and reply.id == victim
+    assert alice.rejected_events == 0
+
+
 def assert_both_cancels_answered(client: ChatClient) -> None:
     """A tenant cancels a running request through its own cancel stream, and one no worker serves:
     a worker writes the `cancelled` reply of each (the second under the final-reply guard)."""
@@ -233,22 +257,8 @@ def test_one_tenant_cannot_reach_another(deployment: Deployment) -> None:
         refused(lambda: raw_bob.flushall())
         refused(lambda: raw_bob.publish("x", "y"))
 
-        # reply_to naming A's reply stream: the client refuses it before sending...
-        with pytest.raises(ValueError):
-            bob.submit(ask("steal"), reply_to=a.reply(rid))
-        # ...and a raw entry in B's own stream is answered `invalid_request`, in B's namespace.
-        evil = ChatRequest(id="evil-1", messages=ask("steal"), reply_to=a.reply(rid))  # type: ignore[arg-type]
-        raw_bob.xadd(b.requests, encode_request(evil))  # type: ignore[arg-type]
-        with pytest.raises(ChatError) as info:
-            bob.result("evil-1", timeout_s=20)
-        assert info.value.code == ErrorCode.INVALID_REQUEST
-        # Reuse A's in-flight id: B's request is B's own and gets B's answer; B cancels "it" too.
-        assert bob.chat(ask("bob same id"), id=rid, max_tokens=8).text == "bob same id"
-        bob.cancel(rid)
-
-        reply = alice.result(rid, timeout_s=60)
-        assert reply.text == text and reply.id == rid
-        assert alice.rejected_events == 0
+        # reply_to naming A's reply stream, and A's in-flight id reused by B.
+        bob_cannot_reach_alices_request(alice, bob, raw_bob, rid, a.reply(rid), b.requests, "evil-1", text)
     finally:
         alice.close()
         bob.close()
@@ -398,20 +408,12 @@ def test_a_tenant_with_shards_is_served_and_kept_apart(deployment: Deployment) -
         refused(lambda: raw_bob.delete(a.requests))
         refused(lambda: raw_bob.rename(b.requests, a.requests))
         refused(lambda: raw_bob.xadd(d.names("alice").requests, {"v": "1"}))  # her unsharded form too
-        # reply_to in alice's shard: refused by bob's client, and answered in bob's own shard when raw.
-        with pytest.raises(ValueError):
-            bob.submit(ask("steal"), reply_to=a.reply(victim))
-        evil = ChatRequest(id="evil-2", messages=ask("steal"), reply_to=a.reply(victim))  # type: ignore[arg-type]
-        raw_bob.xadd(bob.spaces[shard_for("evil-2", 4)].requests, encode_request(evil))  # type: ignore[arg-type]
-        with pytest.raises(ChatError) as info:
-            bob.result("evil-2", timeout_s=20)
-        assert info.value.code == ErrorCode.INVALID_REQUEST
-        # Bob reusing the victim's id gets his own answer in his own shard, and cancels only his own.
-        assert bob.chat(ask("bob same id"), id=victim, max_tokens=8).text == "bob same id"
-        bob.cancel(victim)
-        reply = alice.result(victim, timeout_s=60)
-        assert reply.text == text and reply.id == victim
-        assert alice.rejected_events == 0 and bob.rejected_events == 0
+        # The same within shards: bob's raw entry goes to the shard his client would pick.
+        bob_requests = bob.spaces[shard_for("evil-2", 4)].requests
+        bob_cannot_reach_alices_request(
+            alice, bob, raw_bob, victim, a.reply(victim), bob_requests, "evil-2", text
+        )
+        assert bob.rejected_events == 0
         assert worker.poll() is None
         log = d.log()
         assert "NOPERM" not in log and "Traceback" not in log and "redis_error" not in log, log[-3000:]
