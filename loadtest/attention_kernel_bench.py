@@ -4,10 +4,10 @@ One layer of Llama-3.2-1B's attention shape (32 query heads, 8 KV heads, head_di
 of `--context` tokens each, their blocks scattered at random over the pool (as a long-running paged
 cache holds them). For each KV format the kernel is timed with the engine's launch config (BLOCK_N
 64, 4 warps, 2 stages, the engine's split count) and with every config of a small sweep; the table
-shows the engine's config, the same with `loads_first` (a tile's V and scales loaded with its K,
-`paged_softmax.attend_paged`), and the fastest (the JSON holds every config's time). Bytes are what one
-launch must read: K and V (and, for INT8, their FP16 scales), so "of HBM" is the share of the GPU's
-bandwidth the kernel reaches.
+shows the engine's config and the fastest (the JSON holds every config's time). INT8 scales are laid
+out head-major, as the engine's `KVCache` holds them. Bytes are what one launch must read: K and V
+(and, for INT8, their FP16 scales), so "of HBM" is the share of the GPU's bandwidth the kernel
+reaches.
 
   python loadtest/attention_kernel_bench.py --batch-sizes 64,256 --contexts 1024,8192 \\
       --json-out attention.json
@@ -33,7 +33,7 @@ from worker.engine.kernels import num_decode_splits  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 64, 16
 ENGINE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2}
-SWEEP = {"block_n": (32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (2,), "loads_first": (False, True)}
+SWEEP = {"block_n": (32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (2, 3)}
 
 
 def build_inputs(batch: int, context: int, fmt: str, device: torch.device) -> dict[str, Any]:
@@ -54,8 +54,7 @@ def build_inputs(batch: int, context: int, fmt: str, device: torch.device) -> di
         scales = []
         for _ in range(2):
             s = torch.rand(num_blocks, KV_HEADS, BLOCK_SIZE, device=device, generator=gen) * 0.02 + 0.001
-            s = s.half()
-            scales.append(s.transpose(1, 2).contiguous())  # the engine's layout: [blocks, block_size, KV]
+            scales.append(s.half().transpose(1, 2))  # head-major, seen as [blocks, slots, KV]
         inputs["scales"] = tuple(scales)
     perm = torch.randperm(num_blocks, device=device, generator=gen).to(torch.int32)
     inputs["tables"] = perm.view(batch, blocks_per_seq)
@@ -91,10 +90,9 @@ def bench_shape(batch: int, context: int, fmt: str, device: torch.device, num_sm
     inputs = build_inputs(batch, context, fmt, device)
     engine_splits = num_decode_splits(batch, KV_HEADS, num_sms)
     engine_us = time_config(inputs, engine_splits, ENGINE_CONFIG)
-    loads_first_us = time_config(inputs, engine_splits, {**ENGINE_CONFIG, "loads_first": True})
     best = (engine_us, engine_splits, ENGINE_CONFIG)
     sweep: list[dict[str, Any]] = []
-    split_choices = (engine_splits, engine_splits * 2, engine_splits * 4)
+    split_choices = (engine_splits, engine_splits * 2)
     for splits in split_choices:
         for values in itertools.product(*SWEEP.values()):
             config = dict(zip(SWEEP, values, strict=True))
@@ -110,20 +108,20 @@ def bench_shape(batch: int, context: int, fmt: str, device: torch.device, num_sm
     torch.cuda.empty_cache()
     return {
         "batch": batch, "context": context, "format": fmt, "bytes": bytes_read(batch, context, fmt),
-        "engine_us": engine_us, "engine_loads_first_us": loads_first_us, "engine_splits": engine_splits,
+        "engine_us": engine_us, "engine_splits": engine_splits,
         "best_us": best[0], "best_splits": best[1], "best_config": best[2], "sweep": sweep,
     }  # fmt: skip
 
 
 def format_table(rows: list[dict[str, Any]], tb_s: float) -> str:
-    head = ["B", "context", "KV", "engine config µs", "of HBM", "loads first µs", "best µs", "of HBM"]
+    head = ["B", "context", "KV", "engine config µs", "of HBM", "best µs", "of HBM"]
     head += ["best config"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         roof_us = r["bytes"] / (tb_s * 1e12) * 1e6
         cfg = r["best_config"]
         best = f"splits {r['best_splits']}, BLOCK_N {cfg['block_n']}, {cfg['num_warps']} warps"
-        best += ", loads first" if cfg.get("loads_first") else ""
+        best += f", {cfg['num_stages']} stages"
         lines.append(
             " | ".join(
                 [
@@ -132,7 +130,6 @@ def format_table(rows: list[dict[str, Any]], tb_s: float) -> str:
                     r["format"],
                     f"{r['engine_us']:.1f}",
                     f"{roof_us / r['engine_us']:.0%}",
-                    f"{r['engine_loads_first_us']:.1f}",
                     f"{r['best_us']:.1f}",
                     f"{roof_us / r['best_us']:.0%}",
                     best,

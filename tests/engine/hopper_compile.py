@@ -25,12 +25,19 @@ from worker.engine.kernels import int8_matmul as km
 MATMUL_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "y_ptr", "part_ptr", "M", "N", "K"]
 MATMUL_ARGS += ["stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ym"]
 ALIGNED = ("N", "K", "stride_xm", "stride_wn", "stride_ym")
+SCALE_LAYOUT = ("stride_sb", "stride_ss", "stride_sh", "scale_block")
 
 
-def compile_for_hopper(kernel: Any, types: dict[str, str], constexprs: dict[str, Any], **options: int) -> Any:
+def compile_for_hopper(
+    kernel: Any, types: dict[str, str], constexprs: dict[str, Any], also_aligned: tuple[str, ...] = (),
+    **options: int,
+) -> Any:  # fmt: skip
     names = [n for n in kernel.arg_names]
     signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
-    aligned = [i for i, n in enumerate(names) if n not in constexprs and (n.endswith("_ptr") or n in ALIGNED)]
+    aligned = [
+        i for i, n in enumerate(names)
+        if n not in constexprs and (n.endswith("_ptr") or n in ALIGNED or n in also_aligned)
+    ]  # fmt: skip
     source = ASTSource(
         fn=kernel,
         signature=signature,
@@ -83,19 +90,49 @@ def main_kv_store(dtype: str) -> None:
         rotation = {"QUANT": True, "IEEE": dtype == "fp32", "NORM": dim**-0.5}
         types = {"key_ptr": f"*{dtype}", "value_ptr": f"*{dtype}", **caches}
         types |= {n: "i32" for n in ("stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_slot")}
+        types |= {n: "i32" for n in SCALE_LAYOUT}
         consts = {"NUM_KV_HEADS": kv_heads, "HEAD_DIM": dim, "BLOCK_H": 16, "BLOCK_D": dim, **rotation}
         ptx = compile_for_hopper(kv_store._store_kv_kernel, types, consts, num_warps=4).asm["ptx"]
         print("store", "mma" if "mma" in ptx else "fma")
         types = {n: f"*{dtype}" for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "q_out_ptr")} | caches
-        types |= {n: "i32" for n in ("stride_t", "stride_cos", "stride_qo", "stride_slot")}
+        types |= {n: "i32" for n in ("stride_t", "stride_cos", "stride_qo", "stride_slot", *SCALE_LAYOUT)}
         consts = {"NUM_HEADS": heads, "NUM_KV_HEADS": kv_heads, "HEAD_DIM": dim, "BLOCK_H": max(heads, 16)}
         consts |= {"BLOCK_KV": 16, "HALF": dim // 2, **rotation}
         ptx = compile_for_hopper(rope_store._rope_store_kernel, types, consts, num_warps=4).asm["ptx"]
         print("rope", "mma" if "mma" in ptx else "fma")
 
 
+def main_decode(dtype: str) -> None:
+    """The paged decode attention kernel over a float and an INT8 cache at Llama-3.2-1B's shape.
+
+    Prints `decode` and the number of asynchronous copies (cp.async) in the compiled loop's IR, per
+    cache: the pipeline copies each of the loop's tile loads once before the loop and once inside it,
+    so a float cache (K, V) gives 4 and an INT8 cache (K, V and their scales, `load_scale_pairs`) 8.
+    Scale loads the pipeline leaves synchronous (16-bit loads did) give 4 there too."""
+    from worker.engine.kernels import paged_decode
+
+    strides = ["stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_sb", "stride_sh", "stride_bt"]
+    strides += ["stride_ot", "stride_oh"]
+    for cache in (dtype, "i8"):
+        scales = "*fp16" if cache == "i8" else f"*{cache}"
+        types = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}"}
+        types |= {"k_scale_ptr": scales, "v_scale_ptr": scales, "block_tables_ptr": "*i32"}
+        types |= {"context_lens_ptr": "*i32", "out_ptr": f"*{dtype}", "part_out_ptr": "*fp32"}
+        types |= {"part_lse_ptr": "*fp32", "qk_scale": "fp32", **{n: "i32" for n in strides}}
+        consts = {"NUM_SPLITS": 1, "GROUP": 4, "HEAD_DIM": 64, "BLOCK_SIZE": 16, "BLOCK_G": 16, "BLOCK_D": 64}
+        consts |= {"BLOCK_N": 64, "QUANT": cache == "i8"}
+        consts["DOT_PRECISION"] = "ieee" if dtype == "fp32" else None
+        aligned = tuple(n for n in strides if n != "stride_bt")  # as Triton specialises them at run time
+        compiled = compile_for_hopper(
+            paged_decode._paged_decode_kernel, types, consts, aligned, num_warps=4, num_stages=2
+        )
+        print("decode", compiled.asm["ttgir"].count("ttg.async_copy_global_to_local"))
+
+
 if __name__ == "__main__":
     if sys.argv[2:] == ["kv-store"]:
         main_kv_store(sys.argv[1])
+    elif sys.argv[2:] == ["decode"]:
+        main_decode(sys.argv[1])
     else:
         main(sys.argv[1])

@@ -120,8 +120,7 @@ def int8_reference(cache: KVCache, meta: AttentionMetadata, query: torch.Tensor)
 
 
 @pytest.mark.parametrize("num_splits", [1, 32])
-@pytest.mark.parametrize("loads_first", [False, True])
-def test_int8_decode_kernel(num_splits: int, loads_first: bool):
+def test_int8_decode_kernel(num_splits: int):
     from worker.engine.kernels.paged_decode import paged_decode_attention
 
     lens = torch.randint(1, 3000, (37,), generator=torch.Generator().manual_seed(num_splits)).tolist()
@@ -131,7 +130,7 @@ def test_int8_decode_kernel(num_splits: int, loads_first: bool):
     out = torch.full_like(query, float("nan"))
     paged_decode_attention(
         query, k, v, meta.block_tables, meta.context_lens, DIM**-0.5, num_splits, out=out,
-        k_scale=k_s, v_scale=v_s, loads_first=loads_first,
+        k_scale=k_s, v_scale=v_s,
     )  # fmt: skip
     assert rel_error(out, int8_reference(cache, meta, query)) < BOUND[torch.float16]
 

@@ -6,9 +6,13 @@ same tokens in every layer, so one block table serves the whole model, and a fla
 
 The cache dtype is `LLM_KV_DTYPE`: the activation dtype by default, or FP16/BF16/FP32, or INT8
 (`quant/kv_int8.py`). An INT8 cache holds one FP16 scale per token per KV head in a second
-tensor `scales` [num_layers, 2, num_blocks, block_size, num_kv_heads], the same paged layout
-without head_dim: a block's scales live at its block id, so whatever shares or reuses a block
-(prefix caching, preemption) shares its scales with it, and a flat slot id addresses them too.
+tensor `scales`, paged like the blocks: a block's scales live at its block id, so whatever shares
+or reuses a block (prefix caching, preemption) shares its scales with it. In memory they are
+head-major, [num_layers, 2, num_blocks, num_kv_heads, block_size], so one head's scales of a block
+are contiguous and the attention kernels read them two per 32-bit word
+(`kernels/paged_softmax.load_scale_pairs`); `layer_scales` returns them in the blocks' index order,
+[num_blocks, block_size, num_kv_heads], as a strided view, so a (block, offset) pair or a flat slot
+id addresses them as it addresses K and V.
 
 An INT8 cache holds each head's K and V rotated by the normalised Hadamard matrix H before they
 were quantised (`quant/kv_int8.py`; `KVCache.rotation` is H, allocated once with the pool): every
@@ -117,7 +121,7 @@ class KVCache:
         self.rotation: torch.Tensor | None = None
         if spec.quantized:
             self.rotation = kv_rotation(spec.head_dim, device)
-            shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads)
+            shape = (spec.num_layers, 2, num_blocks, spec.num_kv_heads, block_size)  # head-major
             self.scales = torch.ones(shape, dtype=KV_SCALE_DTYPE, device=device)
 
     @property
@@ -131,10 +135,11 @@ class KVCache:
         return self.data[layer_idx, 0], self.data[layer_idx, 1]
 
     def layer_scales(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Scales of one layer's K and V, each [num_blocks, block_size, num_kv_heads]; None unless INT8."""
+        """Scales of one layer's K and V, each [num_blocks, block_size, num_kv_heads] (a view of the
+        head-major tensor); None unless INT8."""
         if self.scales is None:
             return None, None
-        return self.scales[layer_idx, 0], self.scales[layer_idx, 1]
+        return self.scales[layer_idx, 0].transpose(1, 2), self.scales[layer_idx, 1].transpose(1, 2)
 
     def rotate_queries(self, query: torch.Tensor) -> torch.Tensor:
         """Queries [..., head_dim] as the stored keys need them: q H for an INT8 cache, else `query`."""
@@ -163,8 +168,8 @@ class KVCache:
             k_cache.view(flat).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
             v_cache.view(flat).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
             return
-        flat_scale = (-1, self.spec.num_kv_heads)
+        blocks, offsets = slot_mapping // self.block_size, slot_mapping % self.block_size
         for cache, scales, new in ((k_cache, k_scale, key), (v_cache, v_scale, value)):
             q, scale = quantize_kv(new.float() if self.rotation is None else new.float() @ self.rotation)
             cache.view(flat).index_copy_(0, slot_mapping, q)
-            scales.view(flat_scale).index_copy_(0, slot_mapping, scale)
+            scales[blocks, offsets] = scale  # a strided view: indexed, not flattened

@@ -77,7 +77,7 @@ def rotation_launch_args(dtype: torch.dtype, head_dim: int) -> dict[str, object]
 @triton.jit
 def _store_kv_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_slot,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_slot, stride_sb, stride_ss, stride_sh, scale_block,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
     IEEE: tl.constexpr = False, NORM: tl.constexpr = 1.0,
@@ -102,7 +102,7 @@ def _store_kv_kernel(
         tl.store(v_cache_ptr + dest, v_q, mask=mask)
         heads = tl.arange(0, BLOCK_H)
         head_mask = heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)
-        scale_dest = slot * NUM_KV_HEADS + heads
+        scale_dest = scale_offsets(slot, heads, stride_sb, stride_ss, stride_sh, scale_block)
         tl.store(k_scale_ptr + scale_dest, k_s.to(k_scale_ptr.dtype.element_ty), mask=head_mask)
         tl.store(v_scale_ptr + scale_dest, v_s.to(v_scale_ptr.dtype.element_ty), mask=head_mask)
     else:
@@ -114,15 +114,23 @@ def _store_kv_kernel(
 
 def check_scales(
     k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(k_scale, v_scale, QUANT) for a store kernel; the cache stands in for absent scale pointers."""
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int], bool]:
+    """(k_scale, v_scale, (stride over blocks, over slots, over heads, block size), QUANT) for a store
+    kernel. The scales [blocks, block_size, KV] may have any strides (K and V the same); the cache
+    stands in for absent scale pointers."""
     if k_scale is None or v_scale is None:
         if k_cache.dtype == torch.int8:
             raise ValueError("an INT8 KV cache needs its scales")
-        return k_cache, k_cache, False
-    if not (k_scale.is_contiguous() and v_scale.is_contiguous()):
-        raise ValueError("the KV scales must be contiguous")
-    return k_scale, v_scale, True
+        return k_cache, k_cache, (0, 0, 0, 1), False
+    if k_scale.stride() != v_scale.stride():
+        raise ValueError("K and V scales must share one layout")
+    return k_scale, v_scale, (*k_scale.stride(), k_scale.shape[1]), True
+
+
+@triton.jit
+def scale_offsets(slot, heads, stride_sb, stride_ss, stride_sh, scale_block):
+    """Where the scales of flat slot `slot` (block * block_size + offset) and KV heads `heads` live."""
+    return (slot // scale_block) * stride_sb + (slot % scale_block) * stride_ss + heads * stride_sh
 
 
 def store_kv(
@@ -139,7 +147,7 @@ def store_kv(
         return
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the paged cache must be contiguous")
-    k_s, v_s, quant = check_scales(k_cache, k_scale, v_scale)
+    k_s, v_s, scale_layout, quant = check_scales(k_cache, k_scale, v_scale)
     key = key if key.stride(2) == 1 else key.contiguous()
     value = value if value.stride(2) == 1 else value.contiguous()
     block_h, block_d = triton.next_power_of_2(num_kv_heads), triton.next_power_of_2(head_dim)
@@ -150,6 +158,7 @@ def store_kv(
     _store_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, k_s, v_s, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), num_kv_heads * head_dim,
+        *scale_layout,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, QUANT=quant,
         **rotation,
     )  # fmt: skip

@@ -23,11 +23,11 @@ from worker.engine.kernels.paged_softmax import LOG2E, attend_paged, dot_precisi
 @triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes every eager step
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
-    part_out_ptr, part_lse_ptr, qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_sb, stride_ss,
+    part_out_ptr, part_lse_ptr, qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_sb, stride_sh,
     stride_bt, stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    QUANT: tl.constexpr, LOADS_FIRST: tl.constexpr,
+    QUANT: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -49,9 +49,8 @@ def _paged_decode_kernel(
     table = block_tables_ptr + seq * stride_bt
     m_i, l_i, acc = attend_paged(
         q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, lo, hi, hi,
-        qk_scale, stride_kb, stride_ks, stride_sb, stride_ss, CAUSAL=False, QUANT=QUANT, HEAD_DIM=HEAD_DIM,
+        qk_scale, stride_kb, stride_ks, stride_sb, stride_sh, CAUSAL=False, QUANT=QUANT, HEAD_DIM=HEAD_DIM,
         BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION,
-        LOADS_FIRST=LOADS_FIRST,
     )  # fmt: skip
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
@@ -96,12 +95,12 @@ def paged_decode_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, num_splits: int = 1, out: torch.Tensor | None = None,
     block_n: int = 64, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-    num_warps: int = 4, num_stages: int = 2, loads_first: bool = False,
+    num_warps: int = 4, num_stages: int = 2,
 ) -> torch.Tensor:  # fmt: skip
     """query [S, H, D] (unit stride in D) over k/v_cache [blocks, block_size, KV, D] -> [S, H, D].
 
-    An INT8 cache needs its scales `k_scale`/`v_scale` [blocks, block_size, KV]. `loads_first`: see
-    `paged_softmax.attend_paged` (a launch variant the attention benchmark measures).
+    An INT8 cache needs its scales `k_scale`/`v_scale` [blocks, block_size, KV] (head-major,
+    `paged_softmax.scale_args`).
     """
     if query.stride(-1) != 1:
         query = query.contiguous()
@@ -114,7 +113,7 @@ def paged_decode_attention(
     if num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
-    k_s, v_s, stride_sb, stride_ss, quant = scale_args(k_cache, k_scale, v_scale)
+    k_s, v_s, stride_sb, stride_sh, quant = scale_args(k_cache, k_scale, v_scale)
     block_d = triton.next_power_of_2(head_dim)
     if num_splits > 1:
         part_out = torch.empty(
@@ -126,10 +125,10 @@ def paged_decode_attention(
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, k_s, v_s, block_tables, context_lens, out, part_out, part_lse,
         scale * LOG2E, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
-        stride_sb, stride_ss, block_tables.stride(0), out.stride(0), out.stride(1),
+        stride_sb, stride_sh, block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, block_d), BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision(query.dtype), QUANT=quant, LOADS_FIRST=loads_first,
+        DOT_PRECISION=dot_precision(query.dtype), QUANT=quant,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:

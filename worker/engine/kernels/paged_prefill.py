@@ -24,7 +24,7 @@ from worker.engine.kernels.paged_softmax import LOG2E, attend_paged, dot_precisi
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, query_start_ptr,
     context_lens_ptr, out_ptr, first_seq, qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_sb,
-    stride_ss, stride_bt, stride_ot, stride_oh,
+    stride_sh, stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
@@ -55,7 +55,7 @@ def _paged_prefill_kernel(
     hi = tl.minimum(context_len, context_len - q_len + (tile + 1) * BLOCK_M)
     m_i, l_i, acc = attend_paged(
         q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, 0, hi, q_pos,
-        qk_scale, stride_kb, stride_ks, stride_sb, stride_ss, CAUSAL=True, QUANT=QUANT, HEAD_DIM=HEAD_DIM,
+        qk_scale, stride_kb, stride_ks, stride_sb, stride_sh, CAUSAL=True, QUANT=QUANT, HEAD_DIM=HEAD_DIM,
         BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION,
     )  # fmt: skip
 
@@ -87,12 +87,12 @@ def paged_prefill_attention(
     num_seqs = context_lens.shape[0] - first_seq
     if num_seqs <= 0 or num_tokens == 0:
         return out
-    k_s, v_s, stride_sb, stride_ss, quant = scale_args(k_cache, k_scale, v_scale)
+    k_s, v_s, stride_sb, stride_sh, quant = scale_args(k_cache, k_scale, v_scale)
     grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
     _paged_prefill_kernel[grid](
         query, k_cache, v_cache, k_s, v_s, block_tables, query_start_loc, context_lens, out,
         first_seq, scale * LOG2E, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
-        stride_sb, stride_ss, block_tables.stride(0), out.stride(0), out.stride(1),
+        stride_sb, stride_sh, block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         DOT_PRECISION=dot_precision(query.dtype), QUANT=quant, num_warps=4, num_stages=2,

@@ -35,34 +35,61 @@ def dot_precision(dtype: torch.dtype) -> str | None:
 def scale_args(
     k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, int, int, bool]:
-    """(k_scale, v_scale, stride over blocks, stride over slots, QUANT) for a kernel launch.
+    """(k_scale, v_scale, stride over blocks, stride over KV heads, QUANT) for a kernel launch.
 
-    Without scales (a float cache) the cache tensor stands in for the pointers, which the kernel
-    compiled with QUANT=False never reads.
+    The scales [blocks, block_size, KV] must be laid out head-major, as `KVCache` allocates them (one
+    head's scales of a block contiguous, `load_scale_pairs`): FP16 or BF16, unit stride over the
+    slots, even strides and block size, a 4-byte-aligned start. Without scales (a float cache) the
+    cache tensor stands in for the pointers, which the kernel compiled with QUANT=False never reads.
     """
     if k_scale is None or v_scale is None:
         if k_cache.dtype == torch.int8:
             raise ValueError("an INT8 KV cache needs its scales")
         return k_cache, k_cache, 0, 0, False
-    if k_scale.stride() != v_scale.stride() or k_scale.stride(2) != 1:
-        raise ValueError("K and V scales must share one layout, contiguous over the KV heads")
-    return k_scale, v_scale, k_scale.stride(0), k_scale.stride(1), True
+    if k_scale.stride() != v_scale.stride():
+        raise ValueError("K and V scales must share one layout")
+    stride_b, stride_s, stride_h = k_scale.stride()
+    aligned = all(x.data_ptr() % 4 == 0 for x in (k_scale, v_scale))
+    if k_scale.element_size() != 2 or stride_s != 1 or stride_b % 2 or stride_h % 2 or k_scale.shape[1] % 2:
+        raise ValueError(f"KV scales must be 16-bit and head-major with even strides, got {k_scale.stride()}")
+    if not aligned:
+        raise ValueError("KV scales must start 4-byte aligned")
+    return k_scale, v_scale, stride_b, stride_h, True
+
+
+@triton.jit
+def load_scale_pairs(
+    scale_ptr, table, kv_head, start, hi, stride_sb, stride_sh, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The scales of key positions [start, start + BLOCK_N) of one KV head, as FP32 [BLOCK_N].
+
+    Read as 32-bit words, each two neighbouring positions' 16-bit scales (head-major layout: a
+    head's scales of one block are contiguous, the block size is even). Triton's software pipeline
+    copies a load asynchronously with the K/V tiles only if a thread's part of it is at least
+    4 bytes (cp.async's smallest copy); one 16-bit scale per thread stays a synchronous load in the
+    loop, a full memory round trip per tile, which held the INT8 kernel at 23-40% of the HBM
+    bandwidth. Positions past `hi` read 0 (their scores are masked to -inf anyway).
+    """
+    t = start + 2 * tl.arange(0, BLOCK_N // 2)  # the first position of each pair
+    valid = t < hi
+    block = tl.load(table + t // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    offs = (block * stride_sb + kv_head * stride_sh + t % BLOCK_SIZE) // 2
+    words = tl.load(scale_ptr.to(tl.pointer_type(tl.int32)) + offs, mask=valid, other=0)
+    dtype: tl.constexpr = scale_ptr.dtype.element_ty
+    first = (words & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
+    second = ((words >> 16) & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
+    return tl.join(first, second).reshape(BLOCK_N).to(tl.float32)  # (pair, 2) -> position order
 
 
 @triton.jit
 def attend_paged(
     q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, lo, hi, q_pos,
-    qk_scale, stride_kb, stride_ks, stride_sb, stride_ss, CAUSAL: tl.constexpr, QUANT: tl.constexpr,
+    qk_scale, stride_kb, stride_ks, stride_sb, stride_sh, CAUSAL: tl.constexpr, QUANT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, LOADS_FIRST: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Fold keys [lo, hi) into (m_i, l_i, acc); `qk_scale` includes log2(e). Returns the new three.
-
-    LOADS_FIRST issues a tile's V (and the INT8 scales) with its K, before the first tl.dot, so the
-    tile waits for memory once instead of once per load (each tl.dot's shared-memory barrier keeps
-    a later load from being hoisted above it). Off in the engine until measured faster; the
-    attention benchmark times both (`loadtest/attention_kernel_bench.py`).
-    """
+    """Fold keys [lo, hi) into (m_i, l_i, acc); `qk_scale` includes log2(e). Returns the new three."""
     d = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
@@ -70,17 +97,12 @@ def attend_paged(
         block = tl.load(table + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
         offs = (block * stride_kb + (t % BLOCK_SIZE) * stride_ks + kv_head * HEAD_DIM)[:, None] + d[None, :]
         kv_mask = t_mask[:, None] & (d < HEAD_DIM)[None, :]
-        scale_offs = block * stride_sb + (t % BLOCK_SIZE) * stride_ss + kv_head
         k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
-        if LOADS_FIRST:
-            v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
-            if QUANT:
-                k_s = tl.load(k_scale_ptr + scale_offs, mask=t_mask, other=0.0).to(tl.float32)
-                v_s = tl.load(v_scale_ptr + scale_offs, mask=t_mask, other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
         if QUANT:
-            if not LOADS_FIRST:
-                k_s = tl.load(k_scale_ptr + scale_offs, mask=t_mask, other=0.0).to(tl.float32)
+            k_s = load_scale_pairs(
+                k_scale_ptr, table, kv_head, start, hi, stride_sb, stride_sh, BLOCK_SIZE, BLOCK_N
+            )
             s = s * (k_s * qk_scale)[None, :]
         else:
             s = s * qk_scale
@@ -91,11 +113,11 @@ def attend_paged(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if not LOADS_FIRST:
-            v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
         if QUANT:
-            if not LOADS_FIRST:
-                v_s = tl.load(v_scale_ptr + scale_offs, mask=t_mask, other=0.0).to(tl.float32)
+            v_s = load_scale_pairs(
+                v_scale_ptr, table, kv_head, start, hi, stride_sb, stride_sh, BLOCK_SIZE, BLOCK_N
+            )
             pv = p * v_s[None, :]
         else:
             pv = p

@@ -28,6 +28,7 @@ from worker.engine.kernels.kv_store import (
     hadamard_product,
     quantize_heads,
     rotation_launch_args,
+    scale_offsets,
 )
 
 
@@ -51,7 +52,7 @@ def _hadamard_halves(x1, x2, HALF: tl.constexpr, half, IEEE: tl.constexpr, NORM:
 @triton.jit
 def _rope_store_kernel(
     qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
-    stride_t, stride_cos, stride_qo, stride_slot,
+    stride_t, stride_cos, stride_qo, stride_slot, stride_sb, stride_ss, stride_sh, scale_block,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, HALF: tl.constexpr, QUANT: tl.constexpr,
     IEEE: tl.constexpr = False, NORM: tl.constexpr = 1.0,
@@ -106,7 +107,7 @@ def _rope_store_kernel(
         tl.store(v_cache_ptr + dest + half, v2_q, mask=kv_mask)
         heads = tl.arange(0, BLOCK_KV)
         head_mask = heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)
-        scale_dest = slot * NUM_KV_HEADS + heads
+        scale_dest = scale_offsets(slot, heads, stride_sb, stride_ss, stride_sh, scale_block)
         tl.store(k_scale_ptr + scale_dest, k_s.to(k_scale_ptr.dtype.element_ty), mask=head_mask)
         tl.store(v_scale_ptr + scale_dest, v_s.to(v_scale_ptr.dtype.element_ty), mask=head_mask)
     else:
@@ -130,7 +131,7 @@ def rope_and_store(
         qkv = qkv.contiguous()
     cos = cos.to(qkv.dtype).reshape(num_tokens, head_dim)
     sin = sin.to(qkv.dtype).reshape(num_tokens, head_dim)
-    k_s, v_s, quant = check_scales(k_cache, k_scale, v_scale)
+    k_s, v_s, scale_layout, quant = check_scales(k_cache, k_scale, v_scale)
     q_out = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     block_h, block_kv = triton.next_power_of_2(num_heads), triton.next_power_of_2(num_kv_heads)
     half = triton.next_power_of_2(head_dim // 2)
@@ -141,7 +142,7 @@ def rope_and_store(
     if num_tokens:
         _rope_store_kernel[(num_tokens,)](
             qkv, cos.contiguous(), sin.contiguous(), q_out, k_cache, v_cache, k_s, v_s, slot_mapping,
-            qkv.stride(0), head_dim, num_heads * head_dim, num_kv_heads * head_dim,
+            qkv.stride(0), head_dim, num_heads * head_dim, num_kv_heads * head_dim, *scale_layout,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
             BLOCK_H=block_h, BLOCK_KV=block_kv, HALF=half, QUANT=quant, **rotation,
         )  # fmt: skip
