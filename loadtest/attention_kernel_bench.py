@@ -4,10 +4,11 @@ One layer of Llama-3.2-1B's attention shape (32 query heads, 8 KV heads, head_di
 of `--context` tokens each, their blocks scattered at random over the pool (as a long-running paged
 cache holds them). For each KV format the kernel is timed with the engine's launch config (BLOCK_N
 64, 4 warps, 2 stages, the engine's split count) and with every config of a small sweep; the table
-shows the engine's config and the fastest (the JSON holds every config's time). INT8 scales are laid
-out head-major, as the engine's `KVCache` holds them. Bytes are what one launch must read: K and V
-(and, for INT8, their FP16 scales), so "of HBM" is the share of the GPU's bandwidth the kernel
-reaches.
+shows the engine's config, for INT8 the same with the hardware INT8->FP16 conversion instead of the
+byte-permute one the engine uses (`int8_convert.py`), and the fastest (the JSON holds every config's
+time). INT8 scales are laid out head-major, as the engine's `KVCache` holds them. Bytes are what
+one launch must read: K and V (and, for INT8, their FP16 scales), so "of HBM" is the share of the
+GPU's bandwidth the kernel reaches.
 
   python loadtest/attention_kernel_bench.py --batch-sizes 64,256 --contexts 1024,8192 \\
       --json-out attention.json
@@ -90,6 +91,7 @@ def bench_shape(batch: int, context: int, fmt: str, device: torch.device, num_sm
     inputs = build_inputs(batch, context, fmt, device)
     engine_splits = num_decode_splits(batch, KV_HEADS, num_sms)
     engine_us = time_config(inputs, engine_splits, ENGINE_CONFIG)
+    hardware_us = time_config(inputs, engine_splits, {**ENGINE_CONFIG, "permute_convert": False})
     best = (engine_us, engine_splits, ENGINE_CONFIG)
     sweep: list[dict[str, Any]] = []
     split_choices = (engine_splits, engine_splits * 2)
@@ -108,13 +110,13 @@ def bench_shape(batch: int, context: int, fmt: str, device: torch.device, num_sm
     torch.cuda.empty_cache()
     return {
         "batch": batch, "context": context, "format": fmt, "bytes": bytes_read(batch, context, fmt),
-        "engine_us": engine_us, "engine_splits": engine_splits,
+        "engine_us": engine_us, "engine_hardware_convert_us": hardware_us, "engine_splits": engine_splits,
         "best_us": best[0], "best_splits": best[1], "best_config": best[2], "sweep": sweep,
     }  # fmt: skip
 
 
 def format_table(rows: list[dict[str, Any]], tb_s: float) -> str:
-    head = ["B", "context", "KV", "engine config µs", "of HBM", "best µs", "of HBM"]
+    head = ["B", "context", "KV", "engine config µs", "of HBM", "hardware convert µs", "best µs", "of HBM"]
     head += ["best config"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
@@ -130,6 +132,7 @@ def format_table(rows: list[dict[str, Any]], tb_s: float) -> str:
                     r["format"],
                     f"{r['engine_us']:.1f}",
                     f"{roof_us / r['engine_us']:.0%}",
+                    f"{r['engine_hardware_convert_us']:.1f}" if r["format"] == "int8" else "",
                     f"{r['best_us']:.1f}",
                     f"{roof_us / r['best_us']:.0%}",
                     best,

@@ -107,25 +107,28 @@ def main_decode(dtype: str) -> None:
 
     Prints `decode` and the number of asynchronous copies (cp.async) in the compiled loop's IR, per
     cache: the pipeline copies each of the loop's tile loads once before the loop and once inside it,
-    so a float cache (K, V) gives 4 and an INT8 cache (K, V and their scales, `load_scale_pairs`) 8.
+    so a float cache (K, V) gives 4 and an INT8 cache (K, V and their scales, `load_scale_pairs`) 8,
+    with the hardware INT8 conversion and (FP16 only) with the byte-permute one.
     Scale loads the pipeline leaves synchronous (16-bit loads did) give 4 there too."""
     from worker.engine.kernels import paged_decode
 
     strides = ["stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_sb", "stride_sh", "stride_bt"]
     strides += ["stride_ot", "stride_oh"]
-    for cache in (dtype, "i8"):
+    variants = [(dtype, False), ("i8", False)] + ([("i8", True)] if dtype == "fp16" else [])
+    for cache, permute in variants:
         scales = "*fp16" if cache == "i8" else f"*{cache}"
         types = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}"}
         types |= {"k_scale_ptr": scales, "v_scale_ptr": scales, "block_tables_ptr": "*i32"}
         types |= {"context_lens_ptr": "*i32", "out_ptr": f"*{dtype}", "part_out_ptr": "*fp32"}
         types |= {"part_lse_ptr": "*fp32", "qk_scale": "fp32", **{n: "i32" for n in strides}}
         consts = {"NUM_SPLITS": 1, "GROUP": 4, "HEAD_DIM": 64, "BLOCK_SIZE": 16, "BLOCK_G": 16, "BLOCK_D": 64}
-        consts |= {"BLOCK_N": 64, "QUANT": cache == "i8"}
+        consts |= {"BLOCK_N": 64, "QUANT": cache == "i8", "FAST_CVT": permute}
         consts["DOT_PRECISION"] = "ieee" if dtype == "fp32" else None
         aligned = tuple(n for n in strides if n != "stride_bt")  # as Triton specialises them at run time
         compiled = compile_for_hopper(
             paged_decode._paged_decode_kernel, types, consts, aligned, num_warps=4, num_stages=2
         )
+        assert ("0x64646464" in compiled.asm["ptx"]) == permute, "the byte-permute conversion, where asked"
         print("decode", compiled.asm["ttgir"].count("ttg.async_copy_global_to_local"))
 
 

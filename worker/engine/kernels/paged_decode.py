@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.engine.kernels.paged_softmax import LOG2E, attend_paged, dot_precision, scale_args
+from worker.engine.kernels.paged_softmax import LOG2E, attend_paged, dot_precision, fast_convert, scale_args
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes every eager step
@@ -27,7 +27,7 @@ def _paged_decode_kernel(
     stride_bt, stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    QUANT: tl.constexpr,
+    QUANT: tl.constexpr, FAST_CVT: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -51,6 +51,7 @@ def _paged_decode_kernel(
         q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, lo, hi, hi,
         qk_scale, stride_kb, stride_ks, stride_sb, stride_sh, CAUSAL=False, QUANT=QUANT, HEAD_DIM=HEAD_DIM,
         BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION,
+        FAST_CVT=FAST_CVT,
     )  # fmt: skip
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
@@ -95,12 +96,13 @@ def paged_decode_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, num_splits: int = 1, out: torch.Tensor | None = None,
     block_n: int = 64, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-    num_warps: int = 4, num_stages: int = 2,
+    num_warps: int = 4, num_stages: int = 2, permute_convert: bool | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """query [S, H, D] (unit stride in D) over k/v_cache [blocks, block_size, KV, D] -> [S, H, D].
 
     An INT8 cache needs its scales `k_scale`/`v_scale` [blocks, block_size, KV] (head-major,
-    `paged_softmax.scale_args`).
+    `paged_softmax.scale_args`). `permute_convert`: see `paged_softmax.fast_convert` (None: where it
+    can run; the attention benchmark times both).
     """
     if query.stride(-1) != 1:
         query = query.contiguous()
@@ -129,6 +131,7 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, block_d), BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(query.dtype), QUANT=quant,
+        FAST_CVT=fast_convert(query, quant, permute_convert),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:

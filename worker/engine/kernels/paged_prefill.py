@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.engine.kernels.paged_softmax import LOG2E, attend_paged, dot_precision, scale_args
+from worker.engine.kernels.paged_softmax import LOG2E, attend_paged, dot_precision, fast_convert, scale_args
 
 
 # Neither the block-table width nor the index of the first prefill sequence may select a new compiled
@@ -27,7 +27,7 @@ def _paged_prefill_kernel(
     stride_sh, stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    QUANT: tl.constexpr,
+    QUANT: tl.constexpr, FAST_CVT: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -57,6 +57,7 @@ def _paged_prefill_kernel(
         q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, 0, hi, q_pos,
         qk_scale, stride_kb, stride_ks, stride_sb, stride_sh, CAUSAL=True, QUANT=QUANT, HEAD_DIM=HEAD_DIM,
         BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION,
+        FAST_CVT=FAST_CVT,
     )  # fmt: skip
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -95,6 +96,7 @@ def paged_prefill_attention(
         stride_sb, stride_sh, block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        DOT_PRECISION=dot_precision(query.dtype), QUANT=quant, num_warps=4, num_stages=2,
+        DOT_PRECISION=dot_precision(query.dtype), QUANT=quant, FAST_CVT=fast_convert(query, quant),
+        num_warps=4, num_stages=2,
     )  # fmt: skip
     return out

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.engine.kernels.int8_convert import int8_to_f16
+
 LOG2E = 1.4426950408889634
 
 
@@ -30,6 +32,14 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     Pass the queries' dtype: the K/V tiles are converted to it (an INT8 or a narrower float cache).
     """
     return "ieee" if dtype == torch.float32 else None
+
+
+def fast_convert(query: torch.Tensor, quant: bool, override: bool | None = None) -> bool:
+    """Whether INT8 K/V tiles take the byte-permute conversion (`int8_convert.py`): FP16 queries on CUDA.
+
+    `override` (the attention benchmark's) forces it off, or on where it can run."""
+    possible = quant and query.is_cuda and query.dtype == torch.float16
+    return possible if override is None else possible and override
 
 
 def scale_args(
@@ -87,9 +97,11 @@ def attend_paged(
     q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, lo, hi, q_pos,
     qk_scale, stride_kb, stride_ks, stride_sb, stride_sh, CAUSAL: tl.constexpr, QUANT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FAST_CVT: tl.constexpr = False,
 ):  # fmt: skip
-    """Fold keys [lo, hi) into (m_i, l_i, acc); `qk_scale` includes log2(e). Returns the new three."""
+    """Fold keys [lo, hi) into (m_i, l_i, acc); `qk_scale` includes log2(e). Returns the new three.
+
+    FAST_CVT (INT8 cache, FP16 queries, CUDA): the tiles are converted by byte permutes."""
     d = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
@@ -98,6 +110,8 @@ def attend_paged(
         offs = (block * stride_kb + (t % BLOCK_SIZE) * stride_ks + kv_head * HEAD_DIM)[:, None] + d[None, :]
         kv_mask = t_mask[:, None] & (d < HEAD_DIM)[None, :]
         k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
+        if FAST_CVT:
+            k = int8_to_f16(k, FAST_CVT)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
         if QUANT:
             k_s = load_scale_pairs(
@@ -114,6 +128,8 @@ def attend_paged(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        if FAST_CVT:
+            v = int8_to_f16(v, FAST_CVT)
         if QUANT:
             v_s = load_scale_pairs(
                 v_scale_ptr, table, kv_head, start, hi, stride_sb, stride_sh, BLOCK_SIZE, BLOCK_N
