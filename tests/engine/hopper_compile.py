@@ -122,7 +122,8 @@ def main_decode(dtype: str) -> None:
         types |= {"context_lens_ptr": "*i32", "out_ptr": f"*{dtype}", "part_out_ptr": "*fp32"}
         types |= {"part_lse_ptr": "*fp32", "qk_scale": "fp32", **{n: "i32" for n in strides}}
         consts = {"NUM_SPLITS": 1, "GROUP": 4, "HEAD_DIM": 64, "BLOCK_SIZE": 16, "BLOCK_G": 16, "BLOCK_D": 64}
-        consts |= {"BLOCK_N": 64, "QUANT": cache == "i8", "FAST_CVT": permute}
+        consts |= {"BLOCK_N": 64, "QUANT": cache == "i8", "FAST_CVT": permute, "UNROTATE": cache == "i8"}
+        consts["NORM"] = 0.125
         consts["DOT_PRECISION"] = "ieee" if dtype == "fp32" else None
         aligned = tuple(n for n in strides if n != "stride_bt")  # as Triton specialises them at run time
         compiled = compile_for_hopper(

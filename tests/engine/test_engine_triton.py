@@ -21,14 +21,18 @@ pytestmark = [
 ]
 
 
-def test_triton_path_gives_the_reference_tokens_and_restores_the_model(smol: LoadedModel):
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_triton_path_gives_the_reference_tokens_and_restores_the_model(smol: LoadedModel, kv_dtype: str):
+    """With an INT8 cache too: the fused store rotates and quantises, the kernels read the scales in
+    pairs and rotate their output back in the epilogue, where the torch path calls `unrotate_output`."""
     modules_before = [type(m).__name__ for m in smol.model.modules()]
     results: dict[str, dict[str, list[int]]] = {}
     for backend in ("torch", "triton"):
         engine = PagedEngine(
             smol.model, smol.tokenizer, kv_cache_bytes=16 << 20, max_batch_tokens=64,
-            max_prefill_chunk_tokens=40, attention_backend=backend,
+            max_prefill_chunk_tokens=40, attention_backend=backend, kv_dtype=kv_dtype,
         )  # fmt: skip
+        assert (engine.kv_cache.rotation is not None) == (kv_dtype == "int8")
         assert engine.attention_backend == backend
         if backend == "triton":
             engine.runner.warm_up()  # compiles the kernels; must leave the cache untouched

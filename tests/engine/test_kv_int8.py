@@ -367,9 +367,17 @@ def test_int8_mixed_step_through_the_triton_entry_point():
 
     gen = torch.Generator().manual_seed(11)
     cache, _, metadata, query = random_int8_step(gen, [(20, 1), (3, 1), (18, 18), (50, 9)], 8, 2, 32)
-    metadata.decode_splits = 2
     args = (*cache.layer(0), metadata, 0.17, *cache.layer_scales(0))
-    torch.testing.assert_close(triton_paged_attention(query, *args), paged_attention_reference(query, *args))
+    expected = paged_attention_reference(query, *args)
+    for splits in (1, 2):
+        metadata.decode_splits = splits
+        torch.testing.assert_close(triton_paged_attention(query, *args), expected)
+        # The kernels' epilogue takes the output back to the model's basis (times H^T), as the torch
+        # path's `unrotate_output` does after the reference: decode rows (one split and partials
+        # merged) and prefill rows alike.
+        unrotated = triton_paged_attention(query, *args, unrotate=True)
+        torch.testing.assert_close(unrotated, cache.unrotate_output(expected))
+        assert (unrotated - expected).abs().max() > 0.01  # the rotation is not the identity here
 
 
 @needs_kernels

@@ -233,7 +233,11 @@ def paged_attention_reference(
 def triton_paged_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata,
     scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    unrotate: bool = False,
 ) -> torch.Tensor:  # fmt: skip
+    """The Triton kernels' attention of the step's queries [T, H, D] -> [T, H, D]. `unrotate` (an INT8
+    cache, whose queries come in rotated by H): the output comes back times H^T, in the model's
+    basis, from the kernels' epilogue (`KVCache.unrotate_output` is the torch path's)."""
     from worker.engine.kernels.paged_decode import paged_decode_attention
     from worker.engine.kernels.paged_prefill import paged_prefill_attention
 
@@ -243,12 +247,13 @@ def triton_paged_attention(
         paged_decode_attention(
             query[:n], k_cache, v_cache, metadata.block_tables[:n], metadata.context_lens[:n], scale,
             num_splits=metadata.decode_splits, out=out[:n], k_scale=k_scale, v_scale=v_scale,
+            unrotate=unrotate,
         )  # fmt: skip
     if metadata.max_query_len:
         paged_prefill_attention(
             query[n:], k_cache, v_cache, metadata.block_tables, metadata.query_start_loc,
             metadata.context_lens, metadata.max_query_len, scale, out=out[n:], first_seq=n,
-            k_scale=k_scale, v_scale=v_scale,
+            k_scale=k_scale, v_scale=v_scale, unrotate=unrotate,
         )  # fmt: skip
     return out
 
@@ -281,12 +286,13 @@ def paged_attention_forward(
         from worker.engine.kernels.kv_store import store_kv
 
         store_kv(new_keys, new_values, k_cache, v_cache, metadata.slot_mapping, k_scale, v_scale)
-        out = triton_paged_attention(q, k_cache, v_cache, metadata, scale, k_scale, v_scale)
+        unrotate = kv_cache.rotation is not None
+        out = triton_paged_attention(q, k_cache, v_cache, metadata, scale, k_scale, v_scale, unrotate)
     else:
         kv_cache.write(layer_idx, metadata.slot_mapping, new_keys, new_values)
         with sdpa_kernel(_SDPA_BACKENDS):
             out = paged_attention_reference(q, k_cache, v_cache, metadata, scale, k_scale, v_scale)
-    out = kv_cache.unrotate_output(out)
+        out = kv_cache.unrotate_output(out)
     if metadata.score_requests:
         add_window_scores(q, k_cache, k_scale, metadata, scale)
     return out.unsqueeze(0), None

@@ -125,8 +125,11 @@ class PagedSelfAttention(nn.Module):
             self.qkv(hidden_states[0]), cos, sin, k_cache, v_cache, metadata.slot_mapping,
             self.num_heads, self.num_kv_heads, self.head_dim, k_scale, v_scale,
         )  # fmt: skip
-        out = triton_paged_attention(query, k_cache, v_cache, metadata, self.scaling, k_scale, v_scale)
-        out = kv_cache.unrotate_output(out)  # (P V H) H^T for an INT8 cache
+        # (P V H) H^T for an INT8 cache, in the attention kernels' epilogue.
+        unrotate = kv_cache.rotation is not None
+        out = triton_paged_attention(
+            query, k_cache, v_cache, metadata, self.scaling, k_scale, v_scale, unrotate=unrotate
+        )
         if metadata.score_requests:  # SnapKV, eager prefill steps only: queries in the stored keys' basis
             add_window_scores(query, k_cache, k_scale, metadata, self.scaling)
         return self.original.o_proj(out.view(1, tokens, -1)), None  # type: ignore[operator]

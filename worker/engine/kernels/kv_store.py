@@ -124,7 +124,8 @@ def check_scales(
         return k_cache, k_cache, (0, 0, 0, 1), False
     if k_scale.stride() != v_scale.stride():
         raise ValueError("K and V scales must share one layout")
-    return k_scale, v_scale, (*k_scale.stride(), k_scale.shape[1]), True
+    stride_b, stride_s, stride_h = k_scale.stride()
+    return k_scale, v_scale, (stride_b, stride_s, stride_h, k_scale.shape[1]), True
 
 
 @triton.jit

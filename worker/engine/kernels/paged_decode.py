@@ -17,7 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.engine.kernels.paged_softmax import LOG2E, attend_paged, dot_precision, fast_convert, scale_args
+from worker.engine.kernels.paged_softmax import (
+    LOG2E,
+    attend_paged,
+    dot_precision,
+    fast_convert,
+    scale_args,
+    unrotate,
+    unrotate_args,
+)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes every eager step
@@ -27,7 +35,7 @@ def _paged_decode_kernel(
     stride_bt, stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    QUANT: tl.constexpr, FAST_CVT: tl.constexpr,
+    QUANT: tl.constexpr, FAST_CVT: tl.constexpr, UNROTATE: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -55,14 +63,17 @@ def _paged_decode_kernel(
     )  # fmt: skip
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / safe_l[:, None]
+    if UNROTATE:  # an INT8 cache: back from the stored basis (a split's part too: the merge is linear)
+        out = unrotate(out, out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_D, NORM, DOT_PRECISION)
     if NUM_SPLITS == 1:
         o = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :]
-        tl.store(o, (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=row_mask)
+        tl.store(o, out.to(out_ptr.dtype.element_ty), mask=row_mask)
     else:
         # Partials laid out [seq, head, split, D] and [seq, head, split], float32.
         num_heads = tl.num_programs(1) * GROUP
         row = (seq * num_heads + heads) * NUM_SPLITS + split
-        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], acc / safe_l[:, None], mask=row_mask)
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=row_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=g < GROUP)
 
@@ -95,14 +106,17 @@ def _merge_splits_kernel(
 def paged_decode_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, num_splits: int = 1, out: torch.Tensor | None = None,
-    block_n: int = 64, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-    num_warps: int = 4, num_stages: int = 2, permute_convert: bool | None = None,
+    block_n: int | None = None, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    num_warps: int = 4, num_stages: int = 2, permute_convert: bool | None = None, unrotate: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """query [S, H, D] (unit stride in D) over k/v_cache [blocks, block_size, KV, D] -> [S, H, D].
 
     An INT8 cache needs its scales `k_scale`/`v_scale` [blocks, block_size, KV] (head-major,
-    `paged_softmax.scale_args`). `permute_convert`: see `paged_softmax.fast_convert` (None: where it
-    can run; the attention benchmark times both).
+    `paged_softmax.scale_args`). `block_n` (keys per tile): by default 64 for a float cache, 128 for
+    an INT8 one, the fastest of `loadtest/attention_kernel_bench.py`'s sweep for each on an H200
+    (docs/benchmarks.md). `permute_convert`: see `paged_softmax.fast_convert` (None: where it
+    can run; the attention benchmark times both). `unrotate` (INT8 only): return the output in the
+    model's basis, times H^T (`paged_softmax.unrotate`), rather than in the cache's.
     """
     if query.stride(-1) != 1:
         query = query.contiguous()
@@ -116,6 +130,7 @@ def paged_decode_attention(
         return out
     group = num_heads // num_kv_heads
     k_s, v_s, stride_sb, stride_sh, quant = scale_args(k_cache, k_scale, v_scale)
+    block_n = block_n or (128 if quant else 64)
     block_d = triton.next_power_of_2(head_dim)
     if num_splits > 1:
         part_out = torch.empty(
@@ -131,7 +146,7 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, block_d), BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(query.dtype), QUANT=quant,
-        FAST_CVT=fast_convert(query, quant, permute_convert),
+        FAST_CVT=fast_convert(query, quant, permute_convert), **unrotate_args(head_dim, quant and unrotate),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:

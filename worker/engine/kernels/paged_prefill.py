@@ -15,7 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.engine.kernels.paged_softmax import LOG2E, attend_paged, dot_precision, fast_convert, scale_args
+from worker.engine.kernels.paged_softmax import (
+    LOG2E,
+    attend_paged,
+    dot_precision,
+    fast_convert,
+    scale_args,
+    unrotate,
+    unrotate_args,
+)
 
 
 # Neither the block-table width nor the index of the first prefill sequence may select a new compiled
@@ -27,7 +35,7 @@ def _paged_prefill_kernel(
     stride_sh, stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    QUANT: tl.constexpr, FAST_CVT: tl.constexpr,
+    QUANT: tl.constexpr, FAST_CVT: tl.constexpr, UNROTATE: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -61,6 +69,8 @@ def _paged_prefill_kernel(
     )  # fmt: skip
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if UNROTATE:  # an INT8 cache: back from the stored basis
+        out = unrotate(out, out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_D, NORM, DOT_PRECISION)
     o = out_ptr + (q_start + r)[:, None] * stride_ot + head * stride_oh + d[None, :]
     tl.store(o, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
@@ -69,7 +79,7 @@ def paged_prefill_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     query_start_loc: torch.Tensor, context_lens: torch.Tensor, max_query_len: int, scale: float,
     out: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64, first_seq: int = 0,
-    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, unrotate: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """query [T, H, D] of S sequences (offsets `query_start_loc` [S + 1]) over the paged cache: [T, H, D].
 
@@ -77,7 +87,7 @@ def paged_prefill_attention(
     prefill sequences are their rows from `first_seq` on. They are passed whole rather than sliced,
     because a slice at an odd row would change the pointer alignment the kernel was compiled for
     and compile another variant in the middle of serving. An INT8 cache needs its scales
-    `k_scale`/`v_scale` [blocks, block_size, KV].
+    `k_scale`/`v_scale` [blocks, block_size, KV]; `unrotate`: see `paged_decode_attention`.
     """
     if query.stride(-1) != 1:
         query = query.contiguous()
@@ -97,6 +107,6 @@ def paged_prefill_attention(
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         DOT_PRECISION=dot_precision(query.dtype), QUANT=quant, FAST_CVT=fast_convert(query, quant),
-        num_warps=4, num_stages=2,
+        **unrotate_args(head_dim, quant and unrotate), num_warps=4, num_stages=2,
     )  # fmt: skip
     return out

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from worker.engine.kernels.int8_convert import int8_to_f16
+from worker.engine.kernels.kv_store import hadamard_signs
 
 LOG2E = 1.4426950408889634
 
@@ -90,6 +91,26 @@ def load_scale_pairs(
     first = (words & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
     second = ((words >> 16) & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
     return tl.join(first, second).reshape(BLOCK_N).to(tl.float32)  # (pair, 2) -> position order
+
+
+def unrotate_args(head_dim: int, quant: bool) -> dict[str, object]:
+    """The constexprs of `unrotate` for a kernel launch: on for an INT8 cache (stored as x H)."""
+    return {"UNROTATE": quant, "NORM": head_dim**-0.5 if quant else 1.0}
+
+
+@triton.jit
+def unrotate(o, dtype: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """Attention output o [rows >= 16, BLOCK_D] over an INT8 cache back to the model's basis: o H^T.
+
+    The cache holds V H, so the loop's output is (P V) H; Sylvester's normalised H is symmetric and
+    orthogonal, so H^T = H: one more tl.dot in the epilogue, against the +-1 matrix generated in
+    registers (`kv_store.hadamard_signs`), instead of three launches (cast, FP32 matmul, cast) after
+    the kernel. `o` is rounded to `dtype` first, as the torch path rounds the attention output before
+    `KVCache.unrotate_output`; the +-1 products are exact and summed in FP32.
+    """
+    h = hadamard_signs(BLOCK_D, HEAD_DIM, dtype)
+    return tl.dot(o.to(dtype), h, input_precision=DOT_PRECISION) * NORM
 
 
 @triton.jit
