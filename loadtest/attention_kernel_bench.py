@@ -2,13 +2,14 @@
 
 One layer of Llama-3.2-1B's attention shape (32 query heads, 8 KV heads, head_dim 64), B sequences
 of `--context` tokens each, their blocks scattered at random over the pool (as a long-running paged
-cache holds them). For each KV format the kernel is timed with the engine's launch config (BLOCK_N
-64, 4 warps, 2 stages, the engine's split count) and with every config of a small sweep; the table
-shows the engine's config, for INT8 the same with the hardware INT8->FP16 conversion instead of the
-byte-permute one the engine uses (`int8_convert.py`), and the fastest (the JSON holds every config's
-time). INT8 scales are laid out head-major, as the engine's `KVCache` holds them. Bytes are what
-one launch must read: K and V (and, for INT8, their FP16 scales), so "of HBM" is the share of the
-GPU's bandwidth the kernel reaches.
+cache holds them). For each KV format the kernel is timed with the engine's launch config (4 warps,
+2 stages, the engine's split count, BLOCK_N 64 for FP16 and 128 for INT8) and with every config of a
+small sweep; the table shows the engine's config, for INT8 the same with the hardware INT8->FP16
+conversion instead of the byte-permute one the engine uses (`int8_convert.py`) and with V laid out
+position-major like K instead of transposed per block (`paged_softmax.v_tile_transposed`), and the
+fastest (the JSON holds every config's time). INT8 scales are head-major and V transposed, as the
+engine's `KVCache` holds them. Bytes are what one launch must read: K and V (and, for INT8, their
+FP16 scales), so "of HBM" is the share of the GPU's bandwidth the kernel reaches.
 
   python loadtest/attention_kernel_bench.py --batch-sizes 64,256 --contexts 1024,8192 \\
       --json-out attention.json
@@ -33,7 +34,8 @@ from decode_step_bench import hbm_tb_s  # noqa: E402
 from worker.engine.kernels import num_decode_splits  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 64, 16
-ENGINE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2}
+ENGINE_CONFIG = {"num_warps": 4, "num_stages": 2}
+ENGINE_BLOCK_N = {"fp16": 64, "int8": 128}  # paged_decode_attention's default per cache format
 SWEEP = {"block_n": (32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (2, 3)}
 
 
@@ -50,8 +52,10 @@ def build_inputs(batch: int, context: int, fmt: str, device: torch.device) -> di
         inputs["v"] = torch.randn(shape, device=device, dtype=torch.float16, generator=gen)
         inputs["scales"] = (None, None)
     else:
-        for name in ("k", "v"):
-            inputs[name] = torch.randint(-127, 128, shape, device=device, dtype=torch.int8, generator=gen)
+        inputs["k"] = torch.randint(-127, 128, shape, device=device, dtype=torch.int8, generator=gen)
+        # V transposed per block, as the engine's KVCache holds an INT8 cache, seen in index order.
+        v = torch.randint(-127, 128, shape, device=device, dtype=torch.int8, generator=gen)
+        inputs["v"] = v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
         scales = []
         for _ in range(2):
             s = torch.rand(num_blocks, KV_HEADS, BLOCK_SIZE, device=device, generator=gen) * 0.02 + 0.001
@@ -90,9 +94,15 @@ def time_config(inputs: dict[str, Any], splits: int, config: dict[str, int]) -> 
 def bench_shape(batch: int, context: int, fmt: str, device: torch.device, num_sms: int) -> dict[str, Any]:
     inputs = build_inputs(batch, context, fmt, device)
     engine_splits = num_decode_splits(batch, KV_HEADS, num_sms)
-    engine_us = time_config(inputs, engine_splits, ENGINE_CONFIG)
-    hardware_us = time_config(inputs, engine_splits, {**ENGINE_CONFIG, "permute_convert": False})
-    best = (engine_us, engine_splits, ENGINE_CONFIG)
+    engine = {**ENGINE_CONFIG, "block_n": ENGINE_BLOCK_N[fmt]}
+    engine_us = time_config(inputs, engine_splits, engine)
+    hardware_us = position_major_us = 0.0
+    if fmt == "int8":
+        hardware_us = time_config(inputs, engine_splits, {**engine, "permute_convert": False})
+        position_major = {**inputs, "v": inputs["v"].contiguous()}
+        position_major_us = time_config(position_major, engine_splits, engine)
+        del position_major
+    best = (engine_us, engine_splits, engine)
     sweep: list[dict[str, Any]] = []
     split_choices = (engine_splits, engine_splits * 2)
     for splits in split_choices:
@@ -110,13 +120,15 @@ def bench_shape(batch: int, context: int, fmt: str, device: torch.device, num_sm
     torch.cuda.empty_cache()
     return {
         "batch": batch, "context": context, "format": fmt, "bytes": bytes_read(batch, context, fmt),
-        "engine_us": engine_us, "engine_hardware_convert_us": hardware_us, "engine_splits": engine_splits,
+        "engine_us": engine_us, "engine_hardware_convert_us": hardware_us,
+        "engine_position_major_v_us": position_major_us, "engine_splits": engine_splits,
         "best_us": best[0], "best_splits": best[1], "best_config": best[2], "sweep": sweep,
     }  # fmt: skip
 
 
 def format_table(rows: list[dict[str, Any]], tb_s: float) -> str:
-    head = ["B", "context", "KV", "engine config µs", "of HBM", "hardware convert µs", "best µs", "of HBM"]
+    head = ["B", "context", "KV", "engine config µs", "of HBM", "hardware convert µs", "V position-major µs"]
+    head += ["best µs", "of HBM"]
     head += ["best config"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
@@ -133,6 +145,7 @@ def format_table(rows: list[dict[str, Any]], tb_s: float) -> str:
                     f"{r['engine_us']:.1f}",
                     f"{roof_us / r['engine_us']:.0%}",
                     f"{r['engine_hardware_convert_us']:.1f}" if r["format"] == "int8" else "",
+                    f"{r['engine_position_major_v_us']:.1f}" if r["format"] == "int8" else "",
                     f"{r['best_us']:.1f}",
                     f"{roof_us / r['best_us']:.0%}",
                     best,

@@ -26,6 +26,7 @@ MATMUL_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "y_ptr", "part_ptr", "
 MATMUL_ARGS += ["stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ym"]
 ALIGNED = ("N", "K", "stride_xm", "stride_wn", "stride_ym")
 SCALE_LAYOUT = ("stride_sb", "stride_ss", "stride_sh", "scale_block")
+V_LAYOUT = ("cache_vb", "cache_vs", "cache_vh", "cache_vd", "cache_block")
 
 
 def compile_for_hopper(
@@ -90,12 +91,13 @@ def main_kv_store(dtype: str) -> None:
         rotation = {"QUANT": True, "IEEE": dtype == "fp32", "NORM": dim**-0.5}
         types = {"key_ptr": f"*{dtype}", "value_ptr": f"*{dtype}", **caches}
         types |= {n: "i32" for n in ("stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_slot")}
-        types |= {n: "i32" for n in SCALE_LAYOUT}
+        types |= {n: "i32" for n in SCALE_LAYOUT + V_LAYOUT}
         consts = {"NUM_KV_HEADS": kv_heads, "HEAD_DIM": dim, "BLOCK_H": 16, "BLOCK_D": dim, **rotation}
         ptx = compile_for_hopper(kv_store._store_kv_kernel, types, consts, num_warps=4).asm["ptx"]
         print("store", "mma" if "mma" in ptx else "fma")
         types = {n: f"*{dtype}" for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "q_out_ptr")} | caches
         types |= {n: "i32" for n in ("stride_t", "stride_cos", "stride_qo", "stride_slot", *SCALE_LAYOUT)}
+        types |= {n: "i32" for n in V_LAYOUT}
         consts = {"NUM_HEADS": heads, "NUM_KV_HEADS": kv_heads, "HEAD_DIM": dim, "BLOCK_H": max(heads, 16)}
         consts |= {"BLOCK_KV": 16, "HALF": dim // 2, **rotation}
         ptx = compile_for_hopper(rope_store._rope_store_kernel, types, consts, num_warps=4).asm["ptx"]
@@ -112,7 +114,8 @@ def main_decode(dtype: str) -> None:
     Scale loads the pipeline leaves synchronous (16-bit loads did) give 4 there too."""
     from worker.engine.kernels import paged_decode
 
-    strides = ["stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_sb", "stride_sh", "stride_bt"]
+    strides = ["stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_vs", "stride_vh", "stride_vd"]
+    strides += ["stride_sb", "stride_sh", "stride_bt"]
     strides += ["stride_ot", "stride_oh"]
     variants = [(dtype, False), ("i8", False)] + ([("i8", True)] if dtype == "fp16" else [])
     for cache, permute in variants:
@@ -124,8 +127,12 @@ def main_decode(dtype: str) -> None:
         consts = {"NUM_SPLITS": 1, "GROUP": 4, "HEAD_DIM": 64, "BLOCK_SIZE": 16, "BLOCK_G": 16, "BLOCK_D": 64}
         consts |= {"BLOCK_N": 64, "QUANT": cache == "i8", "FAST_CVT": permute, "UNROTATE": cache == "i8"}
         consts["NORM"] = 0.125
+        # An INT8 cache's V is transposed per block (unit stride over the slots, which Triton
+        # specialises as a constant); a float cache's has unit stride over head_dim.
+        consts |= {"V_T": cache == "i8", "stride_vs" if cache == "i8" else "stride_vd": 1}
         consts["DOT_PRECISION"] = "ieee" if dtype == "fp32" else None
         aligned = tuple(n for n in strides if n != "stride_bt")  # as Triton specialises them at run time
+        types = {n: t for n, t in types.items() if n not in consts}
         compiled = compile_for_hopper(
             paged_decode._paged_decode_kernel, types, consts, aligned, num_warps=4, num_stages=2
         )

@@ -313,12 +313,15 @@ def test_int8_decode_kernel_matches_reference(
     k, v = cache.layer(0)
     k_s, v_s = cache.layer_scales(0)
     expected = paged_attention_reference(query, k, v, metadata, dim**-0.5, k_s, v_s)
-    out = torch.full_like(query, float("nan"))
-    paged_decode_attention(
-        query, k, v, metadata.block_tables, metadata.context_lens, dim**-0.5, num_splits=num_splits,
-        out=out, block_n=16, k_scale=k_s, v_scale=v_s,
-    )  # fmt: skip
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert v.stride(1) == 1  # the cache holds V transposed per block: read as whole blocks
+    # ... and a copy laid out like K (position-major), read position by position: the same result.
+    for values in (v, v.contiguous()):
+        out = torch.full_like(query, float("nan"))
+        paged_decode_attention(
+            query, k, values, metadata.block_tables, metadata.context_lens, dim**-0.5, num_splits=num_splits,
+            out=out, block_n=16, k_scale=k_s, v_scale=v_s,
+        )  # fmt: skip
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="needs its scales"):
         paged_decode_attention(query, k, v, metadata.block_tables, metadata.context_lens, 0.1)
 
@@ -424,7 +427,7 @@ def test_int8_store_kernel_rotates_and_quantises_what_the_reference_writes_and_s
     torch.testing.assert_close(kernel.scales, reference.scales, rtol=1e-3, atol=0)
     # What the slots hold is K H and V H quantised: rotated back, each vector within half a step.
     h = hadamard_matrix(dim)
-    k, v = (x.view(-1, kv_heads, dim)[slots[stored]] for x in kernel.layer(0))
+    k, v = (x.reshape(-1, kv_heads, dim)[slots[stored]] for x in kernel.layer(0))
     k_s, v_s = (x.reshape(-1, kv_heads)[slots[stored]] for x in kernel.layer_scales(0))  # type: ignore[union-attr]
     for q, scale, x in ((k, k_s, keys[stored]), (v, v_s, values[stored])):
         expected_q, expected_scale = quantize_kv(x @ h)

@@ -14,6 +14,13 @@ are contiguous and the attention kernels read them two per 32-bit word
 [num_blocks, block_size, num_kv_heads], as a strided view, so a (block, offset) pair or a flat slot
 id addresses them as it addresses K and V.
 
+An INT8 cache also holds each block's V transposed, [num_kv_heads, head_dim, block_size] in memory
+(K stays [block_size, num_kv_heads, head_dim]): the attention's product p V reduces over positions,
+and only with a block's positions contiguous does an INT8 V tile reach the tensor cores by
+vectorised copies rather than byte by byte (`kernels/paged_softmax.v_tile_transposed`). `layer`
+returns V as a strided view in the blocks' index order, like the scales. A block's bytes are the
+same count either way, so block ids, sharing and the budget are unchanged.
+
 An INT8 cache holds each head's K and V rotated by the normalised Hadamard matrix H before they
 were quantised (`quant/kv_int8.py`; `KVCache.rotation` is H, allocated once with the pool): every
 backend's store rotates (`write` here, the Triton store kernels on the GPU path), and the attention
@@ -131,8 +138,14 @@ class KVCache:
         return self.data.numel() * self.data.element_size() + scales
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
-        return self.data[layer_idx, 0], self.data[layer_idx, 1]
+        """K and V of one layer, each [num_blocks, block_size, num_kv_heads, head_dim].
+
+        An INT8 cache's V is a strided view: each block holds it transposed (the module doc)."""
+        k, v = self.data[layer_idx, 0], self.data[layer_idx, 1]
+        if self.spec.quantized:
+            shape = (self.num_blocks, self.spec.num_kv_heads, self.spec.head_dim, self.block_size)
+            v = v.view(shape).permute(0, 3, 1, 2)
+        return k, v
 
     def layer_scales(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Scales of one layer's K and V, each [num_blocks, block_size, num_kv_heads] (a view of the
@@ -162,14 +175,15 @@ class KVCache:
         An INT8 cache stores them rotated by H and quantised (the module doc); the torch reference of
         the Triton store kernels."""
         k_cache, v_cache = self.layer(layer_idx)
-        flat = (-1, self.spec.num_kv_heads, self.spec.head_dim)
         k_scale, v_scale = self.layer_scales(layer_idx)
         if k_scale is None or v_scale is None:
+            flat = (-1, self.spec.num_kv_heads, self.spec.head_dim)
             k_cache.view(flat).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
             v_cache.view(flat).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
             return
+        # V and the scales are strided views: indexed by (block, offset), not flattened.
         blocks, offsets = slot_mapping // self.block_size, slot_mapping % self.block_size
         for cache, scales, new in ((k_cache, k_scale, key), (v_cache, v_scale, value)):
             q, scale = quantize_kv(new.float() if self.rotation is None else new.float() @ self.rotation)
-            cache.view(flat).index_copy_(0, slot_mapping, q)
-            scales[blocks, offsets] = scale  # a strided view: indexed, not flattened
+            cache[blocks, offsets] = q
+            scales[blocks, offsets] = scale

@@ -78,7 +78,7 @@ def rotation_launch_args(dtype: torch.dtype, head_dim: int) -> dict[str, object]
 def _store_kv_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_slot, stride_sb, stride_ss, stride_sh, scale_block,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    cache_vb, cache_vs, cache_vh, cache_vd, cache_block, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
     IEEE: tl.constexpr = False, NORM: tl.constexpr = 1.0,
 ):  # fmt: skip
@@ -89,6 +89,7 @@ def _store_kv_kernel(
     # A padding row stores nothing: its head count becomes 0 (a mask, not an early return).
     mask = (h < tl.where(slot >= 0, NUM_KV_HEADS, 0)) & (d < HEAD_DIM)
     dest = slot * stride_slot + h * HEAD_DIM + d
+    v_dest = cache_offsets(slot, h, d, cache_vb, cache_vs, cache_vh, cache_vd, cache_block)
     if QUANT:
         # Masked lanes load 0, so they never raise a head's max.
         key = tl.load(key_ptr + token * stride_kt + h * stride_kh + d, mask=mask, other=0.0)
@@ -99,7 +100,7 @@ def _store_kv_kernel(
         k_q, k_s = quantize_heads(key, tl.max(tl.abs(key), 1))
         v_q, v_s = quantize_heads(value, tl.max(tl.abs(value), 1))
         tl.store(k_cache_ptr + dest, k_q, mask=mask)
-        tl.store(v_cache_ptr + dest, v_q, mask=mask)
+        tl.store(v_cache_ptr + v_dest, v_q, mask=mask)
         heads = tl.arange(0, BLOCK_H)
         head_mask = heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)
         scale_dest = scale_offsets(slot, heads, stride_sb, stride_ss, stride_sh, scale_block)
@@ -109,7 +110,7 @@ def _store_kv_kernel(
         key = tl.load(key_ptr + token * stride_kt + h * stride_kh + d, mask=mask)
         value = tl.load(value_ptr + token * stride_vt + h * stride_vh + d, mask=mask)
         tl.store(k_cache_ptr + dest, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_cache_ptr + dest, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + v_dest, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def check_scales(
@@ -134,6 +135,25 @@ def scale_offsets(slot, heads, stride_sb, stride_ss, stride_sh, scale_block):
     return (slot // scale_block) * stride_sb + (slot % scale_block) * stride_ss + heads * stride_sh
 
 
+@triton.jit
+def cache_offsets(slot, heads, dims, stride_b, stride_s, stride_h, stride_d, block_size):
+    """Where element `dims` of KV heads `heads` of flat slot `slot` lives in a cache of these strides."""
+    block, offset = slot // block_size, slot % block_size
+    return block * stride_b + offset * stride_s + heads * stride_h + dims * stride_d
+
+
+def v_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """V's strides over blocks, slots, KV heads and head_dim, and the block size, for the kernels.
+
+    K is contiguous; V may be laid out otherwise (an INT8 cache stores each block's V transposed,
+    `KVCache`), but holds its blocks where K's are, with the same shape."""
+    same_blocks = v_cache.shape == k_cache.shape and v_cache.stride(0) == k_cache.stride(0)
+    if not (same_blocks and k_cache.is_contiguous()):
+        raise ValueError(f"K {k_cache.stride()} and V {v_cache.stride()} caches do not share a block layout")
+    stride_b, stride_s, stride_h, stride_d = v_cache.stride()
+    return stride_b, stride_s, stride_h, stride_d, v_cache.shape[1]
+
+
 def store_kv(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
@@ -146,8 +166,6 @@ def store_kv(
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the paged cache must be contiguous")
     k_s, v_s, scale_layout, quant = check_scales(k_cache, k_scale, v_scale)
     key = key if key.stride(2) == 1 else key.contiguous()
     value = value if value.stride(2) == 1 else value.contiguous()
@@ -159,7 +177,7 @@ def store_kv(
     _store_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, k_s, v_s, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), num_kv_heads * head_dim,
-        *scale_layout,
+        *scale_layout, *v_layout(k_cache, v_cache),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, QUANT=quant,
         **rotation,
     )  # fmt: skip

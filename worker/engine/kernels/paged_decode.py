@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.engine.kernels.kv_store import v_layout
 from worker.engine.kernels.paged_softmax import (
     LOG2E,
     attend_paged,
@@ -25,17 +26,20 @@ from worker.engine.kernels.paged_softmax import (
     scale_args,
     unrotate,
     unrotate_args,
+    v_transposed,
 )
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes every eager step
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
-    part_out_ptr, part_lse_ptr, qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_sb, stride_sh,
+    part_out_ptr, part_lse_ptr, qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_vs, stride_vh,
+    stride_vd, stride_sb, stride_sh,
     stride_bt, stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     QUANT: tl.constexpr, FAST_CVT: tl.constexpr, UNROTATE: tl.constexpr, NORM: tl.constexpr,
+    V_T: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -57,9 +61,10 @@ def _paged_decode_kernel(
     table = block_tables_ptr + seq * stride_bt
     m_i, l_i, acc = attend_paged(
         q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, lo, hi, hi,
-        qk_scale, stride_kb, stride_ks, stride_sb, stride_sh, CAUSAL=False, QUANT=QUANT, HEAD_DIM=HEAD_DIM,
+        qk_scale, stride_kb, stride_ks, stride_vs, stride_vh, stride_vd, stride_sb, stride_sh, CAUSAL=False,
+        QUANT=QUANT, HEAD_DIM=HEAD_DIM,
         BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION,
-        FAST_CVT=FAST_CVT,
+        FAST_CVT=FAST_CVT, V_T=V_T,
     )  # fmt: skip
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
@@ -131,6 +136,7 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     k_s, v_s, stride_sb, stride_sh, quant = scale_args(k_cache, k_scale, v_scale)
     block_n = block_n or (128 if quant else 64)
+    v_strides = v_layout(k_cache, v_cache)
     block_d = triton.next_power_of_2(head_dim)
     if num_splits > 1:
         part_out = torch.empty(
@@ -142,11 +148,13 @@ def paged_decode_attention(
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, k_s, v_s, block_tables, context_lens, out, part_out, part_lse,
         scale * LOG2E, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
+        *v_strides[1:4],
         stride_sb, stride_sh, block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, block_d), BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(query.dtype), QUANT=quant,
-        FAST_CVT=fast_convert(query, quant, permute_convert), **unrotate_args(head_dim, quant and unrotate),
+        FAST_CVT=fast_convert(query, quant, permute_convert), V_T=v_transposed(quant, v_strides, block_n),
+        **unrotate_args(head_dim, quant and unrotate),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.engine.kernels.kv_store import v_layout
 from worker.engine.kernels.paged_softmax import (
     LOG2E,
     attend_paged,
@@ -23,6 +24,7 @@ from worker.engine.kernels.paged_softmax import (
     scale_args,
     unrotate,
     unrotate_args,
+    v_transposed,
 )
 
 
@@ -31,11 +33,13 @@ from worker.engine.kernels.paged_softmax import (
 @triton.jit(do_not_specialize=["stride_bt", "first_seq"])
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, query_start_ptr,
-    context_lens_ptr, out_ptr, first_seq, qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_sb,
+    context_lens_ptr, out_ptr, first_seq, qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_vs,
+    stride_vh, stride_vd, stride_sb,
     stride_sh, stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     QUANT: tl.constexpr, FAST_CVT: tl.constexpr, UNROTATE: tl.constexpr, NORM: tl.constexpr,
+    V_T: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -63,9 +67,10 @@ def _paged_prefill_kernel(
     hi = tl.minimum(context_len, context_len - q_len + (tile + 1) * BLOCK_M)
     m_i, l_i, acc = attend_paged(
         q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, 0, hi, q_pos,
-        qk_scale, stride_kb, stride_ks, stride_sb, stride_sh, CAUSAL=True, QUANT=QUANT, HEAD_DIM=HEAD_DIM,
+        qk_scale, stride_kb, stride_ks, stride_vs, stride_vh, stride_vd, stride_sb, stride_sh, CAUSAL=True,
+        QUANT=QUANT, HEAD_DIM=HEAD_DIM,
         BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION,
-        FAST_CVT=FAST_CVT,
+        FAST_CVT=FAST_CVT, V_T=V_T,
     )  # fmt: skip
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -99,14 +104,17 @@ def paged_prefill_attention(
     if num_seqs <= 0 or num_tokens == 0:
         return out
     k_s, v_s, stride_sb, stride_sh, quant = scale_args(k_cache, k_scale, v_scale)
+    v_strides = v_layout(k_cache, v_cache)
     grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
     _paged_prefill_kernel[grid](
         query, k_cache, v_cache, k_s, v_s, block_tables, query_start_loc, context_lens, out,
         first_seq, scale * LOG2E, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
+        *v_strides[1:4],
         stride_sb, stride_sh, block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         DOT_PRECISION=dot_precision(query.dtype), QUANT=quant, FAST_CVT=fast_convert(query, quant),
+        V_T=v_transposed(quant, v_strides, block_n),
         **unrotate_args(head_dim, quant and unrotate), num_warps=4, num_stages=2,
     )  # fmt: skip
     return out

@@ -43,6 +43,13 @@ def fast_convert(query: torch.Tensor, quant: bool, override: bool | None = None)
     return possible if override is None else possible and override
 
 
+def v_transposed(quant: bool, v_strides: tuple[int, int, int, int, int], block_n: int) -> bool:
+    """Whether the loop reads V as whole transposed blocks (`v_tile_transposed`): an INT8 cache stored
+    that way (unit stride over the slots) and tiles of whole blocks."""
+    _, stride_s, _, _, block_size = v_strides
+    return quant and stride_s == 1 and block_n % block_size == 0
+
+
 def scale_args(
     k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, int, int, bool]:
@@ -114,21 +121,51 @@ def unrotate(o, dtype: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constex
 
 
 @triton.jit
+def v_tile_transposed(
+    v_cache_ptr, table, kv_head, start, hi, stride_kb, stride_vh, stride_vd, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The V tile [BLOCK_N, BLOCK_D] of positions [start, start + BLOCK_N), from a cache whose blocks
+    hold V transposed ([KV, head_dim, block_size] in memory, the INT8 layout of `KVCache`).
+
+    Read whole blocks, [blocks, BLOCK_D, BLOCK_SIZE] with the block_size positions of one (block, d)
+    contiguous, so the copy is vectorised and asynchronous; then permuted to position order. The
+    product p V reduces over positions: with V stored position-major (the float layout) an INT8 tile
+    reached the tensor cores only byte by byte (FP16 has a transposing shared-memory load, INT8 has
+    none), which held the INT8 kernel back. Blocks past `hi` read block 0 (finite INT8 values under
+    probabilities of 0).
+    """
+    nb = tl.arange(0, BLOCK_N // BLOCK_SIZE)
+    sl = tl.arange(0, BLOCK_SIZE)
+    d = tl.arange(0, BLOCK_D)
+    in_range = start + nb * BLOCK_SIZE < hi
+    blocks = tl.load(table + start // BLOCK_SIZE + nb, mask=in_range, other=0).to(tl.int64)
+    offs = (blocks * stride_kb + kv_head * stride_vh)[:, None, None] + (d * stride_vd)[None, :, None]
+    v = tl.load(v_cache_ptr + offs + sl[None, None, :], mask=(d < HEAD_DIM)[None, :, None], other=0)
+    return tl.permute(v, (0, 2, 1)).reshape(BLOCK_N, BLOCK_D)
+
+
+@triton.jit
 def attend_paged(
     q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, lo, hi, q_pos,
-    qk_scale, stride_kb, stride_ks, stride_sb, stride_sh, CAUSAL: tl.constexpr, QUANT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FAST_CVT: tl.constexpr = False,
+    qk_scale, stride_kb, stride_ks, stride_vs, stride_vh, stride_vd, stride_sb, stride_sh,
+    CAUSAL: tl.constexpr, QUANT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_CVT: tl.constexpr,
+    V_T: tl.constexpr,
 ):  # fmt: skip
     """Fold keys [lo, hi) into (m_i, l_i, acc); `qk_scale` includes log2(e). Returns the new three.
 
-    FAST_CVT (INT8 cache, FP16 queries, CUDA): the tiles are converted by byte permutes."""
+    K is contiguous; V has strides `stride_v*` over slots, heads and head_dim (its blocks where K's
+    are). FAST_CVT (INT8 cache, FP16 queries, CUDA): the tiles are converted by byte permutes. V_T
+    (INT8 cache, `lo` and BLOCK_N multiples of BLOCK_SIZE): V is stored transposed per block (unit
+    stride over the slots, `v_tile_transposed`)."""
     d = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
         t_mask = t < hi
         block = tl.load(table + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
-        offs = (block * stride_kb + (t % BLOCK_SIZE) * stride_ks + kv_head * HEAD_DIM)[:, None] + d[None, :]
+        slot = t % BLOCK_SIZE
+        offs = (block * stride_kb + slot * stride_ks + kv_head * HEAD_DIM)[:, None] + d[None, :]
         kv_mask = t_mask[:, None] & (d < HEAD_DIM)[None, :]
         k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
         if FAST_CVT:
@@ -148,7 +185,14 @@ def attend_paged(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        if V_T:
+            v = v_tile_transposed(v_cache_ptr, table, kv_head, start, hi, stride_kb, stride_vh, stride_vd,
+                                  HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D)  # fmt: skip
+        else:
+            v_offs = block * stride_kb + slot * stride_vs + kv_head * stride_vh
+            v_offs = v_offs[:, None] + d[None, :] * stride_vd
+            # INT8 values are finite, so slots past `hi` (their probabilities 0) need no mask.
+            v = tl.load(v_cache_ptr + v_offs, mask=(d < HEAD_DIM)[None, :] if QUANT else kv_mask, other=0.0)
         if FAST_CVT:
             v = int8_to_f16(v, FAST_CVT)
         if QUANT:

@@ -24,11 +24,13 @@ import triton
 import triton.language as tl
 
 from worker.engine.kernels.kv_store import (
+    cache_offsets,
     check_scales,
     hadamard_product,
     quantize_heads,
     rotation_launch_args,
     scale_offsets,
+    v_layout,
 )
 
 
@@ -53,6 +55,7 @@ def _hadamard_halves(x1, x2, HALF: tl.constexpr, half, IEEE: tl.constexpr, NORM:
 def _rope_store_kernel(
     qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
     stride_t, stride_cos, stride_qo, stride_slot, stride_sb, stride_ss, stride_sh, scale_block,
+    cache_vb, cache_vs, cache_vh, cache_vd, cache_block,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, HALF: tl.constexpr, QUANT: tl.constexpr,
     IEEE: tl.constexpr = False, NORM: tl.constexpr = 1.0,
@@ -87,6 +90,8 @@ def _rope_store_kernel(
     k2 = tl.load(k_row + half, mask=kv_mask, other=0.0)
     r1, r2 = _rotate(k1, k2, c1[None, :], c2[None, :], s1[None, :], s2[None, :])
     dest = slot * stride_slot + g * HEAD_DIM + d[None, :]
+    v_dest = cache_offsets(slot, g, d[None, :], cache_vb, cache_vs, cache_vh, cache_vd, cache_block)
+    v_half = half * cache_vd
     v_row = k_row + NUM_KV_HEADS * HEAD_DIM
     v1 = tl.load(v_row, mask=kv_mask, other=0.0)
     v2 = tl.load(v_row + half, mask=kv_mask, other=0.0)
@@ -103,8 +108,8 @@ def _rope_store_kernel(
         v2_q, _ = quantize_heads(v2, v_amax)
         tl.store(k_cache_ptr + dest, k1_q, mask=kv_mask)
         tl.store(k_cache_ptr + dest + half, k2_q, mask=kv_mask)
-        tl.store(v_cache_ptr + dest, v1_q, mask=kv_mask)
-        tl.store(v_cache_ptr + dest + half, v2_q, mask=kv_mask)
+        tl.store(v_cache_ptr + v_dest, v1_q, mask=kv_mask)
+        tl.store(v_cache_ptr + v_dest + v_half, v2_q, mask=kv_mask)
         heads = tl.arange(0, BLOCK_KV)
         head_mask = heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)
         scale_dest = scale_offsets(slot, heads, stride_sb, stride_ss, stride_sh, scale_block)
@@ -113,8 +118,8 @@ def _rope_store_kernel(
     else:
         tl.store(k_cache_ptr + dest, r1.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
         tl.store(k_cache_ptr + dest + half, r2.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(v_cache_ptr + dest, v1.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(v_cache_ptr + dest + half, v2.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(v_cache_ptr + v_dest, v1.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(v_cache_ptr + v_dest + v_half, v2.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
 
 
 def rope_and_store(
@@ -143,6 +148,7 @@ def rope_and_store(
         _rope_store_kernel[(num_tokens,)](
             qkv, cos.contiguous(), sin.contiguous(), q_out, k_cache, v_cache, k_s, v_s, slot_mapping,
             qkv.stride(0), head_dim, num_heads * head_dim, num_kv_heads * head_dim, *scale_layout,
+            *v_layout(k_cache, v_cache),
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
             BLOCK_H=block_h, BLOCK_KV=block_kv, HALF=half, QUANT=quant, **rotation,
         )  # fmt: skip
