@@ -2,9 +2,9 @@
 
 One layer of Llama-3.2-1B's attention shape (32 query heads, 8 KV heads, head_dim 64), B sequences
 of `--context` tokens each, their blocks scattered at random over the pool (as a long-running paged
-cache holds them). For each KV format the kernel is timed with the engine's launch config (4 warps,
-2 stages, the engine's split count, BLOCK_N 64 for FP16 and 128 for INT8) and with every config of a
-small sweep; the table shows the engine's config, for INT8 the same with the hardware INT8->FP16
+cache holds them). For each KV format the kernel is timed with the engine's launch config (its split
+count, and BLOCK_N, warps and stages of `paged_decode.LAUNCH_FLOAT` / `LAUNCH_INT8`) and with every
+config of a small sweep; the table shows the engine's config, for INT8 the same with the hardware INT8->FP16
 conversion instead of the byte-permute one the engine uses (`int8_convert.py`) and with V laid out
 position-major like K instead of transposed per block (`paged_softmax.v_tile_transposed`), and the
 fastest (the JSON holds every config's time). INT8 scales are head-major and V transposed, as the
@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decode_step_bench import hbm_tb_s  # noqa: E402
 
 from worker.engine.kernels import num_decode_splits  # noqa: E402
+from worker.engine.kernels.paged_decode import LAUNCH_FLOAT, LAUNCH_INT8  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 64, 16
-ENGINE_CONFIG = {"num_warps": 4, "num_stages": 2}
-ENGINE_BLOCK_N = {"fp16": 64, "int8": 128}  # paged_decode_attention's default per cache format
+ENGINE_LAUNCH = {"fp16": LAUNCH_FLOAT, "int8": LAUNCH_INT8}  # paged_decode_attention's defaults
 SWEEP = {"block_n": (32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (2, 3)}
 
 
@@ -94,7 +94,7 @@ def time_config(inputs: dict[str, Any], splits: int, config: dict[str, int]) -> 
 def bench_shape(batch: int, context: int, fmt: str, device: torch.device, num_sms: int) -> dict[str, Any]:
     inputs = build_inputs(batch, context, fmt, device)
     engine_splits = num_decode_splits(batch, KV_HEADS, num_sms)
-    engine = {**ENGINE_CONFIG, "block_n": ENGINE_BLOCK_N[fmt]}
+    engine = dict(zip(("block_n", "num_warps", "num_stages"), ENGINE_LAUNCH[fmt], strict=True))
     engine_us = time_config(inputs, engine_splits, engine)
     hardware_us = position_major_us = 0.0
     if fmt == "int8":

@@ -108,18 +108,24 @@ def _merge_splits_kernel(
     )
 
 
+# (BLOCK_N, warps, stages) by cache format: the fastest over the four shapes of
+# `loadtest/attention_kernel_bench.py`'s sweep on an H200 (docs/benchmarks.md).
+LAUNCH_FLOAT = (64, 4, 2)
+LAUNCH_INT8 = (128, 2, 3)
+
+
 def paged_decode_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, num_splits: int = 1, out: torch.Tensor | None = None,
     block_n: int | None = None, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-    num_warps: int = 4, num_stages: int = 2, permute_convert: bool | None = None, unrotate: bool = False,
+    num_warps: int | None = None, num_stages: int | None = None, permute_convert: bool | None = None,
+    unrotate: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """query [S, H, D] (unit stride in D) over k/v_cache [blocks, block_size, KV, D] -> [S, H, D].
 
     An INT8 cache needs its scales `k_scale`/`v_scale` [blocks, block_size, KV] (head-major,
-    `paged_softmax.scale_args`). `block_n` (keys per tile): by default 64 for a float cache, 128 for
-    an INT8 one, the fastest of `loadtest/attention_kernel_bench.py`'s sweep for each on an H200
-    (docs/benchmarks.md). `permute_convert`: see `paged_softmax.fast_convert` (None: where it
+    `paged_softmax.scale_args`). `block_n` (keys per tile), `num_warps`, `num_stages`: by default
+    `LAUNCH_FLOAT` or `LAUNCH_INT8`. `permute_convert`: see `paged_softmax.fast_convert` (None: where it
     can run; the attention benchmark times both). `unrotate` (INT8 only): return the output in the
     model's basis, times H^T (`paged_softmax.unrotate`), rather than in the cache's.
     """
@@ -135,7 +141,8 @@ def paged_decode_attention(
         return out
     group = num_heads // num_kv_heads
     k_s, v_s, stride_sb, stride_sh, quant = scale_args(k_cache, k_scale, v_scale)
-    block_n = block_n or (128 if quant else 64)
+    default = LAUNCH_INT8 if quant else LAUNCH_FLOAT
+    block_n, num_warps, num_stages = block_n or default[0], num_warps or default[1], num_stages or default[2]
     v_strides = v_layout(k_cache, v_cache)
     block_d = triton.next_power_of_2(head_dim)
     if num_splits > 1:
