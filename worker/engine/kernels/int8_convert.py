@@ -10,9 +10,9 @@ since |w| <= 127 fits either mantissa. PTX cannot run under the CPU interpreter,
 FAST only for CUDA tensors; the FP16 form is for FP16 operands only (BF16's 7-bit mantissa cannot
 hold 128 + u exactly).
 
-Used by the weight-only INT8 matmul (`int8_matmul.py`). The INT8 KV cache's attention loop
-(`paged_softmax.py`) keeps the hardware conversion: with these permutes its decode step was not
-faster (H200, docs/benchmarks.md), so its bound lies elsewhere.
+Used by the weight-only INT8 matmul (`int8_matmul.py`) and by the INT8 KV cache's attention loop
+(`paged_softmax.py`, FP16 queries), where it measured faster once that loop's loads were pipelined
+(H200, docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -13,6 +13,13 @@ the product. That is `q . (k_q * s_k)` and `sum_t p_t * s_v[t] * v_q[t]` with th
 to the [rows, BLOCK_N] tiles instead of the [BLOCK_N, D] ones, and no dequantised copy of K or V
 ever exists in memory. With QUANT off the scale pointers are never read and the compiled loop is
 the float one, unchanged.
+
+What makes the INT8 loop faster than the FP16 one (it reads half the bytes; docs/benchmarks.md):
+every load of a tile is copied asynchronously by Triton's software pipeline, the scales two per
+32-bit word (`load_scale_pairs`) and V as whole transposed blocks (`v_tile_transposed`); on CUDA the
+tiles are converted by byte permutes (`int8_convert.py`); and the output goes back from the cache's
+rotated basis in the kernels' epilogue (`unrotate`). `tests/engine/hopper_compile.py decode` checks
+the asynchronous copies in the sm_90 compile without a GPU.
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ An INT8 cache (QUANT) holds K and V rotated by the normalised Hadamard matrix H 
 the program multiplies the keys (after RoPE, since H mixes RoPE's two halves) and the values by H,
 quantises them per KV head on the way with `kv_store.quantize_heads` (the same rounding as the torch
 reference), and stores their scales; the queries it returns are rotated by H as well, so attention
-over the cache computes (q H).(k H) = q.k, and the caller multiplies the attention output by H^T
-(`KVCache.unrotate_output`). H of size D is [[H', H'], [H', -H']] with H' of size D/2, so on the two
-halves the kernel works on, [x1, x2] H = [(x1 + x2) H', (x1 - x2) H']: two `tl.dot`s per tensor
-against H' generated in registers (`kv_store.hadamard_product`, +-1 entries; rows and half-width
-padded to 16 with masked zeros).
+over the cache computes (q H).(k H) = q.k, and the attention kernels multiply their output by H^T
+in their epilogue (`paged_softmax.unrotate`). H of size D is [[H', H'], [H', -H']] with H' of size
+D/2, so on the two halves the kernel works on, [x1, x2] H = [(x1 + x2) H', (x1 - x2) H']: two
+`tl.dot`s per tensor against H' generated in registers (`kv_store.hadamard_product`, +-1 entries;
+rows and half-width padded to 16 with masked zeros).
 """
 
 from __future__ import annotations
