@@ -103,7 +103,7 @@ def _store_kv_kernel(
         tl.store(v_cache_ptr + v_dest, v_q, mask=mask)
         heads = tl.arange(0, BLOCK_H)
         head_mask = heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)
-        scale_dest = scale_offsets(slot, heads, stride_sb, stride_ss, stride_sh, scale_block)
+        scale_dest = cache_offsets(slot, heads, 0, stride_sb, stride_ss, stride_sh, 0, scale_block)
         tl.store(k_scale_ptr + scale_dest, k_s.to(k_scale_ptr.dtype.element_ty), mask=head_mask)
         tl.store(v_scale_ptr + scale_dest, v_s.to(v_scale_ptr.dtype.element_ty), mask=head_mask)
     else:
@@ -130,14 +130,9 @@ def check_scales(
 
 
 @triton.jit
-def scale_offsets(slot, heads, stride_sb, stride_ss, stride_sh, scale_block):
-    """Where the scales of flat slot `slot` (block * block_size + offset) and KV heads `heads` live."""
-    return (slot // scale_block) * stride_sb + (slot % scale_block) * stride_ss + heads * stride_sh
-
-
-@triton.jit
 def cache_offsets(slot, heads, dims, stride_b, stride_s, stride_h, stride_d, block_size):
-    """Where element `dims` of KV heads `heads` of flat slot `slot` lives in a cache of these strides."""
+    """Where element `dims` of KV heads `heads` of flat slot `slot` (block * block_size + offset) lives
+    in a cache of these strides; the scales are one with no head_dim (`dims` 0, `stride_d` 0)."""
     block, offset = slot // block_size, slot % block_size
     return block * stride_b + offset * stride_s + heads * stride_h + dims * stride_d
 

@@ -29,7 +29,6 @@ from worker.engine.kernels.kv_store import (
     hadamard_product,
     quantize_heads,
     rotation_launch_args,
-    scale_offsets,
     v_layout,
 )
 
@@ -112,7 +111,7 @@ def _rope_store_kernel(
         tl.store(v_cache_ptr + v_dest + v_half, v2_q, mask=kv_mask)
         heads = tl.arange(0, BLOCK_KV)
         head_mask = heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)
-        scale_dest = scale_offsets(slot, heads, stride_sb, stride_ss, stride_sh, scale_block)
+        scale_dest = cache_offsets(slot, heads, 0, stride_sb, stride_ss, stride_sh, 0, scale_block)
         tl.store(k_scale_ptr + scale_dest, k_s.to(k_scale_ptr.dtype.element_ty), mask=head_mask)
         tl.store(v_scale_ptr + scale_dest, v_s.to(v_scale_ptr.dtype.element_ty), mask=head_mask)
     else:
