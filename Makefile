@@ -34,7 +34,7 @@ model: install
 	$(BIN)/python -m worker.engine.model_loader
 
 demo: model
-	$(BIN)/python -m worker.demo
+	$(BIN)/python -m worker.tools.demo
 
 test: model
 	$(BIN)/python -m pytest

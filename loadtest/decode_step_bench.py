@@ -45,10 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine_bench as bench  # noqa: E402
 import kernel_profile  # noqa: E402
 
+from scheduler import BatchPolicy  # noqa: E402
 from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
+from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.kv_cache import KVCacheSpec  # noqa: E402
-from worker.engine.llm_engine import PagedEngine  # noqa: E402
-from worker.engine.model_loader import LoadedModel  # noqa: E402
+from worker.engine.paged_engine import PagedEngine  # noqa: E402
+from worker.engine.model_files import LoadedModel  # noqa: E402
 from worker.engine.quant import weight_bytes as quant_weight_bytes  # noqa: E402
 from worker.engine.quant import weights_label  # noqa: E402
 
@@ -87,11 +89,15 @@ def time_engine(loaded: LoadedModel, batch: int, args: argparse.Namespace) -> tu
     # A step computes at least one prefill chunk, so prefill ends within batch * ceil(context / chunk) steps.
     max_tokens = args.new_tokens + batch * -(-args.context // chunk)
     blocks = batch * (-(-(args.context + max_tokens) // args.block_size) + 1)
-    engine = PagedEngine(
-        loaded.model, loaded.tokenizer, kv_cache_bytes=blocks * spec.bytes_per_block(args.block_size),
-        block_size=args.block_size, max_num_seqs=batch, max_prefill_chunk_tokens=chunk,
-        max_batch_tokens=max(args.max_batch_tokens, batch + chunk), **bench.engine_options(args),
+    policy = BatchPolicy(
+        max_wait_ms=0, max_num_seqs=batch, max_prefill_chunk_tokens=chunk,
+        max_batch_tokens=max(args.max_batch_tokens, batch + chunk),
     )  # fmt: skip
+    config = EngineConfig(
+        model=bench.model_name(args), policy=policy, kv_cache_bytes=blocks * spec.bytes_per_block(args.block_size),
+        kv_block_size_tokens=args.block_size, **bench.engine_options(args),
+    )  # fmt: skip
+    engine = PagedEngine(loaded.model, loaded.tokenizer, config)
     rng = random.Random(batch)
     vocab = min(loaded.model.config.vocab_size, len(loaded.tokenizer))
     for i in range(batch):
@@ -103,7 +109,7 @@ def time_engine(loaded: LoadedModel, batch: int, args: argparse.Namespace) -> tu
     def step() -> bool:
         """One step; True if it was a pure decode step of every sequence."""
         for out in engine.step():
-            completed[out.request_id] = out.completion_tokens
+            completed[out.seq_id] = out.completion_tokens
         stats = engine.last_step_stats()
         return stats.prefill_tokens == 0 and stats.decode_tokens == batch
 

@@ -52,10 +52,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scheduler import BatchPolicy  # noqa: E402
 from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
+from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.kv_cache import KV_DTYPE_CHOICES, KVCacheSpec  # noqa: E402
-from worker.engine.llm_engine import PagedEngine  # noqa: E402
-from worker.engine.model_loader import LoadedModel, load_model  # noqa: E402
+from worker.engine.paged_engine import PagedEngine  # noqa: E402
+from worker.engine.model_files import DEFAULT_MODEL, LoadedModel  # noqa: E402
+from worker.engine.model_loader import load_model  # noqa: E402
 from worker.engine.quant import WEIGHTS_CHOICES, weights_label  # noqa: E402
 
 FIRST_ORDINARY_ID = 100  # below are SmolLM2's special and byte tokens; random prompts avoid them
@@ -169,9 +172,13 @@ def pad_token_id(loaded: LoadedModel) -> int:
     return int(pad if pad is not None else loaded.tokenizer.eos_token_id)
 
 
+def model_name(args: argparse.Namespace) -> str:
+    return DEFAULT_MODEL if args.model == "default" else args.model
+
+
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """PagedEngine keywords passed only when asked for (the engine's defaults otherwise)."""
-    options: dict[str, Any] = {"enforce_eager": True} if args.enforce_eager else {}
+    """EngineConfig fields set only when asked for (the engine's defaults otherwise)."""
+    options: dict[str, Any] = {"cuda_graphs": False} if args.enforce_eager else {}
     if args.prefill_interval_steps is not None:
         options["prefill_interval_steps"] = args.prefill_interval_steps
     if args.no_fused_layers:
@@ -187,12 +194,17 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
 def run_paged(
     loaded: LoadedModel, workload: Workload, device: torch.device, args: argparse.Namespace
 ) -> RunResult:
-    engine = PagedEngine(
-        loaded.model, loaded.tokenizer, kv_cache_bytes=kv_budget_bytes(loaded, workload, args),
-        block_size=args.block_size, max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
+    # No time window: the whole workload is queued at once.
+    policy = BatchPolicy(
+        max_wait_ms=0, max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
         max_prefill_chunk_tokens=args.max_prefill_chunk_tokens, kv_reserve=args.kv_reserve,
-        enable_prefix_caching=not args.no_prefix_caching, **engine_options(args),
     )  # fmt: skip
+    config = EngineConfig(
+        model=model_name(args), policy=policy, kv_cache_bytes=kv_budget_bytes(loaded, workload, args),
+        kv_block_size_tokens=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
+        **engine_options(args),
+    )  # fmt: skip
+    engine = PagedEngine(loaded.model, loaded.tokenizer, config)
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -208,9 +220,9 @@ def run_paged(
             prefill += engine.last_step_stats().prefill_tokens
             for out in outputs:
                 if out.new_token_ids:
-                    first.setdefault(out.request_id, now)
-                    last[out.request_id] = now
-                    counts[out.request_id] = counts.get(out.request_id, 0) + len(out.new_token_ids)
+                    first.setdefault(out.seq_id, now)
+                    last[out.seq_id] = now
+                    counts[out.seq_id] = counts.get(out.seq_id, 0) + len(out.new_token_ids)
         wall = time.perf_counter() - start
     engine.close()
     tpot = [(last[r] - first[r]) * 1000 / (counts[r] - 1) for r in counts if counts[r] > 1]
@@ -404,7 +416,7 @@ def run_baselines(
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
-    return load_model("SmolLM2-135M-Instruct" if args.model == "default" else args.model,
+    return load_model(model_name(args),
                       device=args.device, dtype=args.dtype, weights=args.weights)  # fmt: skip
 
 

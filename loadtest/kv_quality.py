@@ -83,9 +83,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scheduler import BatchPolicy  # noqa: E402
 from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
-from worker.engine.llm_engine import PagedEngine  # noqa: E402
-from worker.engine.model_loader import DEFAULT_MODEL, LoadedModel, load_model  # noqa: E402
+from worker.engine.config import EngineConfig  # noqa: E402
+from worker.engine.paged_engine import PagedEngine  # noqa: E402
+from worker.engine.model_files import DEFAULT_MODEL, LoadedModel  # noqa: E402
+from worker.engine.model_loader import load_model  # noqa: E402
 from worker.engine.quant import quantize_linears  # noqa: E402
 
 TEXT = ROOT / "loadtest" / "data" / "pride_and_prejudice_ch1-12.txt"
@@ -251,16 +254,15 @@ def weight_bytes(model: Any) -> int:
 
 
 def make_engine(loaded: LoadedModel, row: Row, args: argparse.Namespace) -> PagedEngine:
-    options: dict[str, Any] = dict(
-        kv_cache_bytes=args.kv_cache_mib << 20,
-        max_batch_tokens=max(args.chunk, 2048),
-        max_prefill_chunk_tokens=args.chunk,
+    policy = BatchPolicy(
+        max_wait_ms=0, max_batch_tokens=max(args.chunk, 2048), max_prefill_chunk_tokens=args.chunk,
         max_num_seqs=len(PROMPTS),
-        enable_prefix_caching=False,
-        attention_backend=args.attention_backend,
-    )
-    options.update(row.engine_options)
-    return PagedEngine(loaded.model, loaded.tokenizer, **options)
+    )  # fmt: skip
+    config = EngineConfig(
+        model=args.model, policy=policy, kv_cache_bytes=args.kv_cache_mib << 20, enable_prefix_caching=False,
+        attention_backend=args.attention_backend, **row.engine_options,
+    )  # fmt: skip
+    return PagedEngine(loaded.model, loaded.tokenizer, config)
 
 
 def kv_budget(num_tokens: int, fraction: float | None, engine: PagedEngine) -> int | None:
@@ -275,7 +277,7 @@ def _request(
     rid: str, ids: list[int], max_tokens: int, ignore_eos: bool, kv_budget_tokens: int | None = None
 ) -> GenerationRequest:
     return GenerationRequest(
-        request_id=rid, prompt_token_ids=ids, arrival_s=time.monotonic(),
+        seq_id=rid, prompt_token_ids=ids, arrival_s=time.monotonic(),
         sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos),
         kv_budget_tokens=kv_budget_tokens,
     )  # fmt: skip
@@ -326,7 +328,7 @@ def greedy(
     tokens: dict[str, list[int]] = {}
     while engine.has_unfinished():
         for out in engine.step():
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            tokens.setdefault(out.seq_id, []).extend(out.new_token_ids)
     return [tokens.get(f"p{i}", []) for i in range(len(prompts))]
 
 

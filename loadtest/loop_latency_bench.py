@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from producer.client import ChatClient  # noqa: E402
-from worker.embedded_redis import EmbeddedRedis  # noqa: E402
+from worker.local_redis.server import EmbeddedRedis  # noqa: E402
 
 
 def start_worker(url: str, prefix: str, **settings: object) -> subprocess.Popen[bytes]:

@@ -52,8 +52,8 @@ sys.path.insert(0, str(ROOT))
 from producer.client import ChatClient  # noqa: E402
 from producer.wire.keys import StreamNames  # noqa: E402
 from producer.wire.redis_factory import connect  # noqa: E402
-from worker.embedded_cluster import LocalCluster  # noqa: E402
-from worker.embedded_redis import EmbeddedRedis  # noqa: E402
+from worker.local_redis.cluster import LocalCluster  # noqa: E402
+from worker.local_redis.server import EmbeddedRedis  # noqa: E402
 
 
 def _raw_worker(url: str, prefix: str, total: int) -> None:

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         prefix = args.prefix or os.environ.get("LLM_PREFIX") or "llm"
         code = run_locust(args, locust_args, redis_url, prefix)
     else:
-        from worker.embedded_redis import EmbeddedRedis
+        from worker.local_redis.server import EmbeddedRedis
 
         prefix = args.prefix or f"loadtest-{uuid.uuid4().hex[:8]}"
         server = None if redis_url else EmbeddedRedis().start()

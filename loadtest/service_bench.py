@@ -50,7 +50,7 @@ import redis  # noqa: E402
 
 from loadtest.engine_bench import build_workload, percentile  # noqa: E402
 from producer.client import ChatClient, Reply  # noqa: E402
-from worker.embedded_redis import EmbeddedRedis  # noqa: E402
+from worker.local_redis.server import EmbeddedRedis  # noqa: E402
 from worker.engine.random_model import load_default_tokenizer  # noqa: E402
 
 
@@ -70,7 +70,7 @@ def engine_row(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 def start_worker(url: str, prefix: str, args: argparse.Namespace, log_path: Path) -> subprocess.Popen[bytes]:
     settings = {
-        "engine": "hf", "model": args.model, "device": args.device, "dtype": args.dtype,
+        "engine": "paged", "model": args.model, "device": args.device, "dtype": args.dtype,
         "max_num_seqs": args.max_num_seqs, "max_batch_tokens": args.max_batch_tokens,
         "max_prefill_chunk_tokens": args.max_prefill_chunk_tokens, "max_waiting_requests": args.requests,
         "read_count": 256, "max_backlog_requests": 0, "max_prompt_tokens": 8192,

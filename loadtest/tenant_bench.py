@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from producer.client import ChatClient  # noqa: E402
 from producer.wire.keys import StreamNames  # noqa: E402
-from worker.embedded_redis import EmbeddedRedis  # noqa: E402
+from worker.local_redis.server import EmbeddedRedis  # noqa: E402
 
 REQUEST = {"prompt": "ping", "max_tokens": 1, "stream": False}
 

@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 
 from kv_quality import TEXT, commit, machine  # noqa: E402
 
-from worker.engine.model_loader import DEFAULT_MODEL, load_model  # noqa: E402
+from worker.engine.model_files import DEFAULT_MODEL  # noqa: E402
+from worker.engine.model_loader import load_model  # noqa: E402
 from worker.engine.quant import Int8Embedding, Int8Linear, quantize_linears, quantize_model  # noqa: E402
 
 

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from producer.wire.keys import MAX_STREAM_SHARDS, check_tenant
 
 # Where workers and clients meet when `REDIS_URL` is unset: a worker starts the packaged server
-# there when nothing listens (worker/embedded_redis.py), a client connects there.
+# there when nothing listens (worker/local_redis/server.py), a client connects there.
 LOCAL_REDIS_HOST = "127.0.0.1"
 DEFAULT_LOCAL_REDIS_PORT = 6379
 REDIS_URL_EXPECTED = (

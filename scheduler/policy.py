@@ -33,8 +33,8 @@ def effective_priority(req: WaitingRequest, policy: BatchPolicy) -> Priority:
 
 
 def service_order(waiting: Sequence[WaitingRequest], policy: BatchPolicy) -> list[WaitingRequest]:
-    """Sort by effective priority, then arrival (FIFO), then request_id so ties are deterministic."""
-    return sorted(waiting, key=lambda r: (effective_priority(r, policy), r.arrival_s, r.request_id))
+    """Sort by effective priority, then arrival (FIFO), then seq_id so ties are deterministic."""
+    return sorted(waiting, key=lambda r: (effective_priority(r, policy), r.arrival_s, r.seq_id))
 
 
 def prefill_chunk(remaining_prompt_tokens: int, budget_left: int, policy: BatchPolicy) -> int:

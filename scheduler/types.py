@@ -18,7 +18,7 @@ class Priority(enum.IntEnum):
 class WaitingRequest:
     """A request in the waiting queue, as the scheduler sees it (token counts only, no payload)."""
 
-    request_id: str
+    seq_id: str
     arrival_s: float  # monotonic seconds when it entered the waiting queue
     prompt_tokens: int
     max_tokens: int
@@ -30,9 +30,9 @@ class WaitingRequest:
     def __post_init__(self) -> None:
         # Reject bad counts here so the budget arithmetic downstream never sees them.
         if self.prompt_tokens < 0 or self.max_tokens < 0 or self.waited_steps < 0:
-            raise ValueError(f"negative token or step count in request {self.request_id!r}")
+            raise ValueError(f"negative token or step count in request {self.seq_id!r}")
         if not 0 <= self.cached_tokens <= self.prompt_tokens:
-            raise ValueError(f"cached_tokens outside [0, prompt_tokens] in request {self.request_id!r}")
+            raise ValueError(f"cached_tokens outside [0, prompt_tokens] in request {self.seq_id!r}")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class BatchPolicy:
 
     max_wait_ms: float = 10.0  # time window: how long an idle engine waits to fill a microbatch
     max_batch_tokens: int = 4096  # token budget per step: prefill tokens + decode tokens
-    max_num_seqs: int = 64  # running + admitted sequences
+    max_num_seqs: int = 32  # running + admitted sequences
     max_prefill_chunk_tokens: int = 512  # largest prefill chunk a single request may take in one step
     # KV tokens reserved at admission: prompt + max_tokens (never preempts, as TGI) or prompt only
     # (packs more, relies on preemption when decode outgrows the cache, as vLLM).

@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
 from worker_process import WorkerProcess
 
 from producer.client import ChatClient
-from worker.embedded_redis import EmbeddedRedis
+from worker.local_redis.server import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 def worker_acl_url(redis_url: str, prefix: str) -> str:
     """With `LLM_TEST_WORKER_ACL=1`, workers connect as a user with exactly the ACL that
     `python -m worker.acl worker` generates for the test's prefix (clients stay the default user)."""
-    from worker.acl import worker_rules
+    from worker.tools.acl import worker_rules
 
     user, password = f"worker-{prefix}", "test-worker-pw"
     admin = redis.Redis.from_url(redis_url)

@@ -1,6 +1,6 @@
 """Redis Cluster: the keys of each script in one slot, and the service end to end on a real local cluster.
 
-The cluster is started by the tests (`worker/embedded_cluster.py`): three primaries of the packaged
+The cluster is started by the tests (`worker/local_redis/cluster.py`): three primaries of the packaged
 valkey-server with `--cluster-enabled yes`, joined by `valkey-cli --cluster create`; the failover test
 starts three more as replicas and kills a primary while requests are in flight, and the migration test
 moves a shard's slot to another primary while they are.
@@ -33,8 +33,8 @@ from producer.wire.codec import decode_event, decode_request, encode_event
 from producer.wire.keys import StreamNames, shard_for
 from producer.wire.models import ErrorCode, ErrorEvent, TokenEvent
 from producer.wire.redis_factory import by_slot
-from worker.embedded_cluster import LocalCluster
-from worker.embedded_redis import EmbeddedRedisError
+from worker.local_redis.cluster import LocalCluster
+from worker.local_redis.server import EmbeddedRedisError
 
 
 def _slots(keys: list[str]) -> set[int]:
@@ -105,7 +105,7 @@ def test_a_slot_in_migration_is_retried_soon_and_unwritten_replies_are_kept() ->
     """TRYAGAIN past redis-py's retries (`ClusterError: TTL exhausted.`) is transient and retried after the
     initial delay, not a growing one; a reply batch keeps only what that try did not write."""
     from producer.wire.backoff import TRANSIENT_ERRORS, Backoff, slot_in_migration
-    from worker.replies import FinalWrite, ReplyWriter, _Queued
+    from worker.replies.writer import FinalWrite, ReplyWriter, _Queued
 
     ttl = redis.exceptions.ClusterError("TTL exhausted.")
     assert isinstance(ttl, TRANSIENT_ERRORS) and slot_in_migration(ttl)
@@ -511,7 +511,7 @@ def test_async_client_on_the_cluster(cluster: LocalCluster, tmp_path: Path) -> N
 def test_tenants_on_the_cluster_under_their_acl(cluster: LocalCluster, tmp_path: Path) -> None:
     """Tenants are one slot each as they are; workers and a tenant's backend connect as ACL users
     with the rules `python -m worker.acl ... --cluster` prints (set on every node: ACLs are per node)."""
-    from worker.acl import producer_rules, worker_rules
+    from worker.tools.acl import producer_rules, worker_rules
 
     prefix = f"c{uuid.uuid4().hex[:8]}"
     users = {f"w-{prefix}": worker_rules("worker-pw", prefix, cluster=True),
@@ -545,7 +545,7 @@ def test_a_tenants_shards_spread_over_the_cluster_under_its_acl(
     """One large tenant with four shards: its requests land on several slots (and primaries), every one
     is answered exactly once; the ACL lines are the ones `python -m worker.acl ... --cluster` prints,
     set on every node, and another tenant can read none of the sharded tenant's replies."""
-    from worker.acl import producer_rules, worker_rules
+    from worker.tools.acl import producer_rules, worker_rules
 
     prefix = f"c{uuid.uuid4().hex[:8]}"
     users = {f"w-{prefix}": worker_rules("worker-pw", prefix, cluster=True),

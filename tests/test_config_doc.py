@@ -7,14 +7,14 @@ import pytest
 
 from producer.bulk import BulkSettings
 from producer.settings import ProducerSettings
-from worker.config_doc import README, current_readme_block, readme_block
+from worker.tools.config_doc import README, current_readme_block, readme_block
 from worker.settings import WorkerSettings
 
 
 def test_readme_config_table_is_current() -> None:
     block = current_readme_block(README.read_text())
     assert block is not None, "README.md lacks the generated configuration table"
-    assert block == readme_block(), "run `python -m worker.config_doc --write` and commit README.md"
+    assert block == readme_block(), "run `python -m worker.tools.config_doc --write` and commit README.md"
 
 
 def test_every_setting_is_documented() -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from producer.client import ChatClient
 from producer.settings import ProducerSettings
-from worker.embedded_redis import EmbeddedRedis, free_port, listening
+from worker.local_redis.server import EmbeddedRedis, free_port, listening
 from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ BAD_WORKER_VALUES = [
     ("LLM_MAX_BATCH_TOKENS", "abc", "integer"),
     ("LLM_LOG_LEVEL", "verbose", "'debug', 'info', 'warning', 'error' or 'critical'"),
     ("REDIS_URL", "nonsense", "redis://"),
-    ("LLM_ENGINE", "gpu", "'hf', 'static' or 'echo'"),
+    ("LLM_ENGINE", "gpu", "'paged', 'static', 'echo' or 'hf'"),
 ]
 
 

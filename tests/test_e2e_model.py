@@ -17,11 +17,11 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture()
 def model_worker(start_worker, request):
-    engine = getattr(request, "param", "hf")
+    engine = getattr(request, "param", "paged")
     return start_worker(engine, max_wait_ms=200, max_num_seqs=16)
 
 
-@pytest.mark.parametrize("model_worker", ["hf", "static"], indirect=True)
+@pytest.mark.parametrize("model_worker", ["paged", "static"], indirect=True)
 def test_capital_of_france_names_paris(model_worker, chat_client: ChatClient) -> None:
     reply = chat_client.chat(CAPITAL, max_tokens=24)
     assert "Paris" in reply.text
@@ -90,7 +90,7 @@ def test_worker_with_async_output_streams_stops_and_cancels(
     start_worker, chat_client: ChatClient, redis_client: redis.Redis, prefix: str
 ) -> None:
     """The GPU default (tokens streamed one step late) through the real worker loop, here on CPU."""
-    start_worker("hf", max_wait_ms=50, max_num_seqs=8, async_output="true")
+    start_worker("paged", max_wait_ms=50, max_num_seqs=8, async_output="true")
     cats = [{"role": "user", "content": "Write a short sentence about cats."}]
     stream = chat_client.stream(cats, max_tokens=24)
     tokens = list(stream)

@@ -17,7 +17,7 @@ import redis
 
 from producer.client import ChatClient
 from worker.engine.base import SequenceOutput
-from worker.engine.core_process import pack_output, unpack_output
+from worker.engine_process.child import pack_output, unpack_output
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -102,7 +102,7 @@ def test_model_replies_are_the_same_in_its_own_process(start_worker, chat_client
     ]
     texts, streamed = {}, {}
     for mode in ("inline", "separate"):
-        worker = start_worker("hf", engine_process=mode, max_wait_ms=50, max_num_seqs=8)
+        worker = start_worker("paged", engine_process=mode, max_wait_ms=50, max_num_seqs=8)
         ids = chat_client.submit_many(requests)
         texts[mode] = [chat_client.result(rid, timeout_s=600).text for rid in ids]
         stream = chat_client.stream(requests[1]["messages"], max_tokens=16, timeout_s=600)

@@ -29,7 +29,7 @@ from producer.bulk import BulkSettings
 from producer.client import ChatClient, ChatError
 from producer.settings import ProducerSettings
 from producer.wire.keys import CONSUMER_GROUP, heartbeat_key, requests_stream
-from worker.heartbeat import DRAINING
+from worker.loop.heartbeat import DRAINING
 from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]

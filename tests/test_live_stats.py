@@ -18,11 +18,11 @@ from structlog.testing import capture_logs
 from producer.client import ChatClient
 from producer.wire.keys import StreamNames
 from worker.engine.base import EngineCapacity
-from worker.gpu_telemetry import GpuSample, GpuTelemetry
-from worker.inflight import LoopCounters
-from worker.live_stats import group_backlog, write_entry
-from worker.phase_times import PhaseTimes
-from worker.stats import GroupBacklog, StatsWindow, gpu_fields, percentile
+from worker.observability.gpu_telemetry import GpuSample, GpuTelemetry
+from worker.loop.inflight import LoopCounters
+from worker.observability.live_stats import group_backlog, write_entry
+from worker.observability.phase_times import PhaseTimes
+from worker.observability.stats import GroupBacklog, StatsWindow, gpu_fields, percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_FIELDS = ("gpus", "gpu_util_pct", "gpu_mem_used_bytes", "gpu0_util_pct", "gpu0_power_w", "gpu0_temp_c")
@@ -199,7 +199,7 @@ class _IdleEngine:
 
 
 def test_stats_without_redis_are_logged_and_skipped(prefix: str) -> None:
-    from worker.live_stats import LiveStats
+    from worker.observability.live_stats import LiveStats
     from worker.settings import WorkerSettings
 
     client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)  # nothing listens

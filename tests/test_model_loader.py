@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.engine.model_loader import DEFAULT_MODEL, load_model, packaged_gguf_path, resolve_model_dir
+from worker.engine.model_files import DEFAULT_MODEL, packaged_gguf_path, resolve_model_dir
+from worker.engine.model_loader import load_model
 
 pytestmark = pytest.mark.model
 

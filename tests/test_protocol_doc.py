@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from worker.embedded_redis import server_binary
+from worker.local_redis.server import server_binary
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 

@@ -1,4 +1,4 @@
-"""The worker's reply shapes and timing arithmetic, in process (pure functions of `worker.publishing`)."""
+"""The worker's reply shapes and timing arithmetic, in process (pure functions of `worker.replies.publisher`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 
 from producer.wire.models import ChatRequest, DoneEvent, ErrorCode, ErrorEvent, TokenEvent
 from worker.engine.base import SequenceOutput
-from worker.inflight import InFlight, Microbatch, entry_epoch_ms
-from worker.publishing import (
+from worker.loop.inflight import InFlight, Microbatch, entry_epoch_ms
+from worker.replies.publisher import (
     add_to_batch,
     batch_done_fields,
     final_event,

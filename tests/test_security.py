@@ -19,7 +19,7 @@ import redis
 from producer.client import ChatClient, ChatError
 from producer.wire.limits import MAX_MESSAGES, MAX_TOKENS_CAP
 from producer.wire.models import ErrorCode, new_request_id
-from worker.embedded_redis import EmbeddedRedis, free_port
+from worker.local_redis.server import EmbeddedRedis, free_port
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(120)

@@ -33,12 +33,12 @@ from producer.wire.codec import decode_event, encode_request
 from producer.wire.keys import StreamNames, shard_for
 from producer.wire.models import ChatRequest, ErrorCode, TokenEvent
 from worker import acl
-from worker.cancellation import CancelWatch
-from worker.embedded_redis import EmbeddedRedis
-from worker.engine.echo import EchoEngine
-from worker.inflight import LoopCounters
+from worker.loop.cancellation import CancelWatch
+from worker.local_redis.server import EmbeddedRedis
+from worker.engine.echo_engine import EchoEngine
+from worker.loop.inflight import InFlightTable, LoopCounters
 from worker.settings import WorkerSettings
-from worker.tenants import build_lanes, namespaces, read_lanes
+from worker.loop.lanes import build_lanes, namespaces, read_lanes
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -332,7 +332,7 @@ def test_one_read_gives_every_tenant_the_same_share(redis_client: redis.Redis, p
     (alice's 100) cannot crowd out a shallow one (bob's 3) in any read."""
     s = WorkerSettings(prefix=prefix, tenants="alice,bob", consumer_name="c1", read_count=64)
     spaces = namespaces(s)
-    table: dict = {}
+    table = InFlightTable()
     cancels = CancelWatch(redis_client, spaces, 50, 100)
     lanes = build_lanes(redis_client, s, EchoEngine(), table, LoopCounters(), cancels, "c1:1")
     for lane in lanes:
@@ -343,10 +343,10 @@ def test_one_read_gives_every_tenant_the_same_share(redis_client: redis.Redis, p
             redis_client.xadd(StreamNames.for_prefix(prefix, tenant).requests, encode_request(request))  # type: ignore[arg-type]
     read_lanes(redis_client, s, lanes, 64, None)  # the startup replay of our (empty) pending lists
     first = read_lanes(redis_client, s, lanes, 64, None)
-    assert sorted(f.key for f in first if f.tenant == "bob") == ["bob/r0", "bob/r1", "bob/r2"]
+    assert sorted(f.seq_id for f in first if f.tenant == "bob") == ["bob/r0", "bob/r1", "bob/r2"]
     assert len([f for f in first if f.tenant == "alice"]) == 32  # ceil(64 / 2)
     # The same id in two tenants is two requests.
-    assert {f.key for f in first} >= {"alice/r0", "bob/r0"}
+    assert {f.seq_id for f in first} >= {"alice/r0", "bob/r0"}
 
 
 def test_a_tenant_with_shards_is_served_and_kept_apart(deployment: Deployment) -> None:
@@ -512,7 +512,7 @@ def test_one_read_gives_every_shard_of_every_tenant_the_same_share(
     spaces = namespaces(s)
     assert [n.lane for n in spaces] == [(t, n) for t in ("alice", "bob") for n in range(4)]
     cancels = CancelWatch(redis_client, spaces, 50, 100)
-    lanes = build_lanes(redis_client, s, EchoEngine(), {}, LoopCounters(), cancels, "c1:1")
+    lanes = build_lanes(redis_client, s, EchoEngine(), InFlightTable(), LoopCounters(), cancels, "c1:1")
     for lane in lanes:
         redis_client.xgroup_create(lane.stream, s.group, id="0", mkstream=True)
     for i in range(100):  # alice's 100 over her four shards, bob's 2 in one
@@ -523,7 +523,7 @@ def test_one_read_gives_every_shard_of_every_tenant_the_same_share(
         redis_client.xadd(spaces[4 + 1].requests, encode_request(request))  # type: ignore[arg-type]
     read_lanes(redis_client, s, lanes, 64, None)  # the startup replay of our (empty) pending lists
     first = read_lanes(redis_client, s, lanes, 64, None)
-    assert sorted(f.key for f in first if f.tenant == "bob") == ["bob/r0", "bob/r1"]
+    assert sorted(f.seq_id for f in first if f.tenant == "bob") == ["bob/r0", "bob/r1"]
     per_lane = {lane.key: len([f for f in first if f.lane == lane.key]) for lane in lanes}
     assert all(per_lane[("alice", n)] == 8 for n in range(4)), per_lane  # ceil(64 / 8) from each
     assert all(f.reply_key == spaces[f.shard or 0].reply(f.request.id) for f in first if f.tenant == "alice")
@@ -549,7 +549,7 @@ def test_worker_acl_covers_every_command_of_the_worker_and_its_scripts() -> None
     assert "~llm:*" in rules and "+eval" not in rules and "+keys" not in rules
     commands = {r[1:] for r in rules if r.startswith("+")}
     sources = [ROOT / p for p in ("producer/wire/final_guard.py", "producer/wire/backlog.py",
-                                  "worker/heartbeat.py", "worker/reclaim.py")]  # fmt: skip
+                                  "worker/loop/heartbeat.py", "worker/loop/reclaim.py")]  # fmt: skip
     in_scripts = {m.lower() for p in sources for m in re.findall(r"redis\.call\('([A-Z]+)'", p.read_text())}
     for command in in_scripts:
         assert command in commands or any(c.startswith(command + "|") for c in commands), command

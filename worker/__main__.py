@@ -13,12 +13,12 @@ import structlog
 
 from producer.config_errors import CONFIG_ERROR_EXIT, config_error_fields
 from producer.wire.redis_factory import connect
-from worker.consumer import Consumer
-from worker.embedded_redis import local_server
-from worker.engine.factory import open_engine
-from worker.engine.process_engine import EngineProcessDied
+from worker.engine_process.client import EngineProcessDied
+from worker.engine_process.launch import open_engine
+from worker.local_redis.server import local_server
+from worker.loop.consumer import Consumer
+from worker.observability.logs import configure_logging
 from worker.settings import WorkerSettings
-from worker.telemetry import configure_logging
 
 log = structlog.get_logger("worker")
 OPTIONS = {"engine": "--engine", "model": "--model", "redis_url": "--redis-url"}
@@ -44,7 +44,7 @@ class ShutdownFlag:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
-    p.add_argument("--engine", choices=["hf", "static", "echo"], help="override LLM_ENGINE")
+    p.add_argument("--engine", choices=["paged", "static", "echo", "hf"], help="override LLM_ENGINE")
     p.add_argument("--model", help="override MODEL")
     p.add_argument("--redis-url", help="override REDIS_URL")
     return p.parse_args(argv)
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("config_invalid", **config_error_fields(exc, WorkerSettings, options))
         return CONFIG_ERROR_EXIT
     configure_logging(settings.log_level)
+    for env, old, new in settings.deprecations():
+        log.warning("setting_deprecated", setting=env, value=old, means=new)
     flag = ShutdownFlag()
     signal.signal(signal.SIGTERM, flag)
     signal.signal(signal.SIGINT, flag)

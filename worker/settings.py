@@ -7,13 +7,20 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.settings import DEFAULT_LOCAL_REDIS_PORT, check_redis_url, local_redis_url
 from producer.wire.keys import MAX_STREAM_SHARDS, check_tenant
 from scheduler import BatchPolicy
-from worker.engine.model_loader import default_cache_dir
+from worker.engine.config import EngineConfig
+from worker.engine.model_files import DEFAULT_MODEL, default_cache_dir
+
+# The engine's defaults, defined once: admission in `BatchPolicy`, the rest in `EngineConfig`.
+_POLICY = BatchPolicy()
+_ENGINE = EngineConfig()
+# Old values of a setting still accepted, mapped to the current one and logged as `setting_deprecated`.
+DEPRECATED_VALUES = {("engine", "hf"): "paged"}
 
 
 def _default_consumer_name() -> str:
@@ -65,13 +72,13 @@ class WorkerSettings(BaseSettings):
         default_factory=_default_consumer_name,
         description="This worker's consumer name in the group (default host-pid).",
     )
-    engine: Literal["hf", "static", "echo"] = Field(
-        default="hf",
-        description="Inference engine: hf (paged continuous batching), static (padded static batches), "
-        "echo (no model).",
+    engine: Literal["paged", "static", "echo", "hf"] = Field(
+        default=_ENGINE.engine,
+        description="Inference engine: paged (continuous batching over a paged KV cache), static (padded "
+        "static batches), echo (no model); hf: the old name of paged (deprecated).",
     )
     model: str = Field(
-        default="SmolLM2-135M-Instruct",
+        default=DEFAULT_MODEL,
         validation_alias=AliasChoices("MODEL", "LLM_MODEL"),
         description="Hugging Face model id, local directory or .gguf file (env MODEL); llama-1b-random "
         "and tiny-random: seeded random weights in those shapes, for benchmarks.",
@@ -86,86 +93,86 @@ class WorkerSettings(BaseSettings):
         default="auto", description="Torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:N."
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        default="auto",
+        default=_ENGINE.dtype,
         description="Float dtype of weights and activations; auto = float16 on GPU, float32 on CPU "
         "(LLM_WEIGHTS=fp16/bf16 sets it).",
     )
     weights: Literal["auto", "fp16", "bf16", "int8", "w8a8"] = Field(
-        default="auto",
+        default=_ENGINE.weights,
         description="Weight format: auto (LLM_DTYPE), fp16, bf16, int8 (INT8 linears with per-channel "
         "scales, activations in LLM_DTYPE), w8a8 (INT8 linears and per-token INT8 activations on "
         "torch._int_mm); both also store the embedding as INT8 with a scale per vocabulary row, one table "
         "that a tied lm_head shares.",
     )
     trust_remote_code: bool = Field(
-        default=False, description="Allow model repositories to run their own Python code."
+        default=_ENGINE.trust_remote_code, description="Allow model repositories to run their own Python code."
     )
     read_count: int = Field(default=64, ge=1, description="Most entries taken per XREADGROUP call.")
     read_block_ms: int = Field(
         default=2000, ge=1, description="XREADGROUP BLOCK when idle; kept below the client's socket timeout."
     )
     max_wait_ms: float = Field(
-        default=10.0, ge=0, description="Time window: how long an idle engine waits to fill a microbatch."
+        default=_POLICY.max_wait_ms, ge=0, description="Time window: how long an idle engine waits to fill a microbatch."
     )
     max_batch_tokens: int = Field(
-        default=4096, ge=16, description="Token budget per engine step (prefill + decode tokens)."
+        default=_POLICY.max_batch_tokens, ge=16, description="Token budget per engine step (prefill + decode tokens)."
     )
-    max_num_seqs: int = Field(default=32, ge=1, description="Most sequences running at once.")
+    max_num_seqs: int = Field(default=_POLICY.max_num_seqs, ge=1, description="Most sequences running at once.")
     max_prefill_chunk_tokens: int = Field(
-        default=512, ge=16, description="Largest prefill chunk of one prompt per step."
+        default=_POLICY.max_prefill_chunk_tokens, ge=16, description="Largest prefill chunk of one prompt per step."
     )
     max_waiting_steps: int = Field(
-        default=20,
+        default=_POLICY.max_waiting_steps,
         ge=0,
         description="Priority aging: a batch request passed over this many engine steps is served as "
         "interactive.",
     )
     kv_cache_bytes: int = Field(
-        default=256 * 2**20, ge=2**20, description="KV cache pool size in bytes (paged engine)."
+        default=_ENGINE.kv_cache_bytes, ge=2**20, description="KV cache pool size in bytes (paged engine)."
     )
     kv_dtype: Literal["auto", "fp16", "bf16", "fp32", "int8"] = Field(
-        default="auto",
+        default=_ENGINE.kv_dtype,
         description="KV cache format (paged engine): auto (the activation dtype), fp16, bf16, fp32, or int8 "
         "(K/V rotated by a Hadamard matrix, one FP16 scale per token and KV head, ~1.9x the tokens of fp16 "
         "in the same LLM_KV_CACHE_BYTES; needs a power-of-two head_dim).",
     )
-    kv_block_size_tokens: int = Field(default=16, ge=1, description="Tokens per KV cache block.")
+    kv_block_size_tokens: int = Field(default=_ENGINE.kv_block_size_tokens, ge=1, description="Tokens per KV cache block.")
     kv_budget_tokens: int = Field(
-        default=0,
+        default=_ENGINE.kv_budget_tokens,
         ge=0,
         description="KV pruning (paged engine): most cached tokens a sequence keeps; middle blocks are "
         "evicted past it (0 = off). A request's `kv_budget_tokens` overrides it; at least the sink tokens "
         "plus one block.",
     )
     kv_sink_tokens: int = Field(
-        default=4,
+        default=_ENGINE.kv_sink_tokens,
         ge=0,
         description="KV pruning: leading tokens never evicted (attention sinks), rounded up to whole blocks.",
     )
     kv_prune_mode: Literal["window", "snapkv"] = Field(
-        default="window",
+        default=_ENGINE.kv_prune_mode,
         description="KV pruning: window evicts the oldest middle block (sinks + recent window); snapkv the "
         "block the prompt's last 32 queries attended to least.",
     )
     kv_reserve: Literal["worst_case", "optimistic"] = Field(
-        default="worst_case",
+        default=_POLICY.kv_reserve,
         description="KV admission: reserve prompt+max_tokens, or prompt only with preemption.",
     )
     attention_backend: Literal["auto", "triton", "torch"] = Field(
-        default="auto",
+        default=_ENGINE.attention_backend,
         description="Paged attention: triton (GPU kernels) or torch (reference); auto = triton on CUDA.",
     )
     cuda_graphs: bool = Field(
-        default=True, description="Replay decode steps as CUDA graphs (triton backend on CUDA); false: eager."
+        default=_ENGINE.cuda_graphs, description="Replay decode steps as CUDA graphs (triton backend on CUDA); false: eager."
     )
     prefill_interval_steps: int | None = Field(
-        default=None,
+        default=_ENGINE.prefill_interval_steps,
         ge=0,
         description="While decoding, admit new prompts at latest every N steps (or once they fill a step); "
         "unset = 8 with CUDA graphs, else 0 (every step).",
     )
     async_output: bool | None = Field(
-        default=None,
+        default=_ENGINE.async_output,
         description="Detokenize and stream step N's tokens while step N+1 runs; unset = on with CUDA.",
     )
     engine_process: Literal["auto", "inline", "separate"] = Field(
@@ -203,7 +210,7 @@ class WorkerSettings(BaseSettings):
         "(field `sig`); clients with the same key accept only signed replies. Unset = unsigned.",
     )
     echo_token_delay_ms: float = Field(
-        default=0.0, ge=0, description="Echo engine: sleep per generated token."
+        default=_ENGINE.echo_token_delay_ms, ge=0, description="Echo engine: sleep per generated token."
     )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         default="info", description="Log level of the JSON logs on stdout (any case)."
@@ -311,6 +318,20 @@ class WorkerSettings(BaseSettings):
     def _lower_log_level(cls, level: object) -> object:
         return level.lower() if isinstance(level, str) else level
 
+    _deprecated: list[tuple[str, str, str]] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _map_deprecated(self) -> WorkerSettings:
+        for (name, old), new in DEPRECATED_VALUES.items():
+            if getattr(self, name) == old:
+                object.__setattr__(self, name, new)
+                self._deprecated.append((f"LLM_{name.upper()}", old, new))
+        return self
+
+    def deprecations(self) -> list[tuple[str, str, str]]:
+        """(env var, old value, the value it now means) for each deprecated value given."""
+        return list(self._deprecated)
+
     @model_validator(mode="after")
     def _check_weights(self) -> WorkerSettings:
         wanted = {"fp16": "float16", "bf16": "bfloat16"}.get(self.weights)
@@ -324,9 +345,9 @@ class WorkerSettings(BaseSettings):
     def _check_kv_dtype(self) -> WorkerSettings:
         # The static engine keeps transformers' own KV cache, in the activation dtype.
         if self.engine == "static" and self.kv_dtype != "auto":
-            raise ValueError(f"LLM_KV_DTYPE={self.kv_dtype} needs LLM_ENGINE=hf (the paged engine)")
+            raise ValueError(f"LLM_KV_DTYPE={self.kv_dtype} needs LLM_ENGINE=paged")
         if self.engine == "static" and self.kv_budget_tokens:
-            raise ValueError("LLM_KV_BUDGET_TOKENS needs LLM_ENGINE=hf (the paged engine)")
+            raise ValueError("LLM_KV_BUDGET_TOKENS needs LLM_ENGINE=paged")
         problem = self.kv_budget_problem(self.kv_budget_tokens)
         if problem:
             raise ValueError(f"LLM_KV_BUDGET_TOKENS: {problem}")
@@ -391,11 +412,24 @@ class WorkerSettings(BaseSettings):
         """`redis_url`, or the shared local address when it is unset."""
         return self.redis_url or local_redis_url(self.local_redis_port)
 
-    def separate_engine_process(self) -> bool:
+    def uses_engine_process(self) -> bool:
         """Whether the engine runs in a process of its own (`engine_process`)."""
         if self.engine_process != "auto":
             return self.engine_process == "separate"
-        return self.engine == "hf" and self.resolved_device() == "cuda"
+        return self.engine == "paged" and self.resolved_device() == "cuda"
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's only input, from these settings."""
+        return EngineConfig(
+            engine="paged" if self.engine == "hf" else self.engine, model=self.model,
+            device=self.resolved_device(), dtype=self.dtype, weights=self.weights,
+            trust_remote_code=self.trust_remote_code, cache_dir=self.cache_dir, policy=self.batch_policy(),
+            kv_cache_bytes=self.kv_cache_bytes, kv_block_size_tokens=self.kv_block_size_tokens,
+            kv_dtype=self.kv_dtype, kv_budget_tokens=self.kv_budget_tokens, kv_sink_tokens=self.kv_sink_tokens,
+            kv_prune_mode=self.kv_prune_mode, attention_backend=self.attention_backend,
+            cuda_graphs=self.cuda_graphs, prefill_interval_steps=self.prefill_interval_steps,
+            async_output=self.async_output, echo_token_delay_ms=self.echo_token_delay_ms,
+        )  # fmt: skip
 
     def resolved_device(self) -> str:
         """The torch device to use."""

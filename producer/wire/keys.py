@@ -88,7 +88,7 @@ def tenant_root_patterns(prefix: str, tenant: str) -> list[str]:
     `<prefix>:t:{<tenant>}` and `<prefix>:t:{<tenant>.<digits>}` with 1 to 4 digits.
 
     Append the rest of a key (`:requests`, `:reply:*`) to get a key pattern. The prefix must hold no
-    glob character (`worker.acl.check_prefix`); the tenant holds none (`check_tenant`).
+    glob character (`worker.tools.acl.check_prefix`); the tenant holds none (`check_tenant`).
     """
     name = check_tenant(tenant)
     widths = range(1, len(str(MAX_STREAM_SHARDS - 1)) + 1)

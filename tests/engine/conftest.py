@@ -8,7 +8,8 @@ import pytest
 import torch
 from engine_helpers import greedy_reference
 
-from worker.engine.model_loader import LoadedModel, load_model
+from worker.engine.model_files import LoadedModel
+from worker.engine.model_loader import load_model
 
 # The CI and dev boxes have 2 shared cores; a second intra-op thread spin-waits on a busy core and
 # makes small forwards ~10x slower, so the suite runs single-threaded.

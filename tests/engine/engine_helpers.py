@@ -7,9 +7,22 @@ from typing import Any
 
 import torch
 
+from scheduler import BatchPolicy
 from worker.engine.base import GenerationRequest, SamplingParams, SequenceOutput
-from worker.engine.llm_engine import PagedEngine
-from worker.engine.model_loader import LoadedModel
+from worker.engine.config import EngineConfig
+from worker.engine.model_files import LoadedModel
+from worker.engine.paged_engine import PagedEngine
+
+_POLICY_FIELDS = set(BatchPolicy.__dataclass_fields__)
+
+
+def engine_config(**options: Any) -> EngineConfig:
+    """An `EngineConfig` from its fields and `BatchPolicy`'s (those go to its `policy`).
+
+    Engine tests step the engine themselves, so there is no time window unless one is asked for.
+    """
+    policy = {"max_wait_ms": 0.0} | {k: options.pop(k) for k in list(options) if k in _POLICY_FIELDS}
+    return EngineConfig(policy=BatchPolicy(**policy), **options)
 
 SYSTEM_PROMPT = (
     "You are a meticulous assistant for a logistics company. You answer questions about shipments, "
@@ -58,10 +71,10 @@ def chat(engine: PagedEngine, user: str, system: str | None = None) -> list[int]
     return engine.encode_chat([*messages, {"role": "user", "content": user}])
 
 
-def request(request_id: str, prompt_ids: list[int], **sampling: object) -> GenerationRequest:
+def request(seq_id: str, prompt_ids: list[int], **sampling: object) -> GenerationRequest:
     deadline_s = sampling.pop("deadline_s", None)
     return GenerationRequest(
-        request_id=request_id,
+        seq_id=seq_id,
         prompt_token_ids=prompt_ids,
         sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
         arrival_s=time.monotonic(),
@@ -89,7 +102,7 @@ def collect(outputs: list[SequenceOutput]) -> tuple[list[int], str]:
 def step_into(engine: PagedEngine, outputs: dict[str, list[SequenceOutput]]) -> None:
     """One step, recording its outputs."""
     for out in engine.step():
-        outputs.setdefault(out.request_id, []).append(out)
+        outputs.setdefault(out.seq_id, []).append(out)
 
 
 # Short chat prompts for greedy-agreement checks of a weight or KV format against the FP32 engine.

@@ -18,9 +18,9 @@ NUM_BLOCKS = 24
 PREFIXES = [[], [1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 10, 11], [20, 21, 22, 23]]
 
 
-def make_seq(request_id: str, tokens: list[int], max_tokens: int) -> Sequence:
+def make_seq(seq_id: str, tokens: list[int], max_tokens: int) -> Sequence:
     return Sequence(
-        GenerationRequest(request_id, tokens, SamplingParams(max_tokens=max_tokens), time.monotonic())
+        GenerationRequest(seq_id, tokens, SamplingParams(max_tokens=max_tokens), time.monotonic())
     )
 
 
@@ -83,7 +83,7 @@ class BlockAccounting(RuleBasedStateMachine):
         consumed = self.bm.num_new_blocks_needed(seq, kv_tokens)
         hits = self.bm.match_prefix(seq)
         cached = self.bm.allocate(seq, kv_tokens)
-        self.live[seq.request_id] = seq
+        self.live[seq.seq_id] = seq
         assert cached == len(hits) * BLOCK_SIZE < len(seq)
         assert free_before - self.bm.num_free_blocks == consumed
         # Shared blocks must already hold exactly this sequence's tokens.
@@ -125,11 +125,11 @@ class BlockAccounting(RuleBasedStateMachine):
         seq = self.live[data.draw(st.sampled_from(sorted(self.live)))]
         self.bm.free(seq)
         seq.reset_for_recompute()
-        del self.live[seq.request_id]
+        del self.live[seq.seq_id]
 
     def _release(self, seq: Sequence) -> None:
         self.bm.free(seq)
-        del self.live[seq.request_id]
+        del self.live[seq.seq_id]
 
     @invariant()
     def refcounts_match_block_tables(self) -> None:

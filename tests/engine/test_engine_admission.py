@@ -13,7 +13,8 @@ import pytest
 from scheduler import BatchPolicy, Priority
 from worker.engine.base import GenerationRequest, SamplingParams
 from worker.engine.block_manager import BlockManager
-from worker.engine.echo import EchoEngine
+from worker.engine.config import EngineConfig
+from worker.engine.echo_engine import EchoEngine
 from worker.engine.sequence import Sequence
 from worker.engine.step_scheduler import StepScheduler
 
@@ -34,7 +35,7 @@ def started(engine: EchoEngine) -> list[str]:
 
 
 def test_batch_requests_age_into_service_behind_a_stream_of_interactive_ones() -> None:
-    engine = EchoEngine(BatchPolicy(max_num_seqs=1, max_wait_ms=0, max_waiting_steps=3))
+    engine = EchoEngine(EngineConfig(engine="echo", policy=BatchPolicy(max_num_seqs=1, max_wait_ms=0, max_waiting_steps=3)))
     engine.add_request(request("batch", 0.0, Priority.BATCH, max_tokens=1))
     order: list[str] = []
     for i in range(8):  # a new interactive request arrives before every step
@@ -45,17 +46,17 @@ def test_batch_requests_age_into_service_behind_a_stream_of_interactive_ones() -
 
 
 def test_waiting_requests_expire_in_the_engine() -> None:
-    engine = EchoEngine(BatchPolicy(max_num_seqs=1, max_wait_ms=0))
+    engine = EchoEngine(EngineConfig(engine="echo", policy=BatchPolicy(max_num_seqs=1, max_wait_ms=0)))
     engine.add_request(request("long", 0.0, max_tokens=50))
     engine.add_request(request("late", 0.0, deadline_s=0.0))  # long past on the monotonic clock
     outputs = engine.step()
-    late = [o for o in outputs if o.request_id == "late"]
+    late = [o for o in outputs if o.seq_id == "late"]
     assert len(late) == 1 and late[0].finished and late[0].finish_reason == "deadline_exceeded"
     assert engine.last_step_stats().admitted == ("long",)
 
 
 def test_time_window_holds_an_idle_engine_only_while_requests_keep_coming() -> None:
-    engine = EchoEngine(BatchPolicy(max_wait_ms=5_000, max_num_seqs=8))
+    engine = EchoEngine(EngineConfig(engine="echo", policy=BatchPolicy(max_wait_ms=5_000, max_num_seqs=8)))
     now = time.monotonic()
     # No estimate yet (first request): the window holds, and says until when.
     engine.add_request(request("a", now))
@@ -69,7 +70,7 @@ def test_time_window_holds_an_idle_engine_only_while_requests_keep_coming() -> N
 
 
 def test_lone_request_after_a_quiet_spell_starts_at_once() -> None:
-    engine = EchoEngine(BatchPolicy(max_wait_ms=50, max_num_seqs=8))
+    engine = EchoEngine(EngineConfig(engine="echo", policy=BatchPolicy(max_wait_ms=50, max_num_seqs=8)))
     now = time.monotonic()
     for i, t in enumerate((now - 30.0, now - 20.0, now - 10.0)):  # one request every 10 s
         engine.add_request(request(f"r{i}", t, max_tokens=1))
@@ -80,7 +81,7 @@ def test_lone_request_after_a_quiet_spell_starts_at_once() -> None:
 
 
 def test_take_unstarted_returns_only_requests_that_never_ran() -> None:
-    engine = EchoEngine(BatchPolicy(max_num_seqs=1, max_wait_ms=0))
+    engine = EchoEngine(EngineConfig(engine="echo", policy=BatchPolicy(max_num_seqs=1, max_wait_ms=0)))
     engine.add_request(request("running", 0.0, max_tokens=5))
     engine.step()
     engine.add_request(request("waiting", 0.0))
@@ -103,4 +104,4 @@ def test_step_scheduler_ages_hands_back_and_reports_admissions() -> None:
         for item in plan.scheduled:
             sched.finish(item.seq)
     assert admitted == ["i0", "i1", "batch", "i2"], admitted  # passed over twice, then served
-    assert [s.request_id for s in sched.take_unstarted()] == ["i3"] and not sched.waiting
+    assert [s.seq_id for s in sched.take_unstarted()] == ["i3"] and not sched.waiting

@@ -6,10 +6,11 @@ import time
 from collections.abc import Callable
 
 import pytest
-from engine_helpers import SYSTEM_PROMPT, chat, collect, drain, request, step_into
+from engine_helpers import SYSTEM_PROMPT, chat, collect, drain, request, step_into, engine_config
 
-from worker.engine.llm_engine import PagedEngine
-from worker.engine.model_loader import LoadedModel
+from worker.engine.factory import create_engine
+from worker.engine.paged_engine import PagedEngine
+from worker.engine.model_files import LoadedModel
 
 pytestmark = pytest.mark.model
 
@@ -26,7 +27,7 @@ def make_engine(smol: LoadedModel, **overrides: object) -> PagedEngine:
         kv_cache_bytes=64 << 20, max_batch_tokens=512, max_prefill_chunk_tokens=256
     )
     args.update(overrides)
-    return PagedEngine(smol.model, smol.tokenizer, **args)  # type: ignore[arg-type]
+    return PagedEngine(smol.model, smol.tokenizer, engine_config(**args))  # type: ignore[arg-type]
 
 
 def test_prefix_sharing_is_invisible_in_outputs_and_skips_the_shared_prompt(smol: LoadedModel):
@@ -101,7 +102,7 @@ def test_preemption_by_recompute_keeps_greedy_output(
     outputs: dict[str, list] = {}
     while engine.has_unfinished():
         for out in engine.step():
-            outputs.setdefault(out.request_id, []).append(out)
+            outputs.setdefault(out.seq_id, []).append(out)
         preempted += int(engine.last_step_stats().extra["preempted"])
     assert preempted > 0
     for i, prompt in enumerate(prompts):
@@ -205,8 +206,8 @@ def test_failed_step_publishes_nothing_it_was_writing(
     assert collect(outputs["c"])[0] == reference(second, 4)
 
 
-def test_from_settings_loads_the_default_model():
-    engine = PagedEngine.from_settings(kv_cache_bytes=8 << 20, max_num_seqs=4)
+def test_create_engine_loads_the_default_model():
+    engine = create_engine(engine_config(kv_cache_bytes=8 << 20, max_num_seqs=4))
     engine.add_request(request("s", engine.encode_chat([{"role": "user", "content": "Hi"}]), max_tokens=2))
     outputs = drain(engine)
     assert outputs["s"][-1].finished and outputs["s"][-1].completion_tokens <= 2

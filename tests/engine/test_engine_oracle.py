@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from engine_helpers import SYSTEM_PROMPT, chat, collect, request
+from engine_helpers import SYSTEM_PROMPT, chat, collect, request, engine_config
 
-from worker.engine.llm_engine import PagedEngine
-from worker.engine.model_loader import LoadedModel
+from worker.engine.paged_engine import PagedEngine
+from worker.engine.model_files import LoadedModel
 
 pytestmark = pytest.mark.model
 
@@ -36,10 +36,7 @@ USER_TURNS = [
 def test_continuous_batch_matches_generate(
     smol: LoadedModel, reference: Callable[[list[int], int], list[int]]
 ):
-    engine = PagedEngine(
-        smol.model, smol.tokenizer, kv_cache_bytes=64 << 20, block_size=16,
-        max_num_seqs=6, max_batch_tokens=96, max_prefill_chunk_tokens=40,
-    )  # fmt: skip
+    engine = PagedEngine(smol.model, smol.tokenizer, engine_config(kv_cache_bytes=64 << 20, kv_block_size_tokens=16, max_num_seqs=6, max_batch_tokens=96, max_prefill_chunk_tokens=40))  # fmt: skip
     prompts = [chat(engine, user, system) for user, system in USER_TURNS]
     assert len({len(p) for p in prompts}) >= 8
     expected = [reference(p, NEW_TOKENS) for p in prompts]
@@ -53,7 +50,7 @@ def test_continuous_batch_matches_generate(
         for i in arrivals.get(step, []):
             engine.add_request(request(f"r{i}", prompts[i], max_tokens=NEW_TOKENS, ignore_eos=True))
         for out in engine.step():
-            outputs_by_id.setdefault(out.request_id, []).append(out)
+            outputs_by_id.setdefault(out.seq_id, []).append(out)
         stats = engine.last_step_stats()
         assert stats.prefill_tokens + stats.decode_tokens <= 96
         chunked |= stats.prefill_tokens > 0 and stats.decode_tokens > 0

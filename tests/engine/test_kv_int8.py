@@ -16,6 +16,7 @@ import pytest
 import torch
 from engine_helpers import (
     CHAT_PROMPTS,
+    engine_config,
     SYSTEM_PROMPT,
     chat,
     collect,
@@ -35,8 +36,8 @@ from worker.engine.attention import (
 from worker.engine.factory import create_engine
 from worker.engine.kernels import kernels_usable
 from worker.engine.kv_cache import KVCache, KVCacheSpec, num_blocks_for_budget, resolve_kv_dtype
-from worker.engine.llm_engine import PagedEngine
-from worker.engine.model_loader import LoadedModel
+from worker.engine.paged_engine import PagedEngine
+from worker.engine.model_files import LoadedModel
 from worker.engine.quant.kv_int8 import (
     KV_SCALE_DTYPE,
     check_head_dim,
@@ -92,7 +93,7 @@ def test_quantise_dequantise_stays_within_half_a_step_on_random_vectors():
 @pytest.mark.model
 def test_quantise_dequantise_error_on_smollm2_keys_and_values(smol: LoadedModel):
     """The real K (after RoPE) and V of every layer, as the FP32 engine stored them for a chat prompt."""
-    engine = PagedEngine(smol.model, smol.tokenizer, kv_cache_bytes=8 << 20, attention_backend="torch")
+    engine = PagedEngine(smol.model, smol.tokenizer, engine_config(kv_cache_bytes=8 << 20, attention_backend="torch"))
     ids = chat(engine, "Explain how a refrigerator keeps food cold, step by step.")
     engine.add_request(request("r", ids, max_tokens=1))
     drain(engine)
@@ -168,8 +169,8 @@ def test_an_int8_cache_needs_a_power_of_two_head_dim():
              "intermediate_size": 64, "vocab_size": 49152, "max_position_embeddings": 256}  # fmt: skip
     loaded = random_causal_lm(shape, device="cpu", dtype=torch.float32)
     with pytest.raises(ValueError, match="head_dim is 48: use LLM_KV_DTYPE=auto, fp16 or bf16"):
-        PagedEngine(loaded.model, loaded.tokenizer, kv_cache_bytes=1 << 20, kv_dtype="int8")
-    engine = PagedEngine(loaded.model, loaded.tokenizer, kv_cache_bytes=1 << 20, kv_dtype="fp16")
+        PagedEngine(loaded.model, loaded.tokenizer, engine_config(kv_cache_bytes=1 << 20, kv_dtype="int8"))
+    engine = PagedEngine(loaded.model, loaded.tokenizer, engine_config(kv_cache_bytes=1 << 20, kv_dtype="fp16"))
     assert engine.kv_cache.rotation is None
     engine.close()
 
@@ -231,7 +232,7 @@ def test_kv_dtype_setting_and_its_resolution():
     assert WorkerSettings(kv_dtype="int8").kv_dtype == "int8"
     with pytest.raises(pydantic.ValidationError):
         WorkerSettings(kv_dtype="int4")  # type: ignore[arg-type]
-    with pytest.raises(pydantic.ValidationError, match="LLM_KV_DTYPE=int8 needs LLM_ENGINE=hf"):
+    with pytest.raises(pydantic.ValidationError, match="LLM_KV_DTYPE=int8 needs LLM_ENGINE=paged"):
         WorkerSettings(kv_dtype="int8", engine="static")
     assert resolve_kv_dtype("auto", torch.bfloat16) == torch.bfloat16
     assert resolve_kv_dtype("int8", torch.float16) == torch.int8
@@ -584,13 +585,13 @@ NEW_TOKENS = 16
 @pytest.mark.model
 def test_int8_kv_engine_agrees_with_the_fp32_cache_on_greedy_tokens(smol: LoadedModel):
     options = {"kv_cache_bytes": 32 << 20, "attention_backend": "torch"}
-    baseline_engine = PagedEngine(smol.model, smol.tokenizer, **options)  # type: ignore[arg-type]
+    baseline_engine = PagedEngine(smol.model, smol.tokenizer, engine_config(**options))  # type: ignore[arg-type]
     prompts = [chat(baseline_engine, p) for p in PROMPTS]
     baseline = greedy_tokens(baseline_engine, PROMPTS, NEW_TOKENS)
     baseline_engine.close()
     # Through the worker's own wiring: settings -> factory -> PagedEngine(kv_dtype="int8").
     engine = create_engine(
-        WorkerSettings(kv_dtype="int8", device="cpu", dtype="float32", kv_cache_bytes=32 << 20)
+        WorkerSettings(kv_dtype="int8", device="cpu", dtype="float32", kv_cache_bytes=32 << 20).engine_config()
     )
     assert isinstance(engine, PagedEngine)
     described = engine.describe()
@@ -600,8 +601,8 @@ def test_int8_kv_engine_agrees_with_the_fp32_cache_on_greedy_tokens(smol: Loaded
     int8 = greedy_tokens(engine, PROMPTS, NEW_TOKENS)
     engine.close()
     prefixes = [common_prefix(b, q) for b, q in zip(baseline, int8, strict=True)]
-    # Measured (torch 2.13 CPU, one thread, Intel Xeon; `loadtest/kv_rotation_study.py --engine` gave
-    # the same on this machine): common prefixes [16, 16, 16, 16, 16, 16, 16, 9], 7 of 8 prompts
+    # Measured (torch 2.13 CPU, one thread, Intel Xeon; the rotation study, now in git history,
+    # gave the same on this machine): common prefixes [16, 16, 16, 16, 16, 16, 16, 9], 7 of 8 prompts
     # identical over 16 tokens, the issue's bar. The INT8 format before the rotation gave
     # [16, 16, 16, 12, 0, 9, 5, 16] here (4 of 8) and [16, 16, 16, 12, 0, 9, 16, 16] on an AMD EPYC.
     # The one divergence left is a near-tie of the FP32 model (top-2 logit margin 0.007 at token 9 of
@@ -615,11 +616,11 @@ def test_int8_kv_engine_agrees_with_the_fp32_cache_on_greedy_tokens(smol: Loaded
     # in 128 rows (margin 0.007), RMS logit error 0.071 (0.183 before the rotation, with 4 flips at
     # margins 0.36, 0.04, 0.12, 0.04), mean KL 2.1e-4.
     ref = teacher_forced_logits(
-        PagedEngine(smol.model, smol.tokenizer, enable_prefix_caching=False, **options),  # type: ignore[arg-type]
+        PagedEngine(smol.model, smol.tokenizer, engine_config(enable_prefix_caching=False, **options)),  # type: ignore[arg-type]
         prompts, baseline,
     )  # fmt: skip
     got = teacher_forced_logits(
-        PagedEngine(smol.model, smol.tokenizer, enable_prefix_caching=False, kv_dtype="int8", **options),  # type: ignore[arg-type]
+        PagedEngine(smol.model, smol.tokenizer, engine_config(enable_prefix_caching=False, kv_dtype="int8", **options)),  # type: ignore[arg-type]
         prompts, baseline,
     )  # fmt: skip
     top2 = ref.topk(2, dim=-1).values
@@ -634,9 +635,7 @@ def test_int8_kv_engine_agrees_with_the_fp32_cache_on_greedy_tokens(smol: Loaded
 def test_int8_kv_blocks_stay_shareable_through_the_prefix_cache(smol: LoadedModel):
     """A second request on the same prompt reuses the first one's INT8 blocks (and with them their
     scales) and computes the same tokens as the first."""
-    engine = PagedEngine(
-        smol.model, smol.tokenizer, kv_cache_bytes=16 << 20, attention_backend="torch", kv_dtype="int8"
-    )
+    engine = PagedEngine(smol.model, smol.tokenizer, engine_config(kv_cache_bytes=16 << 20, attention_backend="torch", kv_dtype="int8"))
     prompt = chat(engine, "Where do refrigerated goods go?", SYSTEM_PROMPT)
     engine.add_request(request("first", prompt, max_tokens=6, ignore_eos=True))
     first = drain(engine)["first"]
@@ -655,10 +654,7 @@ def test_int8_kv_triton_path_gives_the_torch_path_tokens(smol: LoadedModel):
     kernels on the real model."""
     results: dict[str, dict[str, list[int]]] = {}
     for backend in ("torch", "triton"):
-        engine = PagedEngine(
-            smol.model, smol.tokenizer, kv_cache_bytes=16 << 20, max_batch_tokens=64,
-            max_prefill_chunk_tokens=40, attention_backend=backend, kv_dtype="int8",
-        )  # fmt: skip
+        engine = PagedEngine(smol.model, smol.tokenizer, engine_config(kv_cache_bytes=16 << 20, max_batch_tokens=64, max_prefill_chunk_tokens=40, attention_backend=backend, kv_dtype="int8"))  # fmt: skip
         assert engine.kv_cache.rotation is not None
         if backend == "triton":
             engine.runner.warm_up()  # compiles the kernels; must leave the cache untouched
@@ -681,11 +677,7 @@ def test_int8_kv_fused_and_unfused_triton_paths_give_the_torch_path_tokens():
     loaded = random_causal_lm("tiny", device="cpu", dtype=torch.float32)
     results = {}
     for backend, fused in (("torch", True), ("triton", True), ("triton", False)):
-        engine = PagedEngine(
-            loaded.model, loaded.tokenizer, kv_cache_bytes=4 << 20, max_prefill_chunk_tokens=32,
-            attention_backend=backend, fused_layers=fused, kv_dtype="int8", kv_budget_tokens=48,
-            kv_prune_mode="snapkv",
-        )  # fmt: skip
+        engine = PagedEngine(loaded.model, loaded.tokenizer, engine_config(kv_cache_bytes=4 << 20, max_prefill_chunk_tokens=32, attention_backend=backend, fused_layers=fused, kv_dtype="int8", kv_budget_tokens=48, kv_prune_mode="snapkv"))  # fmt: skip
         assert (engine._fused is not None) == (backend == "triton" and fused)
         engine.add_request(request("a", list(range(100, 170)), max_tokens=12, ignore_eos=True))
         engine.add_request(request("b", list(range(300, 310)), max_tokens=20, ignore_eos=True))

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from engine_helpers import collect, drain, request
+from engine_helpers import collect, drain, request, engine_config
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -17,15 +17,15 @@ from worker.engine.base import GenerationRequest, SamplingParams
 from worker.engine.block_manager import BlockManager
 from worker.engine.kernels import kernels_usable
 from worker.engine.kv_prune import PrunePolicy, block_scores, window_scores
-from worker.engine.llm_engine import PagedEngine
-from worker.engine.model_loader import LoadedModel
+from worker.engine.paged_engine import PagedEngine
+from worker.engine.model_files import LoadedModel
 from worker.engine.random_model import random_causal_lm
 from worker.engine.sequence import Sequence
 
 
-def make_seq(request_id: str, tokens: list[int], budget: int = 0, max_tokens: int = 64) -> Sequence:
+def make_seq(seq_id: str, tokens: list[int], budget: int = 0, max_tokens: int = 64) -> Sequence:
     seq = Sequence(
-        GenerationRequest(request_id, tokens, SamplingParams(max_tokens=max_tokens), time.monotonic())
+        GenerationRequest(seq_id, tokens, SamplingParams(max_tokens=max_tokens), time.monotonic())
     )
     seq.kv_budget_tokens = budget
     if budget:
@@ -152,7 +152,7 @@ class PruningUnderSharing(RuleBasedStateMachine):
         if seq.num_uncomputed_tokens == 0:
             seq.token_ids.append(new_token)
         want = min(seq.num_uncomputed_tokens, 6)
-        others = {s.request_id: list(s.block_table) for s in self.live if s is not seq}
+        others = {s.seq_id: list(s.block_table) for s in self.live if s is not seq}
         before = list(seq.block_table)
         n = want
         if seq.kv_budget_tokens:
@@ -162,7 +162,7 @@ class PruningUnderSharing(RuleBasedStateMachine):
                 readers = sum(block_id in s.block_table for s in self.live if s is not seq)
                 assert self.bm.blocks[block_id].ref_count == readers + 1
             self.bm.evict(seq, evicted)
-        assert {s.request_id: s.block_table for s in self.live if s is not seq} == others
+        assert {s.seq_id: s.block_table for s in self.live if s is not seq} == others
         target = seq.num_computed_tokens + n
         if not self.bm.can_append(seq, target):
             return
@@ -220,10 +220,7 @@ def test_pruned_decode_matches_a_dense_model_with_the_same_visibility():
     token from the first block not yet evicted; a dense forward with that mask per row (true positions)
     must reproduce the engine's greedy tokens, which checks positions, slots and context lengths."""
     loaded = random_causal_lm("tiny", device="cpu", dtype=torch.float32)
-    engine = PagedEngine(
-        loaded.model, loaded.tokenizer, kv_cache_bytes=8 << 20, block_size=4, kv_budget_tokens=16,
-        kv_sink_tokens=4, attention_backend="torch",
-    )  # fmt: skip
+    engine = PagedEngine(loaded.model, loaded.tokenizer, engine_config(kv_cache_bytes=8 << 20, kv_block_size_tokens=4, kv_budget_tokens=16, kv_sink_tokens=4, attention_backend="torch"))  # fmt: skip
     prompt = [101, 7, 55, 300, 12, 9]  # within one chunk (chunk cap (16 - 4) / 2 = 6): no eviction in prefill
     engine.add_request(request("a", prompt, max_tokens=30, ignore_eos=True))
     tokens = collect(drain(engine)["a"])[0]
@@ -255,10 +252,7 @@ def test_budget_at_least_the_length_changes_nothing_and_prunes_raise_admissions(
     prompts = [list(range(100, 100 + n)) for n in (5, 23, 40)]
     results = {}
     for mode, budget in (("window", 0), ("window", 200), ("snapkv", 200)):
-        engine = PagedEngine(
-            loaded.model, loaded.tokenizer, kv_cache_bytes=8 << 20, max_prefill_chunk_tokens=16,
-            kv_budget_tokens=budget, kv_prune_mode=mode,
-        )  # fmt: skip
+        engine = PagedEngine(loaded.model, loaded.tokenizer, engine_config(kv_cache_bytes=8 << 20, max_prefill_chunk_tokens=16, kv_budget_tokens=budget, kv_prune_mode=mode))  # fmt: skip
         for i, prompt in enumerate(prompts):
             engine.add_request(request(f"t{i}", prompt, max_tokens=12, ignore_eos=True))
         results[(mode, budget)] = {rid: collect(outs)[0] for rid, outs in drain(engine).items()}
@@ -268,10 +262,7 @@ def test_budget_at_least_the_length_changes_nothing_and_prunes_raise_admissions(
 @pytest.mark.parametrize("mode", ["window", "snapkv"])
 def test_pruning_with_int8_kv_and_prefix_sharing_leaves_the_pool_as_it_found_it(mode: str):
     loaded = random_causal_lm("tiny", device="cpu", dtype=torch.float32)
-    engine = PagedEngine(
-        loaded.model, loaded.tokenizer, kv_cache_bytes=4 << 20, max_prefill_chunk_tokens=32, kv_dtype="int8",
-        kv_budget_tokens=48, kv_prune_mode=mode,
-    )  # fmt: skip
+    engine = PagedEngine(loaded.model, loaded.tokenizer, engine_config(kv_cache_bytes=4 << 20, max_prefill_chunk_tokens=32, kv_dtype="int8", kv_budget_tokens=48, kv_prune_mode=mode))  # fmt: skip
     free_before = engine.block_manager.num_free_blocks
     shared = list(range(200, 240))
     # An unpruned reader of the shared prefix runs next to pruned sequences that share it.
@@ -299,10 +290,7 @@ def test_triton_kernels_read_the_pruned_block_tables_like_the_reference(kv_dtype
     loaded = random_causal_lm("tiny", device="cpu", dtype=torch.float32)
     results = {}
     for backend in ("torch", "triton"):
-        engine = PagedEngine(
-            loaded.model, loaded.tokenizer, kv_cache_bytes=4 << 20, max_prefill_chunk_tokens=32,
-            kv_budget_tokens=32, kv_prune_mode="snapkv", attention_backend=backend, kv_dtype=kv_dtype,
-        )  # fmt: skip
+        engine = PagedEngine(loaded.model, loaded.tokenizer, engine_config(kv_cache_bytes=4 << 20, max_prefill_chunk_tokens=32, kv_budget_tokens=32, kv_prune_mode="snapkv", attention_backend=backend, kv_dtype=kv_dtype))  # fmt: skip
         engine.add_request(request("a", list(range(100, 150)), max_tokens=24, ignore_eos=True))
         engine.add_request(request("b", list(range(300, 310)), max_tokens=40, ignore_eos=True))
         results[backend] = {rid: collect(outs)[0] for rid, outs in drain(engine).items()}
@@ -317,10 +305,7 @@ def _distinct(ids: list[int], n: int = 4) -> float:
 @pytest.mark.model
 @pytest.mark.parametrize(("mode", "kv_dtype"), [("window", "auto"), ("snapkv", "int8")])
 def test_generating_four_times_past_the_budget_stays_coherent(smol: LoadedModel, mode: str, kv_dtype: str):
-    engine = PagedEngine(
-        smol.model, smol.tokenizer, kv_cache_bytes=16 << 20, kv_budget_tokens=64, kv_prune_mode=mode,
-        kv_dtype=kv_dtype,
-    )  # fmt: skip
+    engine = PagedEngine(smol.model, smol.tokenizer, engine_config(kv_cache_bytes=16 << 20, kv_budget_tokens=64, kv_prune_mode=mode, kv_dtype=kv_dtype))  # fmt: skip
     free_before = engine.block_manager.num_free_blocks
     finite: list[bool] = []
     handle = smol.model.lm_head.register_forward_hook(

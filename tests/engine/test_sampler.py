@@ -15,7 +15,7 @@ from worker.engine.sampler import (
     sample_next_tokens,
     seeded_exponential_noise,
 )
-from worker.engine.static_hf import StaticBatchEngine
+from worker.engine.static_engine import StaticBatchEngine
 
 
 def params(**kwargs: object) -> SamplingParams:

@@ -12,9 +12,9 @@ from worker.engine.sequence import Sequence
 from worker.engine.step_scheduler import StepScheduler
 
 
-def make_seq(request_id: str, prompt_len: int, max_tokens: int, arrival_s: float = 0.0) -> Sequence:
+def make_seq(seq_id: str, prompt_len: int, max_tokens: int, arrival_s: float = 0.0) -> Sequence:
     prompt = [(7 * i) % 50 for i in range(prompt_len)]  # common prefix across requests: sharing happens
-    return Sequence(GenerationRequest(request_id, prompt, SamplingParams(max_tokens=max_tokens), arrival_s))
+    return Sequence(GenerationRequest(seq_id, prompt, SamplingParams(max_tokens=max_tokens), arrival_s))
 
 
 def run_step(sched: StepScheduler, now: float = 0.0) -> tuple[int, list[Sequence]]:
@@ -92,11 +92,11 @@ def test_random_traffic_finishes_and_returns_every_block(
         if cancel_every and step % cancel_every == cancel_every - 1 and sched.running:
             victim = sched.running[-1]
             sched.finish(victim)
-            done.add(victim.request_id)
+            done.add(victim.seq_id)
         tokens, finished = run_step(sched, now=float(step))
         assert tokens <= policy.max_batch_tokens
         assert len(sched.running) <= policy.max_num_seqs
-        done.update(s.request_id for s in finished)
+        done.update(s.seq_id for s in finished)
         assert all(b.ref_count >= 0 for b in bm.blocks)
         if not pending and not sched.has_unfinished():
             break

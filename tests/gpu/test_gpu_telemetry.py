@@ -1,11 +1,11 @@
-"""NVML readings of the live stats (`worker/gpu_telemetry.py`) on a real GPU."""
+"""NVML readings of the live stats (`worker/observability/gpu_telemetry.py`) on a real GPU."""
 
 from __future__ import annotations
 
 import torch
 
-from worker.gpu_telemetry import GpuTelemetry
-from worker.stats import gpu_fields
+from worker.observability.gpu_telemetry import GpuTelemetry
+from worker.observability.stats import gpu_fields
 
 
 def test_nvml_reads_utilisation_memory_power_and_temperature_of_device_0() -> None:

@@ -35,12 +35,12 @@ class AdmissionQueue:
         return len(self._waiting)
 
     def add(self, request: GenerationRequest) -> None:
-        self._waiting[request.request_id] = (request, 0)
+        self._waiting[request.seq_id] = (request, 0)
         self.arrivals.observe(request.arrival_s)
         self.wake_at_s = None
 
-    def remove(self, request_id: str) -> GenerationRequest | None:
-        entry = self._waiting.pop(request_id, None)
+    def remove(self, seq_id: str) -> GenerationRequest | None:
+        entry = self._waiting.pop(seq_id, None)
         return None if entry is None else entry[0]
 
     def take_all(self) -> list[str]:
@@ -69,7 +69,7 @@ class AdmissionQueue:
             (decision.too_large, out.too_large),
         ):
             for w in group:
-                target.append(self._waiting.pop(w.request_id)[0])
+                target.append(self._waiting.pop(w.seq_id)[0])
         for rid, (req, passed) in self._waiting.items():
             self._waiting[rid] = (req, passed + 1)
         return out
@@ -77,7 +77,7 @@ class AdmissionQueue:
     @staticmethod
     def _as_waiting(req: GenerationRequest, passed: int) -> WaitingRequest:
         return WaitingRequest(
-            request_id=req.request_id,
+            seq_id=req.seq_id,
             arrival_s=req.arrival_s,
             prompt_tokens=len(req.prompt_token_ids),
             max_tokens=req.sampling.max_tokens,

@@ -1,7 +1,7 @@
 """The engine interface the worker loop drives: add requests, step, read outputs.
 
 Every engine (the paged continuous-batching engine, the static padded baseline, the
-deterministic echo engine) is stepped by the same loop in `worker/consumer.py`, so
+deterministic echo engine) is stepped by the same loop in `worker/loop/consumer.py`, so
 the queue path, the reply stream and the tests are shared by all of them.
 
 The engine owns admission: the worker hands it every validated request as soon as it is
@@ -43,7 +43,7 @@ class SamplingParams:
 class GenerationRequest:
     """A validated request, tokenized, ready for the engine."""
 
-    request_id: str
+    seq_id: str  # the caller's name for it, unique in the engine (the worker's: `inflight.seq_id_of`)
     prompt_token_ids: list[int]
     sampling: SamplingParams
     arrival_s: float
@@ -59,7 +59,7 @@ class GenerationRequest:
 class SequenceOutput:
     """What one sequence produced in one engine step."""
 
-    request_id: str
+    seq_id: str
     new_token_ids: list[int]
     new_text: str
     finished: bool = False
@@ -70,7 +70,7 @@ class SequenceOutput:
     # Full reply text; set when finished.
     text: str = ""
     # KV usage (engines with a KV cache): format, most tokens held at once, tokens evicted by pruning.
-    # Keep new fields at the end: `core_process.pack_output` packs them in this order.
+    # Keep new fields at the end: `worker/engine_process/child.pack_output` packs them in this order.
     kv_dtype: str = ""
     kv_peak_tokens: int = 0
     kv_evicted_tokens: int = 0
@@ -145,7 +145,7 @@ class Engine(abc.ABC):
         """Queue a request; the engine's scheduler starts it at a later step."""
 
     @abc.abstractmethod
-    def abort_request(self, request_id: str, reason: FinishReason = "cancelled") -> SequenceOutput | None:
+    def abort_request(self, seq_id: str, reason: FinishReason = "cancelled") -> SequenceOutput | None:
         """Stop a request, waiting or running, and free its resources; its final output if it was known.
 
         Safe between `submit_step()` and `collect()`: the step in flight drops the request's token.

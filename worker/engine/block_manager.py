@@ -110,10 +110,10 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_tokens: int) -> int:
         """Give a new sequence blocks for its first `num_tokens` tokens; returns tokens served from cache."""
         if seq.block_table:
-            raise RuntimeError(f"sequence {seq.request_id!r} already holds blocks")
+            raise RuntimeError(f"sequence {seq.seq_id!r} already holds blocks")
         hits = self.match_prefix(seq)
         if self.num_new_blocks_needed(seq, num_tokens) > self.num_free_blocks:
-            raise RuntimeError(f"out of KV blocks allocating {seq.request_id!r}")
+            raise RuntimeError(f"out of KV blocks allocating {seq.seq_id!r}")
         # Claim the hits before taking fresh blocks, so that eviction cannot recycle one of them.
         for block_id in hits:
             block = self.blocks[block_id]

@@ -1,6 +1,6 @@
 """Encoders: from chats and prompts to token ids, apart from the engine that runs them.
 
-An engine running in its own process (`worker/engine/process_engine.py`) hands its encoder to
+An engine running in its own process (`worker/engine_process/client.py`) hands its encoder to
 the worker's process at start-up, so prompts are tokenized where the requests are read and
 validated, and the engine's process only schedules and runs the model. An encoder is plain,
 picklable data: a tokenizer and a flag, or nothing at all for the echo engine.

@@ -1,69 +1,39 @@
-"""Build the engine a worker runs, from its settings; every engine admits with `settings.batch_policy()`."""
+"""Build an engine from its `EngineConfig`: load the model, then the engine around it."""
 
 from __future__ import annotations
 
 import structlog
 
 from worker.engine.base import Engine
-from worker.settings import WorkerSettings
+from worker.engine.config import EngineConfig
 
 log = structlog.get_logger(__name__)
 
 
-def create_engine(settings: WorkerSettings) -> Engine:
-    """The engine named by `settings.engine`, with its model loaded and warmed up."""
-    engine = _build(settings)
+def create_engine(config: EngineConfig) -> Engine:
+    """The engine named by `config.engine`, with its model loaded and warmed up."""
+    engine = _build(config)
     # Weight and KV formats in force (also meant for the `worker_started` event: `engine.describe()`).
     log.info("engine_ready", engine=engine.name, **engine.describe())
     return engine
 
 
-def open_engine(settings: WorkerSettings) -> Engine:
-    """The engine the worker loop drives: built here, or in a process of its own (`engine_process`)."""
-    if settings.separate_engine_process():
-        from worker.engine.process_engine import ProcessEngine
+def _build(config: EngineConfig) -> Engine:
+    # Imported by the branch taken: the echo engine needs neither transformers nor a model.
+    if config.engine == "echo":
+        from worker.engine.echo_engine import EchoEngine
 
-        return ProcessEngine(settings)
-    return create_engine(settings)
-
-
-def _build(settings: WorkerSettings) -> Engine:
-    if settings.engine == "echo":
-        from worker.engine.echo import EchoEngine
-
-        return EchoEngine(settings.batch_policy(), token_delay_ms=settings.echo_token_delay_ms)
+        return EchoEngine(config)
     from worker.engine.model_loader import load_model
 
-    device = settings.resolved_device()
     loaded = load_model(
-        settings.model,
-        device=device,
-        dtype=settings.dtype,
-        trust_remote_code=settings.trust_remote_code,
-        cache_dir=settings.cache_dir,
-        weights=settings.weights,
-    )
-    if settings.engine == "static":
-        from worker.engine.static_hf import StaticBatchEngine
+        config.model, device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+        cache_dir=config.cache_dir, weights=config.weights,
+    )  # fmt: skip
+    if config.engine == "static":
+        from worker.engine.static_engine import StaticBatchEngine
 
-        return StaticBatchEngine(
-            loaded, device=device, policy=settings.batch_policy(), model_name=settings.model
-        )
-    from worker.engine.llm_engine import PagedEngine
+        return StaticBatchEngine(loaded, config)
+    from worker.engine.paged_engine import PagedEngine
 
-    return PagedEngine(
-        loaded.model,
-        loaded.tokenizer,
-        kv_cache_bytes=settings.kv_cache_bytes,
-        block_size=settings.kv_block_size_tokens,
-        policy=settings.batch_policy(),
-        attention_backend=settings.attention_backend,
-        enforce_eager=not settings.cuda_graphs,
-        prefill_interval_steps=settings.prefill_interval_steps,
-        async_output=settings.async_output,
-        model_name=settings.model,
-        kv_dtype=settings.kv_dtype,
-        kv_budget_tokens=settings.kv_budget_tokens,
-        kv_sink_tokens=settings.kv_sink_tokens,
-        kv_prune_mode=settings.kv_prune_mode,
-    )
+    return PagedEngine(loaded.model, loaded.tokenizer, config)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from worker.engine.model_loader import DEFAULT_MODEL, LoadedModel, resolve_model_dir
+from worker.engine.model_files import DEFAULT_MODEL, LoadedModel, resolve_model_dir
 
 # Llama-3.2-1B: the GPU benchmark model of DESIGN.md (W1-W3).
 LLAMA_1B_SHAPE: dict[str, Any] = {

@@ -31,8 +31,8 @@ class Sequence:
         tokenizer: Decoder | None = None,
     ):
         if not request.prompt_token_ids:
-            raise ValueError(f"request {request.request_id!r} has an empty prompt")
-        self.request_id = request.request_id
+            raise ValueError(f"request {request.seq_id!r} has an empty prompt")
+        self.seq_id = request.seq_id
         self.request = request
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(request.prompt_token_ids)

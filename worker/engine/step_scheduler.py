@@ -192,7 +192,7 @@ class StepScheduler:
             candidates = self._candidates(now)
             if not candidates:
                 return
-            by_id = {s.request_id: s for s in candidates}
+            by_id = {s.seq_id: s for s in candidates}
             used = self.policy.max_batch_tokens - budget
             running = RunningState(
                 num_seqs=len(self.running), decode_tokens=used,
@@ -206,14 +206,14 @@ class StepScheduler:
             )  # fmt: skip
             self.wake_at_s = decision.wake_at_s
             for req in decision.expired:
-                out.expired.append(by_id[req.request_id])
-                self.waiting.remove(by_id[req.request_id])
+                out.expired.append(by_id[req.seq_id])
+                self.waiting.remove(by_id[req.seq_id])
             for req in decision.too_large:
-                out.rejected.append(by_id[req.request_id])
-                self.waiting.remove(by_id[req.request_id])
+                out.rejected.append(by_id[req.seq_id])
+                self.waiting.remove(by_id[req.seq_id])
             stale = False
             for req in decision.admitted:
-                seq = by_id[req.request_id]
+                seq = by_id[req.seq_id]
                 cached = len(self.block_manager.match_prefix(seq)) * self.block_manager.block_size
                 remaining = len(seq) - cached
                 chunk = prefill_chunk(remaining, budget, self.policy)
@@ -268,7 +268,7 @@ class StepScheduler:
     def _start(self, seq: Sequence, kv_tokens: int, chunk: int, out: SchedulerOutput) -> None:
         cached = self.block_manager.allocate(seq, kv_tokens)
         if seq.num_preemptions == 0:
-            out.admitted.append(seq.request_id)
+            out.admitted.append(seq.seq_id)
             seq.cached_tokens = min(cached, seq.num_prompt_tokens)
             out.cached_tokens += seq.cached_tokens
             out.admitted_prompt_tokens += seq.num_prompt_tokens
@@ -290,7 +290,7 @@ class StepScheduler:
             prompt_tokens = min(prompt_tokens, cap)
             max_tokens = min(max_tokens, cap - prompt_tokens)
         return WaitingRequest(
-            request_id=seq.request_id,
+            seq_id=seq.seq_id,
             arrival_s=seq.arrival_s,
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,

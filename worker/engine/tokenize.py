@@ -156,3 +156,15 @@ def encode_one(tokenizer: Any, item: EncodeItem, prompt_special_tokens: bool) ->
     if isinstance(ids, Exception):
         raise ids
     return ids
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """EOS ids from the generation config (int or list) and the tokenizer."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)

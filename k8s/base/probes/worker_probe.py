@@ -1,4 +1,4 @@
-"""Exec probe of a worker pod: reads the worker's heartbeat key (`worker/heartbeat.py`) in Redis.
+"""Exec probe of a worker pod: reads the worker's heartbeat key (`worker/loop/heartbeat.py`) in Redis.
 
     python worker_probe.py startup|readiness|liveness
 
@@ -21,7 +21,7 @@ import sys
 import redis
 
 from producer.wire.keys import heartbeat_key
-from worker.heartbeat import ALIVE
+from worker.loop.heartbeat import ALIVE
 from worker.settings import WorkerSettings
 
 MODES = ("startup", "readiness", "liveness")

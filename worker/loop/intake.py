@@ -1,0 +1,289 @@
+"""Intake: from stream entries to validated requests ready for the engine.
+
+Reads the consumer group (new entries, or this consumer's own pending ones after a restart),
+takes entries back from dead consumers and from lost replies (resync), answers the excess of an
+over-full backlog `overloaded`, and turns each entry into an `InFlight` request: decode and validate,
+dedupe by request id, honour an early cancel, tokenize, check the prompt length, and skip entries
+that already have a final reply. Every failure costs the entry alone (see `refusals.py`).
+
+One `Intake` serves one request stream: the single `<prefix>:requests`, or one tenant's (then
+every key it names is that tenant's, and requests are known by `seq_id_of(tenant, id)`). The
+loop reads all streams in one call (`tenants.read_lanes`) and hands each its entries.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+import structlog
+
+from producer.wire.codec import ProtocolError, decode_request
+from producer.wire.models import ErrorCode, now_ms
+from producer.wire.redis_types import pending_rows, range_entries, read_entries
+from scheduler import Priority
+from worker.loop.backpressure import Backpressure
+from worker.loop.cancellation import CancelWatch
+from worker.engine.base import Engine, GenerationRequest, SamplingParams
+from worker.loop.inflight import InFlight, InFlightTable, LoopCounters, entry_epoch_ms, seq_id_of
+from worker.loop.reclaim import Reclaimer, delivery_counts
+from worker.replies.refusals import Refusals
+from worker.replies.writer import ReplyWriter
+from worker.settings import WorkerSettings
+
+log = structlog.get_logger("worker")
+
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def generation_request(f: InFlight) -> GenerationRequest:
+    """What the engine needs of a request: its tokens, sampling, priority and deadline."""
+    r = f.request
+    return GenerationRequest(
+        seq_id=f.seq_id,
+        prompt_token_ids=f.prompt_token_ids,
+        sampling=SamplingParams(
+            max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=r.seed,
+            stop=tuple(r.stop),
+        ),
+        arrival_s=f.read_s,
+        priority=int(Priority.BATCH if r.priority == "batch" else Priority.INTERACTIVE),
+        deadline_s=f.deadline_s,
+        kv_budget_tokens=r.kv_budget_tokens,
+    )  # fmt: skip
+
+
+class Intake:
+    """Produces validated requests from the stream; knows nothing of the engine's queues."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: WorkerSettings,
+        stream: str,
+        engine: Engine,
+        table: InFlightTable,
+        replies: ReplyWriter,
+        refusals: Refusals,
+        cancels: CancelWatch,
+        reclaimer: Reclaimer,
+        backpressure: Backpressure,
+        counters: LoopCounters,
+    ):
+        self.client, self.settings, self.stream, self.engine = client, settings, stream, engine
+        self.table, self.replies, self.refusals, self.cancels = table, replies, refusals, cancels
+        self.reclaimer, self.backpressure, self.counters = reclaimer, backpressure, counters
+        self.names = replies.names  # this stream's namespace: reply keys, guards
+        self.tenant = self.names.tenant
+        # After a restart our own pending entries (read but never acked) are served first.
+        self.replay_from: str | None = "0"
+
+    # -- reading -----------------------------------------------------------------------------------
+    def cursor(self) -> str:
+        """The id to read from: `0` and on while replaying our own pending entries, then `>`."""
+        return self.replay_from or ">"
+
+    def read_candidates(self, entries: Entries) -> list[InFlight]:
+        """Accept the entries one XREADGROUP from `cursor()` returned for this stream, up to the final-reply
+        check, which the caller makes (`guard_keys`, then `tokenize_unanswered`): one pipeline checks every stream's."""
+        replaying = self.replay_from is not None
+        deliveries: dict[bytes, int] = {}
+        if replaying:
+            # Our own pending list, left by a previous run of this consumer: served before new entries.
+            self.replay_from = entries[-1][0].decode() if entries else None
+            deliveries = delivery_counts(
+                self.client, self.stream, self.settings.group, [e[0] for e in entries if e[1]]
+            )
+            self.counters.replayed += len(entries)
+            if entries:
+                log.info("pending_replayed", count=len(entries), first=entries[0][0].decode())
+        return self._candidates(entries, deliveries)
+
+    def reclaim(self, room: int) -> list[InFlight]:
+        """Entries of dead consumers, and our own that a lost reply hid from us (after the startup replay).
+
+        The startup replay (XREADGROUP 0) comes first. It re-reads every entry pending under our
+        name, and Redis counts that read as a delivery: an entry claimed before it would be counted
+        twice for one hand-over, and parked as poison one delivery early.
+        """
+        if self.replay_from is not None:
+            return []
+        found = self._resync()
+        claimed = self.reclaimer.reclaim(room)
+        self.counters.reclaimed += len(claimed.entries)
+        found += self._accept_all(claimed.entries, claimed.deliveries)
+        return found
+
+    def _resync(self) -> list[InFlight]:
+        """Serve our own pending entries that we do not know about.
+
+        That happens when a reply to XREADGROUP or XAUTOCLAIM was lost with the connection
+        (the client library retries the call): Redis delivered entries we never saw. We
+        touch every entry we serve at each heartbeat, so these are the idle ones.
+        """
+        idle_ms = int(self.settings.heartbeat_interval_s * 2000)
+        rows = pending_rows(
+            self.client.xpending_range(
+                self.stream, self.settings.group, "-", "+", self.settings.max_waiting_requests,
+                self.settings.consumer_name, idle=idle_ms,
+            )
+        )  # fmt: skip
+        known = set(self.table.entry_ids())
+        entries: Entries = []
+        deliveries: dict[bytes, int] = {}
+        for row in rows:
+            entry_id = row["message_id"]
+            if entry_id in known:
+                continue
+            got = range_entries(self.client.xrange(self.stream, entry_id, entry_id))
+            if not got:
+                self.replies.ack(entry_id)
+                continue
+            log.warning("pending_resynced", entry=entry_id.decode(), deliveries=row["times_delivered"])
+            entries.append(got[0])
+            deliveries[entry_id] = int(row["times_delivered"])
+        return self._accept_all(entries, deliveries)
+
+    def shed(self, excess: int) -> None:
+        """Answer `overloaded` to entries over the backlog limit (oldest first), instead of queueing them."""
+        reply = read_entries(
+            self.client.xreadgroup(
+                self.settings.group, self.settings.consumer_name, {self.stream: ">"}, count=min(excess, 1000)
+            )
+        )
+        entries: Entries = reply[0][1] if reply else []
+        self.backpressure.shed(len(entries))
+        message = f"backlog is over {self.settings.max_backlog_requests} requests; retry later"
+        for entry_id, fields in entries:
+            self.counters.shed += 1
+            self.refusals.refuse(entry_id, fields, ErrorCode.OVERLOADED, message)
+        if entries:
+            log.warning("requests_shed", count=len(entries), backlog=self.backpressure.backlog)
+
+    # -- accepting ---------------------------------------------------------------------------------
+    def _accept_all(self, entries: Entries, deliveries: dict[bytes, int]) -> list[InFlight]:
+        return self._finish(self._candidates(entries, deliveries))
+
+    def _candidates(self, entries: Entries, deliveries: dict[bytes, int]) -> list[InFlight]:
+        """Decode, validate and dedupe; what is left still needs the final-reply check and tokenizing."""
+        accepted: dict[str, InFlight] = {}
+        for entry_id, fields in entries:
+            if not fields:  # pending entry deleted from the stream: nothing to serve, just ack
+                self.replies.ack(entry_id)
+                continue
+            self.counters.read += 1
+            n = deliveries.get(entry_id, 1)
+            try:
+                f = self._accept(entry_id, fields, n, accepted)
+            except redis.RedisError:
+                raise
+            except Exception as exc:  # one entry's failure costs that entry, never its batch-mates
+                log.exception("entry_failed", entry=entry_id.decode(), error=type(exc).__name__)
+                reason = f"failed while being accepted: {type(exc).__name__}: {exc}"
+                self.refusals.dead_letter_and_answer(entry_id, fields, reason, n)
+                continue
+            if f is not None:
+                accepted[f.seq_id] = f
+        return list(accepted.values())
+
+    def _finish(self, candidates: list[InFlight]) -> list[InFlight]:
+        if not candidates:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.guard_keys(candidates):
+            pipe.exists(key)
+        return self.tokenize_unanswered(candidates, pipe.execute())
+
+    def guard_keys(self, candidates: list[InFlight]) -> list[str]:
+        """The final-reply guard of each candidate, to check with EXISTS."""
+        return [self.names.final_guard(f.request.id) for f in candidates]
+
+    def tokenize_unanswered(self, candidates: list[InFlight], answered: list[int]) -> list[InFlight]:
+        """Drop (and ack) the candidates whose guard exists (`answered`, in order); tokenize the rest."""
+        return self._tokenize(self._unanswered(candidates, answered))
+
+    def _accept(
+        self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int, batch: dict[str, InFlight]
+    ) -> InFlight | None:
+        s = self.settings
+        if deliveries > s.max_deliveries:
+            self.refusals.poison(entry_id, fields, deliveries)
+            return None
+        try:
+            request, ct = decode_request(fields, self.names.root, s.max_body_bytes)
+        except ProtocolError as exc:
+            self.refusals.invalid(entry_id, fields, exc)
+            return None
+        except Exception as exc:  # a decoder bug must cost one entry, never the loop
+            log.exception("request_undecodable", entry=entry_id.decode())
+            self.refusals.dead_letter(entry_id, fields, f"undecodable: {type(exc).__name__}", deliveries)
+            return None
+        reply_key = request.reply_key(self.names.root)
+        if not self.names.reply_allowed(reply_key):
+            self.refusals.fail(
+                entry_id, request, ct, self.refusals.reply_key(request), ErrorCode.INVALID_REQUEST,
+                f"reply_to must start with `{self.names.root}:reply:`",
+            )  # fmt: skip
+            return None
+        problem = None if request.kv_budget_tokens is None else s.kv_budget_problem(request.kv_budget_tokens)
+        if problem:
+            self.refusals.fail(entry_id, request, ct, reply_key, ErrorCode.INVALID_REQUEST, problem)
+            return None
+        seq_id = seq_id_of(self.tenant, request.id)
+        known = self.table.get(seq_id) or batch.get(seq_id)
+        if known is not None:
+            if known.entry_id != entry_id:
+                # The same request id sent twice (a client retry): serve the first, ack this one.
+                self.replies.ack(entry_id)
+            return None
+        if self.cancels.is_cancelled(seq_id):
+            self.refusals.fail(
+                entry_id, request, ct, reply_key, ErrorCode.CANCELLED, "cancelled before it started"
+            )
+            return None
+        enqueued_ms = entry_epoch_ms(entry_id)
+        deadline_epoch = request.deadline_epoch_ms(enqueued_ms)
+        deadline_s = None if deadline_epoch is None else time.monotonic() + (deadline_epoch - now_ms()) / 1000
+        # Tokenized with the rest of its read by `_tokenize`.
+        return InFlight(
+            entry_id, request, ct, reply_key, [], enqueued_ms, time.monotonic(), deadline_s,
+            tenant=self.tenant, shard=self.names.shard,
+        )  # fmt: skip
+
+    def _tokenize(self, accepted: list[InFlight]) -> list[InFlight]:
+        """Tokenize a read's requests in one batch; a template or tokenizer failure costs only its request."""
+        if not accepted:
+            return []
+        items: list[list[dict[str, str]] | str] = [
+            [m.model_dump() for m in f.request.messages]
+            if f.request.messages is not None
+            else f.request.prompt or ""
+            for f in accepted
+        ]
+        limit = self.settings.max_prompt_tokens
+        keep = []
+        for f, ids in zip(accepted, self.engine.encode_batch(items), strict=True):
+            r = f.request
+            if isinstance(ids, Exception):
+                message = f"cannot tokenize: {ids}"
+                self.refusals.fail(
+                    f.entry_id, r, f.content_type, f.reply_key, ErrorCode.INVALID_REQUEST, message
+                )
+            elif len(ids) > limit:
+                message = f"prompt is {len(ids)} tokens; the limit is {limit}"
+                self.refusals.fail(f.entry_id, r, f.content_type, f.reply_key, ErrorCode.TOO_LONG, message)
+            else:
+                f.prompt_token_ids = ids
+                keep.append(f)
+        return keep
+
+    def _unanswered(self, accepted: list[InFlight], guards: list[int]) -> list[InFlight]:
+        """Drop requests that already have a final reply (a redelivery, or a client's cancel): ack them."""
+        keep = []
+        for f, answered in zip(accepted, guards, strict=True):
+            if answered:
+                log.info("request_already_answered", id=f.request.id, entry=f.entry_id.decode())
+                self.replies.ack(f.entry_id)
+            else:
+                keep.append(f)
+        return keep

@@ -1,0 +1,271 @@
+"""Writing reply events: streamed tokens, then exactly one final `done` or `error`.
+
+Delivery is at-least-once (a reclaimed entry can run twice), so every write goes
+through the guard scripts of `producer/wire/final_guard.py`: a final event is appended
+only by the writer that takes the request's guard first, and acknowledges the request
+entry in the same script; token events are appended only while no final exists. A
+duplicate run's final is dropped, and the client sees one `done`/`error` per request id,
+always as the last event of its reply stream.
+
+All writes of one loop iteration (tokens, finals, dead letters, acks) are queued in the
+`ReplyWriter` and sent in one pipeline by `flush()`. If Redis is unreachable, the queue
+is kept and the loop retries the flush (with backoff) before it steps the engine again,
+so no final reply and no acknowledgement is dropped by a connection loss; a retried
+flush may repeat token events, which clients drop by `index` (see `TokenRuns`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import structlog
+
+from producer.wire.backoff import TRANSIENT_ERRORS
+from producer.wire.codec import ContentType, encode_body, encode_event
+from producer.wire.final_guard import FINAL_SCRIPT, TOKENS_SCRIPT, final_call, tokens_call
+from producer.wire.keys import StreamNames
+from producer.wire.models import ErrorCode, ErrorEvent, ReplyEvent
+from producer.wire.redis_factory import is_cluster, register_script
+from producer.wire.signing import sign
+
+__all__ = ["FinalWrite", "ReplyWriter"]
+
+log = structlog.get_logger("worker")
+
+
+@dataclass(frozen=True)
+class FinalWrite:
+    """A final event for one request, with the stream entry to acknowledge."""
+
+    request_id: str
+    reply_key: str
+    event: ReplyEvent
+    content_type: ContentType
+    entry_id: str | bytes | None
+    # TTL of the reply stream and guard; None = the writer's `ttl_s`. Refusals use a short one.
+    ttl_s: int | None = None
+
+
+@dataclass
+class _Queued:
+    tokens: list[tuple[str, str, dict[str, Any], ContentType, bool]] = field(default_factory=list)
+    finals: list[FinalWrite] = field(default_factory=list)
+    dead: list[tuple[dict[bytes, bytes], bytes]] = field(default_factory=list)
+    acks: list[bytes] = field(default_factory=list)
+
+
+class ReplyWriter:
+    """Queues the reply writes of one loop iteration and sends them in one round trip."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        names: StreamNames,
+        group: str,
+        attempt: str,
+        ttl_s: int,
+        dead_max_entries: int = 100_000,
+        signing_key: bytes | None = None,
+    ):
+        self.client = client
+        self.names = names
+        self.group = group
+        self.stream = names.requests
+        self.attempt = attempt
+        self.ttl_s = ttl_s
+        self.dead_stream = names.dead_letter
+        self.dead_max_entries = dead_max_entries
+        self.signing_key = signing_key  # sign every event (`sig`, producer/wire/signing.py) when set
+        self._final = register_script(client, FINAL_SCRIPT)
+        self._tokens = register_script(client, TOKENS_SCRIPT)
+        self._queued = _Queued()
+
+    @property
+    def pending(self) -> bool:
+        """Writes are queued that have not reached Redis yet."""
+        q = self._queued
+        return bool(q.tokens or q.finals or q.dead or q.acks)
+
+    def token(
+        self, request_id: str, key: str, body: dict[str, Any], content_type: ContentType, first: bool
+    ) -> None:
+        """Queue a token event, given as its `TokenEvent` body (`first`: also set the reply stream's TTL);
+        dropped if the request is final."""
+        self._queued.tokens.append((request_id, key, body, content_type, first))
+
+    def final(self, final: FinalWrite) -> None:
+        """Queue a final reply, guarded and acknowledged atomically."""
+        self._queued.finals.append(final)
+
+    def error(
+        self,
+        request_id: str | None,
+        reply_key: str | None,
+        code: ErrorCode,
+        message: str,
+        content_type: ContentType,
+        entry_id: str | bytes | None,
+        ttl_s: int | None = None,
+    ) -> None:
+        """Queue one final error (or only the acknowledgement when the sender left no usable address);
+        `ttl_s` overrides the reply stream's and guard's TTL (refusals keep theirs short)."""
+        if request_id is None or reply_key is None:
+            if entry_id is not None:
+                self.ack(entry_id if isinstance(entry_id, bytes) else entry_id.encode())
+            return
+        event = ErrorEvent(id=request_id, code=code, message=message, attempt=self.attempt)
+        self.final(FinalWrite(request_id, reply_key, event, content_type, entry_id, ttl_s))
+
+    def dead_letter(self, fields: dict[bytes, bytes], entry_id: bytes) -> None:
+        """Queue parking an entry in the dead-letter stream, then its acknowledgement."""
+        self._queued.dead.append((fields, entry_id))
+
+    def ack(self, entry_id: bytes) -> None:
+        """Queue a bare acknowledgement (an entry that needs no reply)."""
+        self._queued.acks.append(entry_id)
+
+    def flush(self) -> list[str]:
+        """Send everything queued; returns the request ids whose final lost the guard (already answered).
+
+        On a connection error the queue is kept and the error propagates; call again to retry.
+        """
+        if not self.pending:
+            return []
+        dropped = self.write(self._queued)
+        self._queued = _Queued()
+        return dropped
+
+    def take(self) -> _Queued | None:
+        """Hand over everything queued as one batch for `write` (the background writer's way)."""
+        if not self.pending:
+            return None
+        batch, self._queued = self._queued, _Queued()
+        return batch
+
+    def write(self, q: _Queued) -> list[str]:
+        """Send one batch in one pipeline; returns the ids whose final lost the guard. Raises on transient
+        errors, leaving in `q` what is still to write, to be written again (token events may repeat;
+        clients drop them by index; finals and acks are idempotent under the guard)."""
+        pipe = self.client.pipeline(transaction=False)
+        for fields, entry_id in q.dead:
+            pipe.xadd(self.dead_stream, fields, maxlen=self.dead_max_entries, approximate=True)  # type: ignore[arg-type]
+            pipe.xack(self.stream, self.group, entry_id)
+        # One script call for all token events, each reply stream's in order.
+        streams: dict[tuple[str, str], list[Any]] = {}
+        set_ttl: set[tuple[str, str]] = set()
+        for request_id, key, body, ct, first in q.tokens:
+            raw = encode_body(body, ct)
+            sig = "" if self.signing_key is None else sign(self.signing_key, key, ct, raw)
+            streams.setdefault((request_id, key), []).extend((ct, raw, sig))
+            if first:
+                set_ttl.add((request_id, key))
+        if streams:
+            calls = [(rid, key, (rid, key) in set_ttl, events) for (rid, key), events in streams.items()]
+            keys, args = tokens_call(self.names, self.ttl_s, calls)
+            self._tokens(keys=keys, args=args, client=pipe)
+        tokens_done: list[Any] = []
+        if is_cluster(self.client) and any((f.request_id, f.reply_key) in streams for f in q.finals):
+            # A cluster pipeline retries a command that got TRYAGAIN (a slot in migration) after the others
+            # ran: a request's final could then precede its last tokens, which the guard drops for good.
+            # So the tokens go first, and the finals only once they are written (one more round trip).
+            tokens_done = pipe.execute(raise_on_error=False)
+            pipe = self.client.pipeline(transaction=False)
+            failed = next((r for r in tokens_done if isinstance(r, TRANSIENT_ERRORS)), None)
+            if failed is not None:
+                unsent = [failed] * (len(q.finals) + (1 if q.acks else 0))
+                self._keep_unwritten(q, tokens_done + unsent, bool(streams))
+                raise failed
+        for final in q.finals:
+            self._queue_final(pipe, final)
+        if q.acks:
+            pipe.xack(self.stream, self.group, *q.acks)
+        # A command error (say, a hostile reply key of the wrong type) must not block the queue forever:
+        # it is logged and dropped; only transient errors propagate and keep the batch for a retry. On a
+        # cluster those come back as results too (a slot in migration: TRYAGAIN past redis-py's own
+        # retries), not raised: a final that was not written must not pass for one another writer won.
+        results = tokens_done + pipe.execute(raise_on_error=False)
+        transient = next((r for r in results if isinstance(r, TRANSIENT_ERRORS)), None)
+        if transient is not None:
+            self._keep_unwritten(q, results, bool(streams))
+            raise transient
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("reply_write_failed", error=str(result)[:200])
+        won = results[len(results) - len(q.finals) - (1 if q.acks else 0) :][: len(q.finals)]
+        return [f.request_id for f, w in zip(q.finals, won, strict=True) if w != 1]
+
+    @staticmethod
+    def _keep_unwritten(q: _Queued, results: list[Any], tokens_sent: bool) -> None:
+        """Before a retry, take out of `q` what this try wrote (in pipeline order: dead letters with their
+        acks, the tokens script, finals, acks): a final written now would read as lost to the guard next
+        time, and its request be reported as answered by another writer."""
+        n_dead = 2 * len(q.dead)
+        dead, rest = results[:n_dead], results[n_dead:]
+        q.dead = [d for i, d in enumerate(q.dead) if isinstance(dead[2 * i], Exception)
+                  or isinstance(dead[2 * i + 1], Exception)]  # fmt: skip
+        if tokens_sent:
+            if not isinstance(rest[0], Exception):
+                q.tokens = []
+            rest = rest[1:]
+        finals, rest = rest[: len(q.finals)], rest[len(q.finals) :]
+        q.finals = [f for f, won in zip(q.finals, finals, strict=True) if won != 1]
+        if q.acks and not isinstance(rest[0], Exception):
+            q.acks = []
+
+    def _queue_final(self, pipe: Any, final: FinalWrite) -> None:
+        fields = encode_event(final.event, final.content_type, final.reply_key, self.signing_key)
+        entry = final.entry_id.decode() if isinstance(final.entry_id, bytes) else (final.entry_id or "")
+        keys, args = final_call(
+            self.names,
+            final.request_id,
+            final.reply_key,
+            fields,
+            attempt=self.attempt,
+            ttl_s=self.ttl_s if final.ttl_s is None else final.ttl_s,
+            group=self.group,
+            entry_id=entry,
+        )
+        self._final(keys=keys, args=args, client=pipe)
+
+
+class ReplyWriters:
+    """Every lane's `ReplyWriter`, by lane (`InFlight.lane`), seen as one writer by the loop and its thread.
+
+    Each lane's writes go in that lane's own pipeline (its acknowledgements name its stream), one
+    after the other; a batch written again after a connection error is written again whole, which
+    `ReplyWriter.write` allows.
+    """
+
+    def __init__(self, by_lane: Mapping[tuple[str | None, int | None], ReplyWriter]):
+        self.by_lane = dict(by_lane)
+
+    @classmethod
+    def single(cls, writer: ReplyWriter) -> ReplyWriters:
+        """The writers of a worker with one lane, the un-namespaced stream's."""
+        return cls({writer.names.lane: writer})
+
+    def of(self, lane: tuple[str | None, int | None]) -> ReplyWriter:
+        return self.by_lane[lane]
+
+    @property
+    def pending(self) -> bool:
+        return any(w.pending for w in self.by_lane.values())
+
+    def flush(self) -> list[str]:
+        dropped: list[str] = []
+        for w in self.by_lane.values():
+            dropped += w.flush()
+        return dropped
+
+    def take(self) -> list[tuple[ReplyWriter, Any]] | None:
+        batches = [(w, batch) for w in self.by_lane.values() if (batch := w.take()) is not None]
+        return batches or None
+
+    def write(self, batches: list[tuple[ReplyWriter, Any]]) -> list[str]:
+        dropped: list[str] = []
+        for writer, batch in batches:
+            dropped += writer.write(batch)
+        return dropped

@@ -1,0 +1,1 @@
+"""Command-line tools around the worker: ACL lines (`acl`), the local demo (`demo`), the settings doc."""
