@@ -49,8 +49,8 @@ from scheduler import BatchPolicy  # noqa: E402
 from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.kv_cache import KVCacheSpec  # noqa: E402
-from worker.engine.paged_engine import PagedEngine  # noqa: E402
 from worker.engine.model_files import LoadedModel  # noqa: E402
+from worker.engine.paged_engine import PagedEngine  # noqa: E402
 from worker.engine.quant import weight_bytes as quant_weight_bytes  # noqa: E402
 from worker.engine.quant import weights_label  # noqa: E402
 
@@ -94,8 +94,9 @@ def time_engine(loaded: LoadedModel, batch: int, args: argparse.Namespace) -> tu
         max_batch_tokens=max(args.max_batch_tokens, batch + chunk),
     )  # fmt: skip
     config = EngineConfig(
-        model=bench.model_name(args), policy=policy, kv_cache_bytes=blocks * spec.bytes_per_block(args.block_size),
-        kv_block_size_tokens=args.block_size, **bench.engine_options(args),
+        model=bench.model_name(args), policy=policy,
+        kv_cache_bytes=blocks * spec.bytes_per_block(args.block_size), kv_block_size_tokens=args.block_size,
+        **bench.engine_options(args),
     )  # fmt: skip
     engine = PagedEngine(loaded.model, loaded.tokenizer, config)
     rng = random.Random(batch)

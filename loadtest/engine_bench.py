@@ -56,9 +56,9 @@ from scheduler import BatchPolicy  # noqa: E402
 from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.kv_cache import KV_DTYPE_CHOICES, KVCacheSpec  # noqa: E402
-from worker.engine.paged_engine import PagedEngine  # noqa: E402
 from worker.engine.model_files import DEFAULT_MODEL, LoadedModel  # noqa: E402
 from worker.engine.model_loader import load_model  # noqa: E402
+from worker.engine.paged_engine import PagedEngine  # noqa: E402
 from worker.engine.quant import WEIGHTS_CHOICES, weights_label  # noqa: E402
 
 FIRST_ORDINARY_ID = 100  # below are SmolLM2's special and byte tokens; random prompts avoid them
@@ -458,8 +458,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     eager = "pass enforce_eager=True to PagedEngine (no CUDA graphs)"
     p.add_argument("--enforce-eager", action="store_true", help=eager)
-    p.add_argument("--prefill-interval-steps", type=int, default=None,
-                   help="PagedEngine prefill batching interval (default: the engine's, 8 with CUDA graphs)")
+    p.add_argument(
+        "--prefill-interval-steps",
+        type=int,
+        default=None,
+        help="PagedEngine prefill batching interval (default: the engine's, 8 with CUDA graphs)",
+    )
     p.add_argument("--no-fused-layers", action="store_true", help="keep transformers' layers (no fused swap)")
     p.add_argument(
         "--kv-dtype", default="auto", choices=KV_DTYPE_CHOICES,

@@ -86,9 +86,9 @@ sys.path.insert(0, str(ROOT))
 from scheduler import BatchPolicy  # noqa: E402
 from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
-from worker.engine.paged_engine import PagedEngine  # noqa: E402
 from worker.engine.model_files import DEFAULT_MODEL, LoadedModel  # noqa: E402
 from worker.engine.model_loader import load_model  # noqa: E402
+from worker.engine.paged_engine import PagedEngine  # noqa: E402
 from worker.engine.quant import quantize_linears  # noqa: E402
 
 TEXT = ROOT / "loadtest" / "data" / "pride_and_prejudice_ch1-12.txt"
@@ -196,34 +196,43 @@ def build_rows(args: argparse.Namespace) -> dict[str, Row]:
             Row("baseline", note="LLM_WEIGHTS=auto"),
             Row("int8-weights", "int8", note="INT8 linears; one INT8 table for embedding and lm_head"),
             Row(
-                "int8-weights-lm-head", transform=quantize_lm_head,
+                "int8-weights-lm-head",
+                transform=quantize_lm_head,
                 note="INT8 linears and lm_head; embedding lookup float",
             ),  # fmt: skip
             Row(
-                "int8-weights-float-embedding", transform=quantize_linears_only,
+                "int8-weights-float-embedding",
+                transform=quantize_linears_only,
                 note="INT8 linears only; embedding and lm_head float",
             ),  # fmt: skip
             Row("w8a8", "w8a8", note="INT8 weights + per-token INT8 activations"),
             Row("bf16", "bf16", note="every weight and activation in bfloat16: a reference precision change"),
             Row(
-                "int8-kv", engine_options={"kv_dtype": "int8"},
+                "int8-kv",
+                engine_options={"kv_dtype": "int8"},
                 note="LLM_KV_DTYPE=int8 (K/V rotated by H before quantising)",
             ),  # fmt: skip
             Row(
-                "int8-weights-int8-kv", "int8", engine_options={"kv_dtype": "int8"},
+                "int8-weights-int8-kv",
+                "int8",
+                engine_options={"kv_dtype": "int8"},
                 note="LLM_WEIGHTS=int8, LLM_KV_DTYPE=int8",
             ),  # fmt: skip
             *(
                 Row(
-                    f"{mode}-{pct}", engine_options={"kv_prune_mode": mode}, kv_fraction=pct / 100,
+                    f"{mode}-{pct}",
+                    engine_options={"kv_prune_mode": mode},
+                    kv_fraction=pct / 100,
                     note=f"LLM_KV_PRUNE_MODE={mode}, budget {pct}% of each request's tokens",
                 )  # fmt: skip
                 for mode in ("window", "snapkv")
                 for pct in (50, 25)
             ),
             Row(
-                "int8-kv-snapkv-50", engine_options={"kv_dtype": "int8", "kv_prune_mode": "snapkv"},
-                kv_fraction=0.5, note="LLM_KV_DTYPE=int8 and snapkv at 50%",
+                "int8-kv-snapkv-50",
+                engine_options={"kv_dtype": "int8", "kv_prune_mode": "snapkv"},
+                kv_fraction=0.5,
+                note="LLM_KV_DTYPE=int8 and snapkv at 50%",
             ),  # fmt: skip
         )
     }

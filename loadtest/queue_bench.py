@@ -89,8 +89,10 @@ def run_raw(url: str, n: int) -> float:
     for i in range(0, n, 256):
         pipe = r.pipeline(transaction=False)
         for rid in ids[i : i + 256]:
-            pipe.xadd(f"{prefix}:requests", {"v": "1", "ct": "msgpack",
-                                             "body": msgpack.packb({"id": rid, "prompt": "ping"})})
+            pipe.xadd(
+                f"{prefix}:requests",
+                {"v": "1", "ct": "msgpack", "body": msgpack.packb({"id": rid, "prompt": "ping"})},
+            )
         pipe.execute()
     # Replies are read as the batched client does: one XREAD over up to 512 reply streams.
     waiting = {f"{prefix}:reply:{rid}": "0" for rid in ids}
@@ -112,10 +114,22 @@ def run_project(url: str, n: int, batched: bool) -> float:
     (one XREAD over many reply streams), the same pipelining the raw baseline gets.
     """
     prefix = f"projbench-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "REDIS_URL": url, "LLM_PREFIX": prefix, "LLM_ENGINE": "echo",
-           "LLM_MAX_NUM_SEQS": "256", "LLM_MAX_WAIT_MS": "0", "LLM_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "REDIS_URL": url,
+        "LLM_PREFIX": prefix,
+        "LLM_ENGINE": "echo",
+        "LLM_MAX_NUM_SEQS": "256",
+        "LLM_MAX_WAIT_MS": "0",
+        "LLM_LOG_LEVEL": "warning",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     r = redis.Redis.from_url(url)
     deadline = time.monotonic() + 60
     while not _group_exists(r, f"{prefix}:requests") and time.monotonic() < deadline:
@@ -393,8 +407,11 @@ def main() -> None:
     p.add_argument("--cluster", action="store_true", help="on a Redis Cluster (REDIS_URL, or a local one)")
     p.add_argument("--shards", type=int, nargs="+", default=[1, 4], help="--cluster: stream shard counts")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="--cluster: worker counts")
-    p.add_argument("--server-cpu", action="store_true",
-                   help="one node's CPU time per request and its ceiling (INFO cpu, commandstats)")
+    p.add_argument(
+        "--server-cpu",
+        action="store_true",
+        help="one node's CPU time per request and its ceiling (INFO cpu, commandstats)",
+    )
     p.add_argument("--repeat", type=int, default=1, help="--server-cpu: runs of each case")
     args = p.parse_args()
     if args.server_cpu:
@@ -408,8 +425,11 @@ def main() -> None:
         raw_s = run_raw(url, args.requests)
         batched_s = run_project(url, args.requests, batched=True)
         single_s = run_project(url, args.requests, batched=False)
-    rows = [("raw redis-py (pipelined)", raw_s), ("project, batched (submit_many/results)", batched_s),
-            ("project, one request per call", single_s)]
+    rows = [
+        ("raw redis-py (pipelined)", raw_s),
+        ("project, batched (submit_many/results)", batched_s),
+        ("project, one request per call", single_s),
+    ]
     print(f"\nqueue path, {args.requests} requests, {platform.machine()}, {os.cpu_count()} cores\n")
     print(f"{'path':<40} {'seconds':>8} {'req/s':>9} {'vs raw':>7}")
     for name, secs in rows:

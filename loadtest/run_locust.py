@@ -45,17 +45,29 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("-h", "--help", action="store_true", help="Show this help and the workload options.")
     parser.add_argument("-u", "--users", type=int, default=4, help="Peak concurrent users (default 4).")
-    parser.add_argument("-r", "--spawn-rate", type=float, default=4,
-                        help="Users started per second (default 4).")
-    parser.add_argument("-t", "--run-time", default="20s",
-                        help="Run time, Locust syntax: 20s, 5m (default 20s).")
-    parser.add_argument("--report-dir", type=Path, default=ROOT / "build" / "report",
-                        help="Where the CSV and HTML report go (default build/report).")
-    parser.add_argument("--no-worker", action="store_true",
-                        help="Start no worker: load what serves REDIS_URL and LLM_PREFIX (a deployment).")
-    parser.add_argument("--prefix", default=None,
-                        help="Key prefix of the local worker (default loadtest-<random>); with --no-worker, "
-                             "LLM_PREFIX or llm.")
+    parser.add_argument(
+        "-r", "--spawn-rate", type=float, default=4, help="Users started per second (default 4)."
+    )
+    parser.add_argument(
+        "-t", "--run-time", default="20s", help="Run time, Locust syntax: 20s, 5m (default 20s)."
+    )
+    parser.add_argument(
+        "--report-dir",
+        type=Path,
+        default=ROOT / "build" / "report",
+        help="Where the CSV and HTML report go (default build/report).",
+    )
+    parser.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="Start no worker: load what serves REDIS_URL and LLM_PREFIX (a deployment).",
+    )
+    parser.add_argument(
+        "--prefix",
+        default=None,
+        help="Key prefix of the local worker (default loadtest-<random>); with --no-worker, "
+        "LLM_PREFIX or llm.",
+    )
     parser.add_argument("--worker-start-timeout-s", type=float, default=60.0)
     args = parser.parse_args(argv)
     if args.help:
@@ -86,8 +98,9 @@ def start_worker(redis_url: str, prefix: str, log_path: Path, timeout_s: float) 
     env = dict(os.environ, REDIS_URL=redis_url, LLM_PREFIX=prefix, LLM_ENGINE="echo", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env,
-                                stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for line in log_path.read_text(errors="replace").splitlines():
@@ -130,8 +143,10 @@ def summary(report_dir: Path) -> str:
         rows = {row["Name"]: row for row in csv.DictReader(f)}
     lines = [f"{'name':<12}{'requests':>10}{'failures':>10}{'median ms':>11}{'p99 ms':>9}"]
     for name, row in rows.items():
-        lines.append(f"{name:<12}{row['Request Count']:>10}{row['Failure Count']:>10}"
-                     f"{float(row['Median Response Time'] or 0):>11.1f}{float(row['99%'] or 0):>9.1f}")
+        lines.append(
+            f"{name:<12}{row['Request Count']:>10}{row['Failure Count']:>10}"
+            f"{float(row['Median Response Time'] or 0):>11.1f}{float(row['99%'] or 0):>9.1f}"
+        )
     return "\n".join(lines)
 
 

@@ -50,8 +50,8 @@ import redis  # noqa: E402
 
 from loadtest.engine_bench import build_workload, percentile  # noqa: E402
 from producer.client import ChatClient, Reply  # noqa: E402
-from worker.local_redis.server import EmbeddedRedis  # noqa: E402
 from worker.engine.random_model import load_default_tokenizer  # noqa: E402
+from worker.local_redis.server import EmbeddedRedis  # noqa: E402
 
 
 def engine_row(args: argparse.Namespace, out: Path) -> dict[str, Any]:

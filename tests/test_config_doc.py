@@ -1,4 +1,4 @@
-"""The README's configuration table matches the settings classes."""
+"""docs/configuration.md's settings table matches the settings classes."""
 
 from pathlib import Path
 
@@ -7,20 +7,46 @@ import pytest
 
 from producer.bulk import BulkSettings
 from producer.settings import ProducerSettings
-from worker.tools.config_doc import README, current_readme_block, readme_block
 from worker.settings import WorkerSettings
+from worker.tools.config_doc import BEGIN, CONFIG_DOC, END, current_block, generated_block
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_config_table_is_current() -> None:
-    block = current_readme_block(README.read_text())
-    assert block is not None, "README.md lacks the generated configuration table"
-    assert block == readme_block(), "run `python -m worker.tools.config_doc --write` and commit README.md"
+def test_config_doc_table_is_current() -> None:
+    assert CONFIG_DOC == ROOT / "docs" / "configuration.md"
+    text = CONFIG_DOC.read_text(encoding="utf-8")
+    assert text.count(BEGIN) == 1 and text.count(END) == 1, "one generated table, between its markers"
+    block = current_block(text)
+    assert block is not None, "docs/configuration.md lacks the generated configuration table"
+    assert block == generated_block(), (
+        "run `python -m worker.tools.config_doc --write` and commit docs/configuration.md"
+    )
+
+
+def test_a_stale_table_is_caught() -> None:
+    """The block is cut out exactly, markers included, so one changed default makes it differ."""
+    current = generated_block()
+    stale = current.replace("| `LLM_MAX_BATCH_TOKENS` | `4096` |", "| `LLM_MAX_BATCH_TOKENS` | `2048` |")
+    assert stale != current
+    assert current_block(f"intro\n\n{stale}\n\nprose below\n") == stale
+    assert current_block("no markers here") is None
+    assert current_block(f"{END}\n{BEGIN}") is None
+
+
+def test_the_table_lives_in_docs_only() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert BEGIN not in readme and END not in readme
+    assert "docs/configuration.md" in readme
 
 
 def test_every_setting_is_documented() -> None:
+    table = generated_block()
     for cls in (WorkerSettings, ProducerSettings, BulkSettings):
         for name, field in cls.model_fields.items():
             assert field.description, f"{cls.__name__}.{name} has no description"
+            cell = field.description.replace("|", "\\|")
+            assert cell in table, f"{cls.__name__}.{name} is not in the table"
 
 
 def test_settings_read_the_environment(monkeypatch) -> None:
@@ -30,7 +56,15 @@ def test_settings_read_the_environment(monkeypatch) -> None:
     s = WorkerSettings()
     assert (s.redis_url, s.model, s.max_batch_tokens) == ("redis://example.invalid:6380/2", "/models/x", 1234)
     assert ProducerSettings().redis_url == "redis://example.invalid:6380/2"
-    assert Path(README).name == "README.md"
+
+
+def test_hf_engine_is_a_deprecated_alias_of_paged(monkeypatch) -> None:
+    monkeypatch.setenv("LLM_ENGINE", "hf")
+    s = WorkerSettings()
+    assert s.engine == "paged"
+    assert s.deprecations() == [("LLM_ENGINE", "hf", "paged")]
+    monkeypatch.setenv("LLM_ENGINE", "paged")
+    assert WorkerSettings().deprecations() == []
 
 
 def test_heartbeat_must_outlast_an_idle_read() -> None:

@@ -180,3 +180,15 @@ def test_worker_started_names_the_checkout_commit(start_worker) -> None:
     if (ROOT / ".git").exists() and "LLM_GIT_COMMIT" not in os.environ:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
         assert started["git_commit"] == head.stdout.strip()
+
+
+def test_engine_hf_is_an_alias_of_paged_that_logs_its_deprecation(start_worker) -> None:
+    assert WorkerSettings(engine="hf").engine == "paged"  # type: ignore[arg-type]
+    assert WorkerSettings(engine="hf").deprecations() == [("LLM_ENGINE", "hf", "paged")]  # type: ignore[arg-type]
+    assert WorkerSettings(engine="paged").deprecations() == []
+    worker = start_worker("hf", model="tiny-random", device="cpu")
+    (deprecated,) = worker.events("setting_deprecated")
+    assert (deprecated["setting"], deprecated["value"], deprecated["means"]) == ("LLM_ENGINE", "hf", "paged")
+    assert deprecated["level"] == "warning"
+    (started,) = worker.events("worker_started")
+    assert (started["engine"], started["model"]) == ("paged", "tiny-random")

@@ -48,8 +48,9 @@ def test_raw_redis_json_request_gets_json_reply(model_worker, redis_client: redi
 
 
 def test_streamed_tokens_arrive_in_order_and_concatenate(model_worker, chat_client: ChatClient) -> None:
-    stream = chat_client.stream([{"role": "user", "content": "Write a short sentence about cats."}],
-                                max_tokens=32)
+    stream = chat_client.stream(
+        [{"role": "user", "content": "Write a short sentence about cats."}], max_tokens=32
+    )
     tokens = list(stream)
     assert stream.reply is not None
     assert [t.index for t in tokens] == list(range(len(tokens)))
@@ -104,7 +105,8 @@ def test_worker_with_async_output_streams_stops_and_cancels(
     assert stream.reply.text.startswith(stopped.text)
     # Cancelled mid-stream: the worker stops the sequence, and no token follows the final.
     rid = chat_client.submit(
-        [{"role": "user", "content": "Count from one to fifty, in words."}], max_tokens=200,
+        [{"role": "user", "content": "Count from one to fifty, in words."}],
+        max_tokens=200,
         content_type="json",
     )
     key = f"{prefix}:reply:{rid}"

@@ -137,8 +137,17 @@ def test_every_manifest_parses_and_names_its_object(docs) -> None:
         assert doc.get("apiVersion") and doc.get("kind"), doc["__file__"]
         assert doc["metadata"].get("name"), doc["__file__"]
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "ConfigMap", "Secret", "PodDisruptionBudget", "ScaledObject",
-            "TriggerAuthentication", "StatefulSet", "Service", "Namespace"} <= kinds
+    assert {
+        "Deployment",
+        "ConfigMap",
+        "Secret",
+        "PodDisruptionBudget",
+        "ScaledObject",
+        "TriggerAuthentication",
+        "StatefulSet",
+        "Service",
+        "Namespace",
+    } <= kinds
 
 
 def test_kustomizations_reference_existing_files_and_leave_out_the_secret_template() -> None:
@@ -165,8 +174,9 @@ def test_kustomizations_reference_existing_files_and_leave_out_the_secret_templa
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 @pytest.mark.parametrize("target", ["k8s", "k8s/overlays/production"])
 def test_kustomize_builds(target: str) -> None:
-    out = subprocess.run(["kubectl", "kustomize", target], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        ["kubectl", "kustomize", target], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     built = [d for d in yaml.safe_load_all(out.stdout) if d]
     kinds = {d["kind"] for d in built}
@@ -223,10 +233,15 @@ def test_secret_keys_referenced_exist_in_the_template(docs) -> None:
     refs = []
     for d in docs:
         for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
-            refs += [e["valueFrom"]["secretKeyRef"] for e in c.get("env", [])
-                     if "secretKeyRef" in e.get("valueFrom", {})]
-    refs += [{"name": r["name"], "key": r["key"]}
-             for r in find(docs, "TriggerAuthentication", "llm-redis")["spec"]["secretTargetRef"]]
+            refs += [
+                e["valueFrom"]["secretKeyRef"]
+                for e in c.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})
+            ]
+    refs += [
+        {"name": r["name"], "key": r["key"]}
+        for r in find(docs, "TriggerAuthentication", "llm-redis")["spec"]["secretTargetRef"]
+    ]
     assert refs
     for ref in refs:
         assert ref["name"] == "llm-redis" and ref["key"] in keys, ref
@@ -289,16 +304,20 @@ def test_keda_scales_on_the_stream_and_group_the_code_uses(docs, worker_settings
 
 
 def test_dev_redis_is_durable_and_never_evicts() -> None:
-    conf = dict(line.split(None, 1) for line in (K8S / "redis" / "redis.conf").read_text().splitlines()
-                if line.strip() and not line.startswith("#") and not line.startswith("save"))
+    conf = dict(
+        line.split(None, 1)
+        for line in (K8S / "redis" / "redis.conf").read_text().splitlines()
+        if line.strip() and not line.startswith("#") and not line.startswith("save")
+    )
     assert conf["appendonly"] == "yes"
     assert conf["maxmemory-policy"] == "noeviction"
 
 
 # -- exec probes against a real worker ----------------------------------------------------------------
 def run_probe(mode: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(PROBE), mode], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(PROBE), mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def load_probe_module() -> ModuleType:

@@ -18,8 +18,8 @@ from structlog.testing import capture_logs
 from producer.client import ChatClient
 from producer.wire.keys import StreamNames
 from worker.engine.base import EngineCapacity
+from worker.observability.counters import LoopCounters
 from worker.observability.gpu_telemetry import GpuSample, GpuTelemetry
-from worker.loop.inflight import LoopCounters
 from worker.observability.live_stats import group_backlog, write_entry
 from worker.observability.phase_times import PhaseTimes
 from worker.observability.stats import GroupBacklog, StatsWindow, gpu_fields, percentile

@@ -1,4 +1,4 @@
-"""The worker's reply shapes and timing arithmetic, in process (pure functions of `worker.replies.publisher`)."""
+"""The worker's reply shapes and timing arithmetic, in process (pure functions of `worker.loop.publisher`)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import pytest
 
 from producer.wire.models import ChatRequest, DoneEvent, ErrorCode, ErrorEvent, TokenEvent
 from worker.engine.base import SequenceOutput
-from worker.loop.inflight import InFlight, Microbatch, entry_epoch_ms
-from worker.replies.publisher import (
+from worker.loop.inflight import InFlight, entry_epoch_ms
+from worker.loop.publisher import (
     add_to_batch,
     batch_done_fields,
     final_event,
     request_timings,
     token_event,
 )
+from worker.observability.counters import Microbatch
 
 
 def inflight(stream: bool = True, **kw: object) -> InFlight:
@@ -61,7 +62,17 @@ def test_final_event_done_or_error_code() -> None:
     f = inflight()
     t = request_timings(f, 2, 51.0, 2000.0, "w")
     out = SequenceOutput(
-        "r1", [], "", True, "length", 3, 2, 1, text="a b", kv_dtype="int8", kv_peak_tokens=4,
+        "r1",
+        [],
+        "",
+        True,
+        "length",
+        3,
+        2,
+        1,
+        text="a b",
+        kv_dtype="int8",
+        kv_peak_tokens=4,
         kv_evicted_tokens=16,
     )
     done = final_event(f, out, t, "w:1")

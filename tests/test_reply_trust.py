@@ -18,7 +18,7 @@ from producer.wire.codec import encode_body, encode_event, encode_request
 from producer.wire.keys import StreamNames
 from producer.wire.models import ChatRequest, DoneEvent, ErrorCode, ErrorEvent, Timings, TokenEvent, Usage
 from producer.wire.signing import sign, signing_input, verify
-from worker.loop.inflight import LoopCounters
+from worker.observability.counters import LoopCounters
 from worker.replies.refusals import Refusals
 from worker.replies.writer import FinalWrite, ReplyWriter
 from worker.settings import WorkerSettings

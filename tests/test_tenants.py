@@ -32,13 +32,14 @@ from producer.client import AsyncChatClient, ChatClient, ChatError
 from producer.wire.codec import decode_event, encode_request
 from producer.wire.keys import StreamNames, shard_for
 from producer.wire.models import ChatRequest, ErrorCode, TokenEvent
-from worker import acl
-from worker.loop.cancellation import CancelWatch
-from worker.local_redis.server import EmbeddedRedis
 from worker.engine.echo_engine import EchoEngine
-from worker.loop.inflight import InFlightTable, LoopCounters
-from worker.settings import WorkerSettings
+from worker.local_redis.server import EmbeddedRedis
+from worker.loop.cancellation import CancelWatch
+from worker.loop.inflight import InFlightTable
 from worker.loop.lanes import build_lanes, namespaces, read_lanes
+from worker.observability.counters import LoopCounters
+from worker.settings import WorkerSettings
+from worker.tools import acl
 
 pytestmark = pytest.mark.timeout(180)
 

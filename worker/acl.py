@@ -1,4 +1,4 @@
-"""`python -m worker.acl`: the Redis ACL lines of the workers and of each tenant (see `worker/tools/acl.py`)."""
+"""`python -m worker.acl`: the workers' and each tenant's Redis ACL lines (`worker/tools/acl.py`)."""
 
 import sys
 

@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from producer.settings import DEFAULT_LOCAL_REDIS_PORT, check_redis_url, local_redis_url
 from producer.wire.keys import MAX_STREAM_SHARDS, check_tenant
 from scheduler import BatchPolicy
-from worker.engine.config import EngineConfig
+from worker.engine.config import DEFAULT_KV_CACHE_BYTES, EngineConfig
 from worker.engine.model_files import DEFAULT_MODEL, default_cache_dir
 
 # The engine's defaults, defined once: admission in `BatchPolicy`, the rest in `EngineConfig`.
@@ -105,21 +105,30 @@ class WorkerSettings(BaseSettings):
         "that a tied lm_head shares.",
     )
     trust_remote_code: bool = Field(
-        default=_ENGINE.trust_remote_code, description="Allow model repositories to run their own Python code."
+        default=_ENGINE.trust_remote_code,
+        description="Allow model repositories to run their own Python code.",
     )
     read_count: int = Field(default=64, ge=1, description="Most entries taken per XREADGROUP call.")
     read_block_ms: int = Field(
         default=2000, ge=1, description="XREADGROUP BLOCK when idle; kept below the client's socket timeout."
     )
     max_wait_ms: float = Field(
-        default=_POLICY.max_wait_ms, ge=0, description="Time window: how long an idle engine waits to fill a microbatch."
+        default=_POLICY.max_wait_ms,
+        ge=0,
+        description="Time window: how long an idle engine waits to fill a microbatch.",
     )
     max_batch_tokens: int = Field(
-        default=_POLICY.max_batch_tokens, ge=16, description="Token budget per engine step (prefill + decode tokens)."
+        default=_POLICY.max_batch_tokens,
+        ge=16,
+        description="Token budget per engine step (prefill + decode tokens).",
     )
-    max_num_seqs: int = Field(default=_POLICY.max_num_seqs, ge=1, description="Most sequences running at once.")
+    max_num_seqs: int = Field(
+        default=_POLICY.max_num_seqs, ge=1, description="Most sequences running at once."
+    )
     max_prefill_chunk_tokens: int = Field(
-        default=_POLICY.max_prefill_chunk_tokens, ge=16, description="Largest prefill chunk of one prompt per step."
+        default=_POLICY.max_prefill_chunk_tokens,
+        ge=16,
+        description="Largest prefill chunk of one prompt per step.",
     )
     max_waiting_steps: int = Field(
         default=_POLICY.max_waiting_steps,
@@ -128,7 +137,7 @@ class WorkerSettings(BaseSettings):
         "interactive.",
     )
     kv_cache_bytes: int = Field(
-        default=_ENGINE.kv_cache_bytes, ge=2**20, description="KV cache pool size in bytes (paged engine)."
+        default=DEFAULT_KV_CACHE_BYTES, ge=2**20, description="KV cache pool size in bytes (paged engine)."
     )
     kv_dtype: Literal["auto", "fp16", "bf16", "fp32", "int8"] = Field(
         default=_ENGINE.kv_dtype,
@@ -136,7 +145,9 @@ class WorkerSettings(BaseSettings):
         "(K/V rotated by a Hadamard matrix, one FP16 scale per token and KV head, ~1.9x the tokens of fp16 "
         "in the same LLM_KV_CACHE_BYTES; needs a power-of-two head_dim).",
     )
-    kv_block_size_tokens: int = Field(default=_ENGINE.kv_block_size_tokens, ge=1, description="Tokens per KV cache block.")
+    kv_block_size_tokens: int = Field(
+        default=_ENGINE.kv_block_size_tokens, ge=1, description="Tokens per KV cache block."
+    )
     kv_budget_tokens: int = Field(
         default=_ENGINE.kv_budget_tokens,
         ge=0,
@@ -163,7 +174,8 @@ class WorkerSettings(BaseSettings):
         description="Paged attention: triton (GPU kernels) or torch (reference); auto = triton on CUDA.",
     )
     cuda_graphs: bool = Field(
-        default=_ENGINE.cuda_graphs, description="Replay decode steps as CUDA graphs (triton backend on CUDA); false: eager."
+        default=_ENGINE.cuda_graphs,
+        description="Replay decode steps as CUDA graphs (triton backend on CUDA); false: eager.",
     )
     prefill_interval_steps: int | None = Field(
         default=_ENGINE.prefill_interval_steps,
@@ -425,9 +437,10 @@ class WorkerSettings(BaseSettings):
             device=self.resolved_device(), dtype=self.dtype, weights=self.weights,
             trust_remote_code=self.trust_remote_code, cache_dir=self.cache_dir, policy=self.batch_policy(),
             kv_cache_bytes=self.kv_cache_bytes, kv_block_size_tokens=self.kv_block_size_tokens,
-            kv_dtype=self.kv_dtype, kv_budget_tokens=self.kv_budget_tokens, kv_sink_tokens=self.kv_sink_tokens,
-            kv_prune_mode=self.kv_prune_mode, attention_backend=self.attention_backend,
-            cuda_graphs=self.cuda_graphs, prefill_interval_steps=self.prefill_interval_steps,
+            kv_dtype=self.kv_dtype, kv_budget_tokens=self.kv_budget_tokens,
+            kv_sink_tokens=self.kv_sink_tokens, kv_prune_mode=self.kv_prune_mode,
+            attention_backend=self.attention_backend, cuda_graphs=self.cuda_graphs,
+            prefill_interval_steps=self.prefill_interval_steps,
             async_output=self.async_output, echo_token_delay_ms=self.echo_token_delay_ms,
         )  # fmt: skip
 

@@ -31,7 +31,7 @@ the keys of a deployment without shards, unchanged on the wire). Why this form:
   tenant's namespace: `<prefix>:t:{alice.` and `<prefix>:t:{alice}` start only alice's keys,
   never those of `alice-2` (whose keys start `<prefix>:t:{alice-2`);
 - `.` is no glob character of Redis ACL patterns (`*`, `?`, `[...]`, backslash), nor a brace, nor
-  the `:` that separates a key's parts, nor the `/` of the worker's `table_key`;
+  the `:` that separates a key's parts, nor the `/` of the worker's `seq_id_of` (`<tenant>/<id>`);
 - the sharded form never equals the unsharded one: after the tenant name comes `.` in one and
   `}` in the other, so an ACL pattern of one form matches no key of the other.
 `tenant_root_patterns` turns this into ACL glob patterns: the unsharded root and the sharded

@@ -44,10 +44,3 @@ def verify(secret: bytes, reply_key: str, fields: dict[bytes, bytes]) -> bool:
         return False
     expected = sign(secret, reply_key, ct, body).encode()
     return hmac.compare_digest(expected, sig)
-
-
-def secret_bytes(secret: str | bytes | None) -> bytes | None:
-    """A configured key as bytes (None or empty: signing off)."""
-    if not secret:
-        return None
-    return secret if isinstance(secret, bytes) else secret.encode()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from engine_helpers import chat, collect, drain, request, step_into, engine_config
+from engine_helpers import chat, collect, drain, engine_config, request, step_into
 
 from worker.engine.base import SequenceOutput
-from worker.engine.paged_engine import PagedEngine
 from worker.engine.model_files import LoadedModel
+from worker.engine.paged_engine import PagedEngine
 
 pytestmark = pytest.mark.model
 
@@ -15,7 +15,9 @@ QUESTIONS = ["Name three colours.", "What is 2 + 2?", "Say hello in French."]
 
 
 def run(smol: LoadedModel, async_output: bool, stop: tuple[str, ...] = ()) -> dict[str, list[SequenceOutput]]:
-    engine = PagedEngine(smol.model, smol.tokenizer, engine_config(kv_cache_bytes=32 << 20, async_output=async_output))
+    engine = PagedEngine(
+        smol.model, smol.tokenizer, engine_config(kv_cache_bytes=32 << 20, async_output=async_output)
+    )
     for i, question in enumerate(QUESTIONS):
         engine.add_request(request(f"q{i}", chat(engine, question), max_tokens=12 + 4 * i, stop=stop))
     outputs = drain(engine)
@@ -44,7 +46,9 @@ def test_same_tokens_texts_and_finish_reasons_with_and_without_async_output(smol
 
 
 def test_abort_streams_the_pending_token_with_the_final_and_nothing_after(smol: LoadedModel):
-    engine = PagedEngine(smol.model, smol.tokenizer, engine_config(kv_cache_bytes=32 << 20, async_output=True))
+    engine = PagedEngine(
+        smol.model, smol.tokenizer, engine_config(kv_cache_bytes=32 << 20, async_output=True)
+    )
     engine.add_request(request("a", chat(engine, QUESTIONS[0]), max_tokens=30, ignore_eos=True))
     engine.add_request(request("b", chat(engine, QUESTIONS[1]), max_tokens=30, ignore_eos=True))
     outputs: dict[str, list[SequenceOutput]] = {}

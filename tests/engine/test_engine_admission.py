@@ -35,7 +35,9 @@ def started(engine: EchoEngine) -> list[str]:
 
 
 def test_batch_requests_age_into_service_behind_a_stream_of_interactive_ones() -> None:
-    engine = EchoEngine(EngineConfig(engine="echo", policy=BatchPolicy(max_num_seqs=1, max_wait_ms=0, max_waiting_steps=3)))
+    engine = EchoEngine(
+        EngineConfig(engine="echo", policy=BatchPolicy(max_num_seqs=1, max_wait_ms=0, max_waiting_steps=3))
+    )
     engine.add_request(request("batch", 0.0, Priority.BATCH, max_tokens=1))
     order: list[str] = []
     for i in range(8):  # a new interactive request arrives before every step

@@ -6,11 +6,11 @@ import time
 from collections.abc import Callable
 
 import pytest
-from engine_helpers import SYSTEM_PROMPT, chat, collect, drain, request, step_into, engine_config
+from engine_helpers import SYSTEM_PROMPT, chat, collect, drain, engine_config, request, step_into
 
 from worker.engine.factory import create_engine
-from worker.engine.paged_engine import PagedEngine
 from worker.engine.model_files import LoadedModel
+from worker.engine.paged_engine import PagedEngine
 
 pytestmark = pytest.mark.model
 

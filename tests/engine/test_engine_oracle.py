@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from engine_helpers import SYSTEM_PROMPT, chat, collect, request, engine_config
+from engine_helpers import SYSTEM_PROMPT, chat, collect, engine_config, request
 
-from worker.engine.paged_engine import PagedEngine
 from worker.engine.model_files import LoadedModel
+from worker.engine.paged_engine import PagedEngine
 
 pytestmark = pytest.mark.model
 
@@ -36,7 +36,17 @@ USER_TURNS = [
 def test_continuous_batch_matches_generate(
     smol: LoadedModel, reference: Callable[[list[int], int], list[int]]
 ):
-    engine = PagedEngine(smol.model, smol.tokenizer, engine_config(kv_cache_bytes=64 << 20, kv_block_size_tokens=16, max_num_seqs=6, max_batch_tokens=96, max_prefill_chunk_tokens=40))  # fmt: skip
+    engine = PagedEngine(
+        smol.model,
+        smol.tokenizer,
+        engine_config(
+            kv_cache_bytes=64 << 20,
+            kv_block_size_tokens=16,
+            max_num_seqs=6,
+            max_batch_tokens=96,
+            max_prefill_chunk_tokens=40,
+        ),
+    )
     prompts = [chat(engine, user, system) for user, system in USER_TURNS]
     assert len({len(p) for p in prompts}) >= 8
     expected = [reference(p, NEW_TOKENS) for p in prompts]

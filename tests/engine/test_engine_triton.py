@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import chat, collect, drain, request, engine_config
+from engine_helpers import chat, collect, drain, engine_config, request
 
 from worker.engine.kernels import kernels_usable
-from worker.engine.paged_engine import PagedEngine
 from worker.engine.model_files import LoadedModel
+from worker.engine.paged_engine import PagedEngine
 
 pytestmark = [
     pytest.mark.model,
@@ -28,7 +28,17 @@ def test_triton_path_gives_the_reference_tokens_and_restores_the_model(smol: Loa
     modules_before = [type(m).__name__ for m in smol.model.modules()]
     results: dict[str, dict[str, list[int]]] = {}
     for backend in ("torch", "triton"):
-        engine = PagedEngine(smol.model, smol.tokenizer, engine_config(kv_cache_bytes=16 << 20, max_batch_tokens=64, max_prefill_chunk_tokens=40, attention_backend=backend, kv_dtype=kv_dtype))  # fmt: skip
+        engine = PagedEngine(
+            smol.model,
+            smol.tokenizer,
+            engine_config(
+                kv_cache_bytes=16 << 20,
+                max_batch_tokens=64,
+                max_prefill_chunk_tokens=40,
+                attention_backend=backend,
+                kv_dtype=kv_dtype,
+            ),
+        )
         assert (engine.kv_cache.rotation is not None) == (kv_dtype == "int8")
         assert engine.attention_backend == backend
         if backend == "triton":

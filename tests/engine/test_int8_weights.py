@@ -12,15 +12,24 @@ import pydantic
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_helpers import CHAT_PROMPTS, chat, collect, common_prefix, drain, greedy_tokens, request, engine_config
+from engine_helpers import (
+    CHAT_PROMPTS,
+    chat,
+    collect,
+    common_prefix,
+    drain,
+    engine_config,
+    greedy_tokens,
+    request,
+)
 from torch import nn
 
 from worker.engine.factory import create_engine
 from worker.engine.fused_layers import _fuse_linears
 from worker.engine.kernels import kernels_usable
-from worker.engine.paged_engine import PagedEngine
 from worker.engine.model_files import LoadedModel
 from worker.engine.model_loader import load_model
+from worker.engine.paged_engine import PagedEngine
 from worker.engine.quant import (
     Int8Embedding,
     Int8Linear,
@@ -240,7 +249,9 @@ NEW_TOKENS = 16
 
 @pytest.mark.model
 def test_int8_smollm2_generates_through_the_engine_and_mostly_agrees_with_fp32(smol: LoadedModel):
-    baseline_engine = PagedEngine(smol.model, smol.tokenizer, engine_config(kv_cache_bytes=32 << 20, attention_backend="torch"))
+    baseline_engine = PagedEngine(
+        smol.model, smol.tokenizer, engine_config(kv_cache_bytes=32 << 20, attention_backend="torch")
+    )
     baseline = greedy_tokens(baseline_engine, PROMPTS, NEW_TOKENS)
     baseline_engine.close()
     # Through the worker's own wiring: settings -> factory -> loader (quantise) -> PagedEngine.
@@ -278,7 +289,16 @@ def test_int8_triton_path_fuses_int8_projections_and_matches_the_torch_path(smol
     modules_before = [type(m).__name__ for m in smol_int8.model.modules()]
     results: dict[str, dict[str, list[int]]] = {}
     for backend in ("torch", "triton"):
-        engine = PagedEngine(smol_int8.model, smol_int8.tokenizer, engine_config(kv_cache_bytes=16 << 20, max_batch_tokens=64, max_prefill_chunk_tokens=40, attention_backend=backend))  # fmt: skip
+        engine = PagedEngine(
+            smol_int8.model,
+            smol_int8.tokenizer,
+            engine_config(
+                kv_cache_bytes=16 << 20,
+                max_batch_tokens=64,
+                max_prefill_chunk_tokens=40,
+                attention_backend=backend,
+            ),
+        )
         prompt = chat(engine, "What is the capital of France?", "Answer briefly.")
         for rid, ids in (("full", prompt), ("short", prompt[:20])):
             engine.add_request(request(rid, ids, max_tokens=4, ignore_eos=True))

@@ -16,12 +16,12 @@ import pytest
 import torch
 from engine_helpers import (
     CHAT_PROMPTS,
-    engine_config,
     SYSTEM_PROMPT,
     chat,
     collect,
     common_prefix,
     drain,
+    engine_config,
     greedy_tokens,
     request,
     teacher_forced_logits,
@@ -36,8 +36,8 @@ from worker.engine.attention import (
 from worker.engine.factory import create_engine
 from worker.engine.kernels import kernels_usable
 from worker.engine.kv_cache import KVCache, KVCacheSpec, num_blocks_for_budget, resolve_kv_dtype
-from worker.engine.paged_engine import PagedEngine
 from worker.engine.model_files import LoadedModel
+from worker.engine.paged_engine import PagedEngine
 from worker.engine.quant.kv_int8 import (
     KV_SCALE_DTYPE,
     check_head_dim,
@@ -93,7 +93,9 @@ def test_quantise_dequantise_stays_within_half_a_step_on_random_vectors():
 @pytest.mark.model
 def test_quantise_dequantise_error_on_smollm2_keys_and_values(smol: LoadedModel):
     """The real K (after RoPE) and V of every layer, as the FP32 engine stored them for a chat prompt."""
-    engine = PagedEngine(smol.model, smol.tokenizer, engine_config(kv_cache_bytes=8 << 20, attention_backend="torch"))
+    engine = PagedEngine(
+        smol.model, smol.tokenizer, engine_config(kv_cache_bytes=8 << 20, attention_backend="torch")
+    )
     ids = chat(engine, "Explain how a refrigerator keeps food cold, step by step.")
     engine.add_request(request("r", ids, max_tokens=1))
     drain(engine)
@@ -170,7 +172,9 @@ def test_an_int8_cache_needs_a_power_of_two_head_dim():
     loaded = random_causal_lm(shape, device="cpu", dtype=torch.float32)
     with pytest.raises(ValueError, match="head_dim is 48: use LLM_KV_DTYPE=auto, fp16 or bf16"):
         PagedEngine(loaded.model, loaded.tokenizer, engine_config(kv_cache_bytes=1 << 20, kv_dtype="int8"))
-    engine = PagedEngine(loaded.model, loaded.tokenizer, engine_config(kv_cache_bytes=1 << 20, kv_dtype="fp16"))
+    engine = PagedEngine(
+        loaded.model, loaded.tokenizer, engine_config(kv_cache_bytes=1 << 20, kv_dtype="fp16")
+    )
     assert engine.kv_cache.rotation is None
     engine.close()
 
@@ -303,9 +307,7 @@ def test_int8_reference_attention_stays_close_to_fp32_attention():
 @needs_kernels
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 2, 32), (9, 3, 64), (4, 4, 16)])
 @pytest.mark.parametrize("num_splits", [1, 4])
-def test_int8_decode_kernel_matches_reference(
-    heads: int, kv_heads: int, dim: int, num_splits: int
-):
+def test_int8_decode_kernel_matches_reference(heads: int, kv_heads: int, dim: int, num_splits: int):
     from worker.engine.kernels.paged_decode import paged_decode_attention
 
     gen = torch.Generator().manual_seed(heads * 100 + num_splits)
@@ -591,7 +593,9 @@ def test_int8_kv_engine_agrees_with_the_fp32_cache_on_greedy_tokens(smol: Loaded
     baseline_engine.close()
     # Through the worker's own wiring: settings -> factory -> PagedEngine(kv_dtype="int8").
     engine = create_engine(
-        WorkerSettings(kv_dtype="int8", device="cpu", dtype="float32", kv_cache_bytes=32 << 20).engine_config()
+        WorkerSettings(
+            kv_dtype="int8", device="cpu", dtype="float32", kv_cache_bytes=32 << 20
+        ).engine_config()
     )
     assert isinstance(engine, PagedEngine)
     described = engine.describe()
@@ -619,8 +623,9 @@ def test_int8_kv_engine_agrees_with_the_fp32_cache_on_greedy_tokens(smol: Loaded
         PagedEngine(smol.model, smol.tokenizer, engine_config(enable_prefix_caching=False, **options)),  # type: ignore[arg-type]
         prompts, baseline,
     )  # fmt: skip
+    int8 = engine_config(enable_prefix_caching=False, kv_dtype="int8", **options)  # type: ignore[arg-type]
     got = teacher_forced_logits(
-        PagedEngine(smol.model, smol.tokenizer, engine_config(enable_prefix_caching=False, kv_dtype="int8", **options)),  # type: ignore[arg-type]
+        PagedEngine(smol.model, smol.tokenizer, int8),
         prompts, baseline,
     )  # fmt: skip
     top2 = ref.topk(2, dim=-1).values
@@ -635,7 +640,11 @@ def test_int8_kv_engine_agrees_with_the_fp32_cache_on_greedy_tokens(smol: Loaded
 def test_int8_kv_blocks_stay_shareable_through_the_prefix_cache(smol: LoadedModel):
     """A second request on the same prompt reuses the first one's INT8 blocks (and with them their
     scales) and computes the same tokens as the first."""
-    engine = PagedEngine(smol.model, smol.tokenizer, engine_config(kv_cache_bytes=16 << 20, attention_backend="torch", kv_dtype="int8"))
+    engine = PagedEngine(
+        smol.model,
+        smol.tokenizer,
+        engine_config(kv_cache_bytes=16 << 20, attention_backend="torch", kv_dtype="int8"),
+    )
     prompt = chat(engine, "Where do refrigerated goods go?", SYSTEM_PROMPT)
     engine.add_request(request("first", prompt, max_tokens=6, ignore_eos=True))
     first = drain(engine)["first"]
@@ -654,7 +663,17 @@ def test_int8_kv_triton_path_gives_the_torch_path_tokens(smol: LoadedModel):
     kernels on the real model."""
     results: dict[str, dict[str, list[int]]] = {}
     for backend in ("torch", "triton"):
-        engine = PagedEngine(smol.model, smol.tokenizer, engine_config(kv_cache_bytes=16 << 20, max_batch_tokens=64, max_prefill_chunk_tokens=40, attention_backend=backend, kv_dtype="int8"))  # fmt: skip
+        engine = PagedEngine(
+            smol.model,
+            smol.tokenizer,
+            engine_config(
+                kv_cache_bytes=16 << 20,
+                max_batch_tokens=64,
+                max_prefill_chunk_tokens=40,
+                attention_backend=backend,
+                kv_dtype="int8",
+            ),
+        )
         assert engine.kv_cache.rotation is not None
         if backend == "triton":
             engine.runner.warm_up()  # compiles the kernels; must leave the cache untouched
@@ -677,7 +696,19 @@ def test_int8_kv_fused_and_unfused_triton_paths_give_the_torch_path_tokens():
     loaded = random_causal_lm("tiny", device="cpu", dtype=torch.float32)
     results = {}
     for backend, fused in (("torch", True), ("triton", True), ("triton", False)):
-        engine = PagedEngine(loaded.model, loaded.tokenizer, engine_config(kv_cache_bytes=4 << 20, max_prefill_chunk_tokens=32, attention_backend=backend, fused_layers=fused, kv_dtype="int8", kv_budget_tokens=48, kv_prune_mode="snapkv"))  # fmt: skip
+        engine = PagedEngine(
+            loaded.model,
+            loaded.tokenizer,
+            engine_config(
+                kv_cache_bytes=4 << 20,
+                max_prefill_chunk_tokens=32,
+                attention_backend=backend,
+                fused_layers=fused,
+                kv_dtype="int8",
+                kv_budget_tokens=48,
+                kv_prune_mode="snapkv",
+            ),
+        )
         assert (engine._fused is not None) == (backend == "triton" and fused)
         engine.add_request(request("a", list(range(100, 170)), max_tokens=12, ignore_eos=True))
         engine.add_request(request("b", list(range(300, 310)), max_tokens=20, ignore_eos=True))

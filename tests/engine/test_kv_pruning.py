@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from engine_helpers import collect, drain, request, engine_config
+from engine_helpers import collect, drain, engine_config, request
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -17,16 +17,14 @@ from worker.engine.base import GenerationRequest, SamplingParams
 from worker.engine.block_manager import BlockManager
 from worker.engine.kernels import kernels_usable
 from worker.engine.kv_prune import PrunePolicy, block_scores, window_scores
-from worker.engine.paged_engine import PagedEngine
 from worker.engine.model_files import LoadedModel
+from worker.engine.paged_engine import PagedEngine
 from worker.engine.random_model import random_causal_lm
 from worker.engine.sequence import Sequence
 
 
 def make_seq(seq_id: str, tokens: list[int], budget: int = 0, max_tokens: int = 64) -> Sequence:
-    seq = Sequence(
-        GenerationRequest(seq_id, tokens, SamplingParams(max_tokens=max_tokens), time.monotonic())
-    )
+    seq = Sequence(GenerationRequest(seq_id, tokens, SamplingParams(max_tokens=max_tokens), time.monotonic()))
     seq.kv_budget_tokens = budget
     if budget:
         seq.max_prefix_blocks = PrunePolicy(block_size=4).max_prefix_blocks(budget)
@@ -220,7 +218,17 @@ def test_pruned_decode_matches_a_dense_model_with_the_same_visibility():
     token from the first block not yet evicted; a dense forward with that mask per row (true positions)
     must reproduce the engine's greedy tokens, which checks positions, slots and context lengths."""
     loaded = random_causal_lm("tiny", device="cpu", dtype=torch.float32)
-    engine = PagedEngine(loaded.model, loaded.tokenizer, engine_config(kv_cache_bytes=8 << 20, kv_block_size_tokens=4, kv_budget_tokens=16, kv_sink_tokens=4, attention_backend="torch"))  # fmt: skip
+    engine = PagedEngine(
+        loaded.model,
+        loaded.tokenizer,
+        engine_config(
+            kv_cache_bytes=8 << 20,
+            kv_block_size_tokens=4,
+            kv_budget_tokens=16,
+            kv_sink_tokens=4,
+            attention_backend="torch",
+        ),
+    )
     prompt = [101, 7, 55, 300, 12, 9]  # within one chunk (chunk cap (16 - 4) / 2 = 6): no eviction in prefill
     engine.add_request(request("a", prompt, max_tokens=30, ignore_eos=True))
     tokens = collect(drain(engine)["a"])[0]
@@ -252,7 +260,16 @@ def test_budget_at_least_the_length_changes_nothing_and_prunes_raise_admissions(
     prompts = [list(range(100, 100 + n)) for n in (5, 23, 40)]
     results = {}
     for mode, budget in (("window", 0), ("window", 200), ("snapkv", 200)):
-        engine = PagedEngine(loaded.model, loaded.tokenizer, engine_config(kv_cache_bytes=8 << 20, max_prefill_chunk_tokens=16, kv_budget_tokens=budget, kv_prune_mode=mode))  # fmt: skip
+        engine = PagedEngine(
+            loaded.model,
+            loaded.tokenizer,
+            engine_config(
+                kv_cache_bytes=8 << 20,
+                max_prefill_chunk_tokens=16,
+                kv_budget_tokens=budget,
+                kv_prune_mode=mode,
+            ),
+        )
         for i, prompt in enumerate(prompts):
             engine.add_request(request(f"t{i}", prompt, max_tokens=12, ignore_eos=True))
         results[(mode, budget)] = {rid: collect(outs)[0] for rid, outs in drain(engine).items()}
@@ -262,7 +279,17 @@ def test_budget_at_least_the_length_changes_nothing_and_prunes_raise_admissions(
 @pytest.mark.parametrize("mode", ["window", "snapkv"])
 def test_pruning_with_int8_kv_and_prefix_sharing_leaves_the_pool_as_it_found_it(mode: str):
     loaded = random_causal_lm("tiny", device="cpu", dtype=torch.float32)
-    engine = PagedEngine(loaded.model, loaded.tokenizer, engine_config(kv_cache_bytes=4 << 20, max_prefill_chunk_tokens=32, kv_dtype="int8", kv_budget_tokens=48, kv_prune_mode=mode))  # fmt: skip
+    engine = PagedEngine(
+        loaded.model,
+        loaded.tokenizer,
+        engine_config(
+            kv_cache_bytes=4 << 20,
+            max_prefill_chunk_tokens=32,
+            kv_dtype="int8",
+            kv_budget_tokens=48,
+            kv_prune_mode=mode,
+        ),
+    )
     free_before = engine.block_manager.num_free_blocks
     shared = list(range(200, 240))
     # An unpruned reader of the shared prefix runs next to pruned sequences that share it.
@@ -290,7 +317,18 @@ def test_triton_kernels_read_the_pruned_block_tables_like_the_reference(kv_dtype
     loaded = random_causal_lm("tiny", device="cpu", dtype=torch.float32)
     results = {}
     for backend in ("torch", "triton"):
-        engine = PagedEngine(loaded.model, loaded.tokenizer, engine_config(kv_cache_bytes=4 << 20, max_prefill_chunk_tokens=32, kv_budget_tokens=32, kv_prune_mode="snapkv", attention_backend=backend, kv_dtype=kv_dtype))  # fmt: skip
+        engine = PagedEngine(
+            loaded.model,
+            loaded.tokenizer,
+            engine_config(
+                kv_cache_bytes=4 << 20,
+                max_prefill_chunk_tokens=32,
+                kv_budget_tokens=32,
+                kv_prune_mode="snapkv",
+                attention_backend=backend,
+                kv_dtype=kv_dtype,
+            ),
+        )
         engine.add_request(request("a", list(range(100, 150)), max_tokens=24, ignore_eos=True))
         engine.add_request(request("b", list(range(300, 310)), max_tokens=40, ignore_eos=True))
         results[backend] = {rid: collect(outs)[0] for rid, outs in drain(engine).items()}
@@ -305,7 +343,11 @@ def _distinct(ids: list[int], n: int = 4) -> float:
 @pytest.mark.model
 @pytest.mark.parametrize(("mode", "kv_dtype"), [("window", "auto"), ("snapkv", "int8")])
 def test_generating_four_times_past_the_budget_stays_coherent(smol: LoadedModel, mode: str, kv_dtype: str):
-    engine = PagedEngine(smol.model, smol.tokenizer, engine_config(kv_cache_bytes=16 << 20, kv_budget_tokens=64, kv_prune_mode=mode, kv_dtype=kv_dtype))  # fmt: skip
+    engine = PagedEngine(
+        smol.model,
+        smol.tokenizer,
+        engine_config(kv_cache_bytes=16 << 20, kv_budget_tokens=64, kv_prune_mode=mode, kv_dtype=kv_dtype),
+    )
     free_before = engine.block_manager.num_free_blocks
     finite: list[bool] = []
     handle = smol.model.lm_head.register_forward_hook(

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
 from engine_helpers import engine_config
 
-from worker.engine.paged_engine import PagedEngine
 from worker.engine.model_files import LoadedModel
+from worker.engine.paged_engine import PagedEngine
 from worker.engine.tokenize import batch_encode
 
 pytestmark = pytest.mark.model

@@ -13,8 +13,8 @@ from gpu_helpers import rel_error
 from scheduler import BatchPolicy
 from worker.engine.base import GenerationRequest, SamplingParams
 from worker.engine.config import EngineConfig
-from worker.engine.paged_engine import PagedEngine
 from worker.engine.model_runner import ScheduledSequence
+from worker.engine.paged_engine import PagedEngine
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -45,10 +45,19 @@ def test_graph_replay_matches_the_eager_forward(kv_dtype: str, fused: bool):
     from worker.engine.random_model import random_causal_lm
 
     loaded = random_causal_lm("llama-1b", device="cuda", dtype=torch.float16)
-    engine = PagedEngine(loaded.model, loaded.tokenizer, EngineConfig(
-        kv_cache_bytes=2 << 30, prefill_interval_steps=0, kv_dtype=kv_dtype, fused_layers=fused,
-        policy=BatchPolicy(max_wait_ms=0, max_num_seqs=48, max_batch_tokens=8192, max_prefill_chunk_tokens=4096),
-    ))
+    engine = PagedEngine(
+        loaded.model,
+        loaded.tokenizer,
+        EngineConfig(
+            kv_cache_bytes=2 << 30,
+            prefill_interval_steps=0,
+            kv_dtype=kv_dtype,
+            fused_layers=fused,
+            policy=BatchPolicy(
+                max_wait_ms=0, max_num_seqs=48, max_batch_tokens=8192, max_prefill_chunk_tokens=4096
+            ),
+        ),
+    )
     assert engine.describe()["kv_dtype"] == ("int8" if kv_dtype == "int8" else "fp16")
     assert (engine.kv_cache.rotation is not None) == (kv_dtype == "int8")
     assert engine.runner.graphs is not None
@@ -93,10 +102,14 @@ def test_greedy_tokens_match_generate_for_32_steps(dtype: str):
                 max_new_tokens=32, do_sample=False, eos_token_id=[], pad_token_id=tokenizer.eos_token_id,
             )  # fmt: skip
             expected.append(out[0, len(prompt) :].tolist())
-    engine = PagedEngine(model, tokenizer, EngineConfig(
-        kv_cache_bytes=1 << 30,
-        policy=BatchPolicy(max_wait_ms=0, max_num_seqs=8),
-    ))
+    engine = PagedEngine(
+        model,
+        tokenizer,
+        EngineConfig(
+            kv_cache_bytes=1 << 30,
+            policy=BatchPolicy(max_wait_ms=0, max_num_seqs=8),
+        ),
+    )
     assert engine.runner.graphs is not None
     for i, prompt in enumerate(prompts):
         engine.add_request(request(f"q{i}", prompt, 32))
@@ -112,10 +125,20 @@ def test_pruned_graph_replay_matches_the_eager_forward(mode: str, kv_dtype: str)
     from worker.engine.random_model import random_causal_lm
 
     loaded = random_causal_lm("llama-1b", device="cuda", dtype=torch.float16)
-    engine = PagedEngine(loaded.model, loaded.tokenizer, EngineConfig(
-        kv_cache_bytes=1 << 30, prefill_interval_steps=0, kv_dtype=kv_dtype, kv_budget_tokens=256, kv_prune_mode=mode,
-        policy=BatchPolicy(max_wait_ms=0, max_num_seqs=16, max_batch_tokens=8192, max_prefill_chunk_tokens=4096),
-    ))
+    engine = PagedEngine(
+        loaded.model,
+        loaded.tokenizer,
+        EngineConfig(
+            kv_cache_bytes=1 << 30,
+            prefill_interval_steps=0,
+            kv_dtype=kv_dtype,
+            kv_budget_tokens=256,
+            kv_prune_mode=mode,
+            policy=BatchPolicy(
+                max_wait_ms=0, max_num_seqs=16, max_batch_tokens=8192, max_prefill_chunk_tokens=4096
+            ),
+        ),
+    )
     assert engine.runner.graphs is not None
     assert (engine.kv_cache.rotation is not None) == (kv_dtype == "int8")
     free_before = engine.block_manager.num_free_blocks

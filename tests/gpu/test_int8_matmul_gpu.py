@@ -132,17 +132,24 @@ def test_engine_decode_graphs_with_int8_weights_match_the_cublas_path(monkeypatc
     """Llama-3.2-1B's shape with INT8 weights: the decode graphs (fused QKV and gate/up through the
     kernel, the INT8 embedding lookup, the tied lm_head over the same table) against an eager forward
     with the kernel switched off (dequantised weights, cuBLAS)."""
-    from worker.engine.paged_engine import PagedEngine
     from worker.engine.model_loader import load_model
+    from worker.engine.paged_engine import PagedEngine
     from worker.engine.quant import Int8Embedding, TiedInt8Linear
 
     loaded = load_model("llama-1b-random", device="cuda", dtype="float16", weights="int8")
     assert isinstance(loaded.model.model.embed_tokens, Int8Embedding)
     assert isinstance(loaded.model.lm_head, TiedInt8Linear)
-    engine = PagedEngine(loaded.model, loaded.tokenizer, EngineConfig(
-        kv_cache_bytes=1 << 30, prefill_interval_steps=0,
-        policy=BatchPolicy(max_wait_ms=0, max_num_seqs=24, max_batch_tokens=8192, max_prefill_chunk_tokens=4096),
-    ))
+    engine = PagedEngine(
+        loaded.model,
+        loaded.tokenizer,
+        EngineConfig(
+            kv_cache_bytes=1 << 30,
+            prefill_interval_steps=0,
+            policy=BatchPolicy(
+                max_wait_ms=0, max_num_seqs=24, max_batch_tokens=8192, max_prefill_chunk_tokens=4096
+            ),
+        ),
+    )
     assert engine.runner.graphs is not None
     rng = random.Random(0)
     for i in range(21):  # a bucket of 24, padded with 3 rows

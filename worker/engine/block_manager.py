@@ -208,13 +208,6 @@ class BlockManager:
             block.token_ids = ()
         seq.num_registered_blocks = min(seq.num_registered_blocks, first_block)
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every evictable cached block (e.g. after a failed step left their contents undefined)."""
-        for block_id in list(self.evictable):
-            self._forget(self.blocks[block_id])
-            self.free_block_ids.append(block_id)
-        self.evictable.clear()
-
     def _take_block(self) -> int:
         if self.free_block_ids:
             block_id = self.free_block_ids.popleft()

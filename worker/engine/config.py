@@ -7,7 +7,6 @@ the service's), so they are defined once.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -43,14 +42,10 @@ class EngineConfig:
     attention_backend: Literal["auto", "triton", "torch"] = "auto"  # auto: triton on CUDA
     cuda_graphs: bool = True  # decode steps replayed as CUDA graphs (triton backend on CUDA)
     fused_layers: bool = True  # one-launch norms, QKV + RoPE-and-store, gate/up + SiLU (triton backend)
-    # New prompts join a decoding batch at latest every N steps; None: 8 with CUDA graphs, else 0 (every step).
+    # New prompts join a decoding batch at latest every N steps; None: 8 with CUDA graphs, else 0 (each step).
     prefill_interval_steps: int | None = None
     async_output: bool | None = None  # stream step N's tokens while step N+1 runs; None: on with CUDA
     echo_token_delay_ms: float = 0.0  # echo engine: sleep per generated token
-
-    def with_policy(self, **changes: object) -> EngineConfig:
-        """This config with some admission knobs changed (`BatchPolicy` fields)."""
-        return dataclasses.replace(self, policy=dataclasses.replace(self.policy, **changes))  # type: ignore[arg-type]
 
     def prune_policy(self) -> PrunePolicy:
         """KV pruning as configured; raises `ValueError` for an unusable budget or mode."""

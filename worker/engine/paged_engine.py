@@ -41,7 +41,6 @@ from worker.engine.sequence import Sequence
 from worker.engine.step_scheduler import SchedulerOutput, StepScheduler
 from worker.engine.tokenize import eos_token_ids
 
-
 # With CUDA graphs, new requests join a decoding batch at the latest every this many steps (or as soon
 # as they fill a step's token budget): a mixed step runs eagerly and costs several graph decode steps.
 DEFAULT_PREFILL_INTERVAL_STEPS = 8

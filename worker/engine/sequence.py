@@ -89,10 +89,6 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
-    def completion_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @property
     def sampling_step(self) -> int:
         """The step index of the next sampled token (tokens sampled so far), which keys seeded noise."""
         return self.num_completion_tokens

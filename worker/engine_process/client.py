@@ -71,7 +71,9 @@ class EngineProcess(Engine):
     ):
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=serve, args=(child_conn, config, log_level), name="engine", daemon=True)
+        self._proc = ctx.Process(
+            target=serve, args=(child_conn, config, log_level), name="engine", daemon=True
+        )
         self._proc.start()
         child_conn.close()
         self.wait_s = wait_s

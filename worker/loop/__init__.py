@@ -1,1 +1,1 @@
-"""The worker loop and intake: read the streams, hand requests to the engine, step it, end requests."""
+"""The worker loop: read the streams, hand requests to the engine, step it, publish its outputs."""

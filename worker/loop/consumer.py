@@ -6,18 +6,18 @@ One thread does everything, so there is no locking. Each iteration, top to botto
    consumers' entries (`reclaim.py`), safe trimming and shedding (`backpressure.py`);
 2. launch the engine's next step (`submit_step`), if anything can run;
 3. while the device computes it: publish the previous step's tokens and finals
-   (`publishing.py`, one pipeline through `replies.py`), then read and validate new
+   (`publisher.py`, one pipeline through `worker/replies/writer.py`), then read and validate new
    entries (`intake.py`) and hand them to the engine at once;
 4. collect the step's outputs.
 
-Each request stream is a `Lane` (`tenants.py`): the single `<prefix>:requests`, or one per
+Each request stream is a `Lane` (`lanes.py`): the single `<prefix>:requests`, or one per
 tenant (`LLM_TENANTS`) or per shard (`LLM_STREAM_SHARDS`), or per shard of each tenant, all read
 in one call (one per hash slot on Redis Cluster); housekeeping runs per lane.
 
 The engine owns admission (time window, token budget, sequence cap, KV, priority aging,
 deadlines) with the one `BatchPolicy` of `WorkerSettings`. The loop blocks on Redis only
 when nothing is runnable; while the time window holds requests it polls on its own clock.
-An entry costs only itself (`refusals.py`); Redis errors back off and retry without losing
+An entry costs only itself (`worker/replies/refusals.py`); Redis errors back off and retry without losing
 the iteration's writes; the worker exits only on a signal. Shutdown is warm, then cold:
 the first SIGTERM stops reading, hands back what has not started, and drains the running
 requests for `drain_timeout_s`; a second signal exits at once (`__main__.py`).
@@ -35,20 +35,21 @@ from redis.typing import StreamIdT
 
 from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
 from producer.wire.redis_factory import recover
-from worker.observability.build_info import build_info
-from worker.loop.cancellation import Cancel, CancelWatch
 from worker.engine.base import Engine, FinishReason, SequenceOutput
 from worker.engine_process.client import EngineProcessDied
-from worker.loop.inflight import InFlight, InFlightTable, LoopCounters, Microbatch
+from worker.loop.cancellation import Cancel, CancelWatch
+from worker.loop.inflight import InFlight, InFlightTable
 from worker.loop.intake import generation_request
 from worker.loop.keyed_errors import KeyedResponseError
+from worker.loop.lanes import Lane, build_lanes, namespaces, read_lanes
+from worker.loop.publisher import Publisher
+from worker.observability.build_info import build_info
+from worker.observability.counters import LoopCounters, Microbatch
 from worker.observability.live_stats import LiveStats
 from worker.observability.phase_times import PhaseTimes
-from worker.replies.publisher import Publisher
 from worker.replies.writer import ReplyWriters
 from worker.replies.writer_thread import ReplyWriterThread
 from worker.settings import WorkerSettings
-from worker.loop.lanes import Lane, build_lanes, namespaces, read_lanes
 
 log = structlog.get_logger("worker")
 
@@ -329,9 +330,7 @@ class Consumer:
                 lane.answer_cancel(cancel)
             return
         self.counters.cancelled += 1
-        log.info(
-            "request_cancelled", id=f.request.id, state="running" if f.started else "waiting"
-        )
+        log.info("request_cancelled", id=f.request.id, state="running" if f.started else "waiting")
         self._abort(cancel.seq_id, "cancelled")
 
     def _drop_lost(self, lane: Lane, entry_id: bytes) -> None:

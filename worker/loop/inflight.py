@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from producer.wire.codec import ContentType
 from producer.wire.models import ChatRequest
@@ -102,43 +102,3 @@ class InFlightTable:
     def served_from(self, lane: Lane, entry_id: bytes) -> list[str]:
         """The requests read from this entry of this lane's stream."""
         return [seq_id for seq_id, f in self._by_id.items() if f.entry_id == entry_id and f.lane == lane]
-
-
-@dataclass
-class Microbatch:
-    """Requests the engine started in one step; logged as one `batch_done` when the last one ends."""
-
-    size: int
-    admitted_s: float
-    wait_ms: float
-    remaining: int
-    tokens: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    kv_peak_tokens: int = 0  # sum of the members' KV peaks
-
-
-@dataclass
-class LoopCounters:
-    """Totals over the worker's life, logged with `worker_stopped`."""
-
-    read: int = 0
-    invalid: int = 0
-    done: int = 0
-    tokens: int = 0  # generated tokens published
-    prompt_tokens: int = 0  # of the requests done
-    cached_tokens: int = 0  # of those prompt tokens, served from the prefix cache
-    errors: int = 0
-    steps: int = 0
-    reclaimed: int = 0
-    replayed: int = 0
-    dead_lettered: int = 0
-    shed: int = 0
-    cancelled: int = 0
-    lost: int = 0
-    finals_dropped: int = 0
-    redis_errors: int = 0
-    batches: dict[int, Microbatch] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, int]:
-        return {k: v for k, v in vars(self).items() if isinstance(v, int)}

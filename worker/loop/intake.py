@@ -22,11 +22,12 @@ from producer.wire.codec import ProtocolError, decode_request
 from producer.wire.models import ErrorCode, now_ms
 from producer.wire.redis_types import pending_rows, range_entries, read_entries
 from scheduler import Priority
+from worker.engine.base import Engine, GenerationRequest, SamplingParams
 from worker.loop.backpressure import Backpressure
 from worker.loop.cancellation import CancelWatch
-from worker.engine.base import Engine, GenerationRequest, SamplingParams
-from worker.loop.inflight import InFlight, InFlightTable, LoopCounters, entry_epoch_ms, seq_id_of
+from worker.loop.inflight import InFlight, InFlightTable, entry_epoch_ms, seq_id_of
 from worker.loop.reclaim import Reclaimer, delivery_counts
+from worker.observability.counters import LoopCounters
 from worker.replies.refusals import Refusals
 from worker.replies.writer import ReplyWriter
 from worker.settings import WorkerSettings
@@ -85,7 +86,7 @@ class Intake:
 
     def read_candidates(self, entries: Entries) -> list[InFlight]:
         """Accept the entries one XREADGROUP from `cursor()` returned for this stream, up to the final-reply
-        check, which the caller makes (`guard_keys`, then `tokenize_unanswered`): one pipeline checks every stream's."""
+        check, which the caller makes (`guard_keys`, then `tokenize_unanswered`): one pipeline for all."""
         replaying = self.replay_from is not None
         deliveries: dict[bytes, int] = {}
         if replaying:

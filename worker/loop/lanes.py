@@ -31,7 +31,6 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
@@ -39,14 +38,15 @@ from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode
 from producer.wire.redis_factory import by_slot, is_cluster
 from producer.wire.redis_types import read_entries
+from worker.engine.base import Engine
 from worker.loop.backpressure import Backpressure
 from worker.loop.cancellation import Cancel, CancelWatch
-from worker.engine.base import Engine
 from worker.loop.heartbeat import Heartbeat
-from worker.loop.inflight import InFlight, InFlightTable, LoopCounters
+from worker.loop.inflight import InFlight, InFlightTable
 from worker.loop.intake import Entries, Intake
 from worker.loop.keyed_errors import about
 from worker.loop.reclaim import Reclaimer
+from worker.observability.counters import LoopCounters
 from worker.replies.refusals import Refusals
 from worker.replies.writer import ReplyWriter
 from worker.settings import WorkerSettings
@@ -207,4 +207,3 @@ def _read_group(
             )
         )  # fmt: skip
     return {key.decode(): entries for key, entries in reply}
-

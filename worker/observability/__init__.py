@@ -1,1 +1,1 @@
-"""Observability: JSON logs, the stats stream and its live view (`top`), GPU readings, loop phase times."""
+"""Observability: JSON logs, loop counters, the stats stream and its live view (`top`), GPU readings."""

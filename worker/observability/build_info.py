@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 DISTRIBUTION = "llm-stream-serve"  # pyproject.toml [project] name
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def package_version() -> str:

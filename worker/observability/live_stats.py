@@ -18,11 +18,11 @@ import structlog
 
 from producer.wire.keys import StreamNames
 from worker.engine.base import Engine
+from worker.observability.counters import LoopCounters
 from worker.observability.gpu_telemetry import GpuTelemetry
-from worker.loop.inflight import LoopCounters
 from worker.observability.phase_times import PhaseTimes
-from worker.settings import WorkerSettings
 from worker.observability.stats import Fields, GroupBacklog, StatsWindow
+from worker.settings import WorkerSettings
 
 log = structlog.get_logger("worker")
 

@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from worker.engine.base import EngineCapacity
+from worker.observability.counters import LoopCounters
 from worker.observability.gpu_telemetry import GpuSample
-from worker.loop.inflight import LoopCounters
 
 Number = int | float
 Fields = dict[str, str | Number]

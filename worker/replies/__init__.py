@@ -1,1 +1,1 @@
-"""Replies and refusals: engine outputs into reply events, the one writer of reply streams, finals and acks."""
+"""Replies and refusals: the one writer of reply streams (finals, acks, dead letters), and refusals."""

@@ -15,8 +15,8 @@ import structlog
 
 from producer.wire.codec import ContentType, ProtocolError, decode_request
 from producer.wire.models import ChatRequest, ErrorCode
+from worker.observability.counters import LoopCounters
 from worker.replies.dead_letter import dead_letter_fields
-from worker.loop.inflight import LoopCounters
 from worker.replies.writer import ReplyWriter
 from worker.settings import WorkerSettings
 

@@ -242,11 +242,6 @@ class ReplyWriters:
     def __init__(self, by_lane: Mapping[tuple[str | None, int | None], ReplyWriter]):
         self.by_lane = dict(by_lane)
 
-    @classmethod
-    def single(cls, writer: ReplyWriter) -> ReplyWriters:
-        """The writers of a worker with one lane, the un-namespaced stream's."""
-        return cls({writer.names.lane: writer})
-
     def of(self, lane: tuple[str | None, int | None]) -> ReplyWriter:
         return self.by_lane[lane]
 

@@ -60,7 +60,9 @@ def _delete_keys(url: str, prefix: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m worker.tools.demo", description=__doc__)
-    p.add_argument("--engine", default=os.environ.get("LLM_ENGINE", "paged"), choices=["paged", "static", "echo", "hf"])
+    p.add_argument(
+        "--engine", default=os.environ.get("LLM_ENGINE", "paged"), choices=["paged", "static", "echo", "hf"]
+    )
     p.add_argument("--max-tokens", type=int, default=48)
     args = p.parse_args(argv)
 

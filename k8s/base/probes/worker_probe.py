@@ -54,8 +54,9 @@ def main(argv: list[str]) -> int:
     if settings.redis_url is None:
         print("REDIS_URL is not set: a pod's worker must use a shared Redis", file=sys.stderr)
         return 1
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=SOCKET_TIMEOUT_S,
-                                  socket_connect_timeout=SOCKET_TIMEOUT_S)
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+    )
     try:
         healthy, reason = check(mode, client, heartbeat_key(settings.prefix, settings.consumer_name))
     finally:

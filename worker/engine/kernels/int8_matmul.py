@@ -63,8 +63,8 @@ GEMV_CONFIGS = (
     Int8MatmulConfig(1, 16, 256, split_k=8),
     Int8MatmulConfig(16, 64, 128, split_k=1, num_stages=4),
     Int8MatmulConfig(16, 64, 128, split_k=4, num_stages=4),
-    # Fastest for Llama-3.2-1B's QKV and o (K = 2,048 in one tile row) and gate/up, on an H200
-    # (`loadtest/int8_kernel_bench.py`).
+    # Fastest for Llama-3.2-1B's QKV and o (K = 2,048 in one tile row) and gate/up in a sweep on an
+    # H200 (a removed study; docs/benchmarks.md, "INT8 weights", keeps its conclusion).
     Int8MatmulConfig(1, 16, 1024),
     Int8MatmulConfig(1, 64, 256, num_warps=8),
 )

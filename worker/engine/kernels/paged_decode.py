@@ -108,8 +108,8 @@ def _merge_splits_kernel(
     )
 
 
-# (BLOCK_N, warps, stages) by cache format: the fastest over the four shapes of
-# `loadtest/attention_kernel_bench.py`'s sweep on an H200 (docs/benchmarks.md).
+# (BLOCK_N, warps, stages) by cache format: the fastest over the four decode shapes (B = 64 and 256,
+# 1k and 8k context) in a sweep on an H200 (a removed study; docs/benchmarks.md, "INT8 KV cache").
 LAUNCH_FLOAT = (64, 4, 2)
 LAUNCH_INT8 = (128, 2, 3)
 

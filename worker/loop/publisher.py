@@ -22,7 +22,8 @@ from producer.wire.models import (
     now_ms,
 )
 from worker.engine.base import SequenceOutput
-from worker.loop.inflight import InFlight, InFlightTable, LoopCounters, Microbatch
+from worker.loop.inflight import InFlight, InFlightTable
+from worker.observability.counters import LoopCounters, Microbatch
 from worker.replies.writer import FinalWrite, ReplyWriters
 
 log = structlog.get_logger("worker")
