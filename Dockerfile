@@ -48,4 +48,7 @@ ARG GIT_COMMIT=""
 ENV LLM_GIT_COMMIT=${GIT_COMMIT}
 USER 10001
 WORKDIR /tmp
+# One image, three processes: `llm-worker` (the default), `llm-gateway` (the OpenAI-compatible HTTP
+# gateway, on port 8000) and `llm-bulk worker`; the k8s Deployments pick theirs with `command`.
+EXPOSE 8000
 ENTRYPOINT ["llm-worker"]

@@ -56,6 +56,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.typing import KeyT, StreamIdT
 
+from producer.messages import Messages, normalize_messages
 from producer.settings import ProducerSettings
 from producer.wire import backlog, final_guard
 from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
@@ -113,13 +114,38 @@ class Reply:
         return cls(event.id, event.text, event.finish_reason, event.usage, event.timings, event.attempt)
 
 
-def build_request(
-    messages: list[dict[str, str]] | None, prompt: str | None, params: dict[str, Any]
-) -> ChatRequest:
-    """Validate a request locally before sending, so a bad call fails at the caller."""
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request validated and placed in its namespace, with its entry encoded, not yet sent.
+
+    `AsyncChatClient.prepare` makes one and `AsyncChatClient.send` sends it; `submit` is the two in
+    one. A caller that reads replies itself (the HTTP gateway's multiplexer) learns the reply stream
+    (`reply_key`) before the request is sent.
+    """
+
+    request: ChatRequest
+    content_type: ContentType
+    args: list[Any]  # the admission script's ARGV
+    names: StreamNames
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    @property
+    def reply_key(self) -> str:
+        return self.request.reply_key(self.names.root)
+
+
+def build_request(messages: Messages | None, prompt: str | None, params: dict[str, Any]) -> ChatRequest:
+    """Validate a request locally before sending, so a bad call fails at the caller.
+
+    `messages` may use the OpenAI shapes of `producer/messages.py` (text parts, `developer`, `name`);
+    a message the wire cannot carry raises `MessageError` (a ValueError naming the place).
+    """
     body: dict[str, Any] = dict(params)
     if messages is not None:
-        body["messages"] = messages
+        body["messages"] = normalize_messages(messages)
     if prompt is not None:
         body["prompt"] = prompt
     return ChatRequest.model_validate(body)
@@ -296,6 +322,29 @@ class _ClientCore:
         )
         return None
 
+    def check_event(
+        self, request_id: str, reply_key: str, entry_id: bytes, fields: dict[bytes, bytes]
+    ) -> ReplyEvent | None:
+        """A reply entry read by the caller: its event if it is the workers' answer to `request_id`, else
+        None (logged `reply_event_rejected` and counted, as the client's own reads do)."""
+        return self._trusted(request_id, reply_key, entry_id, fields)
+
+    def forget(self, request_id: str) -> None:
+        """Drop what the client kept of a sent request (its reply key and encoding) once it has ended;
+        the client's own reads do this when they see the final event."""
+        self._sent.pop(request_id, None)
+
+    def prepare(
+        self,
+        messages: Messages | None = None,
+        *,
+        prompt: str | None = None,
+        content_type: ContentType | None = None,
+        **params: Any,
+    ) -> PreparedRequest:
+        """Validate and place a request as `submit` does, without sending it (`send` does)."""
+        return PreparedRequest(*self._prepare(messages, prompt, content_type, params))
+
     def _connection_args(self) -> dict[str, Any]:
         # The socket timeout stays above the longest XREAD BLOCK the client issues.
         return {"socket_timeout": self.settings.reply_block_ms / 1000 + 10, "socket_connect_timeout": 5}
@@ -330,7 +379,7 @@ class _ClientCore:
         return names
 
     def _prepare(
-        self, messages: list[dict[str, str]] | None, prompt: str | None, content_type: ContentType | None,
+        self, messages: Messages | None, prompt: str | None, content_type: ContentType | None,
         params: dict[str, Any],
     ) -> tuple[ChatRequest, ContentType, list[Any], StreamNames]:  # fmt: skip
         """Validate a request locally, pick its namespace, and build the admission script's ARGV for it.
@@ -445,7 +494,7 @@ class ChatClient(_ClientCore):
 
     def submit(
         self,
-        messages: list[dict[str, str]] | None = None,
+        messages: Messages | None = None,
         *,
         prompt: str | None = None,
         content_type: ContentType | None = None,
@@ -598,13 +647,13 @@ class ChatClient(_ClientCore):
         raise ChatError(ErrorCode.INTERNAL, "reply stream ended without a final event", request_id)
 
     def chat(
-        self, messages: list[dict[str, str]] | None = None, *, timeout_s: float | None = None, **params: Any
+        self, messages: Messages | None = None, *, timeout_s: float | None = None, **params: Any
     ) -> Reply:
         """Send a request and wait for its reply."""
         return self.result(self.submit(messages, **params), timeout_s=timeout_s)
 
     def stream(
-        self, messages: list[dict[str, str]] | None = None, *, timeout_s: float | None = None, **params: Any
+        self, messages: Messages | None = None, *, timeout_s: float | None = None, **params: Any
     ) -> ReplyStream:
         """Send a request; iterate the result for token events, then read `.reply`."""
         params.setdefault("stream", True)
@@ -641,14 +690,18 @@ class AsyncChatClient(_ClientCore):
 
     async def submit(
         self,
-        messages: list[dict[str, str]] | None = None,
+        messages: Messages | None = None,
         *,
         prompt: str | None = None,
         content_type: ContentType | None = None,
         **params: Any,
     ) -> str:
         """Enqueue a request; ChatError(overloaded), nothing enqueued, when the backlog is at the limit."""
-        request, ct, args, names = self._prepare(messages, prompt, content_type, params)
+        return await self.send(self.prepare(messages, prompt=prompt, content_type=content_type, **params))
+
+    async def send(self, prepared: PreparedRequest) -> str:
+        """Enqueue a request made by `prepare`; as `submit` (which is `send(prepare(...))`)."""
+        request, ct, args, names = prepared.request, prepared.content_type, prepared.args, prepared.names
         give_up = time.monotonic() + self.settings.submit_retry_s
         backoff = self._backoff()
         while True:
@@ -786,12 +839,12 @@ class AsyncChatClient(_ClientCore):
         raise ChatError(ErrorCode.INTERNAL, "reply stream ended without a final event", request_id)
 
     async def chat(
-        self, messages: list[dict[str, str]] | None = None, *, timeout_s: float | None = None, **params: Any
+        self, messages: Messages | None = None, *, timeout_s: float | None = None, **params: Any
     ) -> Reply:
         return await self.result(await self.submit(messages, **params), timeout_s=timeout_s)
 
     def stream(
-        self, messages: list[dict[str, str]] | None = None, *, timeout_s: float | None = None, **params: Any
+        self, messages: Messages | None = None, *, timeout_s: float | None = None, **params: Any
     ) -> AsyncReplyStream:
         """A request to stream: `async for` it for token events, then read `.reply`.
 
@@ -820,7 +873,7 @@ class AsyncReplyStream:
     """
 
     def __init__(
-        self, client: AsyncChatClient, messages: list[dict[str, str]] | None, timeout_s: float,
+        self, client: AsyncChatClient, messages: Messages | None, timeout_s: float,
         params: dict[str, Any],
     ):  # fmt: skip
         self.id: str | None = None

@@ -46,7 +46,7 @@ def test_manifests_run_the_image_the_dockerfile_builds() -> None:
     ]
     assert containers and {c["image"] for c in containers} == {tag.group(1)}
     entry = {c["name"]: c["command"][0] for c in containers}
-    assert entry == {"worker": "llm-worker", "bulk-worker": "llm-bulk"}
+    assert entry == {"worker": "llm-worker", "bulk-worker": "llm-bulk", "gateway": "llm-gateway"}
     # The converted default model is baked where the pods look for it, and nothing mounts over it.
     config = next(d for d in docs if d.get("kind") == "ConfigMap" and "LLM_CACHE_DIR" in d.get("data", {}))
     assert config["data"]["LLM_CACHE_DIR"] == cache_dir.group(1)

@@ -27,6 +27,8 @@ from pydantic_settings import BaseSettings
 
 from producer.bulk import BulkSettings
 from producer.client import ChatClient, ChatError
+from producer.gateway.api_keys import KeyRing
+from producer.gateway.settings import GatewaySettings
 from producer.settings import ProducerSettings
 from producer.wire.keys import CONSUMER_GROUP, heartbeat_key, requests_stream
 from worker.loop.heartbeat import DRAINING
@@ -38,6 +40,7 @@ BASE = K8S / "base"
 PROBE = BASE / "probes" / "worker_probe.py"
 DASHBOARD = BASE / "dashboards" / "llm-workers.json"
 SECRET_TEMPLATE = K8S / "redis-secret.template.yaml"
+GATEWAY_KEYS_TEMPLATE = K8S / "gateway-keys-secret.template.yaml"
 
 # Env vars set for third-party runtimes, not read by our settings: each with its reason.
 RUNTIME_ENV = {
@@ -162,12 +165,13 @@ def test_kustomizations_reference_existing_files_and_leave_out_the_secret_templa
             for f in gen.get("files", []):
                 assert (kfile.parent / f).is_file(), f"{kfile}: missing file {f}"
                 listed.add((kfile.parent / f).resolve())
-    # Every manifest is deployed by some kustomization, except the Secret template: applying a
+    # Every manifest is deployed by some kustomization, except the Secret templates: applying a
     # committed placeholder would overwrite the real credentials.
     for path in manifest_files():
         if path.name == "kustomization.yaml":
             continue
-        assert (path.resolve() in listed) == (path != SECRET_TEMPLATE), path
+        assert (path.resolve() in listed) == (not path.name.endswith(".template.yaml")), path
+    assert {p.name for p in K8S.glob("*.template.yaml")} == {SECRET_TEMPLATE.name, GATEWAY_KEYS_TEMPLATE.name}
     assert PROBE.resolve() in listed and DASHBOARD.resolve() in listed
 
 
@@ -434,3 +438,45 @@ def test_dashboard_fields_are_in_the_workers_log_events(logged_worker) -> None:
             assert all(field in e for e in logged), f"{event} lacks {field}"
             if event in {"request_done", "batch_done"} and field not in {"finish_reason"}:
                 assert any(isinstance(v, int | float) for v in values), f"{event}.{field} is never numeric"
+
+
+# -- gateway ------------------------------------------------------------------------------------------
+def test_gateway_env_vars_are_real_settings_and_its_probes_are_its_routes(
+    docs, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    deployment = find(docs, "Deployment", "llm-gateway")
+    gateway = container(deployment, "gateway")
+    assert gateway["command"] == ["llm-gateway"]  # the console script of pyproject.toml
+    env = container_env(docs, gateway)
+    check_env_names(
+        env, settings_env_names(GatewaySettings) | settings_env_names(ProducerSettings), "llm-gateway"
+    )
+    assert env["REDIS_URL"] == {"secretKeyRef": {"name": "llm-redis", "key": "redis-url"}}
+    # The keys file is the Secret's key, mounted where the ConfigMap points.
+    keys_path = Path(env["LLM_GATEWAY_KEYS_FILE"])
+    mount = next(m for m in gateway["volumeMounts"] if m["name"] == "keys")
+    assert keys_path.parent == Path(mount["mountPath"])
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "keys")
+    template = find(docs, "Secret", volume["secret"]["secretName"])
+    assert template["__file__"] == GATEWAY_KEYS_TEMPLATE and keys_path.name in template["stringData"]
+    # The template's line has the shape the gateway loads (with a real digest in place of the placeholder).
+    line = template["stringData"][keys_path.name].strip().replace("CHANGE-ME", "0" * 64, 1)
+    (tmp_path / keys_path.name).write_text(line + "\n")
+    assert [k.tenant for k in KeyRing.load(tmp_path / keys_path.name).keys] == ["alice"]
+    for name, value in env.items():
+        if isinstance(value, str) and name != "LLM_GATEWAY_KEYS_FILE":
+            monkeypatch.setenv(name, value)
+    settings = GatewaySettings()
+    port = gateway["ports"][0]
+    assert settings.port == port["containerPort"] and settings.host == "0.0.0.0"
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert settings.drain_s + DRAIN_EXIT_MARGIN_S <= grace
+    assert (gateway["livenessProbe"]["httpGet"]["path"], gateway["readinessProbe"]["httpGet"]["path"]) == (
+        "/health",
+        "/ready",
+    )
+    service = find(docs, "Service", "llm-gateway")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    hpa = find(docs, "HorizontalPodAutoscaler", "llm-gateway")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "llm-gateway" and "replicas" not in deployment["spec"]

@@ -171,6 +171,7 @@ def test_worker_writes_stats_under_load(start_worker, redis_url: str, redis_clie
     assert len(entries) >= len(events) - 1 and len(entries) <= 200
     fields = {k.decode(): v.decode() for k, v in entries[-1][1].items()}
     assert fields["worker"] == worker.name
+    assert (fields["engine"], fields["model"]) == ("echo", "none")  # what the gateway's /v1/models lists
     assert {"requests_per_s", "tokens_per_s", "lag", "pending", "running", "waiting", "steps"} <= set(fields)
     assert int(fields["lag"]) >= 0 and not any(f in fields for f in GPU_FIELDS)
 
@@ -196,6 +197,9 @@ def test_stats_group_backlog_reads_lag_and_pending(redis_client: redis.Redis, pr
 class _IdleEngine:
     def capacity(self) -> EngineCapacity:
         return EngineCapacity(running=0, decode_tokens=0, free_kv_tokens=None, total_kv_tokens=None)
+
+    def describe(self) -> dict[str, str | int]:
+        return {"model": "none"}
 
 
 def test_stats_without_redis_are_logged_and_skipped(prefix: str) -> None:

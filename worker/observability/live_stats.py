@@ -81,6 +81,9 @@ class LiveStats:
         self.block_size = settings.kv_block_size_tokens
         self.window = StatsWindow(settings.stats_interval_s, counters, time.monotonic())
         self.gpus = GpuTelemetry()
+        # What this worker serves, so readers of the stream (the HTTP gateway's /v1/models) can list it.
+        model = str(engine.describe().get("model", "none"))
+        self.serves: Fields = {"engine": settings.engine, "model": model}
 
     def tick(self) -> Fields | None:
         """Log and write the record if the interval is over; returns it (None when not due)."""
@@ -97,6 +100,7 @@ class LiveStats:
             self.worker, self.counters, now, self.phases.take_steps(), self.engine.capacity(),
             self.block_size, backlog, self.gpus.sample(),
         )  # fmt: skip
+        fields.update(self.serves)
         log.info("worker_stats", **fields)
         if reachable:  # Redis answered a moment ago
             try:

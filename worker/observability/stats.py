@@ -10,6 +10,7 @@ Fields (a reading the worker does not have is absent, never zero):
 | field | meaning |
 | --- | --- |
 | worker | the consumer name |
+| engine, model | what the worker serves: `LLM_ENGINE` and the model's name (`none` for echo) |
 | interval_s | seconds this record covers |
 | requests_per_s, tokens_per_s | requests answered and tokens generated per second over the interval |
 | lag, pending | the consumer group's lag (entries no worker has read) and pending entries (XINFO GROUPS) |

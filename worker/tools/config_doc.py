@@ -16,6 +16,7 @@ from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
 from producer.bulk import BulkSettings
+from producer.gateway.settings import GatewaySettings
 from producer.settings import ProducerSettings
 from worker.settings import WorkerSettings
 
@@ -44,7 +45,12 @@ def _default(cls: type[BaseSettings], name: str) -> str:
 def config_table() -> str:
     """Markdown table of every worker, client and bulk-job setting."""
     lines = ["| process | env var | default | meaning |", "| --- | --- | --- | --- |"]
-    processes = (("worker", WorkerSettings), ("producer", ProducerSettings), ("bulk jobs", BulkSettings))
+    processes = (
+        ("worker", WorkerSettings),
+        ("producer", ProducerSettings),
+        ("bulk jobs", BulkSettings),
+        ("gateway", GatewaySettings),
+    )
     for label, cls in processes:
         for name, field in cls.model_fields.items():
             doc = (field.description or "").replace("|", "\\|")

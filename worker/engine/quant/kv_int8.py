@@ -12,8 +12,8 @@ Why the rotation: H is orthonormal, so attention reads the cache unchanged but f
 when the queries are rotated too ((q H).(k H) = q.k) and the output multiplied by H^T
 ((P (V H)) H^T = P V). It spreads a key's few large channels over all of them, so one scale per
 vector rounds it about half as coarsely (in SmolLM2-135M, K's relative error 1.15% -> 0.55%; see
-docs/benchmarks.md, "INT8 KV cache"). Sylvester's construction needs a power-of-two head_dim, which the INT8 cache
-therefore requires (`check_head_dim`; SmolLM2 and Llama-3.2 use 64).
+docs/benchmarks.md, "INT8 KV cache"). Sylvester's construction needs a power-of-two head_dim,
+which the INT8 cache therefore requires (`check_head_dim`; SmolLM2 and Llama-3.2 use 64).
 
 Why per token and per head: a K/V vector is written once and read by every later query, and
 its magnitude varies a lot between heads and between tokens (attention-sink tokens carry large

@@ -1,0 +1,53 @@
+"""The gateway in front of the default model (SmolLM2-135M-Instruct, paged engine): real answers, and
+seeded sampling that repeats itself. Few, short requests (max_tokens <= 16): the model runs on CPU here."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import openai
+import pytest
+from gateway_process import GatewayProcess, start_worker
+
+pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
+
+MODEL = "SmolLM2-135M-Instruct"
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    prefix = f"gwm{uuid.uuid4().hex[:8]}"
+    logs = tmp_path_factory.mktemp("model")
+    worker = start_worker(redis_url, prefix, logs, engine="paged", max_wait_ms=0)
+    try:
+        with GatewayProcess(redis_url, prefix, logs, LLM_GATEWAY_DEFAULT_MODEL=MODEL) as gateway:
+            gateway.wait_model(MODEL)
+            yield openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0, timeout=600)
+    finally:
+        worker.stop()
+
+
+def test_the_model_answers_through_the_gateway(client: openai.OpenAI) -> None:
+    assert MODEL in [m.id for m in client.models.list().data]
+    reply = client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=16, temperature=0)
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.usage is not None and reply.usage.prompt_tokens > 5
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=CAPITAL, max_tokens=16, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == reply.choices[0].message.content
+
+
+def test_a_seed_makes_sampling_repeat(client: openai.OpenAI) -> None:
+    ask = [{"role": "user", "content": "Tell me a word."}]
+
+    def sample() -> str:
+        reply = client.chat.completions.create(
+            model=MODEL, messages=ask, max_tokens=12, temperature=1.0, seed=1234
+        )
+        return reply.choices[0].message.content or ""
+
+    first = sample()
+    assert first and sample() == first
