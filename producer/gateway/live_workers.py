@@ -4,7 +4,9 @@ Every worker appends one record to `<prefix>:stats` each `LLM_STATS_INTERVAL_S` 
 `worker_stats`): flat string fields, among them `worker` (its consumer name) and, from workers that
 report it, `engine` and `model`. The gateway reads the stream's recent end (`XREVRANGE`, entries
 younger than `worker_liveness_s`, by the entry ids' millisecond clock) every `stats_refresh_s` and
-keeps each worker's newest record. A worker is live while that record is younger than the window.
+keeps each worker's newest record. Entry ids carry the Redis server's clock and the window is taken on
+the gateway's: the two must agree to well within the window. A worker is live while that record is
+younger than the window.
 
 The model a worker serves is its record's `model`; an echo worker (`model` `none`) serves `echo`
 (its engine's name); a record without `model` (workers older than that field) counts as serving
