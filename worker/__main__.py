@@ -12,12 +12,12 @@ import pydantic
 import structlog
 
 from producer.config_errors import CONFIG_ERROR_EXIT, config_error_fields
+from producer.logs import configure_logging
 from producer.wire.redis_factory import connect
 from worker.engine_process.client import EngineProcessDied
 from worker.engine_process.launch import open_engine
 from worker.local_redis.server import local_server
 from worker.loop.consumer import Consumer
-from worker.observability.logs import configure_logging
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger("worker")

@@ -29,8 +29,8 @@ import uvicorn
 from producer.config_errors import CONFIG_ERROR_EXIT, print_config_error, print_config_event
 from producer.gateway.api_keys import KeysFileError
 from producer.gateway.app import create_app
-from producer.gateway.logs import configure_logging
 from producer.gateway.settings import GatewaySettings
+from producer.logs import configure_logging
 from producer.settings import ProducerSettings
 
 log = structlog.get_logger("producer.gateway")

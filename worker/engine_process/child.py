@@ -35,10 +35,10 @@ from typing import Any
 
 import structlog
 
+from producer.logs import configure_logging
 from worker.engine.base import Engine, SequenceOutput
 from worker.engine.config import EngineConfig
 from worker.engine.factory import create_engine
-from worker.observability.logs import configure_logging
 
 log = structlog.get_logger("worker")
 

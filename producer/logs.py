@@ -1,4 +1,5 @@
-"""Structured JSON logs on stdout: one event per line, for dashboards and on-call queries."""
+"""Structured JSON logs on stdout, one event per line (`event`, `level`, `timestamp`): the format of the
+workers and the gateway alike, for dashboards and on-call queries."""
 
 from __future__ import annotations
 
