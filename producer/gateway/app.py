@@ -99,6 +99,7 @@ class RequestMiddleware:
         state = scope.setdefault("state", {})
         info: dict[str, Any] = {}
         state["log"] = info
+        state["started"] = started
         given = _header(scope, b"x-request-id")
         bad_id = given is not None and not _valid_request_id(given)
         request_id = given if given is not None and not bad_id else new_request_id()
@@ -144,7 +145,7 @@ class RequestMiddleware:
                 method=scope.get("method"),
                 path=path,
                 status=final_status,
-                ms=round((time.perf_counter() - started) * 1000, 3),
+                ms=_ms_since(started),
                 **info,
             )
 
@@ -290,12 +291,15 @@ async def _completion(request: Request, chat: bool) -> Response:
     renderer: Renderer = (ChatRenderer if chat else CompletionRenderer)(request_id, req.model)
     gw.requests += 1
     call = Call(backend, prepared, timeout_s, gw.settings.retry_after_s)
+    started: float = request.state.started
     await call.start(request.receive)
+    info["sent_ms"] = _ms_since(started)
     try:
         first = await (call.next() if req.stream else call.final())
     except BaseException:
         await call.finish()
         raise
+    info["first_event_ms"] = _ms_since(started)
     if isinstance(first, DoneEvent) and not req.stream:
         await call.finish()
         info.update(done_fields(first))
@@ -311,6 +315,10 @@ async def _completion(request: Request, chat: bool) -> Response:
         raise error
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return EventStreamResponse(call, first, renderer, include_usage, {}, info.update)
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
 
 
 def _backend_of(request: Request) -> Backend:
