@@ -142,28 +142,50 @@ class ServiceError(Exception):
         super().__init__(code)
 
 
-class ChatUser(User):
+class ChatSlot:
+    """What the Redis user here and the HTTP user (`locustfile_openai.py`) share: one user's slice of
+    W1 and its options, and the events it reports (`request_type` tells the two apart)."""
+
+    request_type = "redis"
+    environment: Environment
+
+    def join_workload(self, environment: Environment) -> Any:
+        """Take this user's request sequence and options; the parsed options."""
+        options = environment.parsed_options
+        assert options is not None, "run through the locust command line"
+        self.workload = ChatWorkload(options, next(_user_numbers))
+        self.timeout_s: float = options.request_timeout_s
+        self.stream: bool = options.llm_stream
+        return options
+
+    def _fire(self, name: str, ms: float, length: int = 0, exception: Exception | None = None) -> None:
+        self.environment.events.request.fire(
+            request_type=self.request_type, name=name, response_time=ms, response_length=length,
+            exception=exception, context={},
+        )  # fmt: skip
+
+    def _fire_done(self, start: float, first_token_at: float | None, tokens: int) -> None:
+        """`tpot` (replies of 2+ tokens after a first token) and `chat`, for a chat that ended well."""
+        end = time.perf_counter()
+        if first_token_at is not None and tokens > 1:
+            self._fire("tpot", (end - first_token_at) * 1000 / (tokens - 1))
+        self._fire("chat", (end - start) * 1000, length=tokens)
+
+
+class ChatUser(ChatSlot, User):
     """One chatbot conversation slot: send a request, stream the reply, think, repeat."""
 
     wait_time = between(0.1, 1.0)
 
     def __init__(self, environment: Environment):
         super().__init__(environment)
-        options = environment.parsed_options
-        assert options is not None, "run through the locust command line"
-        self.workload = ChatWorkload(options, next(_user_numbers))
-        self.timeout_s = options.request_timeout_s
-        self.stream = options.llm_stream
+        options = self.join_workload(environment)
         # REDIS_URL from the environment (ProducerSettings); the prefix from --llm-prefix or LLM_PREFIX.
         prefix = {"prefix": options.llm_prefix} if options.llm_prefix else {}
         self.client = ChatClient(timeout_s=self.timeout_s, **prefix)
 
     def on_stop(self) -> None:
         self.client.close()
-
-    def _fire(self, name: str, ms: float, length: int = 0, exception: Exception | None = None) -> None:
-        self.environment.events.request.fire(request_type="redis", name=name, response_time=ms,
-                                             response_length=length, exception=exception, context={})
 
     @task
     def chat(self) -> None:
@@ -188,11 +210,7 @@ class ChatUser(User):
         except ChatTimeout:
             self._fire("chat", (time.perf_counter() - start) * 1000, exception=ServiceError("timeout"))
             return
-        end = time.perf_counter()
         if reply is None:
-            self._fire("chat", (end - start) * 1000, exception=ServiceError("no_final_reply"))
+            self._fire("chat", (time.perf_counter() - start) * 1000, exception=ServiceError("no_final_reply"))
             return
-        tokens = reply.usage.completion_tokens
-        if first_token_at is not None and tokens > 1:
-            self._fire("tpot", (end - first_token_at) * 1000 / (tokens - 1))
-        self._fire("chat", (end - start) * 1000, length=tokens)
+        self._fire_done(start, first_token_at, reply.usage.completion_tokens)

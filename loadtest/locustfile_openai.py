@@ -21,16 +21,13 @@ one `GET /v1/models` lists.
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from typing import Any
 
 from locust import HttpUser, between, events, task
 from locust.env import Environment
-from locustfile import ChatWorkload, ServiceError  # the same workload, and its options
-
-_user_numbers = itertools.count()
+from locustfile import ChatSlot, ServiceError  # the same workload, its options and reports
 
 
 @events.init_command_line_parser.add_listener
@@ -58,18 +55,15 @@ def _failure(response: Any) -> ServiceError:
         return ServiceError(f"http_{response.status_code}")
 
 
-class OpenAIChatUser(HttpUser):
+class OpenAIChatUser(ChatSlot, HttpUser):
     """One chatbot conversation slot over HTTP: send a chat completion, read it, think, repeat."""
 
     wait_time = between(0.1, 1.0)
+    request_type = "http"
 
     def __init__(self, environment: Environment):
         super().__init__(environment)
-        options = environment.parsed_options
-        assert options is not None, "run through the locust command line"
-        self.workload = ChatWorkload(options, next(_user_numbers))
-        self.timeout_s = options.request_timeout_s
-        self.stream = options.llm_stream
+        options = self.join_workload(environment)
         self.headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
         self.model = options.llm_model
 
@@ -82,16 +76,6 @@ class OpenAIChatUser(HttpUser):
                     self.model = "default"
                     return
                 self.model = models[0]["id"]
-
-    def _fire(self, name: str, ms: float, length: int = 0, exception: Exception | None = None) -> None:
-        self.environment.events.request.fire(
-            request_type="http",
-            name=name,
-            response_time=ms,
-            response_length=length,
-            exception=exception,
-            context={},
-        )
 
     @task
     def chat(self) -> None:
@@ -144,7 +128,4 @@ class OpenAIChatUser(HttpUser):
                 "chat", (time.perf_counter() - start) * 1000, exception=ServiceError(type(exc).__name__)
             )
             return
-        end = time.perf_counter()
-        if first_token_at is not None and tokens > 1:
-            self._fire("tpot", (end - first_token_at) * 1000 / (tokens - 1))
-        self._fire("chat", (end - start) * 1000, length=tokens)
+        self._fire_done(start, first_token_at, tokens)

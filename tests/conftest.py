@@ -8,8 +8,6 @@ tests never see each other's streams.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from worker_process import WorkerProcess
+from worker_process import WorkerProcess, spawn_worker
 
 from producer.client import ChatClient
 from worker.local_redis.server import EmbeddedRedis
@@ -53,21 +51,6 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-def worker_acl_url(redis_url: str, prefix: str) -> str:
-    """With `LLM_TEST_WORKER_ACL=1`, workers connect as a user with exactly the ACL that
-    `python -m worker.acl worker` generates for the test's prefix (clients stay the default user)."""
-    from worker.tools.acl import worker_rules
-
-    user, password = f"worker-{prefix}", "test-worker-pw"
-    admin = redis.Redis.from_url(redis_url)
-    try:
-        admin.execute_command("ACL", "SETUSER", user, *worker_rules(password, prefix))
-    finally:
-        admin.close()
-    scheme, rest = redis_url.split("://", 1)
-    return f"{scheme}://{user}:{password}@{rest}"
-
-
 @pytest.fixture()
 def start_worker(redis_url: str, prefix: str, tmp_path: Path) -> Iterator:
     """Factory: start_worker(engine="echo", **env_settings) -> WorkerProcess (already serving)."""
@@ -75,27 +58,7 @@ def start_worker(redis_url: str, prefix: str, tmp_path: Path) -> Iterator:
 
     def start(engine: str = "echo", wait: bool = True, **settings: object) -> WorkerProcess:
         name = f"w{len(started)}-{uuid.uuid4().hex[:6]}"
-        env = dict(os.environ)
-        env.update(
-            {
-                "REDIS_URL": redis_url,
-                "LLM_PREFIX": prefix,
-                "LLM_ENGINE": engine,
-                "LLM_CONSUMER_NAME": name,
-                "HF_HUB_OFFLINE": "1",
-                "TQDM_DISABLE": "1",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        env.update({f"LLM_{k.upper()}": str(v) for k, v in settings.items()})
-        if os.environ.get("LLM_TEST_WORKER_ACL"):
-            env["REDIS_URL"] = worker_acl_url(redis_url, prefix)
-        log_path = tmp_path / f"{name}.log"
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
-            )
-        worker = WorkerProcess(proc, log_path, name, env)
+        worker = spawn_worker(redis_url, prefix, tmp_path, name, engine, wait=False, **settings)
         started.append(worker)
         if wait:
             worker.wait_started()

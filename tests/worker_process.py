@@ -7,11 +7,15 @@ Its own module (not `conftest.py`) so test modules can import it: `tests/gpu/` h
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +63,43 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def worker_acl_url(redis_url: str, prefix: str) -> str:
+    """With `LLM_TEST_WORKER_ACL=1`, workers connect as a user with exactly the ACL that
+    `python -m worker.acl worker` generates for the test's prefix (clients stay the default user)."""
+    from worker.tools.acl import worker_rules
+
+    user, password = f"worker-{prefix}", "test-worker-pw"
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        admin.execute_command("ACL", "SETUSER", user, *worker_rules(password, prefix))
+    finally:
+        admin.close()
+    scheme, rest = redis_url.split("://", 1)
+    return f"{scheme}://{user}:{password}@{rest}"
+
+
+def spawn_worker(
+    redis_url: str, prefix: str, log_dir: Path, name: str, engine: str = "echo", wait: bool = True,
+    **settings: object,
+) -> WorkerProcess:  # fmt: skip
+    """`python -m worker` named `name` on `prefix`, its log lines in `log_dir/<name>.log`; each setting
+    as its `LLM_<NAME>` variable. With `LLM_TEST_WORKER_ACL` set, it connects under the worker ACL."""
+    env = dict(os.environ)
+    env.update(
+        REDIS_URL=redis_url, LLM_PREFIX=prefix, LLM_ENGINE=engine, LLM_CONSUMER_NAME=name, HF_HUB_OFFLINE="1",
+        TQDM_DISABLE="1", PYTHONUNBUFFERED="1",
+    )  # fmt: skip
+    env.update({f"LLM_{k.upper()}": str(v) for k, v in settings.items()})
+    if os.environ.get("LLM_TEST_WORKER_ACL"):
+        env["REDIS_URL"] = worker_acl_url(redis_url, prefix)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    worker = WorkerProcess(proc, log_path, name, env)
+    if wait:
+        worker.wait_started()
+    return worker

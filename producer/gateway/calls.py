@@ -126,10 +126,15 @@ class Call:
         if self.finished:
             return
         self.finished = True
+        # Dropped, not only cancelled: the cancelled watcher keeps its CancelledError, whose traceback
+        # holds this call, and the timer its bound method; kept here they make a reference cycle of
+        # the whole request that only the (slow, process-pausing) full GC would free.
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         if self._watcher is not None:
             self._watcher.cancel()
+            self._watcher = None
         if self.sub is not None:
             self.backend.mux.close(self.sub)
         client = self.backend.client

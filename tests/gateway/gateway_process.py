@@ -102,20 +102,7 @@ class GatewayProcess:
 def start_worker(redis_url: str, prefix: str, log_dir: Path, engine: str = "echo", **settings: object):
     """A `python -m worker` serving `prefix` (as the `start_worker` fixture, for wider scopes), reporting
     stats every 0.5 s so the gateway sees it at once."""
-    from worker_process import WorkerProcess
+    from worker_process import spawn_worker
 
-    name = f"w-{free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
-    env.update(
-        REDIS_URL=redis_url, LLM_PREFIX=prefix, LLM_ENGINE=engine, LLM_CONSUMER_NAME=name, HF_HUB_OFFLINE="1",
-        TQDM_DISABLE="1", PYTHONUNBUFFERED="1", LLM_STATS_INTERVAL_S="0.5",
-    )  # fmt: skip
-    env.update({f"LLM_{k.upper()}": str(v) for k, v in settings.items()})
-    log_path = log_dir / f"{name}.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    worker = WorkerProcess(proc, log_path, name, env)
-    worker.wait_started()
-    return worker
+    settings.setdefault("stats_interval_s", 0.5)
+    return spawn_worker(redis_url, prefix, log_dir, f"w-{free_port()}", engine, **settings)
