@@ -117,6 +117,7 @@ class RequestMiddleware:
 
         try:
             if bad_id:
+                info["error"] = "invalid_value"
                 error = ApiError(
                     400,
                     "Invalid 'X-Request-Id': 1-128 characters of A-Za-z0-9_.:- expected.",
@@ -392,20 +393,24 @@ def create_app(settings: GatewaySettings | None = None, producer: ProducerSettin
     )
     app.add_middleware(RequestMiddleware)
 
+    # Every handler answers through `_answer`, so `gateway_request_done` names the error code.
+    def _answer(request: Request, error: ApiError, headers: dict[str, str] | None = None) -> Response:
+        request.state.log.setdefault("error", error.code)
+        return _json_response(error.status, error.body(), {**error.headers, **(headers or {})})
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
-        request.state.log.setdefault("error", exc.code)
-        return error_response(exc)
+        return _answer(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         errors = [{**e, "loc": tuple(e.get("loc", ()))[1:]} for e in exc.errors()]
-        return error_response(from_errors(errors))
+        return _answer(request, from_errors(errors))
 
     @app.exception_handler(json.JSONDecodeError)
     async def _json_error(request: Request, exc: json.JSONDecodeError) -> Response:
-        return error_response(
-            ApiError(400, f"The request body is not valid JSON: {exc.msg}", code="invalid_json")
+        return _answer(
+            request, ApiError(400, f"The request body is not valid JSON: {exc.msg}", code="invalid_json")
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -413,11 +418,16 @@ def create_app(settings: GatewaySettings | None = None, producer: ProducerSettin
         codes = {404: "not_found", 405: "method_not_allowed"}
         message = f"{request.method} {request.url.path}: {exc.detail}"
         error = ApiError(exc.status_code, message, code=codes.get(exc.status_code, "http_error"))
-        return _json_response(exc.status_code, error.body(), dict(exc.headers or {}))
+        return _answer(request, error, dict(exc.headers or {}))
 
+    # Reached only if `RequestMiddleware` itself fails (it turns every other exception into a 500).
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.error("gateway_request_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+        log.error(
+            "gateway_request_failed",
+            request_id=getattr(request.state, "request_id", None),
+            error=f"{type(exc).__name__}: {exc}"[:300],
+        )
         return error_response(internal())
 
     @app.post("/v1/chat/completions")

@@ -29,6 +29,7 @@ a lost connection is retried with backoff, from the cursors, so no event is lost
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from producer.wire.redis_types import Fields, StreamEntries, read_entries
 log = structlog.get_logger("producer.gateway")
 
 MAX_STREAMS_PER_READ = 512
+RETRY_LOG_EVERY_S = 10.0
 EVENTS_PER_STREAM_PER_READ = 256
 
 
@@ -112,6 +114,8 @@ class ReplyMux:
         self._idle: deque[asyncio.Future[None]] = deque()
         self._readers: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._retries = 0  # failed reads retried since the last `gateway_reply_read_retry` line
+        self._retry_logged_at = -RETRY_LOG_EVERY_S
         self.reads = 0  # XREAD calls made
         self.streams_read = 0  # streams named, summed over those calls
 
@@ -211,9 +215,7 @@ class ReplyMux:
             except TRANSIENT_ERRORS as exc:
                 recover(self.redis)
                 self._uncover(batch)
-                log.warning(
-                    "gateway_reply_read_retry", tenant=self.label, error=_short(exc), streams=len(batch)
-                )
+                self._retried(exc, len(batch))
                 await asyncio.sleep(backoff.next_delay_s(exc))
                 continue
             except redis.RedisError as exc:
@@ -234,6 +236,19 @@ class ReplyMux:
             # Let the other reads that came back in this same turn of the loop put their streams back
             # too: the first reader to go on then takes them all in one XREAD, the others go idle.
             await asyncio.sleep(0)
+
+    def _retried(self, exc: BaseException, streams: int) -> None:
+        """Log a retried read: the first of an outage at once, then one line per `RETRY_LOG_EVERY_S`
+        with the retries since the last line (every reader retries every back-off step)."""
+        self._retries += 1
+        now = time.monotonic()
+        if now - self._retry_logged_at < RETRY_LOG_EVERY_S:
+            return
+        log.warning(
+            "gateway_reply_read_retry", tenant=self.label, error=_short(exc), streams=streams,
+            retries=self._retries,
+        )  # fmt: skip
+        self._retry_logged_at, self._retries = now, 0
 
     def _dispatch(self, got: StreamEntries) -> None:
         for raw_key, entries in got:

@@ -115,3 +115,33 @@ def test_the_content_chunk_template_renders_what_the_model_does() -> None:
     assert json.loads(chat.finish("stop"))["choices"][0] == {
         "index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"
     }  # fmt: skip
+
+
+def test_a_long_outage_logs_its_read_retries_once_per_interval() -> None:
+    """Every retry of a reply read is counted; the log gets the first at once, not one line per retry."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from structlog.testing import capture_logs
+
+    from producer.gateway.reply_mux import RETRY_LOG_EVERY_S, ReplyMux
+    from worker.local_redis.server import free_port
+
+    async def run() -> tuple[ReplyMux, list[dict]]:
+        # Nothing listens there; no retries inside redis-py, so each failed read reaches the multiplexer.
+        dead = aioredis.Redis(port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+        mux = ReplyMux(
+            dead, lambda *a: None, block_ms=100, max_reads=2, backoff_initial_ms=5, backoff_max_ms=5
+        )
+        with capture_logs() as logs:
+            mux.open("a", "p:reply:a")
+            await asyncio.sleep(0.6)
+            await mux.aclose()
+        return mux, logs
+
+    mux, logs = asyncio.run(run())
+    retries = [e for e in logs if e["event"] == "gateway_reply_read_retry"]
+    assert RETRY_LOG_EVERY_S > 0.6 and mux.reads >= 5, mux.reads  # many failed reads...
+    assert len(retries) == 1 and retries[0]["retries"] == 1  # ...one line: the outage's first retry
