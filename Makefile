@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TQDM_DISABLE := 1
 
-.PHONY: install model demo test test-fast lint loadtest bench-queue bench-engine clean
+.PHONY: install model demo test test-fast lint loadtest bench-queue bench-gateway bench-engine clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,9 @@ loadtest: install
 
 bench-queue: install
 	$(BIN)/python loadtest/queue_bench.py
+
+bench-gateway: install
+	$(BIN)/python loadtest/gateway_bench.py
 
 bench-engine: model
 	$(BIN)/python loadtest/engine_bench.py
