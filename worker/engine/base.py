@@ -28,7 +28,12 @@ FinishReason = Literal["stop", "length", "cancelled", "deadline_exceeded", "too_
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding parameters; temperature 0 means greedy."""
+    """Per-request decoding parameters; temperature 0 means greedy.
+
+    The fields after `ignore_eos` are the extras (`EXTRAS` names them as the wire does); at their
+    defaults they cost nothing, and an engine that does not list one in `Engine.supported_extras` has
+    the request refused (`invalid_request` naming the field) rather than ignore it.
+    """
 
     max_tokens: int = 256
     temperature: float = 0.0
@@ -37,6 +42,55 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # OpenAI's: added to a token's logit, times its count in the output (frequency) or once if present.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # transformers' / vLLM's: logits of tokens seen in the prompt or the output divided by it (> 0) when
+    # positive, multiplied by it when negative.
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), ids unique
+    min_tokens: int = 0  # EOS and `stop_token_ids` are masked until this many tokens were sampled
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the reply ("stop"), as EOS does
+    logprobs: bool = False  # the sampled token's log-probability, from the logits it was drawn from
+    top_logprobs: int = 0  # that many most likely tokens with theirs (needs `logprobs`)
+
+    def extras(self) -> tuple[str, ...]:
+        """The extras this request sets away from their defaults (their wire names), in `EXTRAS` order."""
+        used = []
+        if self.presence_penalty:
+            used.append("presence_penalty")
+        if self.frequency_penalty:
+            used.append("frequency_penalty")
+        if self.repetition_penalty != 1.0:
+            used.append("repetition_penalty")
+        if self.logit_bias:
+            used.append("logit_bias")
+        if self.min_tokens:
+            used.append("min_tokens")
+        if self.stop_token_ids:
+            used.append("stop_token_ids")
+        if self.logprobs:
+            used.append("logprobs")
+        if self.top_logprobs:
+            used.append("top_logprobs")
+        return tuple(used)
+
+
+# Every extra sampling control, by its wire name (`SamplingParams.extras`, `Engine.supported_extras`).
+EXTRAS = (
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
+    "stop_token_ids", "logprobs", "top_logprobs",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token's log-probability, and the `top_logprobs` most likely tokens with theirs
+    (most likely first), all from the processed logits the token was drawn from."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -74,6 +128,8 @@ class SequenceOutput:
     kv_dtype: str = ""
     kv_peak_tokens: int = 0
     kv_evicted_tokens: int = 0
+    # One entry per token of `new_token_ids` when the request asked for logprobs, else None.
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -118,6 +174,8 @@ class Engine(abc.ABC):
     times_own_steps: bool = False
     # True when the engine honours `GenerationRequest.detokenize=False` (token ids only, no text).
     detokenize_optional: bool = False
+    # The sampling extras (`EXTRAS`) this engine honours; a request setting any other is refused.
+    supported_extras: frozenset[str] = frozenset()
     _collected: list[SequenceOutput] | None = None
 
     def encoder(self) -> Encoder:

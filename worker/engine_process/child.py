@@ -12,7 +12,7 @@ collects step N. Messages are tuples of plain values, pickled by `multiprocessin
 
     from the worker: ("add", [GenerationRequest]), ("abort", [(seq_id, reason)]),
                      ("take_unstarted",), ("close",)
-    to the worker:   ("ready", name, describe, encoder, detokenize_optional),
+    to the worker:   ("ready", name, describe, encoder, detokenize_optional, supported_extras),
                      ("outputs", rows, admitted, capacity, step_s), ("unstarted", ids), ("failed", error),
                      ("closed",)
 
@@ -51,6 +51,7 @@ def pack_output(o: SequenceOutput) -> OutputRow:
     return (
         o.seq_id, o.new_token_ids, o.new_text, o.finished, o.finish_reason, o.prompt_tokens,
         o.completion_tokens, o.cached_tokens, o.text, o.kv_dtype, o.kv_peak_tokens, o.kv_evicted_tokens,
+        o.logprobs,
     )  # fmt: skip
 
 
@@ -69,7 +70,10 @@ def serve(conn: Connection, config: EngineConfig, log_level: str) -> None:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"[:2000]))
         raise
     outbox = Outbox(conn)
-    outbox.send(("ready", engine.name, engine.describe(), engine.encoder(), engine.detokenize_optional))
+    outbox.send(
+        ("ready", engine.name, engine.describe(), engine.encoder(), engine.detokenize_optional,
+         engine.supported_extras)
+    )  # fmt: skip
     try:
         StepLoop(engine, conn, outbox).run()
     finally:

@@ -86,7 +86,7 @@ class EngineProcess(Engine):
         self._failure: str | None = None
         self._control: dict[str, tuple[Any, ...]] = {}  # the last reply of each kind, until taken
         ready = self._wait_for("ready", start_timeout_s)
-        _, self.name, self._describe, self._encoder, detokenize_optional = ready
+        _, self.name, self._describe, self._encoder, detokenize_optional, self.supported_extras = ready
         # The tokenizer that detokenizes here, when the child leaves text to this process.
         self._tokenizer = (
             self._encoder.tokenizer
