@@ -64,9 +64,11 @@ from producer.wire.codec import ContentType, decode_event, encode_request
 from producer.wire.keys import CONSUMER_GROUP, StreamNames, check_tenant, reply_key_allowed, shard_for
 from producer.wire.models import (
     ChatRequest,
+    Choice,
     DoneEvent,
     ErrorCode,
     ErrorEvent,
+    Logprob,
     ReplyEvent,
     Timings,
     TokenEvent,
@@ -80,13 +82,17 @@ log = logging.getLogger("producer")
 
 
 class ChatError(Exception):
-    """The service answered with an `error` reply; `code` is one of `ErrorCode`."""
+    """The service answered with an `error` reply; `code` is one of `ErrorCode`, `param` the request field
+    it is about when the reply names one (an extra the worker's engine does not honour, say)."""
 
-    def __init__(self, code: ErrorCode | str, message: str, request_id: str | None = None):
+    def __init__(
+        self, code: ErrorCode | str, message: str, request_id: str | None = None, param: str | None = None
+    ):
         super().__init__(f"{code}: {message}")
         self.code = ErrorCode(code) if not isinstance(code, ErrorCode) else code
         self.message = message
         self.request_id = request_id
+        self.param = param
 
 
 class ChatTimeout(TimeoutError):
@@ -100,7 +106,12 @@ class ChatTimeout(TimeoutError):
 
 @dataclass(frozen=True)
 class Reply:
-    """The final answer to one request."""
+    """The final answer to one request.
+
+    `logprobs` (one per token of `text`) when the request asked for them, and `choices` (each with its
+    text, finish reason, completion tokens and logprobs) when it asked for `n` > 1; `text` is then
+    choice 0's. None otherwise.
+    """
 
     id: str
     text: str
@@ -108,10 +119,15 @@ class Reply:
     usage: Usage
     timings: Timings
     attempt: str
+    logprobs: list[Logprob] | None = None
+    choices: list[Choice] | None = None
 
     @classmethod
     def from_event(cls, event: DoneEvent) -> Reply:
-        return cls(event.id, event.text, event.finish_reason, event.usage, event.timings, event.attempt)
+        return cls(
+            event.id, event.text, event.finish_reason, event.usage, event.timings, event.attempt,
+            event.logprobs, event.choices,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -163,7 +179,7 @@ def final_reply(event: ReplyEvent, request_id: str) -> Reply | None:
     if isinstance(event, DoneEvent):
         return Reply.from_event(event)
     if isinstance(event, ErrorEvent):
-        raise ChatError(event.code, event.message, request_id)
+        raise ChatError(event.code, event.message, request_id, event.param)
     return None
 
 

@@ -289,9 +289,9 @@ async def _completion(request: Request, chat: bool) -> Response:
         raise from_validation(exc, wire_names(req)) from None
     except ValueError as exc:
         raise ApiError(400, str(exc)[:300], code="invalid_value") from None
-    renderer: Renderer = (ChatRenderer if chat else CompletionRenderer)(request_id, req.model)
+    renderer: Renderer = (ChatRenderer if chat else CompletionRenderer)(request_id, req.model, req.n or 1)
     gw.requests += 1
-    call = Call(backend, prepared, timeout_s, gw.settings.retry_after_s)
+    call = Call(backend, prepared, timeout_s, gw.settings.retry_after_s, wire_names(req))
     started: float = request.state.started
     await call.start(request.receive)
     info["sent_ms"] = _ms_since(started)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
@@ -32,7 +32,7 @@ from producer.client import ChatError, PreparedRequest, TokenRuns
 from producer.gateway.backends import Backend
 from producer.gateway.errors import ApiError, from_wire, internal, timed_out, unavailable
 from producer.gateway.reply_mux import DuplicateRequest, Interrupt, Item, ReadFailure, Subscription
-from producer.gateway.translate import DONE, Renderer, sse
+from producer.gateway.translate import DONE, Renderer, choices_of, sse
 from producer.wire.models import DoneEvent, ErrorEvent, TokenEvent
 
 log = structlog.get_logger("producer.gateway")
@@ -43,12 +43,16 @@ CANCEL_TIMEOUT_S = 2.0
 class Call:
     """A request sent for one HTTP request, until `finish`."""
 
-    def __init__(self, backend: Backend, prepared: PreparedRequest, timeout_s: float, retry_after_s: int):
+    def __init__(
+        self, backend: Backend, prepared: PreparedRequest, timeout_s: float, retry_after_s: int,
+        names: Mapping[str, str] | None = None,
+    ):  # fmt: skip
         self.backend = backend
         self.prepared = prepared
         self.id = prepared.id
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
+        self.names = names or {}  # wire field -> the request field it came from, for an error's `param`
         self.sub: Subscription | None = None
         self.sent = False
         self.ended = False  # the final event (or a read failure) came: nothing to cancel
@@ -155,7 +159,8 @@ class Call:
 def error_of(item: Item, call: Call) -> ApiError:
     """The HTTP error for a queue item that ends a request without an answer."""
     if isinstance(item, ErrorEvent):
-        return from_wire(item.code, item.message, call.retry_after_s)
+        param = None if item.param is None else call.names.get(item.param, item.param)
+        return from_wire(item.code, item.message, call.retry_after_s, param)
     if item is Interrupt.TIMED_OUT:
         return timed_out(call.timeout_s)
     if isinstance(item, ReadFailure):
@@ -164,26 +169,37 @@ def error_of(item: Item, call: Call) -> ApiError:
 
 
 class Streamed:
-    """What a streamed reply has shown so far: the run of tokens followed, and its text."""
+    """What a streamed reply has shown so far: the run of tokens followed, and each choice's text."""
 
     def __init__(self) -> None:
         self.runs = TokenRuns()
-        self.text: list[str] = []
+        self.text: dict[int, list[str]] = {}
         self.chars = 0
+        self._chars: dict[int, int] = {}
+
+    def accept(self, event: TokenEvent) -> bool:
+        """Whether a token event continues the followed run; its text is then shown."""
+        if not self.runs.accept(event):
+            return False
+        if event.text:
+            self.text.setdefault(event.choice, []).append(event.text)
+            self.chars += len(event.text)
+            self._chars[event.choice] = self._chars.get(event.choice, 0) + len(event.text)
+        return True
 
     def token(self, event: TokenEvent) -> str | None:
         """The text to show for a token event (None: another run's, or empty)."""
-        if not self.runs.accept(event) or not event.text:
-            return None
-        self.text.append(event.text)
-        self.chars += len(event.text)
-        return event.text
+        return event.text if self.accept(event) and event.text else None
 
-    def rest(self, done: DoneEvent) -> str:
-        """What the final text adds to what was shown (all of it when another run won and nothing of
-        it was shown; nothing when what was shown is not a prefix of it)."""
-        shown = "".join(self.text)
-        return done.text[len(shown) :] if done.text.startswith(shown) else ""
+    def shown(self, choice: int) -> int:
+        """How many characters of a choice were shown."""
+        return self._chars.get(choice, 0)
+
+    def rest(self, text: str, choice: int = 0) -> str:
+        """What a choice's final text adds to what was shown (all of it when another run won and nothing
+        of it was shown; nothing when what was shown is not a prefix of it)."""
+        shown = "".join(self.text.get(choice, ()))
+        return text[len(shown) :] if text.startswith(shown) else ""
 
 
 class EventStreamResponse(Response):
@@ -245,15 +261,22 @@ class EventStreamResponse(Response):
         """Append the chunks of one item to `out`; True when the stream ends with it."""
         renderer = self.renderer
         if isinstance(item, TokenEvent):
-            text = streamed.token(item)
-            if text is not None:
-                out.append(sse(renderer.content(text)))
+            if item.logprobs is None and item.choice == 0:
+                text = streamed.token(item)
+                if text is not None:
+                    out.append(sse(renderer.content(text)))
+            else:
+                # Logprobs are shown with their tokens, whose text may still be held back (empty).
+                offset = streamed.shown(item.choice)
+                if streamed.accept(item) and (item.text or item.logprobs):
+                    out.append(sse(renderer.piece(item.text, item.choice, item.logprobs, offset)))
             return False
         if isinstance(item, DoneEvent):
-            rest = streamed.rest(item)
-            if rest:
-                out.append(sse(renderer.content(rest)))
-            out.append(sse(renderer.finish(item.finish_reason)))
+            for choice in choices_of(item):
+                rest = streamed.rest(choice.text, choice.index)
+                if rest:
+                    out.append(sse(renderer.piece(rest, choice.index, None, streamed.shown(choice.index))))
+                out.append(sse(renderer.finish(choice.finish_reason, choice.index)))
             if self.include_usage:
                 out.append(sse(renderer.usage(item.usage)))
             out.append(DONE)

@@ -59,11 +59,12 @@ WIRE_ERRORS: dict[ErrorCode, tuple[int, str, str]] = {
 }
 
 
-def from_wire(code: ErrorCode, message: str, retry_after_s: int) -> ApiError:
-    """The HTTP answer to a wire `error` reply (or the producer's own `overloaded` refusal)."""
+def from_wire(code: ErrorCode, message: str, retry_after_s: int, param: str | None = None) -> ApiError:
+    """The HTTP answer to a wire `error` reply (or the producer's own `overloaded` refusal); `param`: the
+    request field the reply names (its `param`), under the name the caller gave it."""
     status, kind, name = WIRE_ERRORS.get(code, (500, "api_error", "internal_error"))
     headers = {"Retry-After": str(retry_after_s)} if status == 429 else None
-    return ApiError(status, message or name, type=kind, code=name, headers=headers)
+    return ApiError(status, message or name, type=kind, code=name, param=param, headers=headers)
 
 
 def timed_out(timeout_s: float) -> ApiError:

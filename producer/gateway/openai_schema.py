@@ -2,9 +2,12 @@
 
 Requests (`ChatCompletionRequest`, `CompletionRequest`) are strict: a field of the wrong JSON type is
 refused, not coerced ("5" is no integer), and a field OpenAI does not define is refused by name
-(`extra="forbid"`). Fields of later work (`n` != 1, `logprobs`, penalties, `logit_bias`, `tools`, ...)
-are declared so that `unsupported()` can name them: set to anything but their neutral value they get
-400 `unsupported_parameter`. Extensions of this service: `top_k`, `priority`, `timeout_ms`.
+(`extra="forbid"`). The sampling extras (`n`, `logprobs`, penalties, `logit_bias`, `response_format`)
+go to the wire, whose limits they meet there, and a worker whose engine does not honour one refuses
+it by name. Fields of later work (`tools`, `echo`, ...) are declared so that `unsupported()` can name
+them: set to anything but their neutral value they get 400 `unsupported_parameter`. Extensions of this
+service: `top_k`, `priority`, `timeout_ms`, `repetition_penalty`, `min_tokens`, `stop_token_ids`,
+`ignore_eos`.
 
 Responses and stream chunks (`ChatCompletion`, `ChatCompletionChunk`, `Completion`) follow OpenAI's
 objects field for field, so the official SDKs parse them.
@@ -39,37 +42,32 @@ class _Sampling(_Strict):
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = Field(default=None, max_length=1024)
+    # sampling extras (the wire's fields of the same names)
+    n: StrictInt | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    logit_bias: dict[str, Number] | None = None  # token id (a string of digits) -> bias
     # extensions of this service
     top_k: StrictInt | None = None
     priority: Literal["interactive", "batch"] | None = None
     timeout_ms: StrictInt | None = None
-    # later work: refused unless neutral (see `unsupported`)
-    n: StrictInt | None = None
-    logprobs: Any = None
-    presence_penalty: Number | None = None
-    frequency_penalty: Number | None = None
-    logit_bias: dict[str, Any] | None = None
+    repetition_penalty: Number | None = None
+    min_tokens: StrictInt | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: StrictBool | None = None
 
     def unsupported(self) -> str | None:
         """The first field set to something this gateway does not do yet, else None."""
-        if self.n not in (None, 1):
-            return "n"
-        if self.logprobs not in (None, False, 0):
-            return "logprobs"
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                return name
-        if self.logit_bias:
-            return "logit_bias"
         return None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Any] = Field(min_length=1)  # each checked by producer.messages.normalize_messages
     max_completion_tokens: StrictInt | None = None
-    # later work
+    logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None  # the wire's `ResponseFormat` checks it
+    # later work
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: StrictBool | None = None
@@ -80,10 +78,6 @@ class ChatCompletionRequest(_Sampling):
         found = super().unsupported()
         if found is not None:
             return found
-        if self.top_logprobs not in (None, 0):
-            return "top_logprobs"
-        if self.response_format is not None and self.response_format != {"type": "text"}:
-            return "response_format"
         if self.tools:
             return "tools"
         if self.tool_choice not in (None, "none"):
@@ -99,6 +93,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: StrictStr | list[StrictStr]
+    logprobs: StrictInt | None = None  # the legacy API's: how many most likely tokens (0-5) per position
     # later work
     best_of: StrictInt | None = None
     echo: StrictBool | None = None
@@ -133,6 +128,26 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """A chat choice's (or chunk's) `logprobs`."""
+
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -142,7 +157,7 @@ class ChatMessageOut(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str
 
 
@@ -165,7 +180,7 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -178,10 +193,19 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions' `logprobs`: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int] | None  # where each token starts in the choice's text; None without token texts
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 

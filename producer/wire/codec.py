@@ -28,7 +28,8 @@ ContentType = Literal["msgpack", "json"]
 
 
 class ProtocolError(Exception):
-    """An entry that violates the contract; carries the error code and, if found, the request id."""
+    """An entry that violates the contract; carries the error code and, if found, the request id (and the
+    body field at fault, `param`, when one is)."""
 
     def __init__(
         self,
@@ -37,6 +38,7 @@ class ProtocolError(Exception):
         request_id: str | None = None,
         reply_to: str | None = None,
         content_type: ContentType = "json",
+        param: str | None = None,
     ):
         super().__init__(message)
         self.code = code
@@ -44,6 +46,7 @@ class ProtocolError(Exception):
         self.request_id = request_id
         self.reply_to = reply_to
         self.content_type = content_type
+        self.param = param
 
 
 def encode_body(body: dict[str, Any], content_type: ContentType) -> bytes:
@@ -114,8 +117,8 @@ def decode_request(
             body = None
     rid, reply_to = _salvage_id(body, prefix)
 
-    def fail(code: ErrorCode, message: str) -> ProtocolError:
-        return ProtocolError(code, message, rid, reply_to, content_type)
+    def fail(code: ErrorCode, message: str, param: str | None = None) -> ProtocolError:
+        return ProtocolError(code, message, rid, reply_to, content_type, param)
 
     if version != str(PROTOCOL_VERSION).encode():
         shown = version.decode("utf-8", "replace")[:16] if isinstance(version, bytes) else None
@@ -139,8 +142,11 @@ def decode_request(
         request = ChatRequest.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        raise fail(ErrorCode.INVALID_REQUEST, f"{where}: {first.get('msg', 'invalid')}"[:300]) from None
+        loc = first.get("loc", ())
+        where = ".".join(str(p) for p in loc) or "body"
+        field = loc[0] if loc and loc[0] in ChatRequest.model_fields else None
+        message = f"{where}: {first.get('msg', 'invalid')}"[:300]
+        raise fail(ErrorCode.INVALID_REQUEST, message, field if isinstance(field, str) else None) from None
     # e.g. nesting deeper than the validator's recursion limit, or a value no float can hold
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise fail(ErrorCode.INVALID_REQUEST, f"body: {exc}"[:300]) from None

@@ -8,22 +8,46 @@ where they travel is `keys.py`. No Redis client is imported here.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from enum import Enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    SerializerFunctionWrapHandler,
+    StrictInt,
+    StringConstraints,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from producer.wire.keys import DEFAULT_PREFIX, reply_stream
 from producer.wire.limits import (
     MAX_BODY_BYTES,
+    MAX_CHOICES,
     MAX_EPOCH_MS,
     MAX_KV_BUDGET_TOKENS,
+    MAX_LOGIT_BIAS,
     MAX_MESSAGES,
     MAX_METADATA_BYTES,
+    MAX_REGEX_CHARS,
+    MAX_REPETITION_PENALTY,
+    MAX_RESPONSE_SCHEMA_BYTES,
+    MAX_RESPONSE_SCHEMA_DEPTH,
     MAX_STOP_SEQUENCES,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOKEN_ID,
     MAX_TOKENS_CAP,
+    MAX_TOP_LOGPROBS,
 )
 
 
@@ -47,6 +71,122 @@ RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128, patte
 Role = Literal["system", "user", "assistant", "tool"]
 
 
+class _OmitsUnused(BaseModel):
+    """A body whose fields named in `_omit_unused` are left out while at their defaults: fields added to v1
+    after its first readers, so that a reader older than them (`extra="forbid"` on requests) reads a body
+    that does not use them exactly as before."""
+
+    _omit_unused: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body: dict[str, Any] = handler(self)
+        defaults = _DEFAULTS.get(type(self)) or _defaults_of(type(self))
+        for name, default in defaults.items():
+            if name in body and getattr(self, name) == default:
+                del body[name]
+        return body
+
+
+# The defaults of each `_OmitsUnused` model's fields to omit, found once (pydantic's `get_default` inspects
+# the default factory's signature at every call).
+_DEFAULTS: dict[type, dict[str, Any]] = {}
+
+
+def _defaults_of(model: type[_OmitsUnused]) -> dict[str, Any]:
+    fields = model.model_fields
+    found = {name: fields[name].get_default(call_default_factory=True) for name in model._omit_unused}
+    _DEFAULTS[model] = found
+    return found
+
+
+_TOKEN_ID_KEY = re.compile(r"^[0-9]{1,10}$")
+
+
+def _token_id_key(value: Any) -> Any:
+    """A `logit_bias` key: JSON object keys are strings, so `"42"` is token 42 (as at OpenAI); Python
+    callers may use ints. Anything else is left for the int validation to refuse."""
+    if isinstance(value, str):
+        if not _TOKEN_ID_KEY.match(value):
+            raise ValueError("a token id (a string of decimal digits) is expected")
+        return int(value)
+    return value
+
+
+TokenId = Annotated[StrictInt, Field(ge=0, le=MAX_TOKEN_ID)]
+TokenIdKey = Annotated[StrictInt, BeforeValidator(_token_id_key), Field(ge=0, le=MAX_TOKEN_ID)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
+
+
+def _json_depth_ok(value: Any, limit: int) -> bool:
+    """Whether `value` nests at most `limit` objects and arrays deep, with text keys only (iterative: a
+    hostile depth costs no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+            if not all(isinstance(k, str) for k in item):
+                return False
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`, as OpenAI's: a name, the JSON Schema the reply satisfies, `strict`."""
+
+    model_config = ConfigDict(extra="forbid", serialize_by_alias=True)
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: Annotated[str, StringConstraints(max_length=1024)] | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        if not _json_depth_ok(schema, MAX_RESPONSE_SCHEMA_DEPTH):
+            limit = MAX_RESPONSE_SCHEMA_DEPTH
+            raise ValueError(f"the schema nests deeper than {limit} levels or has a key that is not text")
+        try:
+            size = len(json.dumps(schema, separators=(",", ":"), allow_nan=False).encode())
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the schema is not JSON: {exc}"[:200]) from None
+        if size > MAX_RESPONSE_SCHEMA_BYTES:
+            raise ValueError(f"the schema is {size} bytes as JSON; the limit is {MAX_RESPONSE_SCHEMA_BYTES}")
+        return schema
+
+
+class ResponseFormat(BaseModel):
+    """What the reply must be: `text` (anything), a JSON object, JSON satisfying a schema, or a match of a
+    regular expression (`regex`, an extension)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema", "regex"]
+    json_schema: JsonSchemaFormat | None = None
+    regex: Annotated[str, StringConstraints(min_length=1, max_length=MAX_REGEX_CHARS)] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if (self.json_schema is not None) != (self.type == "json_schema"):
+            raise ValueError("`json_schema` is required with type `json_schema`, and only with it")
+        if (self.regex is not None) != (self.type == "regex"):
+            raise ValueError("`regex` is required with type `regex`, and only with it")
+        return self
+
+    @property
+    def constrained(self) -> bool:
+        """Whether it constrains the reply at all (`text` does not)."""
+        return self.type != "text"
+
+
 class ChatMessage(BaseModel):
     """One OpenAI-style chat message."""
 
@@ -56,10 +196,18 @@ class ChatMessage(BaseModel):
     content: Annotated[str, StringConstraints(max_length=MAX_BODY_BYTES)]
 
 
-class ChatRequest(BaseModel):
+# The sampling extras of `ChatRequest`, left out of its body while at their defaults (`_OmitsUnused`).
+REQUEST_EXTRAS = (
+    "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "logit_bias", "min_tokens", "stop_token_ids", "ignore_eos", "response_format",
+)  # fmt: skip
+
+
+class ChatRequest(_OmitsUnused):
     """Body of a request entry, version 1."""
 
     model_config = ConfigDict(extra="forbid")
+    _omit_unused = REQUEST_EXTRAS
 
     id: RequestId = Field(default_factory=new_request_id)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
@@ -82,6 +230,41 @@ class ChatRequest(BaseModel):
     # KV pruning budget in tokens (0 = no pruning; absent = the worker's LLM_KV_BUDGET_TOKENS). A worker
     # also rejects a positive budget below its sink tokens plus one KV block.
     kv_budget_tokens: StrictInt | None = Field(default=None, ge=0, le=MAX_KV_BUDGET_TOKENS)
+    # Sampling extras (`REQUEST_EXTRAS`): absent from the body while at their defaults, so workers older
+    # than them still read requests that do not use them. A worker whose engine does not honour one that
+    # is set refuses the request `invalid_request`, naming it.
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choices, each sampled on its own
+    logprobs: bool = False
+    top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)  # needs `logprobs`
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
+    logit_bias: dict[TokenIdKey, Bias] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)
+    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_CAP)  # at most `max_tokens`
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+    ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
+
+    @field_serializer("logit_bias")
+    def _text_keys(self, bias: dict[int, float]) -> dict[str, float]:
+        # msgpack bodies are decoded with text keys only, and JSON has no others.
+        return {str(token): value for token, value in bias.items()}
+
+    # Checked as fields (with the fields declared before them), so that an error names the field.
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int, info: ValidationInfo) -> int:
+        if value and info.data.get("logprobs") is False:
+            raise ValueError("`top_logprobs` needs `logprobs` true")
+        return value
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _within_max_tokens(cls, value: int, info: ValidationInfo) -> int:
+        max_tokens = info.data.get("max_tokens")
+        if isinstance(max_tokens, int) and value > max_tokens:
+            raise ValueError(f"`min_tokens` ({value}) exceeds `max_tokens` ({max_tokens})")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> ChatRequest:
@@ -127,7 +310,43 @@ class Timings(BaseModel):
     worker: str
 
 
-class TokenEvent(BaseModel):
+class TopLogprob(_OmitsUnused):
+    """One of the most likely tokens at a position, with its log-probability."""
+
+    _omit_unused = ("token",)
+
+    token_id: int
+    token: str | None = None  # its text, when the worker gives it
+    logprob: float
+
+
+class Logprob(_OmitsUnused):
+    """A sampled token's log-probability, and the `top_logprobs` most likely tokens (most likely first)."""
+
+    _omit_unused = ("token",)
+
+    token_id: int
+    token: str | None = None  # its text, when the worker gives it
+    logprob: float
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
+class Choice(_OmitsUnused):
+    """One of the `n` choices of a request that asked for more than one."""
+
+    _omit_unused = ("logprobs",)
+
+    index: int
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    logprobs: list[Logprob] | None = None
+
+
+class TokenEvent(_OmitsUnused):
+    # Fields after `attempt` are absent while unused, so older clients read the events as before.
+    _omit_unused = ("logprobs", "choice")
+
     type: Literal["token"] = "token"
     # The request id. Optional only so events of older workers still decode; clients accept a token
     # event only when it names their request.
@@ -137,24 +356,34 @@ class TokenEvent(BaseModel):
     token_ids: list[int]
     # Which worker run produced it: after a reclaim two runs may write; clients keep the attempt of `done`.
     attempt: str
+    logprobs: list[Logprob] | None = None  # one per token of `token_ids`, when the request asked for them
+    choice: int = 0  # which choice the tokens belong to (requests with `n` > 1)
 
 
-class DoneEvent(BaseModel):
+class DoneEvent(_OmitsUnused):
+    # Fields after `attempt` are absent while unused, so older clients read the events as before.
+    _omit_unused = ("logprobs", "choices")
+
     type: Literal["done"] = "done"
     id: str
-    text: str
+    text: str  # with `n` > 1: choice 0's (as `finish_reason`); `usage` counts the tokens of every choice
     finish_reason: str
     usage: Usage
     timings: Timings
     attempt: str
+    logprobs: list[Logprob] | None = None  # one per token of the reply (choice 0's with `n` > 1)
+    choices: list[Choice] | None = None  # every choice, by index, when the request asked for `n` > 1
 
 
-class ErrorEvent(BaseModel):
+class ErrorEvent(_OmitsUnused):
+    _omit_unused = ("param",)
+
     type: Literal["error"] = "error"
     id: str | None
     code: ErrorCode
     message: str
     attempt: str = ""
+    param: str | None = None  # the request field an `invalid_request` is about, when it is about one
 
 
 ReplyEvent = TokenEvent | DoneEvent | ErrorEvent

@@ -67,13 +67,36 @@ INVALID = [
     (chat(bogus=1), "bogus", "unknown_parameter"),
     (chat(stream_options={"include_usage": True, "extra": 1}, stream=True), "stream_options.extra",
      "unknown_parameter"),
-    (chat(n=2), "n", "unsupported_parameter"),
-    (chat(logprobs=True), "logprobs", "unsupported_parameter"),
-    (chat(top_logprobs=3), "top_logprobs", "unsupported_parameter"),
-    (chat(presence_penalty=0.5), "presence_penalty", "unsupported_parameter"),
-    (chat(frequency_penalty=1), "frequency_penalty", "unsupported_parameter"),
-    (chat(logit_bias={"42": 5}), "logit_bias", "unsupported_parameter"),
-    (chat(response_format={"type": "json_object"}), "response_format", "unsupported_parameter"),
+    # The sampling extras reach the worker, whose echo engine honours none of them: refused by name.
+    (chat(n=2), "n", "invalid_request"),
+    (chat(logprobs=True), "logprobs", "invalid_request"),
+    (chat(logprobs=True, top_logprobs=3), "logprobs", "invalid_request"),
+    (chat(presence_penalty=0.5), "presence_penalty", "invalid_request"),
+    (chat(frequency_penalty=1), "frequency_penalty", "invalid_request"),
+    (chat(logit_bias={"42": 5}), "logit_bias", "invalid_request"),
+    (chat(response_format={"type": "json_object"}), "response_format", "invalid_request"),
+    (chat(repetition_penalty=1.2), "repetition_penalty", "invalid_request"),
+    (chat(min_tokens=2), "min_tokens", "invalid_request"),
+    (chat(stop_token_ids=[7]), "stop_token_ids", "invalid_request"),
+    # ... after the wire's limits, checked by the gateway.
+    (chat(top_logprobs=3), "top_logprobs", "invalid_value"),
+    (chat(logprobs=True, top_logprobs=21), "top_logprobs", "invalid_value"),
+    (chat(logprobs="yes"), "logprobs", "invalid_type"),
+    (chat(n=9), "n", "invalid_value"),
+    (chat(n=0), "n", "invalid_value"),
+    (chat(presence_penalty=2.5), "presence_penalty", "invalid_value"),
+    (chat(frequency_penalty=-3), "frequency_penalty", "invalid_value"),
+    (chat(repetition_penalty=0), "repetition_penalty", "invalid_value"),
+    (chat(logit_bias={"x": 5}), "logit_bias.x", "invalid_value"),
+    (chat(logit_bias={"42": 101}), "logit_bias.42", "invalid_value"),
+    (chat(logit_bias={"42": "5"}), "logit_bias.42", "invalid_type"),
+    (chat(min_tokens=9, max_tokens=8), "min_tokens", "invalid_value"),
+    (chat(stop_token_ids=[-1]), "stop_token_ids[0]", "invalid_value"),
+    (chat(ignore_eos="no"), "ignore_eos", "invalid_type"),
+    (chat(response_format={"type": "xml"}), "response_format.type", "invalid_value"),
+    (chat(response_format={"type": "json_schema"}), "response_format", "invalid_value"),
+    (chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "extra": 1}}),
+     "response_format.json_schema.extra", "unknown_parameter"),
     (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", "unsupported_parameter"),
     (chat(tool_choice="auto"), "tool_choice", "unsupported_parameter"),
     (chat(max_tokens="5"), "max_tokens", "invalid_type"),
@@ -126,6 +149,10 @@ COMPLETIONS_INVALID = [
     ({"model": "echo", "prompt": "a", "echo": True}, "echo", "unsupported_parameter"),
     ({"model": "echo", "prompt": "a", "best_of": 3}, "best_of", "unsupported_parameter"),
     ({"model": "echo", "prompt": "a", "suffix": "z"}, "suffix", "unsupported_parameter"),
+    ({"model": "echo", "prompt": "a", "logprobs": 6}, "logprobs", "invalid_value"),
+    ({"model": "echo", "prompt": "a", "logprobs": True}, "logprobs", "invalid_type"),
+    ({"model": "echo", "prompt": "a", "logprobs": 2}, "logprobs", "invalid_request"),  # the worker's
+    ({"model": "echo", "prompt": "a", "n": 2}, "n", "invalid_request"),
     ({"model": "echo", "prompt": ""}, "prompt", "invalid_value"),
     ({"model": "echo"}, "prompt", "missing_required_parameter"),
 ]
@@ -141,11 +168,12 @@ def test_invalid_completions_get_400(gw: GatewayProcess, body: dict, param: str,
 def test_the_sdk_sees_the_error_fields(gw: GatewayProcess) -> None:
     client = openai.OpenAI(base_url=gw.v1, api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="echo", messages=ask(), n=3)
+        client.chat.completions.create(model="echo", messages=ask(), tools=[{"type": "function",
+                                       "function": {"name": "f"}}])  # fmt: skip
     assert (refused.value.status_code, refused.value.code, refused.value.param) == (
         400,
         "unsupported_parameter",
-        "n",
+        "tools",
     )
 
 

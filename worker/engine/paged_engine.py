@@ -276,7 +276,10 @@ class PagedEngine(Engine):
             torch.cuda.empty_cache()
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        # EOS and `stop_token_ids` are masked by the sampler until `min_tokens`; they stop the reply after.
         if not seq.sampling.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if token in seq.sampling.stop_token_ids:
             return "stop"
         if seq.detokenizer is not None and seq.detokenizer.stopped:
             return "stop"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from producer.wire.codec import ContentType
 from producer.wire.models import ChatRequest
+from worker.engine.base import SequenceOutput
 
 
 def seq_id_of(tenant: str | None, request_id: str) -> str:
@@ -13,6 +15,18 @@ def seq_id_of(tenant: str | None, request_id: str) -> str:
     `<tenant>/` when read from a tenant's stream (ids are the tenants' own, so two tenants may use the
     same one; `/` is in no id or tenant)."""
     return request_id if tenant is None else f"{tenant}/{request_id}"
+
+
+def choice_seq_id(seq_id: str, choice: int) -> str:
+    """How the engine knows choice `choice` of a request with `n` > 1: choice 0 by the request's own
+    `seq_id`, choice i > 0 by `<seq_id>#<i>` (`#` is in no request id or tenant)."""
+    return seq_id if choice == 0 else f"{seq_id}#{choice}"
+
+
+def split_choice(seq_id: str) -> tuple[str, int]:
+    """The request's `seq_id` and the choice of an engine's `seq_id` (`choice_seq_id` undone)."""
+    base, mark, choice = seq_id.rpartition("#")
+    return (base, int(choice)) if mark else (seq_id, 0)
 
 
 def entry_epoch_ms(entry_id: bytes) -> int:
@@ -38,6 +52,10 @@ class InFlight:
     batch_id: int = 0
     tenant: str | None = None  # the tenant whose stream it was read from (None: the un-namespaced one)
     shard: int | None = None  # the shard whose stream it was read from (None: not sharded)
+    # Requests asking for logprobs: each choice's so far, as reply bodies (`Logprob`), for the final reply.
+    logprobs: dict[int, list[dict[str, Any]]] | None = None
+    # Requests with `n` > 1: the final outputs of the choices that finished (the reply waits for all).
+    finished_choices: dict[int, SequenceOutput] | None = None
 
     @property
     def lane(self) -> tuple[str | None, int | None]:

@@ -13,19 +13,20 @@ loop reads all streams in one call (`tenants.read_lanes`) and hands each its ent
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import redis
 import structlog
 
 from producer.wire.codec import ProtocolError, decode_request
-from producer.wire.models import ErrorCode, now_ms
+from producer.wire.models import REQUEST_EXTRAS, ChatRequest, ErrorCode, now_ms
 from producer.wire.redis_types import pending_rows, range_entries, read_entries
 from scheduler import Priority
 from worker.engine.base import Engine, GenerationRequest, SamplingParams
 from worker.loop.backpressure import Backpressure
 from worker.loop.cancellation import CancelWatch
-from worker.loop.inflight import InFlight, InFlightTable, entry_epoch_ms, seq_id_of
+from worker.loop.inflight import InFlight, InFlightTable, choice_seq_id, entry_epoch_ms, seq_id_of
 from worker.loop.reclaim import Reclaimer, delivery_counts
 from worker.observability.counters import LoopCounters
 from worker.replies.refusals import Refusals
@@ -35,6 +36,19 @@ from worker.settings import WorkerSettings
 log = structlog.get_logger("worker")
 
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
+# The request fields that may use a sampling extra (`extras_used`).
+EXTRA_FIELDS = frozenset(REQUEST_EXTRAS)
+
+
+def sampling_params(r: ChatRequest) -> SamplingParams:
+    """A request's decoding parameters, the extras included (`logit_bias` as (id, bias) pairs by id)."""
+    return SamplingParams(
+        max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=r.seed,
+        stop=tuple(r.stop), ignore_eos=r.ignore_eos, presence_penalty=r.presence_penalty,
+        frequency_penalty=r.frequency_penalty, repetition_penalty=r.repetition_penalty,
+        logit_bias=tuple(sorted(r.logit_bias.items())), min_tokens=r.min_tokens,
+        stop_token_ids=tuple(r.stop_token_ids), logprobs=r.logprobs, top_logprobs=r.top_logprobs,
+    )  # fmt: skip
 
 
 def generation_request(f: InFlight) -> GenerationRequest:
@@ -43,15 +57,74 @@ def generation_request(f: InFlight) -> GenerationRequest:
     return GenerationRequest(
         seq_id=f.seq_id,
         prompt_token_ids=f.prompt_token_ids,
-        sampling=SamplingParams(
-            max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=r.seed,
-            stop=tuple(r.stop),
-        ),
+        sampling=sampling_params(r),
         arrival_s=f.read_s,
         priority=int(Priority.BATCH if r.priority == "batch" else Priority.INTERACTIVE),
         deadline_s=f.deadline_s,
         kv_budget_tokens=r.kv_budget_tokens,
     )  # fmt: skip
+
+
+def generation_requests(f: InFlight) -> list[GenerationRequest]:
+    """One sequence per choice: `generation_request` for `n` = 1; with `n` > 1, choice i is known to the
+    engine as `choice_seq_id(seq_id, i)` (its outputs are published as the request's, `Publisher`), and a
+    seeded request's choice i is seeded `seed + i`, so the choices differ and repeat.
+
+    The loop hands the engine `generation_request` (choice 0 alone) while no engine honours `n`; one that
+    does needs the loop to hand it these, and to abort every choice of a request it stops.
+    """
+    first = generation_request(f)
+    if f.request.n == 1:
+        return [first]
+    seed = first.sampling.seed
+    return [first] + [
+        dataclasses.replace(
+            first, seq_id=choice_seq_id(f.seq_id, i), prompt_token_ids=list(f.prompt_token_ids),
+            sampling=dataclasses.replace(first.sampling, seed=None if seed is None else (seed + i) % 2**63),
+        )
+        for i in range(1, f.request.n)
+    ]  # fmt: skip
+
+
+def extras_used(r: ChatRequest, sampling: SamplingParams) -> tuple[str, ...]:
+    """The sampling extras a request sets, by wire name: `SamplingParams.extras()`, `n` above 1 and a
+    `response_format` that constrains the reply."""
+    used = sampling.extras()
+    if r.n > 1:
+        used += ("n",)
+    if r.response_format is not None and r.response_format.constrained:
+        used += ("response_format",)
+    return used
+
+
+def extras_problem(
+    r: ChatRequest, engine: str, supported: frozenset[str], vocab_size: int | None
+) -> tuple[str, str] | None:
+    """Why an engine cannot serve a request's extras, as (field, message), or None: the first extra it does
+    not honour, else a token id of `logit_bias` or `stop_token_ids` outside its vocabulary (when known)."""
+    for name in extras_used(r, sampling_params(r)):
+        if name not in supported:
+            return name, f"{name}: not supported by this worker's engine ({engine})"
+    if vocab_size is not None:
+        for name, ids in (("logit_bias", list(r.logit_bias)), ("stop_token_ids", r.stop_token_ids)):
+            outside = next((t for t in ids if t >= vocab_size), None)
+            if outside is not None:
+                known = f"0-{vocab_size - 1}"
+                return name, f"{name}: token id {outside} is not in the model's vocabulary ({known})"
+    return None
+
+
+def vocab_size(engine: Engine) -> int | None:
+    """How many token ids the engine's tokenizer knows (`len(tokenizer)` of its encoder), or None when it
+    has none (the echo engine's bytes): ids out of range are then left to the engine."""
+    try:
+        tokenizer = getattr(engine.encoder(), "tokenizer", None)
+    except NotImplementedError:
+        return None
+    try:
+        return len(tokenizer) if tokenizer is not None else None
+    except TypeError:
+        return None
 
 
 class Intake:
@@ -78,6 +151,7 @@ class Intake:
         self.tenant = self.names.tenant
         # After a restart our own pending entries (read but never acked) are served first.
         self.replay_from: str | None = "0"
+        self._vocab_size: int | None = -1  # `vocab_size(engine)`, once a request needs it (-1: not yet)
 
     # -- reading -----------------------------------------------------------------------------------
     def cursor(self) -> str:
@@ -223,12 +297,14 @@ class Intake:
         if not self.names.reply_allowed(reply_key):
             self.refusals.fail(
                 entry_id, request, ct, self.refusals.reply_key(request), ErrorCode.INVALID_REQUEST,
-                f"reply_to must start with `{self.names.root}:reply:`",
+                f"reply_to must start with `{self.names.root}:reply:`", "reply_to",
             )  # fmt: skip
             return None
         problem = None if request.kv_budget_tokens is None else s.kv_budget_problem(request.kv_budget_tokens)
         if problem:
-            self.refusals.fail(entry_id, request, ct, reply_key, ErrorCode.INVALID_REQUEST, problem)
+            self.refusals.fail(
+                entry_id, request, ct, reply_key, ErrorCode.INVALID_REQUEST, problem, "kv_budget_tokens"
+            )
             return None
         seq_id = seq_id_of(self.tenant, request.id)
         known = self.table.get(seq_id) or batch.get(seq_id)
@@ -242,6 +318,11 @@ class Intake:
                 entry_id, request, ct, reply_key, ErrorCode.CANCELLED, "cancelled before it started"
             )
             return None
+        refused = self._extras_problem(request)
+        if refused is not None:
+            field, message = refused
+            self.refusals.fail(entry_id, request, ct, reply_key, ErrorCode.INVALID_REQUEST, message, field)
+            return None
         enqueued_ms = entry_epoch_ms(entry_id)
         deadline_epoch = request.deadline_epoch_ms(enqueued_ms)
         deadline_s = None if deadline_epoch is None else time.monotonic() + (deadline_epoch - now_ms()) / 1000
@@ -250,6 +331,15 @@ class Intake:
             entry_id, request, ct, reply_key, [], enqueued_ms, time.monotonic(), deadline_s,
             tenant=self.tenant, shard=self.names.shard,
         )  # fmt: skip
+
+    def _extras_problem(self, request: ChatRequest) -> tuple[str, str] | None:
+        """`extras_problem` against this worker's engine (nothing to check for requests without extras)."""
+        if request.n == 1 and not request.model_fields_set.intersection(EXTRA_FIELDS):
+            return None
+        if self._vocab_size == -1 and (request.logit_bias or request.stop_token_ids):
+            self._vocab_size = vocab_size(self.engine)
+        known = None if self._vocab_size == -1 else self._vocab_size
+        return extras_problem(request, self.engine.name, self.engine.supported_extras, known)
 
     def _tokenize(self, accepted: list[InFlight]) -> list[InFlight]:
         """Tokenize a read's requests in one batch; a template or tokenizer failure costs only its request."""

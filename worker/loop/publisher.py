@@ -8,21 +8,24 @@ streams), ends finished requests in the `InFlightTable`, and logs `request_done`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
 from producer.wire.models import (
+    Choice,
     DoneEvent,
     ErrorCode,
     ErrorEvent,
+    Logprob,
     ReplyEvent,
     Timings,
     Usage,
     now_ms,
 )
-from worker.engine.base import SequenceOutput
-from worker.loop.inflight import InFlight, InFlightTable
+from worker.engine.base import SequenceOutput, TokenLogprob
+from worker.loop.inflight import InFlight, InFlightTable, split_choice
 from worker.observability.counters import LoopCounters, Microbatch
 from worker.replies.writer import FinalWrite, ReplyWriters
 
@@ -40,24 +43,84 @@ _ERROR_MESSAGES = {
 }
 
 
-def token_event(f: InFlight, out: SequenceOutput, attempt: str) -> dict[str, Any] | None:
+# A token's text, for the `token` of logprobs (None: they carry token ids only).
+TokenText = Callable[[int], str]
+# The log-probability written for -inf (a token masked out) and NaN, as OpenAI writes it: JSON has no -inf.
+MIN_LOGPROB = -9999.0
+
+
+def _logprob(value: float) -> float:
+    return value if value > MIN_LOGPROB else MIN_LOGPROB  # NaN too
+
+
+def logprob_bodies(logprobs: list[TokenLogprob], token_text: TokenText | None = None) -> list[dict[str, Any]]:
+    """The engine's logprobs of some tokens as `Logprob` bodies (plain dicts, as token events are)."""
+    if token_text is None:
+        return [
+            {"token_id": lp.token_id, "logprob": _logprob(lp.logprob),
+             "top": [{"token_id": t, "logprob": _logprob(v)} for t, v in lp.top]}
+            for lp in logprobs
+        ]  # fmt: skip
+    return [
+        {"token_id": lp.token_id, "token": token_text(lp.token_id), "logprob": _logprob(lp.logprob),
+         "top": [{"token_id": t, "token": token_text(t), "logprob": _logprob(v)} for t, v in lp.top]}
+        for lp in logprobs
+    ]  # fmt: skip
+
+
+def token_event(
+    f: InFlight,
+    out: SequenceOutput,
+    attempt: str,
+    choice: int | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
+) -> dict[str, Any] | None:
     """The streamed delta of one output as a `TokenEvent` body, or None when the request does not stream
-    or nothing is new. A plain dict: a model instance per token costs more than the rest of publishing
-    (`test_publishing` checks it validates as a `TokenEvent`)."""
+    or nothing is new; with `choice` (requests with `n` > 1) and `logprobs` (`logprob_bodies`) when given.
+    A plain dict: a model instance per token costs more than the rest of publishing (`test_publishing`
+    checks it validates as a `TokenEvent`)."""
     if not f.request.stream or not (out.new_text or out.new_token_ids):
         return None
-    return {
+    body = {
         "type": "token", "id": f.request.id, "index": f.tokens_sent, "text": out.new_text,
         "token_ids": out.new_token_ids, "attempt": attempt,
     }  # fmt: skip
+    if logprobs is not None:
+        body["logprobs"] = logprobs
+    if choice is not None:
+        body["choice"] = choice
+    return body
 
 
 def prompt_tokens(f: InFlight, out: SequenceOutput) -> int:
     return out.prompt_tokens or len(f.prompt_token_ids)
 
 
-def final_event(f: InFlight, out: SequenceOutput, timings: Timings, attempt: str) -> ReplyEvent:
-    """`done` with text, usage and timings, or `error` with the code of an abnormal finish."""
+def merged_choices(choices: dict[int, SequenceOutput]) -> SequenceOutput:
+    """One output standing for every choice of a request with `n` > 1 (for its `done`, timings and log):
+    choice 0's text and finish reason, the completion tokens of all, the prompt once, and the KV the
+    choices held together."""
+    first = choices[0]
+    outs = choices.values()
+    return SequenceOutput(
+        first.seq_id, [], "", True, first.finish_reason, first.prompt_tokens,
+        sum(o.completion_tokens for o in outs), first.cached_tokens, first.text, first.kv_dtype,
+        sum(o.kv_peak_tokens for o in outs), sum(o.kv_evicted_tokens for o in outs),
+    )  # fmt: skip
+
+
+def final_event(
+    f: InFlight,
+    out: SequenceOutput,
+    timings: Timings,
+    attempt: str,
+    choices: dict[int, SequenceOutput] | None = None,
+) -> ReplyEvent:
+    """`done` with text, usage and timings, or `error` with the code of an abnormal finish.
+
+    A request that asked for logprobs gets those of its reply (`f.logprobs`); one with `n` > 1 gets every
+    choice (`choices`, by index: their final outputs), and `out` is `merged_choices(choices)`.
+    """
     reason = out.finish_reason or "stop"
     if reason in FINISH_ERRORS:
         return ErrorEvent(
@@ -66,6 +129,22 @@ def final_event(f: InFlight, out: SequenceOutput, timings: Timings, attempt: str
             message=_ERROR_MESSAGES.get(reason, f"request ended: {reason}"),
             attempt=attempt,
         )
+    kept = f.logprobs or {}
+
+    def logprobs_of(choice: int) -> list[Logprob] | None:
+        if not f.request.logprobs:
+            return None
+        return [Logprob.model_validate(body) for body in kept.get(choice, ())]
+
+    listed = None
+    if choices is not None:
+        listed = [
+            Choice(
+                index=i, text=c.text, finish_reason=c.finish_reason or "stop",
+                completion_tokens=c.completion_tokens, logprobs=logprobs_of(i),
+            )
+            for i, c in sorted(choices.items())
+        ]  # fmt: skip
     return DoneEvent(
         id=f.request.id,
         text=out.text,
@@ -80,6 +159,8 @@ def final_event(f: InFlight, out: SequenceOutput, timings: Timings, attempt: str
         ),
         timings=timings,
         attempt=attempt,
+        logprobs=logprobs_of(0),
+        choices=listed,
     )
 
 
@@ -134,38 +215,60 @@ class Publisher:
     """Turns a step's outputs into reply writes and log events; ends finished requests in the table."""
 
     def __init__(
-        self, writers: ReplyWriters, table: InFlightTable, counters: LoopCounters, attempt: str, worker: str
-    ):
+        self, writers: ReplyWriters, table: InFlightTable, counters: LoopCounters, attempt: str, worker: str,
+        token_text: TokenText | None = None,
+    ):  # fmt: skip
         self.writers = writers
         self.table = table
         self.counters = counters
         self.attempt = attempt
         self.worker = worker
+        self.token_text = token_text  # the `token` of logprobs; None: token ids only
 
     def publish(self, outputs: list[SequenceOutput], now_s: float) -> None:
+        """Write the events of a step's outputs. The outputs of choice i > 0 of a request with `n` > 1 come
+        under `choice_seq_id(seq_id, i)`; its final reply waits for every choice (or the first error)."""
         epoch_ms = now_ms()
         for out in outputs:
-            f = self.table.get(out.seq_id)
+            seq_id, choice = split_choice(out.seq_id)
+            f = self.table.get(seq_id)
             if f is None:
                 continue  # already answered (cancelled, lost): nothing may follow a final
             self.counters.tokens += len(out.new_token_ids)
             if out.new_token_ids and f.first_token_s is None:
                 f.first_token_s = now_s
+            logprobs = None
+            if out.logprobs is not None and f.request.logprobs:
+                logprobs = logprob_bodies(out.logprobs, self.token_text)
+                f.logprobs = f.logprobs or {}
+                f.logprobs.setdefault(choice, []).extend(logprobs)
             replies = self.writers.of(f.lane)
-            event = token_event(f, out, self.attempt)
+            event = token_event(f, out, self.attempt, choice if f.request.n > 1 else None, logprobs)
             if event is not None:
                 replies.token(f.request.id, f.reply_key, event, f.content_type, f.tokens_sent == 0)
                 f.tokens_sent += 1
-            if out.finished:
-                timings = request_timings(f, out.completion_tokens, now_s, epoch_ms, self.worker)
-                replies.final(
-                    FinalWrite(
-                        f.request.id, f.reply_key, final_event(f, out, timings, self.attempt),
-                        f.content_type, f.entry_id,
-                    )
-                )  # fmt: skip
-                self.table.end(out.seq_id)
-                self._log_done(f, out, timings, now_s)
+            if not out.finished:
+                continue
+            choices = None
+            if f.request.n > 1 and (out.finish_reason or "stop") not in FINISH_ERRORS:
+                f.finished_choices = f.finished_choices or {}
+                f.finished_choices[choice] = out
+                if len(f.finished_choices) < f.request.n:
+                    continue
+                choices = f.finished_choices
+                out = merged_choices(choices)
+            timings = request_timings(
+                f, max(c.completion_tokens for c in choices.values()) if choices else out.completion_tokens,
+                now_s, epoch_ms, self.worker,
+            )  # fmt: skip
+            replies.final(
+                FinalWrite(
+                    f.request.id, f.reply_key, final_event(f, out, timings, self.attempt, choices),
+                    f.content_type, f.entry_id,
+                )
+            )  # fmt: skip
+            self.table.end(seq_id)
+            self._log_done(f, out, timings, now_s)
 
     def _log_done(self, f: InFlight, out: SequenceOutput, t: Timings, now_s: float) -> None:
         self.counters.done += 1

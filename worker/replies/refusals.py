@@ -46,12 +46,16 @@ class Refusals:
         reply_key: str,
         code: ErrorCode,
         message: str,
+        param: str | None = None,
     ) -> None:
-        """A decoded request that cannot run (too long, cancelled before it started...)."""
+        """A decoded request that cannot run (too long, cancelled before it started...); `param` names the
+        request field at fault, when one is (the reply's `param`)."""
         self.counters.errors += 1
         tenant = self.names.tenant or request.tenant
         log.info("request_rejected", id=request.id, tenant=tenant, code=code.value, reason=message)
-        self.replies.error(request.id, reply_key, code, message, ct, entry_id, self.settings.refusal_ttl_s)
+        self.replies.error(
+            request.id, reply_key, code, message, ct, entry_id, self.settings.refusal_ttl_s, param
+        )
 
     def refuse(self, entry_id: bytes, fields: dict[bytes, bytes], code: ErrorCode, message: str) -> None:
         """Answer an entry with an error without serving it (dead-letter it if it names no sender)."""
@@ -81,7 +85,7 @@ class Refusals:
         if exc.request_id is not None:
             self.replies.error(
                 exc.request_id, exc.reply_to, exc.code, exc.message, exc.content_type, entry_id,
-                self.settings.refusal_ttl_s,
+                self.settings.refusal_ttl_s, exc.param,
             )  # fmt: skip
         else:
             self.dead_letter(entry_id, fields, f"{exc.code.value}: {exc.message}", 1)

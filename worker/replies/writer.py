@@ -109,14 +109,16 @@ class ReplyWriter:
         content_type: ContentType,
         entry_id: str | bytes | None,
         ttl_s: int | None = None,
+        param: str | None = None,
     ) -> None:
         """Queue one final error (or only the acknowledgement when the sender left no usable address);
-        `ttl_s` overrides the reply stream's and guard's TTL (refusals keep theirs short)."""
+        `ttl_s` overrides the reply stream's and guard's TTL (refusals keep theirs short); `param` names
+        the request field the error is about."""
         if request_id is None or reply_key is None:
             if entry_id is not None:
                 self.ack(entry_id if isinstance(entry_id, bytes) else entry_id.encode())
             return
-        event = ErrorEvent(id=request_id, code=code, message=message, attempt=self.attempt)
+        event = ErrorEvent(id=request_id, code=code, message=message, attempt=self.attempt, param=param)
         self.final(FinalWrite(request_id, reply_key, event, content_type, entry_id, ttl_s))
 
     def dead_letter(self, fields: dict[bytes, bytes], entry_id: bytes) -> None:
