@@ -20,6 +20,8 @@ class Encoder(Protocol):
 
     def encode_batch(self, items: list[EncodeItem]) -> list[list[int] | Exception]: ...
 
+    def token_text(self, token_id: int) -> str: ...
+
 
 class TokenizerEncoder:
     """A model's tokenizer with its chat template (`worker.engine.tokenize`); raw prompts may or may not
@@ -37,6 +39,11 @@ class TokenizerEncoder:
 
     def encode_batch(self, items: list[EncodeItem]) -> list[list[int] | Exception]:
         return batch_encode(self.tokenizer, items, self.prompt_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, as logprobs show it: the token decoded alone (a piece of a multi-byte
+        character decodes to U+FFFD, as in vLLM's and OpenAI's logprobs)."""
+        return str(self.tokenizer.decode([token_id]))
 
 
 class ByteEncoder:
@@ -59,3 +66,7 @@ class ByteEncoder:
             except Exception as exc:
                 out.append(exc)
         return out
+
+    def token_text(self, token_id: int) -> str:
+        """One byte's text (U+FFFD for a byte that starts or continues a multi-byte character)."""
+        return bytes([token_id]).decode("utf-8", errors="replace") if 0 <= token_id < 256 else ""

@@ -42,7 +42,7 @@ from worker.loop.inflight import InFlight, InFlightTable
 from worker.loop.intake import generation_request
 from worker.loop.keyed_errors import KeyedResponseError
 from worker.loop.lanes import Lane, build_lanes, namespaces, read_lanes
-from worker.loop.publisher import Publisher
+from worker.loop.publisher import Publisher, token_text
 from worker.observability.build_info import build_info
 from worker.observability.counters import LoopCounters, Microbatch
 from worker.observability.live_stats import LiveStats
@@ -74,7 +74,9 @@ class Consumer:
         self.lane_of = {lane.key: lane for lane in self.lanes if lane.tenant is not None}
         self.backoff = Backoff(s.reconnect_backoff_initial_ms, s.reconnect_backoff_max_ms)
         self.replies = ReplyWriters({lane.key: lane.replies for lane in self.lanes})
-        self.publisher = Publisher(self.replies, self.table, self.counters, self.attempt, s.consumer_name)
+        self.publisher = Publisher(
+            self.replies, self.table, self.counters, self.attempt, s.consumer_name, token_text(engine)
+        )
         # Writes from a thread where a device computes the steps (see reply_thread.py), else inline.
         background = s.async_replies if s.async_replies is not None else engine.overlaps_host
         self.writer = (

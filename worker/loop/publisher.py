@@ -8,6 +8,7 @@ streams), ends finished requests in the `InFlightTable`, and logs `request_done`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ from producer.wire.models import (
     Usage,
     now_ms,
 )
-from worker.engine.base import SequenceOutput, TokenLogprob
+from worker.engine.base import Engine, SequenceOutput, TokenLogprob
 from worker.loop.inflight import InFlight, InFlightTable, split_choice
 from worker.observability.counters import LoopCounters, Microbatch
 from worker.replies.writer import FinalWrite, ReplyWriters
@@ -209,6 +210,15 @@ def batch_done_fields(batch_id: int, batch: Microbatch, now_s: float) -> dict[st
         "wait_ms": round(batch.wait_ms, 2),
         "duration_ms": round((now_s - batch.admitted_s) * 1000, 2),
     }
+
+
+def token_text(engine: Engine) -> TokenText | None:
+    """The engine's token texts for logprobs (memoised: the same tokens recur), None without an encoder."""
+    try:
+        encoder = engine.encoder()
+    except NotImplementedError:
+        return None
+    return functools.lru_cache(maxsize=1 << 16)(encoder.token_text)
 
 
 class Publisher:

@@ -1,0 +1,85 @@
+"""One sequence's place in its grammar: fill its row of the step's bitmask, accept the sampled token.
+
+A `GrammarMatcher` wraps an `llguidance.LLMatcher` copied from the compiled grammar's template. It is
+used by the engine's thread only (one sequence is stepped by one thread); `fill_bitmasks` fills many rows
+at once on llguidance's own thread pool, with the GIL released.
+
+Filling reads nothing from the device and writes only the given host buffer, so the engine runs it while
+the forward pass of the step is in flight. The row is fully written (llguidance clears disallowed bits),
+so a buffer reused across steps needs no reset between fills.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import llguidance
+import llguidance.numpy
+import torch
+
+from worker.engine.structured.spec import GrammarSpec
+
+_executor: llguidance.LLExecutor | None = None
+
+
+class GrammarMatcher:
+    """Where one sequence stands in its grammar.
+
+    After `accept` of a token that ends the grammar (a JSON value closed, nothing may follow but EOS),
+    `is_terminated` is true: the reply is complete and the engine finishes it with "stop" without sampling
+    another token. EOS (the tokenizer's, or the ids the compiler was given) is allowed only where the
+    grammar accepts, so a sampled EOS also ends a complete reply. A token the mask did not allow is refused
+    (`accept` returns False) and the matcher keeps the error in `error`; its mask then allows only EOS.
+    """
+
+    __slots__ = ("_inner", "spec")
+
+    def __init__(self, inner: llguidance.LLMatcher, spec: GrammarSpec) -> None:
+        self._inner = inner
+        self.spec = spec
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into `bitmask[row]` (host int32, `[batch, ceil(vocab / 32)]`).
+
+        Releases the GIL while llguidance computes the mask. The buffer's width must be the compiler's
+        `vocab_size` (llguidance raises on any other size rather than writing past the row).
+        """
+        llguidance.numpy.fill_next_token_bitmask(self._inner, bitmask.numpy(), row)
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by the sampled token; False (and `error` set) if the grammar does not allow it."""
+        return bool(self._inner.consume_token(token_id))
+
+    @property
+    def is_terminated(self) -> bool:
+        """The reply must end here: the grammar is complete and allows nothing but EOS, or it failed."""
+        return bool(self._inner.is_stopped())
+
+    @property
+    def is_accepting(self) -> bool:
+        """The output so far is complete (EOS would be allowed), though the grammar may allow more."""
+        return bool(self._inner.is_accepting())
+
+    @property
+    def error(self) -> str | None:
+        """Why the matcher failed (a refused token, a per-step limit of the grammar engine), else None."""
+        if not self._inner.is_error():
+            return None
+        return self._inner.get_error() or "grammar error"
+
+
+def fill_bitmasks(rows: Sequence[tuple[GrammarMatcher, int]], bitmask: torch.Tensor) -> None:
+    """Fill several sequences' rows at once: `rows` is (matcher, row index) pairs.
+
+    Uses llguidance's executor, which computes the masks on its own threads (one process-wide pool,
+    created on first use) without the GIL; for a large batch that beats a loop of `fill_bitmask`, for one
+    or two rows the loop is as fast.
+    """
+    global _executor
+    if not rows:
+        return
+    if _executor is None:
+        _executor = llguidance.LLExecutor()
+    llguidance.numpy.fill_next_token_bitmask_par(
+        _executor, [(m._inner, row) for m, row in rows], bitmask.numpy()
+    )
