@@ -36,17 +36,48 @@ tensor ops, so a seeded request draws the same tokens from the same logits whate
 share the batch, whatever its row index, on CPU and GPU alike, and after preemption and
 recompute (the step index counts sampled tokens, which recompute keeps). No per-request RNG
 state exists.
+
+The extras (`SamplingParams.extras()`: penalties, logit bias, min_tokens, logprobs) are a second
+per-step object, `SamplingExtras`, built on the host like `SamplingTensors` (one copy for all its
+small tensors). With penalties, the model runner keeps a `PenaltyState` (`penalties.py`) of
+capacity = its maximum number of running sequences and the model's vocabulary size, and per step::
+
+    rows = penalty_state.rows_for(seqs)  # -1 for rows without penalties; fills new rows on the device
+    extras = SamplingExtras.from_params(
+        [seq.sampling for seq in seqs], [seq.sampling_step for seq in seqs], logits.device,
+        vocab_size=logits.shape[-1], eos_token_ids=engine_eos_ids, penalty_rows=rows,
+    )
+    tokens, logprobs = sample_with_extras(logits, tensors, extras, penalty_state)
+    token_ids, token_logprobs = read_sampled(tokens, logprobs)  # logprobs.py: the step's one host read
+
+and `penalty_state.release(seq_id)` when a sequence finishes. `sample_with_extras` is
+`process_logits` (a new float32 copy of the logits with the extras applied), `sample` on it,
+`record_sampled` (the sampled tokens counted into the penalty rows, on the device) and
+`logprobs.compute_logprobs`. The extras apply in vLLM's order (its v1 sampler: the logit bias and
+min_tokens logits processors, then the penalties):
+
+1. logit bias: each (token, bias) of the row added to the token's logit;
+2. min_tokens: while the row has sampled fewer than `min_tokens` tokens, its `stop_token_ids` and,
+   unless `ignore_eos`, the EOS ids get -inf;
+3. repetition penalty, then frequency and presence penalties (`penalties.apply_penalties`).
+
+Temperature, top-k, top-p and the noise then work on the processed logits exactly as above. A batch
+without extras builds nothing on the device and `sample_with_extras` is `sample`; a row without
+extras in a batch with some is sampled from its own unchanged logits (upcast to float32, which does
+not change its argmax nor its scores), so it draws what it would draw alone.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from worker.engine.base import SamplingParams
+from worker.engine.logprobs import LogprobRows, LogprobTensors, compute_logprobs
+from worker.engine.penalties import PenaltyState, apply_penalties, uses_penalties
 
 # Temperatures below this are greedy: dividing by them would overflow or be argmax anyway.
 GREEDY_TEMPERATURE = 1e-5
@@ -297,3 +328,234 @@ def sample_next_tokens(
     """`sample` for a list of rows, read back with one `.tolist()`."""
     tensors = SamplingTensors.from_params(params, steps, logits.device)
     return [int(t) for t in sample(logits, tensors).tolist()]
+
+
+@dataclass(frozen=True)
+class PenaltyRows:
+    """The rows of a step that set a penalty: where they are among the logits and in the `PenaltyState`."""
+
+    logit_rows: torch.Tensor | None  # int64 [P]; None when every row of the batch is penalised
+    state_rows: torch.Tensor  # int64 [P], their `PenaltyState` rows
+    # float32 [P] each; None when no row of the batch sets that penalty (its work is skipped).
+    repetition: torch.Tensor | None
+    frequency: torch.Tensor | None
+    presence: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class SparseLogits:
+    """Logits entries (row, token) to change: `values` added (logit bias), or set to -inf when None."""
+
+    rows: torch.Tensor  # int64 [N]
+    ids: torch.Tensor  # int64 [N]
+    values: torch.Tensor | None  # float32 [N]
+
+
+@dataclass(frozen=True)
+class SamplingExtras:
+    """One step's extras, a group per kind of work; a group is None when no row of the batch needs it.
+
+    A batch without extras has every group None: it cost no device tensor to build, and
+    `process_logits` and `sample_with_extras` do nothing more than `sample`. Token ids outside the
+    vocabulary (`logit_bias` and `stop_token_ids` entries) are dropped on the host: such a token can
+    never be sampled, so biasing or masking it changes nothing, and indexing with it would abort the
+    device.
+    """
+
+    batch_size: int
+    penalties: PenaltyRows | None = None
+    bias: SparseLogits | None = None
+    banned: SparseLogits | None = None  # min_tokens: EOS and stop token ids masked this step
+    logprobs: LogprobRows | None = None
+
+    @property
+    def processes(self) -> bool:
+        """True when some row's logits change before sampling."""
+        return self.penalties is not None or self.bias is not None or self.banned is not None
+
+    @property
+    def active(self) -> bool:
+        """True when the step has any extra work at all (logits to change or logprobs to compute)."""
+        return self.processes or self.logprobs is not None
+
+    @classmethod
+    def from_params(
+        cls,
+        params: Sequence[SamplingParams],
+        steps: Sequence[int],
+        device: torch.device | str,
+        *,
+        vocab_size: int,
+        eos_token_ids: Collection[int] = (),
+        penalty_rows: Sequence[int] | None = None,
+    ) -> SamplingExtras:
+        """Gather the rows' extras on the host and move them with one copy.
+
+        `steps[i]` is the number of tokens row i has sampled (min_tokens compares it). `penalty_rows[i]`
+        is row i's `PenaltyState` row (`PenaltyState.rows_for`); it is read only for rows that set a
+        penalty, and needed only when one does.
+        """
+        if len(params) != len(steps):
+            raise ValueError(f"{len(params)} sampling params for {len(steps)} step indices")
+        batch = len(params)
+        pen_logit_rows: list[int] = []
+        pen_state_rows: list[int] = []
+        repetition: list[float] = []
+        frequency: list[float] = []
+        presence: list[float] = []
+        bias_rows: list[int] = []
+        bias_ids: list[int] = []
+        bias_values: list[float] = []
+        ban_rows: list[int] = []
+        ban_ids: list[int] = []
+        lp_rows: list[int] = []
+        lp_temperature: list[float] = []
+        lp_top: list[int] = []
+        for row, (p, step) in enumerate(zip(params, steps, strict=True)):
+            if uses_penalties(p):
+                state_row = -1 if penalty_rows is None else penalty_rows[row]
+                if state_row < 0:
+                    raise ValueError(f"row {row} sets a penalty but has no penalty state row")
+                if not p.repetition_penalty > 0:
+                    raise ValueError(f"repetition_penalty must be positive, not {p.repetition_penalty}")
+                pen_logit_rows.append(row)
+                pen_state_rows.append(state_row)
+                repetition.append(p.repetition_penalty)
+                frequency.append(p.frequency_penalty)
+                presence.append(p.presence_penalty)
+            for token, value in p.logit_bias:
+                if value and 0 <= token < vocab_size:
+                    bias_rows.append(row)
+                    bias_ids.append(token)
+                    bias_values.append(value)
+            if step < p.min_tokens:
+                stops = set(p.stop_token_ids) if p.ignore_eos else set(p.stop_token_ids).union(eos_token_ids)
+                for token in sorted(stops):
+                    if 0 <= token < vocab_size:
+                        ban_rows.append(row)
+                        ban_ids.append(token)
+            if p.logprobs:
+                lp_rows.append(row)
+                lp_temperature.append(1.0 if p.temperature < GREEDY_TEMPERATURE else p.temperature)
+                lp_top.append(p.top_logprobs)
+        if not (pen_logit_rows or bias_rows or ban_rows or lp_rows):
+            return cls(batch)
+
+        all_penalised = len(pen_logit_rows) == batch
+        all_logprobs = len(lp_rows) == batch
+        any_repetition = any(r != 1.0 for r in repetition)
+        any_frequency = any(frequency)
+        any_presence = any(presence)
+        # One int32 buffer: the index fields (widened to int64 on the device in one kernel), then the
+        # float fields as float32 bits. A field no row uses is left out.
+        index_fields = [
+            [] if all_penalised else pen_logit_rows, pen_state_rows,
+            bias_rows, bias_ids, ban_rows, ban_ids,
+            [] if all_logprobs else lp_rows,
+        ]  # fmt: skip
+        float_fields = [
+            repetition if any_repetition else [], frequency if any_frequency else [],
+            presence if any_presence else [], bias_values, lp_temperature,
+        ]  # fmt: skip
+        num_index = sum(map(len, index_fields))
+        num_float = sum(map(len, float_fields))
+        layout = f"<{num_index}i{num_float}f"
+        raw = bytearray(struct.calcsize(layout))
+        struct.pack_into(
+            layout, raw, 0, *(v for f in index_fields for v in f), *(v for f in float_fields for v in f)
+        )
+        host = torch.frombuffer(raw, dtype=torch.int32)
+        device = torch.device(device)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        on_device = host.to(device, non_blocking=True)
+        indices = on_device[:num_index].to(torch.int64)
+        floats = on_device[num_index:].view(torch.float32)
+
+        def split(source: torch.Tensor, fields: Sequence[Sequence[float]]) -> list[torch.Tensor | None]:
+            """Each field's slice of `source`, None for a field no row uses."""
+            out: list[torch.Tensor | None] = []
+            start = 0
+            for f in fields:
+                out.append(source[start : start + len(f)] if f else None)
+                start += len(f)
+            return out
+
+        p_logit, p_state, b_rows, b_ids, n_rows, n_ids, l_rows = split(indices, index_fields)
+        rep, freq, pres, b_values, l_temperature = split(floats, float_fields)
+        penalties = None
+        if p_state is not None:
+            penalties = PenaltyRows(p_logit, p_state, rep, freq, pres)
+        bias = None
+        if b_rows is not None and b_ids is not None:
+            bias = SparseLogits(b_rows, b_ids, b_values)
+        banned = None
+        if n_rows is not None and n_ids is not None:
+            banned = SparseLogits(n_rows, n_ids, None)
+        logprobs = None
+        if l_temperature is not None:
+            logprobs = LogprobRows(l_rows, l_temperature, tuple(lp_rows), tuple(lp_top))
+        return cls(batch, penalties, bias, banned, logprobs)
+
+
+def process_logits(
+    logits: torch.Tensor, extras: SamplingExtras, penalties: PenaltyState | None = None
+) -> torch.Tensor:
+    """The logits the rows sample from: `logits` itself without extras to apply, else a float32 copy
+    with the logit bias, min_tokens and the penalties applied, in that order (the module docstring).
+
+    The caller's logits are never written (they may be a CUDA graph's output buffer). `penalties`
+    must hold the rows `extras` was built with.
+    """
+    if not extras.processes:
+        return logits
+    if logits.dim() != 2 or logits.shape[0] != extras.batch_size:
+        raise ValueError(f"logits {tuple(logits.shape)} for a batch of {extras.batch_size} rows")
+    out = logits.to(torch.float32, copy=True)
+    if extras.bias is not None:
+        assert extras.bias.values is not None
+        out.index_put_((extras.bias.rows, extras.bias.ids), extras.bias.values, accumulate=True)
+    if extras.banned is not None:
+        out.index_put_((extras.banned.rows, extras.banned.ids), out.new_full((), float("-inf")))
+    rows = extras.penalties
+    if rows is not None:
+        if penalties is None or penalties.output_counts is None or penalties.prompt_mask is None:
+            raise ValueError("penalised rows without the PenaltyState holding their rows")
+        if penalties.vocab_size != out.shape[-1]:
+            raise ValueError(f"logits of {out.shape[-1]} tokens, penalty rows of {penalties.vocab_size}")
+        selected = out if rows.logit_rows is None else out.index_select(0, rows.logit_rows)
+        counts = penalties.output_counts.index_select(0, rows.state_rows)
+        mask = None if rows.repetition is None else penalties.prompt_mask.index_select(0, rows.state_rows)
+        selected = apply_penalties(selected, mask, counts, rows.repetition, rows.frequency, rows.presence)
+        if rows.logit_rows is None:
+            out = selected
+        else:
+            out.index_copy_(0, rows.logit_rows, selected)
+    return out
+
+
+def record_sampled(penalties: PenaltyState | None, extras: SamplingExtras, tokens: torch.Tensor) -> None:
+    """Count the step's sampled tokens (int64 [B]) into the penalised rows' output counts, on the device."""
+    rows = extras.penalties
+    if rows is None:
+        return
+    if penalties is None:
+        raise ValueError("penalised rows without the PenaltyState holding their rows")
+    sampled = tokens if rows.logit_rows is None else tokens.index_select(0, rows.logit_rows)
+    penalties.record(rows.state_rows, sampled)
+
+
+def sample_with_extras(
+    logits: torch.Tensor,
+    tensors: SamplingTensors,
+    extras: SamplingExtras,
+    penalties: PenaltyState | None = None,
+) -> tuple[torch.Tensor, LogprobTensors | None]:
+    """`sample` with the extras: process the logits, sample, record the tokens for the penalties, and
+    compute the logprobs of the rows that asked (None when none did). Nothing is read back: pass both
+    results to `logprobs.read_sampled` for the step's one host read."""
+    processed = process_logits(logits, extras, penalties)
+    tokens = sample(processed, tensors)
+    record_sampled(penalties, extras, tokens)
+    logprobs = None if extras.logprobs is None else compute_logprobs(processed, tokens, extras.logprobs)
+    return tokens, logprobs

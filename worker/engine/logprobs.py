@@ -1,0 +1,103 @@
+"""Log-probabilities of the sampled tokens and the most likely alternatives, computed on the device.
+
+They come from the logits the token was drawn from: the processed logits (penalties, logit bias and
+min_tokens applied, `sampler.process_logits`) divided by the row's temperature, through
+`log_softmax`. Greedy rows use temperature 1: their values are the processed distribution itself,
+where temperature 0 would make them a one-hot (0 for the argmax, -inf elsewhere). Top-k and top-p are not
+applied: the values describe the distribution before truncation, so `top_logprobs` may list tokens
+the row could not have drawn. (vLLM returns the raw model logits' logprobs by default; here the
+request asks for the ones the sampler drew from.)
+
+Only the rows that asked are computed, as one batch: [L, V] for L such rows, then a `topk` of the
+largest `top_logprobs` of the batch. Nothing is read back here; `read_sampled` reads the sampled ids
+and these values together, in one device-to-host copy, when the step's result is collected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from worker.engine.base import TokenLogprob
+
+
+@dataclass(frozen=True)
+class LogprobRows:
+    """Which logits rows want logprobs this step, and how (built on the host by `SamplingExtras`)."""
+
+    rows: torch.Tensor | None  # int64 [L], the logits rows; None when every row of the batch wants them
+    temperature: torch.Tensor  # float32 [L], the rows' temperatures (1 for greedy rows)
+    row_ids: tuple[int, ...]  # the same rows, on the host
+    top_counts: tuple[int, ...]  # each row's `top_logprobs`
+
+    @property
+    def max_top(self) -> int:
+        return max(self.top_counts, default=0)
+
+
+@dataclass(frozen=True)
+class LogprobTensors:
+    """One step's logprobs on the device, for the rows of `row_ids` (the rest asked for none)."""
+
+    row_ids: tuple[int, ...]
+    top_counts: tuple[int, ...]
+    sampled: torch.Tensor  # float32 [L], the sampled token's logprob
+    top_ids: torch.Tensor  # int64 [L, K], most likely first (K = the batch's largest top_logprobs)
+    top_values: torch.Tensor  # float32 [L, K]
+
+
+def compute_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: LogprobRows) -> LogprobTensors:
+    """Logprobs of `tokens` (int64 [B]) and the top alternatives under `logits` ([B, V], processed).
+
+    The scores are `torch.div(logits, temperature)`, the very operation `sampler.sample` draws from,
+    so a sampled row's values describe exactly the distribution its token came from (before top-k
+    and top-p).
+    """
+    selected, sampled_ids = logits, tokens
+    if rows.rows is not None:
+        selected = logits.index_select(0, rows.rows)
+        sampled_ids = tokens.index_select(0, rows.rows)
+    logprobs = torch.log_softmax(torch.div(selected, rows.temperature.unsqueeze(-1)), dim=-1)
+    sampled = logprobs.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
+    k = min(rows.max_top, logprobs.shape[-1])
+    if k:
+        top_values, top_ids = torch.topk(logprobs, k, dim=-1, sorted=True)
+    else:
+        top_values = logprobs.new_empty((logprobs.shape[0], 0))
+        top_ids = sampled_ids.new_empty((logprobs.shape[0], 0))
+    return LogprobTensors(rows.row_ids, rows.top_counts, sampled, top_ids, top_values)
+
+
+def read_sampled(
+    tokens: torch.Tensor, logprobs: LogprobTensors | None
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """The sampled ids ([B]) and each row's `TokenLogprob` (None where not asked), in one host read.
+
+    The ids, the top ids and the values are packed as int32 bit patterns into one device tensor, so
+    the step still synchronises once and copies once; the host views the pieces back, exactly.
+    """
+    batch = tokens.shape[0]
+    if logprobs is None:
+        return [int(t) for t in tokens.tolist()], [None] * batch
+    num, k = logprobs.top_ids.shape
+    # int64 pieces first, so each one starts at an even int32 offset and views back as int64.
+    packed = torch.cat(
+        [
+            tokens.to(torch.int64).contiguous().view(torch.int32),
+            logprobs.top_ids.contiguous().view(-1).view(torch.int32),
+            logprobs.sampled.to(torch.float32).contiguous().view(torch.int32),
+            logprobs.top_values.to(torch.float32).contiguous().view(-1).view(torch.int32),
+        ]
+    ).cpu()
+    ends = [2 * batch, 2 * batch + 2 * num * k, 2 * batch + 2 * num * k + num]
+    token_ids = packed[: ends[0]].view(torch.int64).tolist()
+    top_ids = packed[ends[0] : ends[1]].view(torch.int64).view(num, k).tolist()
+    sampled = packed[ends[1] : ends[2]].view(torch.float32).tolist()
+    top_values = packed[ends[2] :].view(torch.float32).view(num, k).tolist()
+    result: list[TokenLogprob | None] = [None] * batch
+    for i, row in enumerate(logprobs.row_ids):
+        count = logprobs.top_counts[i]
+        top = tuple(zip(top_ids[i][:count], top_values[i][:count], strict=True))
+        result[row] = TokenLogprob(token_ids[row], sampled[i], top)
+    return token_ids, result
