@@ -20,10 +20,15 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from worker.engine.encoder import Encoder
+    from worker.engine.structured import GrammarSpec
 
 # "too_long": the request can never fit this engine's KV cache; "deadline_exceeded" covers requests
 # that expired while waiting as well as while running.
-FinishReason = Literal["stop", "length", "cancelled", "deadline_exceeded", "too_long", "error"]
+# "invalid_request": the engine found the request unservable after accepting it (a grammar that fails to
+# compile, or times out); `SequenceOutput.error` says why.
+FinishReason = Literal[
+    "stop", "length", "cancelled", "deadline_exceeded", "too_long", "invalid_request", "error"
+]
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,8 @@ class GenerationRequest:
     # False: the engine returns token ids only (no text), for a caller that detokenizes them itself;
     # honoured by engines with `Engine.detokenize_optional`, and only for requests without stop strings.
     detokenize: bool = True
+    # The grammar the reply must follow (`response_format`: a JSON schema, any JSON object, a regex).
+    grammar: GrammarSpec | None = None
 
 
 @dataclass
@@ -130,6 +137,9 @@ class SequenceOutput:
     kv_evicted_tokens: int = 0
     # One entry per token of `new_token_ids` when the request asked for logprobs, else None.
     logprobs: list[TokenLogprob] | None = None
+    # Finish reason "invalid_request": what is wrong with the request, and the request field at fault.
+    error: str = ""
+    error_param: str | None = None
 
 
 @dataclass

@@ -29,6 +29,7 @@ from worker.engine.cuda_graphs import DecodeGraphs
 from worker.engine.kv_cache import KVCache
 from worker.engine.sampler import SamplingTensors, sample
 from worker.engine.sequence import Sequence
+from worker.engine.structured.gate import GrammarGate
 
 
 @dataclass
@@ -86,6 +87,7 @@ class ModelRunner:
     def __init__(
         self, model: Any, kv_cache: KVCache, block_manager: BlockManager, device: torch.device,
         backend: AttentionBackend = "torch", graphs: DecodeGraphs | None = None, score_window: int = 0,
+        grammars: GrammarGate | None = None,
     ):  # fmt: skip
         self.model = model
         self.kv_cache = kv_cache
@@ -96,6 +98,7 @@ class ModelRunner:
         # SnapKV (`kv_prune.py`): the last this many queries of a budgeted sequence's prefill chunk score
         # its kept blocks (0 = never).
         self.score_window = score_window
+        self.grammars = grammars  # structured output: masks the logits of constrained sequences
         self.window = sliding_window(model.config)
         self.num_sms = (
             torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -231,5 +234,8 @@ class ModelRunner:
         tensors = SamplingTensors.from_params(
             [s.sampling for s in seqs], [s.sampling_step for s in seqs], self.device
         )
-        tokens = sample(logits[: len(sampled_rows)], tensors)
+        logits = logits[: len(sampled_rows)]
+        if self.grammars is not None:
+            self.grammars.mask(logits, seqs)  # host work while the device runs the forward
+        tokens = sample(logits, tensors)
         return LaunchedStep(tokens, [order[i] for i in sampled_rows], len(scheduled), scores)

@@ -39,11 +39,21 @@ from worker.engine.model_runner import LaunchedStep, ModelRunner
 from worker.engine.quant import dtype_name, weight_bytes, weights_label
 from worker.engine.sequence import Sequence
 from worker.engine.step_scheduler import SchedulerOutput, StepScheduler
+from worker.engine.structured.gate import GrammarGate
 from worker.engine.tokenize import eos_token_ids
 
 # With CUDA graphs, new requests join a decoding batch at the latest every this many steps (or as soon
 # as they fill a step's token budget): a mixed step runs eagerly and costs several graph decode steps.
 DEFAULT_PREFILL_INTERVAL_STEPS = 8
+# How often an otherwise idle engine polls the compiles of requests waiting for their grammar.
+GRAMMAR_POLL_S = 0.002
+
+
+def logits_width(model: Any) -> int:
+    """Columns of the model's logits (its output layer's vocabulary, which may exceed the tokenizer's)."""
+    head = model.get_output_embeddings()
+    width = getattr(head, "out_features", None) or getattr(head, "num_embeddings", None)
+    return int(width or model.config.vocab_size)
 
 
 class PagedEngine(Engine):
@@ -51,6 +61,7 @@ class PagedEngine(Engine):
 
     name = "paged"
     detokenize_optional = True
+    supported_extras = frozenset({"stop_token_ids", "response_format"})
 
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None):
         """The engine around a loaded model (`model_loader.load_model`); `create_engine` loads and builds.
@@ -88,9 +99,13 @@ class PagedEngine(Engine):
             graphs = DecodeGraphs(
                 model, self.kv_cache, c.policy.max_num_seqs, -(-self.max_model_len // block_size)
             )
+        # Structured output: nothing is built until the first request with a grammar.
+        self.grammars = GrammarGate(
+            tokenizer, logits_width(model), self.eos_token_ids, c.policy.max_num_seqs, self.device
+        )
         self.runner = ModelRunner(
             model, self.kv_cache, self.block_manager, self.device, self.attention_backend, graphs,
-            score_window=self.prune.obs_window if self.prune.mode == "snapkv" else 0,
+            score_window=self.prune.obs_window if self.prune.mode == "snapkv" else 0, grammars=self.grammars,
         )  # fmt: skip
         if triton and self.device.type == "cuda":
             self.runner.warm_up()
@@ -131,10 +146,15 @@ class PagedEngine(Engine):
         seq = Sequence(request, self.tokenizer if detokenize else None)
         seq.kv_budget_tokens = budget
         self._seqs[request.seq_id] = seq
-        self.scheduler.add(seq)
+        if seq.grammar is not None:
+            self.grammars.hold(seq)  # joins the scheduler once its grammar is compiled (`submit_step`)
+        else:
+            self.scheduler.add(seq)
 
     def abort_request(self, seq_id: str, reason: FinishReason = "cancelled") -> SequenceOutput | None:
         seq = self._seqs.get(seq_id)
+        if seq is not None:
+            self.grammars.drop(seq)
         if seq is None:  # unknown, or ended with its final output still pending
             seq = next((s for s, _, _ in self._pending if s.seq_id == seq_id), None)
         return None if seq is None else self._finish(seq, reason)
@@ -156,6 +176,7 @@ class PagedEngine(Engine):
             for seq in list(self.scheduler.running)
             if seq.deadline_s is not None and seq.deadline_s <= now
         ]
+        outputs += self._admit_constrained(now)
         plan = self.scheduler.schedule(now)
         outputs += [self._finish(seq, "deadline_exceeded") for seq in plan.expired]
         outputs += [self._finish(seq, "too_long") for seq in plan.rejected]
@@ -208,22 +229,47 @@ class PagedEngine(Engine):
             outputs += self._emit_pending()
         return outputs
 
+    def _admit_constrained(self, now: float) -> list[SequenceOutput]:
+        """Hand the scheduler the held requests whose grammar is compiled; end those whose grammar failed
+        (`invalid_request`, naming `response_format`) or whose deadline passed while it compiled."""
+        if not self.grammars.held:
+            return []
+        started, failed = self.grammars.ready()
+        for seq in started:
+            self.scheduler.add(seq)
+        outputs = []
+        for seq, why in failed:
+            out = self._finish(seq, "invalid_request")
+            out.error, out.error_param = f"response_format: {why}", "response_format"
+            outputs.append(out)
+        for seq in self.grammars.held:
+            if seq.deadline_s is not None and seq.deadline_s <= now:
+                self.grammars.drop(seq)
+                outputs.append(self._finish(seq, "deadline_exceeded"))
+        return outputs
+
     def _unpublish(self, plan: SchedulerOutput) -> None:
         """This step's K/V writes may be incomplete: no later request may reuse those blocks."""
         for item in plan.scheduled:
             self.block_manager.unpublish(item.seq, item.start // self.block_manager.block_size)
 
     def take_unstarted(self) -> list[str]:
-        unstarted = self.scheduler.take_unstarted()
+        unstarted = self.scheduler.take_unstarted() + self.grammars.held
         for seq in unstarted:
+            self.grammars.drop(seq)
             self._seqs.pop(seq.seq_id, None)
         return [seq.seq_id for seq in unstarted]
 
     def wake_at_s(self) -> float | None:
-        return None if self.scheduler.running or self._pending else self.scheduler.wake_at_s
+        if self.scheduler.running or self._pending:
+            return None
+        if self.grammars.held:  # poll the compiles soon, without spinning the loop meanwhile
+            soon = time.monotonic() + GRAMMAR_POLL_S
+            return soon if self.scheduler.wake_at_s is None else min(soon, self.scheduler.wake_at_s)
+        return self.scheduler.wake_at_s
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return self.scheduler.has_unfinished() or bool(self._pending) or bool(self.grammars.held)
 
     def _emit_pending(self) -> list[SequenceOutput]:
         pending, self._pending = self._pending, []
@@ -267,6 +313,7 @@ class PagedEngine(Engine):
         for seq_id in list(self._seqs):
             self.abort_request(seq_id)
         self._pending.clear()
+        self.grammars.close()
         self.runner.model = None
         self.runner.graphs = None
         if self._fused is not None:
@@ -281,6 +328,13 @@ class PagedEngine(Engine):
             return "stop"
         if token in seq.sampling.stop_token_ids:
             return "stop"
+        if seq.matcher is not None:
+            # The mask allowed only this grammar's tokens; a complete reply ends here ("stop"). A refused
+            # token (the mask was bypassed: a bug) ends the reply rather than break the format.
+            if not seq.matcher.accept(token):
+                return "error"
+            if seq.matcher.is_terminated:
+                return "stop"
         if seq.detokenizer is not None and seq.detokenizer.stopped:
             return "stop"
         if seq.num_completion_tokens >= seq.sampling.max_tokens:

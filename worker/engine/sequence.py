@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import enum
 import math
+from typing import TYPE_CHECKING
 
 from worker.engine.base import FinishReason, GenerationRequest, SamplingParams
 from worker.engine.detokenizer import Decoder, IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from worker.engine.structured import GrammarMatcher, GrammarSpec
 
 
 class SequenceStatus(enum.Enum):
@@ -58,6 +62,9 @@ class Sequence:
         self.block_scores: list[float] = []
         self.kv_peak_tokens = 0
         self.kv_evicted_tokens = 0  # over the sequence's life, recomputes after preemption included
+        # Structured output (`worker/engine/structured`): where the reply stands in its grammar, once
+        # the grammar is compiled (None: unconstrained, or not compiled yet).
+        self.matcher: GrammarMatcher | None = None
         self.max_prefix_blocks: int | None = None  # prefix-cache hits it may take (None: any)
         self.detokenizer = (
             IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.sampling.stop)
@@ -68,6 +75,10 @@ class Sequence:
     @property
     def sampling(self) -> SamplingParams:
         return self.request.sampling
+
+    @property
+    def grammar(self) -> GrammarSpec | None:
+        return self.request.grammar
 
     @property
     def priority(self) -> int:

@@ -51,7 +51,7 @@ def pack_output(o: SequenceOutput) -> OutputRow:
     return (
         o.seq_id, o.new_token_ids, o.new_text, o.finished, o.finish_reason, o.prompt_tokens,
         o.completion_tokens, o.cached_tokens, o.text, o.kv_dtype, o.kv_peak_tokens, o.kv_evicted_tokens,
-        o.logprobs,
+        o.logprobs, o.error, o.error_param,
     )  # fmt: skip
 
 

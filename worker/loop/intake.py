@@ -24,6 +24,7 @@ from producer.wire.models import REQUEST_EXTRAS, ChatRequest, ErrorCode, now_ms
 from producer.wire.redis_types import pending_rows, range_entries, read_entries
 from scheduler import Priority
 from worker.engine.base import Engine, GenerationRequest, SamplingParams
+from worker.engine.structured.spec import GrammarError, GrammarSpec, parse_response_format
 from worker.loop.backpressure import Backpressure
 from worker.loop.cancellation import CancelWatch
 from worker.loop.inflight import InFlight, InFlightTable, choice_seq_id, entry_epoch_ms, seq_id_of
@@ -51,8 +52,15 @@ def sampling_params(r: ChatRequest) -> SamplingParams:
     )  # fmt: skip
 
 
+def grammar_spec(r: ChatRequest) -> GrammarSpec | None:
+    """The grammar a request's `response_format` asks for (None: unconstrained); GrammarError if invalid."""
+    if r.response_format is None or not r.response_format.constrained:
+        return None
+    return parse_response_format(r.response_format.model_dump(by_alias=True, exclude_none=True))
+
+
 def generation_request(f: InFlight) -> GenerationRequest:
-    """What the engine needs of a request: its tokens, sampling, priority and deadline."""
+    """What the engine needs of a request: its tokens, sampling, grammar, priority and deadline."""
     r = f.request
     return GenerationRequest(
         seq_id=f.seq_id,
@@ -62,6 +70,7 @@ def generation_request(f: InFlight) -> GenerationRequest:
         priority=int(Priority.BATCH if r.priority == "batch" else Priority.INTERACTIVE),
         deadline_s=f.deadline_s,
         kv_budget_tokens=r.kv_budget_tokens,
+        grammar=grammar_spec(r),
     )  # fmt: skip
 
 
@@ -105,6 +114,10 @@ def extras_problem(
     for name in extras_used(r, sampling_params(r)):
         if name not in supported:
             return name, f"{name}: not supported by this worker's engine ({engine})"
+    try:
+        grammar_spec(r)
+    except GrammarError as exc:
+        return "response_format", f"response_format: {exc}"
     if vocab_size is not None:
         for name, ids in (("logit_bias", list(r.logit_bias)), ("stop_token_ids", r.stop_token_ids)):
             outside = next((t for t in ids if t >= vocab_size), None)

@@ -37,6 +37,7 @@ FINISH_ERRORS = {
     "deadline_exceeded": ErrorCode.DEADLINE_EXCEEDED,
     "cancelled": ErrorCode.CANCELLED,
     "too_long": ErrorCode.TOO_LONG,
+    "invalid_request": ErrorCode.INVALID_REQUEST,
     "error": ErrorCode.INTERNAL,
 }
 _ERROR_MESSAGES = {
@@ -127,8 +128,9 @@ def final_event(
         return ErrorEvent(
             id=f.request.id,
             code=FINISH_ERRORS[reason],
-            message=_ERROR_MESSAGES.get(reason, f"request ended: {reason}"),
+            message=out.error or _ERROR_MESSAGES.get(reason, f"request ended: {reason}"),
             attempt=attempt,
+            param=out.error_param,
         )
     kept = f.logprobs or {}
 
