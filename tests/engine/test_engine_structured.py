@@ -89,3 +89,20 @@ def test_a_request_waiting_for_its_grammar_can_be_aborted_and_handed_back(smol: 
     engine.add_request(again)
     out = engine.abort_request("again")
     assert out is not None and out.finish_reason == "cancelled" and not engine.has_unfinished()
+
+
+def test_the_loop_is_told_to_step_once_the_grammar_is_in(smol: LoadedModel) -> None:
+    """A loop that steps only when `wake_at_s()` says so (the worker's) must get there: the wake time
+    while a grammar compiles is a short poll, and None once it is compiled."""
+    import time
+
+    engine = make_engine(smol)
+    held = request("held", chat(engine, "JSON please."), max_tokens=8)
+    held.grammar = GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}})
+    engine.add_request(held)
+    deadline = time.monotonic() + 10
+    while (wake := engine.wake_at_s()) is not None:
+        assert wake - time.monotonic() < 0.1 and time.monotonic() < deadline
+        time.sleep(0.001)
+    engine.step()
+    assert not engine.grammars.held and engine.scheduler.running

@@ -717,6 +717,19 @@ def _generate(
         prompt_ids = prompt_ids["input_ids"]
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     inputs, cache, out = torch.tensor([prompt_ids]), None, list[int]()
+    # The session's model may have served a paged engine, which registered its own attention on it.
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        return _decode(model, tok, matcher, mask, inputs, cache, out, generator)
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _decode(
+    model: Any, tok: Any, matcher: Any, mask: torch.Tensor, inputs: torch.Tensor, cache: Any, out: list[int],
+    generator: torch.Generator | None,
+) -> tuple[str, str]:
     with torch.inference_mode():
         for _ in range(MAX_NEW_TOKENS):
             result = model(input_ids=inputs, past_key_values=cache, use_cache=True)

@@ -51,3 +51,40 @@ def test_a_seed_makes_sampling_repeat(client: openai.OpenAI) -> None:
 
     first = sample()
     assert first and sample() == first
+
+
+def test_a_json_schema_reply_always_validates_and_logprobs_come_back(client: openai.OpenAI) -> None:
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"enum": ["France", "Spain"]}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}
+    for temperature in (0.0, 1.0):
+        reply = client.chat.completions.create(
+            model=MODEL, messages=CAPITAL, max_tokens=40, temperature=temperature, seed=3,
+            response_format=response_format,  # type: ignore[arg-type]
+        )  # fmt: skip
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
+    scored = client.chat.completions.create(
+        model=MODEL, messages=CAPITAL, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = scored.choices[0].logprobs.content if scored.choices[0].logprobs else None
+    assert content and len(content) == scored.usage.completion_tokens  # type: ignore[union-attr]
+    assert "".join(t.token for t in content) == scored.choices[0].message.content
+    for token in content:
+        assert token.logprob <= 0 and len(token.top_logprobs) == 3
+        assert token.top_logprobs[0].token == token.token  # greedy: the most likely one
+    unique = {"type": "array", "uniqueItems": True}  # a keyword the grammar engine cannot enforce
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": unique}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL, messages=CAPITAL, max_tokens=4, response_format=bad  # type: ignore[arg-type]
+        )
+    assert refused.value.param == "response_format" and "uniqueItems" in str(refused.value)

@@ -24,10 +24,13 @@ from worker.engine.attention import (
     attention_context,
     register_paged_attention,
 )
+from worker.engine.base import TokenLogprob
 from worker.engine.block_manager import BlockManager
 from worker.engine.cuda_graphs import DecodeGraphs
 from worker.engine.kv_cache import KVCache
-from worker.engine.sampler import SamplingTensors, sample
+from worker.engine.logprobs import LogprobTensors, read_sampled
+from worker.engine.penalties import PenaltyState
+from worker.engine.sampler import SamplingExtras, SamplingTensors, sample_with_extras
 from worker.engine.sequence import Sequence
 from worker.engine.structured.gate import GrammarGate
 
@@ -63,14 +66,19 @@ class LaunchedStep:
     num_scheduled: int
     # SnapKV scores of the kept tokens of scored prefill chunks, by index in the scheduled list.
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    logprobs: LogprobTensors | None = None  # of the sampled rows that asked for them
 
-    def result(self) -> list[int | None]:
-        """The sampled token of each scheduled sequence, None mid-prefill (waits for the device)."""
+    def result(self) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """The sampled token of each scheduled sequence, None mid-prefill, and its logprobs where asked
+        (waits for the device: one read for both)."""
         sampled: list[int | None] = [None] * self.num_scheduled
+        logprobs: list[TokenLogprob | None] = [None] * self.num_scheduled
         if self.tokens is not None:
-            for row, token in zip(self.rows, self.tokens.tolist(), strict=True):
-                sampled[row] = int(token)
-        return sampled
+            ids, lps = read_sampled(self.tokens, self.logprobs)
+            for row, token, lp in zip(self.rows, ids, lps, strict=True):
+                sampled[row] = token
+                logprobs[row] = lp
+        return sampled, logprobs
 
 
 def sliding_window(config: Any) -> int | None:
@@ -87,7 +95,8 @@ class ModelRunner:
     def __init__(
         self, model: Any, kv_cache: KVCache, block_manager: BlockManager, device: torch.device,
         backend: AttentionBackend = "torch", graphs: DecodeGraphs | None = None, score_window: int = 0,
-        grammars: GrammarGate | None = None,
+        grammars: GrammarGate | None = None, eos_token_ids: frozenset[int] = frozenset(),
+        max_seqs: int = 256,
     ):  # fmt: skip
         self.model = model
         self.kv_cache = kv_cache
@@ -99,6 +108,10 @@ class ModelRunner:
         # its kept blocks (0 = never).
         self.score_window = score_window
         self.grammars = grammars  # structured output: masks the logits of constrained sequences
+        self.eos_token_ids = eos_token_ids  # masked by `min_tokens`
+        self.vocab_size = grammars.vocab_size if grammars is not None else int(model.config.vocab_size)
+        # Token counts of the sequences with penalties, on the device (allocated at the first such one).
+        self.penalties = PenaltyState(max_seqs, self.vocab_size, device)
         self.window = sliding_window(model.config)
         self.num_sms = (
             torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -231,11 +244,14 @@ class ModelRunner:
         if not sampled_rows:
             return LaunchedStep(None, [], len(scheduled), scores)
         seqs = [rows[i].seq for i in sampled_rows]
-        tensors = SamplingTensors.from_params(
-            [s.sampling for s in seqs], [s.sampling_step for s in seqs], self.device
-        )
+        params, steps = [s.sampling for s in seqs], [s.sampling_step for s in seqs]
+        tensors = SamplingTensors.from_params(params, steps, self.device)
+        extras = SamplingExtras.from_params(
+            params, steps, self.device, vocab_size=self.vocab_size, eos_token_ids=self.eos_token_ids,
+            penalty_rows=self.penalties.rows_for(seqs),
+        )  # fmt: skip
         logits = logits[: len(sampled_rows)]
         if self.grammars is not None:
             self.grammars.mask(logits, seqs)  # host work while the device runs the forward
-        tokens = sample(logits, tensors)
-        return LaunchedStep(tokens, [order[i] for i in sampled_rows], len(scheduled), scores)
+        tokens, logprobs = sample_with_extras(logits, tensors, extras, self.penalties)
+        return LaunchedStep(tokens, [order[i] for i in sampled_rows], len(scheduled), scores, logprobs)

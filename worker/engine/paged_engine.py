@@ -16,12 +16,14 @@ import torch
 
 from worker.engine.attention import resolve_backend
 from worker.engine.base import (
+    EXTRAS,
     Engine,
     EngineCapacity,
     FinishReason,
     GenerationRequest,
     SequenceOutput,
     StepStats,
+    TokenLogprob,
 )
 from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
@@ -61,7 +63,7 @@ class PagedEngine(Engine):
 
     name = "paged"
     detokenize_optional = True
-    supported_extras = frozenset({"stop_token_ids", "response_format"})
+    supported_extras = frozenset(EXTRAS) | {"response_format"}
 
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None):
         """The engine around a loaded model (`model_loader.load_model`); `create_engine` loads and builds.
@@ -106,6 +108,7 @@ class PagedEngine(Engine):
         self.runner = ModelRunner(
             model, self.kv_cache, self.block_manager, self.device, self.attention_backend, graphs,
             score_window=self.prune.obs_window if self.prune.mode == "snapkv" else 0, grammars=self.grammars,
+            eos_token_ids=frozenset(self.eos_token_ids), max_seqs=c.policy.max_num_seqs,
         )  # fmt: skip
         if triton and self.device.type == "cuda":
             self.runner.warm_up()
@@ -126,7 +129,7 @@ class PagedEngine(Engine):
         # default where a device computes while the host works): (sequence, token, finish reason).
         self.async_output = self.device.type == "cuda" if c.async_output is None else c.async_output
         self.overlaps_host = self.device.type == "cuda"
-        self._pending: list[tuple[Sequence, int, FinishReason | None]] = []
+        self._pending: list[tuple[Sequence, int, FinishReason | None, TokenLogprob | None]] = []
         self._in_flight: tuple[SchedulerOutput, LaunchedStep, list[SequenceOutput]] | None = None
         self._stats = StepStats()
         self._admitted_prompt_tokens = 0
@@ -156,7 +159,7 @@ class PagedEngine(Engine):
         if seq is not None:
             self.grammars.drop(seq)
         if seq is None:  # unknown, or ended with its final output still pending
-            seq = next((s for s, _, _ in self._pending if s.seq_id == seq_id), None)
+            seq = next((p[0] for p in self._pending if p[0].seq_id == seq_id), None)
         return None if seq is None else self._finish(seq, reason)
 
     def step(self) -> list[SequenceOutput]:
@@ -178,6 +181,8 @@ class PagedEngine(Engine):
         ]
         outputs += self._admit_constrained(now)
         plan = self.scheduler.schedule(now)
+        for seq in plan.preempted:  # rebuilt from its tokens when it runs again: rows stay <= running
+            self.runner.penalties.release(seq.seq_id)
         outputs += [self._finish(seq, "deadline_exceeded") for seq in plan.expired]
         outputs += [self._finish(seq, "too_long") for seq in plan.rejected]
         outputs += [self._finish(seq, "length") for seq in plan.cache_full]
@@ -205,7 +210,7 @@ class PagedEngine(Engine):
         self._in_flight = None
         try:
             outputs += self._emit_pending()  # host work while the device runs this step
-            sampled = launched.result()
+            sampled, logprobs = launched.result()
         except Exception:
             self._unpublish(plan)
             raise
@@ -213,7 +218,7 @@ class PagedEngine(Engine):
         for index, token_scores in launched.scores.items():
             if not plan.scheduled[index].seq.is_finished:
                 plan.scheduled[index].seq.block_scores = block_scores(token_scores, bs)
-        for item, token in zip(plan.scheduled, sampled, strict=True):
+        for item, token, logprob in zip(plan.scheduled, sampled, logprobs, strict=True):
             seq = item.seq
             if seq.is_finished:
                 continue  # a stop string or an abort ended it while this step ran
@@ -224,7 +229,7 @@ class PagedEngine(Engine):
             reason = self._stop_reason(seq, token)
             if reason is not None:
                 self._release(seq, reason)  # frees its slot and blocks before the next step is planned
-            self._pending.append((seq, token, reason))
+            self._pending.append((seq, token, reason, logprob))
         if not self.async_output:
             outputs += self._emit_pending()
         return outputs
@@ -263,8 +268,10 @@ class PagedEngine(Engine):
     def wake_at_s(self) -> float | None:
         if self.scheduler.running or self._pending:
             return None
-        if self.grammars.held:  # poll the compiles soon, without spinning the loop meanwhile
-            soon = time.monotonic() + GRAMMAR_POLL_S
+        if self.grammars.held:
+            if self.grammars.any_done():
+                return None  # a step now admits it (or ends it, if its grammar failed)
+            soon = time.monotonic() + GRAMMAR_POLL_S  # poll the compiles soon, without spinning meanwhile
             return soon if self.scheduler.wake_at_s is None else min(soon, self.scheduler.wake_at_s)
         return self.scheduler.wake_at_s
 
@@ -273,19 +280,25 @@ class PagedEngine(Engine):
 
     def _emit_pending(self) -> list[SequenceOutput]:
         pending, self._pending = self._pending, []
-        return [self._emit(seq, token, reason) for seq, token, reason in pending]
+        return [self._emit(seq, token, reason, logprob) for seq, token, reason, logprob in pending]
 
-    def _emit(self, seq: Sequence, token: int, reason: FinishReason | None) -> SequenceOutput:
+    def _emit(
+        self, seq: Sequence, token: int, reason: FinishReason | None, logprob: TokenLogprob | None = None
+    ) -> SequenceOutput:
         """The output of one sampled token: its text delta, and the final reply if the sequence ended."""
         delta = seq.decode_token(token)
         if reason is None and seq.detokenizer is not None and seq.detokenizer.stopped:
             reason = "stop"
             self._release(seq, reason)
         if reason is None:
-            return self._output(seq, [token], delta)
-        if not seq.is_finished:
-            self._release(seq, reason)
-        return self._final(seq, reason, [token], delta)
+            out = self._output(seq, [token], delta)
+        else:
+            if not seq.is_finished:
+                self._release(seq, reason)
+            out = self._final(seq, reason, [token], delta)
+        if logprob is not None:
+            out.logprobs = [logprob]
+        return out
 
     def capacity(self) -> EngineCapacity:
         bs = self.block_manager.block_size
@@ -359,13 +372,14 @@ class PagedEngine(Engine):
         entry = next((e for e in self._pending if e[0] is seq), None)
         if entry is not None:
             self._pending.remove(entry)
-            return self._emit(seq, entry[1], entry[2] or reason)
+            return self._emit(seq, entry[1], entry[2] or reason, entry[3])
         self._release(seq, reason)
         return self._final(seq, reason, [], "")
 
     def _release(self, seq: Sequence, reason: FinishReason) -> None:
         """Take the sequence out of the engine (slot and blocks freed); its final output may come later."""
         self.scheduler.finish(seq)
+        self.runner.penalties.release(seq.seq_id)
         seq.finish_reason = reason
         self._seqs.pop(seq.seq_id, None)
 

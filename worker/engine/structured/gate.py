@@ -67,6 +67,10 @@ class GrammarGate:
             )  # fmt: skip
         self._held[seq] = self._compiler.submit(seq.grammar)
 
+    def any_done(self) -> bool:
+        """Whether a held sequence's compile has ended (so `ready()` has something to hand back)."""
+        return any(handle.done() for handle in self._held.values())
+
     def drop(self, seq: Any) -> bool:
         """Forget a held sequence (aborted); False if it was not held."""
         return self._held.pop(seq, None) is not None
