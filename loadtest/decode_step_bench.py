@@ -55,6 +55,15 @@ from worker.engine.quant import weight_bytes as quant_weight_bytes  # noqa: E402
 from worker.engine.quant import weights_label  # noqa: E402
 
 WARMUP_STEPS = 2  # untimed decode steps once every sequence decodes
+# `--sampling`: every request greedy and plain, or greedy with the extras a chat product sets most
+# (penalties and logprobs: the per-sequence counts on the device, log_softmax and top-k of the logits).
+SAMPLING: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "extras": {
+        "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1, "logprobs": True,
+        "top_logprobs": 5,
+    },
+}  # fmt: skip
 # HBM bandwidth in TB/s by GPU name (whole words: "GH200" is not an H200); first match wins.
 HBM_TB_S = (("H200", 4.8), ("H100 NVL", 3.9), ("H100 PCIe", 2.0), ("H100", 3.35))
 
@@ -103,7 +112,7 @@ def time_engine(loaded: LoadedModel, batch: int, args: argparse.Namespace) -> tu
     vocab = min(loaded.model.config.vocab_size, len(loaded.tokenizer))
     for i in range(batch):
         prompt = [rng.randrange(bench.FIRST_ORDINARY_ID, vocab) for _ in range(args.context)]
-        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **SAMPLING[args.sampling])
         engine.add_request(GenerationRequest(f"d{i}", prompt, sampling, arrival_s=time.monotonic()))
     completed: dict[str, int] = {}
 
@@ -218,6 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="raised to B + prefill chunk if lower")
     p.add_argument("--max-prefill-chunk-tokens", type=int, default=512)
     p.add_argument("--profile-steps", type=int, default=0, help="print the kernels of N more steps")
+    p.add_argument("--sampling", choices=sorted(SAMPLING), default="plain", help="extras of every request")
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="PNG of step time vs batch size")
     args = p.parse_args(argv)
@@ -240,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"model={loaded.source} device={gpu} dtype={dtype} linears={weights_label(loaded.model)} "
         f"weights={weights / 1e9:.3f} GB "
-        f"kv={kv_per_token} B/token bandwidth={bandwidth} TB/s context={args.context} steps={args.steps}",
+        f"kv={kv_per_token} B/token bandwidth={bandwidth} TB/s context={args.context} steps={args.steps} "
+        f"sampling={args.sampling}",
         flush=True,
     )
     rows: list[dict[str, Any]] = []

@@ -60,6 +60,21 @@ from worker.engine.model_files import DEFAULT_MODEL, LoadedModel  # noqa: E402
 from worker.engine.model_loader import load_model  # noqa: E402
 from worker.engine.paged_engine import PagedEngine  # noqa: E402
 from worker.engine.quant import WEIGHTS_CHOICES, weights_label  # noqa: E402
+from worker.engine.structured import GrammarSpec  # noqa: E402
+
+# `--response-format json_schema`: what a routing / extraction reply looks like (nested, an enum, a
+# bounded number, an array); a random-weights model fills it with whatever the mask allows.
+REPLY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "intent": {"enum": ["question", "complaint", "order", "other"]},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "entities": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "kind": {"type": "string"}}, "required": ["name", "kind"]}},
+        "answer": {"type": "string"},
+    },
+    "required": ["intent", "confidence", "entities", "answer"],
+}  # fmt: skip
 
 FIRST_ORDINARY_ID = 100  # below are SmolLM2's special and byte tokens; random prompts avoid them
 BASELINES = ("generate", "generate_batch", "static_compile")
@@ -213,7 +228,10 @@ def run_paged(
         start = time.perf_counter()
         for i, (prompt, max_tokens) in enumerate(zip(workload.prompts, workload.max_tokens, strict=True)):
             sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-            engine.add_request(GenerationRequest(f"r{i}", prompt, sampling, arrival_s=time.monotonic()))
+            grammar = GrammarSpec.json_schema(REPLY_SCHEMA) if args.response_format == "json_schema" else None
+            engine.add_request(
+                GenerationRequest(f"r{i}", prompt, sampling, arrival_s=time.monotonic(), grammar=grammar)
+            )
         while engine.has_unfinished():
             outputs = engine.step()
             now = time.perf_counter()
@@ -488,6 +506,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget = "KV pruning budget of every request (LLM_KV_BUDGET_TOKENS; 0 = off), paged engine only"
     p.add_argument("--kv-budget-tokens", type=int, default=0, help=budget)
     p.add_argument("--kv-prune-mode", choices=["window", "snapkv"], default="window")
+    p.add_argument(
+        "--response-format", choices=["text", "json_schema"], default="text",
+        help="json_schema: every paged-engine request's reply constrained to REPLY_SCHEMA",
+    )  # fmt: skip
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args(argv)
     args.baselines = [b for b in args.baseline.split(",") if b]
