@@ -106,3 +106,31 @@ def test_the_loop_is_told_to_step_once_the_grammar_is_in(smol: LoadedModel) -> N
         time.sleep(0.001)
     engine.step()
     assert not engine.grammars.held and engine.scheduler.running
+
+
+def test_a_slow_grammar_compiles_while_the_other_requests_keep_decoding(smol: LoadedModel) -> None:
+    """A hostile schema (an enum of 50,000 strings) compiles off the step: every step meanwhile still
+    gives the running request its next token, and the schema's request then runs or fails alone."""
+    engine = make_engine(smol)
+    engine.add_request(request("free", chat(engine, "Count to ten."), max_tokens=200, ignore_eos=True))
+    outputs: dict[str, list] = {}
+    for _ in range(3):  # the free request is decoding
+        for out in engine.step():
+            outputs.setdefault(out.seq_id, []).append(out)
+    huge = request("huge", chat(engine, "Pick one."), max_tokens=8)
+    huge.grammar = GrammarSpec.json_schema({"enum": [f"value-{i:05d}" for i in range(50_000)]})
+    engine.add_request(huge)
+    steps_while_held = 0
+    while engine.grammars.held:
+        before = len(outputs["free"])
+        for out in engine.step():
+            outputs.setdefault(out.seq_id, []).append(out)
+        steps_while_held += 1
+        assert len(outputs["free"]) == before + 1  # one token per step, compile or not
+    assert steps_while_held >= 1, "the grammar compiled before a step: the check proved nothing"
+    drain(engine, outputs)
+    final = outputs["huge"][-1]
+    assert final.finished and final.finish_reason in ("stop", "length", "invalid_request"), final
+    if final.finish_reason == "stop":
+        assert json.loads(final.text).startswith("value-")
+    assert len(collect(outputs["free"])[0]) == 200
