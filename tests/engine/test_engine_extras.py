@@ -92,3 +92,34 @@ def test_a_batch_mixing_extras_leaves_the_plain_rows_alone(smol: LoadedModel) ->
     assert collect(outputs["scored"])[0] == alone  # logprobs do not change the tokens
     assert collect(outputs["penalised"])[0] != alone
     assert not engine.runner.penalties.allocated or len(engine.runner.penalties) == 0  # rows given back
+
+
+def choices(engine: PagedEngine, n: int, seed: int) -> dict[str, list[int]]:
+    """The tokens of `n` seeded choices of one prompt, handed over together as the worker does."""
+    prompt = chat(engine, PROMPT)
+    for i in range(n):
+        seq_id = f"c#{i}" if i else "c"
+        sampling = {"max_tokens": NEW, "ignore_eos": True, "temperature": 0.9, "seed": seed + i}
+        engine.add_request(request(seq_id, prompt, **sampling))
+    return {seq_id: collect(outs)[0] for seq_id, outs in drain(engine).items()}
+
+
+def test_n_choices_compute_the_prompt_once_and_repeat_with_a_seed(smol: LoadedModel) -> None:
+    engine = make_engine(smol)
+    prompt_len = len(chat(engine, PROMPT))
+    prefill = 0
+    original_step = engine.step
+
+    def counting_step() -> list:
+        nonlocal prefill
+        out = original_step()
+        prefill += engine.last_step_stats().prefill_tokens
+        return out
+
+    engine.step = counting_step  # type: ignore[method-assign]
+    first = choices(engine, 4, seed=11)
+    assert sorted(first) == ["c", "c#1", "c#2", "c#3"] and all(len(t) == NEW for t in first.values())
+    assert len({tuple(t) for t in first.values()}) > 1  # different seeds, different choices
+    # The prompt once (choice 0), then each other choice at most its last partial block.
+    assert prefill <= prompt_len + 3 * engine.block_manager.block_size, (prefill, prompt_len)
+    assert choices(make_engine(smol), 4, seed=11) == first  # a seed repeats every choice

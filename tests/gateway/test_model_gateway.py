@@ -88,3 +88,28 @@ def test_a_json_schema_reply_always_validates_and_logprobs_come_back(client: ope
             model=MODEL, messages=CAPITAL, max_tokens=4, response_format=bad  # type: ignore[arg-type]
         )
     assert refused.value.param == "response_format" and "uniqueItems" in str(refused.value)
+
+
+def test_n_choices_come_back_together_and_repeat_with_a_seed(client: openai.OpenAI) -> None:
+    ask = [{"role": "user", "content": "Tell me a word."}]
+
+    def sample() -> list[str]:
+        reply = client.chat.completions.create(
+            model=MODEL, messages=ask, max_tokens=8, temperature=1.0, seed=5, n=3  # type: ignore[arg-type]
+        )
+        assert [c.index for c in reply.choices] == [0, 1, 2]
+        assert reply.usage is not None and reply.usage.completion_tokens >= 3  # every choice's tokens
+        return [c.message.content or "" for c in reply.choices]
+
+    first = sample()
+    assert all(first) and len(set(first)) > 1  # each choice its own seed
+    assert sample() == first
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=ask, max_tokens=8, temperature=1.0, seed=5, n=3,  # type: ignore[arg-type]
+        stream=True,
+    )
+    texts = ["", "", ""]
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == first

@@ -63,7 +63,7 @@ class PagedEngine(Engine):
 
     name = "paged"
     detokenize_optional = True
-    supported_extras = frozenset(EXTRAS) | {"response_format"}
+    supported_extras = frozenset(EXTRAS) | {"response_format", "n"}
 
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None):
         """The engine around a loaded model (`model_loader.load_model`); `create_engine` loads and builds.

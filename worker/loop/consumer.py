@@ -38,8 +38,8 @@ from producer.wire.redis_factory import recover
 from worker.engine.base import Engine, FinishReason, SequenceOutput
 from worker.engine_process.client import EngineProcessDied
 from worker.loop.cancellation import Cancel, CancelWatch
-from worker.loop.inflight import InFlight, InFlightTable
-from worker.loop.intake import generation_request
+from worker.loop.inflight import InFlight, InFlightTable, choice_seq_id
+from worker.loop.intake import generation_requests
 from worker.loop.keyed_errors import KeyedResponseError
 from worker.loop.lanes import Lane, build_lanes, namespaces, read_lanes
 from worker.loop.publisher import Publisher, token_text
@@ -251,7 +251,8 @@ class Consumer:
     def _hand_over(self, accepted: list[InFlight]) -> None:
         for f in accepted:
             self.table.add(f)
-            self.engine.add_request(generation_request(f))
+            for request in generation_requests(f):  # one per choice (`n`)
+                self.engine.add_request(request)
 
     def _submit(self) -> bool:
         """Launch the engine's next step if it has work that may run now; note whom it started."""
@@ -315,8 +316,16 @@ class Consumer:
     # -- ending requests early -------------------------------------------------------------------------
     def _abort(self, seq_id: str, reason: FinishReason) -> None:
         """End a request wherever it is in the engine; its final output is published with the next batch."""
-        out = self.engine.abort_request(seq_id, reason)
+        out = self._abort_choices(seq_id, reason)
         self._ready.append(out or SequenceOutput(seq_id, [], "", True, reason))
+
+    def _abort_choices(self, seq_id: str, reason: FinishReason) -> SequenceOutput | None:
+        """Abort every choice of a request (`n` > 1) in the engine; choice 0's final output, if any (the
+        first error output ends the request; the others' are dropped as answered)."""
+        f = self.table.get(seq_id)
+        for choice in range(1, f.request.n if f is not None else 1):
+            self.engine.abort_request(choice_seq_id(seq_id, choice), reason)
+        return self.engine.abort_request(seq_id, reason)
 
     def _cancel(self, cancel: Cancel) -> None:
         """A client cancelled: stop the request wherever it is, free its resources, answer `cancelled`.
@@ -338,8 +347,8 @@ class Consumer:
     def _drop_lost(self, lane: Lane, entry_id: bytes) -> None:
         """Another worker claimed this entry (we stalled past the idle limit): stop our copy silently."""
         for seq_id in self.table.served_from(lane.key, entry_id):
+            self._abort_choices(seq_id, "cancelled")
             self.table.end(seq_id)
-            self.engine.abort_request(seq_id, "cancelled")
             self.counters.lost += 1
             log.warning("entry_lost", id=seq_id, entry=entry_id.decode())
 
@@ -369,7 +378,8 @@ class Consumer:
                 self.writer.wait_written(max(0.0, min(0.1, deadline - time.monotonic())))
         leftovers = self.table.take_all()
         for f in leftovers:
-            self.engine.abort_request(f.seq_id, "cancelled")
+            for choice in range(f.request.n):
+                self.engine.abort_request(choice_seq_id(f.seq_id, choice), "cancelled")
         if self.writer is not None:
             self.writer.close(timeout_s=max(0.0, min(5.0, deadline - time.monotonic())))
         try:

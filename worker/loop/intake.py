@@ -79,8 +79,9 @@ def generation_requests(f: InFlight) -> list[GenerationRequest]:
     engine as `choice_seq_id(seq_id, i)` (its outputs are published as the request's, `Publisher`), and a
     seeded request's choice i is seeded `seed + i`, so the choices differ and repeat.
 
-    The loop hands the engine `generation_request` (choice 0 alone) while no engine honours `n`; one that
-    does needs the loop to hand it these, and to abort every choice of a request it stops.
+    The choices reach the engine together, so its scheduler computes their shared prompt once (requests
+    arriving together wait for the blocks of a common prefix another one is computing, then share them).
+    The loop aborts every choice of a request it stops.
     """
     first = generation_request(f)
     if f.request.n == 1:
