@@ -57,6 +57,21 @@ bodies = st.fixed_dictionaries(
         "reply_to": st.text(max_size=300) | st.just("llm:requests") | st.just("other:key"),
         "metadata": json_values,
         "junk": json_values,
+        # The sampling extras: huge numbers, wrong types, foreign keys, schemas of any shape.
+        "n": st.integers(-(2**63), 2**63 - 1) | json_values,
+        "logprobs": json_values,
+        "top_logprobs": st.integers(-5, 50) | json_values,
+        "presence_penalty": st.floats() | json_values,
+        "repetition_penalty": st.floats() | json_values,
+        "logit_bias": st.dictionaries(st.text(max_size=12), st.floats() | json_values, max_size=5)
+        | json_values,
+        "min_tokens": st.integers(-(2**63), 2**63 - 1),
+        "stop_token_ids": st.lists(st.integers(-(2**63), 2**63 - 1), max_size=5) | json_values,
+        "ignore_eos": json_values,
+        "response_format": st.fixed_dictionaries(
+            {"type": st.sampled_from(["text", "json_object", "json_schema", "regex", "xml"])},
+            optional={"json_schema": json_values, "regex": st.text(max_size=40) | json_values},
+        ) | json_values,
     },
 )
 entries = st.fixed_dictionaries(
