@@ -8,9 +8,12 @@ applied: the values describe the distribution before truncation, so `top_logprob
 the row could not have drawn. (vLLM returns the raw model logits' logprobs by default; here the
 request asks for the ones the sampler drew from.)
 
-Only the rows that asked are computed, as one batch: [L, V] for L such rows, then a `topk` of the
-largest `top_logprobs` of the batch. Nothing is read back here; `read_sampled` reads the sampled ids
-and these values together, in one device-to-host copy, when the step's result is collected.
+Only the rows that asked are computed, as one batch. Where the Triton kernels run (a GPU, or CPU
+tensors under `TRITON_INTERPRET=1`) one read of each row gives its log-sum-exp and top k
+(`kernels/logprob_stats.py`); elsewhere the reference below writes the [L, V] `log_softmax` and takes
+a `topk` of the largest `top_logprobs` of the batch. Nothing is read back here; `read_sampled` reads
+the sampled ids and these values together, in one device-to-host copy, when the step's result is
+collected.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.engine.base import TokenLogprob
+from worker.engine.kernels import kernels_usable
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,26 @@ def compute_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: LogprobRo
     so a sampled row's values describe exactly the distribution its token came from (before top-k
     and top-p).
     """
+    k = min(rows.max_top, logits.shape[-1])
+    if kernels_usable(logits.device) and logits.stride(-1) == 1:
+        from worker.engine.kernels.logprob_stats import logprob_stats  # triton: imported where it runs
+
+        sampled, top_values, top_ids = logprob_stats(logits, tokens, rows.rows, rows.temperature, k)
+        return LogprobTensors(rows.row_ids, rows.top_counts, sampled, top_ids, top_values)
+    return compute_logprobs_reference(logits, tokens, rows)
+
+
+def compute_logprobs_reference(
+    logits: torch.Tensor, tokens: torch.Tensor, rows: LogprobRows
+) -> LogprobTensors:
+    """`compute_logprobs` in torch ops (the kernels' reference): whole `log_softmax` rows, then `topk`."""
     selected, sampled_ids = logits, tokens
     if rows.rows is not None:
         selected = logits.index_select(0, rows.rows)
         sampled_ids = tokens.index_select(0, rows.rows)
     logprobs = torch.log_softmax(torch.div(selected, rows.temperature.unsqueeze(-1)), dim=-1)
     sampled = logprobs.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
-    k = min(rows.max_top, logprobs.shape[-1])
+    k = min(rows.max_top, logits.shape[-1])
     if k:
         top_values, top_ids = torch.topk(logprobs, k, dim=-1, sorted=True)
     else:

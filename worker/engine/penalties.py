@@ -162,8 +162,10 @@ class PenaltyState:
             return
         if self.output_counts is None:
             raise RuntimeError("penalty rows recorded before any row was assigned")
-        ones = torch.ones_like(tokens, dtype=torch.int32)
-        self.output_counts.index_put_((rows, tokens), ones, accumulate=True)
+        # The rows are distinct, so each (row, token) entry gets one 1: a flat `index_add_` (one kernel,
+        # atomic adds on the GPU) rather than `index_put_(accumulate=True)`, which sorts the indices.
+        flat = rows * self.vocab_size + tokens
+        self.output_counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
 
 
 def apply_penalties(

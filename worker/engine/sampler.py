@@ -59,7 +59,8 @@ min_tokens logits processors, then the penalties):
 1. logit bias: each (token, bias) of the row added to the token's logit;
 2. min_tokens: while the row has sampled fewer than `min_tokens` tokens, its `stop_token_ids` and,
    unless `ignore_eos`, the EOS ids get -inf;
-3. repetition penalty, then frequency and presence penalties (`penalties.apply_penalties`).
+3. repetition penalty, then frequency and presence penalties (`penalties.apply_penalties`; where the
+   Triton kernels run, `kernels/penalties.py` does the same in place in one launch).
 
 Temperature, top-k, top-p and the noise then work on the processed logits exactly as above. A batch
 without extras builds nothing on the device and `sample_with_extras` is `sample`; a row without
@@ -76,6 +77,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.engine.base import SamplingParams
+from worker.engine.kernels import kernels_usable
 from worker.engine.logprobs import LogprobRows, LogprobTensors, compute_logprobs
 from worker.engine.penalties import PenaltyState, apply_penalties, uses_penalties
 
@@ -523,6 +525,14 @@ def process_logits(
             raise ValueError("penalised rows without the PenaltyState holding their rows")
         if penalties.vocab_size != out.shape[-1]:
             raise ValueError(f"logits of {out.shape[-1]} tokens, penalty rows of {penalties.vocab_size}")
+        if kernels_usable(out.device):
+            from worker.engine.kernels.penalties import apply_penalties_  # triton: imported where it runs
+
+            apply_penalties_(
+                out, rows.logit_rows, rows.state_rows, penalties.output_counts, penalties.prompt_mask,
+                rows.repetition, rows.frequency, rows.presence,
+            )  # fmt: skip
+            return out
         selected = out if rows.logit_rows is None else out.index_select(0, rows.logit_rows)
         counts = penalties.output_counts.index_select(0, rows.state_rows)
         mask = None if rows.repetition is None else penalties.prompt_mask.index_select(0, rows.state_rows)

@@ -7,7 +7,8 @@ copy; the device expands it to `[rows, vocab]` booleans only for the rows that a
 Why our own `apply_bitmask_`: llguidance's torch helper (`llguidance.torch`) wraps its kernel in
 `torch.compile` (importing the module alone costs ~3 s of dynamo import, and the first call compiles with a
 C++ or Triton toolchain) and has no row subset. The op below is a handful of elementwise kernels, the same
-on CPU and GPU, with no host synchronisation, so the engine can queue it right behind the forward pass.
+on CPU and GPU, with no host synchronisation, so the engine can queue it right behind the forward pass; where
+the Triton kernels run it is one launch (`kernels/token_bitmask.py`), and the torch code is the reference.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from worker.engine.kernels import kernels_usable
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
@@ -69,15 +72,29 @@ def apply_bitmask_(
         raise TypeError(f"bitmask must be int32, got {bitmask.dtype}")
     if bitmask.device != logits.device:
         raise ValueError(f"bitmask is on {bitmask.device}, logits on {logits.device}: copy the mask first")
+    index = None
+    if rows is not None:
+        index = rows if isinstance(rows, torch.Tensor) else torch.tensor(list(rows), dtype=torch.long)
+        index = index.to(logits.device, non_blocking=True)
+    if kernels_usable(logits.device) and logits.stride(-1) == 1 and bitmask.stride(-1) == 1:
+        from worker.engine.kernels.token_bitmask import apply_bitmask_kernel_  # triton: where it runs
+
+        apply_bitmask_kernel_(logits, bitmask, index)
+        return logits
+    return apply_bitmask_reference_(logits, bitmask, index)
+
+
+def apply_bitmask_reference_(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`apply_bitmask_` in torch ops (the kernel's reference); `rows` is an index tensor on the device."""
     vocab = logits.shape[-1]
     if rows is None:
         logits.masked_fill_(~allowed_tokens(bitmask[: logits.shape[0]], vocab), float("-inf"))
         return logits
-    index = rows if isinstance(rows, torch.Tensor) else torch.tensor(list(rows), dtype=torch.long)
-    index = index.to(logits.device, non_blocking=True)
-    if index.numel() == 0:
+    if rows.numel() == 0:
         return logits
-    allowed = allowed_tokens(bitmask.index_select(0, index), vocab)
-    masked = logits.index_select(0, index).masked_fill_(~allowed, float("-inf"))
-    logits.index_copy_(0, index, masked)
+    allowed = allowed_tokens(bitmask.index_select(0, rows), vocab)
+    masked = logits.index_select(0, rows).masked_fill_(~allowed, float("-inf"))
+    logits.index_copy_(0, rows, masked)
     return logits
