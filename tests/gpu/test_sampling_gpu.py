@@ -114,7 +114,11 @@ def test_logprob_kernels_at_128k(dtype: torch.dtype) -> None:
     sampled, values, ids = logprob_stats(logits, tokens, rows, temperature, 20)
     torch.testing.assert_close(sampled, expected.sampled, rtol=0, atol=2e-5)
     torch.testing.assert_close(values, expected.top_values, rtol=0, atol=2e-5)
-    assert (ids == expected.top_ids).float().mean() > 0.99  # ties aside, the same tokens
+    # Half-precision logits tie often: any of the tied tokens is a right answer, so check that each id's
+    # own logprob is the value listed for it (and the values are the reference's top values, above).
+    full = torch.log_softmax(logits.float()[rows] / temperature.unsqueeze(-1), dim=-1)
+    torch.testing.assert_close(full.gather(-1, ids), expected.top_values, rtol=0, atol=2e-5)
+    assert all(len(set(row)) == 20 for row in ids.tolist())  # no token listed twice
 
 
 def test_bitmask_kernel_at_128k() -> None:
