@@ -51,7 +51,7 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not model and not slow"
 
 lint: install
-	$(BIN)/ruff check producer scheduler worker tests loadtest k8s/base/probes
+	$(BIN)/ruff check producer scheduler worker tests loadtest
 	$(BIN)/mypy producer scheduler worker
 
 # A short headless Locust run against a local echo worker; report under build/report/.

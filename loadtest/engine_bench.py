@@ -217,6 +217,7 @@ def run_paged(
     config = EngineConfig(
         model=model_name(args), policy=policy, kv_cache_bytes=kv_budget_bytes(loaded, workload, args),
         kv_block_size_tokens=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
+        grammar_threads=args.grammar_threads,
         **engine_options(args),
     )  # fmt: skip
     engine = PagedEngine(loaded.model, loaded.tokenizer, config)
@@ -510,6 +511,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--response-format", choices=["text", "json_schema"], default="text",
         help="json_schema: every paged-engine request's reply constrained to REPLY_SCHEMA",
     )  # fmt: skip
+    p.add_argument("--grammar-threads", type=int, default=0, help="LLM_GRAMMAR_THREADS (0: the default)")
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args(argv)
     args.baselines = [b for b in args.baseline.split(",") if b]

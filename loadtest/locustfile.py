@@ -74,31 +74,81 @@ def _flag(value: str | bool) -> bool:
 @events.init_command_line_parser.add_listener
 def _add_options(parser: Any) -> None:
     group = parser.add_argument_group("llm-stream-serve workload (W1)")
-    group.add_argument("--seed", type=int, default=0, env_var="LOADTEST_SEED",
-                       help="Workload seed (LOADTEST_SEED).")
-    group.add_argument("--system-tokens", type=int, default=256, env_var="LOADTEST_SYSTEM_TOKENS",
-                       help="Words of the shared system prompt (LOADTEST_SYSTEM_TOKENS).")
-    group.add_argument("--user-tokens-min", type=int, default=16, env_var="LOADTEST_USER_TOKENS_MIN",
-                       help="Shortest user turn, words (LOADTEST_USER_TOKENS_MIN).")
-    group.add_argument("--user-tokens-max", type=int, default=512, env_var="LOADTEST_USER_TOKENS_MAX",
-                       help="Longest user turn, words (LOADTEST_USER_TOKENS_MAX).")
-    group.add_argument("--max-tokens-min", type=int, default=32, env_var="LOADTEST_MAX_TOKENS_MIN",
-                       help="Smallest max_tokens (LOADTEST_MAX_TOKENS_MIN).")
-    group.add_argument("--max-tokens-max", type=int, default=256, env_var="LOADTEST_MAX_TOKENS_MAX",
-                       help="Largest max_tokens (LOADTEST_MAX_TOKENS_MAX).")
-    group.add_argument("--priority", choices=["interactive", "batch"], default="interactive",
-                       env_var="LOADTEST_PRIORITY", help="Request priority (LOADTEST_PRIORITY).")
-    group.add_argument("--request-timeout-s", type=float, default=120.0, env_var="LOADTEST_REQUEST_TIMEOUT_S",
-                       help="Client wait for a final reply (LOADTEST_REQUEST_TIMEOUT_S).")
-    group.add_argument("--llm-prefix", default=None, env_var="LLM_PREFIX",
-                       help="Key prefix of the service's streams (LLM_PREFIX; default llm).")
-    group.add_argument("--llm-max-tokens", type=int, default=None, env_var="LOADTEST_LLM_MAX_TOKENS",
-                       help="max_tokens of every request, instead of the uniform --max-tokens-min/max draw "
-                            "(LOADTEST_LLM_MAX_TOKENS).")
-    group.add_argument("--llm-stream", type=_flag, default=True, metavar="true|false",
-                       env_var="LOADTEST_LLM_STREAM",
-                       help="Stream tokens (ttft, tpot and chat) or ask for the final reply only (chat); "
-                            "default true (LOADTEST_LLM_STREAM).")
+    group.add_argument(
+        "--seed", type=int, default=0, env_var="LOADTEST_SEED", help="Workload seed (LOADTEST_SEED)."
+    )
+    group.add_argument(
+        "--system-tokens",
+        type=int,
+        default=256,
+        env_var="LOADTEST_SYSTEM_TOKENS",
+        help="Words of the shared system prompt (LOADTEST_SYSTEM_TOKENS).",
+    )
+    group.add_argument(
+        "--user-tokens-min",
+        type=int,
+        default=16,
+        env_var="LOADTEST_USER_TOKENS_MIN",
+        help="Shortest user turn, words (LOADTEST_USER_TOKENS_MIN).",
+    )
+    group.add_argument(
+        "--user-tokens-max",
+        type=int,
+        default=512,
+        env_var="LOADTEST_USER_TOKENS_MAX",
+        help="Longest user turn, words (LOADTEST_USER_TOKENS_MAX).",
+    )
+    group.add_argument(
+        "--max-tokens-min",
+        type=int,
+        default=32,
+        env_var="LOADTEST_MAX_TOKENS_MIN",
+        help="Smallest max_tokens (LOADTEST_MAX_TOKENS_MIN).",
+    )
+    group.add_argument(
+        "--max-tokens-max",
+        type=int,
+        default=256,
+        env_var="LOADTEST_MAX_TOKENS_MAX",
+        help="Largest max_tokens (LOADTEST_MAX_TOKENS_MAX).",
+    )
+    group.add_argument(
+        "--priority",
+        choices=["interactive", "batch"],
+        default="interactive",
+        env_var="LOADTEST_PRIORITY",
+        help="Request priority (LOADTEST_PRIORITY).",
+    )
+    group.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=120.0,
+        env_var="LOADTEST_REQUEST_TIMEOUT_S",
+        help="Client wait for a final reply (LOADTEST_REQUEST_TIMEOUT_S).",
+    )
+    group.add_argument(
+        "--llm-prefix",
+        default=None,
+        env_var="LLM_PREFIX",
+        help="Key prefix of the service's streams (LLM_PREFIX; default llm).",
+    )
+    group.add_argument(
+        "--llm-max-tokens",
+        type=int,
+        default=None,
+        env_var="LOADTEST_LLM_MAX_TOKENS",
+        help="max_tokens of every request, instead of the uniform --max-tokens-min/max draw "
+        "(LOADTEST_LLM_MAX_TOKENS).",
+    )
+    group.add_argument(
+        "--llm-stream",
+        type=_flag,
+        default=True,
+        metavar="true|false",
+        env_var="LOADTEST_LLM_STREAM",
+        help="Stream tokens (ttft, tpot and chat) or ask for the final reply only (chat); "
+        "default true (LOADTEST_LLM_STREAM).",
+    )
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -125,8 +175,10 @@ class ChatWorkload:
         user_words = round(math.exp(self.rng.uniform(lo, hi)))
         max_tokens = self.rng.randint(o.max_tokens_min, o.max_tokens_max)  # drawn either way: same requests
         return {
-            "messages": [{"role": "system", "content": self.system},
-                         {"role": "user", "content": words(self.rng, user_words)}],
+            "messages": [
+                {"role": "system", "content": self.system},
+                {"role": "user", "content": words(self.rng, user_words)},
+            ],
             "max_tokens": o.llm_max_tokens or max_tokens,
             "temperature": 0.0,
             "seed": self.rng.randrange(2**31),

@@ -27,6 +27,11 @@ one fully busy server core: 1e6 / µs per request requests/s, times commands per
 commands/s.
 
     python loadtest/queue_bench.py --server-cpu --requests 20000 --repeat 3
+
+The cost of the metrics (docs/metrics.md): `--metrics` runs the batched project path with the worker's
+metrics port off and on (scraped every second), alternating, `--repeat` rounds.
+
+    python loadtest/queue_bench.py --metrics --requests 20000 --repeat 4
 """
 
 from __future__ import annotations
@@ -36,9 +41,12 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
@@ -53,7 +61,7 @@ from producer.client import ChatClient  # noqa: E402
 from producer.wire.keys import StreamNames  # noqa: E402
 from producer.wire.redis_factory import connect  # noqa: E402
 from worker.local_redis.cluster import LocalCluster  # noqa: E402
-from worker.local_redis.server import EmbeddedRedis  # noqa: E402
+from worker.local_redis.server import EmbeddedRedis, free_port  # noqa: E402
 
 
 def _raw_worker(url: str, prefix: str, total: int) -> None:
@@ -106,12 +114,14 @@ def run_raw(url: str, n: int) -> float:
     return elapsed
 
 
-def run_project(url: str, n: int, batched: bool) -> float:
+def run_project(url: str, n: int, batched: bool, metrics: bool = False) -> float:
     """Seconds for n requests through ChatClient and an echo worker process.
 
     batched=False: one `submit` round trip per request, then `result` per request (what an
     interactive backend does); batched=True: `submit_many` in chunks of 256 and `results`
     (one XREAD over many reply streams), the same pipelining the raw baseline gets.
+    metrics=False: the worker's metrics port is off; True: on, and scraped every `SCRAPE_INTERVAL_S`
+    for the whole run (`--metrics` compares the two).
     """
     prefix = f"projbench-{uuid.uuid4().hex[:6]}"
     env = {
@@ -122,6 +132,7 @@ def run_project(url: str, n: int, batched: bool) -> float:
         "LLM_MAX_NUM_SEQS": "256",
         "LLM_MAX_WAIT_MS": "0",
         "LLM_LOG_LEVEL": "warning",
+        "LLM_METRICS_PORT": str(free_port() if metrics else 0),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker"],
@@ -130,6 +141,7 @@ def run_project(url: str, n: int, batched: bool) -> float:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    scraper = Scraper(int(env["LLM_METRICS_PORT"])) if metrics else None
     r = redis.Redis.from_url(url)
     deadline = time.monotonic() + 60
     while not _group_exists(r, f"{prefix}:requests") and time.monotonic() < deadline:
@@ -149,11 +161,69 @@ def run_project(url: str, n: int, batched: bool) -> float:
         for rid in ids:
             client.result(rid)
     elapsed = time.perf_counter() - start
+    if scraper is not None:
+        scrapes = scraper.stop()
+        assert scrapes > 0, "the metrics port never answered"
     proc.terminate()
     proc.wait(timeout=60)
     client.close()
     _cleanup(r, prefix)
     return elapsed
+
+
+SCRAPE_INTERVAL_S = 1.0  # Prometheus scrapes every 15-30 s in practice: this is a harsher load
+
+
+class Scraper:
+    """GET a worker's /metrics every `SCRAPE_INTERVAL_S` on a thread, as Prometheus would."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.scrapes = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(SCRAPE_INTERVAL_S):
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as resp:
+                    resp.read()
+                self.scrapes += 1
+            except OSError:
+                pass  # not listening yet
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return self.scrapes
+
+
+def metrics_main(args: argparse.Namespace) -> None:
+    """Metrics off and on, alternating, `--repeat` rounds of the batched project path."""
+    with ExitStack() as stack:
+        url = os.environ.get("REDIS_URL") or stack.enter_context(EmbeddedRedis()).url
+        runs: dict[bool, list[float]] = {False: [], True: []}
+        for i in range(args.repeat):
+            for metrics in (False, True) if i % 2 == 0 else (True, False):
+                runs[metrics].append(args.requests / run_project(url, args.requests, True, metrics))
+    print(f"\nqueue path with metrics off and on, {args.requests} requests x {args.repeat} rounds, "
+          f"{platform.machine()}, {os.cpu_count()} cores\n")  # fmt: skip
+    print(f"{'metrics':<8} {'req/s (each round)':<40} {'median':>8}")
+    medians = {}
+    for metrics, rates in runs.items():
+        medians[metrics] = statistics.median(rates)
+        each = " ".join(f"{r:.0f}" for r in rates)
+        print(f"{'on' if metrics else 'off':<8} {each:<40} {medians[metrics]:>8.0f}")
+    print(f"\nmetrics cost {1 - medians[True] / medians[False]:.1%} of throughput (median of the rounds)")
+    if args.json_out:
+        out = {
+            "requests": args.requests,
+            "rounds": args.repeat,
+            "off_req_s": runs[False],
+            "on_req_s": runs[True],
+        }
+        args.json_out.write_text(json.dumps(out, indent=2))
 
 
 def _group_exists(r: redis.Redis, stream: str) -> bool:
@@ -412,8 +482,12 @@ def main() -> None:
         action="store_true",
         help="one node's CPU time per request and its ceiling (INFO cpu, commandstats)",
     )
-    p.add_argument("--repeat", type=int, default=1, help="--server-cpu: runs of each case")
+    p.add_argument("--repeat", type=int, default=1, help="--server-cpu, --metrics: runs of each case")
+    p.add_argument("--metrics", action="store_true", help="the worker's metrics port off vs on (scraped)")
     args = p.parse_args()
+    if args.metrics:
+        metrics_main(args)
+        return
     if args.server_cpu:
         server_cpu_main(args)
         return

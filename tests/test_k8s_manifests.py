@@ -1,44 +1,48 @@
 """The Kubernetes manifests agree with the code they deploy.
 
 Every env var a manifest sets is one the process reads; the ConfigMap validates through
-WorkerSettings itself; KEDA watches the stream and group the code uses; the grace period
-covers the drain timeout; the exec probes work against a real worker; the dashboard's
-LogQL reads events and fields that a real worker logs, from the container the Deployment runs.
+WorkerSettings itself; KEDA watches the stream and group the code uses (or, in the keda-prometheus
+overlay, a PromQL query over documented metrics); the grace period covers the drain timeout; the
+probes are HTTP GETs on the worker's metrics port, and a real worker answers them there; the
+PodMonitors select the pods and ports that serve /metrics and give the job names the alert rules
+select on; the dashboard's LogQL reads events and fields that a real worker logs, from the container
+the Deployment runs, and its PromQL parses and reads documented metrics.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
 import socket
 import subprocess
-import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
+from test_alert_rules import alerts, check_promql, promql_metric_names, undocumented
 
 from producer.bulk import BulkSettings
 from producer.client import ChatClient, ChatError
 from producer.gateway.api_keys import KeyRing
 from producer.gateway.settings import GatewaySettings
 from producer.settings import ProducerSettings
-from producer.wire.keys import CONSUMER_GROUP, heartbeat_key, requests_stream
-from worker.loop.heartbeat import DRAINING
+from producer.wire.keys import CONSUMER_GROUP, requests_stream
 from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 BASE = K8S / "base"
-PROBE = BASE / "probes" / "worker_probe.py"
 DASHBOARD = BASE / "dashboards" / "llm-workers.json"
+ALERT_RULES = BASE / "alerts" / "llm-alerts.yaml"
+KEDA_PROMETHEUS = K8S / "overlays" / "keda-prometheus"
 SECRET_TEMPLATE = K8S / "redis-secret.template.yaml"
 GATEWAY_KEYS_TEMPLATE = K8S / "gateway-keys-secret.template.yaml"
 
@@ -51,11 +55,16 @@ RUNTIME_ENV = {
 }
 # Minimum time between the end of the drain and SIGKILL: hand back leftovers, delete the heartbeat, exit.
 DRAIN_EXIT_MARGIN_S = 10
+# The longest model load the worker's startup probe must allow (a GGUF's first conversion included).
+MODEL_LOAD_S = 15 * 60
 
 
 # -- loading ------------------------------------------------------------------------------------------
 def manifest_files() -> list[Path]:
-    return sorted(p for p in K8S.rglob("*") if p.suffix in (".yaml", ".yml"))
+    """Every Kubernetes YAML file; not the promtool unit tests of the alert rules (`*.test.yaml`)."""
+    return sorted(
+        p for p in K8S.rglob("*") if p.suffix in (".yaml", ".yml") and not p.name.endswith(".test.yaml")
+    )
 
 
 def load_all() -> list[dict[str, Any]]:
@@ -76,6 +85,20 @@ def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 def container(deployment: dict[str, Any], name: str) -> dict[str, Any]:
     return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def kustomize(target: str | Path) -> list[dict[str, Any]]:
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl not installed")
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(target)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def container_env(docs: list[dict[str, Any]], c: dict[str, Any]) -> dict[str, Any]:
@@ -150,6 +173,8 @@ def test_every_manifest_parses_and_names_its_object(docs) -> None:
         "StatefulSet",
         "Service",
         "Namespace",
+        "PodMonitor",
+        "PrometheusRule",
     } <= kinds
 
 
@@ -172,21 +197,22 @@ def test_kustomizations_reference_existing_files_and_leave_out_the_secret_templa
             continue
         assert (path.resolve() in listed) == (not path.name.endswith(".template.yaml")), path
     assert {p.name for p in K8S.glob("*.template.yaml")} == {SECRET_TEMPLATE.name, GATEWAY_KEYS_TEMPLATE.name}
-    assert PROBE.resolve() in listed and DASHBOARD.resolve() in listed
+    assert DASHBOARD.resolve() in listed and ALERT_RULES.resolve() in listed
+    # The alert rules' unit tests sit beside them, and no kustomization deploys them.
+    assert (BASE / "alerts" / "llm-alerts.test.yaml").resolve() not in listed
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
-@pytest.mark.parametrize("target", ["k8s", "k8s/overlays/production"])
+@pytest.mark.parametrize("target", ["k8s", "k8s/overlays/production", "k8s/overlays/keda-prometheus"])
 def test_kustomize_builds(target: str) -> None:
-    out = subprocess.run(
-        ["kubectl", "kustomize", target], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+    built = kustomize(target)
     kinds = {d["kind"] for d in built}
-    assert {"Deployment", "ScaledObject", "PodDisruptionBudget"} <= kinds
+    assert {"Deployment", "ScaledObject", "PodDisruptionBudget", "PodMonitor", "PrometheusRule"} <= kinds
     assert ("StatefulSet" in kinds) == (target == "k8s"), "production must not run the in-cluster Redis"
     assert {d["metadata"].get("namespace") for d in built if d["kind"] != "Namespace"} == {"llm-serving"}
+    # The dashboard's generated ConfigMap is there; the exec probes' script is gone.
+    generated = {d["metadata"]["name"] for d in built if d["kind"] == "ConfigMap"}
+    assert "llm-grafana-dashboard" in generated
+    assert not any(name.startswith("llm-worker-probes") for name in generated)
 
 
 # -- env vars -----------------------------------------------------------------------------------------
@@ -203,7 +229,8 @@ def test_worker_env_vars_are_real_settings(docs) -> None:
     env = container_env(docs, worker)
     check_env_names(env, settings_env_names(WorkerSettings) | env_read_by_code("worker"), "llm-worker")
     assert env["REDIS_URL"] == {"secretKeyRef": {"name": "llm-redis", "key": "redis-url"}}
-    # The probes need the consumer name, so the worker's must be set explicitly (to the pod name).
+    # The consumer name is the pod name, stable across container restarts (a restarted worker replays
+    # its own pending entries).
     assert env["LLM_CONSUMER_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 
 
@@ -269,19 +296,74 @@ def test_worker_pod_requests_a_gpu_and_leaves_replicas_to_keda(docs, worker_sett
     assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
 
 
-def test_probes_run_the_mounted_heartbeat_script(docs) -> None:
+def test_worker_probes_are_http_gets_on_the_metrics_port(docs, worker_settings: WorkerSettings) -> None:
     deployment = find(docs, "Deployment", "llm-worker")
     c = container(deployment, "worker")
-    mount = next(m for m in c["volumeMounts"] if m["name"] == "probes")
-    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "probes")
-    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
-    generators = [g for g in kustomization["configMapGenerator"] if g["name"] == volume["configMap"]["name"]]
-    assert [g["files"] for g in generators] == [["probes/worker_probe.py"]]
-    for mode in ("startup", "readiness", "liveness"):
-        assert c[f"{mode}Probe"]["exec"]["command"] == ["python", f"{mount['mountPath']}/{PROBE.name}", mode]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    # The port the worker serves (LLM_METRICS_PORT, from the ConfigMap) is the named container port.
+    assert ports == {"metrics": int(container_env(docs, c)["LLM_METRICS_PORT"])}
+    paths = {}
+    for kind in ("startup", "readiness", "liveness"):
+        probe = c[f"{kind}Probe"]
+        assert set(probe) & {"exec", "tcpSocket", "grpc"} == set(), f"{kind}: an HTTP probe only"
+        assert probe["httpGet"]["port"] == "metrics", kind
+        assert probe["timeoutSeconds"] < probe["periodSeconds"], kind
+        paths[kind] = probe["httpGet"]["path"]
+    # Ready (and started) while the worker consumes; live while its loop runs (docs/metrics.md).
+    assert paths == {"startup": "/ready", "readiness": "/ready", "liveness": "/health"}
+    start = c["startupProbe"]
+    assert start["periodSeconds"] * start["failureThreshold"] >= MODEL_LOAD_S, "shorter than a model load"
     # Liveness may only fail after the heartbeat TTL has lapsed for several periods.
     live = c["livenessProbe"]
-    assert live["periodSeconds"] * live["failureThreshold"] >= 2 * 15
+    assert live["periodSeconds"] * live["failureThreshold"] >= 2 * worker_settings.heartbeat_ttl_s
+    # Nothing is left of the exec probes' script and its volume.
+    assert "volumeMounts" not in c or all(m["name"] != "probes" for m in c["volumeMounts"])
+    assert all(v["name"] != "probes" for v in deployment["spec"]["template"]["spec"].get("volumes", []))
+
+
+# -- Prometheus: scraping and alert rules -------------------------------------------------------------
+@pytest.mark.parametrize(("name", "container_name"), [("llm-worker", "worker"), ("llm-gateway", "gateway")])
+def test_podmonitor_selects_the_pods_and_their_metrics_port(docs, name: str, container_name: str) -> None:
+    monitor = find(docs, "PodMonitor", name)
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    deployment = find(docs, "Deployment", name)
+    labels = pod_labels(deployment)
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= labels.items(), "the PodMonitor must select the Deployment's pods"
+    others = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and d is not deployment]
+    assert others and not any(selector.items() <= pod_labels(d).items() for d in others), "and only them"
+    # Its own namespace (kustomize sets it): no namespaceSelector that would look elsewhere.
+    assert "namespaceSelector" not in monitor["spec"]
+    ports = {p["name"] for p in container(deployment, container_name)["ports"]}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
+    # The job is the pods' label named by jobLabel: the job the alert rules select on.
+    assert labels[monitor["spec"]["jobLabel"]] == name
+    assert f'job="{name}"' in " ".join(a["expr"] for a in alerts())
+
+
+def test_gateway_metrics_share_the_probed_http_port(docs) -> None:
+    gateway = container(find(docs, "Deployment", "llm-gateway"), "gateway")
+    monitor = find(docs, "PodMonitor", "llm-gateway")
+    probe_ports = {gateway[f"{k}Probe"]["httpGet"]["port"] for k in ("liveness", "readiness")}
+    assert probe_ports == {monitor["spec"]["podMetricsEndpoints"][0]["port"]} == {"http"}
+
+
+def test_prometheus_rule_loads_and_matches_the_worker_pods(docs) -> None:
+    rule = find(docs, "PrometheusRule", "llm-alerts")
+    assert rule["__file__"] == ALERT_RULES and rule["apiVersion"] == "monitoring.coreos.com/v1"
+    groups = rule["spec"]["groups"]
+    assert groups and all(g["name"] and g["rules"] for g in groups)
+    assert all(r["alert"] and r["expr"] for g in groups for r in g["rules"])
+    # The restart alert names the worker's real container and matches its pods' names, not the others'.
+    deployment = find(docs, "Deployment", "llm-worker")
+    restarts = next(a["expr"] for a in alerts() if "kube_pod_container_status_restarts_total" in a["expr"])
+    assert re.findall(r'container="([^"]+)"', restarts) == [container(deployment, "worker")["name"]]
+    (pod_pattern,) = re.findall(r'pod=~"([^"]+)"', restarts)
+    assert re.fullmatch(pod_pattern, f"{deployment['metadata']['name']}-7d9f8c6b5-x2k4p")
+    for other in ("llm-bulk-worker", "llm-gateway"):
+        other_pod = f"{find(docs, 'Deployment', other)['metadata']['name']}-5c6b9d7f4-a1b2c"
+        assert not re.fullmatch(pod_pattern, other_pod)
 
 
 # -- KEDA ---------------------------------------------------------------------------------------------
@@ -307,6 +389,29 @@ def test_keda_scales_on_the_stream_and_group_the_code_uses(docs, worker_settings
     assert int(pending["pendingEntriesCount"]) == worker_settings.max_num_seqs
 
 
+def test_keda_prometheus_overlay_scales_on_documented_metrics(docs, tmp_path: Path) -> None:
+    built = kustomize(KEDA_PROMETHEUS)
+    (scaled,) = [d for d in built if d["kind"] == "ScaledObject"]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    meta = trigger["metadata"]
+    query = meta["query"]
+    # The demand the two Redis triggers measure: lag + pending, one pod per GPU-full of requests.
+    assert promql_metric_names(query) == {"llm_queue_lag", "llm_queue_pending"}
+    assert not undocumented(promql_metric_names(query))
+    # Group-level gauges, reported by every worker: reduced with max over pods, never summed per pod.
+    assert query.count("max by (tenant)") == 2
+    assert set(re.findall(r'namespace="([^"]+)"', query)) == {scaled["metadata"]["namespace"]}
+    base_triggers = {t["name"]: t for t in find(docs, "ScaledObject", "llm-worker")["spec"]["triggers"]}
+    assert int(meta["threshold"]) == int(base_triggers["requests-pending"]["metadata"]["pendingEntriesCount"])
+    assert meta["serverAddress"].startswith("http")
+    # Worker metrics vanish with the last worker: this trigger cannot wake the Deployment from zero.
+    assert scaled["spec"]["minReplicaCount"] >= 1
+    assert "TriggerAuthentication" not in {d["kind"] for d in built}
+    result = check_promql({"keda_backlog": query}, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_dev_redis_is_durable_and_never_evicts() -> None:
     conf = dict(
         line.split(None, 1)
@@ -317,70 +422,67 @@ def test_dev_redis_is_durable_and_never_evicts() -> None:
     assert conf["maxmemory-policy"] == "noeviction"
 
 
-# -- exec probes against a real worker ----------------------------------------------------------------
-def run_probe(mode: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(PROBE), mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
-
-
-def load_probe_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("worker_probe", PROBE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def closed_port() -> int:
+# -- probes against a real worker ---------------------------------------------------------------------
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def test_probes_follow_the_workers_heartbeat(start_worker, redis_client, prefix) -> None:
-    worker = start_worker("echo")
-    env = dict(worker.env)
-    for mode in ("startup", "readiness", "liveness"):
-        result = run_probe(mode, env)
-        assert result.returncode == 0, (mode, result.stdout, result.stderr)
-        assert "heartbeat alive" in result.stdout
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
 
-    # A draining worker is alive but not ready.
-    probe = load_probe_module()
-    key = heartbeat_key(prefix, "draining-one")
-    redis_client.set(key, DRAINING, px=10_000)
-    assert probe.check("readiness", redis_client, key) == (False, "heartbeat draining")
-    assert probe.check("liveness", redis_client, key) == (True, "heartbeat draining")
 
-    # Redis down: not ready, but liveness passes (a restart cannot help).
-    down = {**env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"}
-    assert run_probe("readiness", down).returncode == 1
-    assert run_probe("liveness", down).returncode == 0
-    assert run_probe("readiness", {k: v for k, v in env.items() if k != "LLM_CONSUMER_NAME"}).returncode == 1
-
-    # A stopped worker deletes its heartbeat: liveness fails.
-    assert worker.stop() == 0
-    assert redis_client.exists(heartbeat_key(prefix, worker.name)) == 0
-    assert run_probe("liveness", env).returncode == 1
+def test_a_worker_answers_its_probes_on_the_metrics_port(docs, start_worker) -> None:
+    """The paths the Deployment probes are served by a real worker on LLM_METRICS_PORT (a free port here)."""
+    c = container(find(docs, "Deployment", "llm-worker"), "worker")
+    paths = {c[f"{kind}Probe"]["httpGet"]["path"] for kind in ("startup", "readiness", "liveness")}
+    port = free_port()
+    worker = start_worker("echo", metrics_port=port)
+    deadline = time.monotonic() + 30
+    status = {}
+    while time.monotonic() < deadline:
+        status = {path: http_status(f"http://127.0.0.1:{port}{path}") for path in sorted(paths)}
+        if set(status.values()) == {200}:
+            break
+        time.sleep(0.2)
+    assert set(status.values()) == {200}, (status, worker.log_path.read_text()[-2000:])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        assert re.search(r"^llm_worker_ready 1(\.0)?$", resp.read().decode(), flags=re.MULTILINE)
 
 
 # -- dashboard ----------------------------------------------------------------------------------------
-def dashboard_exprs() -> list[str]:
+def dashboard_targets(kind: str) -> list[dict[str, Any]]:
     dashboard = json.loads(DASHBOARD.read_text())
-    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    return [t for p in dashboard["panels"] for t in p.get("targets", []) if t["datasource"]["type"] == kind]
 
 
-def test_dashboard_is_valid_grafana_json_over_loki(docs) -> None:
+def dashboard_exprs() -> list[str]:
+    """The LogQL queries (the Loki panels')."""
+    return [t["expr"] for t in dashboard_targets("loki")]
+
+
+def test_dashboard_is_valid_grafana_json_over_prometheus_and_loki(docs) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["query"] == "loki"
+    assert variables["prometheus"]["query"] == "prometheus"
+    assert variables["datasource"]["type"] == variables["prometheus"]["type"] == "datasource"
     assert variables["namespace"]["query"] == find(docs, "Namespace", "llm-serving")["metadata"]["name"]
+    uid = {"loki": "${datasource}", "prometheus": "${prometheus}"}
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
-            assert target["datasource"]["type"] == "loki"
+            kind = target["datasource"]["type"]
+            assert kind in uid and target["datasource"]["uid"] == uid[kind], panel["title"]
+            assert panel["datasource"] == target["datasource"], panel["title"]
             assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
     # Its stream selector matches the worker container the Deployment runs.
     containers = {m for e in dashboard_exprs() for m in re.findall(r'container="([^"]+)"', e)}
@@ -388,6 +490,41 @@ def test_dashboard_is_valid_grafana_json_over_loki(docs) -> None:
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for needed in ("first token", "queue", "tokens/s", "batch", "code"):
         assert needed in titles
+    # Panels do not overlap on Grafana's 24-column grid.
+    cells = [
+        (x, y)
+        for p in dashboard["panels"]
+        for x in range(p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"])
+        for y in range(p["gridPos"]["y"], p["gridPos"]["y"] + p["gridPos"]["h"])
+    ]
+    assert len(cells) == len(set(cells)) and all(x < 24 for x, _ in cells)
+
+
+def test_dashboard_promql_parses_and_reads_documented_metrics(tmp_path: Path) -> None:
+    targets = dashboard_targets("prometheus")
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    titles = " ".join(p["title"] for p in panels if p.get("datasource", {}).get("type") == "prometheus")
+    for needed in ("first token", "output token", "outcome", "tokens/s", "running", "kv cache", "queue lag",
+                   "oldest pending", "gpu utilisation", "gpu memory"):  # fmt: skip
+        assert needed in titles.lower(), needed
+    used: set[str] = set()
+    exprs = {}
+    for n, target in enumerate(targets):
+        expr = target["expr"]
+        names = promql_metric_names(expr)
+        assert names, expr
+        used |= names
+        # Every selector is the dashboard's namespace.
+        assert expr.count("{") == len(re.findall(r'\{[^}]*namespace="\$namespace"[^}]*\}', expr)), expr
+        assert sum(len(re.findall(rf"\b{re.escape(m)}\{{", expr)) for m in names) == expr.count("{"), expr
+        exprs[f"panel_{n}"] = expr.replace("$namespace", "llm-serving").replace("$__rate_interval", "1m")
+    assert not undocumented(used), f"metrics not in docs/metrics.md: {sorted(undocumented(used))}"
+    # What an alert reads can be seen on the dashboard (kube-state-metrics' restarts aside).
+    alerted = {m for a in alerts() for m in promql_metric_names(a["expr"]) if not m.startswith("kube_")}
+    assert alerted <= used, alerted - used
+    result = check_promql(exprs, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(exprs)} rules found" in result.stdout
 
 
 def queried_fields() -> dict[str, set[str]]:

@@ -90,6 +90,7 @@ def spawn_worker(
     env.update(
         REDIS_URL=redis_url, LLM_PREFIX=prefix, LLM_ENGINE=engine, LLM_CONSUMER_NAME=name, HF_HUB_OFFLINE="1",
         TQDM_DISABLE="1", PYTHONUNBUFFERED="1",
+        LLM_METRICS_PORT="0",  # many workers per test run: a test that wants the port passes metrics_port
     )  # fmt: skip
     env.update({f"LLM_{k.upper()}": str(v) for k, v in settings.items()})
     if os.environ.get("LLM_TEST_WORKER_ACL"):

@@ -18,6 +18,10 @@ from worker.engine_process.client import EngineProcessDied
 from worker.engine_process.launch import open_engine
 from worker.local_redis.server import local_server
 from worker.loop.consumer import Consumer
+from worker.observability.gpu_telemetry import GpuTelemetry
+from worker.observability.health import WorkerHealth
+from worker.observability.metrics import WorkerMetrics
+from worker.observability.metrics_server import MetricsServer
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger("worker")
@@ -85,15 +89,42 @@ def main(argv: list[str] | None = None) -> int:
             socket_connect_timeout=5,
             health_check_interval=30,
         )
-        engine = open_engine(settings)
+        health = WorkerHealth(settings.heartbeat_ttl_s)
+        metrics = start_metrics(settings, health, stack)
+        try:
+            engine = open_engine(settings)
+        except Exception:
+            health.engine_ok = False
+            raise
         stack.callback(engine.close)
         try:
-            Consumer(client, engine, settings).run(lambda: flag.requested)
+            Consumer(client, engine, settings, metrics, health).run(lambda: flag.requested)
         except EngineProcessDied as exc:
             # The entries this worker held stay pending; a live worker (or this pod's restart) reclaims them.
             log.error("worker_exiting", reason=str(exc)[:200])
             return 1
     return 0
+
+
+def start_metrics(settings: WorkerSettings, health: WorkerHealth, stack: ExitStack) -> WorkerMetrics | None:
+    """The metrics port, when `LLM_METRICS_PORT` is set; a port that cannot be bound is logged, not fatal
+    (the worker serves without metrics rather than not at all)."""
+    if not settings.metrics_port:
+        return None
+    tenants = [t for t in settings.tenant_list() if t is not None]
+    gpus = GpuTelemetry()
+    stack.callback(gpus.close)
+    metrics = WorkerMetrics(tenants, gpus.sample)
+    try:
+        server = MetricsServer(metrics, health, settings.metrics_host, settings.metrics_port)
+    except OSError as exc:
+        log.warning(
+            "metrics_unavailable", port=settings.metrics_port, error=f"{type(exc).__name__}: {exc}"[:200]
+        )
+        return None
+    stack.callback(server.close)
+    log.info("metrics_started", address=f"{settings.metrics_host}:{server.port}", port=server.port)
+    return metrics
 
 
 if __name__ == "__main__":

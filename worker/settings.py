@@ -224,6 +224,10 @@ class WorkerSettings(BaseSettings):
     echo_token_delay_ms: float = Field(
         default=_ENGINE.echo_token_delay_ms, ge=0, description="Echo engine: sleep per generated token."
     )
+    grammar_threads: int = Field(
+        default=_ENGINE.grammar_threads, ge=0, le=64,
+        description="Structured output: threads filling a step's token masks; 0: a quarter of the CPUs, 1-8.",
+    )  # fmt: skip
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         default="info", description="Log level of the JSON logs on stdout (any case)."
     )
@@ -300,6 +304,14 @@ class WorkerSettings(BaseSettings):
     )
     stats_max_entries: int = Field(
         default=10_000, ge=100, description="Approximate cap (MAXLEN ~) of the stats stream `<prefix>:stats`."
+    )
+    metrics_port: int = Field(
+        default=9400, ge=0, le=65535,
+        description="HTTP port of `/metrics`, `/health` and `/ready` (docs/metrics.md); 0 = off.",
+    )  # fmt: skip
+    metrics_host: str = Field(
+        default="0.0.0.0",
+        description="Address the metrics port listens on (all interfaces: probes come from outside).",
     )
     reconnect_backoff_initial_ms: float = Field(
         default=100.0,
@@ -442,6 +454,7 @@ class WorkerSettings(BaseSettings):
             attention_backend=self.attention_backend, cuda_graphs=self.cuda_graphs,
             prefill_interval_steps=self.prefill_interval_steps,
             async_output=self.async_output, echo_token_delay_ms=self.echo_token_delay_ms,
+            grammar_threads=self.grammar_threads,
         )  # fmt: skip
 
     def resolved_device(self) -> str:

@@ -1,11 +1,13 @@
 """The FastAPI app of the gateway: `create_app(settings)`.
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{id}`,
-`GET /health` (the process answers), `GET /ready` (Redis answers and a worker is live, else 503).
+`GET /health` (the process answers), `GET /ready` (Redis answers and a worker is live, else 503),
+`GET /metrics` (Prometheus, `metrics.py`).
 
 Every answer that is not a success is an OpenAI error body (`errors.py`); `RequestMiddleware` (the
 outermost of the app's own layers) gives every response its `X-Request-Id`, logs
-`gateway_request_done`, and turns anything unexpected into a 500 without a stack trace.
+`gateway_request_done` and counts it in the metrics, and turns anything unexpected into a 500
+without a stack trace.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from producer.gateway.backends import Backend, Backends
 from producer.gateway.calls import Call, EventStreamResponse, done_fields, error_of
 from producer.gateway.errors import ApiError, from_errors, from_validation, internal
 from producer.gateway.live_workers import WorkerDirectory
+from producer.gateway.metrics import GatewayMetrics
 from producer.gateway.openai_schema import ChatCompletionRequest, CompletionRequest, Model, ModelList
 from producer.gateway.reply_mux import Interrupt
 from producer.gateway.settings import GatewaySettings
@@ -57,7 +60,7 @@ _REQUEST_ID = TypeAdapter(RequestId)
 TIMEOUT_HEADER = "x-timeout-ms"
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
 SHUTDOWN_WAIT_S = 3.0
-QUIET_PATHS = ("/health", "/ready")  # logged at debug: probes would flood the log
+QUIET_PATHS = ("/health", "/ready", "/metrics")  # logged at debug: probes and scrapes would flood the log
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Gateway:
     backends: Backends
     workers: WorkerDirectory
     redis: aioredis.Redis
+    metrics: GatewayMetrics
     started_s: float = field(default_factory=time.monotonic)
     requests: int = 0
 
@@ -86,16 +90,21 @@ def error_response(error: ApiError) -> Response:
 
 
 class RequestMiddleware:
-    """X-Request-Id (validated, echoed or generated), one `gateway_request_done` line, and no stack trace."""
+    """X-Request-Id (validated, echoed or generated), one `gateway_request_done` line and the request
+    metrics from the same values, and no stack trace."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics):
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        path = scope.get("path", "")
+        route = self.metrics.route(path)
+        in_flight = self.metrics.begin(route)
         state = scope.setdefault("state", {})
         info: dict[str, Any] = {}
         state["log"] = info
@@ -134,19 +143,21 @@ class RequestMiddleware:
                 "gateway_request_failed", request_id=request_id, error=f"{type(exc).__name__}: {exc}"[:300]
             )
             if status is None:
+                info["error"] = "internal_error"
                 with contextlib.suppress(Exception):
                     await error_response(internal())(scope, receive, send_with_id)
         finally:
-            path = scope.get("path", "")
-            level = log.debug if path in QUIET_PATHS else log.info
+            elapsed = time.perf_counter() - started
             final_status = info.pop("status_after_start", None) or status or 499
+            self.metrics.done(route, final_status, elapsed, info.get("error"), in_flight)
+            level = log.debug if path in QUIET_PATHS else log.info
             level(
                 "gateway_request_done",
                 request_id=request_id,
                 method=scope.get("method"),
                 path=path,
                 status=final_status,
-                ms=_ms_since(started),
+                ms=round(elapsed * 1000, 3),
                 **info,
             )
 
@@ -315,7 +326,9 @@ async def _completion(request: Request, chat: bool) -> Response:
         info["error"] = error.code
         raise error
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return EventStreamResponse(call, first, renderer, include_usage, {}, info.update)
+    return EventStreamResponse(
+        call, first, renderer, include_usage, {}, info.update, started, gw.metrics.ttft.observe
+    )
 
 
 def _ms_since(started: float) -> float:
@@ -331,6 +344,7 @@ def create_app(settings: GatewaySettings | None = None, producer: ProducerSettin
     settings = settings or GatewaySettings()
     producer = producer or ProducerSettings()
     keys = settings.key_ring()
+    metrics = GatewayMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -344,7 +358,7 @@ def create_app(settings: GatewaySettings | None = None, producer: ProducerSettin
             refresh_s=settings.stats_refresh_s,
             default_model=settings.default_model,
         )
-        gw = Gateway(settings, producer, Backends(producer, settings, keys), workers, own)
+        gw = Gateway(settings, producer, Backends(producer, settings, keys), workers, own, metrics)
         app.state.gateway = gw
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(workers.refresh(), 2.0)
@@ -391,7 +405,7 @@ def create_app(settings: GatewaySettings | None = None, producer: ProducerSettin
     app = FastAPI(
         title="llm-stream-serve gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
-    app.add_middleware(RequestMiddleware)
+    app.add_middleware(RequestMiddleware, metrics=metrics)
 
     # Every handler answers through `_answer`, so `gateway_request_done` names the error code.
     def _answer(request: Request, error: ApiError, headers: dict[str, str] | None = None) -> Response:
@@ -468,21 +482,38 @@ def create_app(settings: GatewaySettings | None = None, producer: ProducerSettin
     @app.get("/ready")
     async def ready(request: Request) -> Response:
         gw = _gateway(request)
-        try:
-            await asyncio.wait_for(gw.redis.ping(), 1.0)
-        except (asyncio.TimeoutError, redis.RedisError, OSError) as exc:
-            return _not_ready(f"Redis does not answer: {type(exc).__name__}", gw.settings.retry_after_s)
+        reason = await _not_ready_reason(gw)
+        if reason is not None:
+            request.state.log["error"] = "not_ready"
+            error = ApiError(503, reason, type="api_error", code="not_ready")
+            return _json_response(503, error.body(), {"Retry-After": str(gw.settings.retry_after_s)})
         live = gw.workers.live()
-        if not live:
-            why = gw.workers.last_error or f"no worker reported within {gw.settings.worker_liveness_s:g} s"
-            return _not_ready(f"no live worker ({why})", gw.settings.retry_after_s)
         return _json_response(
             200, {"status": "ready", "workers": len(live), "models": sorted(gw.workers.models())}
         )
 
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request) -> Response:
+        # `llm_gateway_ready` is what /ready would answer now, not what it last answered to a probe.
+        await _not_ready_reason(_gateway(request))
+        body, content_type = metrics.exposition(request.headers.get("accept"))
+        return Response(body, 200, {"Content-Type": content_type})
+
+    metrics.label_routes(app.routes)
+    app.state.metrics = metrics
     return app
 
 
-def _not_ready(message: str, retry_after_s: int) -> Response:
-    error = ApiError(503, message, type="api_error", code="not_ready")
-    return _json_response(503, error.body(), {"Retry-After": str(retry_after_s)})
+async def _not_ready_reason(gw: Gateway) -> str | None:
+    """Why /ready answers 503 now (None: it answers 200); sets `llm_gateway_ready` to match."""
+    reason: str | None = None
+    try:
+        await asyncio.wait_for(gw.redis.ping(), 1.0)
+    except (asyncio.TimeoutError, redis.RedisError, OSError) as exc:
+        reason = f"Redis does not answer: {type(exc).__name__}"
+    else:
+        if not gw.workers.live():
+            why = gw.workers.last_error or f"no worker reported within {gw.settings.worker_liveness_s:g} s"
+            reason = f"no live worker ({why})"
+    gw.metrics.ready.set(reason is None)
+    return reason

@@ -11,7 +11,8 @@ final event came, so no worker keeps generating for a caller that left or timed 
 The status is decided by the first event: a streamed response starts (200) only once the first
 token or final event is in, so a refusal before any output (`too_long`, `overloaded`, ...) still gets
 its own HTTP status. `EventStreamResponse` then writes server-sent events, several chunks per write
-when several events are waiting.
+when several events are waiting; its first write (the opening chunk with the first event's) is the
+time to first token the gateway reports (`first_token_ms`, `llm_gateway_time_to_first_token_seconds`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -203,7 +205,10 @@ class Streamed:
 
 
 class EventStreamResponse(Response):
-    """`text/event-stream` of one call: the chunks of its events, then `data: [DONE]`."""
+    """`text/event-stream` of one call: the chunks of its events, then `data: [DONE]`.
+
+    `on_first_token` gets the seconds from `started` (the request received, `time.perf_counter`) to the
+    first chunk written; the outcome handed to `on_end` has them as `first_token_ms`."""
 
     media_type = "text/event-stream"
 
@@ -215,12 +220,16 @@ class EventStreamResponse(Response):
         include_usage: bool,
         headers: dict[str, str],
         on_end: Callable[[dict[str, Any]], None],
+        started: float,
+        on_first_token: Callable[[float], None],
     ):
         self.status_code = 200
         self.background = None
         self.call, self.first, self.renderer = call, first, renderer
         self.include_usage = include_usage
         self.on_end = on_end
+        self.started = started
+        self.on_first_token = on_first_token
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -232,6 +241,7 @@ class EventStreamResponse(Response):
             out: list[bytes] = [sse(d) for d in renderer.opening()]
             item: Item | None = self.first
             ended = False
+            first_write = True
             while True:
                 while item is not None and not ended:
                     ended = self._render(item, streamed, out, outcome)
@@ -242,6 +252,11 @@ class EventStreamResponse(Response):
                 if out:
                     await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
                     out = []
+                    if first_write:
+                        first_write = False
+                        seconds = time.perf_counter() - self.started
+                        outcome["first_token_ms"] = round(seconds * 1000, 3)
+                        self.on_first_token(seconds)
                 if ended:
                     break
                 item = await call.next()

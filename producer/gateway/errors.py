@@ -59,6 +59,32 @@ WIRE_ERRORS: dict[ErrorCode, tuple[int, str, str]] = {
 }
 
 
+# Every `code` the gateway answers with: its own refusals, `WIRE_ERRORS`' and `_code`'s, /ready's
+# `not_ready`. A closed set, so `llm_gateway_errors_total{code}` stays bounded (others count as `other`);
+# tests/gateway/test_gateway_metrics.py checks that every code in this package is in it.
+CODES = frozenset(
+    {
+        *(name for _, _, name in WIRE_ERRORS.values()),
+        "timeout",
+        "service_unavailable",
+        "not_ready",
+        "invalid_json",
+        "invalid_type",
+        "invalid_value",
+        "missing_required_parameter",
+        "unknown_parameter",
+        "unsupported_parameter",
+        "invalid_api_key",
+        "model_not_found",
+        "not_found",
+        "method_not_allowed",
+        "http_error",
+        "duplicate_request_id",
+        "request_too_large",
+    }
+)
+
+
 def from_wire(code: ErrorCode, message: str, retry_after_s: int, param: str | None = None) -> ApiError:
     """The HTTP answer to a wire `error` reply (or the producer's own `overloaded` refusal); `param`: the
     request field the reply names (its `param`), under the name the caller gave it."""

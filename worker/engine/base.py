@@ -142,6 +142,17 @@ class SequenceOutput:
     error_param: str | None = None
 
 
+@dataclass(frozen=True)
+class StepSample:
+    """One engine step, for the metrics: its wall time and what it computed."""
+
+    seconds: float
+    num_seqs: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    preempted: int = 0
+
+
 @dataclass
 class StepStats:
     """Counters of the last step, for the `batch_done` log event."""
@@ -153,9 +164,14 @@ class StepStats:
     admitted: tuple[str, ...] = ()  # requests this step started for the first time (one microbatch)
     extra: dict[str, float] = field(default_factory=dict)
     # An engine in its own process reports every step it ran since the last report: their count and
-    # wall times (seconds); an engine stepped by the loop reports one step, timed by the loop.
+    # samples (wall time and shape); an engine stepped by the loop reports one step, timed by the loop.
     steps: int = 1
-    step_s: tuple[float, ...] = ()
+    samples: tuple[StepSample, ...] = ()
+
+    @property
+    def step_s(self) -> tuple[float, ...]:
+        """The reported steps' wall times (seconds)."""
+        return tuple(s.seconds for s in self.samples)
 
 
 @dataclass(frozen=True)
@@ -257,6 +273,11 @@ class Engine(abc.ABC):
     def last_step_stats(self) -> StepStats:
         """Counters of the most recent step."""
         return StepStats()
+
+    def check_alive(self) -> None:
+        """Raise if the engine can no longer serve (an engine in its own process whose process died); an
+        engine in the worker's process always can. Called every loop iteration, so it must be cheap."""
+        return None
 
     def describe(self) -> dict[str, str | int]:
         """What the engine runs, for the start-up logs (`engine_ready`, `worker_started`).

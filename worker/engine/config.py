@@ -46,6 +46,7 @@ class EngineConfig:
     prefill_interval_steps: int | None = None
     async_output: bool | None = None  # stream step N's tokens while step N+1 runs; None: on with CUDA
     echo_token_delay_ms: float = 0.0  # echo engine: sleep per generated token
+    grammar_threads: int = 0  # structured output: threads filling token masks; 0 = a quarter of the CPUs, 1-8
 
     def prune_policy(self) -> PrunePolicy:
         """KV pruning as configured; raises `ValueError` for an unusable budget or mode."""

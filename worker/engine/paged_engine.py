@@ -103,7 +103,12 @@ class PagedEngine(Engine):
             )
         # Structured output: nothing is built until the first request with a grammar.
         self.grammars = GrammarGate(
-            tokenizer, logits_width(model), self.eos_token_ids, c.policy.max_num_seqs, self.device
+            tokenizer,
+            logits_width(model),
+            self.eos_token_ids,
+            c.policy.max_num_seqs,
+            self.device,
+            threads=c.grammar_threads,
         )
         self.runner = ModelRunner(
             model, self.kv_cache, self.block_manager, self.device, self.attention_backend, graphs,

@@ -13,8 +13,9 @@ collects step N. Messages are tuples of plain values, pickled by `multiprocessin
     from the worker: ("add", [GenerationRequest]), ("abort", [(seq_id, reason)]),
                      ("take_unstarted",), ("close",)
     to the worker:   ("ready", name, describe, encoder, detokenize_optional, supported_extras),
-                     ("outputs", rows, admitted, capacity, step_s), ("unstarted", ids), ("failed", error),
+                     ("outputs", rows, admitted, capacity, steps), ("unstarted", ids), ("failed", error),
                      ("closed",)
+    (`steps`: a tuple of `StepSample` fields per step run since the last report)
 
 An output row is `pack_output(SequenceOutput)`. Messages are written by a thread (`Outbox`), so a
 step never waits for the worker to drain the pipe. The child ignores SIGINT and SIGTERM: the worker
@@ -121,7 +122,7 @@ class StepLoop:
         self.closing = False
         self._unsent: list[OutputRow] = []  # outputs collected, not yet sent
         self._admitted: list[str] = []
-        self._step_s: list[float] = []
+        self._samples: list[tuple[float, int, int, int, int]] = []  # `StepSample` fields, per step
         self.steps = 0
         self.busy_s = 0.0
 
@@ -138,7 +139,8 @@ class StepLoop:
             except Exception:
                 self._fail()
                 continue
-            self._admitted += self.engine.last_step_stats().admitted
+            stats = self.engine.last_step_stats()
+            self._admitted += stats.admitted
             if self.engine.overlaps_host:
                 self._send()  # the previous step's outputs go out while this one computes
                 self._take_commands(0.0)
@@ -148,7 +150,10 @@ class StepLoop:
                 self._fail()
                 continue
             elapsed = time.perf_counter() - start
-            self._step_s.append(elapsed)
+            preempted = int(stats.extra.get("preempted", 0))
+            self._samples.append(
+                (elapsed, stats.num_seqs, stats.prefill_tokens, stats.decode_tokens, preempted)
+            )
             self.steps += 1
             self.busy_s += elapsed
             if not self.engine.overlaps_host:
@@ -201,12 +206,12 @@ class StepLoop:
             log.error("engine_process_bad_message", kind=str(kind)[:100])
 
     def _send(self) -> None:
-        if not (self._unsent or self._admitted or self._step_s):
+        if not (self._unsent or self._admitted or self._samples):
             return
         self.outbox.send(
-            ("outputs", self._unsent, tuple(self._admitted), self.engine.capacity(), tuple(self._step_s))
+            ("outputs", self._unsent, tuple(self._admitted), self.engine.capacity(), tuple(self._samples))
         )
-        self._unsent, self._admitted, self._step_s = [], [], []
+        self._unsent, self._admitted, self._samples = [], [], []
 
     def _fail(self) -> None:
         """A step failed: say so (the worker ends the started requests); the engine stays usable."""

@@ -34,6 +34,7 @@ from worker.engine.base import (
     FinishReason,
     GenerationRequest,
     SequenceOutput,
+    StepSample,
     StepStats,
 )
 from worker.engine.config import EngineConfig
@@ -165,6 +166,10 @@ class EngineProcess(Engine):
     def last_step_stats(self) -> StepStats:
         return self._stats
 
+    def check_alive(self) -> None:
+        if not self._proc.is_alive():
+            raise self._died(None)
+
     def describe(self) -> dict[str, str | int]:
         return dict(self._describe)
 
@@ -208,7 +213,7 @@ class EngineProcess(Engine):
     def _apply(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "outputs":
-            _, rows, admitted, self._capacity, step_s = message
+            _, rows, admitted, self._capacity, steps = message
             for row in rows:
                 out = unpack_output(row)
                 if out.seq_id in self._detokenizers:
@@ -217,8 +222,9 @@ class EngineProcess(Engine):
                     self._live.discard(out.seq_id)
                 self._outputs.append(out)
             s = self._reported
+            samples = tuple(StepSample(*step) for step in steps)
             self._reported = StepStats(
-                admitted=s.admitted + admitted, steps=s.steps + len(step_s), step_s=s.step_s + step_s
+                admitted=s.admitted + admitted, steps=s.steps + len(samples), samples=s.samples + samples
             )
         elif kind == "failed":
             self._failure = message[1]

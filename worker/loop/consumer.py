@@ -35,7 +35,7 @@ from redis.typing import StreamIdT
 
 from producer.wire.backoff import TRANSIENT_ERRORS, Backoff
 from producer.wire.redis_factory import recover
-from worker.engine.base import Engine, FinishReason, SequenceOutput
+from worker.engine.base import Engine, FinishReason, SequenceOutput, StepSample, StepStats
 from worker.engine_process.client import EngineProcessDied
 from worker.loop.cancellation import Cancel, CancelWatch
 from worker.loop.inflight import InFlight, InFlightTable, choice_seq_id
@@ -45,7 +45,9 @@ from worker.loop.lanes import Lane, build_lanes, namespaces, read_lanes
 from worker.loop.publisher import Publisher, token_text
 from worker.observability.build_info import build_info
 from worker.observability.counters import LoopCounters, Microbatch
+from worker.observability.health import WorkerHealth
 from worker.observability.live_stats import LiveStats
+from worker.observability.metrics import WorkerMetrics
 from worker.observability.phase_times import PhaseTimes
 from worker.replies.writer import ReplyWriters
 from worker.replies.writer_thread import ReplyWriterThread
@@ -60,8 +62,13 @@ WINDOW_POLL_S = 0.001
 class Consumer:
     """Drives one engine from one consumer-group member."""
 
-    def __init__(self, client: redis.Redis, engine: Engine, settings: WorkerSettings):
+    def __init__(
+        self, client: redis.Redis, engine: Engine, settings: WorkerSettings,
+        metrics: WorkerMetrics | None = None, health: WorkerHealth | None = None,
+    ):  # fmt: skip
         s = self.settings = settings
+        self.metrics = metrics
+        self.health = health if health is not None else WorkerHealth(s.heartbeat_ttl_s)
         self.client, self.engine = client, engine
         spaces = namespaces(s)
         self.names = spaces[0]
@@ -75,7 +82,13 @@ class Consumer:
         self.backoff = Backoff(s.reconnect_backoff_initial_ms, s.reconnect_backoff_max_ms)
         self.replies = ReplyWriters({lane.key: lane.replies for lane in self.lanes})
         self.publisher = Publisher(
-            self.replies, self.table, self.counters, self.attempt, s.consumer_name, token_text(engine)
+            self.replies,
+            self.table,
+            self.counters,
+            self.attempt,
+            s.consumer_name,
+            token_text(engine),
+            metrics,
         )
         # Writes from a thread where a device computes the steps (see reply_thread.py), else inline.
         background = s.async_replies if s.async_replies is not None else engine.overlaps_host
@@ -89,9 +102,15 @@ class Consumer:
         self._ready: list[SequenceOutput] = []  # outputs collected but not yet published
         self.phases = PhaseTimes(time_steps=not engine.times_own_steps)
         self._next_batch_id = 0
+        self._step_stats: StepStats | None = None  # the shape of the step in flight (loop-timed engines)
         self.stats = LiveStats(
-            client, self.names, s, engine, self.counters, self.phases, [lane.stream for lane in self.lanes]
-        )
+            client, self.names, s, engine, self.counters, self.phases, [lane.stream for lane in self.lanes],
+            metrics, {lane.stream: lane.tenant for lane in self.lanes},
+        )  # fmt: skip
+        if metrics is not None:
+            metrics.counters = self.counters
+            metrics.phases = self.phases
+            metrics.describe(engine.name, engine.describe(), build_info().get("version", "unknown"))
 
     # -- setup -----------------------------------------------------------------------------------------
     def ensure_group(self) -> None:
@@ -129,14 +148,20 @@ class Consumer:
             **self.engine.describe(),
             **build_info(),
         )
+        self.health.joined = True
         try:
             while not should_stop():
                 self._guarded(self.run_once)
+                self.health.beat()
+            self.health.draining = True
+            self.shutdown()
         except EngineProcessDied:
+            self.health.engine_ok = False
             if self.writer is not None:
                 self.writer.close(timeout_s=5.0)  # what is already answered still goes out
             raise
-        self.shutdown()
+        finally:
+            self.health.stopped = True
 
     def _streams_pattern(self) -> str:
         kind = "t" if self.lanes[0].tenant is not None else "s"
@@ -165,6 +190,7 @@ class Consumer:
             if stepping:
                 self._collect()
                 mark("collect")
+                self._observe_loop_timed_step()
         if not self.engine.overlaps_host:
             self._publish()  # nothing computes meanwhile: do not hold the outputs for an iteration
             mark("publish")
@@ -176,6 +202,7 @@ class Consumer:
         try:
             step()
         except TRANSIENT_ERRORS as exc:
+            self.health.redis_ok = False
             recover(self.client)
             self.counters.redis_errors += 1
             delay_s, fields = self._backoff_fields(exc)
@@ -202,6 +229,7 @@ class Consumer:
             time.sleep(delay_s)
             return False
         self.backoff.reset()
+        self.health.redis_ok = True
         return True
 
     def _backoff_fields(self, exc: Exception) -> tuple[float, dict[str, object]]:
@@ -211,12 +239,17 @@ class Consumer:
 
     # -- the parts of an iteration ---------------------------------------------------------------------
     def _housekeeping(self, reading: bool) -> None:
+        self.engine.check_alive()  # an idle worker learns of a dead engine process here, not at its next step
         for lane in self.lanes:
             for entry_id in lane.heartbeat.beat(self._entries(lane)):
                 self._drop_lost(lane, entry_id)
         for cancel in self.cancels.poll():
             self._cancel(cancel)
         self.stats.tick()  # `worker_stats` and `<prefix>:stats` every interval; never raises Redis errors
+        if self.metrics is not None:
+            c = self.counters
+            hit_ratio = c.cached_tokens / c.prompt_tokens if c.prompt_tokens else None
+            self.metrics.set_engine(self.engine.capacity(), hit_ratio, time.monotonic())
         if not reading:
             return
         for lane in self.lanes:
@@ -270,8 +303,25 @@ class Consumer:
         stats = self.engine.last_step_stats()
         self.counters.steps += stats.steps
         self.phases.add_steps(stats.step_s)
+        if self.engine.times_own_steps:  # the steps the engine ran since its last report, timed by it
+            for sample in stats.samples:
+                self.counters.preempted += sample.preempted
+                if self.metrics is not None:
+                    self.metrics.observe_step(sample)
+        else:  # this step, timed by the loop when it is collected
+            self.counters.preempted += int(stats.extra.get("preempted", 0))
+            self._step_stats = stats
         self._note_admitted(stats.admitted, now)
         return True
+
+    def _observe_loop_timed_step(self) -> None:
+        stats, self._step_stats = self._step_stats, None
+        seconds = self.phases.last_step_s
+        if stats is None or seconds is None or self.metrics is None:
+            return
+        self.metrics.observe_step(
+            StepSample(seconds, stats.num_seqs, stats.prefill_tokens, stats.decode_tokens)
+        )
 
     def _collect(self) -> None:
         try:

@@ -28,6 +28,7 @@ from producer.wire.models import (
 from worker.engine.base import Engine, SequenceOutput, TokenLogprob
 from worker.loop.inflight import InFlight, InFlightTable, split_choice
 from worker.observability.counters import LoopCounters, Microbatch
+from worker.observability.metrics import WorkerMetrics
 from worker.replies.writer import FinalWrite, ReplyWriters
 
 log = structlog.get_logger("worker")
@@ -228,8 +229,9 @@ class Publisher:
 
     def __init__(
         self, writers: ReplyWriters, table: InFlightTable, counters: LoopCounters, attempt: str, worker: str,
-        token_text: TokenText | None = None,
+        token_text: TokenText | None = None, metrics: WorkerMetrics | None = None,
     ):  # fmt: skip
+        self.metrics = metrics
         self.writers = writers
         self.table = table
         self.counters = counters
@@ -302,6 +304,11 @@ class Publisher:
             kv_peak_tokens=out.kv_peak_tokens,
             kv_evicted_tokens=out.kv_evicted_tokens,
         )
+        if self.metrics is not None:
+            self.metrics.observe_request(
+                out.finish_reason or "stop", f.tenant, prompt_tokens(f, out), out.cached_tokens,
+                out.completion_tokens, t.queue_ms, t.ttft_ms, t.tpot_ms, t.total_ms,
+            )  # fmt: skip
         batch = self.counters.batches.get(f.batch_id)
         if batch is not None and add_to_batch(
             batch, prompt_tokens(f, out), out.completion_tokens, out.cached_tokens, out.kv_peak_tokens

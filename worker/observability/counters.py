@@ -39,7 +39,12 @@ class LoopCounters:
     lost: int = 0
     finals_dropped: int = 0
     redis_errors: int = 0
+    preempted: int = 0  # sequences the engine preempted for KV space
     batches: dict[int, Microbatch] = field(default_factory=dict)
+    refusals: dict[str, int] = field(default_factory=dict)  # entries refused before the engine, by error code
+
+    def refused(self, code: str) -> None:
+        self.refusals[code] = self.refusals.get(code, 0) + 1
 
     def summary(self) -> dict[str, int]:
         return {k: v for k, v in vars(self).items() if isinstance(v, int)}

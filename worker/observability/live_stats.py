@@ -11,7 +11,7 @@ numbers; the next interval tries again. `python -m worker.top` reads the stream.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import redis
 import structlog
@@ -20,6 +20,7 @@ from producer.wire.keys import StreamNames
 from worker.engine.base import Engine
 from worker.observability.counters import LoopCounters
 from worker.observability.gpu_telemetry import GpuTelemetry
+from worker.observability.metrics import WorkerMetrics, stream_id_age_s
 from worker.observability.phase_times import PhaseTimes
 from worker.observability.stats import Fields, GroupBacklog, StatsWindow
 from worker.settings import WorkerSettings
@@ -70,8 +71,12 @@ class LiveStats:
         counters: LoopCounters,
         phases: PhaseTimes,
         requests: Sequence[str] | None = None,
+        metrics: WorkerMetrics | None = None,
+        tenants: Mapping[str, str | None] | None = None,
     ):
         self.client, self.engine, self.counters, self.phases = client, engine, counters, phases
+        self.metrics = metrics
+        self.tenants = dict(tenants or {})  # request stream -> its tenant (None without tenants)
         self.stream = names.stats
         # The request streams whose backlog is reported (one per tenant); default: the names' one.
         self.requests = list(requests) if requests is not None else [names.requests]
@@ -93,6 +98,8 @@ class LiveStats:
         backlog, reachable = None, True
         try:
             backlog = total_backlog(self.client, self.requests, self.group)
+            if self.metrics is not None:
+                self._queue_metrics()
         except redis.RedisError as exc:
             reachable = False
             self._not_written(exc)
@@ -108,6 +115,25 @@ class LiveStats:
             except redis.RedisError as exc:
                 self._not_written(exc)
         return fields
+
+    def _queue_metrics(self) -> None:
+        """The queue gauges of each tenant (`metrics.py`): XLEN, the group's lag and pending, and the age
+        of its oldest pending entry, summed over the tenant's streams (its shards)."""
+        assert self.metrics is not None
+        totals: dict[str | None, list[float]] = {}
+        for stream in self.requests:
+            length = int(self.client.xlen(stream))
+            backlog = group_backlog(self.client, stream, self.group)
+            summary = self.client.xpending(stream, self.group) if backlog is not None else None
+            oldest = summary.get("min") if isinstance(summary, dict) else None
+            age = stream_id_age_s(oldest) if oldest else 0.0
+            t = totals.setdefault(self.tenants.get(stream), [0.0, 0.0, 0.0, 0.0])
+            t[0] += length
+            t[1] += (backlog.lag or 0) if backlog is not None else 0
+            t[2] += (backlog.pending or 0) if backlog is not None else 0
+            t[3] = max(t[3], age)
+        for tenant, (entries, lag, pending, oldest_s) in totals.items():
+            self.metrics.set_queue(tenant, int(entries), int(lag), int(pending), oldest_s)
 
     def _not_written(self, exc: Exception) -> None:
         log.warning("stats_not_written", error=f"{type(exc).__name__}: {exc}"[:200])

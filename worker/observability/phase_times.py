@@ -24,6 +24,7 @@ class PhaseTimes:
         self._last = time.perf_counter()
         self._step_start: float | None = None
         self.steps: deque[float] = deque(maxlen=MAX_STEP_SAMPLES)
+        self.last_step_s: float | None = None  # the wall time of the step the last `collect` mark ended
 
     def mark(self, phase: str) -> None:
         now = time.perf_counter()
@@ -32,7 +33,8 @@ class PhaseTimes:
             if phase == "submit":
                 self._step_start = self._last  # a step that is launched here ends with the next `collect`
             elif phase == "collect" and self._step_start is not None:
-                self.steps.append(now - self._step_start)
+                self.last_step_s = now - self._step_start
+                self.steps.append(self.last_step_s)
                 self._step_start = None
         self._last = now
 

@@ -51,6 +51,7 @@ class Refusals:
         """A decoded request that cannot run (too long, cancelled before it started...); `param` names the
         request field at fault, when one is (the reply's `param`)."""
         self.counters.errors += 1
+        self.counters.refused(code.value)
         tenant = self.names.tenant or request.tenant
         log.info("request_rejected", id=request.id, tenant=tenant, code=code.value, reason=message)
         self.replies.error(
@@ -69,12 +70,14 @@ class Refusals:
             self.dead_letter(entry_id, fields, f"undecodable: {type(exc).__name__}", 1)
             return
         self.counters.errors += 1
+        self.counters.refused(code.value)
         self.replies.error(
             request.id, self.reply_key(request), code, message, ct, entry_id, self.settings.refusal_ttl_s
         )
 
     def invalid(self, entry_id: bytes, fields: dict[bytes, bytes], exc: ProtocolError) -> None:
         self.counters.invalid += 1
+        self.counters.refused(exc.code.value)
         log.warning(
             "request_invalid",
             entry=entry_id.decode(),
@@ -124,6 +127,7 @@ class Refusals:
         else:
             rid, key = request.id, self.reply_key(request)
         if rid is not None:
+            self.counters.refused(ErrorCode.INTERNAL.value)
             self.replies.error(
                 rid, key, ErrorCode.INTERNAL, f"request could not be processed: {reason}"[:300], ct, entry_id,
                 self.settings.refusal_ttl_s,

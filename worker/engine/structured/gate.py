@@ -39,7 +39,7 @@ class GrammarGate:
 
     def __init__(
         self, tokenizer: Any, vocab_size: int, eos_token_ids: Collection[int], max_rows: int,
-        device: torch.device, timeout_s: float = 10.0,
+        device: torch.device, timeout_s: float = 10.0, threads: int = 0,
     ):  # fmt: skip
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -47,6 +47,7 @@ class GrammarGate:
         self.max_rows = max_rows
         self.device = device
         self.timeout_s = timeout_s
+        self.threads = threads  # mask-filling threads; 0: `matcher.default_threads()`
         self._compiler: GrammarCompiler | None = None
         self._host_mask: torch.Tensor | None = None
         self._device_mask: torch.Tensor | None = None
@@ -107,7 +108,7 @@ class GrammarGate:
         # `fill_` of the buffer either: a 4 MB CPU fill runs on torch's OpenMP threads, which then spin and
         # compete with llguidance's for the cores; measured at ~1 ms a step on a 16-core host.)
         host = self._host_mask[: len(seqs)]
-        fill_bitmasks(rows, host)
+        fill_bitmasks(rows, host, self.threads)
         device_mask = self._device_mask[: len(seqs)]
         device_mask.copy_(host, non_blocking=True)
         # Pinned, so the copy is asynchronous: from pageable memory it would wait for the forward pass.
