@@ -216,7 +216,7 @@ def test_hostile_readings_never_break_a_scrape_nor_make_series() -> None:
     metrics.observe_request("stop", "acme", 3, 1, 2, 1.0, 2.0, 0.5, 3.0)
     for tenant in ("evil\n}", "x" * 10_000, None, "acme2"):
         metrics.observe_request("error", tenant, 1, 0, 1, 1.0, None, None, 2.0)
-    metrics.set_engine(EngineCapacity(1, 1, None, None), None, time.monotonic())  # no KV readings
+    metrics.set_engine(EngineCapacity(1, 1, None, None), None)  # no KV readings
     text = generate_latest(metrics.registry).decode()
     assert 'llm_requests_total{outcome="internal",tenant="none"} 4.0' in text
     assert 'llm_requests_total{outcome="stop",tenant="acme"} 1.0' in text

@@ -246,10 +246,10 @@ class Consumer:
         for cancel in self.cancels.poll():
             self._cancel(cancel)
         self.stats.tick()  # `worker_stats` and `<prefix>:stats` every interval; never raises Redis errors
-        if self.metrics is not None:
+        if self.metrics is not None and self.metrics.engine_due(time.monotonic()):
             c = self.counters
             hit_ratio = c.cached_tokens / c.prompt_tokens if c.prompt_tokens else None
-            self.metrics.set_engine(self.engine.capacity(), hit_ratio, time.monotonic())
+            self.metrics.set_engine(self.engine.capacity(), hit_ratio)
         if not reading:
             return
         for lane in self.lanes:

@@ -2,8 +2,9 @@
 
 Three kinds of source, chosen so the loop pays microseconds, not round trips:
 
-- events observed as they happen: a request's final reply (`observe_request`: counters by outcome and
-  tenant, the latency histograms), an engine step (`observe_step`: its time, batch size and tokens);
+- events recorded as they happen: a request's final reply (`observe_request`: counters by outcome and
+  tenant, the latency histograms), an engine step (`observe_step`: its time, batch size and tokens),
+  each one deque append, folded when scraped (`event_metrics.py` says why);
 - gauges the loop sets: the engine's occupancy (`set_engine`, at most every `ENGINE_GAUGE_INTERVAL_S`)
   and the queue (`set_queue`, read with the live stats every `LLM_STATS_INTERVAL_S`);
 - values read at scrape time by collectors: the loop's lifetime counters (`LoopCounters`: reclaims,
@@ -21,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -30,6 +31,7 @@ from prometheus_client.registry import Collector
 
 from worker.engine.base import EngineCapacity, StepSample
 from worker.observability.counters import LoopCounters
+from worker.observability.event_metrics import EventMetrics
 from worker.observability.gpu_telemetry import GpuSample
 from worker.observability.phase_times import PhaseTimes
 
@@ -38,22 +40,6 @@ disable_created_metrics()
 
 NO_TENANT = "none"
 ENGINE_GAUGE_INTERVAL_S = 0.25
-# Finish reasons of replies that end in an error event, as the error code clients see.
-ERROR_OUTCOME = {"error": "internal"}
-
-# vLLM's buckets for the same histograms, so dashboards built for it read these the same way.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
-TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                40.0, 80.0)  # fmt: skip
-LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-                   240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
-QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-                 300.0, 600.0, 1800.0)  # fmt: skip
-STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2,
-                0.5, 1.0, 2.5)  # fmt: skip
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
-STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 class _LoopCollector(Collector):
@@ -137,44 +123,8 @@ class WorkerMetrics:
         if gpus is not None:
             r.register(_GpuCollector(gpus))
         tenant = ["tenant"]
-        self.requests = Counter(
-            "llm_requests",
-            "Requests answered, by finish reason or error code.",
-            ["outcome", "tenant"],
-            registry=r,
-        )
-        self.prompt_tokens = Counter("llm_prompt_tokens", "Prompt tokens of the requests answered.", tenant,
-                                     registry=r)  # fmt: skip
-        self.cached_tokens = Counter(
-            "llm_prompt_tokens_cached", "Prompt tokens served from the prefix cache.", tenant, registry=r
-        )
-        self.generation_tokens = Counter("llm_generation_tokens", "Tokens generated.", tenant, registry=r)
-        self.ttft = Histogram(
-            "llm_time_to_first_token_seconds", "Enqueue to first token published.", buckets=TTFT_BUCKETS,
-            registry=r,
-        )  # fmt: skip
-        self.tpot = Histogram(
-            "llm_time_per_output_token_seconds", "Mean time between a request's tokens after the first.",
-            buckets=TPOT_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.e2e = Histogram(
-            "llm_e2e_request_latency_seconds", "Enqueue to final reply.", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.queue_time = Histogram(
-            "llm_request_queue_time_seconds", "Enqueue to the engine starting the request.",
-            buckets=QUEUE_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.step_seconds = Histogram(
-            "llm_engine_step_seconds", "Wall time of an engine step, submit to collect.", ["phase"],
-            buckets=STEP_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            "llm_engine_step_batch_size", "Sequences in an engine step.", buckets=BATCH_BUCKETS, registry=r
-        )
-        self.step_tokens = Histogram(
-            "llm_engine_step_tokens", "Tokens computed in an engine step.", buckets=STEP_TOKEN_BUCKETS,
-            registry=r,
-        )  # fmt: skip
+        self.events = EventMetrics()  # requests and steps: counters and histograms (`event_metrics.py`)
+        r.register(self.events)
         self.running = Gauge("llm_num_requests_running", "Sequences started in the engine.", registry=r)
         self.waiting = Gauge("llm_num_requests_waiting", "Sequences handed to the engine, not started.",
                              registry=r)  # fmt: skip
@@ -199,8 +149,6 @@ class WorkerMetrics:
         )  # fmt: skip
         self.ready = Gauge("llm_worker_ready", "1 while /ready answers 200.", registry=r)
         self._engine_at = 0.0
-        # Children of labelled metrics, made once per label value (`labels()` costs a lock and a lookup).
-        self._steps = {phase: self.step_seconds.labels(phase) for phase in ("prefill", "decode")}
 
     def tenant_label(self, tenant: str | None) -> str:
         """`tenant` if it is a configured tenant, else `none` (a client-chosen value never makes a series)."""
@@ -217,30 +165,33 @@ class WorkerMetrics:
         queue_ms: float, ttft_ms: float | None, tpot_ms: float | None, total_ms: float,
     ) -> None:  # fmt: skip
         """A request's final reply was written."""
-        label = self.tenant_label(tenant)
-        self.requests.labels(ERROR_OUTCOME.get(outcome, outcome), label).inc()
-        self.prompt_tokens.labels(label).inc(prompt)
-        self.cached_tokens.labels(label).inc(cached)
-        self.generation_tokens.labels(label).inc(generated)
-        self.queue_time.observe(queue_ms / 1000)
-        self.e2e.observe(total_ms / 1000)
-        if ttft_ms is not None:
-            self.ttft.observe(ttft_ms / 1000)
-        if tpot_ms is not None:
-            self.tpot.observe(tpot_ms / 1000)
+        self.events.request(
+            (
+                outcome,
+                self.tenant_label(tenant),
+                prompt,
+                cached,
+                generated,
+                queue_ms,
+                ttft_ms,
+                tpot_ms,
+                total_ms,
+            )
+        )
 
     def observe_step(self, step: StepSample) -> None:
         """An engine step ended; `prefill` when it computed prompt tokens."""
-        self._steps["prefill" if step.prefill_tokens else "decode"].observe(step.seconds)
-        if step.num_seqs:
-            self.batch_size.observe(step.num_seqs)
-            self.step_tokens.observe(step.prefill_tokens + step.decode_tokens)
+        self.events.step(step)
 
-    def set_engine(self, capacity: EngineCapacity, prefix_hit_ratio: float | None, now_s: float) -> None:
-        """The engine's occupancy; skipped unless `ENGINE_GAUGE_INTERVAL_S` passed since the last call."""
+    def engine_due(self, now_s: float) -> bool:
+        """Whether the engine gauges are due (every `ENGINE_GAUGE_INTERVAL_S`); True starts an interval."""
         if now_s - self._engine_at < ENGINE_GAUGE_INTERVAL_S:
-            return
+            return False
         self._engine_at = now_s
+        return True
+
+    def set_engine(self, capacity: EngineCapacity, prefix_hit_ratio: float | None) -> None:
+        """The engine's occupancy (the loop calls it when `engine_due`)."""
         self.running.set(capacity.running)
         self.waiting.set(capacity.waiting)
         total, free = capacity.total_kv_tokens, capacity.free_kv_tokens
