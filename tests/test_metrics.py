@@ -94,6 +94,9 @@ def test_prometheus_reads_exact_request_token_and_histogram_counts(
             assert p95 is not None and 0 < p95 < 30
             steps = prom.value("sum(llm_engine_step_seconds_count)")
             assert steps is not None and steps >= 1
+            host = prom.value("llm_engine_step_host_seconds_total")
+            busy = prom.value("sum(llm_engine_step_seconds_sum)")
+            assert host is not None and busy is not None and 0 < host <= busy
             batches = prom.value("llm_engine_step_batch_size_count")  # steps that reported their sequences
             assert batches is not None and 1 <= batches <= steps
             assert prom.value('llm_worker_info{engine="echo"}') == 1
@@ -170,6 +173,15 @@ def test_a_dead_engine_process_ends_readiness(redis_url: str, prefix: str, tmp_p
     )
     worker.wait_started()
     wait_status(port, "/ready", 200)
+    # The steps run in the engine's process; their metrics reach the worker's endpoint.
+    with ChatClient(redis_url, prefix=prefix) as client:
+        reply = client.chat([{"role": "user", "content": "one two three"}], max_tokens=3)
+        assert reply.usage.completion_tokens
+    text = get(port, "/metrics")[1]
+    steps = [line for line in text.splitlines() if line.startswith("llm_engine_step_seconds_count")]
+    assert sum(float(line.split()[-1]) for line in steps) >= 1
+    host = [line for line in text.splitlines() if line.startswith("llm_engine_step_host_seconds_total")]
+    assert host and float(host[0].split()[-1]) > 0
     children = psutil.Process(worker.proc.pid).children()
     assert children, "the engine runs in a process of its own"
     for child in children:

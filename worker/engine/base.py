@@ -151,6 +151,9 @@ class StepSample:
     prefill_tokens: int = 0
     decode_tokens: int = 0
     preempted: int = 0
+    # Of `seconds`, the host's part: planning and launching the step (`submit_step`); the rest is the wait
+    # for the device and the output processing of `collect`.
+    host_seconds: float = 0.0
 
 
 @dataclass

@@ -122,7 +122,7 @@ class StepLoop:
         self.closing = False
         self._unsent: list[OutputRow] = []  # outputs collected, not yet sent
         self._admitted: list[str] = []
-        self._samples: list[tuple[float, int, int, int, int]] = []  # `StepSample` fields, per step
+        self._samples: list[tuple[float, int, int, int, int, float]] = []  # `StepSample` fields, per step
         self.steps = 0
         self.busy_s = 0.0
 
@@ -139,6 +139,7 @@ class StepLoop:
             except Exception:
                 self._fail()
                 continue
+            submitted = time.perf_counter() - start
             stats = self.engine.last_step_stats()
             self._admitted += stats.admitted
             if self.engine.overlaps_host:
@@ -152,7 +153,7 @@ class StepLoop:
             elapsed = time.perf_counter() - start
             preempted = int(stats.extra.get("preempted", 0))
             self._samples.append(
-                (elapsed, stats.num_seqs, stats.prefill_tokens, stats.decode_tokens, preempted)
+                (elapsed, stats.num_seqs, stats.prefill_tokens, stats.decode_tokens, preempted, submitted)
             )
             self.steps += 1
             self.busy_s += elapsed

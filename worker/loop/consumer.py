@@ -320,8 +320,11 @@ class Consumer:
         if stats is None or seconds is None or self.metrics is None:
             return
         self.metrics.observe_step(
-            StepSample(seconds, stats.num_seqs, stats.prefill_tokens, stats.decode_tokens)
-        )
+            StepSample(
+                seconds, stats.num_seqs, stats.prefill_tokens, stats.decode_tokens,
+                host_seconds=self.phases.last_submit_s,
+            )
+        )  # fmt: skip
 
     def _collect(self) -> None:
         try:

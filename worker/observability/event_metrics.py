@@ -90,6 +90,7 @@ class EventMetrics(Collector):
         self.step_seconds = {phase: BucketCounts(STEP_BUCKETS) for phase in ("prefill", "decode")}
         self.batch_size = BucketCounts(BATCH_BUCKETS)
         self.step_tokens = BucketCounts(STEP_TOKEN_BUCKETS)
+        self.host_seconds = 0.0  # of the steps' wall time, planning and launching them
 
     # -- the loop's side: one append each ---------------------------------------------------------------
     def request(self, record: RequestRecord) -> None:
@@ -127,6 +128,7 @@ class EventMetrics(Collector):
                 self.e2e.add(np.asarray(total, dtype=np.float64) / 1000)
             for phase, histogram in self.step_seconds.items():
                 histogram.add([s.seconds for s in steps if bool(s.prefill_tokens) == (phase == "prefill")])
+            self.host_seconds += sum(s.host_seconds for s in steps)
             shaped = [s for s in steps if s.num_seqs]
             self.batch_size.add([s.num_seqs for s in shaped])
             self.step_tokens.add([s.prefill_tokens + s.decode_tokens for s in shaped])
@@ -168,6 +170,11 @@ class EventMetrics(Collector):
             for phase, histogram in self.step_seconds.items():
                 steps.add_metric([phase], histogram.buckets(), histogram.total)
             yield steps
+            yield CounterMetricFamily(
+                "llm_engine_step_host_seconds",
+                "Of the engine steps' wall time, planning and launching them.",
+                value=self.host_seconds,
+            )
 
 
 def _drain(queue: deque) -> list:  # type: ignore[type-arg]

@@ -68,7 +68,7 @@ class _LoopCollector(Collector):
         phases = self.metrics.phases
         if phases is not None:
             host = CounterMetricFamily(
-                "llm_engine_host_seconds", "Worker loop time by phase of its iterations.", labels=["phase"]
+                "llm_worker_loop_seconds", "Worker loop time by phase of its iterations.", labels=["phase"]
             )
             for phase, seconds in sorted(dict(phases.totals).items()):
                 host.add_metric([phase], seconds)

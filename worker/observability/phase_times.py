@@ -25,10 +25,13 @@ class PhaseTimes:
         self._step_start: float | None = None
         self.steps: deque[float] = deque(maxlen=MAX_STEP_SAMPLES)
         self.last_step_s: float | None = None  # the wall time of the step the last `collect` mark ended
+        self.last_submit_s = 0.0  # the time the last `submit` mark charged (planning and launching a step)
 
     def mark(self, phase: str) -> None:
         now = time.perf_counter()
         self.totals[phase] += now - self._last
+        if phase == "submit":
+            self.last_submit_s = now - self._last
         if self.time_steps:
             if phase == "submit":
                 self._step_start = self._last  # a step that is launched here ends with the next `collect`
