@@ -44,9 +44,7 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
@@ -57,6 +55,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtest.metrics_scraper import Scraper  # noqa: E402
 from producer.client import ChatClient  # noqa: E402
 from producer.wire.keys import StreamNames  # noqa: E402
 from producer.wire.redis_factory import connect  # noqa: E402
@@ -120,7 +119,7 @@ def run_project(url: str, n: int, batched: bool, metrics: bool = False) -> float
     batched=False: one `submit` round trip per request, then `result` per request (what an
     interactive backend does); batched=True: `submit_many` in chunks of 256 and `results`
     (one XREAD over many reply streams), the same pipelining the raw baseline gets.
-    metrics=False: the worker's metrics port is off; True: on, and scraped every `SCRAPE_INTERVAL_S`
+    metrics=False: the worker's metrics port is off; True: on, and scraped every second (`Scraper`)
     for the whole run (`--metrics` compares the two).
     """
     prefix = f"projbench-{uuid.uuid4().hex[:6]}"
@@ -169,34 +168,6 @@ def run_project(url: str, n: int, batched: bool, metrics: bool = False) -> float
     client.close()
     _cleanup(r, prefix)
     return elapsed
-
-
-SCRAPE_INTERVAL_S = 1.0  # Prometheus scrapes every 15-30 s in practice: this is a harsher load
-
-
-class Scraper:
-    """GET a worker's /metrics every `SCRAPE_INTERVAL_S` on a thread, as Prometheus would."""
-
-    def __init__(self, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}/metrics"
-        self.scrapes = 0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._done.wait(SCRAPE_INTERVAL_S):
-            try:
-                with urllib.request.urlopen(self.url, timeout=5) as resp:
-                    resp.read()
-                self.scrapes += 1
-            except OSError:
-                pass  # not listening yet
-
-    def stop(self) -> int:
-        self._done.set()
-        self._thread.join()
-        return self.scrapes
 
 
 def metrics_main(args: argparse.Namespace) -> None:

@@ -19,6 +19,9 @@ its prompt token counts differ slightly from the engine's: both totals are print
         --max-num-seqs 256 --max-batch-tokens 8192 --max-prefill-chunk-tokens 2048 \
         --kv-cache-bytes 17179869184 --json-out service_w1.json
 
+The cost of the metrics (docs/metrics.md): `--metrics-compare` adds, each round, a service row with the
+worker's metrics port on and scraped every second; the other service rows run with it off.
+
 Finding where the time goes: `--worker-cpus 0-5` runs the worker (and the engine process it starts)
 on those CPUs only and moves this client to the others; `--py-spy-dir DIR` samples the worker and
 its engine process with py-spy (`py-spy record --subprocesses --format raw`, on-CPU stacks) into
@@ -49,9 +52,10 @@ import psutil  # noqa: E402
 import redis  # noqa: E402
 
 from loadtest.engine_bench import build_workload, percentile  # noqa: E402
+from loadtest.metrics_scraper import Scraper  # noqa: E402
 from producer.client import ChatClient, Reply  # noqa: E402
 from worker.engine.random_model import load_default_tokenizer  # noqa: E402
-from worker.local_redis.server import EmbeddedRedis  # noqa: E402
+from worker.local_redis.server import EmbeddedRedis, free_port  # noqa: E402
 
 
 def engine_row(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -68,12 +72,14 @@ def engine_row(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return json.loads(out.read_text())["results"][0]
 
 
-def start_worker(url: str, prefix: str, args: argparse.Namespace, log_path: Path) -> subprocess.Popen[bytes]:
+def start_worker(
+    url: str, prefix: str, args: argparse.Namespace, log_path: Path, metrics_port: int = 0
+) -> subprocess.Popen[bytes]:
     settings = {
         "engine": "paged", "model": args.model, "device": args.device, "dtype": args.dtype,
         "max_num_seqs": args.max_num_seqs, "max_batch_tokens": args.max_batch_tokens,
         "max_prefill_chunk_tokens": args.max_prefill_chunk_tokens, "max_waiting_requests": args.requests,
-        "read_count": 256, "max_backlog_requests": 0, "max_prompt_tokens": 8192,
+        "read_count": 256, "max_backlog_requests": 0, "max_prompt_tokens": 8192, "metrics_port": metrics_port,
     }  # fmt: skip
     if args.kv_cache_bytes:
         settings["kv_cache_bytes"] = args.kv_cache_bytes
@@ -129,7 +135,10 @@ def start_py_spy(pid: int, path: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def service_row(args: argparse.Namespace, workdir: Path, stream: bool) -> dict[str, Any]:
+def service_row(
+    args: argparse.Namespace, workdir: Path, stream: bool, metrics: bool = False
+) -> dict[str, Any]:
+    """W1 through Redis and one worker; `metrics`: its metrics port on and scraped every second (else off)."""
     tokenizer = load_default_tokenizer()
     workload = build_workload("w1", vocab_size=len(tokenizer))
     prompts = [tokenizer.decode(p) for p in workload.prompts[: args.requests]]
@@ -139,7 +148,9 @@ def service_row(args: argparse.Namespace, workdir: Path, stream: bool) -> dict[s
     ]
     prefix = f"svc-{uuid.uuid4().hex[:6]}"
     with EmbeddedRedis() as server:
-        proc = start_worker(server.url, prefix, args, workdir / "worker.log")
+        metrics_port = free_port() if metrics else 0
+        proc = start_worker(server.url, prefix, args, workdir / "worker.log", metrics_port)
+        scraper = Scraper(metrics_port) if metrics else None
         spy = None
         if args.py_spy_dir:
             args.py_spy_dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +175,8 @@ def service_row(args: argparse.Namespace, workdir: Path, stream: bool) -> dict[s
             if server_ps:
                 cpu_s["server"] = sum(server_ps.cpu_times()[:2]) - server_before
         finally:
+            if scraper is not None and not scraper.stop():
+                raise SystemExit("the worker's metrics port never answered a scrape")
             client.close()
             proc.terminate()
             proc.wait(timeout=120)
@@ -179,7 +192,7 @@ def service_row(args: argparse.Namespace, workdir: Path, stream: bool) -> dict[s
     tpot = [r.timings.tpot_ms for r in done if r.timings.tpot_ms is not None]
     output_tokens = sum(r.usage.completion_tokens for r in done)
     return {
-        "system": "service" if stream else "service, stream=false",
+        "system": ("service" if stream else "service, stream=false") + (", metrics on" if metrics else ""),
         "requests": len(ids), "answered": len(done), "errors": errors,
         "output_tokens": output_tokens, "requested_tokens": sum(workload.max_tokens[: len(ids)]),
         "prompt_tokens": sum(r.usage.prompt_tokens for r in done),
@@ -221,6 +234,10 @@ def main() -> None:
     p.add_argument("--worker-cpus", help="taskset CPU list for the worker; the client moves to the others")
     p.add_argument("--py-spy-dir", type=Path, help="sample the worker and engine processes with py-spy")
     p.add_argument("--repeat", type=int, default=1, help="rounds of engine + service rows, alternated")
+    p.add_argument(
+        "--metrics-compare", action="store_true",
+        help="add a service row with the worker's metrics port on and scraped every second (the others: off)",
+    )  # fmt: skip
     args = p.parse_args()
     if args.worker_cpus:
         worker_cpus = set(range(psutil.cpu_count())) - set(parse_cpu_list(args.worker_cpus))
@@ -232,7 +249,12 @@ def main() -> None:
         workdir = Path(tmp)
         for n in range(args.repeat):  # alternated, so slow and fast spells of the machine hit both
             rows = [] if args.skip_engine else [engine_row(args, workdir / "engine.json")]
-            rows.append(service_row(args, workdir, stream=True))
+            service = [service_row(args, workdir, stream=True)]
+            if args.metrics_compare:  # metrics off then on, alternating the order by round
+                service.append(service_row(args, workdir, stream=True, metrics=True))
+                if n % 2:
+                    service.reverse()
+            rows += service
             if args.also_unstreamed:
                 rows.append(service_row(args, workdir, stream=False))
             for r in rows:
