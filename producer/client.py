@@ -88,8 +88,8 @@ class ChatError(Exception):
     def __init__(
         self, code: ErrorCode | str, message: str, request_id: str | None = None, param: str | None = None
     ):
-        super().__init__(f"{code}: {message}")
-        self.code = ErrorCode(code) if not isinstance(code, ErrorCode) else code
+        self.code = ErrorCode(code)
+        super().__init__(f"{self.code.value}: {message}")  # `too_long: ...`, the code as on the wire
         self.message = message
         self.request_id = request_id
         self.param = param

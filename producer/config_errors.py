@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import AliasChoices, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings
 
 # Exit status of a process refused by its configuration (as argparse's usage errors).
@@ -40,7 +41,24 @@ def env_names(cls: type[BaseSettings], field: str) -> list[str]:
     return [f"{cls.model_config.get('env_prefix', '')}{field}".upper()]
 
 
-def _field_of(cls: type[BaseSettings], loc: tuple[Any, ...]) -> str | None:
+def setting_error(field: str, value: object, expected: str) -> PydanticCustomError:
+    """An error about the one setting `field`, for a rule that also reads others (a model validator):
+    the `config_invalid` line names `field`'s variable and value as for an error of the field itself."""
+    return PydanticCustomError(
+        "setting_invalid", "{expected}", {"expected": expected, "setting": field, "setting_value": str(value)}
+    )
+
+
+def invalid_setting(cls: type[BaseSettings], field: str, value: object, expected: str) -> ValidationError:
+    """A `ValidationError` of `cls` about `field`, for a check made after the settings were read (one
+    that needs more than the settings validators may do, such as asking torch for the devices)."""
+    error = InitErrorDetails(type=setting_error(field, value, expected), loc=(field,), input=value)
+    return ValidationError.from_exception_data(cls.__name__, [error])
+
+
+def _field_of(cls: type[BaseSettings], loc: tuple[Any, ...], ctx: Mapping[str, Any]) -> str | None:
+    if ctx.get("setting") in cls.model_fields:
+        return str(ctx["setting"])
     if not loc or not isinstance(loc[0], str):
         return None
     name = loc[0]
@@ -65,15 +83,17 @@ def describe_errors(
     """One dict per error: `env` (variable or option), `value` (as given, passwords masked), `expected`.
 
     `options` maps the fields given on the command line to their option (`redis_url` -> `--redis-url`).
-    Errors of a rule over several settings name no single variable: their `expected` names them.
+    Errors of a rule over several settings name no single variable: their `expected` names them, unless
+    the rule blames one setting (`setting_error`).
     """
     options = options or {}
     out: list[dict[str, Any]] = []
     for error in exc.errors():
-        field = _field_of(cls, tuple(error.get("loc", ())))
+        ctx = error.get("ctx") or {}
+        field = _field_of(cls, tuple(error.get("loc", ())), ctx)
         item: dict[str, Any] = {"expected": _expected(str(error.get("msg", "")))}
         if field is not None:
-            value: Any = error.get("input")
+            value: Any = ctx.get("setting_value", error.get("input"))
             if field in options:
                 item["env"] = options[field]
             else:

@@ -1,11 +1,14 @@
-"""docs/configuration.md's settings table matches the settings classes."""
+"""docs/configuration.md's settings table, and `python -m worker --help`, match the settings classes."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pydantic
 import pytest
 
 from producer.bulk import BulkSettings
+from producer.config_errors import env_names
 from producer.settings import ProducerSettings
 from worker.settings import WorkerSettings
 from worker.tools.config_doc import BEGIN, CONFIG_DOC, END, current_block, generated_block
@@ -49,12 +52,15 @@ def test_every_setting_is_documented() -> None:
             assert cell in table, f"{cls.__name__}.{name} is not in the table"
 
 
-def test_settings_read_the_environment(monkeypatch) -> None:
+def test_settings_read_the_environment(monkeypatch, tmp_path: Path) -> None:
+    model = tmp_path / "x"  # MODEL must exist: a directory with config.json
+    model.mkdir()
+    (model / "config.json").write_text("{}")
     monkeypatch.setenv("REDIS_URL", "redis://example.invalid:6380/2")
-    monkeypatch.setenv("MODEL", "/models/x")
+    monkeypatch.setenv("MODEL", str(model))
     monkeypatch.setenv("LLM_MAX_BATCH_TOKENS", "1234")
     s = WorkerSettings()
-    assert (s.redis_url, s.model, s.max_batch_tokens) == ("redis://example.invalid:6380/2", "/models/x", 1234)
+    assert (s.redis_url, s.model, s.max_batch_tokens) == ("redis://example.invalid:6380/2", str(model), 1234)
     assert ProducerSettings().redis_url == "redis://example.invalid:6380/2"
 
 
@@ -73,3 +79,26 @@ def test_heartbeat_must_outlast_an_idle_read() -> None:
     with pytest.raises(pydantic.ValidationError, match="LLM_READ_BLOCK_MS"):
         WorkerSettings(**fast, read_block_ms=2000)  # type: ignore[arg-type]
     WorkerSettings(**fast, read_block_ms=200)  # type: ignore[arg-type]
+
+
+def test_worker_help_lists_every_setting() -> None:
+    """`python -m worker --help` ends with one line per setting: `ENV_VAR (default): meaning`."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "worker/settings.py" not in proc.stdout, "the settings are listed, not pointed at"
+    listed = proc.stdout.split("settings (environment variables):\n", 1)[1].splitlines()
+    assert len(listed) == len(WorkerSettings.model_fields), listed
+    for (name, field), line in zip(WorkerSettings.model_fields.items(), listed, strict=True):
+        if field.default_factory is not None:
+            default = "computed"
+        elif field.default is None:
+            default = "unset"
+        else:
+            default = str(field.default) or '""'
+        assert line == f"  {' / '.join(env_names(WorkerSettings, name))} ({default}): {field.description}"
+    for option, env in (("--engine", "LLM_ENGINE"), ("--model", "MODEL"), ("--redis-url", "REDIS_URL")):
+        assert option in proc.stdout and f"override {env}" in proc.stdout
+    assert "\n  LLM_MAX_BATCH_TOKENS (4096): Token budget per engine step" in proc.stdout
+    assert "\n  REDIS_URL / LLM_REDIS_URL (unset): " in proc.stdout

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from producer.client import ChatClient
 from producer.settings import ProducerSettings
@@ -54,6 +55,8 @@ BAD_WORKER_VALUES = [
     ("LLM_LOG_LEVEL", "verbose", "'debug', 'info', 'warning', 'error' or 'critical'"),
     ("REDIS_URL", "nonsense", "redis://"),
     ("LLM_ENGINE", "gpu", "'paged', 'static', 'echo' or 'hf'"),
+    ("LLM_DEVICE", "gpu9", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("LLM_DEVICE", "cuda:x", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
 ]
 
 
@@ -66,6 +69,34 @@ def test_worker_refuses_a_bad_setting_with_one_line(
     event = _one_config_error(_run("worker", [], env))
     assert (event["env"], event["value"]) == (name, value)
     assert expected in event["expected"]
+
+
+CUDA_DEVICES = torch.cuda.device_count() if torch.cuda.is_available() else 0
+# An engine that loads a model (the echo engine loads none): a model it cannot find, or a CUDA device the
+# machine lacks, is refused before anything loads. (environment, options, variable, value, in `expected`)
+BAD_MODEL_WORKER_VALUES = [
+    ({"MODEL": "/nonexistent"}, [], "MODEL", "/nonexistent", "/nonexistent does not exist"),
+    ({"MODEL": "no-such-org/no-such-model", "LLM_ENGINE": "static"}, [], "MODEL", "no-such-org/no-such-model",
+     "downloads nothing"),
+    ({"LLM_MODEL": "/nonexistent.gguf"}, [], "LLM_MODEL", "/nonexistent.gguf", "does not exist"),
+    ({"MODEL": "tiny-random"}, ["--model", "/nonexistent"], "--model", "/nonexistent", "does not exist"),
+    ({"MODEL": "/"}, [], "MODEL", "/", "the directory / has no config.json"),
+    ({"MODEL": "tiny-random", "LLM_DEVICE": f"cuda:{CUDA_DEVICES}"}, [], "LLM_DEVICE", f"cuda:{CUDA_DEVICES}",
+     "CUDA device"),
+    pytest.param({"MODEL": "tiny-random", "LLM_DEVICE": "cuda"}, [], "LLM_DEVICE", "cuda", "no CUDA device",
+                 marks=pytest.mark.skipif(CUDA_DEVICES > 0, reason="this machine has a CUDA device")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("env", "args", "name", "value", "expected"), BAD_MODEL_WORKER_VALUES)
+def test_worker_refuses_a_model_or_device_it_cannot_use_with_one_line(
+    env: dict[str, str], args: list[str], name: str, value: str, expected: str, redis_url: str
+) -> None:
+    proc = _run("worker", args, _env(**{"REDIS_URL": redis_url, "LLM_ENGINE": "paged", **env}))
+    event = _one_config_error(proc)
+    assert (event["env"], event["value"], event["settings"]) == (name, value, "WorkerSettings")
+    assert expected in event["expected"]
+    assert proc.stderr == "", "nothing loads, nothing else is written"
 
 
 def test_worker_names_the_option_and_masks_a_password() -> None:

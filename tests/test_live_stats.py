@@ -20,7 +20,7 @@ from producer.wire.keys import StreamNames
 from worker.engine.base import EngineCapacity
 from worker.observability.counters import LoopCounters
 from worker.observability.gpu_telemetry import GpuSample, GpuTelemetry
-from worker.observability.live_stats import group_backlog, write_entry
+from worker.observability.live_stats import FUTURE_ALLOWANCE_MS, group_backlog, write_entry
 from worker.observability.phase_times import PhaseTimes
 from worker.observability.stats import GroupBacklog, StatsWindow, gpu_fields, percentile
 
@@ -118,6 +118,124 @@ def test_stats_stream_stays_capped(redis_client: redis.Redis, prefix: str) -> No
     assert last == {b"worker": b"w", b"requests_per_s": b"999.0"}
 
 
+# -- entries ahead of the clock ---------------------------------------------------------------------------
+MAX_ID = "18446744073709551615-18446744073709551615"
+
+
+def _ms(entry_id: bytes | str) -> int:
+    return int((entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")[0])
+
+
+def _now_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return seconds * 1000 + micros // 1000
+
+
+def _poison(client: redis.Redis, stream: str, shape: str) -> None:
+    """Put the stream's last id ahead of the clock, in one of the ways it can get there."""
+    now = _now_ms(client)
+    if shape == "max id":  # XADD * can go no further: it fails
+        client.xadd(stream, {"worker": "evil"}, id=MAX_ID)
+    elif shape == "max ms":  # XADD * still works, at that ms: every record dated in the year 584 million
+        client.xadd(stream, {"worker": "evil"}, id="18446744073709551615-0")
+    elif shape == "an hour ahead":
+        client.xadd(stream, {"worker": "ghost"}, id=f"{now + 3_600_000}-0")
+    elif shape == "many ahead":  # more than the cap, all ahead
+        for i in range(150):
+            client.xadd(stream, {"worker": f"ghost{i}"}, id=f"{now + 60_000 + i}-0")
+    elif shape == "ahead, then deleted":  # no entry is ahead, but the stream's last id still is
+        client.xadd(stream, {"worker": "ghost"}, id=f"{now + 600_000}-0")
+        client.xdel(stream, f"{now + 600_000}-0")
+    elif shape == "max id, then trimmed to it":
+        client.xadd(stream, {"worker": "evil"}, id=MAX_ID)
+        client.xtrim(stream, maxlen=1)
+    else:
+        raise AssertionError(shape)
+
+
+POISON_SHAPES = [
+    "max id",
+    "max ms",
+    "an hour ahead",
+    "many ahead",
+    "ahead, then deleted",
+    "max id, then trimmed to it",
+]
+
+
+@pytest.mark.parametrize("shape", POISON_SHAPES)
+def test_stats_writes_survive_a_stream_whose_last_id_is_ahead_of_the_clock(
+    redis_client: redis.Redis, prefix: str, shape: str
+) -> None:
+    """Whatever put the last id ahead (an entry a non-worker wrote before the ACL said no, a clock
+    that jumped back), the next write repairs the stream once: the record is written dated now, the
+    entries ahead are gone, the good ones stay, and later writes need no repair."""
+    stream = StreamNames.for_prefix(prefix).stats
+    for i in range(5):
+        write_entry(redis_client, stream, {"worker": f"w{i}", "n": i}, max_entries=100)
+    _poison(redis_client, stream, shape)
+    with capture_logs() as logs:
+        entry_id = write_entry(redis_client, stream, {"worker": "w0", "n": 5}, max_entries=100)
+        later = [
+            write_entry(redis_client, stream, {"worker": "w1", "n": 6 + i}, max_entries=100) for i in range(3)
+        ]
+    now = _now_ms(redis_client)
+    repaired = [e for e in logs if e["event"] == "stats_stream_repaired"]
+    assert len(repaired) == 1 and repaired[0]["log_level"] == "warning", logs
+    assert repaired[0]["key"] == stream and _ms(repaired[0]["last_id"]) > now + FUTURE_ALLOWANCE_MS
+    assert repaired[0]["kept"] >= (0 if "trimmed" in shape else 5) and repaired[0]["dropped"] >= 0
+    for written in [entry_id, *later]:
+        assert now - 10_000 <= _ms(written) <= now + FUTURE_ALLOWANCE_MS, (written, now)
+    entries = redis_client.xrange(stream)
+    assert all(_ms(i) <= now + FUTURE_ALLOWANCE_MS for i, _ in entries), entries[-3:]
+    assert entries[-1][1] == {b"worker": b"w1", b"n": b"8"}
+    if "trimmed" not in shape:  # the five good records were kept, in order, with their ids
+        assert [f[b"n"] for _, f in entries[:6]] == [b"0", b"1", b"2", b"3", b"4", b"5"]
+    assert _ms(redis_client.xinfo_stream(stream)["last-generated-id"]) <= now + FUTURE_ALLOWANCE_MS
+
+
+def test_stats_writes_ahead_within_the_allowance_or_refused_otherwise_are_left_alone(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    """An id a little ahead is clock skew, not a bad entry: nothing is repaired. A refusal that has
+    nothing to do with ids (a key of another type) is raised as it came, with nothing deleted."""
+    stream = StreamNames.for_prefix(prefix).stats
+    near = f"{_now_ms(redis_client) + FUTURE_ALLOWANCE_MS // 2}-0"
+    redis_client.xadd(stream, {"worker": "near"}, id=near)
+    with capture_logs() as logs:
+        entry_id = write_entry(redis_client, stream, {"worker": "w"}, max_entries=100)
+    assert _ms(entry_id) == _ms(near) and redis_client.xlen(stream) == 2
+    assert not [e for e in logs if e["event"] == "stats_stream_repaired"]
+    other = f"{prefix}:not-a-stream"
+    redis_client.set(other, "x")
+    with capture_logs() as logs, pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        write_entry(redis_client, other, {"worker": "w"}, max_entries=100)
+    assert redis_client.get(other) == b"x" and not logs
+
+
+def test_the_worker_acl_may_repair_the_stats_stream(
+    redis_client: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    """The repair runs as the workers' generated ACL user (its script's TIME, XINFO STREAM, DEL...)."""
+    from worker.tools import acl
+
+    user = f"stats-worker-{prefix}"
+    redis_client.execute_command("ACL", "SETUSER", user, *acl.worker_rules("pw", prefix))
+    scheme, rest = redis_url.split("://", 1)
+    as_worker = redis.Redis.from_url(f"{scheme}://{user}:pw@{rest.split('@')[-1]}")
+    try:
+        stream = StreamNames.for_prefix(prefix).stats
+        write_entry(as_worker, stream, {"worker": "w"}, max_entries=100)
+        redis_client.xadd(stream, {"worker": "evil"}, id=MAX_ID)
+        with capture_logs() as logs:
+            write_entry(as_worker, stream, {"worker": "w"}, max_entries=100)
+        assert [e["event"] for e in logs] == ["stats_stream_repaired"]
+        assert redis_client.xlen(stream) == 2
+    finally:
+        as_worker.close()
+        redis_client.execute_command("ACL", "DELUSER", user)
+
+
 # -- a real worker ------------------------------------------------------------------------------------
 def _load(client: ChatClient, stop: threading.Event) -> None:
     n = 0
@@ -181,6 +299,31 @@ def test_worker_writes_stats_under_load(start_worker, redis_url: str, redis_clie
     numbers = [float(x) for x in cells if x.replace(".", "").isdigit()]
     assert any(n > 0 for n in numbers), top.stdout  # its rates
     assert "total (1)" in top.stdout and "req/s" in top.stdout and "step p95 ms" in top.stdout
+
+
+def test_a_worker_keeps_writing_stats_after_an_entry_at_the_largest_id(
+    start_worker, redis_client: redis.Redis, prefix: str
+) -> None:
+    """The reported case: after an entry at the largest id every XADD * fails. The worker repairs the
+    stream once (`stats_stream_repaired`) and goes on writing, never `stats_not_written`."""
+    worker = start_worker("echo", stats_interval_s=0.3)
+    stream = StreamNames.for_prefix(prefix).stats
+    deadline = time.monotonic() + 30
+    while not redis_client.xlen(stream):
+        assert time.monotonic() < deadline, worker.log_path.read_text()[-3000:]
+        time.sleep(0.1)
+    redis_client.xadd(stream, {"worker": "evil"}, id=MAX_ID)
+    deadline = time.monotonic() + 30
+    while not worker.events("stats_stream_repaired") or len(worker.events("worker_stats")) < 3:
+        assert time.monotonic() < deadline, worker.log_path.read_text()[-3000:]
+        time.sleep(0.1)
+    time.sleep(0.5)  # a write or two after the repair
+    assert [e["event"] for e in worker.events("stats_stream_repaired")] == ["stats_stream_repaired"]
+    assert not worker.events("stats_not_written")
+    last = redis_client.xrevrange(stream, count=1)[0]
+    assert last[1][b"worker"] == worker.name.encode()
+    assert _ms(last[0]) <= _now_ms(redis_client) + FUTURE_ALLOWANCE_MS
+    assert not [f for _, f in redis_client.xrange(stream) if f.get(b"worker") == b"evil"]
 
 
 def test_stats_group_backlog_reads_lag_and_pending(redis_client: redis.Redis, prefix: str) -> None:

@@ -5,36 +5,44 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
+from test_acl_redis7 import shared_redis7
 
 from producer.client import ChatClient, ChatError
 from producer.wire.limits import MAX_MESSAGES, MAX_TOKENS_CAP
 from producer.wire.models import ErrorCode, new_request_id
 from worker.local_redis.server import EmbeddedRedis, free_port
 from worker.settings import WorkerSettings
+from worker.tools import acl
 
 pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The minimal ACLs documented in docs/reliability.md (PREFIX is the key prefix).
-WORKER_ACL = (
-    "on >{pw} resetkeys ~{prefix}:* resetchannels -@all +@stream +set +get +exists +del +expire "
-    "+evalsha +eval +script|load +script|exists +ping"
-)
-PRODUCER_ACL = (
-    "on >{pw} resetkeys ~{prefix}:* resetchannels -@all +xadd +xread +xinfo|groups +xlen +exists +set "
-    "+expire +evalsha +eval +script|load +script|exists +ping"
-)
+
+@dataclass
+class AclServer:
+    """A server with the users `python -m worker.acl worker` and `producer --no-tenants` generate."""
+
+    address: str  # host:port/db
+    prefix: str
+    worker: str  # user names
+    producer: str
+    admin: redis.Redis
+
+    def url(self, user: str, password: str) -> str:
+        return f"redis://{user}:{password}@{self.address}"
 
 
 def spawn_worker(url: str, prefix: str, log_path: Path, **settings: str) -> subprocess.Popen[bytes]:
@@ -55,26 +63,44 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
         return proc.wait()
 
 
-@pytest.fixture()
-def acl_server() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis() as server:
-        admin = redis.Redis(port=server.port)
-        admin.execute_command(
-            "ACL", "SETUSER", "llm-worker", *WORKER_ACL.format(pw="wpw", prefix="sec").split()
-        )
-        admin.execute_command(
-            "ACL", "SETUSER", "llm-producer", *PRODUCER_ACL.format(pw="ppw", prefix="sec").split()
-        )
-        admin.execute_command("ACL", "SETUSER", "default", "on", ">adminpw")
-        admin.close()
-        yield server
+@pytest.fixture(params=["valkey", "redis-7.0"])
+def acl_server(request: pytest.FixtureRequest) -> Iterator[AclServer]:
+    """Valkey (private, its default user then password-protected) or the shared Redis 7.0 (users and
+    keys of this test's own, deleted at the end: `test_acl_redis7.py`)."""
+    if request.param == "valkey":
+        with EmbeddedRedis() as server:
+            admin = redis.Redis(port=server.port)
+            for user, rules in (
+                ("llm-worker", acl.worker_rules("wpw", "sec")),
+                ("llm-producer", acl.shared_producer_rules("ppw", "sec")),
+            ):
+                assert admin.execute_command(*shlex.split(acl.setuser(user, rules))) == b"OK"
+            admin.execute_command("ACL", "SETUSER", "default", "on", ">adminpw")
+            admin.close()
+            admin = redis.Redis(port=server.port, password="adminpw")
+            try:
+                yield AclServer(f"127.0.0.1:{server.port}/0", "sec", "llm-worker", "llm-producer", admin)
+            finally:
+                admin.close()
+        return
+    shared = shared_redis7()
+    try:
+        worker, producer = shared.user("llm-worker"), shared.user("llm-producer")
+        assert shared.load(acl.setuser(worker, acl.worker_rules("wpw", shared.prefix))) == b"OK"
+        assert shared.load(acl.setuser(producer, acl.shared_producer_rules("ppw", shared.prefix))) == b"OK"
+        yield AclServer(shared.url_base, shared.prefix, worker, producer, shared.admin)
+    finally:
+        shared.close()
 
 
-def test_acl_restricted_users_work_end_to_end(acl_server: EmbeddedRedis, tmp_path: Path) -> None:
-    port = acl_server.port
+def test_acl_restricted_users_work_end_to_end(acl_server: AclServer, tmp_path: Path) -> None:
+    """The generated worker and producer (`--no-tenants`) users serve a chat, a cancel, trim and reclaim
+    rounds and stats; the producer may read the workers' stats stream and may not write it."""
+    s = acl_server
+    stats = f"{s.prefix}:stats"
     worker = spawn_worker(
-        f"redis://llm-worker:wpw@127.0.0.1:{port}/0",
-        "sec",
+        s.url(s.worker, "wpw"),
+        s.prefix,
         tmp_path / "w.log",
         heartbeat_interval_s="0.3",
         heartbeat_ttl_s="1",
@@ -83,8 +109,9 @@ def test_acl_restricted_users_work_end_to_end(acl_server: EmbeddedRedis, tmp_pat
         reclaim_min_idle_ms="1000",
         trim_interval_s="0.2",
         echo_token_delay_ms="50",
+        stats_interval_s="0.2",
     )
-    client = ChatClient(f"redis://llm-producer:ppw@127.0.0.1:{port}/0", prefix="sec", timeout_s=30)
+    client = ChatClient(s.url(s.producer, "ppw"), prefix=s.prefix, timeout_s=30)
     try:
         assert client.chat([{"role": "user", "content": "through acl"}], max_tokens=8).text == "through acl"
         rid = client.submit([{"role": "user", "content": " ".join(["x"] * 100)}], max_tokens=200)
@@ -95,7 +122,7 @@ def test_acl_restricted_users_work_end_to_end(acl_server: EmbeddedRedis, tmp_pat
         assert info.value.code == ErrorCode.CANCELLED
         time.sleep(1.0)  # let a trim and a reclaim round run under the restricted user
         assert worker.poll() is None, (tmp_path / "w.log").read_text()[-2000:]
-        as_worker = redis.Redis(port=port, username="llm-worker", password="wpw")
+        as_worker = redis.Redis.from_url(s.url(s.worker, "wpw"))
         for forbidden in (
             lambda: as_worker.get("other:key"),
             lambda: as_worker.flushall(),
@@ -104,11 +131,30 @@ def test_acl_restricted_users_work_end_to_end(acl_server: EmbeddedRedis, tmp_pat
         ):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 forbidden()
-        as_producer = redis.Redis(port=port, username="llm-producer", password="ppw")
+        as_producer = redis.Redis.from_url(s.url(s.producer, "ppw"))
         with pytest.raises(redis.exceptions.NoPermissionError):
-            as_producer.xreadgroup("workers", "evil", {"sec:requests": ">"})
+            as_producer.xreadgroup("workers", "evil", {f"{s.prefix}:requests": ">"})
+        # The workers' stats: the producer reads them (the gateway's /v1/models), writes none.
+        records = as_producer.xrevrange(stats, count=10)
+        assert records and all(fields.get(b"worker") for _, fields in records)
+        top = b"18446744073709551615-18446744073709551615"
+        for write in (
+            lambda: as_producer.xadd(stats, {"worker": "forged"}),
+            lambda: as_producer.xadd(stats, {"worker": "forged"}, id=top),
+            lambda: as_producer.set(stats, "x"),
+            lambda: as_producer.expire(stats, 1),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                write()
+        sha = s.admin.script_load("return redis.call('XADD', KEYS[1], '*', 'worker', 'forged')")
+        with pytest.raises(redis.exceptions.ResponseError, match="(?i)no permissions|NOPERM"):
+            as_producer.evalsha(sha, 1, stats)
+        assert as_producer.xadd(f"{s.prefix}:statsx", {"a": "b"})  # its neighbours are ordinary keys
+        assert not [f for _, f in s.admin.xrange(stats) if f.get(b"worker") == b"forged"]
+        as_producer.close()
         log = (tmp_path / "w.log").read_text()
-        assert "NOPERM" not in log and "Traceback" not in log, log[-2000:]
+        assert "NOPERM" not in log and "Traceback" not in log and "stats_not_written" not in log, log[-2000:]
+        assert '"worker_stats"' in log
     finally:
         assert stop(worker) == 0
         client.close()

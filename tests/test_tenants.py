@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from test_acl_redis7 import shared_redis7
 
 from producer.client import AsyncChatClient, ChatClient, ChatError
 from producer.wire.codec import decode_event, encode_request
@@ -452,57 +453,93 @@ def _allowed(admin: redis.Redis, user: str, *command: str) -> bool:
     return admin.execute_command("ACL", "DRYRUN", user, *command) == b"OK"
 
 
-def test_tenant_acl_patterns_match_its_namespaces_and_nothing_else() -> None:
-    """The generated patterns on a real server: every shard namespace of the tenant, for any N, and
-    neither another tenant's (`alice-2` starts with `alice`) nor a key of a form no worker uses."""
-    with EmbeddedRedis() as server:
-        admin = redis.Redis(port=server.port)
-        for tenant in ("alice", "alice-2"):
-            line = acl.setuser(tenant, acl.producer_rules(tenant, "pw", "llm"))
-            assert admin.execute_command(*shlex.split(line)) == b"OK"
-        line = acl.setuser("llm-worker", acl.worker_rules("pw", "llm"))
-        assert admin.execute_command(*shlex.split(line)) == b"OK"
-        own = [
-            "llm:t:{alice}",
-            "llm:t:{alice.0}",
-            "llm:t:{alice.7}",
-            "llm:t:{alice.42}",
-            "llm:t:{alice.1023}",
-        ]
-        for root in own:
-            assert _allowed(admin, "alice", "XADD", f"{root}:requests", "*", "v", "1"), root
-            assert _allowed(admin, "alice", "XADD", f"{root}:cancel", "*", "id", "x"), root
-            assert _allowed(admin, "alice", "XREAD", "STREAMS", f"{root}:reply:r1", "0"), root
-            assert _allowed(admin, "alice", "XRANGE", f"{root}:reply:r1", "-", "+"), root
-            assert not _allowed(admin, "alice", "XREAD", "STREAMS", f"{root}:requests", "0"), root
-            assert not _allowed(admin, "alice", "XADD", f"{root}:reply:r1", "*", "a", "b"), root
-            assert not _allowed(admin, "alice", "XADD", f"{root}:final:r1", "*", "a", "b"), root
-            assert not _allowed(admin, "alice", "XADD", f"{root}:dead", "*", "a", "b"), root
-            assert not _allowed(admin, "alice", "SET", f"{root}:final:r1", "x"), root
-            for command in (
-                ("XREADGROUP", "GROUP", "workers", "w", "STREAMS", f"{root}:requests", ">"),
-                ("SET", f"{root}:hb:w", "alive"),
-                ("EVALSHA", "0" * 40, "1", f"{root}:requests"),
-            ):
-                assert _allowed(admin, "llm-worker", *command), command
-                assert not _allowed(admin, "alice", *command), command
-        foreign = [
-            "llm:t:{alice-2}", "llm:t:{alice-2.0}", "llm:t:{alice_}", "llm:t:{alicex.0}", "llm:t:{bob.0}",
-            "llm:t:{alice.}", "llm:t:{alice.x}", "llm:t:{alice.10000}", "llm:t:{alice.0.1}",
-            "llm:t:{alice.0}x", "llm:t:{alice.0}:reply:x}", "llm:s:{0}", "llm",
-        ]  # fmt: skip
-        for root in foreign:
-            assert not _allowed(admin, "alice", "XADD", f"{root}:requests", "*", "v", "1"), root
-            assert not _allowed(admin, "alice", "XADD", f"{root}:cancel", "*", "id", "x"), root
-            if ":reply:" not in root:  # (that one is under alice's own `{alice.0}:reply:`)
-                assert not _allowed(admin, "alice", "XREAD", "STREAMS", f"{root}:reply:r1", "0"), root
-        for root in ("llm:t:{alice-2}", "llm:t:{alice-2.0}", "llm:t:{alice-2.999}"):
-            assert _allowed(admin, "alice-2", "XADD", f"{root}:requests", "*", "v", "1"), root
-            assert not _allowed(admin, "alice", "XREAD", "STREAMS", f"{root}:reply:r1", "0"), root
-        for root in ("llm:t:{alice}", "llm:t:{alice.3}"):
-            assert not _allowed(admin, "alice-2", "XADD", f"{root}:requests", "*", "v", "1"), root
-            assert not _allowed(admin, "alice-2", "XREAD", "STREAMS", f"{root}:reply:r1", "0"), root
-        admin.close()
+@dataclass
+class AclAdmin:
+    """An administrator's connection, the key prefix and the server-wide names of the users `alice`,
+    `alice-2` and `llm-worker`, whose lines were loaded as generated."""
+
+    admin: redis.Redis
+    prefix: str
+    user: dict[str, str]
+
+
+@pytest.fixture(params=["valkey", "redis-7.0"])
+def acl_admin(request: pytest.FixtureRequest) -> Iterator[AclAdmin]:
+    """A private Valkey with prefix `llm`, or the shared Redis 7.0 with this test's own prefix and user
+    names, deleted at the end (`test_acl_redis7.py`)."""
+    lines = lambda prefix: {  # noqa: E731
+        "alice": acl.producer_rules("alice", "pw", prefix),
+        "alice-2": acl.producer_rules("alice-2", "pw", prefix),
+        "llm-worker": acl.worker_rules("pw", prefix),
+    }
+    if request.param == "valkey":
+        with EmbeddedRedis() as server:
+            admin = redis.Redis(port=server.port)
+            for name, rules in lines("llm").items():
+                assert admin.execute_command(*shlex.split(acl.setuser(name, rules))) == b"OK"
+            yield AclAdmin(admin, "llm", {name: name for name in lines("llm")})
+            admin.close()
+        return
+    shared = shared_redis7()
+    try:
+        users = {name: shared.user(name) for name in lines(shared.prefix)}
+        for name, rules in lines(shared.prefix).items():
+            assert shared.load(acl.setuser(users[name], rules)) == b"OK"
+        yield AclAdmin(shared.admin, shared.prefix, users)
+    finally:
+        shared.close()
+
+
+def test_tenant_acl_patterns_match_its_namespaces_and_nothing_else(acl_admin: AclAdmin) -> None:
+    """The generated patterns on a real server (Valkey, and Redis 7.0): every shard namespace of the tenant,
+    for any N, and neither another tenant's (`alice-2` starts with `alice`) nor a key of a form no worker
+    uses."""
+    admin, prefix, user = acl_admin.admin, acl_admin.prefix, acl_admin.user
+
+    def ok(name: str, *command: str) -> bool:
+        """`_allowed` for the user `name`, with the prefix `llm` of the keys below as the fixture's."""
+        return _allowed(admin, user[name], *(re.sub(r"^llm(?=:|$)", prefix, c) for c in command))
+
+    own = [
+        "llm:t:{alice}",
+        "llm:t:{alice.0}",
+        "llm:t:{alice.7}",
+        "llm:t:{alice.42}",
+        "llm:t:{alice.1023}",
+    ]
+    for root in own:
+        assert ok("alice", "XADD", f"{root}:requests", "*", "v", "1"), root
+        assert ok("alice", "XADD", f"{root}:cancel", "*", "id", "x"), root
+        assert ok("alice", "XREAD", "STREAMS", f"{root}:reply:r1", "0"), root
+        assert ok("alice", "XRANGE", f"{root}:reply:r1", "-", "+"), root
+        assert not ok("alice", "XREAD", "STREAMS", f"{root}:requests", "0"), root
+        assert not ok("alice", "XADD", f"{root}:reply:r1", "*", "a", "b"), root
+        assert not ok("alice", "XADD", f"{root}:final:r1", "*", "a", "b"), root
+        assert not ok("alice", "XADD", f"{root}:dead", "*", "a", "b"), root
+        assert not ok("alice", "SET", f"{root}:final:r1", "x"), root
+        for command in (
+            ("XREADGROUP", "GROUP", "workers", "w", "STREAMS", f"{root}:requests", ">"),
+            ("SET", f"{root}:hb:w", "alive"),
+            ("EVALSHA", "0" * 40, "1", f"{root}:requests"),
+        ):
+            assert ok("llm-worker", *command), command
+            assert not ok("alice", *command), command
+    foreign = [
+        "llm:t:{alice-2}", "llm:t:{alice-2.0}", "llm:t:{alice_}", "llm:t:{alicex.0}", "llm:t:{bob.0}",
+        "llm:t:{alice.}", "llm:t:{alice.x}", "llm:t:{alice.10000}", "llm:t:{alice.0.1}",
+        "llm:t:{alice.0}x", "llm:t:{alice.0}:reply:x}", "llm:s:{0}", "llm",
+    ]  # fmt: skip
+    for root in foreign:
+        assert not ok("alice", "XADD", f"{root}:requests", "*", "v", "1"), root
+        assert not ok("alice", "XADD", f"{root}:cancel", "*", "id", "x"), root
+        if ":reply:" not in root:  # (that one is under alice's own `{alice.0}:reply:`)
+            assert not ok("alice", "XREAD", "STREAMS", f"{root}:reply:r1", "0"), root
+    for root in ("llm:t:{alice-2}", "llm:t:{alice-2.0}", "llm:t:{alice-2.999}"):
+        assert ok("alice-2", "XADD", f"{root}:requests", "*", "v", "1"), root
+        assert not ok("alice", "XREAD", "STREAMS", f"{root}:reply:r1", "0"), root
+    for root in ("llm:t:{alice}", "llm:t:{alice.3}"):
+        assert not ok("alice-2", "XADD", f"{root}:requests", "*", "v", "1"), root
+        assert not ok("alice-2", "XREAD", "STREAMS", f"{root}:reply:r1", "0"), root
 
 
 def test_one_read_gives_every_shard_of_every_tenant_the_same_share(
@@ -538,22 +575,50 @@ def test_producer_acl_grants_exactly_its_own_streams() -> None:
     roots = ["llm:t:{alice}"] + [f"llm:t:{{alice.{'[0-9]' * width}}}" for width in (1, 2, 3, 4)]
     assert roots[1:3] == ["llm:t:{alice.[0-9]}", "llm:t:{alice.[0-9][0-9]}"]
     assert line == (
-        "ACL SETUSER alice reset on >pw resetchannels -@all +ping +client|setinfo "
+        "ACL SETUSER alice reset on >pw resetchannels -@all +ping "
         "(+xadd " + " ".join(f"%W~{r}:requests %W~{r}:cancel" for r in roots) + ") "
         "(+xread +xrange " + " ".join(f"%R~{r}:reply:*" for r in roots) + ")"
     )
+    # CLIENT SETINFO only for servers that have it (7.2+, Valkey): Redis 7.0 refuses the line over it.
+    for server, setinfo in (((7, 0), False), ((7, 1), False), ((7, 2), True), ((8, 0), True)):
+        for rules in (
+            acl.producer_rules("alice", "pw", "llm", server=server),
+            acl.shared_producer_rules("pw", "llm", server=server),
+            acl.worker_rules("pw", "llm", cluster=True, server=server),
+        ):
+            assert ("+client|setinfo" in rules) == setinfo, (server, rules)
+    assert acl.parse_version("7.0.15") == (7, 0) and acl.parse_version("8") == (8, 0)
+    for bad in ("6.2.14", "7.x", "", "seven"):
+        with pytest.raises(ValueError):
+            acl.parse_version(bad)
+
+
+def test_shared_producer_acl_reads_but_does_not_write_the_stats_stream() -> None:
+    rules = acl.shared_producer_rules("pw", "svc")
+    assert rules[:6] == ["reset", "on", ">pw", "resetchannels", "-@all", "+ping"]
+    keys = [r for r in rules if "~" in r]
+    assert keys[0] == "%R~svc:stats" and all(k.startswith("~svc:") for k in keys[1:])
+    assert "~svc:*" not in keys and "~svc:stats" not in keys and "+xrevrange" in rules
+    assert acl.all_keys_but("p:", "ab") == ["p:", "p:a", "p:[^a]*", "p:a[^b]*", "p:ab?*"]
+    assert "+eval" not in rules and "+eval" in acl.shared_producer_rules("pw", "svc", cluster=True)
 
 
 def test_worker_acl_covers_every_command_of_the_worker_and_its_scripts() -> None:
     rules = acl.worker_rules("pw", "llm")
-    assert rules[:7] == ["reset", "on", ">pw", "resetchannels", "-@all", "+ping", "+client|setinfo"]
+    assert rules[:6] == ["reset", "on", ">pw", "resetchannels", "-@all", "+ping"]
     assert "~llm:*" in rules and "+eval" not in rules and "+keys" not in rules
     commands = {r[1:] for r in rules if r.startswith("+")}
     sources = [ROOT / p for p in ("producer/wire/final_guard.py", "producer/wire/backlog.py",
-                                  "worker/loop/heartbeat.py", "worker/loop/reclaim.py")]  # fmt: skip
-    in_scripts = {m.lower() for p in sources for m in re.findall(r"redis\.call\('([A-Z]+)'", p.read_text())}
-    for command in in_scripts:
-        assert command in commands or any(c.startswith(command + "|") for c in commands), command
+                                  "worker/loop/heartbeat.py", "worker/loop/reclaim.py",
+                                  "worker/observability/live_stats.py")]  # fmt: skip
+    calls = r"redis\.p?call\('([A-Z]+)'(?:, '([A-Z]+)')?"
+    in_scripts = {(m[0].lower(), m[1].lower()) for p in sources for m in re.findall(calls, p.read_text())}
+    assert ("xinfo", "stream") in in_scripts and ("time", "") in in_scripts  # the stats stream's repair
+    for command, sub in in_scripts:
+        if any(c.startswith(command + "|") for c in commands):  # a command with subcommands: that one
+            assert f"{command}|{sub}" in commands, (command, sub)
+        else:
+            assert command in commands, command
 
 
 def test_acl_cli_prints_one_command_per_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -564,7 +629,17 @@ def test_acl_cli_prints_one_command_per_line(capsys: pytest.CaptureFixture[str])
     assert acl.main(["worker", "--password", "s3cret", "--hashed"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and out[0].startswith("ACL SETUSER llm-worker reset on #") and "s3cret" not in out[0]
+    assert "client|setinfo" not in out[0]
+    assert acl.main(["worker", "--password", "s3cret", "--redis-version", "7.2.4"]) == 0
+    assert "+ping +client|setinfo ~llm:* " in capsys.readouterr().out
+    assert acl.main(["--prefix", "svc", "producer", "--no-tenants", "--password", "s3cret"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [acl.setuser("llm-producer", acl.shared_producer_rules("s3cret", "svc"))]
     bad_args = (
+        ["producer", "--password", "x"],  # a tenant, or explicitly none
+        ["producer", "--tenant", "a", "--no-tenants", "--password", "x"],
+        ["worker", "--password", "x", "--redis-version", "6.2"],
+        ["worker", "--password", "x", "--redis-version", "latest"],
         ["producer", "--tenant", "a*", "--password", "x"],
         ["producer", "--tenant", "{a}", "--password", "x"],
         ["producer", "--tenant", "a.1", "--password", "x"],
@@ -580,6 +655,7 @@ def test_security_page_shows_the_generated_lines() -> None:
     page = (ROOT / "docs" / "security.md").read_text()
     assert acl.setuser("alice", acl.producer_rules("alice", "alice-secret")) in page
     assert acl.setuser("llm-worker", acl.worker_rules("worker-secret")) in page
+    assert acl.setuser("llm-producer", acl.shared_producer_rules("producer-secret")) in page
 
 
 def test_clients_take_their_tenant_from_the_argument_or_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:

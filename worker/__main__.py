@@ -1,6 +1,17 @@
-"""`python -m worker`: run one worker process (see `worker/settings.py` for configuration)."""
+"""`python -m worker`: run one worker process.
+
+Configured by environment variables, listed below with their defaults (docs/configuration.md has the
+same table); an option overrides its variable. A bad value exits 2 with one `config_invalid` line.
+"""
 
 from __future__ import annotations
+
+import os
+
+# The output is JSON lines only: no progress bars (transformers' "Loading weights", a GGUF conversion's).
+# tqdm reads its environment when first imported, below; the engine process inherits both.
+os.environ["TQDM_DISABLE"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 import argparse
 import signal
@@ -11,7 +22,7 @@ from types import FrameType
 import pydantic
 import structlog
 
-from producer.config_errors import CONFIG_ERROR_EXIT, config_error_fields
+from producer.config_errors import CONFIG_ERROR_EXIT, config_error_fields, invalid_setting
 from producer.logs import configure_logging
 from producer.wire.redis_factory import connect
 from worker.engine_process.client import EngineProcessDied
@@ -23,6 +34,7 @@ from worker.observability.health import WorkerHealth
 from worker.observability.metrics import WorkerMetrics
 from worker.observability.metrics_server import MetricsServer
 from worker.settings import WorkerSettings
+from worker.tools.config_doc import settings_help
 
 log = structlog.get_logger("worker")
 OPTIONS = {"engine": "--engine", "model": "--model", "redis_url": "--redis-url"}
@@ -47,7 +59,12 @@ class ShutdownFlag:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m worker",
+        description=__doc__,
+        epilog=f"settings (environment variables):\n{settings_help(WorkerSettings)}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--engine", choices=["paged", "static", "echo", "hf"], help="override LLM_ENGINE")
     p.add_argument("--model", help="override MODEL")
     p.add_argument("--redis-url", help="override REDIS_URL")
@@ -63,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         settings = WorkerSettings(**overrides)
+        check_device(settings)
     except pydantic.ValidationError as exc:
         configure_logging("info")
         options = {k: OPTIONS[k] for k in overrides}
@@ -104,6 +122,24 @@ def main(argv: list[str] | None = None) -> int:
             log.error("worker_exiting", reason=str(exc)[:200])
             return 1
     return 0
+
+
+def check_device(settings: WorkerSettings) -> None:
+    """Refuse, as a bad setting, a CUDA device this machine lacks (the settings check only its syntax;
+    torch would fail later with a traceback). The echo engine uses no device."""
+    if settings.engine == "echo" or not settings.device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(settings.device.partition(":")[2] or 0)
+    if index < count:
+        return
+    if count == 0:
+        expected = "'auto' or 'cpu': this machine has no CUDA device"
+    else:
+        expected = f"'auto', 'cpu', 'cuda' or 'cuda:N', N < {count}: this machine has {count} CUDA devices"
+    raise invalid_setting(WorkerSettings, "device", settings.device, expected)
 
 
 def start_metrics(settings: WorkerSettings, health: WorkerHealth, stack: ExitStack) -> WorkerMetrics | None:

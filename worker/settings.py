@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Literal
@@ -10,17 +11,19 @@ from typing import Literal
 from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producer.config_errors import setting_error
 from producer.settings import DEFAULT_LOCAL_REDIS_PORT, check_redis_url, local_redis_url
 from producer.wire.keys import MAX_STREAM_SHARDS, check_tenant
 from scheduler import BatchPolicy
 from worker.engine.config import DEFAULT_KV_CACHE_BYTES, EngineConfig
-from worker.engine.model_files import DEFAULT_MODEL, default_cache_dir
+from worker.engine.model_files import DEFAULT_MODEL, default_cache_dir, model_problem
 
 # The engine's defaults, defined once: admission in `BatchPolicy`, the rest in `EngineConfig`.
 _POLICY = BatchPolicy()
 _ENGINE = EngineConfig()
 # Old values of a setting still accepted, mapped to the current one and logged as `setting_deprecated`.
 DEPRECATED_VALUES = {("engine", "hf"): "paged"}
+_DEVICE = re.compile(r"auto|cpu|cuda(?::([0-9]+))?")
 
 
 def _default_consumer_name() -> str:
@@ -80,8 +83,9 @@ class WorkerSettings(BaseSettings):
     model: str = Field(
         default=DEFAULT_MODEL,
         validation_alias=AliasChoices("MODEL", "LLM_MODEL"),
-        description="Hugging Face model id, local directory or .gguf file (env MODEL); llama-1b-random "
-        "and tiny-random: seeded random weights in those shapes, for benchmarks.",
+        description="Hugging Face model id already in the local cache, a directory with config.json, or a "
+        ".gguf file (env MODEL); llama-1b-random and tiny-random: seeded random weights in those shapes, "
+        "for benchmarks.",
     )
     cache_dir: Path = Field(
         default_factory=default_cache_dir,
@@ -341,6 +345,26 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _lower_log_level(cls, level: object) -> object:
         return level.lower() if isinstance(level, str) else level
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _check_device(cls, device: object) -> object:
+        # The syntax only: whether this machine has the CUDA device is asked of torch at start-up
+        # (`python -m worker`), not here.
+        if not isinstance(device, str):
+            return device
+        match = _DEVICE.fullmatch(device.strip().lower())
+        if match is None:
+            raise ValueError("'auto', 'cpu', 'cuda' or 'cuda:N' (N a device index)")
+        return f"cuda:{int(match[1])}" if match[1] else match[0]
+
+    @model_validator(mode="after")
+    def _check_model(self) -> WorkerSettings:
+        # The echo engine loads no model. Files and known names only: nothing is imported or downloaded.
+        problem = None if self.engine == "echo" else model_problem(self.model, self.cache_dir)
+        if problem:
+            raise setting_error("model", self.model, problem)
+        return self
 
     _deprecated: list[tuple[str, str, str]] = PrivateAttr(default_factory=list)
 

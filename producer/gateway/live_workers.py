@@ -33,6 +33,9 @@ from producer.wire.redis_types import range_entries
 log = structlog.get_logger("producer.gateway")
 
 MAX_STATS_ENTRIES_READ = 5000
+# Entries dated at most this far past the clock count (the workers' own allowance, `worker/observability/
+# live_stats.FUTURE_ALLOWANCE_MS`): hosts' clocks differ by a little, never by more.
+FUTURE_SKEW_MS = 5_000
 
 
 @dataclass(frozen=True)
@@ -76,13 +79,17 @@ class WorkerDirectory:
 
     async def refresh(self) -> None:
         """Read the records of the liveness window; keep the newest of each worker."""
-        since = int(time.time() * 1000) - self.liveness_ms
+        now_ms = int(time.time() * 1000)
+        since = now_ms - self.liveness_ms
         try:
+            # Up to now (plus the workers' clock-skew allowance), not "+": an entry dated in the future
+            # would count as a live worker until it ages out, and hide the real records behind it.
             entries = range_entries(
                 await self.redis.xrevrange(
-                    self.stats_key, "+", f"{max(since, 0)}-0", count=MAX_STATS_ENTRIES_READ
+                    self.stats_key, f"{now_ms + FUTURE_SKEW_MS}-0", f"{max(since, 0)}-0",
+                    count=MAX_STATS_ENTRIES_READ,
                 )
-            )
+            )  # fmt: skip
         except redis.RedisError as exc:
             error = f"{type(exc).__name__}: {exc}"[:200]
             if self.readable is not False or error != self.last_error:
@@ -102,7 +109,7 @@ class WorkerDirectory:
             workers[name] = WorkerInfo(
                 name,
                 model_of(fields, self.default_model),
-                None if engine is None else engine.decode(),
+                None if engine is None else engine.decode("utf-8", "replace"),
                 seen_ms,
             )
         self._workers = workers

@@ -55,7 +55,7 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenants]:
     prefix = f"gwt{uuid.uuid4().hex[:8]}"
     logs: Path = tmp_path_factory.mktemp("tenants")
     gateway_rules = ["reset", "on", f">{PASSWORDS['llm-gateway']}", "resetchannels", "-@all", "+ping",
-                     "+client|setinfo", "+xrevrange", f"%R~{prefix}:stats"]  # fmt: skip
+                     "+xrevrange", f"%R~{prefix}:stats"]  # fmt: skip
     lines = [
         acl.setuser("alice", acl.producer_rules("alice", PASSWORDS["alice"], prefix)),
         acl.setuser("bob", acl.producer_rules("bob", PASSWORDS["bob"], prefix)),

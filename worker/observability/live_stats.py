@@ -6,17 +6,27 @@ step times of `PhaseTimes` and the GPUs (`gpu_telemetry.py`), builds the record 
 logs it and XADDs it with `MAXLEN ~ LLM_STATS_MAX_ENTRIES`. Stats never stop the loop: a Redis
 error here is logged (`stats_not_written`) and the record goes to the log without the group's
 numbers; the next interval tries again. `python -m worker.top` reads the stream.
+
+`XADD *` gives an id above the stream's last one, so one entry dated ahead of the clock (an explicit
+id, a server clock that jumped back) dates every later record in the future, and one at the largest
+id (`18446744073709551615-18446744073709551615`) makes every later XADD fail. `write_entry` sees
+either (the XADD refused, or an id ahead of the clock by more than `FUTURE_ALLOWANCE_MS`), and
+repairs the stream in one script, checked against the server's own clock: it keeps the entries
+not ahead of it (up to the cap), drops the others, and adds the record again; it logs
+`stats_stream_repaired`. Only the workers' ACL user may write the stream (`worker/tools/acl.py`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import redis
 import structlog
 
 from producer.wire.keys import StreamNames
+from producer.wire.redis_factory import register_script
 from worker.engine.base import Engine
 from worker.observability.counters import LoopCounters
 from worker.observability.gpu_telemetry import GpuTelemetry
@@ -26,6 +36,37 @@ from worker.observability.stats import Fields, GroupBacklog, StatsWindow
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger("worker")
+
+# How far an entry id may be ahead of the clock and still count as clock skew between hosts rather
+# than a bad entry (the stats writer's repair, and `python -m worker.top`, which ignores entries
+# further ahead).
+FUTURE_ALLOWANCE_MS = 5_000
+
+# KEYS[1] the stats stream; ARGV: the allowance (ms), the cap (MAXLEN ~), then the record's fields and
+# values. Nothing to repair (no stream, not a stream, last id not ahead of the server's clock): {0}.
+# Else the stream is rebuilt: an emptied stream keeps its last id (XSETID cannot lower it past a
+# deleted id on Redis 7.2+), so the kept entries go into a new one, with their ids, before the record.
+_REPAIR_SCRIPT = """\
+local key, allowance, cap = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = redis.call('TIME')
+local limit = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + allowance
+local info = redis.pcall('XINFO', 'STREAM', key)
+if type(info) ~= 'table' or info.err then return {0} end
+local last, length = nil, 0
+for i = 1, #info - 1, 2 do
+  if info[i] == 'last-generated-id' then last = info[i + 1] end
+  if info[i] == 'length' then length = info[i + 1] end
+end
+local last_ms = last and tonumber(string.match(last, '^(%d+)'))
+if not last_ms or last_ms <= limit then return {0} end
+local kept = redis.call('XREVRANGE', key, string.format('%.0f', limit), '-', 'COUNT', cap)
+redis.call('DEL', key)
+for i = #kept, 1, -1 do
+  redis.call('XADD', key, kept[i][1], unpack(kept[i][2]))
+end
+local id = redis.call('XADD', key, 'MAXLEN', '~', cap, '*', unpack(ARGV, 3))
+return {1, id, last, #kept, length - #kept}
+"""
 
 
 def _int_or_none(value: object) -> int | None:
@@ -53,10 +94,43 @@ def total_backlog(client: redis.Redis, streams: Sequence[str], group: str) -> Gr
     )
 
 
-def write_entry(client: redis.Redis, stream: str, fields: Fields, max_entries: int) -> None:
-    """Append one stats record to the capped stream (values as strings)."""
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def write_entry(client: redis.Redis, stream: str, fields: Fields, max_entries: int) -> str:
+    """Append one stats record to the capped stream (values as strings); returns its id.
+
+    A stream whose last id is ahead of the clock (see the module's doc) is repaired and the record
+    added again, once; a refusal for any other reason is raised as it came."""
     body = {k: str(v) for k, v in fields.items()}
-    client.xadd(stream, body, maxlen=max_entries, approximate=True)  # type: ignore[arg-type]
+    try:
+        entry_id = _text(client.xadd(stream, body, maxlen=max_entries, approximate=True))  # type: ignore[arg-type]
+    except redis.ResponseError as exc:  # e.g. "The stream has exhausted the last possible ID"
+        try:
+            repaired = _repair(client, stream, body, max_entries)
+        except redis.RedisError:
+            raise exc from None
+        if repaired is None:
+            raise
+        return repaired
+    if int(entry_id.split("-", 1)[0]) > time.time() * 1000 + FUTURE_ALLOWANCE_MS:
+        # Dated ahead of this host's clock: the server's decides (a skewed host repairs nothing).
+        return _repair(client, stream, body, max_entries) or entry_id
+    return entry_id
+
+
+def _repair(client: redis.Redis, stream: str, body: dict[str, str], max_entries: int) -> str | None:
+    """Run the repair script; the record's new id, or None when the stream needed no repair."""
+    args: list[Any] = [FUTURE_ALLOWANCE_MS, max_entries]
+    for name, value in body.items():
+        args += [name, value]
+    result = register_script(client, _REPAIR_SCRIPT)(keys=[stream], args=args)
+    if not result or int(result[0]) == 0:
+        return None
+    entry_id, last_id, kept, dropped = _text(result[1]), _text(result[2]), int(result[3]), int(result[4])
+    log.warning("stats_stream_repaired", key=stream, last_id=last_id, kept=kept, dropped=dropped)
+    return entry_id
 
 
 class LiveStats:

@@ -11,11 +11,20 @@ running/waiting, KV use, prefix hit rate, step p50/p95, GPU utilisation and memo
 
 Defaults: `REDIS_URL` (else the local address) and `LLM_PREFIX` (else `llm`), as the clients.
 Workers whose latest record is older than `--max-age-s` are left out (stopped or unreachable).
+
+The records are data, shown as such: every field is plain text (rich `Text`, never markup), with
+control and format characters escaped (`\x1b`) and long values cut. Entries that cannot be read
+(a field name or value that is not UTF-8, no `worker` field) are skipped and counted, as are
+entries dated more than `FUTURE_ALLOWANCE_MS` (5 s of clock skew) ahead of the server's clock:
+those are not read as records at all, so they neither show a worker that never stops being
+current nor push real records out of the newest `SCAN_ENTRIES`. The counts are shown under
+the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -25,25 +34,43 @@ import redis
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from producer.settings import ProducerSettings
 from producer.wire.keys import CONSUMER_GROUP, StreamNames
 from producer.wire.redis_factory import connect
+from worker.observability.live_stats import FUTURE_ALLOWANCE_MS
 
 SCAN_ENTRIES = 1000  # newest stats entries read per frame: enough for hundreds of workers
+CELL_CHARS = 80  # a longer value is cut in its cell
+MAX_READING = 1e15  # a larger (or non-finite) number in a record is no reading: shown as absent
 
 
 def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """A name the server reports (group, consumer): shown even when not UTF-8."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _field(value: object) -> str:
+    """A stats field name or value: UTF-8 text, else UnicodeDecodeError (the entry is skipped)."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def plain(value: str, limit: int = CELL_CHARS) -> Text:
+    """`value` as the terminal is to show it: literally (no markup), control and format characters
+    (escape sequences, bidi overrides) written as escapes, cut to `limit` characters."""
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in value)
+    return Text(shown if len(shown) <= limit else shown[: limit - 1] + "\u2026")
 
 
 def _number(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         return None
+    return number if math.isfinite(number) and abs(number) <= MAX_READING else None
 
 
 @dataclass
@@ -68,20 +95,41 @@ class Frame:
     pending: int | None = None
     consumers: int = 0
     taken_at: float = field(default_factory=time.time)
+    unreadable: int = 0  # stats entries skipped: not UTF-8, or no worker named
+    future: int = 0  # stats entries dated ahead of the server's clock (beyond the allowance)
 
 
-def latest_stats(client: redis.Redis, stream: str, now_ms: float, max_age_s: float) -> dict[str, WorkerRow]:
-    """Newest record per worker among the last `SCAN_ENTRIES` entries, no older than `max_age_s`."""
-    rows: dict[str, WorkerRow] = {}
-    for entry_id, raw in client.xrevrange(stream, count=SCAN_ENTRIES) or []:
-        stats = {_text(k): _text(v) for k, v in (raw or {}).items()}
+@dataclass
+class StatsScan:
+    """The newest record of each worker, and what was skipped on the way."""
+
+    rows: dict[str, WorkerRow]
+    unreadable: int = 0
+    future: int = 0
+
+
+def latest_stats(client: redis.Redis, stream: str, now_ms: float, max_age_s: float) -> StatsScan:
+    """Newest record per worker among the last `SCAN_ENTRIES` entries not dated ahead of `now_ms` (the
+    server's clock) by more than `FUTURE_ALLOWANCE_MS`, no older than `max_age_s`."""
+    limit = int(now_ms) + FUTURE_ALLOWANCE_MS
+    scan = StatsScan({})
+    scan.future = len(client.xrevrange(stream, "+", str(limit + 1), count=SCAN_ENTRIES) or [])
+    for entry_id, raw in client.xrevrange(stream, str(limit), "-", count=SCAN_ENTRIES) or []:
+        try:
+            stats = {_field(k): _field(v) for k, v in (raw or {}).items()}
+        except UnicodeDecodeError:
+            scan.unreadable += 1
+            continue
         name = stats.get("worker")
-        if not name or name in rows:
+        if not name:
+            scan.unreadable += 1
+            continue
+        if name in scan.rows:
             continue
         age_s = max(0.0, (now_ms - int(_text(entry_id).split("-")[0])) / 1000)
         if age_s <= max_age_s:
-            rows[name] = WorkerRow(name, age_s, stats)
-    return rows
+            scan.rows[name] = WorkerRow(name, age_s, stats)
+    return scan
 
 
 def read_frame(
@@ -90,8 +138,9 @@ def read_frame(
     """The workers' latest records and their group's state, summed over `streams` (one per tenant;
     default: the names' request stream)."""
     seconds, micros = client.time()
-    rows = latest_stats(client, names.stats, seconds * 1000 + micros / 1000, max_age_s)
-    frame = Frame(sorted(rows.values(), key=lambda r: r.name))
+    scan = latest_stats(client, names.stats, seconds * 1000 + micros / 1000, max_age_s)
+    rows = scan.rows
+    frame = Frame(sorted(rows.values(), key=lambda r: r.name), unreadable=scan.unreadable, future=scan.future)
     lags: list[int | None] = []
     for stream in streams or [names.requests]:
         try:
@@ -148,11 +197,27 @@ def _sum(rows: list[WorkerRow], name: str) -> float | None:
     return sum(values) if values else None
 
 
+def _skipped(frame: Frame) -> Text | None:
+    """The caption counting the stats entries not shown, if any."""
+    parts = []
+    if frame.unreadable:
+        parts.append(f"{frame.unreadable} unreadable (not UTF-8, or no worker)")
+    if frame.future:
+        more = "+" if frame.future >= SCAN_ENTRIES else ""
+        parts.append(f"{frame.future}{more} dated ahead of the server's clock")
+    return Text("stats entries skipped: " + ", ".join(parts)) if parts else None
+
+
 def render(frame: Frame, prefix: str) -> Table:
     table = Table(
-        title=f"llm workers  prefix={prefix}  lag={_fmt(frame.lag, 0)}  pending={_fmt(frame.pending, 0)}  "
-        f"consumers={frame.consumers}  {time.strftime('%H:%M:%S', time.localtime(frame.taken_at))}",
+        title=plain(
+            f"llm workers  prefix={prefix}  lag={_fmt(frame.lag, 0)}  pending={_fmt(frame.pending, 0)}  "
+            f"consumers={frame.consumers}  {time.strftime('%H:%M:%S', time.localtime(frame.taken_at))}",
+            limit=400,
+        ),
         title_justify="left",
+        caption=_skipped(frame),
+        caption_justify="left",
     )
     columns = ["worker", "age s", "req/s", "tok/s", "lag", "pending", "run/wait", "KV blocks",
                "prefix hit", "step p50 ms", "step p95 ms", "GPU util", "GPU mem"]  # fmt: skip
@@ -160,8 +225,8 @@ def render(frame: Frame, prefix: str) -> Table:
         table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
     for r in frame.rows:
         pending = r.pending if r.pending is not None else r.num("pending")
-        table.add_row(
-            r.name, _fmt(r.age_s), _fmt(r.num("requests_per_s"), 2), _fmt(r.num("tokens_per_s"), 1),
+        _add_row(
+            table, r.name, _fmt(r.age_s), _fmt(r.num("requests_per_s"), 2), _fmt(r.num("tokens_per_s"), 1),
             _fmt(r.num("lag"), 0), _fmt(pending, 0),
             f"{_fmt(r.num('running'), 0)}/{_fmt(r.num('waiting'), 0)}", _kv(r),
             _fmt(r.num("prefix_hit_rate"), 3), _fmt(r.num("step_p50_ms"), 2), _fmt(r.num("step_p95_ms"), 2),
@@ -174,8 +239,8 @@ def render(frame: Frame, prefix: str) -> Table:
         utils = [u for u in (r.num("gpu_util_pct") for r in rows) if u is not None]
         used, total = _sum(rows, "kv_blocks_used"), _sum(rows, "kv_blocks_total")
         table.add_section()
-        table.add_row(
-            f"total ({len(rows)})", "", _fmt(_sum(rows, "requests_per_s"), 2),
+        _add_row(
+            table, f"total ({len(rows)})", "", _fmt(_sum(rows, "requests_per_s"), 2),
             _fmt(_sum(rows, "tokens_per_s"), 1), _fmt(frame.lag, 0), _fmt(frame.pending, 0),
             f"{_fmt(_sum(rows, 'running'), 0)}/{_fmt(_sum(rows, 'waiting'), 0)}",
             "-" if used is None or total is None else f"{used:.0f}/{total:.0f} ({_pct(used, total)})",
@@ -186,6 +251,11 @@ def render(frame: Frame, prefix: str) -> Table:
             _gpu_mem(_sum(rows, "gpu_mem_used_bytes"), _sum(rows, "gpu_mem_total_bytes")),
         )  # fmt: skip
     return table
+
+
+def _add_row(table: Table, *cells: str) -> None:
+    """One row, every cell plain text: a worker's name and fields are data, never markup."""
+    table.add_row(*(plain(cell) for cell in cells))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -234,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except redis.RedisError as exc:
-        console.print(f"[red]Redis error:[/red] {type(exc).__name__}: {exc}")
+        console.print(Text.assemble(("Redis error:", "red"), " ", plain(f"{type(exc).__name__}: {exc}", 500)))
         return 1
     finally:
         client.close()

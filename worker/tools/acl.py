@@ -1,12 +1,20 @@
-"""ACL users for a deployment with tenants: one per tenant backend, one for the workers.
+"""ACL users: one per tenant backend (or one for every backend, without tenants), one for the workers.
 
     python -m worker.acl producer --tenant alice --password PW   # a tenant's chatbot backend
+    python -m worker.acl producer --no-tenants --password PW     # the backends, without tenants
     python -m worker.acl worker --password PW                    # the worker pool
 
 Each prints one `ACL SETUSER` command per line, for `redis-cli` (or any client's raw command).
 They need Redis 7 (or Valkey): selectors `(...)` and read/write key permissions `%R~`/`%W~`.
 The key prefix is `--prefix`, else `LLM_PREFIX`, else `llm`. `--hashed` writes the password's
 SHA-256 (`#<hex>`) instead of the password, so the line can be kept in configuration.
+
+A line names only commands every server of `--redis-version` knows (default 7.0, the oldest
+supported: the line loads on Redis 7.0, 7.2+ and Valkey alike). A server refuses a whole
+`ACL SETUSER` that names a command it does not have: CLIENT SETINFO came with Redis 7.2, so it is
+granted only with `--redis-version 7.2` or later (Valkey reports 7.2.4 as its `redis_version`).
+redis-py sends CLIENT SETINFO on connect and ignores its refusal, so a user without it connects
+all the same; on 7.2+ the refusal is only counted in `ACL LOG`.
 
 What a tenant's user may do, and nothing else (docs/security.md):
 - XADD to its request stream and its cancel stream, write-only: it cannot read its own
@@ -15,8 +23,13 @@ What a tenant's user may do, and nothing else (docs/security.md):
 - the same in each of its shard namespaces `<prefix>:t:{<tenant>.<n>}` (`LLM_STREAM_SHARDS`), whatever
   their number: the patterns name the shard as 1 to 4 digits (`{<tenant>.[0-9]}`, ...), so the line
   needs no N and matches no other tenant's keys (producer/wire/keys.py says why);
-- PING, and CLIENT SETINFO (the library's name on its own connection).
+- PING, and CLIENT SETINFO (the library's name on its own connection) where the server has it.
 No other key, no SET, no scripts, no KEYS/SCAN, no CONFIG/FLUSH, no pub/sub channels.
+
+Without tenants (`--no-tenants`) every backend is one party and shares the un-tenanted keys: the
+user may read every key under the prefix and write every one but `<prefix>:stats`, the workers'
+live stats (the gateway's /v1/models and `python -m worker.top` trust them, and an entry there with
+a huge id would stop every worker's stats writes): it may read that stream (XREVRANGE), not write it.
 
 The workers' user may touch every key under the prefix (all tenants' namespaces, heartbeats,
 stats) with exactly the commands the worker sends, including those its Lua scripts call (which
@@ -39,12 +52,30 @@ from producer.wire.keys import DEFAULT_PREFIX, tenant_root_patterns
 # sends on its own (PING for health checks, CLIENT SETINFO on connect; AUTH/HELLO are always allowed).
 CONNECTION_COMMANDS = ("ping", "client|setinfo")
 
+# The oldest server the lines are for (README: Redis >= 7), and the commands some supported servers
+# lack, with the version that added them: a line names one only for a server that has it, since a
+# server refuses the whole ACL SETUSER over one unknown command.
+OLDEST_SERVER = (7, 0)
+NEWER_COMMANDS = {"client|setinfo": (7, 2)}
+
+# What a producer without tenants sends (producer/client.py, its admission and cancel scripts, the
+# HTTP gateway's /v1/models and readiness).
+SHARED_PRODUCER_COMMANDS = (
+    "xadd", "xread", "xrange", "xrevrange", "xinfo|groups", "xlen", "exists", "set", "expire",
+    "evalsha", "script|load", "script|exists",
+)  # fmt: skip
+
+# The workers' stats stream, under the prefix: written by the workers only (`shared_producer_rules`).
+STATS_KEY = "stats"
+
 # Every command the worker sends, directly or from its scripts (final_guard.py, backlog.py,
 # heartbeat.py, reclaim.py), and redis-py's script loading (SCRIPT EXISTS/LOAD, then EVALSHA).
 WORKER_COMMANDS = (
     "xreadgroup", "xread", "xrange", "xrevrange", "xadd", "xack", "xclaim", "xautoclaim", "xpending",
     "xtrim", "xlen", "xinfo|groups", "xinfo|consumers", "xgroup|create", "xgroup|delconsumer",
     "exists", "get", "set", "del", "expire", "evalsha", "script|load", "script|exists",
+    # The stats writer's repair of a stream whose last id is ahead of the clock (live_stats.py).
+    "xinfo|stream", "time",
 )  # fmt: skip
 
 # What redis-py's cluster client sends besides (LLM_REDIS_CLUSTER): the slot map, the command table
@@ -68,18 +99,51 @@ def password_rule(password: str, hashed: bool = False) -> str:
     return "#" + hashlib.sha256(password.encode()).hexdigest() if hashed else ">" + password
 
 
-def _base(password: str, hashed: bool) -> list[str]:
+def parse_version(text: str) -> tuple[int, int]:
+    """`7.0`, `7.2.4`, `8` -> (major, minor); a server older than `OLDEST_SERVER` is refused."""
+    match = re.fullmatch(r"(\d{1,3})(?:\.(\d{1,3}))?(?:\.\d{1,5})?", text.strip())
+    if not match:
+        raise ValueError(f"server version {text!r} must look like 7.0, 7.2 or 8.1.0")
+    version = (int(match[1]), int(match[2] or 0))
+    if version < OLDEST_SERVER:
+        raise ValueError(f"server version {text!r}: Redis 7.0 or later is needed (ACL selectors, %R~/%W~)")
+    return version
+
+
+def known(commands: tuple[str, ...], server: tuple[int, int]) -> list[str]:
+    """`commands` less those `server` does not have (`NEWER_COMMANDS`)."""
+    return [c for c in commands if NEWER_COMMANDS.get(c, OLDEST_SERVER) <= server]
+
+
+def _base(password: str, hashed: bool, server: tuple[int, int]) -> list[str]:
     # `reset` first, so running the line again replaces the user instead of adding to it.
     return ["reset", "on", password_rule(password, hashed), "resetchannels", "-@all"] + [
-        f"+{c}" for c in CONNECTION_COMMANDS
+        f"+{c}" for c in known(CONNECTION_COMMANDS, server)
     ]
 
 
+def all_keys_but(head: str, tail: str) -> list[str]:
+    """Glob patterns that together match every key `head + x` with `x != tail`, and nothing else.
+
+    Redis ACLs have no "except": the patterns are the keys `head` + a proper prefix of `tail`, those that
+    agree with `tail` up to a position and differ there (`[^c]`), and those longer than `tail`."""
+    if not tail or not tail.isalnum():
+        raise ValueError(f"{tail!r} must be letters and digits")
+    shorter = [head + tail[:i] for i in range(len(tail))]
+    differ = [f"{head}{tail[:i]}[^{tail[i]}]*" for i in range(len(tail))]
+    return shorter + differ + [f"{head}{tail}?*"]
+
+
 def producer_rules(
-    tenant: str, password: str, prefix: str = DEFAULT_PREFIX, hashed: bool = False, cluster: bool = False
+    tenant: str,
+    password: str,
+    prefix: str = DEFAULT_PREFIX,
+    hashed: bool = False,
+    cluster: bool = False,
+    server: tuple[int, int] = OLDEST_SERVER,
 ) -> list[str]:
     """The ACL rules of tenant `tenant`'s backend user (`cluster`: with what the cluster client needs;
-    a tenant's client runs no script, so without EVAL).
+    a tenant's client runs no script, so without EVAL), for servers of version `server` and later.
 
     The keys are those of every namespace of the tenant, `<prefix>:t:{<tenant>}` and, for any number of
     shards, `<prefix>:t:{<tenant>.<n>}` (`tenant_root_patterns`): the same line serves N = 1 and N > 1.
@@ -88,15 +152,37 @@ def producer_rules(
     extra = [f"+{c}" for c in CLUSTER_COMMANDS if c != "eval"] if cluster else []
     writes = " ".join(f"%W~{root}:requests %W~{root}:cancel" for root in roots)
     reads = " ".join(f"%R~{root}:reply:*" for root in roots)
-    return _base(password, hashed) + extra + [f"(+xadd {writes})", f"(+xread +xrange {reads})"]
+    return _base(password, hashed, server) + extra + [f"(+xadd {writes})", f"(+xread +xrange {reads})"]
+
+
+def shared_producer_rules(
+    password: str,
+    prefix: str = DEFAULT_PREFIX,
+    hashed: bool = False,
+    cluster: bool = False,
+    server: tuple[int, int] = OLDEST_SERVER,
+) -> list[str]:
+    """The ACL rules of the backends' user without tenants: every key under the prefix to read and
+    write (`all_keys_but`) but the workers' stats stream `<prefix>:stats`, which it may only read.
+
+    Redis grants a key when one pattern carries every permission the command needs (EVALSHA: read and
+    write), so the other keys get read-write patterns (`~`), not a read pattern and a write pattern."""
+    head = check_prefix(prefix) + ":"
+    commands = SHARED_PRODUCER_COMMANDS + (CLUSTER_COMMANDS if cluster else ())
+    keys = [f"%R~{head}{STATS_KEY}"] + [f"~{p}" for p in all_keys_but(head, STATS_KEY)]
+    return _base(password, hashed, server) + keys + [f"+{c}" for c in commands]
 
 
 def worker_rules(
-    password: str, prefix: str = DEFAULT_PREFIX, hashed: bool = False, cluster: bool = False
+    password: str,
+    prefix: str = DEFAULT_PREFIX,
+    hashed: bool = False,
+    cluster: bool = False,
+    server: tuple[int, int] = OLDEST_SERVER,
 ) -> list[str]:
     """The ACL rules of the workers' user (`cluster`: with what the cluster client needs)."""
     commands = WORKER_COMMANDS + (CLUSTER_COMMANDS if cluster else ())
-    return _base(password, hashed) + [f"~{check_prefix(prefix)}:*"] + [f"+{c}" for c in commands]
+    return _base(password, hashed, server) + [f"~{check_prefix(prefix)}:*"] + [f"+{c}" for c in commands]
 
 
 def setuser(user: str, rules: list[str]) -> str:
@@ -110,24 +196,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.acl", description=__doc__.split("\n\n")[0])
     parser.add_argument("--prefix", default=os.environ.get("LLM_PREFIX") or DEFAULT_PREFIX)
     sub = parser.add_subparsers(dest="role", required=True)
-    producer = sub.add_parser("producer", help="a tenant's chatbot backend")
-    producer.add_argument("--tenant", required=True)
+    producer = sub.add_parser("producer", help="a tenant's chatbot backend, or every backend without tenants")
+    whose = producer.add_mutually_exclusive_group(required=True)
+    whose.add_argument("--tenant", help="the tenant whose backend the user is")
+    whose.add_argument(
+        "--no-tenants",
+        action="store_true",
+        help="the backends of a deployment without tenants (LLM_TENANTS unset): one shared namespace",
+    )
     worker = sub.add_parser("worker", help="the worker pool")
     for p in (producer, worker):
         p.add_argument("--password", required=True)
-        p.add_argument("--user", default=None, help="ACL user name (default: the tenant; llm-worker)")
+        p.add_argument(
+            "--user", default=None, help="ACL user name (default: the tenant; llm-producer; llm-worker)"
+        )
         p.add_argument("--hashed", action="store_true", help="write the password's SHA-256, not the password")
         p.add_argument("--cluster", action="store_true", help="for Redis Cluster (LLM_REDIS_CLUSTER)")
+        p.add_argument(
+            "--redis-version",
+            default="7.0",
+            help="the oldest server the line must load on (default: 7.0, every supported server; "
+            "7.2 or later adds CLIENT SETINFO)",
+        )
     args = parser.parse_args(argv)
     try:
-        if args.role == "producer":
-            line = setuser(
-                args.user or args.tenant,
-                producer_rules(args.tenant, args.password, args.prefix, args.hashed, args.cluster),
-            )
-        else:
-            rules = worker_rules(args.password, args.prefix, args.hashed, args.cluster)
+        server = parse_version(args.redis_version)
+        if args.role == "worker":
+            rules = worker_rules(args.password, args.prefix, args.hashed, args.cluster, server)
             line = setuser(args.user or "llm-worker", rules)
+        elif args.no_tenants:
+            rules = shared_producer_rules(args.password, args.prefix, args.hashed, args.cluster, server)
+            line = setuser(args.user or "llm-producer", rules)
+        else:
+            rules = producer_rules(args.tenant, args.password, args.prefix, args.hashed, args.cluster, server)
+            line = setuser(args.user or args.tenant, rules)
     except ValueError as exc:
         parser.error(str(exc))
     print(line)

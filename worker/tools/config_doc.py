@@ -1,4 +1,5 @@
-"""Render the settings classes as the configuration table of docs/configuration.md, and keep it in sync.
+"""Render the settings classes as the configuration table of docs/configuration.md, and keep it in sync;
+`settings_help` renders the same fields as the text of `python -m worker --help`.
 
 python -m worker.tools.config_doc           # print the table
 python -m worker.tools.config_doc --write   # replace the block between the markers in docs/configuration.md
@@ -12,10 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
 from producer.bulk import BulkSettings
+from producer.config_errors import env_names
 from producer.gateway.settings import GatewaySettings
 from producer.settings import ProducerSettings
 from worker.settings import WorkerSettings
@@ -25,21 +26,18 @@ END = "<!-- config-table:end -->"
 CONFIG_DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
-def _env_names(cls: type[BaseSettings], name: str) -> str:
-    field = cls.model_fields[name]
-    alias = field.validation_alias
-    if isinstance(alias, AliasChoices):
-        return " / ".join(f"`{a}`" for a in alias.choices)
-    prefix = cls.model_config.get("env_prefix", "")
-    return f"`{prefix}{name}`".upper()
+def _env_names(cls: type[BaseSettings], name: str, code: str = "`") -> str:
+    return " / ".join(f"{code}{env}{code}" for env in env_names(cls, name))
 
 
-def _default(cls: type[BaseSettings], name: str) -> str:
+def _default(cls: type[BaseSettings], name: str, code: str = "`") -> str:
     field = cls.model_fields[name]
     if field.default_factory is not None:
-        return "(computed)"
+        return "(computed)" if code else "computed"
     value = field.default
-    return "unset" if value is None else f"`{value}`"
+    if value is None:
+        return "unset"
+    return '""' if value == "" and not code else f"{code}{value}{code}"
 
 
 def config_table() -> str:
@@ -56,6 +54,14 @@ def config_table() -> str:
             doc = (field.description or "").replace("|", "\\|")
             lines.append(f"| {label} | {_env_names(cls, name)} | {_default(cls, name)} | {doc} |")
     return "\n".join(lines)
+
+
+def settings_help(cls: type[BaseSettings]) -> str:
+    """Every setting of `cls` as plain text, one line each: `ENV_VAR (default): meaning`."""
+    return "\n".join(
+        f"  {_env_names(cls, name, code='')} ({_default(cls, name, code='')}): {field.description or ''}"
+        for name, field in cls.model_fields.items()
+    )
 
 
 def generated_block() -> str:
