@@ -118,7 +118,9 @@ def test_redis_restart_mid_run(tmp_path: Path, async_replies: str) -> None:
         )
         assert (lost, duplicates) == (0, 0)
         assert worker.poll() is None, "the worker died instead of reconnecting"
-        assert "redis_unavailable" in log
+        # No assertion on `redis_unavailable`: redis-py's own retry (reconnect with backoff) may ride out a
+        # 1.5 s outage before the loop sees an error (`worker_backoffs=0`, 2 runs in 8 here). Either way the
+        # server is a new process, and every request sent during and after the outage was answered once.
         assert log.count('"worker_started"') == 1, "the worker restarted instead of reconnecting"
     finally:
         producer.join(timeout=5)
