@@ -48,7 +48,13 @@ ARG GIT_COMMIT=""
 ENV LLM_GIT_COMMIT=${GIT_COMMIT}
 USER 10001
 WORKDIR /tmp
-# One image, three processes: `llm-worker` (the default), `llm-gateway` (the OpenAI-compatible HTTP
-# gateway, on port 8000) and `llm-bulk worker`; the k8s Deployments pick theirs with `command`.
-EXPOSE 8000
+# One image, three processes: `llm-worker` (the default; /metrics, /health and /ready on port 9400,
+# LLM_METRICS_PORT), `llm-gateway` (the OpenAI-compatible HTTP gateway and its /health, on port 8000)
+# and `llm-bulk worker`; the k8s Deployments pick theirs with `command` and probe over HTTP themselves.
+EXPOSE 9400 8000
+# For `docker run`: the worker's /health (the loop runs); a gateway container sets
+# HEALTH_URL=http://127.0.0.1:8000/health. The model load may take minutes: hence the start period.
+ENV HEALTH_URL=http://127.0.0.1:9400/health
+HEALTHCHECK --interval=30s --timeout=5s --start-period=15m --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['HEALTH_URL'], timeout=4)"]
 ENTRYPOINT ["llm-worker"]
