@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import urllib.request
 from typing import Any
 
 import msgpack
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from producer.client import ChatClient
 from producer.wire.codec import ProtocolError, decode_request
 from producer.wire.keys import reply_key_allowed, reply_stream
+from worker.local_redis.server import free_port
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
@@ -150,7 +152,8 @@ def test_fuzzed_entries_never_kill_the_worker(
     start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str
 ) -> None:
     stream = f"{prefix}:requests"
-    worker = start_worker("echo", read_count=256)
+    metrics_port = free_port()
+    worker = start_worker("echo", read_count=256, metrics_port=metrics_port)
     fuzz: list[dict[bytes, bytes]] = []
 
     @settings(
@@ -224,3 +227,14 @@ def test_fuzzed_entries_never_kill_the_worker(
     assert all(n == 1 for n in finals_per_key)
     assert dead == to_dead
     assert not redis_client.exists("other:key") and redis_client.xlen(stream) > 0
+    # The metrics saw the same run, and no value from an entry became a label: the only tenant is `none`.
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        samples = {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in resp.read().decode().splitlines()
+            if line.startswith("llm_")
+        }
+    assert samples["llm_dead_letters_total"] == len(dead)
+    requests = {name: v for name, v in samples.items() if name.startswith("llm_requests_total{")}
+    assert sum(requests.values()) >= len(valid)
+    assert all(name.endswith('tenant="none"}') for name in requests)

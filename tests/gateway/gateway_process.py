@@ -8,11 +8,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
-from worker.local_redis.server import free_port
+from worker.local_redis.server import EmbeddedRedis, free_port
+
+if TYPE_CHECKING:
+    from worker_process import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,3 +112,24 @@ def start_worker(redis_url: str, prefix: str, log_dir: Path, engine: str = "echo
 
     settings.setdefault("stats_interval_s", 0.5)
     return spawn_worker(redis_url, prefix, log_dir, f"w-{free_port()}", engine, **settings)
+
+
+@contextmanager
+def private_stack(
+    prefix: str, log_dir: Path, **gateway_env: str
+) -> Iterator[tuple[EmbeddedRedis, WorkerProcess, GatewayProcess]]:
+    """A Redis server, an echo worker and a gateway of their own, for a test that stops the server or the
+    worker; whatever the test left running is stopped at the end."""
+    server = EmbeddedRedis().start()
+    worker = gateway = None
+    try:
+        worker = start_worker(server.url, prefix, log_dir, max_wait_ms=0)
+        gateway = GatewayProcess(server.url, prefix, log_dir, **gateway_env).wait_started()
+        gateway.wait_model("echo")
+        yield server, worker, gateway
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        if worker is not None:
+            worker.stop()
+        server.stop()

@@ -18,13 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from gateway_process import GatewayProcess, start_worker
+from gateway_process import private_stack
 from test_logging_schema import check, documented
 
 from producer.wire.codec import encode_event
 from producer.wire.keys import reply_stream
 from producer.wire.models import DoneEvent, Timings, Usage
-from worker.local_redis.server import EmbeddedRedis
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -64,15 +63,8 @@ def sse_chunks(response: httpx.Response) -> list[dict | str]:
 
 def test_a_gateways_real_lines_match_the_page(tmp_path: Path) -> None:
     prefix = f"gwlog{uuid.uuid4().hex[:8]}"
-    server = EmbeddedRedis().start()
-    worker = None
-    gateway = None
-    try:
-        worker = start_worker(server.url, prefix, tmp_path, max_wait_ms=0)
-        gateway = GatewayProcess(
-            server.url, prefix, tmp_path, LLM_GATEWAY_LOG_LEVEL="debug", LLM_SUBMIT_RETRY_S="1"
-        ).wait_started()
-        gateway.wait_model("echo")
+    stack = private_stack(prefix, tmp_path, LLM_GATEWAY_LOG_LEVEL="debug", LLM_SUBMIT_RETRY_S="1")
+    with stack as (server, worker, gateway):
         with httpx.Client(base_url=gateway.url, timeout=30) as http:
             whole = http.post("/v1/chat/completions", json=chat())
             assert whole.status_code == 200, whole.text
@@ -124,12 +116,6 @@ def test_a_gateways_real_lines_match_the_page(tmp_path: Path) -> None:
             openai_error(not_ready, 503, "not_ready")
             assert not_ready.headers["retry-after"] == "1"
         assert gateway.stop() == 0, gateway.output()[-3000:]
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        if worker is not None:
-            worker.stop()
-        server.stop()
 
     raw = [line for line in gateway.log_path.read_text().splitlines() if line.strip()]
     assert raw and all(line.startswith("{") for line in raw), "stdout holds a line that is not JSON"

@@ -23,14 +23,13 @@ import httpx
 import openai
 import pytest
 from conftest import MAX_PROMPT_TOKENS, Deployment
-from gateway_process import GatewayProcess, start_worker
+from gateway_process import GatewayProcess, private_stack
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_server import PrometheusServer, binary
 
 from producer.gateway.app import create_app
 from producer.gateway.errors import _CODES, CODES, WIRE_ERRORS
 from producer.gateway.metrics import OTHER, GatewayMetrics
-from worker.local_redis.server import EmbeddedRedis
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -320,13 +319,7 @@ def test_hostile_requests_land_in_bounded_labels(gw: GatewayProcess) -> None:
 
 def test_ready_follows_a_redis_outage(tmp_path: Path) -> None:
     prefix = f"gwmet{uuid.uuid4().hex[:8]}"
-    server = EmbeddedRedis().start()
-    worker = None
-    gateway = None
-    try:
-        worker = start_worker(server.url, prefix, tmp_path, max_wait_ms=0)
-        gateway = GatewayProcess(server.url, prefix, tmp_path, LLM_SUBMIT_RETRY_S="1").wait_started()
-        gateway.wait_model("echo")
+    with private_stack(prefix, tmp_path, LLM_SUBMIT_RETRY_S="1") as (server, worker, gateway):
         # Scraped before any probe: the gauge is what /ready would answer now.
         assert value(scrape(gateway), "llm_gateway_ready") == 1
         assert httpx.get(f"{gateway.url}/ready", timeout=10).status_code == 200
@@ -348,12 +341,6 @@ def test_ready_follows_a_redis_outage(tmp_path: Path) -> None:
         assert value(samples, "llm_gateway_requests_total", route=CHAT, status="503") == 1
         assert value(samples, "llm_gateway_requests_in_flight") == 0
         assert gateway.stop() == 0
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        if worker is not None:
-            worker.stop()
-        server.stop()
 
 
 @pytest.mark.skipif(binary("prometheus") is None, reason="prometheus is not installed (make install)")

@@ -285,8 +285,9 @@ class Publisher:
             self._log_done(f, out, timings, now_s)
 
     def _log_done(self, f: InFlight, out: SequenceOutput, t: Timings, now_s: float) -> None:
+        prompt = prompt_tokens(f, out)
         self.counters.done += 1
-        self.counters.prompt_tokens += prompt_tokens(f, out)
+        self.counters.prompt_tokens += prompt
         self.counters.cached_tokens += out.cached_tokens
         log.info(
             "request_done",
@@ -296,7 +297,7 @@ class Publisher:
             ttft_ms=t.ttft_ms,
             tpot_ms=t.tpot_ms,
             total_ms=t.total_ms,
-            prompt_tokens=prompt_tokens(f, out),
+            prompt_tokens=prompt,
             completion_tokens=out.completion_tokens,
             cached_tokens=out.cached_tokens,
             finish_reason=out.finish_reason,
@@ -306,12 +307,12 @@ class Publisher:
         )
         if self.metrics is not None:
             self.metrics.observe_request(
-                out.finish_reason or "stop", f.tenant, prompt_tokens(f, out), out.cached_tokens,
+                out.finish_reason or "stop", f.tenant, prompt, out.cached_tokens,
                 out.completion_tokens, t.queue_ms, t.ttft_ms, t.tpot_ms, t.total_ms,
             )  # fmt: skip
         batch = self.counters.batches.get(f.batch_id)
         if batch is not None and add_to_batch(
-            batch, prompt_tokens(f, out), out.completion_tokens, out.cached_tokens, out.kv_peak_tokens
+            batch, prompt, out.completion_tokens, out.cached_tokens, out.kv_peak_tokens
         ):
             del self.counters.batches[f.batch_id]
             log.info("batch_done", **batch_done_fields(f.batch_id, batch, now_s))
