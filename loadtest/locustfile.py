@@ -3,11 +3,20 @@
     REDIS_URL=redis://127.0.0.1:6379/0 locust -f loadtest/locustfile.py --headless -u 5 -r 5 -t 15s
 
 Each task sends one streamed chat request with `ChatClient` (XADD to `<prefix>:requests`),
-reads its reply stream, and reports three Locust request events (type `redis`):
+reads its reply stream, and reports one Locust request, `chat` (type `redis`): submit to the
+final reply; its response length is the number of completion tokens. So Locust's request
+count, RPS and failure ratio count chats, and nothing else.
+
+Two latencies per chat are samples, not requests, and are kept apart (`LATENCIES`, Locust's
+own `RequestStats`, so the same percentiles):
 
 - `ttft`: submit to the first token event, as the caller sees it (queueing included);
-- `tpot`: mean time per output token after the first (only for replies of 2+ tokens);
-- `chat`: submit to the final reply; its response length is the number of completion tokens.
+- `tpot`: mean time per output token after the first (only for replies of 2+ tokens).
+
+They are written next to Locust's report when the run ends: `<--csv prefix>_latency.csv`
+(one row per sample name: count, median, 90/95/99th percentile, max, average, in ms) and a
+table appended to the `--html` report; in a distributed run the workers send theirs to the
+master with their stats (`report_to_master` / `worker_report`).
 
 With `--llm-stream false` requests ask for the final reply only (`stream: false`) and only
 `chat` is reported.
@@ -33,6 +42,8 @@ and writes its CSV and HTML report.
 
 from __future__ import annotations
 
+import csv
+import html
 import itertools
 import math
 import random
@@ -40,8 +51,11 @@ import time
 from functools import lru_cache
 from typing import Any
 
+import gevent
 from locust import User, between, events, task
 from locust.env import Environment
+from locust.runners import WorkerRunner
+from locust.stats import CSV_STATS_INTERVAL_SEC, RequestStats, StatsEntry
 
 from producer.client import ChatClient, ChatError, ChatTimeout, Reply
 
@@ -58,6 +72,96 @@ _VOCABULARY = (
 WORDS = tuple(_VOCABULARY.split())
 
 _user_numbers = itertools.count()
+
+# Latency samples of a chat, not requests: kept out of Locust's request stats.
+LATENCY_SAMPLES = ("ttft", "tpot")
+LATENCIES = RequestStats(use_response_times_cache=False)
+PERCENTILES = (0.5, 0.9, 0.95, 0.99)
+LATENCY_COLUMNS = ["Type", "Name", "Sample Count", "Median (ms)", "90% (ms)", "95% (ms)", "99% (ms)",
+                   "Max (ms)", "Average (ms)"]  # fmt: skip
+
+
+def latency_rows() -> list[list[str]]:
+    """One row per latency sample name (`LATENCY_COLUMNS`), times in ms."""
+    rows = []
+    for entry in sorted(LATENCIES.entries.values(), key=lambda e: (e.method or "", e.name)):
+        if not entry.num_requests:
+            continue
+        percentiles = [f"{entry.get_response_time_percentile(p):.0f}" for p in PERCENTILES]
+        rows.append([entry.method or "", entry.name, str(entry.num_requests), *percentiles,
+                     f"{entry.max_response_time:.0f}", f"{entry.avg_response_time:.1f}"])  # fmt: skip
+    return rows
+
+
+def latency_html(rows: list[list[str]]) -> str:
+    """The latency table as a section of Locust's HTML report (plain HTML, after its app)."""
+    head = "".join(f"<th style='padding:2px 10px'>{html.escape(c)}</th>" for c in LATENCY_COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td style='padding:2px 10px'>{html.escape(c)}</td>" for c in row) + "</tr>"
+        for row in rows
+    )
+    return (
+        "<section id='llm-latency' style='font-family:sans-serif;margin:24px'>"
+        "<h2>Latency samples (not requests)</h2><p>Time to first token and time per output token after the "
+        "first, one sample per streamed chat; the request statistics above count chats only.</p>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></section>"
+    )
+
+
+@events.report_to_master.add_listener
+def _send_latencies(client_id: str, data: dict[str, Any], **_: Any) -> None:
+    """A distributed worker's samples since its last report, to the master (then cleared here)."""
+    data["llm_latency"] = [e.serialize() for e in LATENCIES.entries.values() if e.num_requests]
+    LATENCIES.clear_all()
+
+
+@events.worker_report.add_listener
+def _take_latencies(client_id: str, data: dict[str, Any], **_: Any) -> None:
+    for serialized in data.get("llm_latency", []):
+        entry = StatsEntry.unserialize(serialized, LATENCIES)
+        LATENCIES.get(entry.name, entry.method or "").extend(entry)
+
+
+@events.quit.add_listener
+def _write_latencies(exit_code: int, **_: Any) -> None:
+    """At the end of a run: `<csv prefix>_latency.csv`, and the table appended to the HTML report."""
+    environment = _environment[0] if _environment else None
+    if environment is None or isinstance(environment.runner, WorkerRunner):
+        return
+    options, rows = environment.parsed_options, latency_rows()
+    if getattr(options, "csv_prefix", None):
+        with open(f"{options.csv_prefix}_latency.csv", "w", newline="") as f:
+            csv.writer(f).writerows([LATENCY_COLUMNS, *rows])
+    html_file = getattr(options, "html_file", None)
+    if html_file:
+        try:
+            with open(html_file, encoding="utf-8") as f:
+                report = f.read()
+        except FileNotFoundError:
+            return
+        at = report.rfind("</body>")
+        at = at if at >= 0 else len(report)
+        with open(html_file, "w", encoding="utf-8") as f:
+            f.write(report[:at] + latency_html(rows) + report[at:])
+
+
+@events.test_stop.add_listener
+def _let_the_csv_catch_up(environment: Environment, **_: Any) -> None:
+    """Locust's CSV writer runs once a second until shutdown, which follows the users' stop within
+    a fraction of one: the chats that ended while the users stopped would be missing from
+    `<csv prefix>_stats.csv` (not from the HTML report or the printed stats). One more write."""
+    if getattr(environment.parsed_options, "csv_prefix", None) and not isinstance(
+        environment.runner, WorkerRunner
+    ):
+        gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)
+
+
+_environment: list[Environment] = []
+
+
+@events.init.add_listener
+def _keep_environment(environment: Environment, **_: Any) -> None:
+    _environment[:] = [environment]
 
 
 def _flag(value: str | bool) -> bool:
@@ -211,6 +315,10 @@ class ChatSlot:
         return options
 
     def _fire(self, name: str, ms: float, length: int = 0, exception: Exception | None = None) -> None:
+        """Report a request (`chat`), or a latency sample (`LATENCY_SAMPLES`), which is no request."""
+        if name in LATENCY_SAMPLES and exception is None:
+            LATENCIES.log_request(self.request_type, name, round(ms), length)
+            return
         self.environment.events.request.fire(
             request_type=self.request_type, name=name, response_time=ms, response_length=length,
             exception=exception, context={},

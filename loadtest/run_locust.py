@@ -12,9 +12,11 @@ the same Redis. `--no-worker` measures whatever serves `REDIS_URL` and `LLM_PREF
 (a deployment). Arguments after `--` go to Locust unchanged (the locustfile's workload options,
 listed by `--help`).
 
-The report goes to `--report-dir` (default `build/report/`): `locust_stats.csv`,
-`locust_stats_history.csv`, `locust_failures.csv`, `locust_exceptions.csv`, `locust.html` and,
-with a local worker, `worker.log`. The exit status is Locust's: 1 if any request failed.
+The report goes to `--report-dir` (default `build/report/`): `locust_stats.csv` (requests: the
+chats), `locust_latency.csv` (the `ttft` and `tpot` samples, which are not requests),
+`locust_stats_history.csv`, `locust_failures.csv`, `locust_exceptions.csv`, `locust.html` (the
+latency table at its end) and, with a local worker, `worker.log`. Both tables are printed at the
+end. The exit status is Locust's: 1 if any request failed.
 """
 
 from __future__ import annotations
@@ -139,14 +141,27 @@ def run_locust(args: argparse.Namespace, locust_args: list[str], redis_url: str 
 
 
 def summary(report_dir: Path) -> str:
+    """The requests (`locust_stats.csv`) and, apart, the latency samples (`locust_latency.csv`)."""
     with open(report_dir / "locust_stats.csv", newline="") as f:
         rows = {row["Name"]: row for row in csv.DictReader(f)}
-    lines = [f"{'name':<12}{'requests':>10}{'failures':>10}{'median ms':>11}{'p99 ms':>9}"]
+    lines = [f"{'requests':<12}{'count':>10}{'failures':>10}{'req/s':>9}{'median ms':>11}{'p99 ms':>9}"]
     for name, row in rows.items():
         lines.append(
             f"{name:<12}{row['Request Count']:>10}{row['Failure Count']:>10}"
+            f"{float(row['Requests/s'] or 0):>9.2f}"
             f"{float(row['Median Response Time'] or 0):>11.1f}{float(row['99%'] or 0):>9.1f}"
         )
+    latency = report_dir / "locust_latency.csv"
+    if latency.exists():
+        with open(latency, newline="") as f:
+            samples = list(csv.DictReader(f))
+        if samples:
+            lines += ["", f"{'latency':<12}{'samples':>10}{'median ms':>11}{'p95 ms':>9}{'p99 ms':>9}"]
+            lines += [
+                f"{row['Name']:<12}{row['Sample Count']:>10}{float(row['Median (ms)']):>11.1f}"
+                f"{float(row['95% (ms)']):>9.1f}{float(row['99% (ms)']):>9.1f}"
+                for row in samples
+            ]
     return "\n".join(lines)
 
 

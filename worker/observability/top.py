@@ -1,9 +1,9 @@
 """`python -m worker.top`: the workers at a glance, live in a terminal.
 
 Reads the latest `worker_stats` record of each worker from `<prefix>:stats` (see `stats.py` for the
-fields) and the consumer group (XINFO GROUPS: lag, pending; XINFO CONSUMERS: pending and idle time
-per worker), and shows one row per worker and a total: requests/s, tokens/s, lag, pending,
-running/waiting, KV use, prefix hit rate, step p50/p95, GPU utilisation and memory.
+fields) and the consumer group's state on the request streams, and shows one row per worker and a
+total: requests/s, tokens/s, pending, running/waiting, KV use, prefix hit rate, step p50/p95, GPU
+utilisation and memory.
 
     python -m worker.top                      # refresh every 2 s until Ctrl-C
     python -m worker.top --once               # print one frame and exit
@@ -11,6 +11,32 @@ running/waiting, KV use, prefix hit rate, step p50/p95, GPU utilisation and memo
 
 Defaults: `REDIS_URL` (else the local address) and `LLM_PREFIX` (else `llm`), as the clients.
 Workers whose latest record is older than `--max-age-s` are left out (stopped or unreachable).
+
+The queue numbers are read live, every frame, from the server, never from the workers' records
+(which are up to `LLM_STATS_INTERVAL_S` old and repeat the whole group's numbers in every row):
+
+- `lag`: entries of the request streams no worker has read yet (XINFO GROUPS `lag`, summed over
+  the streams). The server counts it from `entries-read`; after entries are deleted (XDEL, or a
+  trim past an unread entry) or when the group was created at `$` it may not know the count, and
+  then lag is shown as `?` (unknown), never as 0. A trim that removes unread entries (the workers'
+  own trimming never does; `XTRIM MAXLEN` by hand may) leaves the server counting them: lag is
+  capped at the stream's length.
+- `pending`: entries a worker has read and not yet acknowledged (XINFO GROUPS `pending`): the
+  requests it runs, has waiting in its queue, or holds while it is dead and not yet reclaimed.
+  Workers read eagerly (up to `LLM_READ_COUNT` a call, while they have room), so under load the
+  queue shows up here, not in `lag`. A worker's row shows its own pending (XINFO CONSUMERS); what
+  consumers without a current record hold is counted under the table; the total is the group's.
+- `backlog` = lag + pending: what the producers' admission limit counts (`producer/wire/backlog.py`).
+- `oldest`: age of the oldest pending entry (XPENDING), by its id's time.
+
+The table fits the terminal: at 80 columns the low-priority columns (GPU memory, step p50, prefix
+hit, age, ...) go first and the KV column shows its percentage only; the worker name, requests/s,
+tokens/s and pending always stay, and a name too long for its column is cut in the middle, so
+the pod's distinguishing suffix stays visible.
+
+A frame with no worker says why: no stats stream under the prefix (and, when no request stream is
+there either, the prefixes that have one, from a bounded SCAN), or no record newer than
+`--max-age-s`.
 
 The records are data, shown as such: every field is plain text (rich `Text`, never markup), with
 control and format characters escaped (`\x1b`) and long values cut. Entries that cannot be read
@@ -24,15 +50,20 @@ the table.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
-from rich.console import Console
+from rich import box
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -44,6 +75,10 @@ from worker.observability.live_stats import FUTURE_ALLOWANCE_MS
 SCAN_ENTRIES = 1000  # newest stats entries read per frame: enough for hundreds of workers
 CELL_CHARS = 80  # a longer value is cut in its cell
 MAX_READING = 1e15  # a larger (or non-finite) number in a record is no reading: shown as absent
+HINT_SCAN_CALLS = 10  # SCAN calls (of HINT_SCAN_COUNT keys each) looking for other prefixes' stats
+HINT_SCAN_COUNT = 1000
+HINT_PREFIXES = 8  # prefixes named in the hint
+NAME_MIN_CHARS = 16  # a worker's name is cut no shorter than this (a pod name's suffix stays)
 
 
 def _text(value: object) -> str:
@@ -63,6 +98,23 @@ def plain(value: str, limit: int = CELL_CHARS) -> Text:
     return Text(shown if len(shown) <= limit else shown[: limit - 1] + "\u2026")
 
 
+def middle_cut(value: str, limit: int) -> str:
+    """`value` cut to `limit` terminal cells in the middle (`llm-wor…9f-x2k4z`): both ends stay."""
+    if cell_len(value) <= limit:
+        return value
+    room = max(0, limit - 1)
+    head, tail = "", ""
+    for c in value:  # the head takes half the room, the tail the rest
+        if cell_len(head + c) > room // 2:
+            break
+        head += c
+    for c in reversed(value):
+        if cell_len(tail + c) > room - cell_len(head):
+            break
+        tail = c + tail
+    return head + "\u2026" + tail
+
+
 def _number(value: str | None) -> float | None:
     if value is None:
         return None
@@ -73,6 +125,10 @@ def _number(value: str | None) -> float | None:
     return number if math.isfinite(number) and abs(number) <= MAX_READING else None
 
 
+def _id_ms(entry_id: object) -> int:
+    return int(_text(entry_id).split("-")[0])
+
+
 @dataclass
 class WorkerRow:
     """One worker's latest record, its age, and what the group says about it."""
@@ -80,7 +136,7 @@ class WorkerRow:
     name: str
     age_s: float
     stats: dict[str, str]
-    pending: int | None = None  # from XINFO CONSUMERS
+    pending: int | None = None  # its own pending entries (XINFO CONSUMERS); None: not a consumer
 
     def num(self, name: str) -> float | None:
         return _number(self.stats.get(name))
@@ -88,7 +144,9 @@ class WorkerRow:
 
 @dataclass
 class Frame:
-    """Everything one screen shows."""
+    """Everything one screen shows. `lag`, `pending` and `oldest_pending_s` are the group's, read live
+    and summed over the request streams (see the module's doc); None where no stream has the group,
+    and `lag` also where the server does not know it for one of them."""
 
     rows: list[WorkerRow]
     lag: int | None = None
@@ -97,6 +155,22 @@ class Frame:
     taken_at: float = field(default_factory=time.time)
     unreadable: int = 0  # stats entries skipped: not UTF-8, or no worker named
     future: int = 0  # stats entries dated ahead of the server's clock (beyond the allowance)
+    streams: int = 0  # request streams that exist
+    groups: int = 0  # of those, the ones with the group
+    oldest_pending_s: float | None = None
+    stats_found: bool = True  # whether `<prefix>:stats` exists
+    prefixes: list[str] | None = None  # prefixes with a stats stream, the likeliest first; None: not looked
+    prefixes_complete: bool = True  # the SCAN for them went through the whole keyspace
+
+    @property
+    def backlog(self) -> int | None:
+        """lag + pending, where both are known."""
+        return None if self.lag is None or self.pending is None else self.lag + self.pending
+
+    @property
+    def other_pending(self) -> int:
+        """Pending entries held by consumers that have no row (stopped workers, not yet reclaimed)."""
+        return max(0, (self.pending or 0) - sum(r.pending or 0 for r in self.rows))
 
 
 @dataclass
@@ -126,39 +200,77 @@ def latest_stats(client: redis.Redis, stream: str, now_ms: float, max_age_s: flo
             continue
         if name in scan.rows:
             continue
-        age_s = max(0.0, (now_ms - int(_text(entry_id).split("-")[0])) / 1000)
+        age_s = max(0.0, (now_ms - _id_ms(entry_id)) / 1000)
         if age_s <= max_age_s:
             scan.rows[name] = WorkerRow(name, age_s, stats)
     return scan
+
+
+def _group_state(client: redis.Redis, stream: str, group: str, frame: Frame, now_ms: float) -> int | None:
+    """Add `group`'s state on `stream` to `frame` (pending, consumers, oldest pending, each row's own
+    pending); returns the stream's lag (None: unknown). Raises ResponseError when the stream or the
+    group is not there."""
+    info = next((g for g in client.xinfo_groups(stream) if _text(g["name"]) == group), None)
+    frame.streams += 1
+    if info is None:
+        raise redis.ResponseError(f"NOGROUP no group {group} on {stream}")
+    pending = int(info["pending"])
+    consumers = client.xinfo_consumers(stream, group)
+    oldest = client.xpending(stream, group).get("min") if pending else None
+    frame.groups += 1
+    frame.pending = (frame.pending or 0) + pending
+    frame.consumers = max(frame.consumers, int(info["consumers"]))
+    if oldest:
+        age_s = max(0.0, (now_ms - _id_ms(oldest)) / 1000)
+        frame.oldest_pending_s = max(frame.oldest_pending_s or 0.0, age_s)
+    rows = {r.name: r for r in frame.rows}
+    for c in consumers:
+        row = rows.get(_text(c["name"]))
+        if row is not None:
+            row.pending = (row.pending or 0) + int(c["pending"])
+    lag = info.get("lag")
+    # A trim past unread entries (XTRIM MAXLEN by hand) leaves the server counting them: never more
+    # than the stream holds.
+    return None if lag is None else min(int(lag), int(client.xlen(stream)))
+
+
+def stats_prefixes(client: redis.Redis, near: str) -> tuple[list[str], bool]:
+    """Prefixes that have a stats stream (`<prefix>:stats`), the most like `near` first, from at most
+    `HINT_SCAN_CALLS` SCAN calls (TYPE stream); and whether the SCAN went through the whole keyspace."""
+    found: set[str] = set()
+    cursor, complete = 0, False
+    for _ in range(HINT_SCAN_CALLS):
+        cursor, keys = client.scan(cursor, match="*:stats", count=HINT_SCAN_COUNT, _type="stream")
+        found.update(_text(k)[: -len(":stats")] for k in keys)
+        if not cursor:
+            complete = True
+            break
+    similarity = {p: difflib.SequenceMatcher(None, near, p).ratio() for p in found}
+    return sorted(found, key=lambda p: (-similarity[p], p)), complete
 
 
 def read_frame(
     client: redis.Redis, names: StreamNames, group: str, max_age_s: float, streams: list[str] | None = None
 ) -> Frame:
     """The workers' latest records and their group's state, summed over `streams` (one per tenant;
-    default: the names' request stream)."""
+    default: the names' request stream). With no worker to show, also what is there to say why."""
     seconds, micros = client.time()
-    scan = latest_stats(client, names.stats, seconds * 1000 + micros / 1000, max_age_s)
-    rows = scan.rows
-    frame = Frame(sorted(rows.values(), key=lambda r: r.name), unreadable=scan.unreadable, future=scan.future)
+    now_ms = seconds * 1000 + micros / 1000
+    scan = latest_stats(client, names.stats, now_ms, max_age_s)
+    rows = sorted(scan.rows.values(), key=lambda r: r.name)
+    frame = Frame(rows, unreadable=scan.unreadable, future=scan.future)
     lags: list[int | None] = []
     for stream in streams or [names.requests]:
         try:
-            groups = client.xinfo_groups(stream)
-            consumers = client.xinfo_consumers(stream, group)
-        except redis.ResponseError:  # no stream or no group yet
+            lags.append(_group_state(client, stream, group, frame, now_ms))
+        except redis.ResponseError:  # no stream (or not a stream), or no group yet
             continue
-        for g in groups:
-            if _text(g["name"]) == group:
-                lags.append(None if g.get("lag") is None else int(g["lag"]))
-                frame.pending = (frame.pending or 0) + int(g["pending"])
-                frame.consumers = max(frame.consumers, int(g["consumers"]))
-        for c in consumers:
-            row = rows.get(_text(c["name"]))
-            if row is not None:
-                row.pending = (row.pending or 0) + int(c["pending"])
     if lags and None not in lags:
         frame.lag = sum(lag or 0 for lag in lags)
+    if not frame.rows:
+        frame.stats_found = bool(client.exists(names.stats))
+        if not frame.stats_found and not frame.streams and isinstance(client, redis.Redis):
+            frame.prefixes, frame.prefixes_complete = stats_prefixes(client, names.prefix)
     return frame
 
 
@@ -179,8 +291,7 @@ def _gib(value: float | None) -> str:
     return "-" if value is None else f"{value / 2**30:.1f}"
 
 
-def _kv(row: WorkerRow) -> str:
-    used, total = row.num("kv_blocks_used"), row.num("kv_blocks_total")
+def _blocks(used: float | None, total: float | None) -> str:
     if used is None or total is None:
         return "-"
     return f"{used:.0f}/{total:.0f} ({_pct(used, total)})"
@@ -197,65 +308,203 @@ def _sum(rows: list[WorkerRow], name: str) -> float | None:
     return sum(values) if values else None
 
 
-def _skipped(frame: Frame) -> Text | None:
-    """The caption counting the stats entries not shown, if any."""
-    parts = []
-    if frame.unreadable:
-        parts.append(f"{frame.unreadable} unreadable (not UTF-8, or no worker)")
-    if frame.future:
-        more = "+" if frame.future >= SCAN_ENTRIES else ""
-        parts.append(f"{frame.future}{more} dated ahead of the server's clock")
-    return Text("stats entries skipped: " + ", ".join(parts)) if parts else None
+def _mean(rows: list[WorkerRow], name: str) -> float | None:
+    values = [v for v in (r.num(name) for r in rows) if v is not None]
+    return sum(values) / len(values) if values else None
 
 
-def render(frame: Frame, prefix: str) -> Table:
+def _max(rows: list[WorkerRow], name: str) -> float | None:
+    values = [v for v in (r.num(name) for r in rows) if v is not None]
+    return max(values) if values else None
+
+
+def _lag(frame: Frame) -> str:
+    """The group's lag: a number, `?` where the server does not know it, `-` where there is no group."""
+    if frame.lag is None:
+        return "?" if frame.groups else "-"
+    return _fmt(frame.lag, 0)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: its header, a worker's cell and the total's cell."""
+
+    header: str
+    cell: Callable[[WorkerRow], str]
+    total: Callable[[Frame], str]
+
+
+def _run_wait(running: float | None, waiting: float | None) -> str:
+    return f"{_fmt(running, 0)}/{_fmt(waiting, 0)}"
+
+
+COLUMNS: dict[str, Column] = {
+    "age": Column("age s", lambda r: _fmt(r.age_s), lambda f: ""),
+    "req/s": Column(
+        "req/s", lambda r: _fmt(r.num("requests_per_s"), 2), lambda f: _fmt(_sum(f.rows, "requests_per_s"), 2)
+    ),
+    "tok/s": Column(
+        "tok/s", lambda r: _fmt(r.num("tokens_per_s"), 1), lambda f: _fmt(_sum(f.rows, "tokens_per_s"), 1)
+    ),
+    "pending": Column("pending", lambda r: _fmt(r.pending, 0), lambda f: _fmt(f.pending, 0)),
+    "run/wait": Column(
+        "run/wait",
+        lambda r: _run_wait(r.num("running"), r.num("waiting")),
+        lambda f: _run_wait(_sum(f.rows, "running"), _sum(f.rows, "waiting")),
+    ),
+    "KV blocks": Column(
+        "KV blocks",
+        lambda r: _blocks(r.num("kv_blocks_used"), r.num("kv_blocks_total")),
+        lambda f: _blocks(_sum(f.rows, "kv_blocks_used"), _sum(f.rows, "kv_blocks_total")),
+    ),
+    "KV": Column(
+        "KV",
+        lambda r: _pct(r.num("kv_blocks_used"), r.num("kv_blocks_total")),
+        lambda f: _pct(_sum(f.rows, "kv_blocks_used"), _sum(f.rows, "kv_blocks_total")),
+    ),
+    "prefix hit": Column(
+        "prefix hit",
+        lambda r: _fmt(r.num("prefix_hit_rate"), 3),
+        lambda f: _fmt(_mean(f.rows, "prefix_hit_rate"), 3),
+    ),
+    "step p50": Column(
+        "step p50 ms",
+        lambda r: _fmt(r.num("step_p50_ms"), 2),
+        lambda f: _fmt(_max(f.rows, "step_p50_ms"), 2, " max"),
+    ),
+    "step p95": Column(
+        "step p95 ms",
+        lambda r: _fmt(r.num("step_p95_ms"), 2),
+        lambda f: _fmt(_max(f.rows, "step_p95_ms"), 2, " max"),
+    ),
+    "GPU util": Column(
+        "GPU util",
+        lambda r: _fmt(r.num("gpu_util_pct"), 0, "%"),
+        lambda f: _fmt(_mean(f.rows, "gpu_util_pct"), 0, "%"),
+    ),
+    "GPU mem": Column(
+        "GPU mem",
+        lambda r: _gpu_mem(r.num("gpu_mem_used_bytes"), r.num("gpu_mem_total_bytes")),
+        lambda f: _gpu_mem(_sum(f.rows, "gpu_mem_used_bytes"), _sum(f.rows, "gpu_mem_total_bytes")),
+    ),
+}  # fmt: skip
+# Every column, in order, and how the table narrows: each step replaces a column (a narrower one) or
+# drops it, until the table fits. The worker's name, req/s, tok/s and pending always stay.
+WIDE = ["age", "req/s", "tok/s", "pending", "run/wait", "KV blocks", "prefix hit", "step p50", "step p95",
+        "GPU util", "GPU mem"]  # fmt: skip
+NARROWING: list[tuple[str, str | None]] = [
+    ("KV blocks", "KV"), ("GPU mem", None), ("step p50", None), ("prefix hit", None), ("age", None),
+    ("GPU util", None), ("step p95", None), ("KV", None), ("run/wait", None),
+]  # fmt: skip
+
+
+def layouts() -> list[list[str]]:
+    """The column sets from the widest to the narrowest."""
+    shown, out = list(WIDE), [list(WIDE)]
+    for old, new in NARROWING:
+        at = shown.index(old)
+        shown = shown[:at] + ([new] if new else []) + shown[at + 1 :]
+        out.append(shown)
+    return out
+
+
+def _header(frame: Frame, prefix: str) -> Text:
+    """Two lines over the table: where, and the group's live backlog."""
+    when = time.strftime("%H:%M:%S", time.localtime(frame.taken_at))
+    first = f"llm workers  prefix={prefix}  consumers={frame.consumers}  {when}"
+    backlog = "-" if frame.groups == 0 else ("?" if frame.backlog is None else _fmt(frame.backlog, 0))
+    pending = _fmt(frame.pending, 0)
+    second = f"backlog {backlog} = lag {_lag(frame)} (not read) + pending {pending} (read, not acked)"
+    if frame.oldest_pending_s is not None:
+        second += f"  oldest {_fmt(frame.oldest_pending_s)} s"
+    return Text.assemble(plain(first, limit=400), "\n", plain(second, limit=400))
+
+
+def _notes(frame: Frame, prefix: str, max_age_s: float | None) -> Text | None:
+    """The lines under the table: what is not shown, and why there is no worker to show."""
+    lines = []
+    if frame.unreadable or frame.future:
+        parts = []
+        if frame.unreadable:
+            parts.append(f"{frame.unreadable} unreadable (not UTF-8, or no worker)")
+        if frame.future:
+            more = "+" if frame.future >= SCAN_ENTRIES else ""
+            parts.append(f"{frame.future}{more} dated ahead of the server's clock")
+        lines.append("stats entries skipped: " + ", ".join(parts))
+    if frame.other_pending and frame.rows:
+        lines.append(f"{frame.other_pending} pending held by consumers without a current record")
+    if frame.lag is None and frame.groups:
+        lines.append("lag ?: the server does not know it (entries were deleted or trimmed unread)")
+    if not frame.rows:
+        lines += _why_empty(frame, prefix, max_age_s)
+    return Text("\n").join(plain(line, limit=400) for line in lines) if lines else None
+
+
+def _why_empty(frame: Frame, prefix: str, max_age_s: float | None) -> list[str]:
+    if frame.stats_found:
+        age = f"{max_age_s:g} s" if max_age_s is not None else "--max-age-s"
+        return [f"no worker has written {prefix}:stats in the last {age} (--max-age-s)"]
+    if frame.streams:
+        return [f"no stats stream {prefix}:stats: workers not started, or stats off (LLM_STATS_INTERVAL_S=0)"]
+    lines = [f"nothing under prefix {prefix!r}: no {prefix}:stats and no request stream (wrong --prefix?)"]
+    if frame.prefixes is not None:
+        more = ", ..." if len(frame.prefixes) > HINT_PREFIXES else ""
+        shown = ", ".join(frame.prefixes[:HINT_PREFIXES]) + more
+        where = "" if frame.prefixes_complete else " (in part of the keyspace)"
+        if frame.prefixes:
+            lines.append(f"prefixes with a stats stream{where}: {shown}")
+        else:
+            lines.append(f"no stats stream under any prefix{where}")
+    return lines
+
+
+def _table(frame: Frame, prefix: str, keys: list[str], name_chars: int, max_age_s: float | None) -> Table:
+    columns = [COLUMNS[key] for key in keys]
     table = Table(
-        title=plain(
-            f"llm workers  prefix={prefix}  lag={_fmt(frame.lag, 0)}  pending={_fmt(frame.pending, 0)}  "
-            f"consumers={frame.consumers}  {time.strftime('%H:%M:%S', time.localtime(frame.taken_at))}",
-            limit=400,
-        ),
-        title_justify="left",
-        caption=_skipped(frame),
-        caption_justify="left",
-    )
-    columns = ["worker", "age s", "req/s", "tok/s", "lag", "pending", "run/wait", "KV blocks",
-               "prefix hit", "step p50 ms", "step p95 ms", "GPU util", "GPU mem"]  # fmt: skip
-    for i, name in enumerate(columns):
-        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+        title=_header(frame, prefix), title_justify="left", caption=_notes(frame, prefix, max_age_s),
+        caption_justify="left", box=box.SIMPLE, show_edge=False, show_footer=bool(frame.rows),
+    )  # fmt: skip
+    table.add_column("worker", footer=plain(f"total ({len(frame.rows)})"), no_wrap=True, overflow="ellipsis")
+    for column in columns:
+        table.add_column(column.header, footer=plain(column.total(frame)), justify="right", no_wrap=True)
     for r in frame.rows:
-        pending = r.pending if r.pending is not None else r.num("pending")
-        _add_row(
-            table, r.name, _fmt(r.age_s), _fmt(r.num("requests_per_s"), 2), _fmt(r.num("tokens_per_s"), 1),
-            _fmt(r.num("lag"), 0), _fmt(pending, 0),
-            f"{_fmt(r.num('running'), 0)}/{_fmt(r.num('waiting'), 0)}", _kv(r),
-            _fmt(r.num("prefix_hit_rate"), 3), _fmt(r.num("step_p50_ms"), 2), _fmt(r.num("step_p95_ms"), 2),
-            _fmt(r.num("gpu_util_pct"), 0, "%"),
-            _gpu_mem(r.num("gpu_mem_used_bytes"), r.num("gpu_mem_total_bytes")),
-        )  # fmt: skip
-    rows = frame.rows
-    if rows:
-        hits = [h for h in (r.num("prefix_hit_rate") for r in rows) if h is not None]
-        utils = [u for u in (r.num("gpu_util_pct") for r in rows) if u is not None]
-        used, total = _sum(rows, "kv_blocks_used"), _sum(rows, "kv_blocks_total")
-        table.add_section()
-        _add_row(
-            table, f"total ({len(rows)})", "", _fmt(_sum(rows, "requests_per_s"), 2),
-            _fmt(_sum(rows, "tokens_per_s"), 1), _fmt(frame.lag, 0), _fmt(frame.pending, 0),
-            f"{_fmt(_sum(rows, 'running'), 0)}/{_fmt(_sum(rows, 'waiting'), 0)}",
-            "-" if used is None or total is None else f"{used:.0f}/{total:.0f} ({_pct(used, total)})",
-            _fmt(sum(hits) / len(hits), 3) if hits else "-",
-            _fmt(max((r.num("step_p50_ms") or 0.0) for r in rows), 2) + " max",
-            _fmt(max((r.num("step_p95_ms") or 0.0) for r in rows), 2) + " max",
-            _fmt(sum(utils) / len(utils), 0, "%") if utils else "-",
-            _gpu_mem(_sum(rows, "gpu_mem_used_bytes"), _sum(rows, "gpu_mem_total_bytes")),
-        )  # fmt: skip
+        name = plain(middle_cut(plain(r.name).plain, name_chars), limit=name_chars)
+        table.add_row(name, *(plain(column.cell(r)) for column in columns))
     return table
 
 
-def _add_row(table: Table, *cells: str) -> None:
-    """One row, every cell plain text: a worker's name and fields are data, never markup."""
-    table.add_row(*(plain(cell) for cell in cells))
+def render(
+    frame: Frame, prefix: str, width: int | None = None, console: Console | None = None,
+    max_age_s: float | None = None,
+) -> Table:  # fmt: skip
+    """The frame as a table: every column when `width` is None, else the widest layout that fits in
+    `width` columns (measured with `console`), names cut to the room left."""
+    longest = max((cell_len(plain(r.name).plain) for r in frame.rows), default=0)
+    if width is None:
+        return _table(frame, prefix, WIDE, CELL_CHARS, max_age_s)
+    console = console or Console(width=width)
+    options = console.options.update_width(10 * width)  # the natural width, not one clamped to `width`
+    short = min(longest, NAME_MIN_CHARS) if longest else NAME_MIN_CHARS
+    candidates = layouts()
+    for keys in candidates:
+        table = _table(frame, prefix, keys, short, max_age_s)
+        needed = Measurement.get(console, options, table).maximum
+        if needed <= width or keys is candidates[-1]:
+            room = short + max(0, width - needed)
+            return _table(frame, prefix, keys, max(short, min(longest, room, CELL_CHARS)), max_age_s)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class View:
+    """A frame that lays itself out for the width it is given (a resized terminal included)."""
+
+    frame: Frame
+    prefix: str
+    max_age_s: float | None = None
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield render(self.frame, self.prefix, options.max_width, console, self.max_age_s)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -290,8 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     # Piped output (tests, `watch`, logs) gets a wide table instead of the 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 200)
 
-    def frame() -> Table:
-        return render(read_frame(client, names, args.group, args.max_age_s, streams), prefix)
+    def frame() -> View:
+        return View(read_frame(client, names, args.group, args.max_age_s, streams), prefix, args.max_age_s)
 
     try:
         if args.once:
