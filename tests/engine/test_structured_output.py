@@ -33,6 +33,7 @@ from worker.engine.structured import (
     allocate_bitmask,
     apply_bitmask_,
     bitmask_width,
+    consume_tokens,
     fill_bitmasks,
     parse_response_format,
 )
@@ -384,6 +385,28 @@ def test_fill_bitmasks_matches_row_by_row(compiler: GrammarCompiler, tokenizer: 
     assert torch.equal(together, one_by_one) and bool((together[2] == -1).all())
     with pytest.raises(Exception):  # noqa: B017 - llguidance's own error type for a wrong mask size
         matchers[1].fill_bitmask(allocate_bitmask(1, len(tokenizer)), 0)
+
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 9])  # the plain loop (<= 2 pairs) and llguidance's pool
+def test_consume_tokens_matches_one_by_one(compiler: GrammarCompiler, tokenizer: Any, size: int) -> None:
+    """The engine's batched consume gives each matcher the state, verdict and error of `accept`."""
+    specs = [
+        GrammarSpec.json_schema({"enum": [1, 2]}), GrammarSpec.regex("[a-c]{2,4}"), GrammarSpec.json_object()
+    ]
+    texts = ["1", "x", "{"]  # completes its grammar / refused / goes on
+    pairs_batched, pairs_single = [], []
+    for i in range(size):
+        spec, text = specs[i % 3], texts[i % 3]
+        token = tokenizer.encode(text, add_special_tokens=False)[0]
+        pairs_batched.append((compiler.compile(spec).new_matcher(), token))
+        pairs_single.append((compiler.compile(spec).new_matcher(), token))
+    together = consume_tokens(pairs_batched, threads=2)
+    assert together == [m.accept(t) for m, t in pairs_single]
+    assert together == [[True, False, True][i % 3] for i in range(size)]
+    for (a, _), (b, _) in zip(pairs_batched, pairs_single, strict=True):
+        assert (a.is_terminated, a.is_accepting, a.error) == (b.is_terminated, b.is_accepting, b.error)
+    assert pairs_batched[0][0].is_terminated  # "1" completed the enum: the engine ends that reply
 
 
 # --- the real model, constrained --------------------------------------------------------------------------

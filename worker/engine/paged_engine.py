@@ -205,9 +205,10 @@ class PagedEngine(Engine):
         Detokenizing and building the outputs of N sampled tokens is host work proportional to the
         batch; done while the device computes the next step (vLLM's async output processing), it
         costs no step time. Stop tokens and length are checked at once, so a finished sequence never
-        takes a step's slot; a stop string is found one step later, and the one token its sequence
-        computed meanwhile is dropped. Between `submit_step()` and `collect()` the caller may add and
-        abort requests: an aborted sequence's token from this step is dropped.
+        takes a step's slot; a stop string, and a grammar that the token completed, are found one step
+        later, and the one token their sequence computed meanwhile is dropped. Between `submit_step()`
+        and `collect()` the caller may add and abort requests: an aborted sequence's token from this step
+        is dropped.
         """
         if self._in_flight is None:
             return []
@@ -227,6 +228,9 @@ class PagedEngine(Engine):
             seq = item.seq
             if seq.is_finished:
                 continue  # a stop string or an abort ended it while this step ran
+            if seq.grammar_end is not None:  # its grammar ended the reply with the previous token
+                outputs.append(self._finish(seq, seq.grammar_end))
+                continue
             seq.num_computed_tokens = item.start + item.num_tokens
             if token is None:
                 continue
@@ -347,12 +351,10 @@ class PagedEngine(Engine):
         if token in seq.sampling.stop_token_ids:
             return "stop"
         if seq.matcher is not None:
-            # The mask allowed only this grammar's tokens; a complete reply ends here ("stop"). A refused
-            # token (the mask was bypassed: a bug) ends the reply rather than break the format.
-            if not seq.matcher.accept(token):
-                return "error"
-            if seq.matcher.is_terminated:
-                return "stop"
+            # Consumed by the next step's mask, while its forward runs (`GrammarGate.mask`); a reply the
+            # token completes (or a refused token: the mask was bypassed, a bug) ends when that step is
+            # read back, its one extra token dropped (`collect`).
+            seq.grammar_token = token
         if seq.detokenizer is not None and seq.detokenizer.stopped:
             return "stop"
         if seq.num_completion_tokens >= seq.sampling.max_tokens:

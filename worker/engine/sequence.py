@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from worker.engine.base import FinishReason, GenerationRequest, SamplingParams
 from worker.engine.detokenizer import Decoder, IncrementalDetokenizer
@@ -65,6 +65,12 @@ class Sequence:
         # Structured output (`worker/engine/structured`): where the reply stands in its grammar, once
         # the grammar is compiled (None: unconstrained, or not compiled yet).
         self.matcher: GrammarMatcher | None = None
+        # The sampled token its matcher has not consumed yet: consumed by the next step's mask, while the
+        # device runs that step's forward, not on the step's critical path (`GrammarGate.mask`).
+        self.grammar_token: int | None = None
+        # Set by that consume when the grammar is complete ("stop") or refused the token ("error"): the
+        # engine then ends the reply and drops the one token this sequence computed meanwhile.
+        self.grammar_end: Literal["stop", "error"] | None = None
         self.max_prefix_blocks: int | None = None  # prefix-cache hits it may take (None: any)
         self.detokenizer = (
             IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.sampling.stop)

@@ -25,8 +25,11 @@ How an engine uses it::
     logits = ...                    # the forward's output, [rows, logits_width]
     apply_bitmask_(logits, dev_mask, rows=constrained_rows_on_device)
     tokens = sample(logits, ...).tolist()   # the step's one host sync; host_mask may be refilled after it
-    for row, seq in constrained:
-        if not seq.matcher.accept(tokens[row]):   # only if something bypassed the mask
+    # step N + 1, after launching its forward (the paged engine's order: the consume is off the critical
+    # path, and the token step N + 1 sampled for an ended sequence is dropped):
+    accepted = consume_tokens([(seq.matcher, tokens[row]) for row, seq in constrained])
+    for (row, seq), ok in zip(constrained, accepted):
+        if not ok:                                # only if something bypassed the mask
             finish(seq, error=seq.matcher.error)
         elif seq.matcher.is_terminated:           # the grammar is complete: the reply ends
             finish(seq, "stop")
@@ -34,13 +37,13 @@ How an engine uses it::
 A sampled EOS is allowed only where the grammar is complete; the engine's usual EOS check then finishes
 the reply with "stop" as for any request. Masking must come before the sampler's extras: they add finite
 values (bias) or scale (penalties), which keep -inf at -inf. Two of them can leave a row with no allowed
-token: `min_tokens` and `ignore_eos` masking EOS where the grammar allows only EOS; finishing on
-`is_terminated` right after the token that completed the grammar avoids that step.
+token: `min_tokens` and `ignore_eos` masking EOS where the grammar allows only EOS; a sequence that
+`is_terminated` gets no mask row in the step it ends in, so that row is never empty (its token is dropped).
 """
 
 from worker.engine.structured.bitmask import allocate_bitmask, allowed_tokens, apply_bitmask_, bitmask_width
 from worker.engine.structured.compiler import CompiledGrammar, GrammarCompiler, GrammarHandle
-from worker.engine.structured.matcher import GrammarMatcher, fill_bitmasks
+from worker.engine.structured.matcher import GrammarMatcher, consume_tokens, fill_bitmasks
 from worker.engine.structured.spec import GrammarError, GrammarKind, GrammarSpec, parse_response_format
 
 __all__ = [
@@ -55,6 +58,7 @@ __all__ = [
     "allowed_tokens",
     "apply_bitmask_",
     "bitmask_width",
+    "consume_tokens",
     "fill_bitmasks",
     "parse_response_format",
 ]

@@ -6,29 +6,37 @@ grammar is in, each with a fresh matcher, and those whose grammar failed or time
 Nothing is allocated until the first such request: an engine that never sees one pays nothing.
 
 `mask(logits, seqs)` is called by the model runner after the step's forward is queued on the device: it
-fills the host bitmask rows of the constrained sequences (CPU work that overlaps the device's forward),
-copies them over and sets the disallowed logits to -inf, before any sampling extra. The host buffer is
-refilled only by the next step, after this step's sampled ids were read back (the step's one sync), so
-the asynchronous copy never races a refill.
+first has each constrained sequence's matcher consume the token the previous step sampled (the engine
+only records it when it reads the step back, so the consume is not on the step's critical path), then
+fills the host bitmask rows (CPU work that overlaps the device's forward), copies them over and sets the
+disallowed logits to -inf, before any sampling extra. Both run on llguidance's thread pool without the
+GIL. A sequence whose grammar the consume completed (or that refused the token: a bug, the mask allowed
+only grammar tokens) gets `grammar_end` and no mask row: the engine ends its reply when it reads this
+step back and drops the token it sampled, as it does after a stop string. The host buffer is refilled
+only by the next step, after this step's sampled ids were read back (the step's one sync), so the
+asynchronous copy never races a refill.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
 from worker.engine.structured.bitmask import allocate_bitmask, apply_bitmask_
 from worker.engine.structured.compiler import GrammarCompiler, GrammarHandle
-from worker.engine.structured.matcher import GrammarMatcher, fill_bitmasks
+from worker.engine.structured.matcher import GrammarMatcher, consume_tokens, fill_bitmasks
 from worker.engine.structured.spec import GrammarError, GrammarSpec
 
 
 class Constrained(Protocol):
-    """What the gate needs of a sequence: its grammar, and a slot for its matcher."""
+    """What the gate needs of a sequence: its grammar, a slot for its matcher, the sampled token its matcher
+    has yet to consume, and where the gate says that the grammar ended the reply."""
 
     matcher: GrammarMatcher | None
+    grammar_token: int | None
+    grammar_end: Literal["stop", "error"] | None
 
     @property
     def grammar(self) -> GrammarSpec | None: ...
@@ -96,7 +104,8 @@ class GrammarGate:
     def mask(self, logits: torch.Tensor, seqs: Sequence[Constrained]) -> None:
         """Set to -inf the logits (row i: `seqs[i]`) of the tokens each constrained sequence's grammar
         forbids next; rows of unconstrained sequences are untouched, and without any nothing runs."""
-        rows = [(seq.matcher, i) for i, seq in enumerate(seqs) if seq.matcher is not None]
+        self._consume(seqs)
+        rows = [(seq.matcher, i) for i, seq in enumerate(seqs) if seq.matcher and seq.grammar_end is None]
         if not rows:
             return
         if self._host_mask is None or self._host_mask.shape[0] < len(seqs):
@@ -115,6 +124,23 @@ class GrammarGate:
         index = torch.tensor([i for _, i in rows], dtype=torch.long)
         constrained = index.pin_memory() if self.device.type == "cuda" else index
         apply_bitmask_(logits, device_mask, rows=constrained.to(self.device, non_blocking=True))
+
+    def _consume(self, seqs: Sequence[Constrained]) -> None:
+        """Advance each matcher by the token its sequence sampled last; mark the replies that must end."""
+        waiting = [
+            (seq, seq.matcher, seq.grammar_token)
+            for seq in seqs
+            if seq.matcher is not None and seq.grammar_token is not None
+        ]
+        if not waiting:
+            return
+        accepted = consume_tokens([(matcher, token) for _, matcher, token in waiting], self.threads)
+        for (seq, matcher, _), ok in zip(waiting, accepted, strict=True):
+            seq.grammar_token = None
+            if not ok:
+                seq.grammar_end = "error"
+            elif matcher.is_terminated:
+                seq.grammar_end = "stop"
 
     def close(self) -> None:
         self._held.clear()
