@@ -12,6 +12,9 @@ import os
 # tqdm reads its environment when first imported, below; the engine process inherits both.
 os.environ["TQDM_DISABLE"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+# Idle OpenMP threads sleep rather than spin on cores that the worker's other threads (and, on a shared
+# host, other processes) need: read when torch loads, below (see `worker/engine/host_cpus.py`).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import signal

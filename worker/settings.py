@@ -232,6 +232,11 @@ class WorkerSettings(BaseSettings):
         default=_ENGINE.grammar_threads, ge=0, le=64,
         description="Structured output: threads filling a step's token masks; 0: a quarter of the CPUs, 1-8.",
     )  # fmt: skip
+    torch_threads: int = Field(
+        default=_ENGINE.torch_threads, ge=0, le=512,
+        description="CPU engine: torch's intra-op threads; 0: the CPUs this process may use (affinity and "
+        "cgroup quota) but one, at least 1. GPU engines keep torch's default.",
+    )  # fmt: skip
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         default="info", description="Log level of the JSON logs on stdout (any case)."
     )
@@ -478,7 +483,7 @@ class WorkerSettings(BaseSettings):
             attention_backend=self.attention_backend, cuda_graphs=self.cuda_graphs,
             prefill_interval_steps=self.prefill_interval_steps,
             async_output=self.async_output, echo_token_delay_ms=self.echo_token_delay_ms,
-            grammar_threads=self.grammar_threads,
+            grammar_threads=self.grammar_threads, torch_threads=self.torch_threads,
         )  # fmt: skip
 
     def resolved_device(self) -> str:

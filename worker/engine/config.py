@@ -47,6 +47,7 @@ class EngineConfig:
     async_output: bool | None = None  # stream step N's tokens while step N+1 runs; None: on with CUDA
     echo_token_delay_ms: float = 0.0  # echo engine: sleep per generated token
     grammar_threads: int = 0  # structured output: threads filling token masks; 0 = a quarter of the CPUs, 1-8
+    torch_threads: int = 0  # CPU engines: torch intra-op threads; 0 = `host_cpus.default_torch_threads()`
 
     def prune_policy(self) -> PrunePolicy:
         """KV pruning as configured; raises `ValueError` for an unusable budget or mode."""
