@@ -21,6 +21,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from producer.bulk import JobState, bulk_queue, enqueue_bulk, job_status, main, read_documents
+from producer.bulk.worker import BulkWorker
 from producer.wire.codec import decode_request
 from producer.wire.keys import requests_stream
 
@@ -45,8 +46,12 @@ def rq_conn(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.R
     conn.close()
 
 
+class InProcessBulkWorker(SimpleWorker, BulkWorker):
+    """`llm-bulk worker`'s BulkWorker, running jobs in this process (RQ's SimpleWorker)."""
+
+
 def run_queue(conn: redis.Redis, queue_name: str) -> None:
-    worker = SimpleWorker([bulk_queue(conn, queue_name)], connection=conn, serializer=JSONSerializer)
+    worker = InProcessBulkWorker([bulk_queue(conn, queue_name)], connection=conn, serializer=JSONSerializer)
     worker.work(burst=True)
 
 
@@ -75,6 +80,8 @@ def test_bulk_job_returns_echo_replies_in_document_order(rq_conn, prefix, start_
         assert r["finish_reason"] == ("length" if len(doc.split()) > 6 else "stop")
         assert r["usage"]["completion_tokens"] == min(len(doc.split()), 6)
     assert state["progress"] == {"total": 12, "finished": 12, "failed": 0, "in_flight": 0}
+    assert state["counts"] == {"total": 12, "succeeded": 12, "failed": 0, "in_flight": 0, "unanswered": 0}
+    assert result["unanswered"] == 0
 
 
 def test_batch_priority_requests_and_per_document_errors(rq_conn, redis_client, prefix, start_worker) -> None:
@@ -143,6 +150,17 @@ def start_rq_worker(redis_url: str, prefix: str, queue: str, log_path: Path, *, 
     with open(log_path, "ab") as log:
         return subprocess.Popen(cmd, cwd=ROOT, env=service_env(redis_url, prefix), stdout=log,
                                 stderr=subprocess.STDOUT)
+
+
+def stop_rq_worker(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM an idle stock RQ worker; SIGKILL it if it has not exited within 5 s. (Its warm shutdown joins
+    redis-py's pubsub thread, which may sit in a 60 s wait first: RQ's `subscribe` uses sleep_time=60.)"""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def kill_rq_worker(proc: subprocess.Popen[bytes]) -> None:
@@ -278,21 +296,24 @@ def test_bad_lines_are_reported_and_good_lines_run(redis_url, rq_conn, prefix, s
     queue = f"{prefix}-bulk"
     args = ["--redis-url", redis_url, "--queue", queue]
 
-    # --strict refuses the whole file, with every bad line named.
-    assert main([*args, "submit", str(docs), "--strict"]) == 2
-    err = capsys.readouterr().err
-    reported = [line.split(":")[1] for line in err.splitlines() if line.startswith(str(docs))]
-    assert reported == ["3", "4", "5", "7", "8"]
-    assert "invalid JSON" in err and "duplicate id 'x1' (first on line 1)" in err and "empty document" in err
+    # By default (and with --strict) the whole file is refused, with every bad line named and coded.
+    for extra in ([], ["--strict"]):
+        assert main([*args, "submit", str(docs), *extra]) == 2
+        err = capsys.readouterr().err
+        reported = [line.split(":")[1:3] for line in err.splitlines() if line.startswith(str(docs))]
+        assert reported == [["3", " invalid_json"], ["4", " duplicate_id"], ["5", " invalid_document"],
+                            ["7", " invalid_id"], ["8", " empty_document"]]
+        assert "duplicate id 'x1' (first on line 1)" in err
+        assert "5 bad lines; nothing submitted (--skip-invalid submits the other 2)" in err
+    assert bulk_queue(rq_conn, queue).count == 0
 
-    # Otherwise the good lines run; --wait shows progress on stderr, stdout has only the result lines.
+    # --skip-invalid runs the good lines; --wait shows progress on stderr, stdout has only the result lines.
     rq_log = tmp_path / "rq.log"
     rq = start_rq_worker(redis_url, prefix, queue, rq_log, burst=False)
     try:
-        assert main([*args, "submit", str(docs), "--wait", "--max-tokens", "1"]) == 0
+        assert main([*args, "submit", str(docs), "--skip-invalid", "--wait", "--max-tokens", "1"]) == 0
     finally:
-        rq.send_signal(signal.SIGTERM)
-        rq.wait(timeout=60)
+        stop_rq_worker(rq)
     out, err = capsys.readouterr()
     assert "5 bad lines skipped; submitting the other 2 documents" in err
     assert "2 succeeded, 0 failed" in err
@@ -306,11 +327,10 @@ def test_bad_lines_are_reported_and_good_lines_run(redis_url, rq_conn, prefix, s
     rq = start_rq_worker(redis_url, prefix, queue, rq_log, burst=False)
     out_file = tmp_path / "out.jsonl"
     try:
-        assert main([*args, "submit", str(docs), "--wait", "--max-tokens", "1", "--output", str(out_file)]) \
-            == 0
+        assert main([*args, "submit", str(docs), "--skip-invalid", "--wait", "--max-tokens", "1",
+                     "--output", str(out_file)]) == 0
     finally:
-        rq.send_signal(signal.SIGTERM)
-        rq.wait(timeout=60)
+        stop_rq_worker(rq)
     out, err = capsys.readouterr()
     assert out == ""
     assert [json.loads(line)["id"] for line in out_file.read_text().splitlines()] == ["x1", 6]
@@ -331,13 +351,22 @@ def test_cancel_stops_the_job_and_its_requests(redis_url, rq_conn, redis_client,
     assert main(["--redis-url", redis_url, "--queue", queue, "cancel", job.id]) == 0
     cancelled = json.loads(capsys.readouterr().out)
     assert cancelled["status_before"] == "started"
+    # The command waits for the running job to stop: RQ's own status says `canceled`, and the counts add up.
+    assert cancelled["status"] == "canceled"
+    assert cancelled["counts"] == {"total": 10, "succeeded": 0, "failed": 0, "in_flight": 0, "unanswered": 10}
     # This command or the job itself (it polls the flag) cancels each of the 3, whichever comes first;
     # that none had finished normally is checked in the chat worker's log below.
     assert cancelled["requests_cancelled"] + cancelled["requests_already_ended"] == 3
     assert rq.wait(timeout=60) == 0
-    result = job_status(job.id, rq_conn)["result"]
+    status = job_status(job.id, rq_conn)
+    assert status["status"] == "canceled"
+    assert job.get_status(refresh=True).value == "canceled"
+    result = status["result"]
     assert result["cancelled"] is True
-    assert result["succeeded"] == 0
+    assert (result["total"], result["succeeded"], result["failed"], result["unanswered"]) == (10, 0, 0, 10)
+    # A cancelled job is not resumed.
+    refused = bulk_cli(redis_url, prefix, "--queue", queue, "resume", job.id, "--force")
+    assert refused.returncode == 1 and "cancelled" in refused.stderr
     assert sum(sent_indices(redis_client, prefix).values()) == 3  # nothing sent after the cancel
     # The chat worker stopped all three early (or skipped one it had not started yet).
     sent_ids = {decode_request(f, prefix)[0].id for _, f in redis_client.xrange(requests_stream(prefix))}

@@ -10,8 +10,12 @@ job fills idle GPU time without hurting chat latency.
     python -m producer.bulk status JOB_ID
     python -m producer.bulk results JOB_ID    # the results stored so far, as JSON lines
     python -m producer.bulk resume JOB_ID     # run a failed, stopped or abandoned job again
-    python -m producer.bulk cancel JOB_ID     # stop a job and cancel its outstanding requests
-    python -m producer.bulk worker            # an RQ worker for the bulk queue (JSON serializer)
+    python -m producer.bulk cancel JOB_ID     # stop a job (it ends `canceled`) and cancel its requests
+    python -m producer.bulk worker            # BulkWorker: an RQ worker for the bulk queue (JSON serializer)
+
+`submit` checks every line as a worker checks its request and refuses the whole file when one is
+bad (`FILE:LINE: CODE: message` each; `--skip-invalid` submits the rest); a document that still
+fails at run time gets its own error result, and the job goes on.
 
 Jobs are resumable: each document's result is stored in Redis as it arrives (a hash per job,
 `llm-bulk:job:<id>:results`), and so is each outstanding request's id
@@ -29,11 +33,13 @@ a job carries no credentials. RQ's queue and the jobs' stored state are on
 Modules, one concept each:
 
     settings.py   BulkSettings (env `LLM_BULK_*`), the default instruction, RQ's Redis (rq_redis_url)
-    documents.py  the input file: documents, their ids, the bad lines (parse_documents, read_documents)
+    documents.py  the input file: documents, their ids, the bad lines and their codes (parse_documents)
+    validate.py   a document's chat request, checked as a worker checks it (check_document)
     store.py      a job's resumable state in Redis: results and outstanding requests (JobState)
     run.py        BulkRun: the bounded window of requests, replies collected in document order
     job.py        run_bulk_job, the RQ job function
-    control.py    enqueue_bulk, job_status, resume_job, cancel_job, bulk_queue
+    control.py    enqueue_bulk, job_status, resume_job, cancel_job, bulk_queue, settle_cancelled
+    worker.py     BulkWorker: RQ's Worker with a bounded recovery time for abandoned jobs
     cli.py        main: the argparse CLI, the progress bar, the results as JSON lines
 
 This package re-exports the names other code imports from `producer.bulk`. Two of them are

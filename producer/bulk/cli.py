@@ -10,13 +10,21 @@ from pathlib import Path
 
 import pydantic
 import redis
-from rq import Worker
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from producer.bulk.control import bulk_queue, cancel_job, enqueue_bulk, job_status, resume_job
-from producer.bulk.documents import read_documents
+from producer.bulk.control import (
+    ENDED,
+    bulk_queue,
+    cancel_job,
+    enqueue_bulk,
+    job_counts,
+    job_status,
+    resume_job,
+    settle_cancelled,
+)
+from producer.bulk.documents import InputFile, read_documents
 from producer.bulk.settings import (
     DEFAULT_INSTRUCTION,
     BulkConfigError,
@@ -24,8 +32,13 @@ from producer.bulk.settings import (
     rq_redis_url,
 )
 from producer.bulk.store import job_state
+from producer.bulk.validate import check_document, request_params
+from producer.bulk.worker import BulkWorker
 from producer.config_errors import CONFIG_ERROR_EXIT, print_config_error, print_config_event, redact
 from producer.settings import ProducerSettings
+
+MAX_ERRORS_SHOWN = 50  # bad input lines listed on stderr
+MAX_ERRORS_STORED = 1000  # bad input lines kept in a job's meta (`input_errors`)
 
 
 def _rq_connection(args: argparse.Namespace) -> redis.Redis:
@@ -58,9 +71,6 @@ def _fetch(job_id: str, conn: redis.Redis) -> Job | None:
         return None
 
 
-ENDED = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
-
-
 def _wait(job: Job, *, show_progress: bool) -> JobStatus | None:
     """Wait for the job to end; a progress bar (answered documents) on stderr meanwhile."""
     from rich.console import Console
@@ -77,7 +87,7 @@ def _wait(job: Job, *, show_progress: bool) -> JobStatus | None:
             status = job.get_status(refresh=True)
             bar.update(task, completed=state.answered())
             if status in ENDED:
-                return status
+                return JobStatus.CANCELED if settle_cancelled(job) else status
             time.sleep(0.5)
 
 
@@ -107,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--max-tokens", type=int)
     submit.add_argument("--temperature", type=float, default=0.0)
     submit.add_argument("--seed", type=int)
-    submit.add_argument("--strict", action="store_true", help="refuse the whole file if any line is bad")
+    submit.add_argument("--skip-invalid", action="store_true",
+                        help="submit the good lines when some are bad (default: refuse the whole file)")
+    submit.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)  # the default now
+    submit.add_argument("--max-errors", type=int, default=MAX_ERRORS_SHOWN,
+                        help=f"bad lines listed on stderr at most (default {MAX_ERRORS_SHOWN})")
     submit.add_argument("--wait", action="store_true",
                         help="wait for the job (progress on stderr) and write its results as JSON lines")
     submit.add_argument("--output", help="with --wait: write the results to this file instead of stdout")
@@ -124,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also a job still marked started (its RQ worker is dead)")
     cancel = sub.add_parser("cancel", help="stop a job and cancel its outstanding chat requests")
     cancel.add_argument("job_id")
+    cancel.add_argument("--wait-s", type=float, default=30.0,
+                        help="wait this long for a running job to stop (default 30; 0: do not wait)")
     work = sub.add_parser("worker", help="run an RQ worker for the bulk queue (JSON serializer)")
     work.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     args = p.parse_args(argv)
@@ -133,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # pydantic's ValidationError, BulkConfigError, a bad --rq-redis-url
         return _config_error(exc, args)
     if args.command == "worker":
-        worker = Worker([bulk_queue(conn, args.queue)], connection=conn, serializer=JSONSerializer)
+        try:
+            worker = BulkWorker([bulk_queue(conn, args.queue)], connection=conn)
+        except pydantic.ValidationError as exc:
+            return _config_error(exc, args)
         worker.work(burst=args.burst)
         return 0
     if args.command == "submit":
@@ -146,39 +165,85 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n} results", file=sys.stderr)
         return 0
     if args.command == "resume":
+        before = job.get_status(refresh=True)
         try:
             job = resume_job(job.id, conn, force=args.force)
         except InvalidJobOperation as exc:
             print(f"cannot resume: {exc}", file=sys.stderr)
             return 1
-        print(f"job {job.id} queued again; it resumes with {job_state(job).answered()} documents answered",
-              file=sys.stderr)
+        answered = job_state(job).answered()
+        if before in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+            print(f"job {job.id} is already {before.value}; it resumes with {answered} documents answered",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            print(f"job {job.id} queued again; it resumes with {answered} documents answered",
+                  file=sys.stderr)  # fmt: skip
         return 0
     if args.command == "cancel":
-        print(json.dumps(cancel_job(job.id, conn, redis_url=args.redis_url)))
+        print(json.dumps(cancel_job(job.id, conn, redis_url=args.redis_url, wait_s=max(0.0, args.wait_s))))
         return 0
     state = job_status(args.job_id, conn, with_results=not args.no_results)
     print(json.dumps(state, indent=2, ensure_ascii=False))
     return 0 if state["status"] != "failed" else 1
 
 
+def _check_requests(args: argparse.Namespace, parsed: InputFile) -> str | None:
+    """Each document's request checked as a worker checks it (bad ones join `parsed.errors`); the reason the
+    instruction or options alone make every request invalid, else None."""
+    settings = BulkSettings()
+    params = request_params(
+        max_tokens=args.max_tokens or settings.max_tokens, temperature=args.temperature, seed=args.seed,
+        tenant="bulk", request_timeout_s=settings.request_timeout_s,
+    )  # fmt: skip
+    content_type = ProducerSettings().content_type
+    problem = check_document("x", args.instruction, params, content_type=content_type)
+    if problem is not None:
+        return f"{problem[0]}: {problem[1]}"
+    bad: set[int] = set()
+    for i, (document, line) in enumerate(zip(parsed.documents, parsed.lines, strict=True)):
+        problem = check_document(document, args.instruction, params, content_type=content_type)
+        if problem is not None:
+            parsed.refuse(line, *problem)
+            bad.add(i)
+    parsed.drop(bad)
+    parsed.errors.sort(key=lambda e: e["line"])
+    return None
+
+
+def _report_bad_lines(args: argparse.Namespace, parsed: InputFile) -> None:
+    shown = parsed.errors[: max(0, args.max_errors)]
+    for error in shown:
+        print(f"{args.file}:{error['line']}: {error['code']}: {error['reason']}", file=sys.stderr)
+    if len(parsed.errors) > len(shown):
+        print(f"{args.file}: ... and {len(parsed.errors) - len(shown)} more bad lines", file=sys.stderr)
+
+
 def _submit(args: argparse.Namespace, conn: redis.Redis) -> int:
     try:
         parsed = read_documents(args.file)
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         print(f"cannot read {args.file}: {exc}", file=sys.stderr)
         return 2
-    for error in parsed.errors:
-        print(f"{args.file}:{error['line']}: {error['reason']}", file=sys.stderr)
-    if parsed.errors:
-        if args.strict or not parsed.documents:
-            why = "--strict" if parsed.documents else "no good lines"
-            print(f"{len(parsed.errors)} bad lines; nothing submitted ({why})", file=sys.stderr)
+    try:
+        options_problem = _check_requests(args, parsed)
+    except pydantic.ValidationError as exc:  # a bad LLM_* / LLM_BULK_* setting
+        return _config_error(exc, args)
+    if options_problem is not None:
+        print(f"nothing submitted: the instruction or options make every request invalid: {options_problem}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    _report_bad_lines(args, parsed)
+    good, bad = len(parsed.documents), len(parsed.errors)
+    if bad:
+        if not args.skip_invalid or args.strict:
+            hint = f" (--skip-invalid submits the other {good})" if good else ""
+            print(f"{bad} bad lines; nothing submitted{hint}", file=sys.stderr)
             return 2
-        good = len(parsed.documents)
-        bad = len(parsed.errors)
+        if not good:
+            print(f"{bad} bad lines and no good ones; nothing submitted", file=sys.stderr)
+            return 2
         print(f"{bad} bad lines skipped; submitting the other {good} documents", file=sys.stderr)
-    elif not parsed.documents:
+    elif not good:
         print(f"{args.file}: no documents; nothing submitted", file=sys.stderr)
         return 2
     job = enqueue_bulk(
@@ -191,7 +256,7 @@ def _submit(args: argparse.Namespace, conn: redis.Redis) -> int:
         temperature=args.temperature,
         seed=args.seed,
         ids=parsed.ids,
-        input_errors=parsed.errors,
+        input_errors=parsed.errors[:MAX_ERRORS_STORED],
     )
     if not args.wait:
         print(job.id)
@@ -203,12 +268,12 @@ def _submit(args: argparse.Namespace, conn: redis.Redis) -> int:
         print(f"\nstopped waiting; job {job.id} goes on (cancel: llm-bulk cancel {job.id})", file=sys.stderr)
         return 130
     n = _write_results(job, args.output)
-    result = job.return_value() if ended == JobStatus.FINISHED else None
-    if isinstance(result, dict):
-        summary = f"{result['succeeded']} succeeded, {result['failed']} failed"
-        if result.get("cancelled"):
-            summary += ", cancelled"
+    counts = job_counts(job)
+    summary = f"{counts['succeeded']} succeeded, {counts['failed']} failed"
+    if ended == JobStatus.FINISHED:
         print(f"job {job.id} finished: {summary}", file=sys.stderr)
-        return 1 if result.get("cancelled") else 0
-    print(f"job {job.id} {ended.value if ended else 'ended'}; {n} results stored", file=sys.stderr)
+        return 0
+    if counts["unanswered"] or counts["in_flight"]:
+        summary += f", {counts['unanswered'] + counts['in_flight']} unanswered"
+    print(f"job {job.id} {ended.value if ended else 'ended'}: {summary}; {n} results stored", file=sys.stderr)
     return 1

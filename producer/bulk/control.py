@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,7 +13,7 @@ from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from producer.bulk.documents import DocumentId
+from producer.bulk.documents import DocumentId, id_problem
 from producer.bulk.settings import DEFAULT_INSTRUCTION, BulkSettings, rq_redis_url
 from producer.bulk.store import job_state
 from producer.client import ChatClient
@@ -62,6 +63,10 @@ def enqueue_bulk(
     doc_ids = list(ids) if ids is not None else list(range(1, len(docs) + 1))
     if len(doc_ids) != len(docs):
         raise ValueError("ids and documents differ in length")
+    for doc_id in doc_ids:
+        problem = id_problem(doc_id)
+        if problem is not None:
+            raise ValueError(f"document id {str(doc_id)[:40]!r}: {problem}")
     if len(set(doc_ids)) != len(doc_ids):
         raise ValueError("document ids must be unique")
     settings = BulkSettings()
@@ -96,61 +101,144 @@ def enqueue_bulk(
     )
 
 
+def settle_cancelled(job: Job) -> bool:
+    """A job that returned after `cancel` (its result says `"cancelled": true`) ends `canceled`, RQ's
+    status for it, not `finished`; True if it is `canceled` now. The bulk worker does it as the job
+    returns; `status`, `cancel` and `submit --wait` do it for a job another RQ worker ran."""
+    status = job.get_status(refresh=True)
+    if status == JobStatus.CANCELED:
+        return True
+    if status != JobStatus.FINISHED:
+        return False
+    result = job.return_value(refresh=True)
+    if not (isinstance(result, dict) and result.get("cancelled")):
+        return False
+    with contextlib.suppress(InvalidJobOperation):  # cancelled meanwhile by another caller
+        job.cancel()
+    return True
+
+
+def job_counts(job: Job) -> dict[str, int]:
+    """The job's documents by outcome, from its stored results: `succeeded + failed + in_flight +
+    unanswered == total` (`unanswered`: neither answered nor outstanding; a cancelled job's leftovers)."""
+    state = job_state(job)
+    results = state.results()
+    total = len(job.args[0]) if job.args else len(results)
+    failed = sum(not r.get("ok") for r in results.values())
+    in_flight = 0 if job.get_status() in ENDED else len(set(state.in_flight()) - set(results))
+    return {
+        "total": total, "succeeded": len(results) - failed, "failed": failed, "in_flight": in_flight,
+        "unanswered": total - len(results) - in_flight,
+    }  # fmt: skip
+
+
+ENDED = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+
+
 def job_status(job_id: str, connection: redis.Redis, *, with_results: bool = True) -> dict[str, Any]:
-    """A job's state as JSON: status, progress, and its result or error once it ended."""
+    """A job's state as JSON: status, progress, counts, and its result or error once it ended."""
     job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+    settle_cancelled(job)
     status = job.get_status(refresh=True)
     out: dict[str, Any] = {
         "id": job.id,
         "status": str(status.value if status is not None else "unknown"),
         "description": job.description,
         "progress": job.get_meta(refresh=True).get("progress"),
+        "counts": job_counts(job),
         "enqueued_at": job.enqueued_at.isoformat() if job.enqueued_at else None,
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "ended_at": job.ended_at.isoformat() if job.ended_at else None,
     }
-    if job.is_finished:
+    if status in (JobStatus.FINISHED, JobStatus.CANCELED):
         result = job.return_value()
-        if not with_results and isinstance(result, dict):
-            result = {k: v for k, v in result.items() if k != "results"}
-        out["result"] = result
-    elif job.is_failed:
+        if result is not None:
+            if not with_results and isinstance(result, dict):
+                result = {k: v for k, v in result.items() if k != "results"}
+            out["result"] = result
+    elif status == JobStatus.FAILED:
         latest = job.latest_result()
         out["error"] = latest.exc_string if latest is not None else None
     return out
 
 
-def resume_job(job_id: str, conn: redis.Redis, *, force: bool = False) -> Job:
-    """Run a failed or stopped job again (it resumes from its stored results).
+def _abandoned(job: Job, conn: redis.Redis) -> tuple[list[bytes], bool]:
+    """The StartedJobRegistry entries (`job:execution`) of this job, and whether none has a live heartbeat
+    (each entry's score is its heartbeat's expiry). Read from the registry itself: an abandoned execution's
+    own hash expires before its registry entries do (RQ's `get_executions` then raises)."""
+    key = job.started_job_registry.key
+    prefix = f"{job.id}:".encode()
+    raw: list[tuple[bytes, float]] = conn.zrange(key, 0, -1, withscores=True)  # type: ignore[assignment]
+    entries = [(member, score) for member, score in raw if member.startswith(prefix)]
+    return [member for member, _ in entries], all(score < time.time() for _, score in entries)
 
-    A job still marked `started` is resumed only with `force` (its RQ worker is known to be
-    dead; RQ itself retries it once the worker's heartbeat expires).
+
+class ResumeRefused(InvalidJobOperation):
+    """The job cannot be resumed (cancelled, finished, or started with a live heartbeat and no force)."""
+
+
+def resume_job(job_id: str, conn: redis.Redis, *, force: bool = False) -> Job:
+    """Run a failed, stopped or abandoned job again (it resumes from its stored results).
+
+    A job still marked `started` is run again when its heartbeat has lapsed (its RQ worker died;
+    a live worker's maintenance would retry it soon), or at once with `force` (its RQ worker is
+    known to be dead). A job already queued again (RQ's retry) is left as it is. Raises
+    ResumeRefused (an InvalidJobOperation) otherwise.
     """
     job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
     status = job.get_status(refresh=True)
-    if job_state(job).cancelled():
-        raise InvalidJobOperation(f"job {job_id} was cancelled")
+    if status == JobStatus.CANCELED or job_state(job).cancelled():
+        raise ResumeRefused(f"job {job_id} was cancelled")
+    if status in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+        return job
+    queue = bulk_queue(conn, job.origin)
     if status in (JobStatus.FAILED, JobStatus.STOPPED):
-        return job.requeue()
-    if status == JobStatus.STARTED and force:
-        job.started_job_registry.remove_executions(job)
-        queue = bulk_queue(conn, job.origin)
+        try:
+            return job.requeue()
+        except InvalidJobOperation:  # no longer in the failed registry (expired there)
+            return queue.enqueue_job(job)
+    if status == JobStatus.STARTED:
+        entries, abandoned = _abandoned(job, conn)
+        if not (force or abandoned):
+            raise ResumeRefused(f"job {job_id} is started and its heartbeat is live; pass --force if its "
+                                "RQ worker is dead")  # fmt: skip
+        _forget_executions(job, conn, entries)
         return queue.enqueue_job(job)
-    raise InvalidJobOperation(
-        f"job {job_id} is {status.value if status else 'unknown'}"
-        + ("; pass --force if its RQ worker is dead" if status == JobStatus.STARTED else "")
-    )
+    raise ResumeRefused(f"job {job_id} is {status.value if status else 'unknown'}")
 
 
-def cancel_job(job_id: str, conn: redis.Redis, *, redis_url: str | None = None) -> dict[str, Any]:
-    """Stop a job: a queued one never runs, a running one stops at its next poll; its outstanding
-    chat requests are cancelled through the client (here, and by the job itself)."""
+def _forget_executions(job: Job, conn: redis.Redis, entries: list[bytes]) -> None:
+    """Drop a dead worker's executions of the job (RQ's own removal reads their hashes, expired first)."""
+    pipe = conn.pipeline(transaction=True)
+    if entries:
+        pipe.zrem(job.started_job_registry.key, *entries)
+    pipe.delete(job.execution_registry.key)
+    pipe.execute()
+
+
+def cancel_job(
+    job_id: str, conn: redis.Redis, *, redis_url: str | None = None, wait_s: float = 0.0
+) -> dict[str, Any]:
+    """Stop a job: a queued, failed, stopped or abandoned one ends `canceled` at once, a running one stops
+    at its next poll (waited for up to `wait_s`, then `canceled`); its outstanding chat requests are
+    cancelled through the client (here, and by the job itself). A finished job is left as it is."""
     job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+    status = job.get_status(refresh=True)
+    out: dict[str, Any] = {"id": job.id, "status_before": status.value if status else None}
+    if status in (JobStatus.FINISHED, JobStatus.CANCELED) and not settle_cancelled(job):
+        return {**out, "status": status.value, "requests_cancelled": 0, "requests_already_ended": 0,
+                "counts": job_counts(job)}  # fmt: skip
     state = job_state(job)
     state.cancel()
-    status = job.get_status(refresh=True)
-    if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
-        job.cancel()
+    running = status == JobStatus.STARTED
+    if running:
+        entries, abandoned = _abandoned(job, conn)
+        if abandoned:
+            _forget_executions(job, conn, entries)
+            running = False
+    if not running and job.get_status(refresh=True) != JobStatus.CANCELED:
+        with contextlib.suppress(InvalidJobOperation):
+            job.cancel()
     prefix = job.kwargs.get("prefix")
     url: dict[str, Any] = {"redis_url": redis_url} if redis_url else {}
     settings = ProducerSettings(**url, **({"prefix": prefix} if prefix else {}))
@@ -164,7 +252,13 @@ def cancel_job(job_id: str, conn: redis.Redis, *, redis_url: str | None = None) 
                     cancelled += 1
                 else:
                     ended += 1
+    deadline = time.monotonic() + wait_s
+    while running and not settle_cancelled(job) and time.monotonic() < deadline:
+        if job.get_status(refresh=True) in ENDED:
+            break
+        time.sleep(0.2)
+    now = job.get_status(refresh=True)
     return {
-        "id": job.id, "status_before": status.value if status else None,
-        "requests_cancelled": cancelled, "requests_already_ended": ended,
+        **out, "status": now.value if now else None,
+        "requests_cancelled": cancelled, "requests_already_ended": ended, "counts": job_counts(job),
     }  # fmt: skip

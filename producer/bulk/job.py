@@ -43,6 +43,7 @@ def run_bulk_job(
     last_save = [0.0]
 
     def progress(run: BulkRun) -> dict[str, int]:
+        # `finished` counts the answered documents, `failed` those of them that failed.
         return {
             "total": len(documents),
             "finished": run.finished,
@@ -88,11 +89,21 @@ def run_bulk_job(
     if job is not None:
         job.meta["progress"] = progress(run)
         job.save_meta()
+    return job_result(instruction, len(documents), results, cancelled=cancelled)
+
+
+def job_result(
+    instruction: str, total: int, results: list[dict[str, Any]], *, cancelled: bool
+) -> dict[str, Any]:
+    """A job's result. `succeeded + failed + unanswered == total`: `unanswered` counts the documents a
+    cancel left without an answer (0 for a job that ran to its end)."""
+    failed = sum(not r["ok"] for r in results)
     return {
         "instruction": instruction,
-        "total": len(documents),
-        "succeeded": len(results) - run.failed,
-        "failed": run.failed,
+        "total": total,
+        "succeeded": len(results) - failed,
+        "failed": failed,
+        "unanswered": total - len(results),
         "cancelled": cancelled,
         "results": results,
     }

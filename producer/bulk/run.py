@@ -13,6 +13,7 @@ import redis
 
 from producer.bulk.documents import DocumentId
 from producer.bulk.store import JobState
+from producer.bulk.validate import document_messages, problem_of, request_params
 from producer.client import CLUSTER_REPLY_SLICE_MS, ChatClient, ChatError
 from producer.wire.backoff import Backoff
 from producer.wire.codec import decode_event
@@ -89,16 +90,10 @@ class BulkRun:
         self.max_in_flight = max_in_flight
         self.request_timeout_s = request_timeout_s
         self.overloaded_retries = overloaded_retries
-        self.params: dict[str, Any] = {
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "stream": False,
-            "priority": "batch",
-            "tenant": tenant,
-            "timeout_ms": int(request_timeout_s * 1000),
-        }
-        if seed is not None:
-            self.params["seed"] = seed
+        self.params = request_params(
+            max_tokens=max_tokens, temperature=temperature, seed=seed, tenant=tenant,
+            request_timeout_s=request_timeout_s,
+        )  # fmt: skip
         self.metadata = metadata or {}
         self.state = state
         self.results: list[dict[str, Any] | None] = [None] * len(documents)
@@ -177,13 +172,16 @@ class BulkRun:
             if time.monotonic() < self._retry_at_s:
                 return
             index = self.to_send[0]
-            messages = [
-                {"role": "system", "content": self.instruction},
-                {"role": "user", "content": self.documents[index]},
-            ]
+            messages = document_messages(self.instruction, self.documents[index])
             metadata = {**self.metadata, "index": index}
             try:
                 request_id = self.client.submit(messages, metadata=metadata, **self.params)
+            except (ValueError, TypeError, RecursionError) as exc:
+                # A request the client cannot build or encode (a document past the checks of `submit`,
+                # from `enqueue_bulk` say): that document fails alone, with the worker's code.
+                self.to_send.popleft()
+                self._finish(index, _failed(index, self.ids[index], *problem_of(exc)))
+                continue
             except ChatError as exc:
                 if exc.code is not ErrorCode.OVERLOADED:
                     self.to_send.popleft()
@@ -246,19 +244,31 @@ class BulkRun:
                 continue
             for entry_id, fields in entries:
                 slot.last_id = entry_id
-                event = decode_event(fields)
                 doc_id = self.ids[slot.index]
+                try:
+                    event = decode_event(fields)
+                except ValueError as exc:  # a malformed reply costs only its document
+                    message = f"malformed reply: {exc}"[:300]
+                    self._finish(slot.index, _failed(slot.index, doc_id, ErrorCode.INTERNAL.value, message))
+                    del self.in_flight[key]
+                    break
                 if isinstance(event, DoneEvent):
                     self._finish(slot.index, _ok(slot.index, doc_id, event))
                 elif isinstance(event, ErrorEvent):
                     if event.code is ErrorCode.OVERLOADED:
                         self._refused(slot.index, event.message, queued=False)
+                    elif event.code is ErrorCode.CANCELLED and self._job_cancelled():
+                        # Cancelled with the job (by `cancel`, before this run saw the flag): unanswered.
+                        self.state.forget_in_flight(slot.index)  # type: ignore[union-attr]
                     else:
                         self._finish(slot.index, _failed(slot.index, doc_id, event.code.value, event.message))
                 else:
                     continue
                 del self.in_flight[key]
                 break
+
+    def _job_cancelled(self) -> bool:
+        return self.state is not None and self.state.cancelled()
 
     def _expire(self) -> None:
         now = time.monotonic()

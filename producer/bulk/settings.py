@@ -71,6 +71,18 @@ class BulkSettings(BaseSettings):
         ge=0,
         description="How often RQ runs a job again after its RQ worker died (it resumes where it stopped).",
     )
+    heartbeat_ttl_s: int = Field(
+        default=60,
+        ge=3,
+        description="`llm-bulk worker`: a running job's heartbeat TTL (renewed every third of it); once it "
+        "lapses, the job counts as abandoned and the next maintenance pass runs it again.",
+    )
+    maintenance_interval_s: int = Field(
+        default=15,
+        ge=1,
+        description="`llm-bulk worker`: how often it looks for abandoned jobs, idle or busy (RQ's "
+        "maintenance: registries cleaned, abandoned jobs retried).",
+    )
 
     @field_validator("rq_redis_url")
     @classmethod

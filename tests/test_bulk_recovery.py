@@ -1,0 +1,167 @@
+"""Bulk recovery: an RQ worker killed (SIGKILL) mid-job. `resume --force` works at once and after the job's
+heartbeat lapsed (RQ's execution hashes expired, its registry entries not yet), and a restarted
+`llm-bulk worker` runs the abandoned job again within its heartbeat TTL plus its maintenance interval;
+the job resumes from its stored state (answered documents are never sent again)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.bulk import JobState, enqueue_bulk, job_status
+from producer.wire.codec import decode_request
+from producer.wire.keys import requests_stream
+
+ROOT = Path(__file__).resolve().parents[1]
+HEARTBEAT_TTL_S = 3
+MAINTENANCE_INTERVAL_S = 1
+
+
+@pytest.fixture()
+def rq_conn(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    conn = redis.Redis.from_url(redis_url)
+    yield conn
+    conn.close()
+
+
+def env_for(redis_url: str, prefix: str) -> dict[str, str]:
+    return {**os.environ, "REDIS_URL": redis_url, "LLM_PREFIX": prefix, "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1", "LLM_BULK_HEARTBEAT_TTL_S": str(HEARTBEAT_TTL_S),
+            "LLM_BULK_MAINTENANCE_INTERVAL_S": str(MAINTENANCE_INTERVAL_S)}  # fmt: skip
+
+
+def bulk_worker(redis_url: str, prefix: str, queue: str, log: Path, *, burst: bool
+                ) -> subprocess.Popen[bytes]:
+    """`llm-bulk worker` (BulkWorker) with the test's small heartbeat TTL and maintenance interval."""
+    cmd = [sys.executable, "-m", "producer.bulk", "--queue", queue, "worker", *(["--burst"] if burst else [])]
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env_for(redis_url, prefix), stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def bulk_cli(redis_url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "producer.bulk", *args], cwd=ROOT, text=True,
+                          env=env_for(redis_url, prefix), capture_output=True, timeout=120, check=False)
+
+
+def kill_worker(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the RQ worker and its work horse (in a process group of its own): no cleanup at all."""
+    horses = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == proc.pid]
+    assert horses, "the RQ worker has no work horse"
+    for pid in [*horses, proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _ppid(proc_dir: Path) -> int | None:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("recovery", ["resume_at_once", "resume_after_heartbeat_lapsed", "restarted_worker"])
+def test_killed_worker_job_is_recovered(recovery, redis_url, rq_conn, redis_client, prefix, start_worker,
+                                        tmp_path: Path) -> None:
+    # 4 tokens at 40 ms each, two requests in flight: the job is mid-way when its RQ worker is killed.
+    worker = start_worker("echo", echo_token_delay_ms=40, trim_interval_s=3600)
+    documents = [f"doc{i} one two three four five" for i in range(24)]
+    queue = f"{prefix}-bulk"
+    job = enqueue_bulk(documents, "Summarize.", connection=rq_conn, queue=queue, prefix=prefix,
+                       max_in_flight=2, max_tokens=4, request_timeout_s=120)
+    state = JobState(rq_conn, job.id, 3600)
+    log = tmp_path / "rq.log"
+    kill_worker_when = 6
+    rq = bulk_worker(redis_url, prefix, queue, log, burst=True)
+    wait_for(lambda: state.answered() >= kill_worker_when, 60, "documents answered")
+    kill_worker(rq)
+    killed_at = time.monotonic()
+    answered_before = set(state.results())
+    in_flight_before = set(state.in_flight())
+    assert kill_worker_when <= len(answered_before) < len(documents)
+    assert job.get_status(refresh=True).value == "started"
+
+    if recovery == "restarted_worker":
+        # No command: a worker started right away finds the job abandoned once its heartbeat lapses.
+        rq = bulk_worker(redis_url, prefix, queue, log, burst=False)
+        try:
+            wait_for(lambda: job.get_status(refresh=True).value != "started" or len(state.results()) > len(
+                answered_before), HEARTBEAT_TTL_S + MAINTENANCE_INTERVAL_S + 10, "the job picked up again")
+            picked_up_s = time.monotonic() - killed_at
+            wait_for(lambda: job.get_status(refresh=True).value == "finished", 60, "the job finished")
+        finally:
+            rq.send_signal(signal.SIGTERM)
+            assert rq.wait(timeout=20) == 0, log.read_text()
+        # Within the TTL and one maintenance pass (and some slack for a loaded machine).
+        assert picked_up_s < HEARTBEAT_TTL_S + MAINTENANCE_INTERVAL_S + 5
+        assert "Moved to FailedJobRegistry" not in log.read_text()
+    else:
+        if recovery == "resume_after_heartbeat_lapsed":
+            # The execution's hash expires with the heartbeat; its registry entries live on (RQ's own
+            # `remove_executions` raised `Execution ... not found` here).
+            execution_keys = lambda: rq_conn.keys(f"rq:execution:{job.id}:*")  # noqa: E731
+            wait_for(lambda: not execution_keys(), HEARTBEAT_TTL_S + 5, "the execution hash expired")
+            assert rq_conn.zcard(f"rq:executions:{job.id}") >= 1
+        resumed = bulk_cli(redis_url, prefix, "--queue", queue, "resume", job.id, "--force")
+        assert resumed.returncode == 0, resumed.stderr
+        assert "Traceback" not in resumed.stderr
+        assert f"job {job.id} queued again; it resumes with" in resumed.stderr
+        assert job.get_status(refresh=True).value == "queued"
+        # Resuming again is harmless: the job is already queued.
+        again = bulk_cli(redis_url, prefix, "--queue", queue, "resume", job.id, "--force")
+        assert again.returncode == 0 and "already queued" in again.stderr, again.stderr
+        rq = bulk_worker(redis_url, prefix, queue, log, burst=True)
+        assert rq.wait(timeout=120) == 0, log.read_text()
+
+    status = job_status(job.id, rq_conn)
+    assert status["status"] == "finished", status
+    result = status["result"]
+    assert (result["total"], result["succeeded"], result["failed"], result["unanswered"]) == (24, 24, 0, 0)
+    assert [r["text"] for r in result["results"]] == [" ".join(d.split()[:4]) for d in documents]
+    sent = collections.Counter(
+        decode_request(fields, prefix)[0].metadata["index"]
+        for _, fields in redis_client.xrange(requests_stream(prefix))
+    )
+    assert set(sent) == set(range(len(documents)))
+    # Answered before the kill: never sent again; in flight at the kill: waited for, not sent again.
+    assert all(sent[i] == 1 for i in answered_before | in_flight_before), sent
+    assert sum(sent.values()) <= len(documents) + 1, sent
+    assert len(worker.events("request_done")) == sum(sent.values())
+
+
+def test_resume_without_force_waits_for_the_heartbeat(redis_url, rq_conn, prefix, start_worker,
+                                                      tmp_path: Path) -> None:
+    # While the killed worker's heartbeat is live, plain `resume` refuses (the worker might be alive)
+    # and says what to do; once it lapsed, plain `resume` runs the job again too.
+    start_worker("echo", echo_token_delay_ms=40)
+    queue = f"{prefix}-bulk"
+    job = enqueue_bulk([f"d{i} a b c d" for i in range(20)], connection=rq_conn, queue=queue, prefix=prefix,
+                       max_in_flight=1, max_tokens=4, request_timeout_s=120)
+    state = JobState(rq_conn, job.id, 3600)
+    rq = bulk_worker(redis_url, prefix, queue, tmp_path / "rq.log", burst=True)
+    wait_for(lambda: state.answered() >= 2, 60, "documents answered")
+    kill_worker(rq)
+    refused = bulk_cli(redis_url, prefix, "--queue", queue, "resume", job.id)
+    assert refused.returncode == 1 and "--force" in refused.stderr and "Traceback" not in refused.stderr
+    time.sleep(HEARTBEAT_TTL_S + 0.5)
+    resumed = bulk_cli(redis_url, prefix, "--queue", queue, "resume", job.id)
+    assert resumed.returncode == 0, resumed.stderr
+    assert job.get_status(refresh=True).value == "queued"
