@@ -102,8 +102,9 @@ def latency_html(rows: list[list[str]]) -> str:
     )
     return (
         "<section id='llm-latency' style='font-family:sans-serif;margin:24px'>"
-        "<h2>Latency samples (not requests)</h2><p>Time to first token and time per output token after the "
-        "first, one sample per streamed chat; the request statistics above count chats only.</p>"
+        "<h2>Latency samples (not requests)</h2><p>Time to first token (ttft) and per output token after "
+        "the first (tpot), one sample per streamed chat, and the other timings of a chat; the request "
+        "statistics above count chats only.</p>"
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></section>"
     )
 

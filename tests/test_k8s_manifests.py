@@ -397,7 +397,7 @@ def test_keda_prometheus_overlay_scales_on_documented_metrics(docs, tmp_path: Pa
     meta = trigger["metadata"]
     query = meta["query"]
     # The demand the two Redis triggers measure: lag + pending, one pod per GPU-full of requests.
-    assert promql_metric_names(query) == {"llm_queue_lag", "llm_queue_pending"}
+    assert promql_metric_names(query) == {"llm_queue_lag", "llm_queue_length", "llm_queue_pending"}
     assert not undocumented(promql_metric_names(query))
     # Group-level gauges, reported by every worker: reduced with max over pods, never summed per pod.
     assert query.count("max by (tenant)") == 2

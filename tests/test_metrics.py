@@ -3,7 +3,8 @@
 - After requests of known sizes, PromQL over the scraped series gives exactly the requests, tokens and
   histogram counts that were sent and answered.
 - The queue gauges follow a backlog the test builds (a slow worker reading one request at a time) and
-  then drains.
+  then drains; the lag's series is absent, not 0, while the server does not know the lag (XDEL of an
+  entry no worker has read), and back once it does.
 - `/health` and `/ready` follow a Redis outage (unready, still live) and an engine that died.
 - Hostile or missing readings (NaN, a failing GPU reading, no GPU, a client-chosen tenant) never break a
   scrape nor make a series.
@@ -17,19 +18,29 @@ import signal
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import psutil
 import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_server import PrometheusServer, binary
 from worker_process import spawn_worker
 
 from producer.client import ChatClient
+from producer.wire.keys import StreamNames
 from worker.engine.base import EngineCapacity
 from worker.local_redis.server import EmbeddedRedis, free_port
+from worker.observability.counters import LoopCounters
 from worker.observability.gpu_telemetry import GpuSample
+from worker.observability.live_stats import LiveStats
 from worker.observability.metrics import WorkerMetrics
+from worker.observability.phase_times import PhaseTimes
+from worker.settings import WorkerSettings
 
 needs_prometheus = pytest.mark.skipif(binary("prometheus") is None, reason="prometheus is not installed")
 
@@ -137,6 +148,133 @@ def test_queue_gauges_follow_a_backlog_and_its_drain(redis_url: str, prefix: str
             assert prom.value("sum(llm_requests_total)") == 24
     finally:
         assert worker.stop() == 0
+
+
+def queue_samples(text: str) -> dict[tuple[str, str], float]:
+    """The `llm_queue_*` samples of an exposition: (name, tenant) -> value."""
+    return {
+        (sample.name, sample.labels["tenant"]): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("llm_queue_") and "tenant" in sample.labels
+    }
+
+
+def wait_queue(port: int, check, timeout_s: float = 30.0) -> dict[tuple[str, str], float]:
+    """Scrape the worker's /metrics until `check(samples)` holds; the samples."""
+    deadline = time.monotonic() + timeout_s
+    samples: dict[tuple[str, str], float] = {}
+    while time.monotonic() < deadline:
+        samples = queue_samples(get(port, "/metrics")[1])
+        if check(samples):
+            return samples
+        time.sleep(0.05)
+    raise AssertionError(f"the queue gauges never got there; last: {samples}")
+
+
+def test_queue_lag_is_absent_while_the_server_does_not_know_it(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A backlog behind a slow worker; an entry no worker has read is deleted: XINFO GROUPS answers a nil
+    lag, and the worker's /metrics has no lag sample (not 0) while length and pending stay; once the group
+    has read the stream's last entry the lag is known again and the sample is back, 0."""
+    port = free_port()
+    worker = spawn_worker(
+        redis_url, prefix, tmp_path, "m6", "echo", metrics_port=port, stats_interval_s=0.1,
+        max_waiting_requests=1, max_num_seqs=1, echo_token_delay_ms=40,
+    )  # fmt: skip
+    stream = StreamNames.for_prefix(prefix).requests
+    lag, length, pending = (("llm_queue_lag", "none"), ("llm_queue_length", "none"),
+                            ("llm_queue_pending", "none"))  # fmt: skip
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        worker.wait_started()
+        with ChatClient(redis_url, prefix=prefix) as client:
+            for i in range(20):
+                client.submit([{"role": "user", "content": f"req {i}"}], max_tokens=4)
+        wait_queue(port, lambda s: s.get(lag, 0) >= 8)
+        (group,) = admin.xinfo_groups(stream)
+        unread = [entry_id for entry_id, _ in admin.xrange(stream, min=b"(" + group["last-delivered-id"])]
+        assert admin.xdel(stream, unread[len(unread) // 2]) == 1
+        assert admin.xinfo_groups(stream)[0]["lag"] is None  # the server no longer knows it
+
+        samples = wait_queue(port, lambda s: lag not in s)
+        assert samples[length] >= 8 and pending in samples, samples
+        assert "llm_queue_lag" in get(port, "/metrics")[1]  # its HELP and TYPE stay: one tenant's gap
+
+        samples = wait_queue(port, lambda s: s.get(lag) == 0 and s.get(pending) == 0)
+        assert admin.xinfo_groups(stream)[0]["lag"] == 0
+        assert len(worker.events("request_done")) == 19  # all but the deleted one
+    finally:
+        admin.close()
+        assert worker.stop() == 0
+
+
+# Each tenant's request streams (its shards): entries, how many the group has read, and which one (if
+# any) is deleted afterwards, read or not.
+_streams = st.integers(0, 5).flatmap(
+    lambda n: st.tuples(st.just(n), st.integers(0, n), st.none() | st.integers(0, max(n - 1, 0)))
+)
+_shards = st.lists(_streams, min_size=1, max_size=3)
+_tenants = st.dictionaries(st.sampled_from(["acme", "bolt", None]), _shards, min_size=1, max_size=3)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tenants=_tenants)
+def test_queue_lag_sample_is_the_sum_over_shards_or_absent(redis_url: str, tenants: dict) -> None:
+    """Per tenant, over its shards as the server reports them: length and pending are sums; the lag is
+    the sum when every shard's is known, else absent; the next reading after the group caught up with the
+    end of every shard brings it back."""
+    root = f"q{uuid.uuid4().hex[:10]}"
+    client = redis.Redis.from_url(redis_url)
+    streams: dict[str, str | None] = {}
+    try:
+        for tenant, shards in tenants.items():
+            for k, (n, read, delete) in enumerate(shards):
+                stream = f"{root}:{tenant}:{k}:requests"
+                streams[stream] = tenant
+                client.xgroup_create(stream, "workers", id="0", mkstream=True)
+                ids = [client.xadd(stream, {"n": str(i)}) for i in range(n)]
+                if read:
+                    client.xreadgroup("workers", "c", {stream: ">"}, count=read)
+                if delete is not None and ids:
+                    client.xdel(stream, ids[delete])
+        worker_settings = WorkerSettings(redis_url=redis_url, stats_interval_s=1e-6, consumer_name="w")
+        metrics = WorkerMetrics(tenants=["acme", "bolt"])
+        engine = _IdleEngine()
+        stats = LiveStats(
+            client, StreamNames.for_prefix(root), worker_settings, engine, LoopCounters(),  # type: ignore[arg-type]
+            PhaseTimes(), requests=list(streams), metrics=metrics, tenants=streams,
+        )  # fmt: skip
+
+        for _ in range(2):  # as read, then with every shard read to its end
+            time.sleep(0.001)
+            assert stats.tick() is not None
+            samples = queue_samples(generate_latest(metrics.registry).decode())
+            for tenant in tenants:
+                own = [s for s, t in streams.items() if t == tenant]
+                groups = [client.xinfo_groups(s)[0] for s in own]
+                label = tenant or "none"
+                assert samples[("llm_queue_length", label)] == sum(client.xlen(s) for s in own)
+                assert samples[("llm_queue_pending", label)] == sum(g["pending"] for g in groups)
+                lags = [g["lag"] for g in groups]
+                expected = None if None in lags else sum(lags)
+                assert samples.get(("llm_queue_lag", label)) == expected, (label, lags, samples)
+            for stream in streams:  # a new entry (the newest may be the one deleted), then all read
+                client.xadd(stream, {"n": "last"})
+                client.xreadgroup("workers", "c", {stream: ">"})
+        assert all(("llm_queue_lag", t or "none") in samples for t in tenants)  # caught up: all known
+    finally:
+        client.delete(*streams, f"{root}:stats")
+        client.close()
+
+
+class _IdleEngine:
+    def capacity(self) -> EngineCapacity:
+        return EngineCapacity(running=0, decode_tokens=0, free_kv_tokens=None, total_kv_tokens=None)
+
+    def describe(self) -> dict[str, str | int]:
+        return {"model": "none"}
 
 
 def test_probes_follow_a_redis_outage(prefix: str, tmp_path: Path) -> None:

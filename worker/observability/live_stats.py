@@ -192,22 +192,29 @@ class LiveStats:
 
     def _queue_metrics(self) -> None:
         """The queue gauges of each tenant (`metrics.py`): XLEN, the group's lag and pending, and the age
-        of its oldest pending entry, summed over the tenant's streams (its shards)."""
+        of its oldest pending entry, summed over the tenant's streams (its shards). The lag is None (its
+        series absent) while the server does not know it for one of them: XINFO GROUPS answers nil once an
+        entry the group had not read was deleted (XDEL), until the group has read the stream's newest one."""
         assert self.metrics is not None
-        totals: dict[str | None, list[float]] = {}
+        totals: dict[str | None, tuple[int, int | None, int, float]] = {}
         for stream in self.requests:
             length = int(self.client.xlen(stream))
             backlog = group_backlog(self.client, stream, self.group)
             summary = self.client.xpending(stream, self.group) if backlog is not None else None
             oldest = summary.get("min") if isinstance(summary, dict) else None
             age = stream_id_age_s(oldest) if oldest else 0.0
-            t = totals.setdefault(self.tenants.get(stream), [0.0, 0.0, 0.0, 0.0])
-            t[0] += length
-            t[1] += (backlog.lag or 0) if backlog is not None else 0
-            t[2] += (backlog.pending or 0) if backlog is not None else 0
-            t[3] = max(t[3], age)
-        for tenant, (entries, lag, pending, oldest_s) in totals.items():
-            self.metrics.set_queue(tenant, int(entries), int(lag), int(pending), oldest_s)
+            lag = backlog.lag if backlog is not None else 0
+            pending = (backlog.pending or 0) if backlog is not None else 0
+            tenant = self.tenants.get(stream)
+            entries, lag_sum, pending_sum, oldest_s = totals.get(tenant, (0, 0, 0, 0.0))
+            totals[tenant] = (
+                entries + length,
+                None if lag is None or lag_sum is None else lag_sum + lag,
+                pending_sum + pending,
+                max(oldest_s, age),
+            )
+        for tenant, (entries, lag_sum, pending_sum, oldest_s) in totals.items():
+            self.metrics.set_queue(tenant, entries, lag_sum, pending_sum, oldest_s)
 
     def _not_written(self, exc: Exception) -> None:
         log.warning("stats_not_written", error=f"{type(exc).__name__}: {exc}"[:200])

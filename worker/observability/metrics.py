@@ -204,8 +204,12 @@ class WorkerMetrics:
         self, tenant: str | None, length: int | None, lag: int | None, pending: int | None,
         oldest_age_s: float | None,
     ) -> None:  # fmt: skip
-        """One tenant's request streams as the group sees them; a reading not had keeps its last value."""
+        """One tenant's request streams as the group sees them. `lag` None: the server does not know it
+        (XINFO GROUPS answers nil), so `llm_queue_lag` has no sample for the tenant until it is known
+        again, rather than a 0 that reads as an empty queue; another reading None keeps its last value."""
         label = self.tenant_label(tenant)
+        if lag is None:
+            self.queue_lag.remove(label)  # nothing to remove: a no-op
         for gauge, value in (
             (self.queue_length, length), (self.queue_lag, lag), (self.queue_pending, pending),
             (self.queue_oldest, oldest_age_s),
