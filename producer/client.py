@@ -12,7 +12,8 @@ under `<prefix>:t:{<tenant>}`, and the client uses only what a tenant's ACL user
 XADD to its request and cancel streams, XREAD of its reply streams. So a tenant's client
 runs no script: `submit` appends with a plain XADD (the workers shed a backlog over
 their limit with `overloaded`), and `cancel` appends the id to the tenant's cancel
-stream, after which a worker writes the `cancelled` reply under the final-reply guard.
+stream, after which the worker holding the request, or the one that reads it later,
+writes the `cancelled` reply under the final-reply guard.
 
 Shards and Redis Cluster (`LLM_STREAM_SHARDS`, `LLM_REDIS_CLUSTER`; docs/scaling.md): with N
 shards a request goes to the namespace `<prefix>:s:{<n>}` of shard `crc32(shard_key or id) % N`
@@ -27,8 +28,9 @@ Reliability, client side (see docs/reliability.md):
   `max_backlog_requests` (an atomic check-and-append script);
 - connection errors are retried with jittered exponential backoff, reading the reply
   stream from the last id seen, so a Redis restart loses no event it kept;
-- `cancel(id)` answers `cancelled` at once and makes the worker stop and free the
-  sequence; a `chat`/`result` that times out cancels its request;
+- `cancel(id)` answers `cancelled` at once (reply and guard kept `reply_ttl_s`, 60 s, as
+  a refusal) and makes the worker stop and free the sequence; workers remember the cancel,
+  so a queued request is not run later; a `chat`/`result` that times out cancels its request;
 - token events carry `attempt`: after a reclaim two worker runs may stream tokens for
   the same id, so `ReplyStream` yields only the run whose `index` sequence is contiguous
   from 0, and the final reply (exactly one per id) names the attempt that won.
@@ -39,6 +41,16 @@ names the request's own id and, when `LLM_REPLY_SIGNING_KEY` is set, carries a v
 from the workers. Any other entry (wrong id, missing or bad signature, malformed) is skipped
 with a `reply_event_rejected` log line and the client keeps waiting for the real final: a
 forged `done` is never returned, and a forged `error` cannot end the wait either.
+
+Binding (docs/protocol.md, "Reply authenticity"): a request id is the sender's choice, so another
+entry may carry it, and a worker's signed answer to that entry lands on the same reply stream.
+Workers name the entry each event answers (`rd`, the digest of its `ct` and `body`,
+`producer/wire/request_digest.py`), and a client that sent the request checks it against what it
+sent: a token event of another entry is skipped (`other_request`); a final of another entry means
+the id is answered for good, so the wait ends at once with `ChatError(invalid_request)` naming the
+`id`, never with that entry's text. With a signing key, an event without `rd` is skipped too
+(`no_request_digest`; workers older than `rd`), except a `cancelled` error, which answers an id, not
+an entry.
 """
 
 from __future__ import annotations
@@ -76,6 +88,7 @@ from producer.wire.models import (
 )
 from producer.wire.redis_factory import by_slot, connect, connect_async, recover, register_script
 from producer.wire.redis_types import StreamEntries, read_entries
+from producer.wire.request_digest import request_digest
 from producer.wire.signing import verify
 
 log = logging.getLogger("producer")
@@ -143,6 +156,7 @@ class PreparedRequest:
     content_type: ContentType
     args: list[Any]  # the admission script's ARGV
     names: StreamNames
+    digest: str = ""  # the entry's `request_digest`: what the workers' reply events name (`rd`)
 
     @property
     def id(self) -> str:
@@ -181,6 +195,20 @@ def final_reply(event: ReplyEvent, request_id: str) -> Reply | None:
     if isinstance(event, ErrorEvent):
         raise ChatError(event.code, event.message, request_id, event.param)
     return None
+
+
+# `reply_event_rejected` reason of an event that answers another entry under the request's id.
+OTHER_REQUEST = "other_request"
+
+
+def id_taken(request_id: str) -> ErrorEvent:
+    """What a client's wait ends with when its request id's final answered another entry (`rd`): the id
+    has its one final, so this request is never answered; it was not run (or its answer was dropped)."""
+    return ErrorEvent(
+        id=request_id, code=ErrorCode.INVALID_REQUEST, attempt="client", param="id",
+        message=f"request id {request_id!r} was answered for another request sent with the same id; "
+        "this one was not served: send it again with a new id",
+    )  # fmt: skip
 
 
 class TokenRuns:
@@ -306,7 +334,8 @@ class _ClientCore:
         # The namespaces requests go to: the tenant's, the shards' (`shard_for`), or the bare one.
         self.spaces = StreamNames.layout(s.prefix, [self.tenant], s.stream_shards, s.redis_cluster)
         self.names = self.spaces[0]
-        self._sent: dict[str, tuple[str, ContentType, StreamNames]] = {}
+        # Sent requests: reply key, encoding, namespace and the entry's digest (`rd` of their replies).
+        self._sent: dict[str, tuple[str, ContentType, StreamNames, str]] = {}
         self._signing_key = self.settings.signing_key()
         self.rejected_events = 0  # reply entries skipped as not the workers' answer to our request
 
@@ -327,8 +356,7 @@ class _ClientCore:
             except (ValueError, TypeError, RecursionError):
                 reason = "malformed"
             else:
-                if event.id != request_id:
-                    reason = "wrong_id"
+                reason = "wrong_id" if event.id != request_id else self._unbound(request_id, event)
         if reason is None:
             return event
         self.rejected_events += 1
@@ -336,7 +364,27 @@ class _ClientCore:
             "reply_event_rejected",
             extra={"id": request_id, "reply_key": key, "entry": entry_id.decode(), "reason": reason},
         )
+        if reason == OTHER_REQUEST and not isinstance(event, TokenEvent):
+            return id_taken(request_id)  # the id's one final answered another entry: ours never comes
         return None
+
+    def _unbound(self, request_id: str, event: ReplyEvent) -> str | None:
+        """Why an event of the right id is not an answer to the entry this client sent, or None.
+
+        `other_request`: it names another entry (`rd`). `no_request_digest`: with a signing key, it names
+        none, and is not a `cancelled` error (which answers an id, whoever cancels). A request this client
+        did not send (its digest unknown) is not checked."""
+        sent = self._sent.get(request_id)
+        expected = sent[3] if sent is not None else ""
+        if not expected:
+            return None
+        if event.rd is not None:
+            return None if event.rd == expected else OTHER_REQUEST
+        if self._signing_key is None:
+            return None  # workers older than `rd`; an unsigned deployment trusts the stream's writers
+        if isinstance(event, ErrorEvent) and event.code is ErrorCode.CANCELLED:
+            return None
+        return "no_request_digest"
 
     def check_event(
         self, request_id: str, reply_key: str, entry_id: bytes, fields: dict[bytes, bytes]
@@ -346,8 +394,8 @@ class _ClientCore:
         return self._trusted(request_id, reply_key, entry_id, fields)
 
     def forget(self, request_id: str) -> None:
-        """Drop what the client kept of a sent request (its reply key and encoding) once it has ended;
-        the client's own reads do this when they see the final event."""
+        """Drop what the client kept of a sent request (its reply key, encoding and digest) once it has
+        ended; the client's own reads do this when they see the final event."""
         self._sent.pop(request_id, None)
 
     def prepare(
@@ -397,8 +445,9 @@ class _ClientCore:
     def _prepare(
         self, messages: Messages | None, prompt: str | None, content_type: ContentType | None,
         params: dict[str, Any],
-    ) -> tuple[ChatRequest, ContentType, list[Any], StreamNames]:  # fmt: skip
-        """Validate a request locally, pick its namespace, and build the admission script's ARGV for it.
+    ) -> tuple[ChatRequest, ContentType, list[Any], StreamNames, str]:  # fmt: skip
+        """Validate a request locally, pick its namespace, and build the admission script's ARGV for it,
+        and the entry's digest (`request_digest`).
 
         `shard_key` among `params` (a conversation id, say) picks the shard instead of the request id.
         """
@@ -407,10 +456,11 @@ class _ClientCore:
         request = build_request(messages, prompt, params)
         names = self._names_of(request, None if shard_key is None else str(shard_key))
         ct = content_type or self.settings.content_type
-        args = backlog.script_args(
-            CONSUMER_GROUP, self.settings.max_backlog_requests, encode_request(request, ct)
-        )
-        return request, ct, args, names
+        fields = encode_request(request, ct)
+        body = fields["body"]
+        digest = request_digest(ct, body if isinstance(body, bytes) else body.encode())
+        args = backlog.script_args(CONSUMER_GROUP, self.settings.max_backlog_requests, fields)
+        return request, ct, args, names, digest
 
     def _entry(self, args: list[Any]) -> dict[Any, Any]:
         """The request entry's fields, back from the admission script's ARGV (a tenant's plain XADD)."""
@@ -423,7 +473,7 @@ class _ClientCore:
 
     def _prepare_many(
         self, requests: Sequence[dict[str, Any]], content_type: ContentType | None
-    ) -> list[tuple[ChatRequest, ContentType, list[Any], StreamNames]]:
+    ) -> list[tuple[ChatRequest, ContentType, list[Any], StreamNames, str]]:
         """`_prepare` for each dict of `submit_many` (what `submit` takes as keywords); all or nothing."""
         return [
             self._prepare(r.get("messages"), r.get("prompt"), content_type,
@@ -432,32 +482,35 @@ class _ClientCore:
         ]  # fmt: skip
 
     def _admitted_many(
-        self, prepared: list[tuple[ChatRequest, ContentType, list[Any], StreamNames]], replies: list[Any]
+        self, prepared: list[tuple[ChatRequest, ContentType, list[Any], StreamNames, str]], replies: list[Any]
     ) -> list[str | ChatError]:
         """Each request's id (recorded as sent) or its `overloaded` refusal, from the admission replies."""
         out: list[str | ChatError] = []
-        for (request, ct, _, names), reply in zip(prepared, replies, strict=True):
+        for (request, ct, _, names, digest), reply in zip(prepared, replies, strict=True):
             try:
                 backlog.admitted_entry_id(reply, self.settings.max_backlog_requests)
             except backlog.AdmissionRefused as exc:
                 out.append(ChatError(ErrorCode.OVERLOADED, str(exc), request.id))
                 continue
-            self._record(request, ct, names)
+            self._record(request, ct, names, digest)
             out.append(request.id)
         return out
 
-    def _record(self, request: ChatRequest, ct: ContentType, names: StreamNames) -> None:
-        """Remember where a sent request's replies go, how they are encoded, and its namespace."""
-        self._sent[request.id] = (request.reply_key(names.root), ct, names)
+    def _record(self, request: ChatRequest, ct: ContentType, names: StreamNames, digest: str) -> None:
+        """Remember where a sent request's replies go, how they are encoded, its namespace and its entry's
+        digest. Done before the entry is sent, so that a reader of its replies (the gateway's) already
+        knows the digest; `forget` undoes it if sending fails."""
+        self._sent[request.id] = (request.reply_key(names.root), ct, names, digest)
 
-    def _sent_or_default(self, request_id: str, ct: ContentType) -> tuple[str, ContentType, StreamNames]:
-        """What `_record` kept of a request, else its defaults (a request sent by another client: its
-        shard by its id, so a request sent with a `shard_key` or a `reply_to` is found only by its sender)."""
+    def _sent_or_default(self, request_id: str, ct: ContentType) -> tuple[str, ContentType, StreamNames, str]:
+        """What `_record` kept of a request, else its defaults and no digest (a request sent by another
+        client: its shard by its id, so a request sent with a `shard_key` or a `reply_to` is found only by
+        its sender)."""
         found = self._sent.get(request_id)
         if found is not None:
             return found
         names = self._names_for(request_id)
-        return names.reply(request_id), ct, names
+        return names.reply(request_id), ct, names, ""
 
     def _reply_key(self, request_id: str) -> str:
         return self._sent_or_default(request_id, "json")[0]
@@ -470,14 +523,14 @@ class _ClientCore:
     def _cancel_entry(self, request_id: str) -> tuple[StreamNames, dict[Any, Any]]:
         """A tenant's cancel: its cancel stream and entry (`id`, `ct`, and `reply_to` if not the default);
         the worker that reads it writes the `cancelled` reply."""
-        key, ct, names = self._sent_or_default(request_id, self.settings.content_type)
+        key, ct, names, _ = self._sent_or_default(request_id, self.settings.content_type)
         fields = {"id": request_id, "ct": ct}
         if key != names.reply(request_id):
             fields["reply_to"] = key
         return names, fields
 
     def _cancel_call(self, request_id: str) -> tuple[list[str], list[Any]]:
-        key, ct, names = self._sent_or_default(request_id, self.settings.content_type)
+        key, ct, names, digest = self._sent_or_default(request_id, self.settings.content_type)
         return final_guard.cancel_call(
             names,
             request_id,
@@ -486,6 +539,7 @@ class _ClientCore:
             self.settings.reply_ttl_s,
             self.settings.cancel_stream_max_entries,
             self._signing_key,
+            digest,
         )
 
 
@@ -520,21 +574,26 @@ class ChatClient(_ClientCore):
 
         Raises ChatError(overloaded) without enqueuing when the backlog is at the limit.
         """
-        request, ct, args, names = self._prepare(messages, prompt, content_type, params)
+        request, ct, args, names, digest = self._prepare(messages, prompt, content_type, params)
         give_up = time.monotonic() + self.settings.submit_retry_s
         backoff = self._backoff()
+        self._record(request, ct, names, digest)
         while True:
             try:
                 backlog.admitted_entry_id(self._send(args, names), self.settings.max_backlog_requests)
                 break
             except backlog.AdmissionRefused as exc:
+                self.forget(request.id)
                 raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
             except TRANSIENT_ERRORS as exc:
                 recover(self.redis)
                 if time.monotonic() >= give_up:
+                    self.forget(request.id)
                     raise
                 time.sleep(backoff.next_delay_s(exc))
-        self._record(request, ct, names)
+            except BaseException:
+                self.forget(request.id)
+                raise
         return request.id
 
     def submit_many(
@@ -551,7 +610,7 @@ class ChatClient(_ClientCore):
         backoff = self._backoff()
         while True:
             pipe = self.redis.pipeline(transaction=False)
-            for _, _, args, names in prepared:
+            for _, _, args, names, _ in prepared:
                 self._send(args, names, pipe)
             try:
                 replies = [self._admission(r) for r in pipe.execute()]
@@ -597,7 +656,8 @@ class ChatClient(_ClientCore):
     def cancel(self, request_id: str) -> bool:
         """Stop a request: the client gets `cancelled` unless a final reply already exists (then False).
 
-        A tenant's client only announces the cancel (always True); a worker writes the `cancelled` reply.
+        A tenant's client only announces the cancel (always True); a worker writes the `cancelled` reply
+        (the one holding the request, else the one that reads it).
         """
         if self.tenant is not None:
             names, entry = self._cancel_entry(request_id)
@@ -720,18 +780,23 @@ class AsyncChatClient(_ClientCore):
         request, ct, args, names = prepared.request, prepared.content_type, prepared.args, prepared.names
         give_up = time.monotonic() + self.settings.submit_retry_s
         backoff = self._backoff()
+        self._record(request, ct, names, prepared.digest)
         while True:
             try:
                 backlog.admitted_entry_id(await self._send(args, names), self.settings.max_backlog_requests)
                 break
             except backlog.AdmissionRefused as exc:
+                self.forget(request.id)
                 raise ChatError(ErrorCode.OVERLOADED, str(exc), request.id) from None
             except TRANSIENT_ERRORS as exc:
                 recover(self.redis)
                 if time.monotonic() >= give_up:
+                    self.forget(request.id)
                     raise
                 await asyncio.sleep(backoff.next_delay_s(exc))
-        self._record(request, ct, names)
+            except BaseException:
+                self.forget(request.id)
+                raise
         return request.id
 
     async def submit_many(
@@ -747,7 +812,7 @@ class AsyncChatClient(_ClientCore):
         backoff = self._backoff()
         while True:
             pipe = self.redis.pipeline(transaction=False)
-            for _, _, args, names in prepared:
+            for _, _, args, names, _ in prepared:
                 await self._send(args, names, pipe)  # queued, not sent
             try:
                 replies = [self._admission(r) for r in await pipe.execute()]
@@ -793,7 +858,8 @@ class AsyncChatClient(_ClientCore):
     async def cancel(self, request_id: str) -> bool:
         """Stop a request: the client gets `cancelled` unless a final reply already exists (then False).
 
-        A tenant's client only announces the cancel (always True); a worker writes the `cancelled` reply.
+        A tenant's client only announces the cancel (always True); a worker writes the `cancelled` reply
+        (the one holding the request, else the one that reads it).
         """
         if self.tenant is not None:
             names, entry = self._cancel_entry(request_id)

@@ -90,7 +90,9 @@ class ProducerSettings(BaseSettings):
         default="msgpack", description="Encoding of request bodies."
     )
     timeout_s: float = Field(
-        default=120.0, gt=0, description="How long `chat`/`result` wait for the final reply."
+        default=120.0,
+        gt=0,
+        description="How long `chat`/`result` (and `llm-chat`, unless --timeout-s) wait for the final reply.",
     )
     reply_block_ms: int = Field(default=1000, ge=1, description="XREAD BLOCK per poll of the reply stream.")
     max_backlog_requests: int = Field(
@@ -117,7 +119,10 @@ class ProducerSettings(BaseSettings):
         description="When `chat`/`result` time out, cancel the request so no worker keeps generating.",
     )
     reply_ttl_s: int = Field(
-        default=3600, ge=1, description="TTL of the `cancelled` reply the client writes itself."
+        default=60,
+        ge=1,
+        description="TTL of the `cancelled` reply and guard the client writes when it cancels: short, as "
+        "the workers' `refusal_ttl_s` (a queued request stays cancelled past it: workers remember cancels).",
     )
     reply_signing_key: SecretStr | None = Field(
         default=None,

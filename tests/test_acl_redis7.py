@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import time
 import uuid
@@ -320,23 +321,64 @@ def producer_acl_servers() -> Iterator[list[tuple[redis.Redis, str, str]]]:
                 shared.close()
 
 
-KEY_CHARS = st.characters(min_codepoint=33, max_codepoint=126) | st.sampled_from("stats:{}.-_ ")
+KEY_CHARS = st.characters(min_codepoint=33, max_codepoint=126) | st.sampled_from("stats:{}.-_ claim0123")
 
 
 NEAR_STATS = ["stats", "stat", "statsx", "stats:x", "Stats", "s", ""]
+# Request id claims (the bare namespace's and the shards' `s:{<n>}`), and the keys next to them.
+NEAR_CLAIMS = [
+    "claim:", "claim:abc", "claim:a:b", "claim", "claimx", "claim-x", "Claim:x", "c", "cl", "clai",
+    "s:{0}:claim:x", "s:{12}:claim:", "s:{123}:claim:y", "s:{1023}:claim:z", "s:{9999}:claim:z",
+    "s:{12345}:claim:z", "s:{}:claim:x", "s:{a}:claim:x", "s:{0}claim:x", "s:{0}:claimx", "s:{0}:claim",
+    "s:{0}:cancel", "s:{0}:requests", "s:{3}:reply:x", "s:{3}:final:x", "s:{0}:dead", "s:{0}:hb:w",
+    "final:x", "cancel", "reply:claim:x", "s:", "s:{", "s:{0", "s:{0}", "s:{0}:", "s:{0}:c",
+]  # fmt: skip
+CLAIM_KEY = re.compile(r"(s:\{[0-9]{1,4}\}:)?claim:.*", re.S)
+
+
+def producer_writable(suffix: str) -> bool:
+    """Whether the `--no-tenants` producer may write `<prefix>:<suffix>`: not the stats stream, no claim."""
+    return suffix != "stats" and not CLAIM_KEY.fullmatch(suffix)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(suffix=st.text(KEY_CHARS, max_size=12) | st.sampled_from(NEAR_STATS))
-def test_the_producer_may_write_every_key_under_the_prefix_but_the_stats_stream(
+@given(suffix=st.text(KEY_CHARS, max_size=16) | st.sampled_from(NEAR_STATS + NEAR_CLAIMS))
+def test_the_producer_may_write_every_key_under_the_prefix_but_the_stats_stream_and_claims(
     producer_acl_servers: list[tuple[redis.Redis, str, str]], suffix: str
 ) -> None:
     for admin, user, prefix in producer_acl_servers:
         key = f"{prefix}:{suffix}"
-        writable = suffix != "stats"
+        writable = producer_writable(suffix)
         assert _allowed(admin, user, "XADD", key, "*", "worker", "x") == writable, key
         assert _allowed(admin, user, "SET", key, "x") == writable, key
         assert _allowed(admin, user, "EVALSHA", "0" * 40, "1", key) == writable, key  # reads and writes
-        assert _allowed(admin, user, "XREVRANGE", key, "+", "-"), key  # every key under the prefix reads
-        assert _allowed(admin, user, "XINFO", "GROUPS", key), key
+        # Every key under the prefix reads but the claims, which the producer may not touch at all.
+        readable = not CLAIM_KEY.fullmatch(suffix)
+        assert _allowed(admin, user, "XREVRANGE", key, "+", "-") == readable, key
+        assert _allowed(admin, user, "XINFO", "GROUPS", key) == readable, key
         assert not _allowed(admin, user, "XADD", f"x{prefix}:{suffix}", "*", "a", "b")  # nothing outside
+
+
+def test_the_producer_may_not_touch_a_claim_and_the_worker_may(
+    producer_acl_servers: list[tuple[redis.Redis, str, str]],
+) -> None:
+    """Every claim shape, on both servers: the producer is refused SET (NX too), GET and DEL of the claim,
+    and a script naming it; it still takes a guard (its cancel) and writes its request and cancel streams.
+    The workers' user may write each claim."""
+    for admin, user, prefix in producer_acl_servers:
+        worker = f"{user}-worker"
+        admin.execute_command(*shlex.split(acl.setuser(worker, acl.worker_rules("wpw", prefix))))
+        try:
+            for names in StreamNames.layout(prefix, [None]) + StreamNames.layout(prefix, [None], 3):
+                claim, guard = names.claim("victim-id"), names.final_guard("victim-id")
+                for command in (
+                    ("SET", claim, "x"), ("SET", claim, "x", "NX", "GET", "EX", "60"), ("GET", claim),
+                    ("DEL", claim), ("EVALSHA", "0" * 40, "1", claim),
+                    ("EVALSHA", "0" * 40, "2", claim, guard),
+                ):  # fmt: skip
+                    assert not _allowed(admin, user, *command), command
+                    assert _allowed(admin, worker, *command), command
+                for key in (names.final_guard("victim-id"), names.requests, names.cancel, names.reply("v")):
+                    assert _allowed(admin, user, "EVALSHA", "0" * 40, "1", key), key
+        finally:
+            admin.execute_command("ACL", "DELUSER", worker)

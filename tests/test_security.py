@@ -95,7 +95,8 @@ def acl_server(request: pytest.FixtureRequest) -> Iterator[AclServer]:
 
 def test_acl_restricted_users_work_end_to_end(acl_server: AclServer, tmp_path: Path) -> None:
     """The generated worker and producer (`--no-tenants`) users serve a chat, a cancel, trim and reclaim
-    rounds and stats; the producer may read the workers' stats stream and may not write it."""
+    rounds and stats; the producer may read the workers' stats stream and may not write it, and may not
+    touch a request id's claim, which the worker writes."""
     s = acl_server
     stats = f"{s.prefix}:stats"
     worker = spawn_worker(
@@ -113,7 +114,8 @@ def test_acl_restricted_users_work_end_to_end(acl_server: AclServer, tmp_path: P
     )
     client = ChatClient(s.url(s.producer, "ppw"), prefix=s.prefix, timeout_s=30)
     try:
-        assert client.chat([{"role": "user", "content": "through acl"}], max_tokens=8).text == "through acl"
+        served = client.chat([{"role": "user", "content": "through acl"}], max_tokens=8)
+        assert served.text == "through acl"
         rid = client.submit([{"role": "user", "content": " ".join(["x"] * 100)}], max_tokens=200)
         time.sleep(0.5)
         assert client.cancel(rid)
@@ -150,6 +152,25 @@ def test_acl_restricted_users_work_end_to_end(acl_server: AclServer, tmp_path: P
         with pytest.raises(redis.exceptions.ResponseError, match="(?i)no permissions|NOPERM"):
             as_producer.evalsha(sha, 1, stats)
         assert as_producer.xadd(f"{s.prefix}:statsx", {"a": "b"})  # its neighbours are ordinary keys
+        # Claims: the worker took the served request's (under its user); the producer can neither read,
+        # take, replace nor delete one, so it cannot own a victim's id before the victim's entry is read.
+        claim, fresh = f"{s.prefix}:claim:{served.id}", f"{s.prefix}:claim:{new_request_id()}"
+        assert s.admin.exists(claim)
+        for call in (
+            lambda: as_producer.set(fresh, "0" * 32 + " 1-0", nx=True),
+            lambda: as_producer.set(claim, "0" * 32 + " 1-0"),
+            lambda: as_producer.get(claim),
+            lambda: as_producer.delete(claim),
+            lambda: as_producer.expire(claim, 1),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                call()
+        taker = s.admin.script_load("return redis.call('SET', KEYS[1], ARGV[1])")
+        with pytest.raises(redis.exceptions.ResponseError, match="(?i)no permissions|NOPERM"):
+            as_producer.evalsha(taker, 1, fresh, "0" * 32 + " 1-0")
+        assert as_worker.set(fresh, "0" * 32 + " 1-0", nx=True, ex=60) and as_worker.get(fresh)
+        assert as_worker.evalsha(taker, 1, fresh, "1" * 32 + " 1-0") == b"OK"
+        as_worker.close()
         assert not [f for _, f in s.admin.xrange(stats) if f.get(b"worker") == b"forged"]
         as_producer.close()
         log = (tmp_path / "w.log").read_text()

@@ -159,12 +159,13 @@ def bob_cannot_reach_alices_request(
 
 
 def assert_both_cancels_answered(client: ChatClient) -> None:
-    """A tenant cancels a running request through its own cancel stream, and one no worker serves:
-    a worker writes the `cancelled` reply of each (the second under the final-reply guard)."""
+    """A tenant cancels a running request through its own cancel stream, and one it sends only after
+    the cancel: a worker writes the `cancelled` reply of each (the second when it reads the request)."""
     rid = client.submit(ask(" ".join(["word"] * 200)), max_tokens=200)
     time.sleep(0.5)
     assert client.cancel(rid)
     client.cancel("not-sent-yet")
+    client.submit(ask("sent after its cancel"), id="not-sent-yet", max_tokens=4)
     for request_id in (rid, "not-sent-yet"):
         with pytest.raises(ChatError) as info:
             client.result(request_id, timeout_s=20)

@@ -299,6 +299,29 @@ class WorkerSettings(BaseSettings):
     cancel_memory_requests: int = Field(
         default=10_000, ge=1, description="How many recently cancelled request ids the worker remembers."
     )
+    cancel_replay_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="At start, the worker replays the cancels of this many past seconds (up to "
+        "cancel_memory_requests per tenant), so a request cancelled while queued is never served later.",
+    )
+    cancel_read_count: int = Field(
+        default=100, ge=1, le=10_000, description="Most entries read from each cancel stream per poll."
+    )
+    cancel_max_entry_bytes: int = Field(
+        default=1024,
+        ge=64,
+        le=1_048_576,
+        description="A cancel entry larger than this (field names and values together) is skipped inside "
+        "Redis, never read by the worker (`cancels_dropped`): a cancel stream cannot grow a worker's memory.",
+    )
+    dead_letter_max_bytes: int = Field(
+        default=8192,
+        ge=2048,
+        le=1_048_576,
+        description="Most bytes of one dead-letter entry's copied fields: past it, each field keeps a "
+        "prefix, its sha256 and its original length (docs/reliability.md, poison entries and dead letters).",
+    )
     drain_timeout_s: float = Field(
         default=20.0,
         ge=0,

@@ -10,6 +10,7 @@ languages implement the same contract from `docs/protocol.md`.
 - `codec.py`: stream-entry envelopes, msgpack/JSON bodies, bounded decoding (`ProtocolError`).
 - `final_guard.py`: the guard-and-append scripts that keep one final reply per request, last.
 - `signing.py`: the HMAC-SHA256 `sig` of reply events (`LLM_REPLY_SIGNING_KEY`).
+- `request_digest.py`: the digest of a request entry (`rd` of reply events, the id's claim).
 - `backlog.py`: the backlog rule (lag + pending), in the producer's admit script and the worker's measurement.
 - `redis_types.py`: typed views of redis-py's stream replies.
 - `backoff.py`: reconnect delays and the errors worth retrying.

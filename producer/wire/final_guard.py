@@ -123,12 +123,15 @@ def cancel_call(
     ttl_s: int,
     max_entries: int,
     signing_key: bytes | None = None,
+    request_digest: str | None = None,
 ) -> ScriptCall:
     """CANCEL_SCRIPT's KEYS and ARGV for one request; the `cancelled` event is encoded like the request,
-    and signed when the deployment signs replies (the client holds the same key as the workers)."""
+    and signed when the deployment signs replies (the client holds the same key as the workers). With the
+    digest of the entry sent (`request_digest.py`), the event names it (`rd`), as the workers' do."""
     event = ErrorEvent(
-        id=request_id, code=ErrorCode.CANCELLED, message="cancelled by the client", attempt=CLIENT_ATTEMPT
-    )
+        id=request_id, code=ErrorCode.CANCELLED, message="cancelled by the client", attempt=CLIENT_ATTEMPT,
+        rd=request_digest or None,
+    )  # fmt: skip
     fields = encode_event(event, content_type, reply_key, signing_key)
     keys = [names.final_guard(request_id), reply_key, names.cancel]
     sig = fields.get(SIGNATURE_FIELD, "")

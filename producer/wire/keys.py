@@ -6,7 +6,7 @@ cannot disagree on one; `docs/protocol.md` lists them.
 
 Tenants (docs/security.md): a deployment that names tenants gives each its own namespace,
 `<prefix>:t:{<tenant>}`, holding that tenant's request stream, reply streams, final-reply
-guards, cancel stream and dead letters. The braces are a cluster hash tag, so one tenant's
+guards, request id claims, cancel stream and dead letters. The braces are a cluster hash tag, so one tenant's
 keys share one slot; the namespace is what the tenant's ACL user may touch. Without a tenant
 the namespace is the bare prefix and every key is the one of the single-stream deployment.
 Heartbeats and live stats are the workers' own and stay under the bare prefix.
@@ -138,6 +138,12 @@ def final_guard_key(prefix: str, request_id: str) -> str:
     return f"{prefix}:final:{request_id}"
 
 
+def claim_key(prefix: str, request_id: str) -> str:
+    """Key naming the one request entry (by its body's digest) that owns request id `request_id`: the
+    first a worker read; a later entry with the same id and another body is refused (docs/security.md)."""
+    return f"{prefix}:claim:{request_id}"
+
+
 def heartbeat_key(prefix: str, consumer: str) -> str:
     """Key that exists while worker `consumer` is alive (its value: `alive` or `draining`)."""
     return f"{prefix}:hb:{consumer}"
@@ -220,6 +226,10 @@ class StreamNames:
     def final_guard(self, request_id: str) -> str:
         """The final-reply guard of a request."""
         return final_guard_key(self.root, request_id)
+
+    def claim(self, request_id: str) -> str:
+        """The id claim of a request (`claim_key`), in the namespace: the slot of its guard and reply."""
+        return claim_key(self.root, request_id)
 
     def reply_allowed(self, key: str) -> bool:
         """Whether `key` is a reply stream of this namespace (what a `reply_to` must be)."""

@@ -343,9 +343,15 @@ class Choice(_OmitsUnused):
     logprobs: list[Logprob] | None = None
 
 
+# The `rd` of a reply event: the digest of the request entry it answers (`request_digest.py`), written by
+# the workers into every event of an entry they serve; absent from events that answer an id, not an entry
+# (a cancel's `cancelled`), and from workers older than it.
+RequestDigest = Annotated[str, StringConstraints(max_length=64)]
+
+
 class TokenEvent(_OmitsUnused):
     # Fields after `attempt` are absent while unused, so older clients read the events as before.
-    _omit_unused = ("logprobs", "choice")
+    _omit_unused = ("logprobs", "choice", "rd")
 
     type: Literal["token"] = "token"
     # The request id. Optional only so events of older workers still decode; clients accept a token
@@ -358,11 +364,12 @@ class TokenEvent(_OmitsUnused):
     attempt: str
     logprobs: list[Logprob] | None = None  # one per token of `token_ids`, when the request asked for them
     choice: int = 0  # which choice the tokens belong to (requests with `n` > 1)
+    rd: RequestDigest | None = None  # the digest of the request entry answered
 
 
 class DoneEvent(_OmitsUnused):
     # Fields after `attempt` are absent while unused, so older clients read the events as before.
-    _omit_unused = ("logprobs", "choices")
+    _omit_unused = ("logprobs", "choices", "rd")
 
     type: Literal["done"] = "done"
     id: str
@@ -373,10 +380,11 @@ class DoneEvent(_OmitsUnused):
     attempt: str
     logprobs: list[Logprob] | None = None  # one per token of the reply (choice 0's with `n` > 1)
     choices: list[Choice] | None = None  # every choice, by index, when the request asked for `n` > 1
+    rd: RequestDigest | None = None  # the digest of the request entry answered
 
 
 class ErrorEvent(_OmitsUnused):
-    _omit_unused = ("param",)
+    _omit_unused = ("param", "rd")
 
     type: Literal["error"] = "error"
     id: str | None
@@ -384,6 +392,7 @@ class ErrorEvent(_OmitsUnused):
     message: str
     attempt: str = ""
     param: str | None = None  # the request field an `invalid_request` is about, when it is about one
+    rd: RequestDigest | None = None  # the digest of the request entry answered (none for a cancel's)
 
 
 ReplyEvent = TokenEvent | DoneEvent | ErrorEvent

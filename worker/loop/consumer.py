@@ -49,7 +49,7 @@ from worker.observability.health import WorkerHealth
 from worker.observability.live_stats import LiveStats
 from worker.observability.metrics import WorkerMetrics
 from worker.observability.phase_times import PhaseTimes
-from worker.replies.writer import ReplyWriters
+from worker.replies.writer import ReplyWriters, retry_delay_s
 from worker.replies.writer_thread import ReplyWriterThread
 from worker.settings import WorkerSettings
 
@@ -75,10 +75,11 @@ class Consumer:
         self.attempt = f"{s.consumer_name}:{int(time.time() * 1000)}"
         self.counters = LoopCounters()
         self.table = InFlightTable()
-        self.cancels = CancelWatch(client, spaces, s.cancel_poll_interval_ms, s.cancel_memory_requests)
+        self.cancels = CancelWatch(
+            client, spaces, s.cancel_poll_interval_ms, s.cancel_memory_requests, replay_s=s.cancel_replay_s,
+            read_count=s.cancel_read_count, max_entry_bytes=s.cancel_max_entry_bytes,
+        )  # fmt: skip
         self.lanes = build_lanes(client, s, engine, self.table, self.counters, self.cancels, self.attempt)
-        # A tenant's lanes (one per shard namespace) by (tenant, shard): where its cancels are answered.
-        self.lane_of = {lane.key: lane for lane in self.lanes if lane.tenant is not None}
         self.backoff = Backoff(s.reconnect_backoff_initial_ms, s.reconnect_backoff_max_ms)
         self.replies = ReplyWriters({lane.key: lane.replies for lane in self.lanes})
         self.publisher = Publisher(
@@ -234,7 +235,7 @@ class Consumer:
 
     def _backoff_fields(self, exc: Exception) -> tuple[float, dict[str, object]]:
         """The next back-off delay, and the fields of the event that reports it."""
-        delay_s = self.backoff.next_delay_s(exc)
+        delay_s = retry_delay_s(self.backoff.next_delay_s(exc), exc)  # soon after OOM: memory frees at once
         return delay_s, {"error": f"{type(exc).__name__}: {exc}"[:200], "retry_in_ms": round(delay_s * 1000)}
 
     # -- the parts of an iteration ---------------------------------------------------------------------
@@ -383,15 +384,13 @@ class Consumer:
     def _cancel(self, cancel: Cancel) -> None:
         """A client cancelled: stop the request wherever it is, free its resources, answer `cancelled`.
 
-        A tenant's client cannot take the final-reply guard, so for a request this worker is not
-        serving (queued, or served elsewhere) the worker answers `cancelled` under the guard: the
-        first writer wins, and a worker that reads the request later finds the guard and skips it.
+        A request this worker does not hold (queued, served elsewhere, or never sent) gets nothing
+        from it now: the worker holding it answers, and a worker that reads it later finds the
+        remembered cancel (`CancelWatch`) and answers `cancelled` with a refusal's short TTL. So a
+        cancel of an id that is never sent costs its own entry only.
         """
         f = self.table.get(cancel.seq_id)
         if f is None:
-            lane = None if cancel.tenant is None else self.lane_of.get(cancel.lane)
-            if lane is not None:
-                lane.answer_cancel(cancel)
             return
         self.counters.cancelled += 1
         log.info("request_cancelled", id=f.request.id, state="running" if f.started else "waiting")

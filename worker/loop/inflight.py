@@ -52,6 +52,9 @@ class InFlight:
     batch_id: int = 0
     tenant: str | None = None  # the tenant whose stream it was read from (None: the un-namespaced one)
     shard: int | None = None  # the shard whose stream it was read from (None: not sharded)
+    # The digest of the entry (`producer.wire.request_digest`): what the request id's claim names, what
+    # its reply events carry (`rd`), and what its final reply is checked against (`FinalWrite.digest`).
+    digest: str = ""
     # Requests asking for logprobs: each choice's so far, as reply bodies (`Logprob`), for the final reply.
     logprobs: dict[int, list[dict[str, Any]]] | None = None
     # Requests with `n` > 1: the final outputs of the choices that finished (the reply waits for all).

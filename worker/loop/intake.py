@@ -6,6 +6,16 @@ over-full backlog `overloaded`, and turns each entry into an `InFlight` request:
 dedupe by request id, honour an early cancel, tokenize, check the prompt length, and skip entries
 that already have a final reply. Every failure costs the entry alone (see `refusals.py`).
 
+Request ids are claimed (`<root>:claim:<id>`, value `<body digest> <entry id>`, the reply TTL): with
+the final-reply check, each candidate's claim is taken with `SET NX GET` in the same pipeline. The
+entry that claimed an id owns it; a later entry (in stream order) with the same id and another body is
+refused as a duplicate id: logged `request_duplicate_id`, dead-lettered and acknowledged, with no reply
+(its only reply stream would be the owner's). An earlier entry that finds its id claimed by a later one
+(two workers read them at once) takes the claim over while the request has no final, and the later
+one's final is then not written (`CLAIMED_FINAL_SCRIPT` in `worker/replies/writer.py`). The same body
+again (a redelivery, a client's retry) finds its own digest and goes on as before: deduped here, and
+answered once under the final-reply guard. docs/security.md, "Duplicate request ids".
+
 One `Intake` serves one request stream: the single `<prefix>:requests`, or one tenant's (then
 every key it names is that tenant's, and requests are known by `seq_id_of(tenant, id)`). The
 loop reads all streams in one call (`tenants.read_lanes`) and hands each its entries.
@@ -21,7 +31,9 @@ import structlog
 
 from producer.wire.codec import ProtocolError, decode_request
 from producer.wire.models import REQUEST_EXTRAS, ChatRequest, ErrorCode, now_ms
+from producer.wire.redis_factory import register_script
 from producer.wire.redis_types import pending_rows, range_entries, read_entries
+from producer.wire.request_digest import entry_digest
 from scheduler import Priority
 from worker.engine.base import Engine, GenerationRequest, SamplingParams
 from worker.engine.structured.spec import GrammarError, GrammarSpec, parse_response_format
@@ -39,6 +51,28 @@ log = structlog.get_logger("worker")
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
 # The request fields that may use a sampling extra (`extras_used`).
 EXTRA_FIELDS = frozenset(REQUEST_EXTRAS)
+# Commands `queue_checks` sends per candidate: EXISTS of its guard, SET NX GET of its id's claim.
+CHECKS_PER_CANDIDATE = 2
+
+# KEYS[1] claim, KEYS[2] final-reply guard. ARGV[1] the claim's value as read, ARGV[2] ours, ARGV[3] TTL (s).
+# An earlier entry takes the claim from a later one, unless the claim changed or the request has a final.
+TAKE_OVER_SCRIPT = """\
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def stream_order(entry_id: bytes | str) -> tuple[int, int] | None:
+    """An entry id as (ms, seq), to compare; None if it is not one."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return None
 
 
 def sampling_params(r: ChatRequest) -> SamplingParams:
@@ -166,6 +200,8 @@ class Intake:
         # After a restart our own pending entries (read but never acked) are served first.
         self.replay_from: str | None = "0"
         self._vocab_size: int | None = -1  # `vocab_size(engine)`, once a request needs it (-1: not yet)
+        self._take_over = register_script(client, TAKE_OVER_SCRIPT)
+        self._fields: dict[bytes, dict[bytes, bytes]] = {}  # the fields of the last candidates (dead letters)
 
     # -- reading -----------------------------------------------------------------------------------
     def cursor(self) -> str:
@@ -174,7 +210,7 @@ class Intake:
 
     def read_candidates(self, entries: Entries) -> list[InFlight]:
         """Accept the entries one XREADGROUP from `cursor()` returned for this stream, up to the final-reply
-        check, which the caller makes (`guard_keys`, then `tokenize_unanswered`): one pipeline for all."""
+        check, which the caller makes (`queue_checks`, then `tokenize_unanswered`): one pipeline for all."""
         replaying = self.replay_from is not None
         deliveries: dict[bytes, int] = {}
         if replaying:
@@ -245,7 +281,8 @@ class Intake:
         message = f"backlog is over {self.settings.max_backlog_requests} requests; retry later"
         for entry_id, fields in entries:
             self.counters.shed += 1
-            self.refusals.refuse(entry_id, fields, ErrorCode.OVERLOADED, message)
+            with self.replies.answering(entry_digest(fields)):
+                self.refusals.refuse(entry_id, fields, ErrorCode.OVERLOADED, message)
         if entries:
             log.warning("requests_shed", count=len(entries), backlog=self.backpressure.backlog)
 
@@ -256,44 +293,101 @@ class Intake:
     def _candidates(self, entries: Entries, deliveries: dict[bytes, int]) -> list[InFlight]:
         """Decode, validate and dedupe; what is left still needs the final-reply check and tokenizing."""
         accepted: dict[str, InFlight] = {}
+        self._fields = {}
         for entry_id, fields in entries:
             if not fields:  # pending entry deleted from the stream: nothing to serve, just ack
                 self.replies.ack(entry_id)
                 continue
             self.counters.read += 1
             n = deliveries.get(entry_id, 1)
+            digest = entry_digest(fields)
             try:
-                f = self._accept(entry_id, fields, n, accepted)
+                with self.replies.answering(digest):
+                    f = self._accept(entry_id, fields, n, accepted, digest)
             except redis.RedisError:
                 raise
             except Exception as exc:  # one entry's failure costs that entry, never its batch-mates
                 log.exception("entry_failed", entry=entry_id.decode(), error=type(exc).__name__)
                 reason = f"failed while being accepted: {type(exc).__name__}: {exc}"
-                self.refusals.dead_letter_and_answer(entry_id, fields, reason, n)
+                with self.replies.answering(digest):
+                    self.refusals.dead_letter_and_answer(entry_id, fields, reason, n)
                 continue
             if f is not None:
                 accepted[f.seq_id] = f
+                self._fields[entry_id] = fields
         return list(accepted.values())
 
     def _finish(self, candidates: list[InFlight]) -> list[InFlight]:
         if not candidates:
             return []
         pipe = self.client.pipeline(transaction=False)
-        for key in self.guard_keys(candidates):
-            pipe.exists(key)
-        return self.tokenize_unanswered(candidates, pipe.execute())
+        self.queue_checks(pipe, candidates)
+        return self.tokenize_unanswered(candidates, pipe.execute(raise_on_error=False))
 
-    def guard_keys(self, candidates: list[InFlight]) -> list[str]:
-        """The final-reply guard of each candidate, to check with EXISTS."""
-        return [self.names.final_guard(f.request.id) for f in candidates]
+    def queue_checks(self, pipe: redis.client.Pipeline, candidates: list[InFlight]) -> None:
+        """Queue, per candidate, EXISTS of its final-reply guard and the claim of its id (SET NX GET, with the
+        reply TTL): `CHECKS_PER_CANDIDATE` commands each, whose results `tokenize_unanswered` takes."""
+        ttl_s = self.settings.reply_ttl_s
+        for f in candidates:
+            pipe.exists(self.names.final_guard(f.request.id))
+            claim = f"{f.digest} {f.entry_id.decode()}"
+            pipe.set(self.names.claim(f.request.id), claim, nx=True, get=True, ex=ttl_s)
 
-    def tokenize_unanswered(self, candidates: list[InFlight], answered: list[int]) -> list[InFlight]:
-        """Drop (and ack) the candidates whose guard exists (`answered`, in order); tokenize the rest."""
-        return self._tokenize(self._unanswered(candidates, answered))
+    def tokenize_unanswered(self, candidates: list[InFlight], checked: list[object]) -> list[InFlight]:
+        """Given the results of `queue_checks` (in order; errors as values), drop (and ack) the candidates
+        that already have a final reply, refuse those whose id another body owns; tokenize the rest.
+
+        A failed guard check raises (the read is retried); a claim that could not be written (the server
+        refuses writes: OOM) does not hold the request back: its final is still checked against the claim."""
+        guards = checked[0::CHECKS_PER_CANDIDATE]
+        failed = next((r for r in guards if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise failed
+        claims = checked[1::CHECKS_PER_CANDIDATE]
+        keep = []
+        for f, answered, claim in zip(candidates, guards, claims, strict=True):
+            if answered:
+                log.info("request_already_answered", id=f.request.id, entry=f.entry_id.decode())
+                self.replies.ack(f.entry_id)
+            elif self._owns(f, claim):
+                keep.append(f)
+        return self._tokenize(keep)
+
+    def _owns(self, f: InFlight, claim: object) -> bool:
+        """Whether `f`'s entry owns its request id, given what SET NX GET of the claim returned; refuses it
+        as a duplicate if not."""
+        if claim is None or isinstance(claim, Exception):
+            return True  # claimed now, or not claimable now (OOM): the final is checked against the claim
+        value = claim.decode(errors="replace") if isinstance(claim, bytes) else str(claim)
+        digest, _, owner = value.partition(" ")
+        if digest == f.digest:
+            return True  # the same body: a redelivery or a client's retry
+        mine, theirs = stream_order(f.entry_id), stream_order(owner)
+        if mine is not None and theirs is not None and mine < theirs:
+            # An earlier entry whose id a later one claimed first (two workers read them at once).
+            ours = f"{f.digest} {f.entry_id.decode()}"
+            keys = [self.names.claim(f.request.id), self.names.final_guard(f.request.id)]
+            if self._take_over(keys=keys, args=[value, ours, self.settings.reply_ttl_s]) == 1:
+                log.warning("request_duplicate_id", id=f.request.id, entry=owner, tenant=self.tenant,
+                            stage="taken_over", owner=f.entry_id.decode())  # fmt: skip
+                return True
+        self._duplicate(f.entry_id, f.request.id, owner)
+        return False
+
+    def _duplicate(self, entry_id: bytes, request_id: str, owner: str) -> None:
+        """Refuse an entry that reuses a request id another entry owns, with another body: no reply (the id's
+        reply stream is the owner's), a dead letter with the reason, and the acknowledgement."""
+        log.warning("request_duplicate_id", id=request_id, entry=entry_id.decode(), tenant=self.tenant,
+                    stage="read", owner=owner)  # fmt: skip
+        self.counters.refused(ErrorCode.INVALID_REQUEST.value)
+        fields = self._fields.get(entry_id) or {b"id": request_id.encode()}
+        reason = f"invalid_request: duplicate request id {request_id!r}: entry {owner} owns it (another body)"
+        self.refusals.dead_letter(entry_id, fields, reason, 1)
 
     def _accept(
-        self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int, batch: dict[str, InFlight]
-    ) -> InFlight | None:
+        self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int, batch: dict[str, InFlight],
+        digest: str,
+    ) -> InFlight | None:  # fmt: skip
         s = self.settings
         if deliveries > s.max_deliveries:
             self.refusals.poison(entry_id, fields, deliveries)
@@ -323,8 +417,12 @@ class Intake:
         seq_id = seq_id_of(self.tenant, request.id)
         known = self.table.get(seq_id) or batch.get(seq_id)
         if known is not None:
-            if known.entry_id != entry_id:
-                # The same request id sent twice (a client retry): serve the first, ack this one.
+            if known.entry_id != entry_id and known.digest != digest:
+                # The id of a request being served, with another body: refused, never run.
+                self._fields[entry_id] = fields
+                self._duplicate(entry_id, request.id, known.entry_id.decode())
+            elif known.entry_id != entry_id:
+                # The same request sent twice (a client retry): serve the first, ack this one.
                 self.replies.ack(entry_id)
             return None
         if self.cancels.is_cancelled(seq_id):
@@ -343,7 +441,7 @@ class Intake:
         # Tokenized with the rest of its read by `_tokenize`.
         return InFlight(
             entry_id, request, ct, reply_key, [], enqueued_ms, time.monotonic(), deadline_s,
-            tenant=self.tenant, shard=self.names.shard,
+            tenant=self.tenant, shard=self.names.shard, digest=digest,
         )  # fmt: skip
 
     def _extras_problem(self, request: ChatRequest) -> tuple[str, str] | None:
@@ -371,24 +469,17 @@ class Intake:
             r = f.request
             if isinstance(ids, Exception):
                 message = f"cannot tokenize: {ids}"
-                self.refusals.fail(
-                    f.entry_id, r, f.content_type, f.reply_key, ErrorCode.INVALID_REQUEST, message
-                )
+                with self.replies.answering(f.digest):
+                    self.refusals.fail(
+                        f.entry_id, r, f.content_type, f.reply_key, ErrorCode.INVALID_REQUEST, message
+                    )
             elif len(ids) > limit:
                 message = f"prompt is {len(ids)} tokens; the limit is {limit}"
-                self.refusals.fail(f.entry_id, r, f.content_type, f.reply_key, ErrorCode.TOO_LONG, message)
+                with self.replies.answering(f.digest):
+                    self.refusals.fail(
+                        f.entry_id, r, f.content_type, f.reply_key, ErrorCode.TOO_LONG, message
+                    )
             else:
                 f.prompt_token_ids = ids
-                keep.append(f)
-        return keep
-
-    def _unanswered(self, accepted: list[InFlight], guards: list[int]) -> list[InFlight]:
-        """Drop requests that already have a final reply (a redelivery, or a client's cancel): ack them."""
-        keep = []
-        for f, answered in zip(accepted, guards, strict=True):
-            if answered:
-                log.info("request_already_answered", id=f.request.id, entry=f.entry_id.decode())
-                self.replies.ack(f.entry_id)
-            else:
                 keep.append(f)
         return keep

@@ -27,4 +27,7 @@ def about(key: str) -> Iterator[None]:
     except KeyedResponseError:
         raise
     except redis.ResponseError as exc:
-        raise KeyedResponseError(str(exc), key) from exc
+        # redis-py strips the error code (OOM, READONLY...) from the message of the classes it maps it to:
+        # the class name keeps it in the `redis_error` line; `refuses_writes` reads the cause.
+        named = str(exc) if type(exc) is redis.ResponseError else f"{type(exc).__name__}: {exc}"
+        raise KeyedResponseError(named, key) from exc

@@ -35,15 +35,14 @@ from dataclasses import dataclass
 import redis
 
 from producer.wire.keys import StreamNames
-from producer.wire.models import ErrorCode
 from producer.wire.redis_factory import by_slot, is_cluster
 from producer.wire.redis_types import read_entries
 from worker.engine.base import Engine
 from worker.loop.backpressure import Backpressure
-from worker.loop.cancellation import Cancel, CancelWatch
+from worker.loop.cancellation import CancelWatch
 from worker.loop.heartbeat import Heartbeat
 from worker.loop.inflight import InFlight, InFlightTable
-from worker.loop.intake import Entries, Intake
+from worker.loop.intake import CHECKS_PER_CANDIDATE, Entries, Intake
 from worker.loop.keyed_errors import about
 from worker.loop.reclaim import Reclaimer
 from worker.observability.counters import LoopCounters
@@ -76,19 +75,6 @@ class Lane:
     @property
     def stream(self) -> str:
         return self.names.requests
-
-    def answer_cancel(self, cancel: Cancel) -> None:
-        """Queue the `cancelled` reply to a tenant's cancel of a request this worker is not serving.
-
-        Guarded like every final: if the request already has its final reply, nothing is written; if
-        not, a worker that reads it later finds the guard and skips it. No entry is acknowledged here.
-        """
-        key = cancel.reply_to or self.names.reply(cancel.request_id)
-        if not self.names.reply_allowed(key):
-            key = self.names.reply(cancel.request_id)
-        self.replies.error(
-            cancel.request_id, key, ErrorCode.CANCELLED, "cancelled by the client", cancel.content_type, None
-        )
 
 
 def namespaces(settings: WorkerSettings) -> list[StreamNames]:
@@ -152,18 +138,18 @@ def read_lanes(
         entries = got.get(lane.stream)
         if entries is not None or streams[lane.stream] != ">":  # a replaying lane learns it is done
             candidates.append((lane, lane.intake.read_candidates(entries or [])))
-    # Whether each already has a final reply: one pipeline for all streams, not one per stream.
-    guards = [key for lane, found in candidates for key in lane.intake.guard_keys(found)]
-    if not guards:
+    # Whether each already has a final reply, and its id's claim: one pipeline for all streams.
+    if not any(found for _, found in candidates):
         return []
     pipe = client.pipeline(transaction=False)
-    for key in guards:
-        pipe.exists(key)
-    answered = pipe.execute()
+    for lane, found in candidates:
+        lane.intake.queue_checks(pipe, found)
+    checked = pipe.execute(raise_on_error=False)
     accepted: list[InFlight] = []
     for lane, found in candidates:
-        accepted += lane.intake.tokenize_unanswered(found, answered[: len(found)])
-        answered = answered[len(found) :]
+        n = CHECKS_PER_CANDIDATE * len(found)
+        accepted += lane.intake.tokenize_unanswered(found, checked[:n])
+        checked = checked[n:]
     return accepted
 
 

@@ -79,7 +79,8 @@ def token_event(
     logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
     """The streamed delta of one output as a `TokenEvent` body, or None when the request does not stream
-    or nothing is new; with `choice` (requests with `n` > 1) and `logprobs` (`logprob_bodies`) when given.
+    or nothing is new; with `choice` (requests with `n` > 1) and `logprobs` (`logprob_bodies`) when given,
+    and the entry's digest (`rd`) when known.
     A plain dict: a model instance per token costs more than the rest of publishing (`test_publishing`
     checks it validates as a `TokenEvent`)."""
     if not f.request.stream or not (out.new_text or out.new_token_ids):
@@ -92,6 +93,8 @@ def token_event(
         body["logprobs"] = logprobs
     if choice is not None:
         body["choice"] = choice
+    if f.digest:
+        body["rd"] = f.digest  # the entry it answers (`producer/wire/request_digest.py`)
     return body
 
 
@@ -278,7 +281,7 @@ class Publisher:
             replies.final(
                 FinalWrite(
                     f.request.id, f.reply_key, final_event(f, out, timings, self.attempt, choices),
-                    f.content_type, f.entry_id,
+                    f.content_type, f.entry_id, digest=f.digest or None,
                 )
             )  # fmt: skip
             self.table.end(seq_id)

@@ -99,12 +99,9 @@ class Refusals:
             "entry_dead_lettered", entry=entry_id.decode(), reason=reason[:200], deliveries=deliveries
         )
         s = self.settings
-        self.replies.dead_letter(
-            dead_letter_fields(
-                entry_id, fields, reason, deliveries, s.consumer_name, s.dead_letter_max_field_bytes
-            ),
-            entry_id,
-        )
+        limits = (s.dead_letter_max_field_bytes, s.dead_letter_max_bytes)
+        parked = dead_letter_fields(entry_id, fields, reason, deliveries, s.consumer_name, *limits)
+        self.replies.dead_letter(parked, entry_id)
 
     def poison(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> None:
         """An entry delivered too often: dead-letter it and tell its sender, if known."""

@@ -11,12 +11,23 @@ All writes of one loop iteration (tokens, finals, dead letters, acks) are queued
 `ReplyWriter` and sent in one pipeline by `flush()`. If Redis is unreachable, the queue
 is kept and the loop retries the flush (with backoff) before it steps the engine again,
 so no final reply and no acknowledgement is dropped by a connection loss; a retried
-flush may repeat token events, which clients drop by `index` (see `TokenRuns`).
+flush may repeat token events, which clients drop by `index` (see `TokenRuns`). A server that
+refuses writes for now (OOM at `maxmemory` with `noeviction`, BUSY, MISCONF, READONLY:
+`refuses_writes`) is treated the same way, except that the batch's token events are
+dropped rather than kept (the final reply carries the whole text, and memory is what is short).
+
+A request id belongs to the first request entry that claimed it (`<root>:claim:<id>`, see
+`worker/loop/intake.py`). A final for an entry carries its body's digest (`FinalWrite.digest`) and is
+written only if the id's claim, when there is one, names that digest (`CLAIMED_FINAL_SCRIPT`): an entry
+that reuses another's id with another body never answers on that request's reply stream. The same
+digest goes into the event itself (`rd`, under the signature), so that a client can tell an answer to
+the entry it sent from one to another entry that owns its id (`producer/wire/request_digest.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,15 +36,72 @@ import structlog
 
 from producer.wire.backoff import TRANSIENT_ERRORS
 from producer.wire.codec import ContentType, encode_body, encode_event
-from producer.wire.final_guard import FINAL_SCRIPT, TOKENS_SCRIPT, final_call, tokens_call
+from producer.wire.final_guard import FINAL_SCRIPT, TOKENS_SCRIPT, ScriptCall, final_call, tokens_call
 from producer.wire.keys import StreamNames
 from producer.wire.models import ErrorCode, ErrorEvent, ReplyEvent
 from producer.wire.redis_factory import is_cluster, register_script
 from producer.wire.signing import sign
 
-__all__ = ["FinalWrite", "ReplyWriter"]
+__all__ = ["FinalWrite", "ReplyWriter", "refuses_writes", "retry_delay_s"]
 
 log = structlog.get_logger("worker")
+
+
+# Replies of a server that refuses writes for now, whatever the command: memory at `maxmemory` under
+# `noeviction` (OOM), a script running past its time limit (BUSY), a failed RDB save with
+# `stop-writes-on-bgsave-error` (MISCONF), a primary turned replica (READONLY), or one that lost its
+# primary or replicas (MASTERDOWN, NOREPLICAS). The same write succeeds once the server recovers, so a
+# writer keeps it and retries; a command error (WRONGTYPE, NOPERM, a bad argument) would fail again.
+SERVER_STATE_ERRORS = frozenset({"OOM", "BUSY", "MISCONF", "READONLY", "MASTERDOWN", "NOREPLICAS"})
+# The longest back-off after such an error: the server is up and recovers at once when memory frees
+# (or the script ends), so the retry must come soon after, not at the connection back-off's cap.
+SERVER_STATE_RETRY_MAX_S = 0.5
+
+
+def refuses_writes(exc: object) -> bool:
+    """Whether `exc` is a server's refusal of writes for now (`SERVER_STATE_ERRORS`), not of the command
+    (also when re-raised naming its key: `worker.loop.keyed_errors.about`, which keeps it as the cause)."""
+    if not isinstance(exc, redis.ResponseError):
+        return False
+    if exc.__cause__ is not None and refuses_writes(exc.__cause__):
+        return True
+    if isinstance(exc, redis.exceptions.OutOfMemoryError | redis.exceptions.ReadOnlyError):
+        return True
+    return str(exc).split(" ", 1)[0] in SERVER_STATE_ERRORS
+
+
+def retry_delay_s(delay_s: float, exc: BaseException) -> float:
+    """A back-off delay for `exc`: capped at `SERVER_STATE_RETRY_MAX_S` when the server refuses writes."""
+    return min(delay_s, SERVER_STATE_RETRY_MAX_S) if refuses_writes(exc) else delay_s
+
+
+# FINAL_SCRIPT, preceded by the id claim's check. KEYS[4] the claim, ARGV[8] the entry's body digest
+# ('' = no check: a cancel's reply, or an entry without a body). A claim's value is `<digest> <entry id>`;
+# an unreadable one (not a string) is no claim. Returns 2, after acknowledging the entry, when the id
+# belongs to an entry with another body; else what FINAL_SCRIPT returns (1 written, 0 another final won).
+CLAIM_LOST = 2
+CLAIMED_FINAL_SCRIPT = (
+    """\
+if ARGV[8] ~= '' then
+  local claim = redis.pcall('GET', KEYS[4])
+  if type(claim) == 'string' and string.sub(claim, 1, #ARGV[8]) ~= ARGV[8] then
+    if ARGV[6] ~= '' then
+      redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
+    end
+    return 2
+  end
+end
+"""
+    + FINAL_SCRIPT
+)
+
+
+def claimed_final_call(
+    names: StreamNames, request_id: str, digest: str | None, call: ScriptCall
+) -> ScriptCall:
+    """CLAIMED_FINAL_SCRIPT's KEYS and ARGV: FINAL_SCRIPT's (`final_call`), with the claim and digest."""
+    keys, args = call
+    return keys + [names.claim(request_id)], args + [digest or ""]
 
 
 @dataclass(frozen=True)
@@ -47,6 +115,9 @@ class FinalWrite:
     entry_id: str | bytes | None
     # TTL of the reply stream and guard; None = the writer's `ttl_s`. Refusals use a short one.
     ttl_s: int | None = None
+    # The digest of the entry (`producer.wire.request_digest`): the final is written only if the request
+    # id's claim names it. None = no check (a cancel's reply: it answers the id, not an entry).
+    digest: str | None = None
 
 
 @dataclass
@@ -79,9 +150,20 @@ class ReplyWriter:
         self.dead_stream = names.dead_letter
         self.dead_max_entries = dead_max_entries
         self.signing_key = signing_key  # sign every event (`sig`, producer/wire/signing.py) when set
-        self._final = register_script(client, FINAL_SCRIPT)
+        self._final = register_script(client, CLAIMED_FINAL_SCRIPT)
         self._tokens = register_script(client, TOKENS_SCRIPT)
         self._queued = _Queued()
+        self._answering: str | None = None  # the body digest of the entry being answered (`answering`)
+
+    @contextmanager
+    def answering(self, digest: str | None) -> Iterator[None]:
+        """Inside, the finals that `error` queues are for an entry with this body digest: a refusal of an
+        entry that reuses a claimed request id with another body is not written (see `FinalWrite.digest`)."""
+        before, self._answering = self._answering, digest
+        try:
+            yield
+        finally:
+            self._answering = before
 
     @property
     def pending(self) -> bool:
@@ -119,7 +201,8 @@ class ReplyWriter:
                 self.ack(entry_id if isinstance(entry_id, bytes) else entry_id.encode())
             return
         event = ErrorEvent(id=request_id, code=code, message=message, attempt=self.attempt, param=param)
-        self.final(FinalWrite(request_id, reply_key, event, content_type, entry_id, ttl_s))
+        digest = self._answering if entry_id is not None else None
+        self.final(FinalWrite(request_id, reply_key, event, content_type, entry_id, ttl_s, digest))
 
     def dead_letter(self, fields: dict[bytes, bytes], entry_id: bytes) -> None:
         """Queue parking an entry in the dead-letter stream, then its acknowledgement."""
@@ -149,8 +232,9 @@ class ReplyWriter:
 
     def write(self, q: _Queued) -> list[str]:
         """Send one batch in one pipeline; returns the ids whose final lost the guard. Raises on transient
-        errors, leaving in `q` what is still to write, to be written again (token events may repeat;
-        clients drop them by index; finals and acks are idempotent under the guard)."""
+        errors and on a server refusing writes (`refuses_writes`: OOM...), leaving in `q` what is still to
+        write, to be written again (token events may repeat; clients drop them by index; finals and acks
+        are idempotent under the guard; after a refusal the token events are dropped)."""
         pipe = self.client.pipeline(transaction=False)
         for fields, entry_id in q.dead:
             pipe.xadd(self.dead_stream, fields, maxlen=self.dead_max_entries, approximate=True)  # type: ignore[arg-type]
@@ -193,11 +277,24 @@ class ReplyWriter:
         if transient is not None:
             self._keep_unwritten(q, results, bool(streams))
             raise transient
+        refused = next((r for r in results if refuses_writes(r)), None)
+        if refused is not None:
+            self._keep_unwritten(q, results, bool(streams))
+            if q.tokens:
+                log.warning("reply_tokens_dropped", events=len(q.tokens), error=str(refused)[:200])
+                q.tokens = []
+            raise refused
         for result in results:
             if isinstance(result, Exception):
                 log.warning("reply_write_failed", error=str(result)[:200])
         won = results[len(results) - len(q.finals) - (1 if q.acks else 0) :][: len(q.finals)]
-        return [f.request_id for f, w in zip(q.finals, won, strict=True) if w != 1]
+        for f, w in zip(q.finals, won, strict=True):
+            if w == CLAIM_LOST:
+                entry = f.entry_id.decode() if isinstance(f.entry_id, bytes) else f.entry_id
+                log.warning("request_duplicate_id", id=f.request_id, entry=entry, tenant=self.names.tenant,
+                            stage="final")  # fmt: skip
+        # Only a 0 says another final won the guard; a failed command (an exception) was logged above.
+        return [f.request_id for f, w in zip(q.finals, won, strict=True) if w == 0]
 
     @staticmethod
     def _keep_unwritten(q: _Queued, results: list[Any], tokens_sent: bool) -> None:
@@ -218,7 +315,10 @@ class ReplyWriter:
             q.acks = []
 
     def _queue_final(self, pipe: Any, final: FinalWrite) -> None:
-        fields = encode_event(final.event, final.content_type, final.reply_key, self.signing_key)
+        event = final.event
+        if final.digest and event.rd is None:  # the entry it answers, for the client (`rd`, signed)
+            event = event.model_copy(update={"rd": final.digest})
+        fields = encode_event(event, final.content_type, final.reply_key, self.signing_key)
         entry = final.entry_id.decode() if isinstance(final.entry_id, bytes) else (final.entry_id or "")
         keys, args = final_call(
             self.names,
@@ -230,6 +330,7 @@ class ReplyWriter:
             group=self.group,
             entry_id=entry,
         )
+        keys, args = claimed_final_call(self.names, final.request_id, final.digest, (keys, args))
         self._final(keys=keys, args=args, client=pipe)
 
 

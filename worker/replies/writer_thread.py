@@ -8,7 +8,9 @@ to one thread as a batch and goes on; the thread writes the batches in order, on
 one script, nothing after a final, no write dropped by a lost connection. While Redis is away
 the thread retries the oldest batch with backoff, and `flush()` raises a connection error so the
 loop backs off instead of stepping on; at most `max_batches` wait, after which `flush()` waits
-for the thread (the loop then runs at Redis's pace).
+for the thread (the loop then runs at Redis's pace). A server that refuses writes for now (OOM at
+`maxmemory`, BUSY...: `refuses_writes`) is retried the same way, soon (`retry_delay_s`), and logged
+`redis_error`; `flush()` then raises that error, so the loop backs off as from its own.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import redis
 import structlog
 
 from producer.wire.backoff import TRANSIENT_ERRORS, Backoff, slot_in_migration
-from worker.replies.writer import ReplyWriter, ReplyWriters
+from worker.replies.writer import ReplyWriter, ReplyWriters, refuses_writes, retry_delay_s
 
 log = structlog.get_logger("worker")
 
 SWITCH_INTERVAL_S = 0.0005
+# What `ReplyWriter.write` raises to have a batch kept and retried (a ResponseError: `refuses_writes`).
+RETRIED_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, redis.ResponseError)
 
 
 class ReplyWriterThread:
@@ -44,6 +48,7 @@ class ReplyWriterThread:
         self._dropped: list[str] = []
         self._failing: str | None = None  # the last connection error while it lasts
         self._migrating = False  # ... and it said a slot is moving (TRYAGAIN), not that Redis is away
+        self._refused: redis.ResponseError | None = None  # ... or it was the server refusing writes (OOM)
         self._closing = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="reply-writer", daemon=True)
@@ -68,7 +73,10 @@ class ReplyWriterThread:
                 self._batches.append(batch)
                 self._cond.notify_all()
             dropped, self._dropped = self._dropped, []
-            failing, migrating = self._failing, self._migrating
+            failing, migrating, refused = self._failing, self._migrating, self._refused
+        if failing is not None and refused is not None:
+            # The loop logs `redis_error` and backs off, as for a refusal of its own commands.
+            raise type(refused)(f"reply writes are waiting for the server to accept writes: {failing}")
         if failing is not None and migrating:
             # The loop backs off briefly, as for its own TRYAGAIN (see `Backoff.next_delay_s`).
             raise redis.exceptions.ClusterError(f"reply writes are waiting for a slot to move: {failing}")
@@ -102,16 +110,23 @@ class ReplyWriterThread:
                 batch = self._batches[0]
             try:
                 dropped = self.writer.write(batch)
-            except TRANSIENT_ERRORS as exc:
-                delay_s = self.backoff.next_delay_s(exc)
-                with self._cond:
-                    self._failing = f"{type(exc).__name__}: {exc}"[:200]
-                    self._migrating = slot_in_migration(exc)
-                    if self._closing:
-                        return  # shutting down without Redis: the entries stay pending and are reclaimed
-                log.warning("redis_unavailable", error=self._failing, retry_in_ms=round(delay_s * 1000))
-                time.sleep(delay_s)
-                continue
+            except RETRIED_ERRORS as exc:
+                refused = refuses_writes(exc)
+                if not refused and not isinstance(exc, TRANSIENT_ERRORS):
+                    log.exception("reply_batch_failed")  # `write` raises no other server error: a bug
+                    dropped = []
+                else:
+                    delay_s = retry_delay_s(self.backoff.next_delay_s(exc), exc)
+                    with self._cond:
+                        self._failing = f"{type(exc).__name__}: {exc}"[:200]
+                        self._migrating = slot_in_migration(exc)
+                        self._refused = exc if refused and isinstance(exc, redis.ResponseError) else None
+                        if self._closing:
+                            return  # shutting down without Redis: the entries stay pending and are reclaimed
+                    event = "redis_error" if refused else "redis_unavailable"
+                    log.warning(event, error=self._failing, retry_in_ms=round(delay_s * 1000))
+                    time.sleep(delay_s)
+                    continue
             except Exception:  # a bug must not stop every later reply: log it and drop this batch
                 log.exception("reply_batch_failed")
                 dropped = []
@@ -120,4 +135,5 @@ class ReplyWriterThread:
                 self._batches.popleft()
                 self._dropped += dropped
                 self._failing = None
+                self._refused = None
                 self._cond.notify_all()

@@ -29,7 +29,10 @@ No other key, no SET, no scripts, no KEYS/SCAN, no CONFIG/FLUSH, no pub/sub chan
 Without tenants (`--no-tenants`) every backend is one party and shares the un-tenanted keys: the
 user may read every key under the prefix and write every one but `<prefix>:stats`, the workers'
 live stats (the gateway's /v1/models and `python -m worker.top` trust them, and an entry there with
-a huge id would stop every worker's stats writes): it may read that stream (XREVRANGE), not write it.
+a huge id would stop every worker's stats writes): it may read that stream (XREVRANGE), not write it;
+and but the request id claims `<prefix>:claim:*` and, in shard namespaces, `<prefix>:s:{<n>}:claim:*`
+(a claim names the entry that owns an id: a backend that could set one could own a victim's id before
+its entry is read), which it may not touch at all.
 
 The workers' user may touch every key under the prefix (all tenants' namespaces, heartbeats,
 stats) with exactly the commands the worker sends, including those its Lua scripts call (which
@@ -46,7 +49,7 @@ import os
 import re
 import sys
 
-from producer.wire.keys import DEFAULT_PREFIX, tenant_root_patterns
+from producer.wire.keys import DEFAULT_PREFIX, MAX_STREAM_SHARDS, tenant_root_patterns
 
 # What a tenant's client sends (producer/client.py with a tenant): XADD, XREAD, and what redis-py
 # sends on its own (PING for health checks, CLIENT SETINFO on connect; AUTH/HELLO are always allowed).
@@ -67,6 +70,12 @@ SHARED_PRODUCER_COMMANDS = (
 
 # The workers' stats stream, under the prefix: written by the workers only (`shared_producer_rules`).
 STATS_KEY = "stats"
+# Where the request id claims are, under the prefix: the bare namespace's and each shard namespace's
+# (`<prefix>:s:{<n>}`, n of 1 to 4 digits: every shard below MAX_STREAM_SHARDS); workers' keys only.
+DIGIT = "[0-9]"
+CLAIM_PREFIXES: tuple[tuple[str, ...], ...] = (tuple("claim:"),) + tuple(
+    (*"s:{", *[DIGIT] * width, *"}:claim:") for width in range(1, len(str(MAX_STREAM_SHARDS - 1)) + 1)
+)
 
 # Every command the worker sends, directly or from its scripts (final_guard.py, backlog.py,
 # heartbeat.py, reclaim.py), and redis-py's script loading (SCRIPT EXISTS/LOAD, then EVALSHA).
@@ -134,6 +143,47 @@ def all_keys_but(head: str, tail: str) -> list[str]:
     return shorter + differ + [f"{head}{tail}?*"]
 
 
+# The characters an excluded key of `keys_outside` may name one by one: none is a glob character, nor one
+# with a meaning inside `[^...]` (`^`, `-`, `]`, backslash), nor a digit (`DIGIT` stands for those).
+_LITERAL = re.compile(r"[A-Za-z:{}._]")
+
+
+def keys_outside(head: str, keys: list[tuple[str, ...]], prefixes: list[tuple[str, ...]]) -> list[str]:
+    """Glob patterns that together match every key `head + x` where `x` is none of `keys` and starts with
+    none of `prefixes`, and nothing else. Each of those is a sequence of characters and `DIGIT` (any one
+    decimal digit).
+
+    The patterns walk the tree of the excluded keys' beginnings (`all_keys_but` is the case of one key):
+    each beginning followed by a character no excluded key has there (`[^...]*`); the keys longer than an
+    excluded key that begins no other (`?*`); and each beginning that is not excluded itself, as a whole
+    key. In that order: Redis tries a key against the patterns in turn, and the service's keys match one
+    of the first few (`<prefix>:[^cs]*` holds the requests, replies and guards of the bare namespace).
+    Nothing under an excluded prefix is matched."""
+    for word in keys + prefixes:
+        if not word or any(c != DIGIT and not _LITERAL.fullmatch(c) for c in word):
+            raise ValueError(f"{''.join(word)!r} must be letters, `:{{}}._` and [0-9]")
+    whole: list[str] = []
+    differ: list[str] = []
+    longer: list[str] = []
+    starts = sorted({w[:i] for w in keys + prefixes for i in range(len(w) + 1)}, key=lambda w: (len(w), w))
+    for start in starts:
+        if any(start[: len(p)] == p for p in prefixes):
+            continue  # an excluded prefix, or under one
+        glob = head + "".join(start)
+        if start not in keys:
+            whole.append(glob)
+        nexts = sorted(
+            {w[len(start)] for w in keys + prefixes if len(w) > len(start) and w[: len(start)] == start}
+        )
+        if DIGIT in nexts and any(c.isdigit() for c in nexts):
+            raise ValueError("a digit and [0-9] at the same place")
+        if nexts:
+            differ.append(f"{glob}[^{''.join('0-9' if c == DIGIT else c for c in nexts)}]*")
+        else:
+            longer.append(f"{glob}?*")
+    return differ + longer + whole
+
+
 def producer_rules(
     tenant: str,
     password: str,
@@ -163,13 +213,15 @@ def shared_producer_rules(
     server: tuple[int, int] = OLDEST_SERVER,
 ) -> list[str]:
     """The ACL rules of the backends' user without tenants: every key under the prefix to read and
-    write (`all_keys_but`) but the workers' stats stream `<prefix>:stats`, which it may only read.
+    write (`keys_outside`) but the workers' stats stream `<prefix>:stats`, which it may only read, and
+    the request id claims (`CLAIM_PREFIXES`), which it may not touch.
 
     Redis grants a key when one pattern carries every permission the command needs (EVALSHA: read and
     write), so the other keys get read-write patterns (`~`), not a read pattern and a write pattern."""
     head = check_prefix(prefix) + ":"
     commands = SHARED_PRODUCER_COMMANDS + (CLUSTER_COMMANDS if cluster else ())
-    keys = [f"%R~{head}{STATS_KEY}"] + [f"~{p}" for p in all_keys_but(head, STATS_KEY)]
+    outside = keys_outside(head, [tuple(STATS_KEY)], list(CLAIM_PREFIXES))
+    keys = [f"%R~{head}{STATS_KEY}"] + [f"~{p}" for p in outside]
     return _base(password, hashed, server) + keys + [f"+{c}" for c in commands]
 
 
