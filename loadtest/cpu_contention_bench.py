@@ -114,6 +114,11 @@ def run(config: str, busy_n: int, url: str, max_tokens: int) -> dict[str, Any]:
     return {"config": config, "idle": idle, "busy": loaded}
 
 
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=2)
@@ -150,7 +155,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(medians over {args.rounds} rounds; {cpus} CPUs available; {args.busy} busy processes)")
     if args.json_out:
         args.json_out.write_text(
-            json.dumps({"cpus": available_cpus(), "busy": args.busy, "rows": rows}, indent=2) + "\n"
+            json.dumps(
+                {
+                    "commit": _commit(),
+                    "command": " ".join(sys.argv),
+                    "cpus": cpus,
+                    "busy": args.busy,
+                    "rounds": args.rounds,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+            + "\n"
         )
     return 0
 
