@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from producer.client import ChatClient
+from worker.engine.host_cpus import default_torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 # Variables that would hide a progress bar or a warning: a plain run has none of them.
@@ -106,4 +107,7 @@ def test_a_model_workers_output_is_json_lines_only(
     stdout, stderr = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
     assert '"engine_ready"' in stdout and '"worker_stopped"' in stdout
     assert not_json(stdout) == [], stdout
+    # A CPU engine sizes torch's pool by the CPUs it may use, less one for the loop (`host_cpus`).
+    (ready,) = [e for e in map(json.loads, stdout.splitlines()) if e["event"] == "engine_ready"]
+    assert ready["torch_threads"] == default_torch_threads()
     assert not_json(stderr) == [], stderr
