@@ -5,7 +5,6 @@ the job resumes from its stored state (answered documents are never sent again).
 
 from __future__ import annotations
 
-import collections
 import os
 import signal
 import subprocess
@@ -16,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from test_bulk_jobs import kill_rq_worker, sent_indices, wait_for
 
 from producer.bulk import JobState, enqueue_bulk, job_status
-from producer.wire.codec import decode_request
-from producer.wire.keys import requests_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 HEARTBEAT_TTL_S = 3
@@ -54,30 +52,6 @@ def bulk_cli(redis_url: str, prefix: str, *args: str) -> subprocess.CompletedPro
                           env=env_for(redis_url, prefix), capture_output=True, timeout=120, check=False)
 
 
-def kill_worker(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the RQ worker and its work horse (in a process group of its own): no cleanup at all."""
-    horses = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == proc.pid]
-    assert horses, "the RQ worker has no work horse"
-    for pid in [*horses, proc.pid]:
-        os.kill(pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _ppid(proc_dir: Path) -> int | None:
-    try:
-        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("recovery", ["resume_at_once", "resume_after_heartbeat_lapsed", "restarted_worker"])
 def test_killed_worker_job_is_recovered(recovery, redis_url, rq_conn, redis_client, prefix, start_worker,
                                         tmp_path: Path) -> None:
@@ -92,7 +66,7 @@ def test_killed_worker_job_is_recovered(recovery, redis_url, rq_conn, redis_clie
     kill_worker_when = 6
     rq = bulk_worker(redis_url, prefix, queue, log, burst=True)
     wait_for(lambda: state.answered() >= kill_worker_when, 60, "documents answered")
-    kill_worker(rq)
+    kill_rq_worker(rq)
     killed_at = time.monotonic()
     answered_before = set(state.results())
     in_flight_before = set(state.in_flight())
@@ -136,10 +110,7 @@ def test_killed_worker_job_is_recovered(recovery, redis_url, rq_conn, redis_clie
     result = status["result"]
     assert (result["total"], result["succeeded"], result["failed"], result["unanswered"]) == (24, 24, 0, 0)
     assert [r["text"] for r in result["results"]] == [" ".join(d.split()[:4]) for d in documents]
-    sent = collections.Counter(
-        decode_request(fields, prefix)[0].metadata["index"]
-        for _, fields in redis_client.xrange(requests_stream(prefix))
-    )
+    sent = sent_indices(redis_client, prefix)
     assert set(sent) == set(range(len(documents)))
     # Answered before the kill: never sent again; in flight at the kill: waited for, not sent again.
     assert all(sent[i] == 1 for i in answered_before | in_flight_before), sent
@@ -158,7 +129,7 @@ def test_resume_without_force_waits_for_the_heartbeat(redis_url, rq_conn, prefix
     state = JobState(rq_conn, job.id, 3600)
     rq = bulk_worker(redis_url, prefix, queue, tmp_path / "rq.log", burst=True)
     wait_for(lambda: state.answered() >= 2, 60, "documents answered")
-    kill_worker(rq)
+    kill_rq_worker(rq)
     refused = bulk_cli(redis_url, prefix, "--queue", queue, "resume", job.id)
     assert refused.returncode == 1 and "--force" in refused.stderr and "Traceback" not in refused.stderr
     time.sleep(HEARTBEAT_TTL_S + 0.5)
