@@ -20,7 +20,8 @@ its prompt token counts differ slightly from the engine's: both totals are print
         --kv-cache-bytes 17179869184 --json-out service_w1.json
 
 The cost of the metrics (docs/metrics.md): `--metrics-compare` adds, each round, a service row with the
-worker's metrics port on and scraped every second; the other service rows run with it off.
+worker's metrics port on and scraped every `--scrape-interval-s` (1 s by default); the other service rows
+run with it off. `--requests` past 1,000 appends further W1 draws, for runs long enough to resolve 1%.
 
 Finding where the time goes: `--worker-cpus 0-5` runs the worker (and the engine process it starts)
 on those CPUs only and moves this client to the others; `--py-spy-dir DIR` samples the worker and
@@ -138,23 +139,23 @@ def start_py_spy(pid: int, path: Path) -> subprocess.Popen[bytes]:
 def service_row(
     args: argparse.Namespace, workdir: Path, stream: bool, metrics: bool = False
 ) -> dict[str, Any]:
-    """W1 through Redis and one worker; `metrics`: its metrics port on and scraped every second (else off)."""
+    """W1 through Redis and one worker; `metrics`: its metrics port on and scraped (else off)."""
     tokenizer = load_default_tokenizer()
-    workload = build_workload("w1", vocab_size=len(tokenizer))
-    prompts = [tokenizer.decode(p) for p in workload.prompts[: args.requests]]
+    prompts, max_tokens = w1_draws(len(tokenizer), args.requests)
     requests = [
-        {"prompt": text, "max_tokens": m, "stream": stream}
-        for text, m in zip(prompts, workload.max_tokens, strict=False)
+        {"prompt": tokenizer.decode(p), "max_tokens": m, "stream": stream}
+        for p, m in zip(prompts, max_tokens, strict=True)
     ]
     prefix = f"svc-{uuid.uuid4().hex[:6]}"
     with EmbeddedRedis() as server:
         metrics_port = free_port() if metrics else 0
         proc = start_worker(server.url, prefix, args, workdir / "worker.log", metrics_port)
-        scraper = Scraper(metrics_port) if metrics else None
+        scraper = Scraper(metrics_port, args.scrape_interval_s) if metrics else None
         spy = None
         if args.py_spy_dir:
             args.py_spy_dir.mkdir(parents=True, exist_ok=True)
-            spy = start_py_spy(proc.pid, args.py_spy_dir / f"worker_{'stream' if stream else 'final'}.txt")
+            name = f"worker_{'stream' if stream else 'final'}{'_metrics' if metrics else ''}.txt"
+            spy = start_py_spy(proc.pid, args.py_spy_dir / name)
         worker_ps = psutil.Process(proc.pid)
         server_ps = psutil.Process(server._proc.pid) if server._proc else None
         cpu_before = process_cpu_s(worker_ps)
@@ -194,7 +195,7 @@ def service_row(
     return {
         "system": ("service" if stream else "service, stream=false") + (", metrics on" if metrics else ""),
         "requests": len(ids), "answered": len(done), "errors": errors,
-        "output_tokens": output_tokens, "requested_tokens": sum(workload.max_tokens[: len(ids)]),
+        "output_tokens": output_tokens, "requested_tokens": sum(max_tokens[: len(ids)]),
         "prompt_tokens": sum(r.usage.prompt_tokens for r in done),
         "cached_tokens": sum(r.usage.cached_tokens for r in done),
         "wall_s": wall_s, "output_tok_s": output_tokens / wall_s,
@@ -204,6 +205,20 @@ def service_row(
         "worker_steps": stats.get("steps"), "worker_phase_s": stats.get("phase_s"),
         "redis_commands": redis_stats, "cpu_s": cpu_s,
     }  # fmt: skip
+
+
+def w1_draws(vocab_size: int, count: int) -> tuple[list[list[int]], list[int]]:
+    """The first `count` W1 requests: W1 itself (seed 0), then further draws of the same mix (seeds 1, 2,
+    ...), each with its own system prompt, for runs longer than one W1."""
+    prompts: list[list[int]] = []
+    max_tokens: list[int] = []
+    seed = 0
+    while len(prompts) < count:
+        workload = build_workload("w1", vocab_size=vocab_size, seed=seed)
+        prompts += workload.prompts
+        max_tokens += workload.max_tokens
+        seed += 1
+    return prompts[:count], max_tokens[:count]
 
 
 def parse_cpu_list(text: str) -> list[int]:
@@ -220,7 +235,10 @@ def main() -> None:
     p.add_argument("--model", default="llama-1b-random")
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float16", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--requests", type=int, default=1000, help="the first N requests of W1")
+    p.add_argument(
+        "--requests", type=int, default=1000,
+        help="the first N requests of W1; past 1,000, further W1 draws (seeds 1, 2, ...) follow",
+    )  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--max-prefill-chunk-tokens", type=int, default=2048)
@@ -236,9 +254,14 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="rounds of engine + service rows, alternated")
     p.add_argument(
         "--metrics-compare", action="store_true",
-        help="add a service row with the worker's metrics port on and scraped every second (the others: off)",
+        help="add a service row with the worker's metrics port on and scraped (the others: off)",
     )  # fmt: skip
+    p.add_argument(
+        "--scrape-interval-s", type=float, default=1.0, help="with --metrics-compare (Prometheus: 15-30 s)"
+    )
     args = p.parse_args()
+    if args.requests > 1000 and not args.skip_engine:
+        raise SystemExit("the engine row runs W1's 1,000 requests: past 1,000, add --skip-engine")
     if args.worker_cpus:
         worker_cpus = set(range(psutil.cpu_count())) - set(parse_cpu_list(args.worker_cpus))
         if not worker_cpus:
