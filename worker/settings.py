@@ -84,8 +84,8 @@ class WorkerSettings(BaseSettings):
         default=DEFAULT_MODEL,
         validation_alias=AliasChoices("MODEL", "LLM_MODEL"),
         description="Hugging Face model id already in the local cache, a directory with config.json, or a "
-        ".gguf file (env MODEL); llama-1b-random and tiny-random: seeded random weights in those shapes, "
-        "for benchmarks.",
+        ".gguf file (env MODEL); llama-1b-random, llama-8b-random, llama-70b-random and tiny-random: seeded "
+        "random weights in those shapes (Llama-3.2-1B, Llama-3.1-8B, Llama-3-70B), for benchmarks.",
     )
     cache_dir: Path = Field(
         default_factory=default_cache_dir,
@@ -200,6 +200,19 @@ class WorkerSettings(BaseSettings):
         default=None,
         description="Write replies from a background thread, so the loop never waits on Redis inside a "
         "step; unset = on when a device computes the steps (CUDA).",
+    )
+    stream_interval_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="Streamed replies: write each choice's first tokens at once, then those that follow as "
+        "one token event once this many ms have passed since its last (the rest right before the final "
+        "reply): less host time under many concurrent streams; 0 = one event per engine output.",
+    )
+    stream_interval_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Streamed replies: also write a choice's held tokens once this many are held (set alone: "
+        "one event per this many tokens after the first); 0 = no count bound.",
     )
     max_prompt_tokens: int = Field(
         default=4096, ge=1, description="Prompts longer than this get a too_long error."

@@ -43,6 +43,7 @@ from worker.loop.intake import generation_requests
 from worker.loop.keyed_errors import KeyedResponseError
 from worker.loop.lanes import Lane, build_lanes, namespaces, read_lanes
 from worker.loop.publisher import Publisher, token_text
+from worker.loop.stream_coalescing import stream_coalescer
 from worker.observability.build_info import build_info
 from worker.observability.counters import LoopCounters, Microbatch
 from worker.observability.health import WorkerHealth
@@ -90,6 +91,7 @@ class Consumer:
             s.consumer_name,
             token_text(engine),
             metrics,
+            stream_coalescer(s.stream_interval_ms, s.stream_interval_tokens),
         )
         # Writes from a thread where a device computes the steps (see reply_thread.py), else inline.
         background = s.async_replies if s.async_replies is not None else engine.overlaps_host
@@ -353,7 +355,7 @@ class Consumer:
 
     def _publish(self) -> None:
         ready, self._ready = self._ready, []
-        if ready:
+        if ready or self.publisher.holds_tokens:  # held tokens go out once due, even with no new ones
             self.publisher.publish(ready, time.monotonic())
 
     def _writes_pending(self) -> bool:

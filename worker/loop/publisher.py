@@ -4,6 +4,9 @@ The functions at the top are pure (the caller passes the clocks), so the shape o
 and the arithmetic of every timing are unit-tested in process. `Publisher` applies them to a
 step's outputs: it hands the events to the lanes' `ReplyWriters` (the one place that writes reply
 streams), ends finished requests in the `InFlightTable`, and logs `request_done` and `batch_done`.
+With a `StreamCoalescer` (`LLM_STREAM_INTERVAL_MS`, `LLM_STREAM_INTERVAL_TOKENS`) it writes a
+choice's tokens after its first as fewer, longer token events, each request's held tokens right
+before its final; without one, every output with something new is its own event.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from producer.wire.models import (
 )
 from worker.engine.base import Engine, SequenceOutput, TokenLogprob
 from worker.loop.inflight import InFlight, InFlightTable, split_choice
+from worker.loop.stream_coalescing import Held, StreamCoalescer
 from worker.observability.counters import LoopCounters, Microbatch
 from worker.observability.metrics import WorkerMetrics
 from worker.replies.writer import FinalWrite, ReplyWriters
@@ -85,9 +89,21 @@ def token_event(
     checks it validates as a `TokenEvent`)."""
     if not f.request.stream or not (out.new_text or out.new_token_ids):
         return None
+    return token_body(f, out.new_text, out.new_token_ids, attempt, choice, logprobs)
+
+
+def token_body(
+    f: InFlight,
+    text: str,
+    token_ids: list[int],
+    attempt: str,
+    choice: int | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The `TokenEvent` body of some tokens of `f`: the next `index`, their text, ids and logprobs."""
     body = {
-        "type": "token", "id": f.request.id, "index": f.tokens_sent, "text": out.new_text,
-        "token_ids": out.new_token_ids, "attempt": attempt,
+        "type": "token", "id": f.request.id, "index": f.tokens_sent, "text": text,
+        "token_ids": token_ids, "attempt": attempt,
     }  # fmt: skip
     if logprobs is not None:
         body["logprobs"] = logprobs
@@ -233,6 +249,7 @@ class Publisher:
     def __init__(
         self, writers: ReplyWriters, table: InFlightTable, counters: LoopCounters, attempt: str, worker: str,
         token_text: TokenText | None = None, metrics: WorkerMetrics | None = None,
+        coalescer: StreamCoalescer | None = None,
     ):  # fmt: skip
         self.metrics = metrics
         self.writers = writers
@@ -241,10 +258,17 @@ class Publisher:
         self.attempt = attempt
         self.worker = worker
         self.token_text = token_text  # the `token` of logprobs; None: token ids only
+        self.coalescer = coalescer  # None: one token event per output
+
+    @property
+    def holds_tokens(self) -> bool:
+        """Tokens are held back that `publish` must write once due, even with no outputs to publish."""
+        return self.coalescer is not None and self.coalescer.holding
 
     def publish(self, outputs: list[SequenceOutput], now_s: float) -> None:
         """Write the events of a step's outputs. The outputs of choice i > 0 of a request with `n` > 1 come
-        under `choice_seq_id(seq_id, i)`; its final reply waits for every choice (or the first error)."""
+        under `choice_seq_id(seq_id, i)`; its final reply waits for every choice (or the first error).
+        Held tokens whose interval has passed are written too (`outputs` may be empty)."""
         epoch_ms = now_ms()
         for out in outputs:
             seq_id, choice = split_choice(out.seq_id)
@@ -260,10 +284,13 @@ class Publisher:
                 f.logprobs = f.logprobs or {}
                 f.logprobs.setdefault(choice, []).extend(logprobs)
             replies = self.writers.of(f.lane)
-            event = token_event(f, out, self.attempt, choice if f.request.n > 1 else None, logprobs)
-            if event is not None:
-                replies.token(f.request.id, f.reply_key, event, f.content_type, f.tokens_sent == 0)
-                f.tokens_sent += 1
+            if self.coalescer is not None:
+                self._coalesce(f, seq_id, choice, out, logprobs, now_s)
+            else:
+                event = token_event(f, out, self.attempt, choice if f.request.n > 1 else None, logprobs)
+                if event is not None:
+                    replies.token(f.request.id, f.reply_key, event, f.content_type, f.tokens_sent == 0)
+                    f.tokens_sent += 1
             if not out.finished:
                 continue
             choices = None
@@ -278,6 +305,9 @@ class Publisher:
                 f, max(c.completion_tokens for c in choices.values()) if choices else out.completion_tokens,
                 now_s, epoch_ms, self.worker,
             )  # fmt: skip
+            if self.coalescer is not None:
+                for held_choice, held in self.coalescer.take(seq_id):  # the last tokens go right before it
+                    self._write(f, held_choice, held)
             replies.final(
                 FinalWrite(
                     f.request.id, f.reply_key, final_event(f, out, timings, self.attempt, choices),
@@ -286,6 +316,41 @@ class Publisher:
             )  # fmt: skip
             self.table.end(seq_id)
             self._log_done(f, out, timings, now_s)
+        if self.coalescer is not None:
+            self._write_due(now_s)
+
+    def _coalesce(
+        self, f: InFlight, seq_id: str, choice: int, out: SequenceOutput,
+        logprobs: list[dict[str, Any]] | None, now_s: float,
+    ) -> None:  # fmt: skip
+        """Hand an output's tokens to the coalescer; write what it releases."""
+        assert self.coalescer is not None
+        if not f.request.stream or not (out.new_text or out.new_token_ids):
+            return
+        held = self.coalescer.add(seq_id, choice, f, out.new_text, out.new_token_ids, logprobs, now_s)
+        if held is not None:
+            self._write(f, choice, held)
+
+    def _write_due(self, now_s: float) -> None:
+        """Write the held tokens whose interval has passed; forget requests that ended without a final
+        from here (lost to another worker, handed back)."""
+        assert self.coalescer is not None
+        for seq_id, choice, owner, held in self.coalescer.take_due(now_s):
+            f = self.table.get(seq_id)
+            if f is not None and f is owner:
+                self._write(f, choice, held)
+            else:
+                self.coalescer.forget(seq_id)
+        if len(self.coalescer) > len(self.table):  # every request it keeps is in the table, unless ended so
+            self.coalescer.keep_only(lambda seq_id, owner: self.table.get(seq_id) is owner)
+
+    def _write(self, f: InFlight, choice: int, held: Held) -> None:
+        """One token event of `f` carrying `held`'s tokens."""
+        body = token_body(
+            f, held.text, held.token_ids, self.attempt, choice if f.request.n > 1 else None, held.logprobs
+        )
+        self.writers.of(f.lane).token(f.request.id, f.reply_key, body, f.content_type, f.tokens_sent == 0)
+        f.tokens_sent += 1
 
     def _log_done(self, f: InFlight, out: SequenceOutput, t: Timings, now_s: float) -> None:
         prompt = prompt_tokens(f, out)
