@@ -2,7 +2,11 @@
 
 For each batch size B, a fresh PagedEngine gets B requests of `--context` random prompt tokens (EOS ignored)
 and steps until all B decode with no prefill left; after two more steps, `--steps` steps are timed one by
-one (`engine.step()` returns once the host has the sampled tokens) and the median is reported. Each request
+one, with no synchronisation between them (with async scheduling the engine launches step N+1 before it
+reads step N back), from one `engine.step()` return to the next, and the median is reported, with the
+engine's host time per step by part (planning, launching, reading outputs, waiting for the device) and,
+with `--profile-steps`, the GPU's busy time per step (the host is hidden when the step is close to it).
+`--async-scheduling off` times the engine that reads each step back before planning the next. Each request
 may produce `--new-tokens` tokens once all decode (its max_tokens adds a bound on the prefill steps).
 Roofline: every weight read once (tied embeddings once) plus each sequence's K/V at its mean context over
 the timed steps, over the HBM bandwidth (`--hbm-tb-s`, or looked up from the GPU's name).
@@ -90,8 +94,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_engine(loaded: LoadedModel, batch: int, args: argparse.Namespace) -> tuple[float, float]:
-    """Median decode step ms at `batch` sequences, and their mean context (tokens) over the timed steps."""
+def time_engine(loaded: LoadedModel, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Median decode step ms at `batch` sequences, their mean context (tokens) over the timed steps, the
+    engine's host ms per step by part, and (with `--profile-steps`) the GPU's busy ms per step."""
     device = torch.device(args.device)
     spec = KVCacheSpec.from_model_config(loaded.model.config, next(loaded.model.parameters()).dtype)
     chunk = args.max_prefill_chunk_tokens
@@ -130,19 +135,29 @@ def time_engine(loaded: LoadedModel, batch: int, args: argparse.Namespace) -> tu
         step()
     # The step after k completion tokens attends over context + k tokens (its input token included).
     mean_context = args.context + statistics.fmean(completed.values()) + (args.steps - 1) / 2
+    # No synchronisation between timed steps: with async scheduling step N+1 is launched before N is read
+    # back, and a sync after each step would time them one by one. Each time is one step's share of the
+    # pipeline: from one `step()` return to the next.
     times = []
+    host_before = dict(engine.host_seconds)
+    sync(device)
+    last = time.perf_counter()
     for _ in range(args.steps):
-        sync(device)
-        start = time.perf_counter()
         if not step():
             raise RuntimeError("a timed step was not a decode step of every sequence")
-        sync(device)
-        times.append(time.perf_counter() - start)
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    sync(device)
+    host_ms = {k: (v - host_before[k]) / args.steps * 1000 for k, v in engine.host_seconds.items()}
+    result: dict[str, Any] = {"step_ms": statistics.median(times) * 1000, "mean_context": mean_context}
+    result |= {"host_ms": host_ms, "async_scheduling": engine.async_scheduling}
     if args.profile_steps:
         found = kernel_profile.profile_steps(step, args.profile_steps, lambda: sync(device))
         print(f"  kernels of a decode step at B={batch}:\n{found.table()}", flush=True)
+        result["gpu_busy_ms"] = found.busy_us_per_step / 1000
     engine.close()
-    return statistics.median(times) * 1000, mean_context
+    return result
 
 
 def time_static(loaded: LoadedModel, batch: int, args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
@@ -182,6 +197,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ("tok/s", "tok_s", "{:.0f}"), ("roofline ms", "roofline_ms", "{:.2f}"),
         ("step/roofline", "ratio", "{:.2f}"),
     ]  # fmt: skip
+    if any("gpu_busy_ms" in r for r in rows):
+        columns += [("GPU busy ms", "gpu_busy_ms", "{:.2f}"), ("step/busy", "step_over_busy", "{:.2f}")]
     if any("static_step_ms" in r for r in rows):
         columns += [("static ms", "static_step_ms", "{:.2f}"), ("static/roofline", "static_ratio", "{:.2f}")]
     return bench.render_table(rows, columns)
@@ -257,16 +274,20 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     for batch in (int(b) for b in args.batch_sizes.split(",") if b):
         try:
-            step_ms, mean_context = time_engine(loaded, batch, args)
+            timed = time_engine(loaded, batch, args)
         except Exception as exc:  # keep the batch sizes measured so far (a large B may not fit)
             print(f"  FAILED: B={batch}: {type(exc).__name__}: {exc}", flush=True)
             continue
+        step_ms, mean_context = timed["step_ms"], timed["mean_context"]
         roofline_bytes = weights + batch * mean_context * kv_per_token
         roofline_ms = roofline_bytes / (bandwidth * 1e12) * 1000
         row: dict[str, Any] = {
             "batch": batch, "mean_context": mean_context, "step_ms": step_ms, "tok_s": batch / step_ms * 1000,
             "roofline_bytes": roofline_bytes, "roofline_ms": roofline_ms, "ratio": step_ms / roofline_ms,
+            "host_ms": timed["host_ms"], "async_scheduling": timed["async_scheduling"],
         }  # fmt: skip
+        if "gpu_busy_ms" in timed:
+            row |= {"gpu_busy_ms": timed["gpu_busy_ms"], "step_over_busy": step_ms / timed["gpu_busy_ms"]}
         if args.baseline == "static_compile":
             try:
                 static_ms, notes = time_static(loaded, batch, args)
@@ -281,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         extra = f", static {row['static_step_ms']:.2f} ms" if "static_step_ms" in row else ""
         print(f"  done: B={batch} step {step_ms:.2f} ms, roofline {roofline_ms:.2f} ms{extra}", flush=True)
+        host = ", ".join(f"{k} {v:.3f}" for k, v in row["host_ms"].items())
+        print(f"  host ms per step (async scheduling {'on' if row['async_scheduling'] else 'off'}): {host}")
     print(format_table(rows))
     if args.json_out:
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

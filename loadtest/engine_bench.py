@@ -200,6 +200,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["fused_layers"] = False
     if args.kv_dtype != "auto":
         options["kv_dtype"] = args.kv_dtype
+    if args.async_scheduling != "auto":
+        options["async_scheduling"] = args.async_scheduling == "on"
     if getattr(args, "kv_budget_tokens", 0):
         options["kv_budget_tokens"] = args.kv_budget_tokens
         options["kv_prune_mode"] = args.kv_prune_mode
@@ -487,6 +489,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-dtype", default="auto", choices=KV_DTYPE_CHOICES,
         help="paged engine's KV cache format (LLM_KV_DTYPE); a workload's KV budget stays in bytes",
+    )  # fmt: skip
+    p.add_argument(
+        "--async-scheduling", default="auto", choices=["auto", "on", "off"],
+        help="launch step N+1 before step N is read back (LLM_ASYNC_SCHEDULING; auto: on with CUDA)",
     )  # fmt: skip
 
 

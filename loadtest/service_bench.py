@@ -111,6 +111,7 @@ def engine_row(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     ]  # fmt: skip
     if args.kv_cache_bytes:
         cmd += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
+    cmd += ["--async-scheduling", args.async_scheduling]
     subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(out.read_text())["results"][0]
 
@@ -127,6 +128,8 @@ def start_worker(
     }  # fmt: skip
     if args.kv_cache_bytes:
         settings["kv_cache_bytes"] = args.kv_cache_bytes
+    if args.async_scheduling != "auto":
+        settings["async_scheduling"] = args.async_scheduling == "on"
     env = {**os.environ, "REDIS_URL": url, "LLM_PREFIX": prefix, "PYTHONUNBUFFERED": "1"}
     env.update({f"LLM_{k.upper()}": str(v) for k, v in settings.items()})
     cmd = [sys.executable, "-m", "worker"]
@@ -676,6 +679,10 @@ def main() -> None:
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--max-prefill-chunk-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-bytes", type=int, default=None)
+    p.add_argument(
+        "--async-scheduling", default="auto", choices=["auto", "on", "off"],
+        help="engine and worker: LLM_ASYNC_SCHEDULING (auto: on with CUDA)",
+    )  # fmt: skip
     p.add_argument("--skip-engine", action="store_true", help="run the service only")
     p.add_argument("--also-unstreamed", action="store_true", help="add a service row with stream=false")
     p.add_argument("--start-timeout-s", type=float, default=600)

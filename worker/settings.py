@@ -187,9 +187,16 @@ class WorkerSettings(BaseSettings):
         description="While decoding, admit new prompts at latest every N steps (or once they fill a step); "
         "unset = 8 with CUDA graphs, else 0 (every step).",
     )
+    async_scheduling: bool | None = Field(
+        default=_ENGINE.async_scheduling,
+        description="Paged engine: plan and launch step N+1 before step N's tokens are read back (the device "
+        "feeds them to it; stops are found one step late and the extra token dropped), so the host's step "
+        "work overlaps the device's; unset = on with CUDA.",
+    )
     async_output: bool | None = Field(
         default=_ENGINE.async_output,
-        description="Detokenize and stream step N's tokens while step N+1 runs; unset = on with CUDA.",
+        description="Detokenize and stream step N's tokens after step N+1 is launched; unset = on with CUDA "
+        "where async scheduling is off (with it, step N's tokens are streamed while N+1 runs anyway).",
     )
     engine_process: Literal["auto", "inline", "separate"] = Field(
         default="auto",
@@ -518,7 +525,8 @@ class WorkerSettings(BaseSettings):
             kv_sink_tokens=self.kv_sink_tokens, kv_prune_mode=self.kv_prune_mode,
             attention_backend=self.attention_backend, cuda_graphs=self.cuda_graphs,
             prefill_interval_steps=self.prefill_interval_steps,
-            async_output=self.async_output, echo_token_delay_ms=self.echo_token_delay_ms,
+            async_scheduling=self.async_scheduling, async_output=self.async_output,
+            echo_token_delay_ms=self.echo_token_delay_ms,
             grammar_threads=self.grammar_threads, torch_threads=self.torch_threads,
         )  # fmt: skip
 

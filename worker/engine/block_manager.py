@@ -145,6 +145,8 @@ class BlockManager:
         """
         if not self.enable_prefix_caching or seq.num_evicted_blocks:
             return  # after an eviction the sequence computes K/V over a pruned context: never shared
+        # A token not read back yet has no id to hash: its block is published once it is (next step).
+        num_tokens = min(num_tokens, seq.num_resolved_tokens)
         num_full = min(num_tokens // self.block_size, len(seq.block_table))
         bs = self.block_size
         for i, digest in enumerate(self.block_digests(seq, num_full)):

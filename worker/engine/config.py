@@ -44,7 +44,10 @@ class EngineConfig:
     fused_layers: bool = True  # one-launch norms, QKV + RoPE-and-store, gate/up + SiLU (triton backend)
     # New prompts join a decoding batch at latest every N steps; None: 8 with CUDA graphs, else 0 (each step).
     prefill_interval_steps: int | None = None
-    async_output: bool | None = None  # stream step N's tokens while step N+1 runs; None: on with CUDA
+    # Plan and launch step N+1 before step N is read back (its tokens fed on the device); None: on with CUDA.
+    async_scheduling: bool | None = None
+    # Stream step N's tokens after step N+1 is launched; None: on with CUDA where async scheduling is off.
+    async_output: bool | None = None
     echo_token_delay_ms: float = 0.0  # echo engine: sleep per generated token
     grammar_threads: int = 0  # structured output: threads filling token masks; 0 = a quarter of the CPUs, 1-8
     torch_threads: int = 0  # CPU engines: torch intra-op threads; 0 = `host_cpus.default_torch_threads()`

@@ -106,9 +106,13 @@ class DecodeGraphs:
 
     def run(
         self, input_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
-        block_tables: list[list[int]],
+        block_tables: list[list[int]], future: tuple[list[tuple[int, int]], torch.Tensor] | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """Replay the bucket holding these decode rows; returns their logits [rows, vocab] (a view)."""
+        """Replay the bucket holding these decode rows; returns their logits [rows, vocab] (a view).
+
+        `future`: (row, index) pairs and a device tensor of token ids: those rows' input ids are taken
+        from it on the device (the previous step's sampled ids, not read back yet).
+        """
         rows = len(input_ids)
         bucket = bucket_for(rows, self.buckets)
         if bucket is None:
@@ -127,5 +131,9 @@ class DecodeGraphs:
         self.slot_mapping[:bucket].copy_(host[2], non_blocking=True)
         self.context_lens[:bucket].copy_(host[3], non_blocking=True)
         self.block_tables[:rows, :width].copy_(torch.from_numpy(tables), non_blocking=True)
+        if future is not None:
+            pairs, tokens = future
+            index = torch.tensor(pairs, dtype=torch.long).T.to(self.device, non_blocking=True)
+            self.input_ids[index[0]] = tokens[index[1]]
         self.graphs[bucket].replay()
         return self.logits[bucket][:rows]

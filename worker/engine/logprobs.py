@@ -11,9 +11,9 @@ request asks for the ones the sampler drew from.)
 Only the rows that asked are computed, as one batch. Where the Triton kernels run (a GPU, or CPU
 tensors under `TRITON_INTERPRET=1`) one read of each row gives its log-sum-exp and top k
 (`kernels/logprob_stats.py`); elsewhere the reference below writes the [L, V] `log_softmax` and takes
-a `topk` of the largest `top_logprobs` of the batch. Nothing is read back here; `read_sampled` reads
-the sampled ids and these values together, in one device-to-host copy, when the step's result is
-collected.
+a `topk` of the largest `top_logprobs` of the batch. Nothing is read back here; `SampledReadback` copies
+the sampled ids and these values together, in one device-to-host copy started with the step and read
+when its result is collected.
 """
 
 from __future__ import annotations
@@ -86,29 +86,30 @@ def compute_logprobs_reference(
     return LogprobTensors(rows.row_ids, rows.top_counts, sampled, top_ids, top_values)
 
 
-def read_sampled(
-    tokens: torch.Tensor, logprobs: LogprobTensors | None
-) -> tuple[list[int], list[TokenLogprob | None]]:
-    """The sampled ids ([B]) and each row's `TokenLogprob` (None where not asked), in one host read.
-
-    The ids, the top ids and the values are packed as int32 bit patterns into one device tensor, so
-    the step still synchronises once and copies once; the host views the pieces back, exactly.
-    """
-    batch = tokens.shape[0]
-    if logprobs is None:
-        return [int(t) for t in tokens.tolist()], [None] * batch
-    num, k = logprobs.top_ids.shape
+def pack_sampled(tokens: torch.Tensor, logprobs: LogprobTensors | None) -> torch.Tensor:
+    """The sampled ids ([B]) and the logprob tensors as one int32 device tensor (bit patterns), so the
+    host reads them with one copy; `unpack_sampled` views the pieces back, exactly."""
     # int64 pieces first, so each one starts at an even int32 offset and views back as int64.
-    packed = torch.cat(
-        [
-            tokens.to(torch.int64).contiguous().view(torch.int32),
+    pieces = [tokens.to(torch.int64).contiguous().view(torch.int32)]
+    if logprobs is not None:
+        pieces += [
             logprobs.top_ids.contiguous().view(-1).view(torch.int32),
             logprobs.sampled.to(torch.float32).contiguous().view(torch.int32),
             logprobs.top_values.to(torch.float32).contiguous().view(-1).view(torch.int32),
         ]
-    ).cpu()
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def unpack_sampled(
+    packed: torch.Tensor, batch: int, logprobs: LogprobTensors | None
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """`pack_sampled`'s host copy back as the sampled ids and each row's `TokenLogprob` (None where not
+    asked)."""
+    token_ids = packed[: 2 * batch].view(torch.int64).tolist()
+    if logprobs is None:
+        return token_ids, [None] * batch
+    num, k = logprobs.top_ids.shape
     ends = [2 * batch, 2 * batch + 2 * num * k, 2 * batch + 2 * num * k + num]
-    token_ids = packed[: ends[0]].view(torch.int64).tolist()
     top_ids = packed[ends[0] : ends[1]].view(torch.int64).view(num, k).tolist()
     sampled = packed[ends[1] : ends[2]].view(torch.float32).tolist()
     top_values = packed[ends[2] :].view(torch.float32).view(num, k).tolist()
@@ -118,3 +119,47 @@ def read_sampled(
         top = tuple(zip(top_ids[i][:count], top_values[i][:count], strict=True))
         result[row] = TokenLogprob(token_ids[row], sampled[i], top)
     return token_ids, result
+
+
+def read_sampled(
+    tokens: torch.Tensor, logprobs: LogprobTensors | None
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """The sampled ids ([B]) and each row's `TokenLogprob` (None where not asked), in one host read
+    (waits for the device; `SampledReadback` starts the copy without waiting)."""
+    return unpack_sampled(pack_sampled(tokens, logprobs).cpu(), tokens.shape[0], logprobs)
+
+
+class SampledReadback:
+    """A step's sampled ids and logprobs on their way to the host, started when the step is launched.
+
+    On CUDA the packed tensor is copied into pinned host memory on a side stream that waits only for
+    this step's sampling, and an event marks the copy's end: `result()` waits for that event alone, so
+    the host reads step N while step N+1, queued behind it, runs (async scheduling). Elsewhere the
+    copy is the tensor itself.
+    """
+
+    _streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __init__(self, tokens: torch.Tensor, logprobs: LogprobTensors | None):
+        self.batch = tokens.shape[0]
+        self.logprobs = logprobs
+        self.packed = pack_sampled(tokens, logprobs)  # kept alive until read: the side stream reads it
+        self.event: torch.cuda.Event | None = None
+        if self.packed.device.type != "cuda":
+            self.host = self.packed
+            return
+        stream = self._streams.get(self.packed.device)
+        if stream is None:
+            stream = self._streams[self.packed.device] = torch.cuda.Stream(self.packed.device)
+        stream.wait_stream(torch.cuda.current_stream(self.packed.device))
+        self.host = torch.empty(self.packed.shape, dtype=torch.int32, pin_memory=True)
+        with torch.cuda.stream(stream):
+            self.host.copy_(self.packed, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(stream)
+
+    def result(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Wait for the copy (not for later steps) and unpack it."""
+        if self.event is not None:
+            self.event.synchronize()
+        return unpack_sampled(self.host, self.batch, self.logprobs)

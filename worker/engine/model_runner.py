@@ -28,10 +28,10 @@ from worker.engine.base import TokenLogprob
 from worker.engine.block_manager import BlockManager
 from worker.engine.cuda_graphs import DecodeGraphs
 from worker.engine.kv_cache import KVCache
-from worker.engine.logprobs import LogprobTensors, read_sampled
+from worker.engine.logprobs import LogprobTensors, SampledReadback
 from worker.engine.penalties import PenaltyState
 from worker.engine.sampler import SamplingExtras, SamplingTensors, sample_with_extras
-from worker.engine.sequence import Sequence
+from worker.engine.sequence import FUTURE_TOKEN, Sequence
 from worker.engine.structured.gate import GrammarGate
 
 
@@ -61,24 +61,46 @@ class ScheduledSequence:
 class LaunchedStep:
     """A step queued on the device: its sampled ids, read back (the step's one sync) by `result`."""
 
-    tokens: torch.Tensor | None  # int64 [K] on the device
+    tokens: torch.Tensor | None  # int64 [K] on the device; the next step may read them there
     rows: list[int]  # index in the scheduled list of each sampled token
     num_scheduled: int
     # SnapKV scores of the kept tokens of scored prefill chunks, by index in the scheduled list.
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     logprobs: LogprobTensors | None = None  # of the sampled rows that asked for them
+    readback: SampledReadback | None = None  # the ids and logprobs on their way to the host
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None and self.readback is None:
+            self.readback = SampledReadback(self.tokens, self.logprobs)
 
     def result(self) -> tuple[list[int | None], list[TokenLogprob | None]]:
         """The sampled token of each scheduled sequence, None mid-prefill, and its logprobs where asked
-        (waits for the device: one read for both)."""
+        (waits for this step's copy only: one read for both)."""
         sampled: list[int | None] = [None] * self.num_scheduled
         logprobs: list[TokenLogprob | None] = [None] * self.num_scheduled
-        if self.tokens is not None:
-            ids, lps = read_sampled(self.tokens, self.logprobs)
+        if self.readback is not None:
+            ids, lps = self.readback.result()
             for row, token, lp in zip(self.rows, ids, lps, strict=True):
                 sampled[row] = token
                 logprobs[row] = lp
         return sampled, logprobs
+
+
+def is_future_input(item: ScheduledSequence) -> bool:
+    """True if the row's input token was sampled by the previous step and is not read back yet (only a
+    decode row's can be: a sequence's future tokens are its last ones, and prefill chunks end before)."""
+    first = item.seq.first_future
+    if first is None or item.start + item.num_tokens <= first:
+        return False
+    if item.num_tokens != 1 or item.seq.token_ids[item.start] != FUTURE_TOKEN:
+        raise RuntimeError(f"sequence {item.seq.seq_id!r} scheduled past a token not read back")
+    return True
+
+
+def _tokens_of(prev_tokens: torch.Tensor | None) -> torch.Tensor:
+    if prev_tokens is None:
+        raise RuntimeError("a decode row's input is a future token, but no previous step's tokens were given")
+    return prev_tokens
 
 
 def sliding_window(config: Any) -> int | None:
@@ -128,7 +150,10 @@ class ModelRunner:
             raise NotImplementedError("sliding-window attention is not supported by the paged engine yet")
 
     def _eager_logits(
-        self, rows: list[ScheduledSequence], scores: dict[int, torch.Tensor] | None = None
+        self,
+        rows: list[ScheduledSequence],
+        scores: dict[int, torch.Tensor] | None = None,
+        prev_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
         """Run the flat batch eagerly; returns logits of the completing rows and their indices in `rows`.
 
@@ -143,9 +168,14 @@ class ModelRunner:
         logits_indices: list[int] = []
         sampled_rows: list[int] = []
         score_requests: list[tuple[int, int, int]] = []
+        future_dst: list[int] = []  # input positions whose token the previous step sampled on the device
+        future_src: list[int] = []
         for i, item in enumerate(rows):
             seq = item.seq
             start, end = item.start, item.start + item.num_tokens
+            if is_future_input(item):
+                future_dst.append(len(input_ids))
+                future_src.append(seq.future_row)
             if self.score_window and seq.kv_budget_tokens and item.num_tokens > 1:
                 window = min(self.score_window, item.num_tokens)
                 score_requests.append((i, len(input_ids) + item.num_tokens - window, window))
@@ -178,20 +208,27 @@ class ModelRunner:
             logits_to_keep: Any = on_device([len(input_ids) - 1])  # nothing sampled; keep one row
         else:
             logits_to_keep = on_device(logits_indices)
+        ids = on_device(input_ids)
+        if future_dst:
+            ids[on_device(future_dst)] = _tokens_of(prev_tokens)[on_device(future_src)]
         with attention_context(metadata):
             out = self.model(
-                input_ids=on_device(input_ids).unsqueeze(0),
+                input_ids=ids.unsqueeze(0),
                 position_ids=on_device(positions).unsqueeze(0),
                 use_cache=False,
                 logits_to_keep=logits_to_keep,
             )
         return out.logits[0], sampled_rows
 
-    def _graph_logits(self, rows: list[ScheduledSequence]) -> torch.Tensor:
+    def _graph_logits(
+        self, rows: list[ScheduledSequence], prev_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         assert self.graphs is not None
         context_lens = [item.seq.kv_len(item.start + 1) for item in rows]
         self._check_window(context_lens)
+        future = [(i, item.seq.future_row) for i, item in enumerate(rows) if is_future_input(item)]
         return self.graphs.run(
+            future=(future, _tokens_of(prev_tokens)) if future else None,
             input_ids=[item.seq.token_ids[item.start] for item in rows],
             positions=[item.start for item in rows],
             slots=[self.block_manager.slot_mapping(item.seq, item.start, item.start + 1)[0] for item in rows],
@@ -229,17 +266,24 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def launch(self, scheduled: list[ScheduledSequence]) -> LaunchedStep:
-        """Queue the step's forward and sampling on the device; the host reads nothing back yet."""
+    def launch(
+        self, scheduled: list[ScheduledSequence], prev_tokens: torch.Tensor | None = None
+    ) -> LaunchedStep:
+        """Queue the step's forward and sampling on the device; the host reads nothing back yet.
+
+        A decode row whose input token is still a `FUTURE_TOKEN` takes it from `prev_tokens`, the
+        previous step's sampled ids, on the device (row `seq.future_row`): async scheduling launches this
+        step before the host has read the previous one back.
+        """
         if not scheduled:
             return LaunchedStep(None, [], 0)
         order = self.order(scheduled)
         rows = [scheduled[i] for i in order]
         row_scores: dict[int, torch.Tensor] = {}
         if self.uses_graph(rows):
-            logits, sampled_rows = self._graph_logits(rows), list(range(len(rows)))
+            logits, sampled_rows = self._graph_logits(rows, prev_tokens), list(range(len(rows)))
         else:
-            logits, sampled_rows = self._eager_logits(rows, row_scores)
+            logits, sampled_rows = self._eager_logits(rows, row_scores, prev_tokens)
         scores = {order[row]: t for row, t in row_scores.items()}
         if not sampled_rows:
             return LaunchedStep(None, [], len(scheduled), scores)

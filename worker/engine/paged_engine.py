@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +51,20 @@ from worker.engine.tokenize import eos_token_ids
 DEFAULT_PREFILL_INTERVAL_STEPS = 8
 # How often an otherwise idle engine polls the compiles of requests waiting for their grammar.
 GRAMMAR_POLL_S = 0.002
+
+
+@dataclass
+class InFlightStep:
+    """A launched step until the host reads it back: its plan, its device work, and where each sampled
+    row's token goes."""
+
+    plan: SchedulerOutput
+    launched: LaunchedStep
+    positions: dict[int, int] = field(default_factory=dict)  # scheduled index -> its token's position
+    ending: dict[int, FinishReason] = field(default_factory=dict)  # rows known to end with their token
+    # True if the next step cannot be planned before this one is read back: a grammar mask needs its
+    # tokens, or SnapKV scores of its prefill chunks decide what the next step evicts.
+    needs_host: bool = False
 
 
 def logits_width(model: Any) -> int:
@@ -132,10 +148,25 @@ class PagedEngine(Engine):
         self._seqs: dict[str, Sequence] = {}
         # Tokens sampled by the last step, streamed by the next one (async output processing; on by
         # default where a device computes while the host works): (sequence, token, finish reason).
-        self.async_output = self.device.type == "cuda" if c.async_output is None else c.async_output
+        # Async scheduling (on by default where a device computes while the host works): step N+1 is
+        # planned and launched before step N is read back; its decode rows take their input tokens from
+        # step N's sampled ids on the device, and stops are found when N is read (one step late).
+        self.async_scheduling = (
+            self.device.type == "cuda" if c.async_scheduling is None else c.async_scheduling
+        )
+        # With it, step N's tokens are streamed as soon as they are read, while N+1 computes; without,
+        # async output does that by streaming them after N+1's launch.
+        default_async_output = self.device.type == "cuda" and not self.async_scheduling
+        self.async_output = default_async_output if c.async_output is None else c.async_output
         self.overlaps_host = self.device.type == "cuda"
         self._pending: list[tuple[Sequence, int, FinishReason | None, TokenLogprob | None]] = []
-        self._in_flight: tuple[SchedulerOutput, LaunchedStep, list[SequenceOutput]] | None = None
+        self._in_flight: deque[InFlightStep] = deque()  # launched, not read back; oldest first
+        self._ready: list[SequenceOutput] = []  # outputs of steps read back inside `submit_step`
+        self._ahead = False  # the last `submit_step` launched work that `collect` need not wait for
+        # Host seconds by part of the step, summed since start (`decode_step_bench.py` reports them):
+        # schedule (planning), launch (inputs built and the forward and sampling queued), output
+        # (reading tokens into sequences, stops, detokenizing), wait (for the device's results), other.
+        self.host_seconds = dict.fromkeys(("schedule", "launch", "output", "wait", "other"), 0.0)
         self._stats = StepStats()
         self._admitted_prompt_tokens = 0
         self._admitted_cached_tokens = 0
@@ -176,15 +207,21 @@ class PagedEngine(Engine):
         """Plan the next step and queue its forward and sampling on the device; returns at once.
 
         Requests whose deadline passed, that can never fit, or that outgrew the cache end here; their
-        final outputs come with `collect()`.
+        final outputs come with `collect()`. With async scheduling the previous step may still be on the
+        device: it is read back first only where the plan needs its tokens (`InFlightStep.needs_host`).
         """
         now = time.monotonic()
+        start = time.perf_counter()
         outputs = [
             self._finish(seq, "deadline_exceeded")
             for seq in list(self.scheduler.running)
             if seq.deadline_s is not None and seq.deadline_s <= now
         ]
+        if not self.async_scheduling or any(step.needs_host for step in self._in_flight):
+            while self._in_flight:
+                self._ready += self._retire(self._in_flight.popleft())
         outputs += self._admit_constrained(now)
+        planned = time.perf_counter()
         plan = self.scheduler.schedule(now)
         for seq in plan.preempted:  # rebuilt from its tokens when it runs again: rows stay <= running
             self.runner.penalties.release(seq.seq_id)
@@ -192,55 +229,94 @@ class PagedEngine(Engine):
         outputs += [self._finish(seq, "too_long") for seq in plan.rejected]
         outputs += [self._finish(seq, "length") for seq in plan.cache_full]
         self._record_stats(plan)
+        self._ready += outputs  # finals now: any token of theirs not read back yet is dropped
+        prev = self._in_flight[-1].launched.tokens if self._in_flight else None
+        launch = time.perf_counter()
         try:
-            launched = self.runner.launch(plan.scheduled)
+            launched = self.runner.launch(plan.scheduled, prev)
         except Exception:
             self._unpublish(plan)
             raise
-        self._in_flight = (plan, launched, outputs)
+        self._ahead = bool(plan.scheduled)  # this step computes: `collect` may leave it on the device
+        if plan.scheduled:
+            self._in_flight.append(self._advance(plan, launched))
+        host = self.host_seconds
+        host["schedule"] += launch - planned
+        host["launch"] += time.perf_counter() - launch
+        host["other"] += planned - start
+
+    def _advance(self, plan: SchedulerOutput, launched: LaunchedStep) -> InFlightStep:
+        """Move each scheduled sequence past this step before its tokens are known: its computed tokens,
+        and a `FUTURE_TOKEN` for each token sampled. A sequence this token brings to `max_tokens` leaves
+        the scheduler now (its final comes when the token is read back), so no later step plans it."""
+        step = InFlightStep(plan, launched)
+        step.needs_host = bool(launched.scores) or any(
+            item.seq.grammar is not None for item in plan.scheduled
+        )
+        for item in plan.scheduled:
+            item.seq.num_computed_tokens = item.start + item.num_tokens
+        for k, index in enumerate(launched.rows):
+            seq = plan.scheduled[index].seq
+            step.positions[index] = seq.add_future_token(k)
+            if seq.num_completion_tokens >= seq.sampling.max_tokens:
+                step.ending[index] = "length"
+                self.scheduler.finish(seq)  # blocks freed: later steps run after this one on the device
+                self.runner.penalties.release(seq.seq_id)
+        return step
 
     def collect(self) -> list[SequenceOutput]:
-        """Wait for the submitted step; with `async_output`, return the tokens the previous step sampled.
+        """Read back the submitted steps, all but the newest with async scheduling (it keeps the device
+        busy meanwhile), and return their outputs; with `async_output`, the tokens of the step before.
 
         Detokenizing and building the outputs of N sampled tokens is host work proportional to the
-        batch; done while the device computes the next step (vLLM's async output processing), it
-        costs no step time. Stop tokens and length are checked at once, so a finished sequence never
-        takes a step's slot; a stop string, and a grammar that the token completed, are found one step
-        later, and the one token their sequence computed meanwhile is dropped. Between `submit_step()`
-        and `collect()` the caller may add and abort requests: an aborted sequence's token from this step
-        is dropped.
+        batch; done while the device computes the next step (vLLM's async output processing, or here
+        async scheduling), it costs no step time. Stop tokens are checked when a step is read back, so
+        with async scheduling a sequence that stopped has one more token computed meanwhile, which is
+        dropped, like the token after a stop string or a completed grammar; `max_tokens` is known at
+        launch and costs nothing. Between `submit_step()` and `collect()` the caller may add and abort
+        requests: an aborted sequence's tokens not read back yet are dropped.
         """
-        if self._in_flight is None:
-            return []
-        plan, launched, outputs = self._in_flight
-        self._in_flight = None
+        outputs, self._ready = self._ready, []
+        launched, self._ahead = self._ahead, False
+        keep = 1 if self.async_scheduling and launched else 0
+        while len(self._in_flight) > keep:
+            outputs += self._retire(self._in_flight.popleft())
+        if not self.async_output or not launched:  # nothing computes meanwhile: stream them now
+            start = time.perf_counter()
+            outputs += self._emit_pending()
+            self.host_seconds["output"] += time.perf_counter() - start
+        return outputs
+
+    def _retire(self, step: InFlightStep) -> list[SequenceOutput]:
+        """Read one step back (the only wait for the device) and give each sampled token to its sequence."""
+        plan, launched = step.plan, step.launched
+        start = time.perf_counter()
         try:
-            outputs += self._emit_pending()  # host work while the device runs this step
+            outputs = self._emit_pending()  # host work while the device runs this step
+            waiting = time.perf_counter()
             sampled, logprobs = launched.result()
         except Exception:
             self._unpublish(plan)
             raise
+        read = time.perf_counter()
+        self.host_seconds["wait"] += read - waiting
         bs = self.block_manager.block_size
         for index, token_scores in launched.scores.items():
             if not plan.scheduled[index].seq.is_finished:
                 plan.scheduled[index].seq.block_scores = block_scores(token_scores, bs)
-        for item, token, logprob in zip(plan.scheduled, sampled, logprobs, strict=True):
+        for index, (item, token, logprob) in enumerate(zip(plan.scheduled, sampled, logprobs, strict=True)):
             seq = item.seq
-            if seq.is_finished:
-                continue  # a stop string or an abort ended it while this step ran
+            if token is None or seq.finish_reason is not None:
+                continue  # mid-prefill, or a stop string, an abort or a deadline ended it meanwhile
             if seq.grammar_end is not None:  # its grammar ended the reply with the previous token
                 outputs.append(self._finish(seq, seq.grammar_end))
                 continue
-            seq.num_computed_tokens = item.start + item.num_tokens
-            if token is None:
-                continue
-            seq.token_ids.append(token)
-            reason = self._stop_reason(seq, token)
+            seq.resolve_token(step.positions[index], token)
+            reason = self._stop_reason(seq, token) or step.ending.get(index)
             if reason is not None:
                 self._release(seq, reason)  # frees its slot and blocks before the next step is planned
             self._pending.append((seq, token, reason, logprob))
-        if not self.async_output:
-            outputs += self._emit_pending()
+        self.host_seconds["output"] += waiting - start + time.perf_counter() - read
         return outputs
 
     def _admit_constrained(self, now: float) -> list[SequenceOutput]:
@@ -275,7 +351,7 @@ class PagedEngine(Engine):
         return [seq.seq_id for seq in unstarted]
 
     def wake_at_s(self) -> float | None:
-        if self.scheduler.running or self._pending:
+        if self.scheduler.running or self._pending or self._in_flight or self._ready:
             return None
         if self.grammars.held:
             if self.grammars.any_done():
@@ -285,7 +361,11 @@ class PagedEngine(Engine):
         return self.scheduler.wake_at_s
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending) or bool(self.grammars.held)
+        return (
+            self.scheduler.has_unfinished()
+            or bool(self._pending or self._in_flight or self._ready)
+            or bool(self.grammars.held)
+        )
 
     def _emit_pending(self) -> list[SequenceOutput]:
         pending, self._pending = self._pending, []
@@ -335,6 +415,8 @@ class PagedEngine(Engine):
         for seq_id in list(self._seqs):
             self.abort_request(seq_id)
         self._pending.clear()
+        self._in_flight.clear()
+        self._ready.clear()
         self.grammars.close()
         self.runner.model = None
         self.runner.graphs = None
@@ -357,9 +439,7 @@ class PagedEngine(Engine):
             seq.grammar_token = token
         if seq.detokenizer is not None and seq.detokenizer.stopped:
             return "stop"
-        if seq.num_completion_tokens >= seq.sampling.max_tokens:
-            return "length"
-        return None
+        return None  # `max_tokens` is found when the step is launched (`_advance`)
 
     def _output(self, seq: Sequence, new_token_ids: list[int], delta: str) -> SequenceOutput:
         return SequenceOutput(
@@ -367,7 +447,7 @@ class PagedEngine(Engine):
             new_token_ids=new_token_ids,
             new_text=delta,
             prompt_tokens=seq.num_prompt_tokens,
-            completion_tokens=seq.num_completion_tokens,
+            completion_tokens=seq.num_resolved_tokens - seq.num_prompt_tokens,
             cached_tokens=seq.cached_tokens,
             kv_dtype=self.kv_dtype_name,
             kv_peak_tokens=seq.kv_peak_tokens,
@@ -387,6 +467,7 @@ class PagedEngine(Engine):
         """Take the sequence out of the engine (slot and blocks freed); its final output may come later."""
         self.scheduler.finish(seq)
         self.runner.penalties.release(seq.seq_id)
+        seq.drop_future_tokens()
         seq.finish_reason = reason
         self._seqs.pop(seq.seq_id, None)
 

@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING, Literal
 from worker.engine.base import FinishReason, GenerationRequest, SamplingParams
 from worker.engine.detokenizer import Decoder, IncrementalDetokenizer
 
+# The value of a sampled token whose id the host has not read back yet (async scheduling, `paged_engine.py`):
+# the device feeds the real id to the next step; no host reader may see this (a penalty row refuses it).
+FUTURE_TOKEN = -1
+
 if TYPE_CHECKING:
     from worker.engine.structured import GrammarMatcher, GrammarSpec
 
@@ -72,6 +76,11 @@ class Sequence:
         # engine then ends the reply and drops the one token this sequence computed meanwhile.
         self.grammar_end: Literal["stop", "error"] | None = None
         self.max_prefix_blocks: int | None = None  # prefix-cache hits it may take (None: any)
+        # Async scheduling: tokens from `first_future` on are sampled on the device but not read back yet
+        # (`FUTURE_TOKEN` in `token_ids`); the last of them is row `future_row` of the latest step's
+        # sampled ids, from which the device feeds it to the next step.
+        self.first_future: int | None = None
+        self.future_row = 0
         self.detokenizer = (
             IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.sampling.stop)
             if tokenizer is not None
@@ -127,6 +136,31 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def num_resolved_tokens(self) -> int:
+        """Tokens whose ids the host knows (all but the sampled ones still on their way back)."""
+        return len(self.token_ids) if self.first_future is None else self.first_future
+
+    def add_future_token(self, row: int) -> int:
+        """Append a token sampled at `row` of a step just launched; returns its position in `token_ids`."""
+        if self.first_future is None:
+            self.first_future = len(self.token_ids)
+        self.token_ids.append(FUTURE_TOKEN)
+        self.future_row = row
+        return len(self.token_ids) - 1
+
+    def resolve_token(self, position: int, token_id: int) -> None:
+        """The host read back the token at `position` (futures resolve in order)."""
+        self.token_ids[position] = token_id
+        if self.first_future == position:
+            self.first_future = position + 1 if position + 1 < len(self.token_ids) else None
+
+    def drop_future_tokens(self) -> None:
+        """Forget the tokens not read back yet (the sequence ended: they are never streamed)."""
+        if self.first_future is not None:
+            del self.token_ids[self.first_future :]
+            self.first_future = None
 
     def append_token(self, token_id: int) -> str:
         """Record a sampled token; returns the text delta that is safe to stream now."""
