@@ -281,3 +281,15 @@ def test_a_cuda_device_the_machine_lacks_is_a_bad_setting(
     expected = "no CUDA device" if count == 0 else f"{count} CUDA devices"
     assert expected in fields["expected"]
     assert "'auto'" in fields["expected"]
+
+
+@pytest.mark.parametrize(
+    ("device", "engine", "separate"),
+    [("cuda", "paged", True), ("cuda:0", "paged", True), ("cuda:3", "paged", True), ("cpu", "paged", False),
+     ("cuda:1", "echo", False)],
+)  # fmt: skip
+def test_the_paged_engine_on_any_cuda_device_gets_its_own_process(
+    device: str, engine: str, separate: bool
+) -> None:
+    """`LLM_DEVICE=cuda:N` is as much a GPU as `cuda`: its engine steps in a process of its own too."""
+    assert WorkerSettings(device=device, engine=engine).uses_engine_process() is separate

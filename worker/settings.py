@@ -512,7 +512,7 @@ class WorkerSettings(BaseSettings):
         """Whether the engine runs in a process of its own (`engine_process`)."""
         if self.engine_process != "auto":
             return self.engine_process == "separate"
-        return self.engine == "paged" and self.resolved_device() == "cuda"
+        return self.engine == "paged" and self.resolved_device().partition(":")[0] == "cuda"  # cuda:N too
 
     def engine_config(self) -> EngineConfig:
         """The engine's only input, from these settings."""
