@@ -14,11 +14,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import structlog
 import torch
 
 from worker.engine.attention import AttentionMetadata, attention_context
+from worker.engine.block_table_rows import BlockTableRows
 from worker.engine.kernels import num_decode_splits
 from worker.engine.kv_cache import KVCache
 
@@ -55,6 +55,7 @@ class DecodeGraphs:
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=self.device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=self.device)
         self.max_blocks_per_seq = max_blocks_per_seq
+        self.host_tables = BlockTableRows(n, max_blocks_per_seq)  # rewritten by difference each step
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool: Any = None
@@ -107,6 +108,7 @@ class DecodeGraphs:
     def run(
         self, input_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
         block_tables: list[list[int]], future: tuple[list[tuple[int, int]], torch.Tensor] | None = None,
+        evictions: list[int] | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Replay the bucket holding these decode rows; returns their logits [rows, vocab] (a view).
 
@@ -117,10 +119,10 @@ class DecodeGraphs:
         bucket = bucket_for(rows, self.buckets)
         if bucket is None:
             raise ValueError(f"{rows} decode rows exceed the largest captured bucket {self.buckets[-1]}")
-        width = max(len(t) for t in block_tables)
-        tables = np.zeros((rows, width), dtype=np.int32)
-        for i, table in enumerate(block_tables):
-            tables[i, : len(table)] = table
+        width = self.host_tables.update(block_tables, evictions or [0] * rows)
+        # From pageable memory: the copy is staged before `copy_` returns, so the next step may rewrite
+        # the array while this one waits in the device's queue (async scheduling).
+        tables = torch.from_numpy(self.host_tables.array[:rows, :width])
         pad = bucket - rows
         host = torch.tensor(
             [input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad, context_lens + [0] * pad],
@@ -130,7 +132,7 @@ class DecodeGraphs:
         self.positions[:bucket].copy_(host[1], non_blocking=True)
         self.slot_mapping[:bucket].copy_(host[2], non_blocking=True)
         self.context_lens[:bucket].copy_(host[3], non_blocking=True)
-        self.block_tables[:rows, :width].copy_(torch.from_numpy(tables), non_blocking=True)
+        self.block_tables[:rows, :width].copy_(tables, non_blocking=True)
         if future is not None:
             pairs, tokens = future
             index = torch.tensor(pairs, dtype=torch.long).T.to(self.device, non_blocking=True)

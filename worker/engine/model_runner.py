@@ -234,6 +234,7 @@ class ModelRunner:
             slots=[self.block_manager.slot_mapping(item.seq, item.start, item.start + 1)[0] for item in rows],
             context_lens=context_lens,
             block_tables=[item.seq.block_table for item in rows],
+            evictions=[item.seq.num_evicted_blocks for item in rows],
         )
 
     @torch.inference_mode()
