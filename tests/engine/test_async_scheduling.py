@@ -12,6 +12,7 @@ engine that has always been tested against transformers' `generate`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
 import pytest
@@ -21,6 +22,7 @@ from worker.engine.base import SequenceOutput
 from worker.engine.model_files import LoadedModel
 from worker.engine.paged_engine import PagedEngine
 from worker.engine.sequence import FUTURE_TOKEN
+from worker.engine.structured import GrammarSpec
 
 pytestmark = pytest.mark.model
 
@@ -155,3 +157,33 @@ def test_nothing_after_a_final_that_comes_between_submit_and_collect(smol: Loade
     full = run(smol, False, [(rid, p, s | {"max_tokens": 30}) for rid, p, s in requests])
     assert ids == full["q3"][0][: len(ids)]  # a prefix of the reply, nothing made up, no token after
     assert got["q0"] == full["q0"]  # the others are untouched
+
+
+def test_same_replies_with_grammars_beside_free_requests(smol: LoadedModel) -> None:
+    """A constrained row's mask needs the previous step's token: that step is read back once the next
+    forward is queued, before its masks are built; free rows keep running ahead."""
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "green", "blue"]}, "count": {"type": "integer"}},
+        "required": ["colour", "count"],
+    }
+
+    def replies(on: bool) -> Summary:
+        engine = new_engine(smol, on)
+        for rid, prompt, sampling in chat_requests(smol):
+            engine.add_request(request(rid, prompt, **(sampling | {"max_tokens": 40})))
+            constrained = request(f"{rid}-json", prompt, max_tokens=40)
+            constrained.grammar = (
+                GrammarSpec.json_schema(schema) if rid != "q1" else GrammarSpec.json_object()
+            )
+            engine.add_request(constrained)
+        outputs = drain(engine)
+        no_future_tokens_published(engine)
+        engine.close()
+        return summary(outputs)
+
+    sync = replies(False)
+    assert replies(True) == sync
+    for rid, (_, text, reason, _) in sync.items():
+        if rid.endswith("-json"):
+            assert reason == "stop" and isinstance(json.loads(text), dict), (rid, text)

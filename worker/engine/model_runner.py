@@ -13,6 +13,7 @@ on the device; reading the sampled ids back is the step's one host synchronisati
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,13 +269,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(
-        self, scheduled: list[ScheduledSequence], prev_tokens: torch.Tensor | None = None
+        self,
+        scheduled: list[ScheduledSequence],
+        prev_tokens: torch.Tensor | None = None,
+        before_sampling: Callable[[], None] | None = None,
     ) -> LaunchedStep:
         """Queue the step's forward and sampling on the device; the host reads nothing back yet.
 
         A decode row whose input token is still a `FUTURE_TOKEN` takes it from `prev_tokens`, the
         previous step's sampled ids, on the device (row `seq.future_row`): async scheduling launches this
-        step before the host has read the previous one back.
+        step before the host has read the previous one back. `before_sampling` runs once the forward is
+        queued and before the grammar masks are built: the engine reads the previous step back there
+        when a constrained sequence's mask needs its token (the device computes this forward meanwhile).
         """
         if not scheduled:
             return LaunchedStep(None, [], 0)
@@ -289,11 +295,18 @@ class ModelRunner:
         if not sampled_rows:
             return LaunchedStep(None, [], len(scheduled), scores)
         seqs = [rows[i].seq for i in sampled_rows]
+        if before_sampling is None:
+            penalty_rows = self.penalties.rows_for(seqs)
+        else:
+            before_sampling()  # may end some of `seqs` (no penalty row for them): their tokens are dropped
+            live = [s for s in seqs if s.finish_reason is None]
+            rows_of = dict(zip((s.seq_id for s in live), self.penalties.rows_for(live), strict=True))
+            penalty_rows = [rows_of.get(s.seq_id, -1) for s in seqs]
         params, steps = [s.sampling for s in seqs], [s.sampling_step for s in seqs]
         tensors = SamplingTensors.from_params(params, steps, self.device)
         extras = SamplingExtras.from_params(
             params, steps, self.device, vocab_size=self.vocab_size, eos_token_ids=self.eos_token_ids,
-            penalty_rows=self.penalties.rows_for(seqs),
+            penalty_rows=penalty_rows,
         )  # fmt: skip
         logits = logits[: len(sampled_rows)]
         if self.grammars is not None:

@@ -62,8 +62,8 @@ class InFlightStep:
     launched: LaunchedStep
     positions: dict[int, int] = field(default_factory=dict)  # scheduled index -> its token's position
     ending: dict[int, FinishReason] = field(default_factory=dict)  # rows known to end with their token
-    # True if the next step cannot be planned before this one is read back: a grammar mask needs its
-    # tokens, or SnapKV scores of its prefill chunks decide what the next step evicts.
+    # True if the next step cannot be planned before this one is read back: SnapKV scores of its prefill
+    # chunks decide what the next step evicts. (A grammar's mask needs its tokens later, before sampling.)
     needs_host: bool = False
 
 
@@ -218,8 +218,7 @@ class PagedEngine(Engine):
             if seq.deadline_s is not None and seq.deadline_s <= now
         ]
         if not self.async_scheduling or any(step.needs_host for step in self._in_flight):
-            while self._in_flight:
-                self._ready += self._retire(self._in_flight.popleft())
+            self._read_back()
         outputs += self._admit_constrained(now)
         planned = time.perf_counter()
         plan = self.scheduler.schedule(now)
@@ -231,9 +230,10 @@ class PagedEngine(Engine):
         self._record_stats(plan)
         self._ready += outputs  # finals now: any token of theirs not read back yet is dropped
         prev = self._in_flight[-1].launched.tokens if self._in_flight else None
+        masks = bool(self._in_flight) and any(item.seq.grammar is not None for item in plan.scheduled)
         launch = time.perf_counter()
         try:
-            launched = self.runner.launch(plan.scheduled, prev)
+            launched = self.runner.launch(plan.scheduled, prev, self._read_back if masks else None)
         except Exception:
             self._unpublish(plan)
             raise
@@ -245,18 +245,25 @@ class PagedEngine(Engine):
         host["launch"] += time.perf_counter() - launch
         host["other"] += planned - start
 
+    def _read_back(self) -> None:
+        """Read back every step still in flight; also called by the model runner once a new step's forward
+        is queued, where a constrained sequence's grammar mask needs its last token (the outputs go with
+        `collect`)."""
+        while self._in_flight:
+            self._ready += self._retire(self._in_flight.popleft())
+
     def _advance(self, plan: SchedulerOutput, launched: LaunchedStep) -> InFlightStep:
         """Move each scheduled sequence past this step before its tokens are known: its computed tokens,
         and a `FUTURE_TOKEN` for each token sampled. A sequence this token brings to `max_tokens` leaves
         the scheduler now (its final comes when the token is read back), so no later step plans it."""
         step = InFlightStep(plan, launched)
-        step.needs_host = bool(launched.scores) or any(
-            item.seq.grammar is not None for item in plan.scheduled
-        )
+        step.needs_host = bool(launched.scores)
         for item in plan.scheduled:
             item.seq.num_computed_tokens = item.start + item.num_tokens
         for k, index in enumerate(launched.rows):
             seq = plan.scheduled[index].seq
+            if seq.finish_reason is not None:
+                continue  # ended while this step was launched (`_read_back`): its token is dropped
             step.positions[index] = seq.add_future_token(k)
             if seq.num_completion_tokens >= seq.sampling.max_tokens:
                 step.ending[index] = "length"
