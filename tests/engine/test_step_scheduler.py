@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -106,3 +108,27 @@ def test_random_traffic_finishes_and_returns_every_block(
         fits = bm.blocks_for(seq.max_total_tokens) <= bm.num_blocks
         if not cancel_every and fits:
             assert seq.num_completion_tokens == seq.sampling.max_tokens
+
+
+def test_with_every_slot_taken_the_expired_and_the_too_large_still_leave_at_once():
+    """The step does not walk the queue when no slot is free, yet a request deep in it whose deadline
+    passed, or that can never fit, is reported in the same step (preempted ones are checked again)."""
+    policy = BatchPolicy(max_batch_tokens=512, max_wait_ms=0, max_num_seqs=2)
+    sched = StepScheduler(policy, BlockManager(num_blocks=200, block_size=16))
+    for i in range(2):
+        sched.add(make_seq(f"run{i}", 8, 1000))
+    run_step(sched, now=1.0)
+    assert len(sched.running) == 2
+    for i in range(50):
+        sched.add(make_seq(f"wait{i}", 8, 20))
+    late = make_seq("late", 8, 20)
+    late.request = dataclasses.replace(late.request, deadline_s=5.0)
+    sched.add(late)
+    huge = make_seq("huge", 8, 200 * 16)  # prompt + max_tokens beyond the whole pool
+    sched.add(huge)
+    plan = sched.schedule(2.0)
+    assert plan.rejected == [huge] and not plan.expired and huge not in sched.waiting
+    assert late in sched.waiting
+    plan = sched.schedule(5.0)
+    assert plan.expired == [late] and late not in sched.waiting
+    assert len(sched.waiting) == 50 and len(sched.running) == 2

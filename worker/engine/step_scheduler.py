@@ -20,6 +20,8 @@ at most ceil(budget / block_size) + 1 blocks for it, so pruning raises how many 
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -73,6 +75,11 @@ class StepScheduler:
         self.steps_since_prefill = 0  # for prefill batching (BatchPolicy.prefill_interval_steps)
         self.arrivals = ArrivalGap()  # for the time window (scheduler.arrivals)
         self.wake_at_s: float | None = None  # set while the time window holds an idle engine
+        # So a step need not walk the whole waiting queue (`_candidates`): the sequences not yet checked
+        # against the cache's capacity, and a heap of the deadlines of those that have one.
+        self._unchecked: list[Sequence] = []
+        self._deadlines: list[tuple[float, int, Sequence]] = []
+        self._deadline_order = itertools.count()
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -85,6 +92,9 @@ class StepScheduler:
             )
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+        self._unchecked.append(seq)
+        if seq.deadline_s is not None:
+            heapq.heappush(self._deadlines, (seq.deadline_s, next(self._deadline_order), seq))
         self.arrivals.observe(seq.arrival_s)
         self.wake_at_s = None
 
@@ -184,6 +194,7 @@ class StepScheduler:
         self.block_manager.free(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
+        self._unchecked.append(seq)  # its KV need may have grown (optimistic reservation counts its tokens)
         out.preempted.append(seq)
 
     def _admit(self, out: SchedulerOutput, budget: int, now: float) -> None:
@@ -246,24 +257,62 @@ class StepScheduler:
         every expired or too-large request, plus the first `slots + 1` of each priority class: within
         a class the waiting queue is in arrival order (preempted sequences return to its front, and
         they arrived first), and a class's aged requests are its oldest. Asking the policy about all
-        of them would cost a prefix-cache lookup per waiting request per step: with a thousand
-        requests queued that is most of a decode step's time.
+        of them would cost a prefix-cache lookup per waiting request per step, and even walking them
+        all costs milliseconds a step with a thousand queued: so the walk stops once both classes have
+        their `slots + 1` (at once when no slot is free), and the expired and too-large ones beyond come
+        from the deadline heap and the sequences not checked since they (re)joined the queue (a
+        request's KV need is fixed while it waits).
         """
         slots = self.policy.max_num_seqs - len(self.running)
         per_class: dict[bool, int] = {True: 0, False: 0}
         capacity = self.kv_capacity_tokens
         picked: list[Sequence] = []
-        for seq in self.waiting:
-            expired = seq.deadline_s is not None and seq.deadline_s <= now
-            remaining = max(seq.sampling.max_tokens - seq.num_completion_tokens, 0)
-            need = self.budget_kv_tokens(seq, kv_tokens_for(len(seq), remaining, self.policy))
+        for seq in self.waiting if slots > 0 else ():  # no free slot: only the out-of-line ones matter
+            if per_class[True] > slots and per_class[False] > slots:
+                break
             interactive = seq.priority < Priority.BATCH
-            if expired or need > capacity:
+            if self._out_of_line(seq, now, capacity):
                 picked.append(seq)
             elif per_class[interactive] <= slots:
                 per_class[interactive] += 1
                 picked.append(seq)
+        seen = {id(seq) for seq in picked}
+        for seq in itertools.chain(self._unchecked, self._expired(now)):
+            if (
+                id(seq) not in seen
+                and seq.status is SequenceStatus.WAITING
+                and self._out_of_line(seq, now, capacity)
+            ):
+                picked.append(seq)
+                seen.add(id(seq))
+        self._unchecked.clear()
         return picked
+
+    def _out_of_line(self, seq: Sequence, now: float, capacity: int) -> bool:
+        """Expired, or larger than the whole cache: the policy reports it whatever its place in line."""
+        if seq.deadline_s is not None and seq.deadline_s <= now:
+            return True
+        remaining = max(seq.sampling.max_tokens - seq.num_completion_tokens, 0)
+        return self.budget_kv_tokens(seq, kv_tokens_for(len(seq), remaining, self.policy)) > capacity
+
+    def _expired(self, now: float) -> list[Sequence]:
+        """The waiting sequences whose deadline passed, from the heap; entries of finished sequences are
+        dropped, those of running ones kept (the engine ends them; a preempted one may wait again)."""
+        found: list[Sequence] = []
+        keep: list[tuple[float, int, Sequence]] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            entry = heapq.heappop(self._deadlines)
+            if entry[2].status is SequenceStatus.WAITING:
+                found.append(entry[2])
+            elif entry[2].status is SequenceStatus.RUNNING:
+                keep.append(entry)
+        for entry in keep:
+            heapq.heappush(self._deadlines, entry)
+        if len(self._deadlines) > 2 * (len(self.waiting) + len(self.running)) + 64:  # drop finished ones
+            live = [e for e in self._deadlines if e[2].status is not SequenceStatus.FINISHED]
+            heapq.heapify(live)
+            self._deadlines = live
+        return found
 
     def _start(self, seq: Sequence, kv_tokens: int, chunk: int, out: SchedulerOutput) -> None:
         cached = self.block_manager.allocate(seq, kv_tokens)
