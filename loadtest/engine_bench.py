@@ -492,7 +492,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--async-scheduling", default="auto", choices=["auto", "on", "off"],
-        help="launch step N+1 before step N is read back (LLM_ASYNC_SCHEDULING; auto: on with CUDA)",
+        help="launch step N+1 before step N is read back (LLM_ASYNC_SCHEDULING; auto: the engine's default)",
     )  # fmt: skip
 
 

@@ -681,7 +681,7 @@ def main() -> None:
     p.add_argument("--kv-cache-bytes", type=int, default=None)
     p.add_argument(
         "--async-scheduling", default="auto", choices=["auto", "on", "off"],
-        help="engine and worker: LLM_ASYNC_SCHEDULING (auto: on with CUDA)",
+        help="engine and worker: LLM_ASYNC_SCHEDULING (auto: the engine's default)",
     )  # fmt: skip
     p.add_argument("--skip-engine", action="store_true", help="run the service only")
     p.add_argument("--also-unstreamed", action="store_true", help="add a service row with stream=false")
