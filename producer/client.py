@@ -16,12 +16,16 @@ stream, after which the worker holding the request, or the one that reads it lat
 writes the `cancelled` reply under the final-reply guard.
 
 Shards and Redis Cluster (`LLM_STREAM_SHARDS`, `LLM_REDIS_CLUSTER`; docs/scaling.md): with N
-shards a request goes to the namespace `<prefix>:s:{<n>}` of shard `crc32(shard_key or id) % N`
-(`submit(..., shard_key="conversation-7")` keeps a conversation on one shard), and its reply,
-guard and cancel keys are that shard's. A tenant's client with N > 1 shards does the same
-within its tenant, over the namespaces `<prefix>:t:{<tenant>.<n>}`. A `reply_to` must be in
-one of the client's namespaces, and picks that one. On a cluster the client is redis-py's
-`RedisCluster` and `results` reads one shard's reply streams per XREAD, the shards in turn.
+shards a request goes to the namespace `<prefix>:s:{<n>}` of shard `crc32(key) % N`, where `key`
+is its affinity key (`submit(..., shard_key=...)`, else its `session`, else the content of its
+first user message: `ChatRequest.affinity_key`), else its id; so a conversation's turns go to one
+shard, and the worker that owns it, whose prefix cache holds the history. A request placed by its
+key gets an id of the same shard (`request_id_in_shard`) unless the caller chose the id, so a
+cancel or a read by id alone finds it. Its reply, guard and cancel keys are that shard's. A
+tenant's client with N > 1 shards does the same within its tenant, over the namespaces
+`<prefix>:t:{<tenant>.<n>}`. A `reply_to` must be in one of the client's namespaces, and picks
+that one. On a cluster the client is redis-py's `RedisCluster` and `results` reads one shard's
+reply streams per XREAD, the shards in turn.
 
 Reliability, client side (see docs/reliability.md):
 - `submit` refuses with `ChatError(overloaded)` before XADD when the backlog is over
@@ -85,6 +89,7 @@ from producer.wire.models import (
     Timings,
     TokenEvent,
     Usage,
+    request_id_in_shard,
 )
 from producer.wire.redis_factory import by_slot, connect, connect_async, recover, register_script
 from producer.wire.redis_types import StreamEntries, read_entries
@@ -438,7 +443,7 @@ class _ClientCore:
             if shard_key is not None and self._names_for(request.id, shard_key) is not owner:
                 raise ValueError(f"reply_to is in {owner.root}, shard_key {shard_key!r} picks another shard")
             return owner
-        names = self._names_for(request.id, shard_key)
+        names = self._names_for(request.id, shard_key or request.affinity_key())
         check_reply_key(request, names.root)
         return names
 
@@ -449,18 +454,31 @@ class _ClientCore:
         """Validate a request locally, pick its namespace, and build the admission script's ARGV for it,
         and the entry's digest (`request_digest`).
 
-        `shard_key` among `params` (a conversation id, say) picks the shard instead of the request id.
+        `shard_key` among `params` (a conversation id, say) picks the shard instead of the request's
+        affinity key (`ChatRequest.affinity_key`), which picks it instead of the request id.
         """
         params = dict(params)
         shard_key = params.pop("shard_key", None)
+        explicit = None if shard_key is None else str(shard_key)
         request = build_request(messages, prompt, params)
-        names = self._names_of(request, None if shard_key is None else str(shard_key))
+        if "id" not in params:
+            request = self._with_id_in_shard(request, explicit or request.affinity_key())
+        names = self._names_of(request, explicit)
         ct = content_type or self.settings.content_type
         fields = encode_request(request, ct)
         body = fields["body"]
         digest = request_digest(ct, body if isinstance(body, bytes) else body.encode())
         args = backlog.script_args(CONSUMER_GROUP, self.settings.max_backlog_requests, fields)
         return request, ct, args, names, digest
+
+    def _with_id_in_shard(self, request: ChatRequest, key: str | None) -> ChatRequest:
+        """`request` under a fresh id of its key's shard (`request_id_in_shard`), so its id alone finds the
+        shard, as it does for a request placed by its id; unchanged without a key or shards, or with a
+        `reply_to` (whose namespace places it)."""
+        shards = len(self.spaces)
+        if not key or shards == 1 or request.reply_to is not None:
+            return request
+        return request.model_copy(update={"id": request_id_in_shard(shard_for(key, shards), shards)})
 
     def _entry(self, args: list[Any]) -> dict[Any, Any]:
         """The request entry's fields, back from the admission script's ARGV (a tenant's plain XADD)."""
@@ -504,8 +522,8 @@ class _ClientCore:
 
     def _sent_or_default(self, request_id: str, ct: ContentType) -> tuple[str, ContentType, StreamNames, str]:
         """What `_record` kept of a request, else its defaults and no digest (a request sent by another
-        client: its shard by its id, so a request sent with a `shard_key` or a `reply_to` is found only by
-        its sender)."""
+        client: its shard by its id, which is its key's shard when the client chose the id; a request sent
+        with a `reply_to`, or with its own id and an affinity key, is found only by its sender)."""
         found = self._sent.get(request_id)
         if found is not None:
             return found

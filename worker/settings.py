@@ -6,7 +6,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -70,6 +70,14 @@ class WorkerSettings(BaseSettings):
         description="Request streams `<prefix>:s:{<n>}:requests`, n < N, read fairly by every worker (set "
         "the clients' alike); 1 = the one `<prefix>:requests` (`<prefix>:s:{0}:requests` in cluster "
         "mode). With LLM_TENANTS, N streams per tenant, `<prefix>:t:{<tenant>.<n>}:requests`.",
+    )
+    steal_after_ms: int = Field(
+        default=500,
+        ge=0,
+        description="With LLM_STREAM_SHARDS > 1, each worker owns a share of the shard streams (rendezvous "
+        "hashing over the live workers) and reads those first; another stream only while it has room and "
+        "that stream's oldest unread entry has waited this long (docs/scaling.md). 0 = every worker reads "
+        "every stream alike.",
     )
     consumer_name: str = Field(
         default_factory=_default_consumer_name,
@@ -140,8 +148,12 @@ class WorkerSettings(BaseSettings):
         description="Priority aging: a batch request passed over this many engine steps is served as "
         "interactive.",
     )
-    kv_cache_bytes: int = Field(
-        default=DEFAULT_KV_CACHE_BYTES, ge=2**20, description="KV cache pool size in bytes (paged engine)."
+    kv_cache_bytes: Annotated[int, Field(ge=2**20)] | Literal["auto"] = Field(
+        default=DEFAULT_KV_CACHE_BYTES,
+        description="KV cache pool size in bytes (paged engine), or auto: on CUDA what is free once the "
+        "weights are loaded, less the steps' estimated workspace and a margin of 3% of the GPU's memory "
+        "(logged as kv_pool_sized); on the CPU auto is 256 MiB. worker_started reports the pool "
+        "(kv_pool_bytes).",
     )
     kv_dtype: Literal["auto", "fp16", "bf16", "fp32", "int8"] = Field(
         default=_ENGINE.kv_dtype,
@@ -520,7 +532,8 @@ class WorkerSettings(BaseSettings):
             engine="paged" if self.engine == "hf" else self.engine, model=self.model,
             device=self.resolved_device(), dtype=self.dtype, weights=self.weights,
             trust_remote_code=self.trust_remote_code, cache_dir=self.cache_dir, policy=self.batch_policy(),
-            kv_cache_bytes=self.kv_cache_bytes, kv_block_size_tokens=self.kv_block_size_tokens,
+            kv_cache_bytes=None if self.kv_cache_bytes == "auto" else self.kv_cache_bytes,
+            kv_block_size_tokens=self.kv_block_size_tokens,
             kv_dtype=self.kv_dtype, kv_budget_tokens=self.kv_budget_tokens,
             kv_sink_tokens=self.kv_sink_tokens, kv_prune_mode=self.kv_prune_mode,
             attention_backend=self.attention_backend, cuda_graphs=self.cuda_graphs,

@@ -7,7 +7,7 @@ go to the wire, whose limits they meet there, and a worker whose engine does not
 it by name. Fields of later work (`tools`, `echo`, ...) are declared so that `unsupported()` can name
 them: set to anything but their neutral value they get 400 `unsupported_parameter`. Extensions of this
 service: `top_k`, `priority`, `timeout_ms`, `repetition_penalty`, `min_tokens`, `stop_token_ids`,
-`ignore_eos`.
+`ignore_eos`, `session` (a conversation id: the wire's affinity key, docs/protocol.md).
 
 Responses and stream chunks (`ChatCompletion`, `ChatCompletionChunk`, `Completion`) follow OpenAI's
 objects field for field, so the official SDKs parse them.
@@ -55,6 +55,7 @@ class _Sampling(_Strict):
     min_tokens: StrictInt | None = None
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool | None = None
+    session: StrictStr | None = None
 
     def unsupported(self) -> str | None:
         """The first field set to something this gateway does not do yet, else None."""

@@ -45,7 +45,7 @@ COMPLETIONS_MAX_LOGPROBS = 5  # the legacy API's limit of `logprobs`
 # Fields passed to the wire as they are, when set.
 PASSED = (
     "top_p", "top_k", "seed", "priority", "n", "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "min_tokens", "stop_token_ids", "ignore_eos",
+    "min_tokens", "stop_token_ids", "ignore_eos", "session",
 )  # fmt: skip
 
 

@@ -15,8 +15,10 @@ Shards (`LLM_STREAM_SHARDS=N`, docs/scaling.md): N request streams instead of on
 own namespace `<prefix>:s:{<n>}` for n in 0..N-1, holding the same keys as a tenant's. The hash
 tag `{<n>}` puts every key of one shard in one slot, so on Redis Cluster each shard's scripts
 (final guard + XACK, tokens, heartbeat touch) run on one node, and the shards spread over the
-nodes. A client picks a request's shard from its `shard_key` (a conversation id) or, by default,
-its request id: `shard_for(key, N)`, CRC-32 of the UTF-8 key modulo N. In cluster mode
+nodes. A client picks a request's shard from its affinity key (its `shard_key`, else its `session`,
+else the content of its first user message: `ChatRequest.affinity_key`) or, without one, its
+request id: `shard_for(key, N)`, CRC-32 of the UTF-8 key modulo N. Workers prefer the shards they
+own (`worker/loop/shard_ownership.py`), so one key's requests meet one worker's prefix cache. In cluster mode
 (`LLM_REDIS_CLUSTER`) a deployment without tenants always uses the shard namespaces (N = 1: the
 one shard `<prefix>:s:{0}`), and heartbeats live in each namespace (`<root>:hb:<consumer>`) so that
 the scripts which touch them with the request stream stay in one slot.
@@ -98,7 +100,7 @@ def tenant_root_patterns(prefix: str, tenant: str) -> list[str]:
 
 
 def shard_for(key: str, shards: int) -> int:
-    """The shard of a request whose shard key (conversation id, else request id) is `key`:
+    """The shard of a request whose shard key (its affinity key, else its request id) is `key`:
     CRC-32 (IEEE, as zlib) of its UTF-8 bytes modulo `shards`."""
     return zlib.crc32(key.encode()) % shards if shards > 1 else 0
 

@@ -13,6 +13,7 @@ MAX_METADATA_BYTES = 4096
 MAX_EPOCH_MS = 253_402_300_799_999
 REPLY_TTL_S_DEFAULT = 3600
 MAX_KV_BUDGET_TOKENS = 1 << 20
+MAX_SESSION_CHARS = 128  # `session`, the affinity key (a conversation id)
 # Sampling extras (optional request fields; absent from the wire while at their defaults).
 MAX_CHOICES = 8  # `n`
 MAX_TOP_LOGPROBS = 20

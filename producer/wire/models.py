@@ -11,6 +11,7 @@ import json
 import re
 import secrets
 import time
+import zlib
 from enum import Enum
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -43,6 +44,7 @@ from producer.wire.limits import (
     MAX_REPETITION_PENALTY,
     MAX_RESPONSE_SCHEMA_BYTES,
     MAX_RESPONSE_SCHEMA_DEPTH,
+    MAX_SESSION_CHARS,
     MAX_STOP_SEQUENCES,
     MAX_STOP_TOKEN_IDS,
     MAX_TOKEN_ID,
@@ -67,7 +69,29 @@ def new_request_id() -> str:
     return secrets.token_hex(16)
 
 
+def request_id_in_shard(shard: int, shards: int) -> str:
+    """An unguessable id whose own shard (`keys.shard_for(id, shards)`) is `shard`: 128 random bits in hex,
+    then 4 hex digits chosen so. A client that places a request by another key (its `session`) sends it
+    under such an id, so whoever knows only the id (a cancel, a resumed bulk job) finds its shard.
+
+    CRC-32 goes on from the random part's, so each candidate costs 4 bytes; about `shards` are tried.
+    """
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} must be >= 0 and < {shards}")
+    while True:
+        head = new_request_id()
+        crc = zlib.crc32(head.encode())
+        for n in range(1 << 16):
+            tail = f"{n:04x}".encode()
+            if zlib.crc32(tail, crc) % shards == shard:
+                return head + tail.decode()
+
+
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+# A conversation id (`session`): ASCII, so the bytes its shard is computed from are its characters.
+Session = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_SESSION_CHARS, pattern=r"^[A-Za-z0-9_.:@/+=\-]+$")
+]
 Role = Literal["system", "user", "assistant", "tool"]
 
 
@@ -207,7 +231,7 @@ class ChatRequest(_OmitsUnused):
     """Body of a request entry, version 1."""
 
     model_config = ConfigDict(extra="forbid")
-    _omit_unused = REQUEST_EXTRAS
+    _omit_unused = (*REQUEST_EXTRAS, "session")
 
     id: RequestId = Field(default_factory=new_request_id)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
@@ -230,6 +254,9 @@ class ChatRequest(_OmitsUnused):
     # KV pruning budget in tokens (0 = no pruning; absent = the worker's LLM_KV_BUDGET_TOKENS). A worker
     # also rejects a positive budget below its sink tokens plus one KV block.
     kv_budget_tokens: StrictInt | None = Field(default=None, ge=0, le=MAX_KV_BUDGET_TOKENS)
+    # The conversation this request is a turn of: its affinity key (`affinity_key`). Absent from the body
+    # while unset, so workers older than it read requests without one.
+    session: Session | None = None
     # Sampling extras (`REQUEST_EXTRAS`): absent from the body while at their defaults, so workers older
     # than them still read requests that do not use them. A worker whose engine does not honour one that
     # is set refuses the request `invalid_request`, naming it.
@@ -277,6 +304,18 @@ class ChatRequest(_OmitsUnused):
         if size > MAX_METADATA_BYTES:
             raise ValueError(f"metadata exceeds {MAX_METADATA_BYTES} bytes")
         return self
+
+    def affinity_key(self) -> str | None:
+        """What a client picks the request's shard by (docs/protocol.md, "Keys per shard"): `session`, else
+        the content of the first `user` message (stable over a conversation's turns, which each resend the
+        history), else None: the request id does, as for a `prompt`.
+
+        Not the system message: every conversation of one application shares it, and would share a shard.
+        """
+        if self.session is not None:
+            return self.session
+        first = next((m.content for m in self.messages or [] if m.role == "user"), None)
+        return first or None
 
     def reply_key(self, prefix: str = DEFAULT_PREFIX) -> str:
         """The reply channel this request's events go to."""

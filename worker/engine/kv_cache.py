@@ -33,17 +33,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 import torch
 
 from worker.engine.quant.kv_int8 import KV_SCALE_DTYPE, check_head_dim, kv_rotation, quantize_kv, rotate
+
+log = structlog.get_logger(__name__)
 
 KV_DTYPE_CHOICES: tuple[str, ...] = ("auto", "fp16", "bf16", "fp32", "int8")
 _KV_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
 
 CPU_DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
-# Share of the free GPU memory (measured after the model is loaded) that the cache may take;
-# the rest is headroom for activations and the logits of the largest step.
-GPU_DEFAULT_MEMORY_FRACTION = 0.85
+# Without a byte budget (`LLM_KV_CACHE_BYTES=auto`), on CUDA the pool takes the memory free once the
+# weights are loaded, less the steps' workspace (`step_workspace_bytes`) and this share of the device's
+# memory, for what no estimate covers: allocator fragmentation, the CUDA context's growth, Triton's
+# autotuning buffers (4.2 GiB of an H200's 139.8 GiB).
+GPU_KV_MARGIN_FRACTION = 0.03
+# The workspace assumed when the engine gives no estimate: `step_workspace_bytes` of a Llama-3-70B with
+# INT8 weights in FP16 at 8192 tokens and 256 sequences a step with CUDA graphs (3.8 GiB), rounded up.
+DEFAULT_STEP_WORKSPACE_BYTES = 4 << 30
 
 
 def resolve_kv_dtype(kv_dtype: str, activation_dtype: torch.dtype) -> torch.dtype:
@@ -89,18 +97,58 @@ class KVCacheSpec:
         return vectors * per_vector
 
 
+def step_workspace_bytes(
+    config: Any, dtype: torch.dtype, *, max_batch_tokens: int, max_num_seqs: int, graph_rows: int,
+    int8_weights: bool,
+) -> int:  # fmt: skip
+    """Device memory the steps need beside the weights and the KV pool, estimated from the model's shape
+    and the policy (the pool is allocated before the CUDA graphs are captured, so it cannot be measured):
+
+    - an eager prefill step of `max_batch_tokens` rows, one layer's activations at a time in `dtype`: the
+      residual and its norm, q, k, v, the attention output, the fused gate/up and its product,
+      rows x (5 x hidden + 2 x KV width + 3 x intermediate) (the attention kernels keep no scores);
+    - the logits of `max_num_seqs` rows in FP32, three times over (the logits, a processed copy, the
+      sampler's temporaries);
+    - the CUDA graphs' pool, where every captured bucket keeps its logits: `graph_rows` (the buckets'
+      rows summed; 0 without graphs) x vocabulary in `dtype`;
+    - INT8 weights: the largest fused weight (gate/up) cast to `dtype` for a prefill's cuBLAS product.
+    """
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    spec = KVCacheSpec.from_model_config(config, dtype)
+    kv_width = spec.num_kv_heads * spec.head_dim
+    prefill = max_batch_tokens * (5 * hidden + 2 * kv_width + 3 * intermediate) * dtype.itemsize
+    logits = 3 * max_num_seqs * config.vocab_size * 4
+    graphs = graph_rows * config.vocab_size * dtype.itemsize
+    cast = 2 * intermediate * hidden * dtype.itemsize if int8_weights else 0
+    return prefill + logits + graphs + cast
+
+
+def auto_kv_cache_bytes(free_bytes: int, total_bytes: int, workspace_bytes: int) -> int:
+    """The pool's bytes without a budget: what is free, less the workspace and the margin (may be < 0)."""
+    return free_bytes - workspace_bytes - int(total_bytes * GPU_KV_MARGIN_FRACTION)
+
+
 def num_blocks_for_budget(
     spec: KVCacheSpec,
     block_size: int,
     device: torch.device,
     kv_cache_bytes: int | None = None,
-    gpu_memory_fraction: float = GPU_DEFAULT_MEMORY_FRACTION,
+    workspace_bytes: int | None = None,
 ) -> int:
-    """Blocks that fit `kv_cache_bytes`, or on CUDA without a budget a fraction of the free memory."""
+    """Blocks that fit `kv_cache_bytes`. Without a budget (`LLM_KV_CACHE_BYTES=auto`): on CUDA, measured
+    now (the weights loaded), what is free less `workspace_bytes` (`step_workspace_bytes`; unknown:
+    `DEFAULT_STEP_WORKSPACE_BYTES`) and the margin (`auto_kv_cache_bytes`), logged as `kv_pool_sized`; on
+    the CPU, `CPU_DEFAULT_KV_CACHE_BYTES`. The pool never grows after, so admission's block accounting
+    refuses what it cannot hold before the device runs out of memory."""
     if kv_cache_bytes is None:
         if device.type == "cuda":
-            free_bytes, _ = torch.cuda.mem_get_info(device)
-            kv_cache_bytes = int(free_bytes * gpu_memory_fraction)
+            free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+            workspace = DEFAULT_STEP_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+            kv_cache_bytes = auto_kv_cache_bytes(free_bytes, total_bytes, workspace)
+            log.info(
+                "kv_pool_sized", free_bytes=free_bytes, total_bytes=total_bytes, workspace_bytes=workspace,
+                margin_bytes=int(total_bytes * GPU_KV_MARGIN_FRACTION), kv_cache_bytes=kv_cache_bytes,
+            )  # fmt: skip
         else:
             kv_cache_bytes = CPU_DEFAULT_KV_CACHE_BYTES
     num_blocks = kv_cache_bytes // spec.bytes_per_block(block_size)

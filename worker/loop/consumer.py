@@ -12,7 +12,8 @@ One thread does everything, so there is no locking. Each iteration, top to botto
 
 Each request stream is a `Lane` (`lanes.py`): the single `<prefix>:requests`, or one per
 tenant (`LLM_TENANTS`) or per shard (`LLM_STREAM_SHARDS`), or per shard of each tenant, all read
-in one call (one per hash slot on Redis Cluster); housekeeping runs per lane.
+in one call (one per hash slot on Redis Cluster); housekeeping runs per lane. With several shards
+the worker reads its own first, and others only when they wait (`shard_ownership.py`).
 
 The engine owns admission (time window, token budget, sequence cap, KV, priority aging,
 deadlines) with the one `BatchPolicy` of `WorkerSettings`. The loop blocks on Redis only
@@ -41,8 +42,9 @@ from worker.loop.cancellation import Cancel, CancelWatch
 from worker.loop.inflight import InFlight, InFlightTable, choice_seq_id
 from worker.loop.intake import generation_requests
 from worker.loop.keyed_errors import KeyedResponseError
-from worker.loop.lanes import Lane, build_lanes, namespaces, read_lanes
+from worker.loop.lanes import Lane, build_lanes, lanes_to_read, namespaces, read_lanes
 from worker.loop.publisher import Publisher, token_text
+from worker.loop.shard_ownership import ShardOwnership
 from worker.loop.stream_coalescing import stream_coalescer
 from worker.observability.build_info import build_info
 from worker.observability.counters import LoopCounters, Microbatch
@@ -81,6 +83,7 @@ class Consumer:
             read_count=s.cancel_read_count, max_entry_bytes=s.cancel_max_entry_bytes,
         )  # fmt: skip
         self.lanes = build_lanes(client, s, engine, self.table, self.counters, self.cancels, self.attempt)
+        self.ownership = ShardOwnership(client, s, spaces)
         self.backoff = Backoff(s.reconnect_backoff_initial_ms, s.reconnect_backoff_max_ms)
         self.replies = ReplyWriters({lane.key: lane.replies for lane in self.lanes})
         self.publisher = Publisher(
@@ -114,6 +117,7 @@ class Consumer:
             metrics.counters = self.counters
             metrics.phases = self.phases
             metrics.describe(engine.name, engine.describe(), build_info().get("version", "unknown"))
+            metrics.owned_shards.set(len(self.ownership.owned))
 
     # -- setup -----------------------------------------------------------------------------------------
     def ensure_group(self) -> None:
@@ -130,6 +134,8 @@ class Consumer:
         self.ensure_group()
         for lane in self.lanes:
             lane.heartbeat.beat([], force=True)
+        if self.ownership.refresh(force=True):
+            self._show_ownership()
         self.cancels.start()
 
     # -- loop ------------------------------------------------------------------------------------------
@@ -246,6 +252,8 @@ class Consumer:
         for lane in self.lanes:
             for entry_id in lane.heartbeat.beat(self._entries(lane)):
                 self._drop_lost(lane, entry_id)
+        if self.ownership.refresh():
+            self._show_ownership()
         for cancel in self.cancels.poll():
             self._cancel(cancel)
         self.stats.tick()  # `worker_stats` and `<prefix>:stats` every interval; never raises Redis errors
@@ -266,6 +274,13 @@ class Consumer:
             if excess:
                 lane.intake.shed(excess)
 
+    def _show_ownership(self) -> None:
+        """The owned shards, in the live stats (`owned_shards`) and the metrics."""
+        owned = len(self.ownership.owned)
+        self.stats.serves["owned_shards"] = owned
+        if self.metrics is not None:
+            self.metrics.owned_shards.set(owned)
+
     def _entries(self, lane: Lane) -> list[bytes]:
         """The entries of `lane`'s stream this worker is serving."""
         return self.table.entry_ids(lane.key)
@@ -277,8 +292,10 @@ class Consumer:
         # Block on Redis only when nothing is runnable. While the time window holds requests, wait on
         # the worker's clock (short sleeps between non-blocking reads): a server-side BLOCK shorter than
         # Redis's timer tick (1/hz) ends up to ~100 ms late.
-        block_ms = self.settings.read_block_ms if block else None
-        accepted = read_lanes(self.client, self.settings, self.lanes, self._room(), block_ms)
+        room = self._room()
+        lanes = lanes_to_read(self.lanes, self.ownership, room > 0 and self.engine.capacity().waiting == 0)
+        block_ms = self.ownership.block_ms(self.settings.read_block_ms if block else None)
+        accepted = read_lanes(self.client, self.settings, lanes, room, block_ms)
         self._hand_over(accepted)
         wake = self.engine.wake_at_s()
         if not accepted and wake is not None:

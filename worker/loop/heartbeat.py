@@ -7,6 +7,9 @@ reclaimers, which only take entries idle for `reclaim_min_idle_ms`, never steal 
 worker's long generation. An entry that another worker has already claimed is reported
 back as lost, and the worker stops generating it.
 
+Who is alive (`live_workers`): the group's consumers of a request stream whose key says `alive`, what
+shard ownership is computed over (`shard_ownership.py`); a draining worker already counts as gone.
+
 The loop beats between engine steps. One step longer than the TTL would let the key
 lapse, so the TTL is a multiple of the interval (3x by default) and must stay above the
 longest engine step; a reclaim still needs the entries idle for `reclaim_min_idle_ms`.
@@ -87,3 +90,20 @@ class Heartbeat:
     def stop(self) -> None:
         """Remove the key: this consumer is gone."""
         self.client.delete(self.key)
+
+
+def live_workers(client: redis.Redis, names: StreamNames, group: str) -> list[str]:
+    """The consumers of `names`' request stream in `group` whose heartbeat key says `alive`."""
+    with about(names.requests):
+        consumers = [_text(c["name"]) for c in client.xinfo_consumers(names.requests, group)]
+    if not consumers:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for name in consumers:
+        pipe.get(names.heartbeat(name))
+    states = pipe.execute()
+    return [name for name, state in zip(consumers, states, strict=True) if state == ALIVE.encode()]
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

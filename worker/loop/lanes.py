@@ -23,12 +23,17 @@ COUNT to each stream, so in each call every tenant with waiting entries gets up 
 share, whatever the others' backlogs; the engine's scheduler takes it from there. Each tenant's
 backlog is measured and shed against `max_backlog_requests` on its own stream, so one tenant's
 flood is answered `overloaded` without refusing the others.
+
+Shard ownership (`shard_ownership.py`, `LLM_STEAL_AFTER_MS`): with several shards, the one read takes
+only the lanes `lanes_to_read` picks: the worker's own shards, those whose oldest unread entry waited
+too long while it has room, and any lane still replaying this worker's own pending entries.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,6 +50,7 @@ from worker.loop.inflight import InFlight, InFlightTable
 from worker.loop.intake import CHECKS_PER_CANDIDATE, Entries, Intake
 from worker.loop.keyed_errors import about
 from worker.loop.reclaim import Reclaimer
+from worker.loop.shard_ownership import ShardOwnership
 from worker.observability.counters import LoopCounters
 from worker.replies.refusals import Refusals
 from worker.replies.writer import ReplyWriter
@@ -120,15 +126,26 @@ def build_lanes(
     return lanes
 
 
+def lanes_to_read(lanes: Sequence[Lane], ownership: ShardOwnership, room: bool) -> list[Lane]:
+    """The lanes the next read takes: those `ownership` picks (all of them while it is off), and every lane
+    still replaying this worker's own pending entries, whoever owns it now."""
+    wanted = ownership.streams_to_read(room)
+    return [lane for lane in lanes if lane.stream in wanted or lane.intake.cursor() != ">"]
+
+
 def read_lanes(
     client: redis.Redis, settings: WorkerSettings, lanes: Sequence[Lane], room: int, block_ms: int | None
 ) -> list[InFlight]:
     """One XREADGROUP over every lane's stream (blocking `block_ms`, None = not at all); accept the entries.
 
     COUNT is per stream, so each lane may bring up to ceil(room / lanes) entries: at most
-    `len(lanes) - 1` more than `room` in all, and the same share for every tenant.
+    `len(lanes) - 1` more than `room` in all, and the same share for every tenant. No lanes to read: wait
+    `block_ms` all the same, as a read would.
     """
     if room <= 0:
+        return []
+    if not lanes:
+        time.sleep((block_ms or 0) / 1000)
         return []
     streams = {lane.stream: lane.intake.cursor() for lane in lanes}
     count = max(1, math.ceil(min(room, settings.read_count) / len(lanes)))

@@ -5,8 +5,9 @@ Three kinds of source, chosen so the loop pays microseconds, not round trips:
 - events recorded as they happen: a request's final reply (`observe_request`: counters by outcome and
   tenant, the latency histograms), an engine step (`observe_step`: its time, batch size and tokens),
   each one deque append, folded when scraped (`event_metrics.py` says why);
-- gauges the loop sets: the engine's occupancy (`set_engine`, at most every `ENGINE_GAUGE_INTERVAL_S`)
-  and the queue (`set_queue`, read with the live stats every `LLM_STATS_INTERVAL_S`);
+- gauges the loop sets: the engine's occupancy (`set_engine`, at most every `ENGINE_GAUGE_INTERVAL_S`),
+  the queue (`set_queue`, read with the live stats every `LLM_STATS_INTERVAL_S`) and the shard streams
+  the worker owns (`owned_shards`, when they change; `worker/loop/shard_ownership.py`);
 - values read at scrape time by collectors: the loop's lifetime counters (`LoopCounters`: reclaims,
   redeliveries, dead letters, refusals, preemptions, the time per loop phase) and the GPUs through NVML
   (absent, not zero, when there is none or NVML cannot read one).
@@ -148,6 +149,11 @@ class WorkerMetrics:
             ["engine", "model", "kv_dtype", "weights", "version"], registry=r,
         )  # fmt: skip
         self.ready = Gauge("llm_worker_ready", "1 while /ready answers 200.", registry=r)
+        self.owned_shards = Gauge(
+            "llm_worker_owned_shards",
+            "Request streams this worker reads first (all it reads while shard ownership is off).",
+            registry=r,
+        )
         self._engine_at = 0.0
 
     def tenant_label(self, tenant: str | None) -> str:

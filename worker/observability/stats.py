@@ -18,6 +18,7 @@ Fields (a reading the worker does not have is absent, never zero):
 | kv_blocks_used, kv_blocks_free, kv_blocks_total | KV cache blocks (paged engine); free includes cached |
 | kv_blocks_cached | free blocks that still hold a reusable prefix |
 | prefix_hit_rate | prompt tokens served from the prefix cache / prompt tokens, of the requests answered |
+| owned_shards | shard streams the worker owns and reads first (`loop/shard_ownership.py`); absent when off |
 | steps, step_p50_ms, step_p95_ms | engine steps in the interval and their wall time, submit to collect |
 | gpus, gpu_util_pct, gpu_mem_used_bytes, gpu_mem_total_bytes | over the visible GPUs: count, mean, sums |
 | gpu<i>_util_pct, gpu<i>_mem_used_bytes, gpu<i>_mem_total_bytes, gpu<i>_power_w, gpu<i>_temp_c | per GPU |

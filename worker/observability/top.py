@@ -2,8 +2,8 @@
 
 Reads the latest `worker_stats` record of each worker from `<prefix>:stats` (see `stats.py` for the
 fields) and the consumer group's state on the request streams, and shows one row per worker and a
-total: requests/s, tokens/s, pending, running/waiting, KV use, prefix hit rate, step p50/p95, GPU
-utilisation and memory.
+total: requests/s, tokens/s, pending, running/waiting, KV use, prefix hit rate, owned shards (with
+shard ownership, `worker/loop/shard_ownership.py`), step p50/p95, GPU utilisation and memory.
 
     python -m worker.top                      # refresh every 2 s until Ctrl-C
     python -m worker.top --once               # print one frame and exit
@@ -29,8 +29,8 @@ The queue numbers are read live, every frame, from the server, never from the wo
 - `backlog` = lag + pending: what the producers' admission limit counts (`producer/wire/backlog.py`).
 - `oldest`: age of the oldest pending entry (XPENDING), by its id's time.
 
-The table fits the terminal: at 80 columns the low-priority columns (GPU memory, step p50, prefix
-hit, age, ...) go first and the KV column shows its percentage only; the worker name, requests/s,
+The table fits the terminal: at 80 columns the low-priority columns (owned shards, GPU memory, step
+p50, prefix hit, age, ...) go first and the KV column shows its percentage only; the worker name, requests/s,
 tokens/s and pending always stay, and a name too long for its column is cut in the middle, so
 the pod's distinguishing suffix stays visible.
 
@@ -367,6 +367,9 @@ COLUMNS: dict[str, Column] = {
         lambda r: _fmt(r.num("prefix_hit_rate"), 3),
         lambda f: _fmt(_mean(f.rows, "prefix_hit_rate"), 3),
     ),
+    "shards": Column(
+        "shards", lambda r: _fmt(r.num("owned_shards"), 0), lambda f: _fmt(_sum(f.rows, "owned_shards"), 0)
+    ),
     "step p50": Column(
         "step p50 ms",
         lambda r: _fmt(r.num("step_p50_ms"), 2),
@@ -390,11 +393,11 @@ COLUMNS: dict[str, Column] = {
 }  # fmt: skip
 # Every column, in order, and how the table narrows: each step replaces a column (a narrower one) or
 # drops it, until the table fits. The worker's name, req/s, tok/s and pending always stay.
-WIDE = ["age", "req/s", "tok/s", "pending", "run/wait", "KV blocks", "prefix hit", "step p50", "step p95",
-        "GPU util", "GPU mem"]  # fmt: skip
+WIDE = ["age", "req/s", "tok/s", "pending", "run/wait", "KV blocks", "prefix hit", "shards", "step p50",
+        "step p95", "GPU util", "GPU mem"]  # fmt: skip
 NARROWING: list[tuple[str, str | None]] = [
-    ("KV blocks", "KV"), ("GPU mem", None), ("step p50", None), ("prefix hit", None), ("age", None),
-    ("GPU util", None), ("step p95", None), ("KV", None), ("run/wait", None),
+    ("shards", None), ("KV blocks", "KV"), ("GPU mem", None), ("step p50", None), ("prefix hit", None),
+    ("age", None), ("GPU util", None), ("step p95", None), ("KV", None), ("run/wait", None),
 ]  # fmt: skip
 
 

@@ -60,7 +60,13 @@ def quantize_weight(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[tor
     """Symmetric per-output-channel INT8: (int8 weight [out, in], scale [out] in `scale_dtype`).
 
     Rows are independent, so a large weight (an embedding table) is quantised `QUANT_CHUNK_ELEMENTS`
-    at a time: the FP32 temporaries stay small beside the float weight and its INT8 result."""
+    at a time: the FP32 temporaries stay small beside the float weight and its INT8 result. A weight on
+    the meta device (a model built without storage, `streaming_load.py`) gives shapes only."""
+    if weight.device.type == "meta":
+        return (
+            torch.empty(weight.shape, dtype=torch.int8, device="meta"),
+            torch.empty(weight.shape[0], dtype=scale_dtype, device="meta"),
+        )
     rows = max(1, QUANT_CHUNK_ELEMENTS // max(1, weight.shape[1]))
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=scale_dtype, device=weight.device)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from worker.engine.quant.int8_embedding import Int8Embedding, TiedInt8Linear
@@ -88,6 +89,16 @@ def _find(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str, str] | N
     return None
 
 
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two weights are one table. Meta tensors (a model built without storage,
+    `streaming_load.py`) have no storage to compare, and all report address 0: only the same tensor is."""
+    if a is b:
+        return True
+    if a.device.type == "meta" or b.device.type == "meta":
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
     """The input embedding and the output projection of a transformers model (None where absent)."""
 
@@ -113,7 +124,7 @@ def quantize_embeddings(model: nn.Module, *, untied_embedding: bool = True) -> Q
     tied = (
         emb_at is not None
         and head_at is not None
-        and head.weight.untyped_storage().data_ptr() == embedding.weight.untyped_storage().data_ptr()
+        and _same_storage(head.weight, embedding.weight)
         and head.weight.shape == embedding.weight.shape
     )
     if tied:
