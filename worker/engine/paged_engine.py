@@ -29,7 +29,7 @@ from worker.engine.base import (
 )
 from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
-from worker.engine.cuda_graphs import DecodeGraphs
+from worker.engine.cuda_graphs import DecodeGraphs, decode_buckets
 from worker.engine.encoder import TokenizerEncoder
 from worker.engine.fused_layers import fuse_model
 from worker.engine.kv_cache import (
@@ -37,6 +37,7 @@ from worker.engine.kv_cache import (
     KVCacheSpec,
     num_blocks_for_budget,
     resolve_kv_dtype,
+    step_workspace_bytes,
 )
 from worker.engine.kv_prune import block_scores
 from worker.engine.model_runner import LaunchedStep, ModelRunner
@@ -100,7 +101,16 @@ class PagedEngine(Engine):
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         # Raises for an INT8 cache of a model whose head_dim is not a power of two.
         spec = KVCacheSpec.from_model_config(model.config, resolve_kv_dtype(c.kv_dtype, self.dtype))
-        num_blocks = num_blocks_for_budget(spec, block_size, self.device, c.kv_cache_bytes)
+        workspace = None
+        if c.kv_cache_bytes is None and self.device.type == "cuda":  # `auto`: the pool takes what is left
+            graphs_on = c.cuda_graphs and resolve_backend(c.attention_backend, self.device) == "triton"
+            workspace = step_workspace_bytes(
+                model.config, self.dtype, max_batch_tokens=c.policy.max_batch_tokens,
+                max_num_seqs=c.policy.max_num_seqs,
+                graph_rows=sum(decode_buckets(c.policy.max_num_seqs)) if graphs_on else 0,
+                int8_weights=weights_label(model) in ("int8", "w8a8"),
+            )  # fmt: skip
+        num_blocks = num_blocks_for_budget(spec, block_size, self.device, c.kv_cache_bytes, workspace)
         self.block_manager = BlockManager(num_blocks, block_size, c.enable_prefix_caching)
         self.kv_cache = KVCache(spec, num_blocks, block_size, self.device)
         self.attention_backend = resolve_backend(c.attention_backend, self.device)
