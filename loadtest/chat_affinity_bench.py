@@ -1,0 +1,293 @@
+"""Conversation affinity: prompt tokens computed, TTFT and throughput of multi-turn chats, on vs off.
+
+Why: each turn of a chat resends the whole history, and a worker's prefix cache only helps the turns it
+serves itself. Affinity (docs/scaling.md, "Conversation affinity") sends a conversation's turns to the
+worker that owns its shard; this measures what that saves against workers that read every shard.
+
+The workload: `--conversations` C chats of `--turns` T turns each, every chat belonging to one of
+`--apps` K applications, each with a system prompt of its own of `--system-tokens` tokens (the same for
+every chat of the app). A turn's request is the whole history as chat `messages`: the system prompt,
+the previous user and assistant turns, and a new user message (about 25 tokens); turn t+1 of a chat is
+sent once turn t's final reply is read, its text appended to the history. The chats run concurrently
+(one thread each). Every request asks for exactly `--max-tokens` tokens (`ignore_eos`), greedy.
+
+The modes, each on `--workers` W fresh `python -m worker` processes (paged engine, the same model and
+settings, `LLM_STREAM_SHARDS` = `--shards`, 4 x W by default so that ownership spreads evenly), on one
+private Redis-compatible server, a key prefix of their own:
+
+  on   the workers' default `LLM_STEAL_AFTER_MS` (500, or `--steal-after-ms`): each reads the shards it
+       owns first; each request carries `session=<chat id>`, so a chat's turns go to one shard;
+  off  `LLM_STEAL_AFTER_MS=0`: every worker reads every shard, as before affinity existed, so a turn
+       goes to whichever worker reads first. Requests carry no `session`; the client still places
+       them by their first user message, but with every worker reading every shard the placement
+       decides nothing.
+
+With `--repeat N` the modes alternate their order each round (on first in odd rounds), so a slow or
+fast spell of the machine hits both. Per mode: prompt tokens, the cached prompt tokens of the final
+replies (`usage.cached_tokens`), prompt tokens computed (prompt - cached), TTFT p50/p95 (the worker's
+`timings.ttft_ms`, from the XADD, so it includes the wait in the stream), output tok/s (completion
+tokens over the mode's wall time, first send to last reply), requests, errors, and the share of turns
+after the first served by the worker that served the chat's turn before. The last lines give on / off.
+
+    python loadtest/chat_affinity_bench.py --device cuda --dtype float16 --workers 4 \
+        --conversations 256 --turns 4 --max-tokens 64 --json-out chat_affinity.json
+
+On a CPU (SmolLM2-135M), a toy run: `--conversations 4 --turns 2 --workers 2 --apps 2 --max-tokens 4`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from producer.client import ChatClient, ChatError, Reply  # noqa: E402
+from worker.engine.model_files import DEFAULT_MODEL  # noqa: E402
+from worker.engine.random_model import load_default_tokenizer  # noqa: E402
+from worker.local_redis.server import EmbeddedRedis  # noqa: E402
+
+MODES = ("on", "off")
+WORDS = (
+    "account", "billing", "customer", "order", "refund", "policy", "shipping", "warranty", "invoice",
+    "support", "ticket", "product", "return", "delivery", "address", "payment", "card", "subscription",
+    "plan", "upgrade", "cancel", "escalate", "agent", "manager", "polite", "concise", "answer", "question",
+    "summary", "detail", "step", "guide", "reference", "number", "status", "update",
+)  # fmt: skip
+
+
+def system_prompt(app: int, tokens: int, tokenizer: Any) -> str:
+    """App `app`'s system prompt: `tokens` tokens of instructions, different for every app."""
+    rng = random.Random(f"app-{app}")
+    text = f"You are the assistant of application {app}. " + " ".join(
+        rng.choice(WORDS) for _ in range(tokens)
+    )
+    return str(tokenizer.decode(tokenizer.encode(text)[:tokens]))
+
+
+def user_message(chat: str, turn: int) -> str:
+    rng = random.Random(f"{chat}-{turn}")
+    return f"{chat}, question {turn}: " + " ".join(rng.choice(WORDS) for _ in range(16)) + "?"
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def served_by(attempt: str) -> str:
+    return attempt.rsplit(":", 1)[0]  # `<consumer>:<start ms>`
+
+
+def start_worker(url: str, prefix: str, name: str, mode: str, args: argparse.Namespace, log: Path) -> Any:
+    model = DEFAULT_MODEL if args.model == "default" else args.model
+    settings = {
+        "engine": "paged", "model": model, "device": args.device, "dtype": args.dtype,
+        "stream_shards": args.shards, "consumer_name": name, "metrics_port": 0,
+        "max_prompt_tokens": 16384, "max_backlog_requests": 0,
+        "steal_after_ms": args.steal_after_ms if mode == "on" else 0,
+    }  # fmt: skip
+    if args.kv_cache_bytes:
+        settings["kv_cache_bytes"] = args.kv_cache_bytes
+    env = {**os.environ, "REDIS_URL": url, "LLM_PREFIX": prefix, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    env.update({f"LLM_{k.upper()}": str(v) for k, v in settings.items()})
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=out, stderr=out)
+
+
+def wait_started(procs: list[Any], logs: list[Path], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for proc, log in zip(procs, logs, strict=True):
+        while '"worker_started"' not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"worker {log.stem} did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+
+def wait_ownership(logs: list[Path], workers: int, timeout_s: float = 30) -> None:
+    """Until every worker has logged a share of the shards counting all `workers` live ones."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seen = [
+            any(
+                json.loads(line).get("workers") == workers
+                for line in log.read_text(errors="replace").splitlines()
+                if '"shards_owned"' in line and line.startswith("{")
+            )
+            for log in logs
+        ]
+        if all(seen):
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"the workers did not all see {workers} live workers within {timeout_s:g} s")
+
+
+def run_chat(
+    client: ChatClient, chat: str, system: str, mode: str, args: argparse.Namespace, out: list[Any]
+) -> None:
+    """One conversation's turns in order, each the whole history; its replies (or errors) into `out`."""
+    history: list[dict[str, str]] = [{"role": "system", "content": system}]
+    params: dict[str, Any] = {"max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0.0}
+    if mode == "on":
+        params["session"] = chat
+    for turn in range(args.turns):
+        history.append({"role": "user", "content": user_message(chat, turn)})
+        try:
+            reply = client.chat(list(history), timeout_s=args.timeout_s, **params)
+        except ChatError as exc:
+            out.append(exc)
+            return
+        out.append(reply)
+        history.append({"role": "assistant", "content": reply.text})
+
+
+def run_mode(mode: str, server_url: str, systems: list[str], args: argparse.Namespace, logdir: Path) -> dict:
+    """Fresh workers in `mode`, every conversation to its end; the mode's row."""
+    prefix = f"ca-{mode}-{uuid.uuid4().hex[:6]}"
+    names = [f"{mode}{i}" for i in range(args.workers)]
+    logs = [logdir / f"{prefix}-{n}.log" for n in names]
+    procs = [start_worker(server_url, prefix, n, mode, args, log) for n, log in zip(names, logs, strict=True)]
+    try:
+        wait_started(procs, logs, args.start_timeout_s)
+        if mode == "on":
+            wait_ownership(logs, args.workers)
+        with ExitStack() as stack:
+            chats = [f"chat-{i}" for i in range(args.conversations)]
+            clients = [
+                stack.enter_context(
+                    ChatClient(server_url, prefix=prefix, stream_shards=args.shards, timeout_s=args.timeout_s)
+                )
+                for _ in chats
+            ]
+            outs: list[list[Any]] = [[] for _ in chats]
+            threads = [
+                threading.Thread(target=run_chat, args=(c, chat, systems[i % len(systems)], mode, args, o))
+                for i, (c, chat, o) in enumerate(zip(clients, chats, outs, strict=True))
+            ]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall_s = time.perf_counter() - start
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=120)
+    return summarize(mode, outs, wall_s)
+
+
+def summarize(mode: str, outs: list[list[Any]], wall_s: float) -> dict[str, Any]:
+    replies = [r for out in outs for r in out if isinstance(r, Reply)]
+    prompt = sum(r.usage.prompt_tokens for r in replies)
+    cached = sum(r.usage.cached_tokens for r in replies)
+    ttft = [r.timings.ttft_ms for r in replies if r.timings.ttft_ms is not None]
+    output = sum(r.usage.completion_tokens for r in replies)
+    follow = [
+        served_by(a.attempt) == served_by(b.attempt)
+        for out in outs
+        for a, b in zip(out, out[1:], strict=False)
+        if isinstance(a, Reply) and isinstance(b, Reply)
+    ]
+    return {
+        "mode": mode, "requests": sum(len(o) for o in outs), "answered": len(replies),
+        "errors": sum(isinstance(r, ChatError) for o in outs for r in o),
+        "prompt_tokens": prompt, "cached_tokens": cached, "computed_tokens": prompt - cached,
+        "ttft_p50_ms": percentile(ttft, 50), "ttft_p95_ms": percentile(ttft, 95),
+        "output_tokens": output, "wall_s": wall_s, "output_tok_s": output / wall_s,
+        "same_worker_share": sum(follow) / len(follow) if follow else float("nan"),
+    }  # fmt: skip
+
+
+HEADER = (
+    f"{'mode':<5} {'round':>5} {'prompt tok':>10} {'cached':>8} {'computed':>9} {'TTFT p50':>9} {'p95':>8} "
+    f"{'out tok/s':>9} {'requests':>8} {'errors':>6} {'same worker':>11}"
+)
+
+
+def line(r: dict[str, Any]) -> str:
+    return (
+        f"{r['mode']:<5} {r['round']:>5} {r['prompt_tokens']:>10,} {r['cached_tokens']:>8,} "
+        f"{r['computed_tokens']:>9,} {r['ttft_p50_ms']:>9.0f} {r['ttft_p95_ms']:>8.0f} "
+        f"{r['output_tok_s']:>9.1f} {r['requests']:>8} {r['errors']:>6} {r['same_worker_share']:>11.0%}"
+    )
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """on / off of the medians over the rounds: prompt tokens computed, TTFT p50 and output tok/s."""
+
+    def median(mode: str, key: str) -> float:
+        return statistics.median(r[key] for r in rows if r["mode"] == mode)
+
+    keys = ("computed_tokens", "ttft_p50_ms", "output_tok_s")
+    return {k: median("on", k) / median("off", k) if median("off", k) else float("nan") for k in keys}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--conversations", type=int, default=64)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--shards", type=int, default=None, help="LLM_STREAM_SHARDS (default: 4 x --workers)")
+    p.add_argument("--apps", type=int, default=8, help="applications, each with a system prompt of its own")
+    p.add_argument("--system-tokens", type=int, default=300)
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens of every reply")
+    p.add_argument("--model", default="default", help="the worker's LLM_MODEL (default: SmolLM2-135M)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--kv-cache-bytes", type=int, default=None)
+    p.add_argument("--steal-after-ms", type=int, default=500, help="LLM_STEAL_AFTER_MS of the 'on' workers")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of both modes, their order alternated")
+    p.add_argument("--start-timeout-s", type=float, default=600)
+    p.add_argument("--timeout-s", type=float, default=900)
+    p.add_argument("--json-out", type=Path)
+    args = p.parse_args()
+    args.shards = args.shards or 4 * args.workers
+    if args.steal_after_ms <= 0:
+        raise SystemExit("--steal-after-ms must be positive: 0 turns affinity off")
+    tokenizer = load_default_tokenizer()
+    systems = [system_prompt(k, args.system_tokens, tokenizer) for k in range(args.apps)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis() as server:
+        for n in range(args.repeat):
+            for mode in MODES if n % 2 == 0 else MODES[::-1]:
+                row = run_mode(mode, server.url, systems, args, Path(tmp)) | {"round": n + 1}
+                rows.append(row)
+                print(line(row), flush=True)
+    on_off = ratios(rows)
+    print(
+        f"\n{args.conversations} conversations x {args.turns} turns, {args.apps} apps "
+        f"({args.system_tokens}-token system prompts), {args.workers} workers, {args.shards} shards, "
+        f"{args.model} {args.dtype} on {args.device}, {args.max_tokens} tokens a reply\n"
+    )
+    print(HEADER)
+    for r in rows:
+        print(line(r))
+    print(
+        f"\non / off (medians over {args.repeat} round(s)): prompt tokens computed "
+        f"{on_off['computed_tokens']:.2f}, TTFT p50 {on_off['ttft_p50_ms']:.2f}, "
+        f"output tok/s {on_off['output_tok_s']:.2f}"
+    )
+    if args.json_out:
+        config = {k: str(v) for k, v in vars(args).items()}
+        args.json_out.write_text(json.dumps({"config": config, "results": rows, "on_off": on_off}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
