@@ -5,6 +5,7 @@ the job resumes from its stored state (answered documents are never sent again).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from test_bulk_jobs import kill_rq_worker, sent_indices, wait_for
+from test_bulk_jobs import _ppid, kill_rq_worker, sent_indices, wait_for
 
-from producer.bulk import JobState, enqueue_bulk, job_status
+from producer.bulk import JobState, bulk_queue, enqueue_bulk, job_status
+from producer.bulk.run_lock import RunLock, RunLockLost
 
 ROOT = Path(__file__).resolve().parents[1]
 HEARTBEAT_TTL_S = 3
@@ -136,3 +138,91 @@ def test_resume_without_force_waits_for_the_heartbeat(redis_url, rq_conn, prefix
     resumed = bulk_cli(redis_url, prefix, "--queue", queue, "resume", job.id)
     assert resumed.returncode == 0, resumed.stderr
     assert job.get_status(refresh=True).value == "queued"
+
+
+# -- one run at a time: the run lock ----------------------------------------------------------------------
+def test_run_lock_waits_for_a_live_holder_and_takes_over_a_dead_one(redis_client, prefix) -> None:
+    key = f"{prefix}:lock"
+    lock = RunLock(redis_client, key, "job", ttl_s=1)
+    ours = json.loads(lock.token)
+    # Held by a live run (this process): the lock is not taken; the waiter stops when told to.
+    redis_client.set(key, json.dumps({**ours, "nonce": "other"}), px=60_000)
+    began = time.monotonic()
+    assert not lock.acquire(stop=lambda: time.monotonic() - began > 1.2)
+    assert json.loads(redis_client.get(key))["nonce"] == "other"
+    # Held by a run of another machine: taken once its lease expires.
+    redis_client.set(key, json.dumps({**ours, "host": "elsewhere", "machine": "other/boot"}), px=1500)
+    began = time.monotonic()
+    assert lock.acquire(stop=lambda: False)
+    assert 1.0 <= time.monotonic() - began < 4 and redis_client.get(key) == lock.token.encode()
+    # Held by a run of this machine whose process is gone: taken at once.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    redis_client.set(key, json.dumps({**ours, "pid": dead.pid, "nonce": "dead"}), px=60_000)
+    began = time.monotonic()
+    assert lock.acquire(stop=lambda: False)
+    assert time.monotonic() - began < 0.5 and redis_client.get(key) == lock.token.encode()
+    # Renewed while kept: it outlives its TTL; once another run holds it, `keep` says so.
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        lock.keep()
+        time.sleep(0.1)
+    assert redis_client.get(key) == lock.token.encode() and redis_client.pttl(key) > 0
+    redis_client.set(key, json.dumps({**ours, "nonce": "thief"}), px=60_000)
+    time.sleep(lock.renew_every_s)
+    with pytest.raises(RunLockLost):
+        lock.keep()
+    lock.release()  # not ours: left alone
+    assert json.loads(redis_client.get(key))["nonce"] == "thief"
+
+
+@pytest.mark.parametrize("holder", ["finishes", "killed"])
+def test_two_runs_of_one_job_never_send_at_once(holder, redis_url, rq_conn, redis_client, prefix,
+                                                start_worker, tmp_path: Path) -> None:
+    # Two RQ workers get the same job at once (as after RQ retried a job whose live worker missed its
+    # heartbeat): one run sends, the other waits for it, sending nothing, and takes over if it dies.
+    worker = start_worker("echo", echo_token_delay_ms=40, trim_interval_s=3600)
+    documents = [f"doc{i} one two three four five" for i in range(20)]
+    queue = f"{prefix}-bulk"
+    logs = [tmp_path / "rq-a.log", tmp_path / "rq-b.log"]
+    rqs = [bulk_worker(redis_url, prefix, queue, log, burst=False) for log in logs]
+    wait_for(lambda: all("Listening on" in log.read_text() for log in logs), 60, "both RQ workers listening")
+    job = enqueue_bulk(documents, "Summarize.", connection=rq_conn, queue=queue, prefix=prefix,
+                       max_in_flight=2, max_tokens=4, request_timeout_s=120)
+    bulk_queue(rq_conn, queue).enqueue_job(job)  # the same job again, for the other worker
+    state = JobState(rq_conn, job.id, 3600)
+    waiting = "another run of this job holds its run lock"
+    wait_for(lambda: any(waiting in log.read_text() for log in logs), 30, "the second run waiting")
+    sent_before: set[int] = set()
+    if holder == "killed":
+        wait_for(lambda: state.answered() >= 4, 60, "documents answered")
+        horse = json.loads(rq_conn.get(state.lock_key))["pid"]
+        holding = next(rq for rq in rqs if _ppid(Path(f"/proc/{horse}")) == rq.pid)
+        kill_rq_worker(holding)
+        sent_before = set(state.results()) | set(state.in_flight())
+    wait_for(lambda: job.get_status(refresh=True).value == "finished", 60, "the job finished")
+    for rq in rqs:
+        if rq.poll() is None:
+            rq.send_signal(signal.SIGTERM)  # a warm shutdown: the run in progress ends first
+            assert rq.wait(timeout=30) == 0, [log.read_text() for log in logs]
+
+    status = job_status(job.id, rq_conn)
+    assert status["status"] == "finished", status
+    result = status["result"]
+    assert (result["total"], result["succeeded"], result["failed"], result["unanswered"]) == (20, 20, 0, 0)
+    assert [r["text"] for r in result["results"]] == [" ".join(d.split()[:4]) for d in documents]
+    texts = [log.read_text() for log in logs]
+    assert sum(waiting in text for text in texts) == 1, texts
+    took = "(its process is gone)" if holder == "killed" else "(it ended or its lease expired)"
+    assert any(took in text for text in texts), texts
+    sent = sent_indices(redis_client, prefix)
+    assert set(sent) == set(range(len(documents)))
+    if holder == "finishes":
+        assert all(n == 1 for n in sent.values()), sent  # one run sent them all
+    else:
+        # Answered or in flight at the kill: never sent again (only a kill between a request's XADD and
+        # its bookkeeping could send one document twice).
+        assert all(sent[i] == 1 for i in sent_before), sent
+        assert sum(sent.values()) <= len(documents) + 1, sent
+    assert len(worker.events("request_done")) == sum(sent.values())
+    assert rq_conn.exists(state.lock_key) == 0  # released by the run that ended the job

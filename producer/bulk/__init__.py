@@ -21,7 +21,9 @@ Jobs are resumable: each document's result is stored in Redis as it arrives (a h
 `llm-bulk:job:<id>:results`), and so is each outstanding request's id
 (`llm-bulk:job:<id>:inflight`). A job that runs again (RQ's retry of an abandoned job, or
 `resume`) keeps the stored results, waits for the replies of the requests already sent, and
-sends only the documents nobody has sent yet.
+sends only the documents nobody has sent yet. One run of a job at a time: a run holds the job's run
+lock (`llm-bulk:job:<id>:lock`), and another run of the same job (`resume --force` while the first
+lives, RQ retrying a job whose live worker missed its heartbeat) waits for it, sending nothing.
 
 Jobs, their arguments, progress and results are stored with RQ's JSON serializer: the
 project keeps pickle off the wire and out of Redis. `rq worker` works too, given
@@ -36,6 +38,7 @@ Modules, one concept each:
     documents.py  the input file: documents, their ids, the bad lines and their codes (parse_documents)
     validate.py   a document's chat request, checked as a worker checks it (check_document)
     store.py      a job's resumable state in Redis: results and outstanding requests (JobState)
+    run_lock.py   RunLock: at most one run of a job at a time (a lease the run's loop renews)
     run.py        BulkRun: the bounded window of requests, replies collected in document order
     job.py        run_bulk_job, the RQ job function
     control.py    enqueue_bulk, job_status, resume_job, cancel_job, bulk_queue, settle_cancelled

@@ -1,5 +1,6 @@
 """BulkRun: sends a job's documents through the service with a bounded window of outstanding
-requests and collects the replies in document order (resuming from a JobState)."""
+requests and collects the replies in document order (resuming from a JobState, under the job's
+RunLock)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from typing import Any
 import redis
 
 from producer.bulk.documents import DocumentId
+from producer.bulk.run_lock import RunLock, RunLockLost
 from producer.bulk.store import JobState
 from producer.bulk.validate import document_messages, problem_of, request_params
 from producer.client import CLUSTER_REPLY_SLICE_MS, ChatClient, ChatError
 from producer.wire.backoff import Backoff
-from producer.wire.codec import decode_event
 from producer.wire.models import DoneEvent, ErrorCode, ErrorEvent
 from producer.wire.redis_factory import by_slot
 from producer.wire.redis_types import StreamEntries, read_entries
@@ -60,8 +61,12 @@ class BulkRun:
     All outstanding reply streams are read with one blocking XREAD, so a window of hundreds
     of requests costs one round trip per poll (on a cluster: one XREAD per hash slot, see
     `_read`). Requests are sent with `stream: false`, so each reply stream holds only its final
-    event. With a `state`, results and outstanding requests are stored as they change, and a
-    run over the same state resumes where an earlier one stopped.
+    event; an entry counts only as the client's own reads count it (`ChatClient.check_event`).
+    With a `state`, results and outstanding requests are stored as they change, and a run over
+    the same state resumes where an earlier one stopped. With a `lock` (the job's RunLock, taken
+    before the run loads the state), the loop renews it and never waits longer than a third of its
+    TTL at a time; once it is lost, the run stops (RunLockLost) and leaves its requests to the run
+    that holds it.
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class BulkRun:
         metadata: dict[str, Any] | None = None,
         ids: list[DocumentId] | None = None,
         state: JobState | None = None,
+        lock: RunLock | None = None,
     ):
         self.client = client
         self.documents = documents
@@ -96,6 +102,8 @@ class BulkRun:
         )  # fmt: skip
         self.metadata = metadata or {}
         self.state = state
+        self.lock = lock
+        self._wait_cap_s = lock.renew_every_s if lock is not None else float("inf")
         self.results: list[dict[str, Any] | None] = [None] * len(documents)
         self.in_flight: dict[bytes, _InFlight] = {}
         self.refusals = [0] * len(documents)
@@ -146,21 +154,28 @@ class BulkRun:
         """
         try:
             while self.to_send or self.in_flight:
+                self._keep_lock()
                 if self.state is not None and self.state.cancelled():
                     raise BulkCancelled(self.state.job_id)
                 self._fill()
                 if self.in_flight:
                     self._poll()
                 else:
-                    time.sleep(max(0.0, self._retry_at_s - time.monotonic()))
+                    time.sleep(min(self._wait_cap_s, max(0.0, self._retry_at_s - time.monotonic())))
                 self._expire()
                 if on_progress is not None:
                     on_progress(self)
+        except RunLockLost:
+            raise  # another run holds the job now: its requests are that run's (stored in the state)
         except BaseException:
             # Stopped (cancelled, job timeout, Ctrl-C, a bug): workers need not generate replies nobody reads.
             self._cancel_all()
             raise
         return [r for r in self.results if r is not None]
+
+    def _keep_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.keep()
 
     def _finish(self, index: int, result: dict[str, Any]) -> None:
         self.results[index] = result
@@ -171,6 +186,7 @@ class BulkRun:
         while self.to_send and len(self.in_flight) < self.max_in_flight:
             if time.monotonic() < self._retry_at_s:
                 return
+            self._keep_lock()  # before each send: a run that stalled must not send once it lost the job
             index = self.to_send[0]
             messages = document_messages(self.instruction, self.documents[index])
             metadata = {**self.metadata, "index": index}
@@ -221,7 +237,7 @@ class BulkRun:
         does the poll block, on the next slot in turn and for at most `CLUSTER_REPLY_SLICE_MS`.
         """
         streams: dict[Any, Any] = {key: slot.last_id for key, slot in self.in_flight.items()}
-        block_ms = self.client.settings.reply_block_ms
+        block_ms = int(min(self.client.settings.reply_block_ms, self._wait_cap_s * 1000))
         redis_client = self.client.redis
         groups = by_slot(streams) if self.client.settings.redis_cluster else [list(streams)]
         if len(groups) == 1:
@@ -245,13 +261,11 @@ class BulkRun:
             for entry_id, fields in entries:
                 slot.last_id = entry_id
                 doc_id = self.ids[slot.index]
-                try:
-                    event = decode_event(fields)
-                except ValueError as exc:  # a malformed reply costs only its document
-                    message = f"malformed reply: {exc}"[:300]
-                    self._finish(slot.index, _failed(slot.index, doc_id, ErrorCode.INTERNAL.value, message))
-                    del self.in_flight[key]
-                    break
+                # As the client's own reads: only a signed (where a key is set), well-formed answer to the
+                # entry this run sent counts; anything else is logged (`reply_event_rejected`) and skipped.
+                event = self.client.check_event(slot.request_id, key.decode(), entry_id, fields)
+                if event is None:
+                    continue
                 if isinstance(event, DoneEvent):
                     self._finish(slot.index, _ok(slot.index, doc_id, event))
                 elif isinstance(event, ErrorEvent):

@@ -20,6 +20,7 @@ class JobState:
     `<prefix><job>:results`: document index -> its result (JSON); `<prefix><job>:inflight`:
     document index -> {"request_id", "submitted_at"} of the request sent for it and not yet
     answered; `<prefix><job>:cancel`: set by `cancel`. Every key expires `ttl_s` after its last write.
+    `<prefix><job>:lock`: the run lock (run_lock.RunLock), which expires on a TTL of its own.
     """
 
     def __init__(self, connection: redis.Redis, job_id: str, ttl_s: int):
@@ -30,6 +31,7 @@ class JobState:
         self.results_key = f"{base}:results"
         self.inflight_key = f"{base}:inflight"
         self.cancel_key = f"{base}:cancel"
+        self.lock_key = f"{base}:lock"
 
     def results(self) -> dict[int, dict[str, Any]]:
         raw = self.redis.hgetall(self.results_key)
