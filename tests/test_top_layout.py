@@ -21,6 +21,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rich.cells import cell_len
 from rich.console import Console
 
 from producer.wire.keys import CONSUMER_GROUP, StreamNames
@@ -73,12 +74,14 @@ def _screen(frame: top.Frame, width: int, height: int) -> list[str]:
 
 
 def _shown(name: str, line: str) -> bool:
-    """The row's first cell is the name whole, or cut in the middle with 6+ characters of each end."""
+    """The row's first cell is the name whole, or cut in the middle with 6+ terminal cells of each end (a
+    wide character, CJK say, takes two)."""
     escaped, cell = top.plain(name).plain, line.split()[0]
     head, _, tail = cell.partition("\u2026")
     if not tail:
         return cell == escaped
-    return len(head) >= 6 and len(tail) >= 6 and escaped.startswith(head) and escaped.endswith(tail)
+    ends = cell_len(head) >= 6 and cell_len(tail) >= 6
+    return ends and escaped.startswith(head) and escaped.endswith(tail)
 
 
 @pytest.mark.parametrize("width, height", SIZES)
