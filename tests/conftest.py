@@ -45,6 +45,16 @@ def prefix() -> str:
 
 
 @pytest.fixture()
+def rq_conn(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+    """RQ's connection for bulk jobs; the job reads the service's Redis (and a signing key) from the RQ
+    worker's environment, as in production."""
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    conn = redis.Redis.from_url(redis_url)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture()
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client

@@ -7,11 +7,9 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -51,13 +49,6 @@ HOSTILE: list[tuple[str, bytes, str]] = [
     ("duplicate_id", b'{"id": "good", "text": "again"}', "duplicate_id"),
 ]
 
-
-@pytest.fixture()
-def rq_conn(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    conn = redis.Redis.from_url(redis_url)
-    yield conn
-    conn.close()
 
 
 def write_lines(path: Path, *lines: bytes) -> Path:

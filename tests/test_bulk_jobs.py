@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,14 +35,6 @@ def echo_reply(document: str, max_tokens: int) -> str:
     """What the echo engine answers: the first max_tokens words of the last user message."""
     return " ".join(document.split()[:max_tokens])
 
-
-@pytest.fixture()
-def rq_conn(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
-    # The job reads the service's Redis from the RQ worker's environment, as in production.
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    conn = redis.Redis.from_url(redis_url)
-    yield conn
-    conn.close()
 
 
 class InProcessBulkWorker(SimpleWorker, BulkWorker):

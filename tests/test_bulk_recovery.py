@@ -11,11 +11,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from test_bulk_jobs import _ppid, kill_rq_worker, sent_indices, wait_for
 
 from producer.bulk import JobState, bulk_queue, enqueue_bulk, job_status
@@ -25,13 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 HEARTBEAT_TTL_S = 3
 MAINTENANCE_INTERVAL_S = 1
 
-
-@pytest.fixture()
-def rq_conn(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    conn = redis.Redis.from_url(redis_url)
-    yield conn
-    conn.close()
 
 
 def env_for(redis_url: str, prefix: str) -> dict[str, str]:

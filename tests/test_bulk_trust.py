@@ -31,15 +31,6 @@ pytestmark = pytest.mark.timeout(120)
 DOCUMENTS = ["alpha beta gamma delta", "epsilon zeta eta", "theta iota kappa lambda"]
 
 
-@pytest.fixture()
-def rq_conn(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
-    # The job reads the service's Redis (and the signing key) from the RQ worker's environment.
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    conn = redis.Redis.from_url(redis_url)
-    yield conn
-    conn.close()
-
-
 class Rejected(logging.Handler):
     """Collects the (id, reason) of the client library's `reply_event_rejected` records."""
 
