@@ -70,6 +70,8 @@ bodies = st.fixed_dictionaries(
         "min_tokens": st.integers(-(2**63), 2**63 - 1),
         "stop_token_ids": st.lists(st.integers(-(2**63), 2**63 - 1), max_size=5) | json_values,
         "ignore_eos": json_values,
+        # The affinity key: any text (control, non-ASCII, past its 128 characters) or any other type.
+        "session": st.text(max_size=200) | st.just("s" * 5000) | json_values,
         "response_format": st.fixed_dictionaries(
             {"type": st.sampled_from(["text", "json_object", "json_schema", "regex", "xml"])},
             optional={"json_schema": json_values, "regex": st.text(max_size=40) | json_values},
