@@ -339,8 +339,16 @@ def test_primary_failover_loses_and_repeats_no_answer(tmp_path: Path) -> None:
         feeder.start()
         time.sleep(2)
         victim = c.primaries()[0]
+        ranges = redis.Redis(port=victim).execute_command("CLUSTER", "SLOTS")
+        on_victim = {  # the shards whose slot the victim serves (each master serves one: slots 1584..13907)
+            s for s, names in enumerate(client.spaces)
+            if any(int(r[0]) <= key_slot(names.requests.encode()) <= int(r[1]) for r in ranges
+                   if int(r[2][1]) == victim)
+        }  # fmt: skip
+        assert on_victim
         dead_id = c.kill(victim)
         c.wait_promoted(victim, dead_id)
+        promoted_at = len(ids)
         time.sleep(2)
         stop.set()
         feeder.join(timeout=90)
@@ -358,13 +366,16 @@ def test_primary_failover_loses_and_repeats_no_answer(tmp_path: Path) -> None:
         # Lost: none; answered twice: none. (A final whose write the dead primary took with it was written
         # again by a redelivery, under the guard, which the replica has or not: either way one final.)
         assert set(counts.values()) == {1}, {k: v for k, v in counts.items() if v != 1}
+        # The failed-over shards were served on both sides of the failover (the workers may or may not
+        # log an error: redis-py's cluster client retries a lost connection after refreshing the slots).
+        shards = [shard_for(i, len(client.spaces)) in on_victim for i in ids]
+        assert any(shards[:promoted_at]) and any(shards[promoted_at:]), (promoted_at, len(ids))
         client.close()
         reader.close()
     finally:
         codes = [w.stop() for w in workers]
         c.stop()
     assert codes == [0] * len(workers)
-    assert any(w.events("redis_unavailable") or w.events("redis_error") for w in workers)
 
 
 @pytest.mark.slow

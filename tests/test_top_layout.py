@@ -25,6 +25,7 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from producer.wire.keys import CONSUMER_GROUP, StreamNames
+from worker.local_redis.server import EmbeddedRedis
 from worker.observability import top
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,22 +243,25 @@ def _top_once(redis_url: str, prefix: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_a_wrong_prefix_says_so_and_names_the_prefixes_there(
-    redis_url: str, redis_client: redis.Redis, prefix: str
-) -> None:
-    real = StreamNames.for_prefix(prefix)
-    redis_client.xadd(real.stats, {"worker": "w1", "requests_per_s": "1"})
-    try:
-        result = _top_once(redis_url, prefix + "-typo")
+def test_a_wrong_prefix_says_so_and_names_the_prefixes_there(prefix: str) -> None:
+    # A private server: the hint SCANs at most HINT_SCAN_CALLS x HINT_SCAN_COUNT keys, and a shared
+    # server that earlier tests filled may hold the real prefix's stats beyond that.
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        client.xadd(StreamNames.for_prefix(prefix).stats, {"worker": "w1", "requests_per_s": "1"})
+        for decoy in ("other-app", "zz" + prefix[2:]):
+            client.xadd(StreamNames.for_prefix(decoy).stats, {"worker": "w9"})
+        result = _top_once(server.url, prefix + "-typo")
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"nothing under prefix '{prefix}-typo'" in result.stdout, result.stdout
         hint = next(line for line in result.stdout.splitlines() if "prefixes with a stats stream" in line)
-        assert hint.split(": ", 1)[1].split(",")[0].strip() == prefix, result.stdout  # the likeliest first
+        listed = [p.strip() for p in hint.split(": ", 1)[1].split(",")]
+        assert listed[0] == prefix and set(listed) == {prefix, "other-app", "zz" + prefix[2:]}, result.stdout
+        assert "in part of the keyspace" not in hint, hint  # three keys: the SCAN went through them all
         assert "total (" not in result.stdout
-        right = _top_once(redis_url, prefix)
+        right = _top_once(server.url, prefix)
         assert "w1" in right.stdout and "nothing under prefix" not in right.stdout, right.stdout
-    finally:
-        redis_client.delete(real.stats)
+        client.close()
 
 
 @pytest.mark.parametrize("setup, says", [
