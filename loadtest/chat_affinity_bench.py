@@ -9,7 +9,7 @@ The workload: `--conversations` C chats of `--turns` T turns each, every chat be
 every chat of the app). A turn's request is the whole history as chat `messages`: the system prompt,
 the previous user and assistant turns, and a new user message (about 25 tokens); turn t+1 of a chat is
 sent once turn t's final reply is read, its text appended to the history. The chats run concurrently
-(one thread each). Every request asks for exactly `--max-tokens` tokens (`ignore_eos`), greedy.
+(one thread each). Every reply is greedy and ends at its end-of-turn token or `--max-tokens`.
 
 The modes, each on `--workers` W fresh `python -m worker` processes (paged engine, the same model and
 settings, `LLM_STREAM_SHARDS` = `--shards`, 4 x W by default so that ownership spreads evenly), on one
@@ -39,23 +39,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtest.worker_launch import spawn_worker, wait_started  # noqa: E402
 from producer.client import ChatClient, ChatError, Reply  # noqa: E402
+from producer.wire.codec import decode_event  # noqa: E402
+from producer.wire.models import TokenEvent  # noqa: E402
 from worker.engine.model_files import DEFAULT_MODEL  # noqa: E402
 from worker.engine.random_model import load_default_tokenizer  # noqa: E402
 from worker.local_redis.server import EmbeddedRedis  # noqa: E402
@@ -104,19 +106,7 @@ def start_worker(url: str, prefix: str, name: str, mode: str, args: argparse.Nam
     }  # fmt: skip
     if args.kv_cache_bytes:
         settings["kv_cache_bytes"] = args.kv_cache_bytes
-    env = {**os.environ, "REDIS_URL": url, "LLM_PREFIX": prefix, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    env.update({f"LLM_{k.upper()}": str(v) for k, v in settings.items()})
-    with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=out, stderr=out)
-
-
-def wait_started(procs: list[Any], logs: list[Path], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    for proc, log in zip(procs, logs, strict=True):
-        while '"worker_started"' not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"worker {log.stem} did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    return spawn_worker(url, prefix, settings, log)
 
 
 def wait_ownership(logs: list[Path], workers: int, timeout_s: float = 30) -> None:
@@ -137,12 +127,25 @@ def wait_ownership(logs: list[Path], workers: int, timeout_s: float = 30) -> Non
     raise SystemExit(f"the workers did not all see {workers} live workers within {timeout_s:g} s")
 
 
+@dataclass
+class Turn:
+    """One request of a conversation: its turn, when its final reply (or error) came, and which."""
+
+    turn: int
+    done_s: float  # time.monotonic()
+    result: Reply | ChatError
+
+
 def run_chat(
-    client: ChatClient, chat: str, system: str, mode: str, args: argparse.Namespace, out: list[Any]
+    client: ChatClient, chat: str, system: str, mode: str, args: argparse.Namespace, out: list[Turn]
 ) -> None:
     """One conversation's turns in order, each the whole history; its replies (or errors) into `out`."""
     history: list[dict[str, str]] = [{"role": "system", "content": system}]
-    params: dict[str, Any] = {"max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0.0}
+    params: dict[str, Any] = {
+        "max_tokens": args.max_tokens,
+        "ignore_eos": args.ignore_eos,
+        "temperature": 0.0,
+    }
     if mode == "on":
         params["session"] = chat
     for turn in range(args.turns):
@@ -150,18 +153,43 @@ def run_chat(
         try:
             reply = client.chat(list(history), timeout_s=args.timeout_s, **params)
         except ChatError as exc:
-            out.append(exc)
+            out.append(Turn(turn, time.monotonic(), exc))
             return
-        out.append(reply)
+        out.append(Turn(turn, time.monotonic(), reply))
         history.append({"role": "assistant", "content": reply.text})
 
 
+def kill_midway(
+    procs: list[Any], outs: list[list[Turn]], total: int, done: threading.Event
+) -> dict[str, Any]:
+    """SIGKILL the first worker once half of the `total` requests are answered; when, in `killed_at_s`."""
+    while sum(len(o) for o in outs) < total // 2:
+        if done.wait(0.05):
+            return {}
+    procs[0].kill()
+    return {"killed_at_s": time.monotonic()}
+
+
+def finals_per_request(client: ChatClient, outs: list[list[Turn]]) -> list[int]:
+    """How many final events each answered request's reply stream holds (exactly one each, or a duplicate)."""
+    ids = [t.result.id for out in outs for t in out if isinstance(t.result, Reply)]
+    pipe = client.redis.pipeline(transaction=False)
+    for request_id in ids:
+        pipe.xrange(client.reply_key(request_id))
+    return [
+        sum(1 for _, fields in entries if not isinstance(decode_event(fields), TokenEvent))
+        for entries in pipe.execute()
+    ]
+
+
 def run_mode(mode: str, server_url: str, systems: list[str], args: argparse.Namespace, logdir: Path) -> dict:
-    """Fresh workers in `mode`, every conversation to its end; the mode's row."""
+    """Fresh workers in `mode`, every conversation to its end (one worker killed midway with `--kill-one`);
+    the mode's row."""
     prefix = f"ca-{mode}-{uuid.uuid4().hex[:6]}"
     names = [f"{mode}{i}" for i in range(args.workers)]
     logs = [logdir / f"{prefix}-{n}.log" for n in names]
     procs = [start_worker(server_url, prefix, n, mode, args, log) for n, log in zip(names, logs, strict=True)]
+    kill: dict[str, Any] = {}
     try:
         wait_started(procs, logs, args.start_timeout_s)
         if mode == "on":
@@ -174,41 +202,105 @@ def run_mode(mode: str, server_url: str, systems: list[str], args: argparse.Name
                 )
                 for _ in chats
             ]
-            outs: list[list[Any]] = [[] for _ in chats]
+            outs: list[list[Turn]] = [[] for _ in chats]
             threads = [
                 threading.Thread(target=run_chat, args=(c, chat, systems[i % len(systems)], mode, args, o))
                 for i, (c, chat, o) in enumerate(zip(clients, chats, outs, strict=True))
             ]
-            start = time.perf_counter()
+            done = threading.Event()
+            killer = threading.Thread(
+                target=lambda: kill.update(kill_midway(procs, outs, len(chats) * args.turns, done))
+            )
+            start = time.monotonic()
             for t in threads:
                 t.start()
+            if args.kill_one:
+                killer.start()
             for t in threads:
                 t.join()
-            wall_s = time.perf_counter() - start
+            wall_s = time.monotonic() - start
+            done.set()
+            if args.kill_one:
+                killer.join()
+            finals = finals_per_request(clients[0], outs)
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(timeout=120)
-    return summarize(mode, outs, wall_s)
+    row = summarize(mode, outs, wall_s, finals, args) | {"owner_share": owner_share(logs)}
+    if args.kill_one:
+        row |= after_kill(outs, start, kill.get("killed_at_s"), names[0], args.window_s)
+    return row
 
 
-def summarize(mode: str, outs: list[list[Any]], wall_s: float) -> dict[str, Any]:
-    replies = [r for out in outs for r in out if isinstance(r, Reply)]
+def owner_share(logs: list[Path]) -> float:
+    """The share of requests that a worker read from a shard it owned (`request_done`'s `owned`); NaN with
+    ownership off."""
+    owned = [
+        event["owned"]
+        for log in logs
+        for text in log.read_text(errors="replace").splitlines()
+        if text.startswith("{") and '"request_done"' in text
+        for event in [json.loads(text)]
+        if event.get("owned") is not None
+    ]
+    return sum(owned) / len(owned) if owned else float("nan")
+
+
+def hit_ratio(turns: list[Turn]) -> float:
+    """Cached over prompt tokens of the follow-up turns (a first turn has no history to find)."""
+    replies = [t.result for t in turns if t.turn > 0 and isinstance(t.result, Reply)]
+    prompt = sum(r.usage.prompt_tokens for r in replies)
+    return sum(r.usage.cached_tokens for r in replies) / prompt if prompt else float("nan")
+
+
+def after_kill(
+    outs: list[list[Turn]], start: float, killed_at: float | None, victim: str, window_s: float
+) -> dict[str, Any]:
+    """The hit ratio of follow-up turns before the kill, and per `window_s` window after it; `recovered_s`:
+    from the kill to the end of the first window back at 90% of the ratio before it (None: never)."""
+    if killed_at is None:
+        return {"killed": None}
+    turns = [t for out in outs for t in out]
+    before = hit_ratio([t for t in turns if t.done_s < killed_at])
+    windows, recovered_s = [], None
+    end = max(t.done_s for t in turns)
+    w = 0
+    while killed_at + w * window_s < end:
+        lo, hi = killed_at + w * window_s, killed_at + (w + 1) * window_s
+        ratio = hit_ratio([t for t in turns if lo <= t.done_s < hi])
+        windows.append(None if ratio != ratio else round(ratio, 3))
+        if recovered_s is None and ratio == ratio and ratio >= 0.9 * before:
+            recovered_s = (w + 1) * window_s
+        w += 1
+    return {
+        "killed": victim, "killed_after_s": killed_at - start, "hit_ratio_before": before,
+        "hit_ratio_windows": windows, "window_s": window_s, "recovered_s": recovered_s,
+    }  # fmt: skip
+
+
+def summarize(
+    mode: str, outs: list[list[Turn]], wall_s: float, finals: list[int], args: argparse.Namespace
+) -> dict[str, Any]:
+    replies = [t.result for out in outs for t in out if isinstance(t.result, Reply)]
     prompt = sum(r.usage.prompt_tokens for r in replies)
     cached = sum(r.usage.cached_tokens for r in replies)
     ttft = [r.timings.ttft_ms for r in replies if r.timings.ttft_ms is not None]
     output = sum(r.usage.completion_tokens for r in replies)
     follow = [
-        served_by(a.attempt) == served_by(b.attempt)
+        served_by(a.result.attempt) == served_by(b.result.attempt)
         for out in outs
         for a, b in zip(out, out[1:], strict=False)
-        if isinstance(a, Reply) and isinstance(b, Reply)
+        if isinstance(a.result, Reply) and isinstance(b.result, Reply)
     ]
     return {
         "mode": mode, "requests": sum(len(o) for o in outs), "answered": len(replies),
-        "errors": sum(isinstance(r, ChatError) for o in outs for r in o),
+        "errors": sum(isinstance(t.result, ChatError) for o in outs for t in o),
+        "lost": args.conversations * args.turns - len(replies),
+        "duplicates": sum(1 for n in finals if n != 1),
         "prompt_tokens": prompt, "cached_tokens": cached, "computed_tokens": prompt - cached,
+        "hit_ratio": hit_ratio([t for o in outs for t in o]),
         "ttft_p50_ms": percentile(ttft, 50), "ttft_p95_ms": percentile(ttft, 95),
         "output_tokens": output, "wall_s": wall_s, "output_tok_s": output / wall_s,
         "same_worker_share": sum(follow) / len(follow) if follow else float("nan"),
@@ -216,16 +308,32 @@ def summarize(mode: str, outs: list[list[Any]], wall_s: float) -> dict[str, Any]
 
 
 HEADER = (
-    f"{'mode':<5} {'round':>5} {'prompt tok':>10} {'cached':>8} {'computed':>9} {'TTFT p50':>9} {'p95':>8} "
-    f"{'out tok/s':>9} {'requests':>8} {'errors':>6} {'same worker':>11}"
+    f"{'mode':<5} {'round':>5} {'prompt tok':>10} {'cached':>8} {'computed':>9} {'hit':>5} {'TTFT p50':>9} "
+    f"{'p95':>8} {'out tok/s':>9} {'requests':>8} {'errors':>6} {'lost':>4} {'dup':>3} {'same worker':>11} "
+    f"{'by owner':>8}"
 )
 
 
 def line(r: dict[str, Any]) -> str:
     return (
         f"{r['mode']:<5} {r['round']:>5} {r['prompt_tokens']:>10,} {r['cached_tokens']:>8,} "
-        f"{r['computed_tokens']:>9,} {r['ttft_p50_ms']:>9.0f} {r['ttft_p95_ms']:>8.0f} "
-        f"{r['output_tok_s']:>9.1f} {r['requests']:>8} {r['errors']:>6} {r['same_worker_share']:>11.0%}"
+        f"{r['computed_tokens']:>9,} {r['hit_ratio']:>5.0%} {r['ttft_p50_ms']:>9.0f} "
+        f"{r['ttft_p95_ms']:>8.0f} {r['output_tok_s']:>9.1f} {r['requests']:>8} {r['errors']:>6} "
+        f"{r['lost']:>4} {r['duplicates']:>3} {r['same_worker_share']:>11.0%} {r['owner_share']:>8.0%}"
+    )
+
+
+def kill_line(r: dict[str, Any]) -> str:
+    if r.get("killed") is None:
+        return (
+            f"{r['mode']} round {r['round']}: the run ended before half of it was answered; no worker killed"
+        )
+    windows = " ".join("-" if w is None else f"{w:.0%}" for w in r["hit_ratio_windows"])
+    back = f"{r['recovered_s']:g} s" if r["recovered_s"] is not None else "not within the run"
+    return (
+        f"{r['mode']} round {r['round']}: killed {r['killed']} at {r['killed_after_s']:.0f} s; follow-up "
+        f"hit ratio before {r['hit_ratio_before']:.0%}, per {r['window_s']:g} s after: {windows}; "
+        f"back to 90% of it: {back}"
     )
 
 
@@ -236,6 +344,8 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
         return statistics.median(r[key] for r in rows if r["mode"] == mode)
 
     keys = ("computed_tokens", "ttft_p50_ms", "output_tok_s")
+    if {r["mode"] for r in rows} != set(MODES):
+        return {k: float("nan") for k in keys}
     return {k: median("on", k) / median("off", k) if median("off", k) else float("nan") for k in keys}
 
 
@@ -247,17 +357,30 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=None, help="LLM_STREAM_SHARDS (default: 4 x --workers)")
     p.add_argument("--apps", type=int, default=8, help="applications, each with a system prompt of its own")
     p.add_argument("--system-tokens", type=int, default=300)
-    p.add_argument("--max-tokens", type=int, default=8, help="tokens of every reply")
+    p.add_argument("--max-tokens", type=int, default=64, help="the most tokens of a reply")
+    p.add_argument(
+        "--ignore-eos", action="store_true",
+        help="every reply exactly --max-tokens tokens; its text past an end-of-turn token then differs "
+        "from the tokens that the next turn's prompt holds, so less of it is found in the cache",
+    )  # fmt: skip
     p.add_argument("--model", default="default", help="the worker's LLM_MODEL (default: SmolLM2-135M)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--kv-cache-bytes", type=int, default=None)
     p.add_argument("--steal-after-ms", type=int, default=500, help="LLM_STEAL_AFTER_MS of the 'on' workers")
+    p.add_argument(
+        "--kill-one", action="store_true", help="SIGKILL one worker once half the requests are answered"
+    )
+    p.add_argument("--window-s", type=float, default=10.0, help="hit-ratio windows after the kill")
     p.add_argument("--repeat", type=int, default=1, help="rounds of both modes, their order alternated")
     p.add_argument("--start-timeout-s", type=float, default=600)
     p.add_argument("--timeout-s", type=float, default=900)
+    p.add_argument("--modes", default="on,off", help="the modes to run, in this order in odd rounds")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args()
+    args.modes = args.modes.split(",")
+    if not args.modes or set(args.modes) - set(MODES):
+        raise SystemExit(f"--modes: a comma-separated list of {', '.join(MODES)}")
     args.shards = args.shards or 4 * args.workers
     if args.steal_after_ms <= 0:
         raise SystemExit("--steal-after-ms must be positive: 0 turns affinity off")
@@ -266,7 +389,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis() as server:
         for n in range(args.repeat):
-            for mode in MODES if n % 2 == 0 else MODES[::-1]:
+            for mode in args.modes if n % 2 == 0 else args.modes[::-1]:
                 row = run_mode(mode, server.url, systems, args, Path(tmp)) | {"round": n + 1}
                 rows.append(row)
                 print(line(row), flush=True)
@@ -279,6 +402,10 @@ def main() -> None:
     print(HEADER)
     for r in rows:
         print(line(r))
+    if args.kill_one:
+        print()
+        for r in rows:
+            print(kill_line(r))
     print(
         f"\non / off (medians over {args.repeat} round(s)): prompt tokens computed "
         f"{on_off['computed_tokens']:.2f}, TTFT p50 {on_off['ttft_p50_ms']:.2f}, "

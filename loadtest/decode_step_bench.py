@@ -52,7 +52,7 @@ import kernel_profile  # noqa: E402
 from scheduler import BatchPolicy  # noqa: E402
 from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
-from worker.engine.kv_cache import KVCacheSpec  # noqa: E402
+from worker.engine.kv_cache import KVCacheSpec, resolve_kv_dtype  # noqa: E402
 from worker.engine.model_files import LoadedModel  # noqa: E402
 from worker.engine.paged_engine import PagedEngine  # noqa: E402
 from worker.engine.quant import weight_bytes as quant_weight_bytes  # noqa: E402
@@ -94,11 +94,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def kv_spec(loaded: LoadedModel, args: argparse.Namespace) -> KVCacheSpec:
+    """The cache format the engine uses (`--kv-dtype`): INT8 KV counts its own bytes in the roofline."""
+    activation = next(loaded.model.parameters()).dtype
+    return KVCacheSpec.from_model_config(loaded.model.config, resolve_kv_dtype(args.kv_dtype, activation))
+
+
 def time_engine(loaded: LoadedModel, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     """Median decode step ms at `batch` sequences, their mean context (tokens) over the timed steps, the
     engine's host ms per step by part, and (with `--profile-steps`) the GPU's busy ms per step."""
     device = torch.device(args.device)
-    spec = KVCacheSpec.from_model_config(loaded.model.config, next(loaded.model.parameters()).dtype)
+    spec = kv_spec(loaded, args)
     chunk = args.max_prefill_chunk_tokens
     # A step computes at least one prefill chunk, so prefill ends within batch * ceil(context / chunk) steps.
     max_tokens = args.new_tokens + batch * -(-args.context // chunk)
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = bench.load(args)
     dtype = next(loaded.model.parameters()).dtype
     weights = weight_bytes(loaded.model)
-    kv_per_token = KVCacheSpec.from_model_config(loaded.model.config, dtype).bytes_per_block(1)
+    kv_per_token = kv_spec(loaded, args).bytes_per_block(1)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"model={loaded.source} device={gpu} dtype={dtype} linears={weights_label(loaded.model)} "

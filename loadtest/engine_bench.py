@@ -79,6 +79,7 @@ REPLY_SCHEMA: dict[str, Any] = {
 FIRST_ORDINARY_ID = 100  # below are SmolLM2's special and byte tokens; random prompts avoid them
 BASELINES = ("generate", "generate_batch", "static_compile")
 STATIC_WARMUP_TOKENS = 16  # enough decode steps to compile and record the CUDA graphs of one batch shape
+GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -437,8 +438,21 @@ def run_baselines(
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
-    return load_model(model_name(args),
-                      device=args.device, dtype=args.dtype, weights=args.weights)  # fmt: skip
+    """The model, and on CUDA a line with the load's peak device memory beside the weights it left."""
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(args.device)
+        before = torch.cuda.memory_allocated(args.device)
+    loaded = load_model(model_name(args), device=args.device, dtype=args.dtype, weights=args.weights)
+    if cuda:
+        held = torch.cuda.memory_allocated(args.device) - before
+        peak = torch.cuda.max_memory_allocated(args.device) - before
+        print(
+            f"model load: weights held {held / GIB:.2f} GiB, peak GPU alloc {peak / GIB:.2f} GiB "
+            f"(peak - weights = {(peak - held) / GIB:.2f} GiB)",
+            flush=True,
+        )
+    return loaded
 
 
 def format_table(rows: list[dict[str, Any]], device: torch.device) -> str:

@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: `producer` and `worker` from this checkout
+
+from loadtest.worker_launch import spawn_worker, wait_started  # noqa: E402
+
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 
 
@@ -97,22 +98,9 @@ def workload_help() -> str:
 
 
 def start_worker(redis_url: str, prefix: str, log_path: Path, timeout_s: float) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, REDIS_URL=redis_url, LLM_PREFIX=prefix, LLM_ENGINE="echo", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for line in log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{") and json.loads(line).get("event") == "worker_started":
-                return proc
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    stop(proc)
-    raise RuntimeError(f"the echo worker did not start:\n{log_path.read_text(errors='replace')[-2000:]}")
+    proc = spawn_worker(redis_url, prefix, {"engine": "echo"}, log_path)
+    wait_started([proc], [log_path], timeout_s)
+    return proc
 
 
 def stop(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:

@@ -91,6 +91,7 @@ from redis.typing import KeyT, StreamIdT  # noqa: E402
 
 from loadtest.engine_bench import build_workload, percentile  # noqa: E402
 from loadtest.metrics_scraper import Scraper  # noqa: E402
+from loadtest.worker_launch import spawn_worker, wait_started  # noqa: E402
 from producer.client import ChatClient, ChatError, Reply, final_reply  # noqa: E402
 from producer.wire.models import TokenEvent, new_request_id  # noqa: E402
 from producer.wire.redis_types import read_entries  # noqa: E402
@@ -130,24 +131,11 @@ def start_worker(
         settings["kv_cache_bytes"] = args.kv_cache_bytes
     if args.async_scheduling != "auto":
         settings["async_scheduling"] = args.async_scheduling == "on"
-    env = {**os.environ, "REDIS_URL": url, "LLM_PREFIX": prefix, "PYTHONUNBUFFERED": "1"}
-    env.update({f"LLM_{k.upper()}": str(v) for k, v in settings.items()})
-    cmd = [sys.executable, "-m", "worker"]
-    if args.profile_worker:
-        cmd[1:1] = ["-m", "cProfile", "-o", str(args.profile_worker)]
-    if args.worker_cpus:
-        cmd = ["taskset", "-c", args.worker_cpus, *cmd]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
-    deadline = time.monotonic() + args.start_timeout_s
-    while time.monotonic() < deadline:
-        if '"worker_started"' in log_path.read_text(errors="replace"):
-            return proc
-        if proc.poll() is not None:
-            raise SystemExit(f"worker exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"worker did not start:\n{log_path.read_text()[-3000:]}")
+    profile = ["-m", "cProfile", "-o", str(args.profile_worker)] if args.profile_worker else []
+    wrap = ["taskset", "-c", args.worker_cpus] if args.worker_cpus else []
+    proc = spawn_worker(url, prefix, settings, log_path, wrap=wrap, python_args=profile)
+    wait_started([proc], [log_path], args.start_timeout_s)
+    return proc
 
 
 def command_stats(client: redis.Redis) -> dict[str, dict[str, float]]:

@@ -228,6 +228,10 @@ def test_owners_serve_their_shards_others_steal_and_a_dead_owners_shards_move(
         assert all(r.timings.queue_ms >= 450 for r in answered)
         assert waited < AFFINITY["heartbeat_ttl_s"], waited  # type: ignore[operator]
         assert len(survivor.events("shards_owned")) == moves  # stolen, not moved
+        done = {e["id"]: e for w in workers.values() for e in w.events("request_done")}
+        assert [(done[i]["shard"], done[i]["owned"]) for i in ids] == [(0, False)] * 3  # the log says so
+        by_owner = [e["owned"] for i, e in done.items() if i not in ids]  # the 36 turns above
+        assert len(by_owner) == 36 and all(by_owner)
 
         # kill -9 of an owner with requests in flight on every shard: its shards move to the survivor
         # once its heartbeat expires; every request is answered exactly once.

@@ -184,6 +184,28 @@ def test_each_worker_reads_its_own_shards_and_steals_what_waits(
     assert read_lanes(r, a, [], 64, 30) == []  # nothing to read: waits as a blocking read would
 
 
+def test_long_steps_raise_the_wait_before_a_steal(redis_client: redis.Redis, prefix: str) -> None:
+    """An owner reads its streams between two steps: with 1.5 s steps (a loaded CPU worker) an entry 0.6 s
+    old is one its owner will still read, so it is due a steal only after twice the longest step."""
+    r = redis_client
+    a, b = pair(prefix)
+    join(r, a)
+    join(r, b)
+    mine = ShardOwnership(r, a, namespaces(a))
+    mine.refresh(force=True)
+    assert mine.steal_threshold_ms() == a.steal_after_ms == 200  # no step yet: the setting
+    mine.note_steps([0.2, 1.5, 0.4])
+    assert mine.steal_threshold_ms() == 3000
+    others = [s for s in mine.streams if s not in mine.owned]
+    add(r, others[0], "young", age_ms=600)
+    add(r, others[-1], "old", age_ms=3100)
+    assert mine.streams_to_read(room=True) == mine.owned | {others[-1]}
+    mine.note_steps([0.01] * 32)  # the long steps left the window: back to the setting
+    mine._next_check_s = 0.0
+    assert mine.steal_threshold_ms() == 200
+    assert mine.streams_to_read(room=True) == mine.owned | {others[0], others[-1]}
+
+
 def test_a_worker_missing_from_the_live_set_reads_every_stream_once(
     redis_client: redis.Redis, prefix: str
 ) -> None:

@@ -76,8 +76,8 @@ class WorkerSettings(BaseSettings):
         ge=0,
         description="With LLM_STREAM_SHARDS > 1, each worker owns a share of the shard streams (rendezvous "
         "hashing over the live workers) and reads those first; another stream only while it has room and "
-        "that stream's oldest unread entry has waited this long (docs/scaling.md). 0 = every worker reads "
-        "every stream alike.",
+        "that stream's oldest unread entry has waited this long, or twice the worker's longest recent "
+        "engine step if that is longer (docs/scaling.md). 0 = every worker reads every stream alike.",
     )
     consumer_name: str = Field(
         default_factory=_default_consumer_name,

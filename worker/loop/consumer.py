@@ -296,6 +296,10 @@ class Consumer:
         lanes = lanes_to_read(self.lanes, self.ownership, room > 0 and self.engine.capacity().waiting == 0)
         block_ms = self.ownership.block_ms(self.settings.read_block_ms if block else None)
         accepted = read_lanes(self.client, self.settings, lanes, room, block_ms)
+        if self.ownership.active:
+            owned = {lane.key for lane in self.lanes if lane.stream in self.ownership.owned}
+            for f in accepted:
+                f.owned = f.lane in owned
         self._hand_over(accepted)
         wake = self.engine.wake_at_s()
         if not accepted and wake is not None:
@@ -323,6 +327,7 @@ class Consumer:
         stats = self.engine.last_step_stats()
         self.counters.steps += stats.steps
         self.phases.add_steps(stats.step_s)
+        self.ownership.note_steps(stats.step_s)
         if self.engine.times_own_steps:  # the steps the engine ran since its last report, timed by it
             for sample in stats.samples:
                 self.counters.preempted += sample.preempted
@@ -337,6 +342,8 @@ class Consumer:
     def _observe_loop_timed_step(self) -> None:
         stats, self._step_stats = self._step_stats, None
         seconds = self.phases.last_step_s
+        if stats is not None and seconds is not None:
+            self.ownership.note_steps((seconds,))
         if stats is None or seconds is None or self.metrics is None:
             return
         self.metrics.observe_step(

@@ -52,6 +52,7 @@ class InFlight:
     batch_id: int = 0
     tenant: str | None = None  # the tenant whose stream it was read from (None: the un-namespaced one)
     shard: int | None = None  # the shard whose stream it was read from (None: not sharded)
+    owned: bool | None = None  # whether this worker owned that stream when it read it (None: ownership off)
     # The digest of the entry (`producer.wire.request_digest`): what the request id's claim names, what
     # its reply events carry (`rd`), and what its final reply is checked against (`FinalWrite.digest`).
     digest: str = ""

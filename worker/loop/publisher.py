@@ -361,6 +361,8 @@ class Publisher:
             "request_done",
             id=f.request.id,
             tenant=f.tenant or f.request.tenant,
+            shard=f.shard,
+            owned=f.owned,
             queue_ms=t.queue_ms,
             ttft_ms=t.ttft_ms,
             tpot_ms=t.tpot_ms,

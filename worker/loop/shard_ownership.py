@@ -18,11 +18,16 @@ adds it back.
 
 Reading (`streams_to_read`): the owned streams on every read. Another stream only while the worker
 has room (nothing waits in its engine) and that stream's oldest entry no worker has read has waited
-`LLM_STEAL_AFTER_MS`: then the worker reads it too until the next check. The age comes from one
+`LLM_STEAL_AFTER_MS`, or twice the longest of this worker's last `STEP_WINDOW` engine steps when
+that is longer: then the worker reads it too until the next check. An owner reads its streams
+between two steps, so an entry younger than a step or two is one its owner will still read: a
+busy owner's steps (a CPU engine's take a second or more) would otherwise let every other worker
+take its entries, and the conversations' caches with them. Workers of one deployment step alike, so
+a worker's own steps stand for the owner's. The age comes from one
 read-only script per other stream (`OLDEST_UNREAD_SCRIPT`: XINFO GROUPS for the group's
 last-delivered id and lag, one XRANGE COUNT 1 after that id, the server's TIME), in one pipeline,
 at most every `steal_after_ms / 4`; an idle worker's blocking read ends by the next check. So an
-owner that is busy, stalled or dead delays its entries by about `LLM_STEAL_AFTER_MS` at most, while
+owner that is busy, stalled or dead delays its entries by about that threshold at most, while
 another worker idles. A worker that owns no stream (more workers than streams) reads every stream,
 as without ownership: it has nothing to prefer, and making it wait for steals would only delay
 entries; so ownership pays off with at least as many shard streams as workers.
@@ -40,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 
 import redis
@@ -56,6 +62,10 @@ log = structlog.get_logger("worker")
 REFRESH_S = 1.0
 # The least time between two measurements of the other streams' oldest unread entries.
 MIN_CHECK_S = 0.005
+# Steals wait at least STEP_FACTOR x the longest of the last STEP_WINDOW engine steps (an owner comes back
+# to its streams after the step it is in, and the loop's own work around it).
+STEP_FACTOR = 2.0
+STEP_WINDOW = 32
 
 # KEYS: request stream. ARGV: group. The age in ms (server clock) of the oldest entry the group has not
 # delivered to any consumer; -1 when there is none (or no such stream or group). Read-only.
@@ -129,6 +139,16 @@ class ShardOwnership:
         self._next_check_s = 0.0  # monotonic time of the next steal check (0: at once)
         self._rejoin = False
         self._age = register_script(client, OLDEST_UNREAD_SCRIPT)
+        self._steps_s: deque[float] = deque(maxlen=STEP_WINDOW)
+
+    def note_steps(self, seconds: Iterable[float]) -> None:
+        """Engine steps' wall times, which set how long an entry waits before it is due a steal."""
+        self._steps_s.extend(seconds)
+
+    def steal_threshold_ms(self) -> float:
+        """How long another stream's oldest unread entry must have waited to be taken from its owner:
+        `LLM_STEAL_AFTER_MS`, or `STEP_FACTOR` x the longest recent step when that is longer."""
+        return max(float(self.steal_after_ms), STEP_FACTOR * 1000 * max(self._steps_s, default=0.0))
 
     def refresh(self, force: bool = False) -> bool:
         """Read the live workers (at most every `refresh_s`) and recompute the owned streams; returns whether
@@ -178,4 +198,5 @@ class ShardOwnership:
         for stream in others:
             self._age(keys=[stream], args=[self.group], client=pipe)
         ages = pipe.execute()
-        return frozenset(s for s, age in zip(others, ages, strict=True) if int(age) >= self.steal_after_ms)
+        threshold = self.steal_threshold_ms()
+        return frozenset(s for s, age in zip(others, ages, strict=True) if int(age) >= threshold)
