@@ -29,16 +29,20 @@ replies (`usage.cached_tokens`), prompt tokens computed (prompt - cached), TTFT 
 tokens over the mode's wall time, first send to last reply), requests, errors, and the share of turns
 after the first served by the worker that served the chat's turn before. The last lines give on / off.
 
-    python loadtest/chat_affinity_bench.py --device cuda --dtype float16 --workers 4 \
-        --conversations 256 --turns 4 --max-tokens 64 --json-out chat_affinity.json
+    python loadtest/chat_affinity_bench.py --workers 4 --conversations 48 --turns 5 --max-tokens 64 \
+        --kv-cache-bytes 1073741824 --json-out cpu_chat_affinity.json           # SmolLM2 on a CPU, ~10 min
+    python loadtest/chat_affinity_bench.py --model llama-1b-random --device cuda --dtype float16 \
+        --workers 4 --conversations 100 --turns 5 --kv-cache-bytes 4294967296   # 4 workers on one GPU
 
-On a CPU (SmolLM2-135M), a toy run: `--conversations 4 --turns 2 --workers 2 --apps 2 --max-tokens 4`.
+A toy run: `--conversations 4 --turns 2 --workers 2 --apps 2 --max-tokens 4`. `--kill-one` SIGKILLs
+worker 0 once half of the requests are answered and reports the hit ratio per `--window-s` after it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
@@ -319,8 +323,25 @@ def line(r: dict[str, Any]) -> str:
         f"{r['mode']:<5} {r['round']:>5} {r['prompt_tokens']:>10,} {r['cached_tokens']:>8,} "
         f"{r['computed_tokens']:>9,} {r['hit_ratio']:>5.0%} {r['ttft_p50_ms']:>9.0f} "
         f"{r['ttft_p95_ms']:>8.0f} {r['output_tok_s']:>9.1f} {r['requests']:>8} {r['errors']:>6} "
-        f"{r['lost']:>4} {r['duplicates']:>3} {r['same_worker_share']:>11.0%} {r['owner_share']:>8.0%}"
+        f"{r['lost']:>4} {r['duplicates']:>3} {share(r['same_worker_share']):>11} "
+        f"{share(r['owner_share']):>8}"
     )
+
+
+def no_nan(value: Any) -> Any:
+    """`value` with every NaN (a ratio of nothing) as None, so the JSON file is strict JSON (null)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [no_nan(v) for v in value]
+    return value
+
+
+def share(x: float) -> str:
+    """A ratio as a percentage; n/a where nothing was counted (no owner while affinity is off)."""
+    return "n/a" if math.isnan(x) else f"{x:.0%}"
 
 
 def kill_line(r: dict[str, Any]) -> str:
@@ -406,14 +427,16 @@ def main() -> None:
         print()
         for r in rows:
             print(kill_line(r))
-    print(
-        f"\non / off (medians over {args.repeat} round(s)): prompt tokens computed "
-        f"{on_off['computed_tokens']:.2f}, TTFT p50 {on_off['ttft_p50_ms']:.2f}, "
-        f"output tok/s {on_off['output_tok_s']:.2f}"
-    )
+    if {"on", "off"} <= set(args.modes):
+        print(
+            f"\non / off (medians over {args.repeat} round(s)): prompt tokens computed "
+            f"{on_off['computed_tokens']:.2f}, TTFT p50 {on_off['ttft_p50_ms']:.2f}, "
+            f"output tok/s {on_off['output_tok_s']:.2f}"
+        )
     if args.json_out:
         config = {k: str(v) for k, v in vars(args).items()}
-        args.json_out.write_text(json.dumps({"config": config, "results": rows, "on_off": on_off}, indent=2))
+        data = {"config": config, "results": rows, "on_off": on_off}
+        args.json_out.write_text(json.dumps(no_nan(data), indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ import kernel_profile  # noqa: E402
 from scheduler import BatchPolicy  # noqa: E402
 from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
+from worker.engine.cuda_allocator import allocator_defaults  # noqa: E402
 from worker.engine.kv_cache import KVCacheSpec, resolve_kv_dtype  # noqa: E402
 from worker.engine.model_files import LoadedModel  # noqa: E402
 from worker.engine.paged_engine import PagedEngine  # noqa: E402
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    allocator_defaults(args.weights)  # before CUDA starts (hbm_tb_s reads the device)
     bandwidth = hbm_tb_s(device, args.hbm_tb_s)
     loaded = bench.load(args)
     dtype = next(loaded.model.parameters()).dtype

@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scheduler import BatchPolicy  # noqa: E402
 from worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
+from worker.engine.cuda_allocator import allocator_defaults  # noqa: E402
 from worker.engine.kv_cache import KV_DTYPE_CHOICES, KVCacheSpec  # noqa: E402
 from worker.engine.model_files import DEFAULT_MODEL, LoadedModel  # noqa: E402
 from worker.engine.model_loader import load_model  # noqa: E402
@@ -440,6 +441,7 @@ def run_baselines(
 def load(args: argparse.Namespace) -> LoadedModel:
     """The model, and on CUDA a line with the load's peak device memory beside the weights it left."""
     cuda = torch.device(args.device).type == "cuda"
+    allocator_defaults(args.weights)  # before CUDA starts: a streamed INT8 load fragments the cache
     if cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
         before = torch.cuda.memory_allocated(args.device)

@@ -703,7 +703,14 @@ def main() -> None:
         help="open loop: N more rows (3 if not given) bisecting between the passing and failing rates",
     )  # fmt: skip
     p.add_argument("--plot", type=Path, help="open loop: PNG of TTFT and TPOT p50/p99 vs request rate")
+    p.add_argument(
+        "--replot", type=Path, metavar="JSON",
+        help="draw --plot from an open-loop run's --json-out (a GPU host without matplotlib) and exit",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.replot:
+        replot(args)
+        return
     if args.requests > 1000 and not args.skip_engine:
         raise SystemExit("the engine row runs W1's 1,000 requests: past 1,000, add --skip-engine")
     if args.engine == "echo" and not args.skip_engine:
@@ -763,6 +770,18 @@ def run_open_loop(args: argparse.Namespace) -> None:
     if args.json_out:
         config = {k: str(v) for k, v in vars(args).items()}
         args.json_out.write_text(json.dumps({"config": config, "results": rows, "goodput": found}, indent=2))
+
+
+def replot(args: argparse.Namespace) -> None:
+    """`--plot` from a saved open-loop run: its rows without the engine's, under its own settings."""
+    if not args.plot:
+        raise SystemExit("--replot needs --plot PNG")
+    data = json.loads(args.replot.read_text())
+    saved = data["config"]
+    for key in ("model", "dtype", "device", "engine"):
+        setattr(args, key, saved[key])
+    args.ttft_slo_ms, args.tpot_slo_ms = float(saved["ttft_slo_ms"]), float(saved["tpot_slo_ms"])
+    plot_open_loop([r for r in data["results"] if r["system"] != "engine"], args.plot, args)
 
 
 def where(args: argparse.Namespace) -> str:

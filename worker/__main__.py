@@ -28,6 +28,7 @@ import structlog
 from producer.config_errors import CONFIG_ERROR_EXIT, config_error_fields, invalid_setting
 from producer.logs import configure_logging
 from producer.wire.redis_factory import connect
+from worker.engine.cuda_allocator import allocator_defaults
 from worker.engine_process.client import EngineProcessDied
 from worker.engine_process.launch import open_engine
 from worker.local_redis.server import local_server
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = WorkerSettings(**overrides)
         check_device(settings)
+        allocator_defaults(settings.weights)
     except pydantic.ValidationError as exc:
         configure_logging("info")
         options = {k: OPTIONS[k] for k in overrides}

@@ -203,7 +203,7 @@ class WorkerSettings(BaseSettings):
         default=_ENGINE.async_scheduling,
         description="Paged engine: plan and launch step N+1 before step N's tokens are read back (the device "
         "feeds them to it; stops are found one step late and the extra token dropped), so the host's step "
-        "work overlaps the device's; unset = off (opt-in until measured on GPUs).",
+        "work overlaps the device's; unset = on with CUDA, off on the CPU.",
     )
     async_output: bool | None = Field(
         default=_ENGINE.async_output,

@@ -44,7 +44,7 @@ class EngineConfig:
     fused_layers: bool = True  # one-launch norms, QKV + RoPE-and-store, gate/up + SiLU (triton backend)
     # New prompts join a decoding batch at latest every N steps; None: 8 with CUDA graphs, else 0 (each step).
     prefill_interval_steps: int | None = None
-    # Plan and launch step N+1 before step N is read back (its tokens fed on the device); None: off.
+    # Plan and launch step N+1 before step N is read back (its tokens fed on the device); None: on with CUDA.
     async_scheduling: bool | None = None
     # Stream step N's tokens after step N+1 is launched; None: on with CUDA where async scheduling is off.
     async_output: bool | None = None

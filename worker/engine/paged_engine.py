@@ -158,10 +158,12 @@ class PagedEngine(Engine):
         self._seqs: dict[str, Sequence] = {}
         # Tokens sampled by the last step, streamed by the next one (async output processing; on by
         # default where a device computes while the host works): (sequence, token, finish reason).
-        # Async scheduling (opt-in until measured on a GPU): step N+1 is planned and launched before step
-        # N is read back; its decode rows take their input tokens from step N's sampled ids on the device,
-        # and stops are found when N is read (one step late).
-        self.async_scheduling = bool(c.async_scheduling)
+        # Async scheduling (on by default with CUDA; docs/benchmarks.md, "Async scheduling"): step N+1 is
+        # planned and launched before step N is read back; its decode rows take their input tokens from
+        # step N's sampled ids on the device, and stops are found when N is read (one step late).
+        self.async_scheduling = (
+            self.device.type == "cuda" if c.async_scheduling is None else c.async_scheduling
+        )
         # With it, step N's tokens are streamed as soon as they are read, while N+1 computes; without,
         # async output does that by streaming them after N+1's launch.
         default_async_output = self.device.type == "cuda" and not self.async_scheduling
