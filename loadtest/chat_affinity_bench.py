@@ -232,24 +232,43 @@ def run_mode(mode: str, server_url: str, systems: list[str], args: argparse.Name
             p.terminate()
         for p in procs:
             p.wait(timeout=120)
-    row = summarize(mode, outs, wall_s, finals, args) | {"owner_share": owner_share(logs)}
+    row = summarize(mode, outs, wall_s, finals, args)
+    row |= {"owner_share": owner_share(logs), "per_worker": per_worker(logs)}
     if args.kill_one:
         row |= after_kill(outs, start, kill.get("killed_at_s"), names[0], args.window_s)
     return row
 
 
+def requests_done(log: Path) -> list[dict[str, Any]]:
+    """The `request_done` events of one worker's log (JSON lines)."""
+    return [
+        json.loads(text)
+        for text in log.read_text(errors="replace").splitlines()
+        if text.startswith("{") and '"request_done"' in text
+    ]
+
+
 def owner_share(logs: list[Path]) -> float:
     """The share of requests that a worker read from a shard it owned (`request_done`'s `owned`); NaN with
     ownership off."""
-    owned = [
-        event["owned"]
-        for log in logs
-        for text in log.read_text(errors="replace").splitlines()
-        if text.startswith("{") and '"request_done"' in text
-        for event in [json.loads(text)]
-        if event.get("owned") is not None
-    ]
+    owned = [event["owned"] for log in logs for event in requests_done(log) if event.get("owned") is not None]
     return sum(owned) / len(owned) if owned else float("nan")
+
+
+def per_worker(logs: list[Path]) -> list[dict[str, Any]]:
+    """Each worker's share of the load, from its own `request_done` lines: requests served, prompt tokens
+    computed (prompt - cached), queue time and TTFT p50 (the worker's, from the XADD). An even spread is
+    what pull-based reading gives; affinity trades some of it for cache hits."""
+    rows = []
+    for log in logs:
+        done = requests_done(log)
+        rows.append({
+            "requests": len(done),
+            "computed_tokens": sum(e.get("prompt_tokens", 0) - e.get("cached_tokens", 0) for e in done),
+            "queue_p50_ms": percentile([e["queue_ms"] for e in done if e.get("queue_ms") is not None], 50),
+            "ttft_p50_ms": percentile([e["ttft_ms"] for e in done if e.get("ttft_ms") is not None], 50),
+        })  # fmt: skip
+    return rows
 
 
 def hit_ratio(turns: list[Turn]) -> float:
@@ -423,6 +442,12 @@ def main() -> None:
     print(HEADER)
     for r in rows:
         print(line(r))
+    print("\nper worker (requests served; queue / TTFT p50 ms, the worker's own):")
+    for r in rows:
+        cells = [
+            f"{w['requests']} ({w['queue_p50_ms']:.0f} / {w['ttft_p50_ms']:.0f})" for w in r["per_worker"]
+        ]
+        print(f"  {r['mode']} round {r['round']}: " + ", ".join(cells))
     if args.kill_one:
         print()
         for r in rows:
