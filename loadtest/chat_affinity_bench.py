@@ -27,7 +27,9 @@ fast spell of the machine hits both. Per mode: prompt tokens, the cached prompt 
 replies (`usage.cached_tokens`), prompt tokens computed (prompt - cached), TTFT p50/p95 (the worker's
 `timings.ttft_ms`, from the XADD, so it includes the wait in the stream), output tok/s (completion
 tokens over the mode's wall time, first send to last reply), requests, errors, and the share of turns
-after the first served by the worker that served the chat's turn before. The last lines give on / off.
+after the first served by the worker that served the chat's turn before; "lost" counts the turns
+without a final reply (an error, or a turn never sent after its chat's error), "dup" the replies with
+more than one final. The last lines give on / off.
 
     python loadtest/chat_affinity_bench.py --workers 4 --conversations 48 --turns 5 --max-tokens 64 \
         --kv-cache-bytes 1073741824 --json-out cpu_chat_affinity.json           # SmolLM2 on a CPU, ~10 min
@@ -293,8 +295,8 @@ def after_kill(
     while killed_at + w * window_s < end:
         lo, hi = killed_at + w * window_s, killed_at + (w + 1) * window_s
         ratio = hit_ratio([t for t in turns if lo <= t.done_s < hi])
-        windows.append(None if ratio != ratio else round(ratio, 3))
-        if recovered_s is None and ratio == ratio and ratio >= 0.9 * before:
+        windows.append(None if math.isnan(ratio) else round(ratio, 3))
+        if recovered_s is None and not math.isnan(ratio) and ratio >= 0.9 * before:
             recovered_s = (w + 1) * window_s
         w += 1
     return {

@@ -296,7 +296,7 @@ class Consumer:
         lanes = lanes_to_read(self.lanes, self.ownership, room > 0 and self.engine.capacity().waiting == 0)
         block_ms = self.ownership.block_ms(self.settings.read_block_ms if block else None)
         accepted = read_lanes(self.client, self.settings, lanes, room, block_ms)
-        if self.ownership.active:
+        if self.ownership.active and accepted:
             owned = {lane.key for lane in self.lanes if lane.stream in self.ownership.owned}
             for f in accepted:
                 f.owned = f.lane in owned

@@ -26,11 +26,12 @@ take its entries, and the conversations' caches with them. Workers of one deploy
 a worker's own steps stand for the owner's. The age comes from one
 read-only script per other stream (`OLDEST_UNREAD_SCRIPT`: XINFO GROUPS for the group's
 last-delivered id and lag, one XRANGE COUNT 1 after that id, the server's TIME), in one pipeline,
-at most every `steal_after_ms / 4`; an idle worker's blocking read ends by the next check. So an
-owner that is busy, stalled or dead delays its entries by about that threshold at most, while
-another worker idles. A worker that owns no stream (more workers than streams) reads every stream,
-as without ownership: it has nothing to prefer, and making it wait for steals would only delay
-entries; so ownership pays off with at least as many shard streams as workers.
+at most every `steal_after_ms / 4`; an idle worker's blocking read ends by the next check. So a
+stalled or dead owner delays the entries it has not read by about that threshold at most; entries a
+busy owner has read wait in its engine queue, like any worker's. A worker that owns no stream (more
+workers than streams) reads every stream, as without ownership: it has nothing to prefer, and making
+it wait for steals would only delay entries; so ownership pays off with at least as many shard
+streams as workers.
 
 A preference, never a lock: reads are the same XREADGROUP of the same group, and any worker may
 read any entry. Delivery guarantees do not depend on it (docs/reliability.md): pending entries,
