@@ -160,8 +160,9 @@ def test_nothing_after_a_final_that_comes_between_submit_and_collect(smol: Loade
 
 
 def test_same_replies_with_grammars_beside_free_requests(smol: LoadedModel) -> None:
-    """A constrained row's mask needs the previous step's token: that step is read back once the next
-    forward is queued, before its masks are built; free rows keep running ahead."""
+    """A constrained row's mask needs the previous step's token: the grammar gate's job consumes it and
+    fills the next mask beside the engine's thread; the token that completes a grammar ends its reply, and
+    any token computed after it is dropped; free rows keep running ahead."""
     schema = {
         "type": "object",
         "properties": {"colour": {"enum": ["red", "green", "blue"]}, "count": {"type": "integer"}},

@@ -14,7 +14,7 @@ import torch
 from worker.engine.kernels import kernels_usable
 from worker.engine.logprobs import LogprobRows, compute_logprobs_reference
 from worker.engine.penalties import apply_penalties
-from worker.engine.structured.bitmask import apply_bitmask_reference_, bitmask_width
+from worker.engine.structured.bitmask import allowed_tokens, apply_bitmask_reference_, bitmask_width
 
 pytest.importorskip("triton")
 if not kernels_usable(torch.device("cpu")):
@@ -154,5 +154,14 @@ def test_bitmask_kernel_equals_the_reference(vocab: int, subset: bool) -> None:
     got = logits.clone()
     apply_bitmask_kernel_(got, words, rows)
     assert torch.equal(got, expected)
+    if subset:  # each row by another mask row (the engine's one mask slot per sequence)
+        assert rows is not None
+        mask_rows = torch.tensor([3, 0, 2])
+        expected = apply_bitmask_reference_(logits.clone(), words, rows, mask_rows)
+        got = logits.clone()
+        apply_bitmask_kernel_(got, words, rows, mask_rows)
+        assert torch.equal(got, expected)
+        assert torch.equal(torch.isinf(got[0]), torch.isinf(expected[0]))
+        assert bool(torch.isinf(got[2, :mask_vocab]).sum() == (~allowed_tokens(words[0:1], mask_vocab)).sum())
     if vocab > mask_vocab:
         assert torch.isinf(got[0, mask_vocab:]).all()

@@ -409,6 +409,69 @@ def test_consume_tokens_matches_one_by_one(compiler: GrammarCompiler, tokenizer:
     assert pairs_batched[0][0].is_terminated  # "1" completed the enum: the engine ends that reply
 
 
+class _Seq:
+    """What the grammar gate reads and writes of a sequence (`gate.Constrained`)."""
+
+    def __init__(self, matcher: Any, length: int) -> None:
+        self.matcher = matcher
+        self.grammar_slot: int | None = None
+        self.mask_ready = False
+        self.grammar_end: tuple[str, int] | None = None
+        self.finish_reason: str | None = None
+        self.grammar = None
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def test_gate_consumes_beside_the_caller_and_keeps_one_mask_slot_per_sequence(
+    compiler: GrammarCompiler, tokenizer: Any
+) -> None:
+    """A step's tokens are consumed and the next masks filled by the gate's job; `mask` uses them (row i
+    of the logits by the slot of `seqs[i]`), fills only the masks the job did not, and grows its buffers
+    past `max_rows`; a token that completes the grammar ends it at that token's position; a freed slot
+    is given out again, lowest first."""
+    from worker.engine.logprobs import SampledReadback
+    from worker.engine.structured.gate import GrammarGate
+
+    def token(text: str) -> int:
+        return tokenizer.encode(text, add_special_tokens=False)[0]
+
+    gate = GrammarGate(tokenizer, compiler.vocab_size, [], max_rows=2, device=torch.device("cpu"))
+    enum, regex = GrammarSpec.json_schema({"enum": [1, 2]}), GrammarSpec.regex("[a-c]{2,4}")
+    seqs = [_Seq(compiler.compile(spec).new_matcher(), 10 + i) for i, spec in enumerate([enum, regex, regex])]
+    free = _Seq(None, 5)
+    try:
+        logits = torch.zeros(4, compiler.vocab_size)
+        gate.mask(logits, [seqs[0], free, seqs[1], seqs[2]])  # three slots: past max_rows
+        assert [s.grammar_slot for s in seqs] == [0, 1, 2] and not any(s.mask_ready for s in seqs)
+        for row, seq in ((0, seqs[0]), (2, seqs[1]), (3, seqs[2])):
+            expected = allocate_bitmask(1, compiler.vocab_size)
+            seq.matcher.fill_bitmask(expected, 0)  # type: ignore[union-attr]
+            assert _allowed(expected, 0) == torch.isfinite(logits[row]).nonzero().flatten().tolist()
+        assert bool(torch.isfinite(logits[1]).all())  # the free row is untouched
+        sampled = torch.tensor([token("1"), token("a"), token("b")])  # completes / goes on / goes on
+        gate.after_sampling(SampledReadback(sampled, None), seqs)
+        gate.settle()
+        assert seqs[0].grammar_end == ("stop", 10) and not seqs[0].mask_ready
+        assert seqs[1].mask_ready and seqs[2].mask_ready and seqs[1].grammar_end is None
+        # The job filled their next masks: `mask` uses those (a stale fill would be the same here; the
+        # matchers' state after "a" allows a second character but not "}").
+        logits = torch.zeros(2, compiler.vocab_size)
+        gate.mask(logits, [seqs[1], seqs[0]])
+        assert bool(torch.isfinite(logits[1]).all())  # its grammar ended: no mask row
+        assert not bool(torch.isfinite(logits[0, token("}")]))
+        assert bool(torch.isfinite(logits[0, token("c")]))
+        gate.release(seqs[1])
+        gate.release(seqs[0])
+        newcomer = _Seq(compiler.compile(regex).new_matcher(), 3)
+        gate.mask(torch.zeros(1, compiler.vocab_size), [newcomer])
+        assert newcomer.grammar_slot == 0 and seqs[0].grammar_slot is None
+    finally:
+        gate.close()
+
+
 # --- the real model, constrained --------------------------------------------------------------------------
 
 # Small schemas, bounded where JSON Schema can bound them (string lengths, integer ranges, item counts, no

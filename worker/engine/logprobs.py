@@ -158,6 +158,13 @@ class SampledReadback:
             self.event = torch.cuda.Event()
             self.event.record(stream)
 
+    def token_ids(self) -> list[int]:
+        """Wait for the copy and read the sampled ids alone; reads only, so another thread may call it
+        (the grammar gate's job does)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host[: 2 * self.batch].view(torch.int64).tolist()
+
     def result(self) -> tuple[list[int], list[TokenLogprob | None]]:
         """Wait for the copy (not for later steps) and unpack it."""
         if self.event is not None:

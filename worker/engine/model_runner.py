@@ -13,7 +13,6 @@ on the device; reading the sampled ids back is the step's one host synchronisati
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +32,7 @@ from worker.engine.logprobs import LogprobTensors, SampledReadback
 from worker.engine.penalties import PenaltyState
 from worker.engine.sampler import SamplingExtras, SamplingTensors, sample_with_extras
 from worker.engine.sequence import FUTURE_TOKEN, Sequence
+from worker.engine.structured.bitmask import apply_bitmask_, bitmask_width
 from worker.engine.structured.gate import GrammarGate
 
 
@@ -257,7 +257,13 @@ class ModelRunner:
         )
         ids = torch.zeros(1, num_tokens, dtype=torch.long, device=self.device)
         with attention_context(metadata):
-            self.model(input_ids=ids, position_ids=ids, use_cache=False, logits_to_keep=1)
+            logits = self.model(input_ids=ids, position_ids=ids, use_cache=False, logits_to_keep=1).logits
+        # The grammar mask's kernel too (~0.3 s to build on a fresh host): a first JSON-schema reply would
+        # otherwise wait for it.
+        words = bitmask_width(logits.shape[-1])
+        everything = torch.full((1, words), -1, dtype=torch.int32, device=self.device)
+        first = torch.zeros(1, dtype=torch.long, device=self.device)
+        apply_bitmask_(logits[:, -1], everything, rows=first, mask_rows=first)
 
     def uses_graph(self, rows: list[ScheduledSequence]) -> bool:
         return (
@@ -269,18 +275,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(
-        self,
-        scheduled: list[ScheduledSequence],
-        prev_tokens: torch.Tensor | None = None,
-        before_sampling: Callable[[], None] | None = None,
+        self, scheduled: list[ScheduledSequence], prev_tokens: torch.Tensor | None = None
     ) -> LaunchedStep:
         """Queue the step's forward and sampling on the device; the host reads nothing back yet.
 
         A decode row whose input token is still a `FUTURE_TOKEN` takes it from `prev_tokens`, the
         previous step's sampled ids, on the device (row `seq.future_row`): async scheduling launches this
-        step before the host has read the previous one back. `before_sampling` runs once the forward is
-        queued and before the grammar masks are built: the engine reads the previous step back there
-        when a constrained sequence's mask needs its token (the device computes this forward meanwhile).
+        step before the host has read the previous one back. The grammar masks are applied once the
+        forward is queued (the gate's job from the previous step filled them meanwhile), and this step's
+        tokens go to the gate's next job as soon as the sampling is queued.
         """
         if not scheduled:
             return LaunchedStep(None, [], 0)
@@ -295,13 +298,7 @@ class ModelRunner:
         if not sampled_rows:
             return LaunchedStep(None, [], len(scheduled), scores)
         seqs = [rows[i].seq for i in sampled_rows]
-        if before_sampling is None:
-            penalty_rows = self.penalties.rows_for(seqs)
-        else:
-            before_sampling()  # may end some of `seqs` (no penalty row for them): their tokens are dropped
-            live = [s for s in seqs if s.finish_reason is None]
-            rows_of = dict(zip((s.seq_id for s in live), self.penalties.rows_for(live), strict=True))
-            penalty_rows = [rows_of.get(s.seq_id, -1) for s in seqs]
+        penalty_rows = self.penalties.rows_for(seqs)
         params, steps = [s.sampling for s in seqs], [s.sampling_step for s in seqs]
         tensors = SamplingTensors.from_params(params, steps, self.device)
         extras = SamplingExtras.from_params(
@@ -312,4 +309,7 @@ class ModelRunner:
         if self.grammars is not None:
             self.grammars.mask(logits, seqs)  # host work while the device runs the forward
         tokens, logprobs = sample_with_extras(logits, tensors, extras, self.penalties)
-        return LaunchedStep(tokens, [order[i] for i in sampled_rows], len(scheduled), scores, logprobs)
+        launched = LaunchedStep(tokens, [order[i] for i in sampled_rows], len(scheduled), scores, logprobs)
+        if self.grammars is not None:
+            self.grammars.after_sampling(launched.readback, seqs)  # consumes and fills beside the engine
+        return launched

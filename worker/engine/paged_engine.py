@@ -240,10 +240,9 @@ class PagedEngine(Engine):
         self._record_stats(plan)
         self._ready += outputs  # finals now: any token of theirs not read back yet is dropped
         prev = self._in_flight[-1].launched.tokens if self._in_flight else None
-        masks = bool(self._in_flight) and any(item.seq.grammar is not None for item in plan.scheduled)
         launch = time.perf_counter()
         try:
-            launched = self.runner.launch(plan.scheduled, prev, self._read_back if masks else None)
+            launched = self.runner.launch(plan.scheduled, prev)
         except Exception:
             self._unpublish(plan)
             raise
@@ -256,9 +255,7 @@ class PagedEngine(Engine):
         host["other"] += planned - start
 
     def _read_back(self) -> None:
-        """Read back every step still in flight; also called by the model runner once a new step's forward
-        is queued, where a constrained sequence's grammar mask needs its last token (the outputs go with
-        `collect`)."""
+        """Read back every step still in flight (the outputs go with `collect`)."""
         while self._in_flight:
             self._ready += self._retire(self._in_flight.popleft())
 
@@ -325,11 +322,13 @@ class PagedEngine(Engine):
             seq = item.seq
             if token is None or seq.finish_reason is not None:
                 continue  # mid-prefill, or a stop string, an abort or a deadline ended it meanwhile
-            if seq.grammar_end is not None:  # its grammar ended the reply with the previous token
-                outputs.append(self._finish(seq, seq.grammar_end))
+            position, end = step.positions[index], seq.grammar_end
+            if end is not None and position > end[1]:  # computed past the token that ended its grammar
+                outputs.append(self._finish(seq, end[0]))
                 continue
-            seq.resolve_token(step.positions[index], token)
-            reason = self._stop_reason(seq, token) or step.ending.get(index)
+            seq.resolve_token(position, token)
+            grammar_reason = end[0] if end is not None else None  # this token completed (or broke) it
+            reason = self._stop_reason(seq, token) or grammar_reason or step.ending.get(index)
             if reason is not None:
                 self._release(seq, reason)  # frees its slot and blocks before the next step is planned
             self._pending.append((seq, token, reason, logprob))
@@ -449,11 +448,8 @@ class PagedEngine(Engine):
             return "stop"
         if token in seq.sampling.stop_token_ids:
             return "stop"
-        if seq.matcher is not None:
-            # Consumed by the next step's mask, while its forward runs (`GrammarGate.mask`); a reply the
-            # token completes (or a refused token: the mask was bypassed, a bug) ends when that step is
-            # read back, its one extra token dropped (`collect`).
-            seq.grammar_token = token
+        # A token that completes the grammar is found by the grammar gate's job (`GrammarGate`), which
+        # consumes the step's tokens beside this thread and sets `seq.grammar_end`.
         if seq.detokenizer is not None and seq.detokenizer.stopped:
             return "stop"
         return None  # `max_tokens` is found when the step is launched (`_advance`)
@@ -484,6 +480,7 @@ class PagedEngine(Engine):
         """Take the sequence out of the engine (slot and blocks freed); its final output may come later."""
         self.scheduler.finish(seq)
         self.runner.penalties.release(seq.seq_id)
+        self.grammars.release(seq)
         seq.drop_future_tokens()
         seq.finish_reason = reason
         self._seqs.pop(seq.seq_id, None)

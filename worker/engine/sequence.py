@@ -69,12 +69,13 @@ class Sequence:
         # Structured output (`worker/engine/structured`): where the reply stands in its grammar, once
         # the grammar is compiled (None: unconstrained, or not compiled yet).
         self.matcher: GrammarMatcher | None = None
-        # The sampled token its matcher has not consumed yet: consumed by the next step's mask, while the
-        # device runs that step's forward, not on the step's critical path (`GrammarGate.mask`).
-        self.grammar_token: int | None = None
-        # Set by that consume when the grammar is complete ("stop") or refused the token ("error"): the
-        # engine then ends the reply and drops the one token this sequence computed meanwhile.
-        self.grammar_end: Literal["stop", "error"] | None = None
+        # Its row of the gate's mask buffers, from its first constrained sample until it ends, and whether
+        # that row holds the mask of its next token (filled by the gate's job after the last consume).
+        self.grammar_slot: int | None = None
+        self.mask_ready = False
+        # Set by the gate's job when a token completes the grammar ("stop") or is refused ("error"), with
+        # that token's position: the engine ends the reply there and drops any token computed after it.
+        self.grammar_end: tuple[Literal["stop", "error"], int] | None = None
         self.max_prefix_blocks: int | None = None  # prefix-cache hits it may take (None: any)
         # Async scheduling: tokens from `first_future` on are sampled on the device but not read back yet
         # (`FUTURE_TOKEN` in `token_ids`); the last of them is row `future_row` of the latest step's

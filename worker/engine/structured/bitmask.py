@@ -58,12 +58,16 @@ def allowed_tokens(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def apply_bitmask_(
-    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | Sequence[int] | None = None
+    logits: torch.Tensor,
+    bitmask: torch.Tensor,
+    rows: torch.Tensor | Sequence[int] | None = None,
+    mask_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Set the logits of disallowed tokens to -inf, in place, and return `logits`.
 
-    `logits` is `[batch, vocab]` (any float dtype) and `bitmask` `[batch, words]` int32 on the same device;
-    row i of the mask is row i of the logits. `rows` (a device index tensor, or a list, which costs one
+    `logits` is `[batch, vocab]` (any float dtype) and `bitmask` `[rows, words]` int32 on the same device;
+    row i of the mask is row i of the logits, unless `mask_rows` (a device index tensor, as long as `rows`)
+    names the mask row of each of `rows`. `rows` (a device index tensor, or a list, which costs one
     small host-to-device copy) limits the masking to the constrained rows; None masks every row. Tokens past
     the mask's width (a model whose logits are wider than the vocabulary the mask was built for) are
     disallowed, never silently allowed.
@@ -76,25 +80,31 @@ def apply_bitmask_(
     if rows is not None:
         index = rows if isinstance(rows, torch.Tensor) else torch.tensor(list(rows), dtype=torch.long)
         index = index.to(logits.device, non_blocking=True)
+    if mask_rows is not None and (index is None or mask_rows.shape != index.shape):
+        raise ValueError("mask_rows needs rows of the same length")
     if kernels_usable(logits.device) and logits.stride(-1) == 1 and bitmask.stride(-1) == 1:
         from worker.engine.kernels.token_bitmask import apply_bitmask_kernel_  # triton: where it runs
 
-        apply_bitmask_kernel_(logits, bitmask, index)
+        apply_bitmask_kernel_(logits, bitmask, index, mask_rows)
         return logits
-    return apply_bitmask_reference_(logits, bitmask, index)
+    return apply_bitmask_reference_(logits, bitmask, index, mask_rows)
 
 
 def apply_bitmask_reference_(
-    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None
+    logits: torch.Tensor,
+    bitmask: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    mask_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`apply_bitmask_` in torch ops (the kernel's reference); `rows` is an index tensor on the device."""
+    """`apply_bitmask_` in torch ops (the kernel's reference); `rows` and `mask_rows` are index tensors on
+    the device."""
     vocab = logits.shape[-1]
     if rows is None:
         logits.masked_fill_(~allowed_tokens(bitmask[: logits.shape[0]], vocab), float("-inf"))
         return logits
     if rows.numel() == 0:
         return logits
-    allowed = allowed_tokens(bitmask.index_select(0, rows), vocab)
+    allowed = allowed_tokens(bitmask.index_select(0, rows if mask_rows is None else mask_rows), vocab)
     masked = logits.index_select(0, rows).masked_fill_(~allowed, float("-inf"))
     logits.index_copy_(0, rows, masked)
     return logits
