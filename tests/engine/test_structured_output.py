@@ -452,7 +452,7 @@ def test_gate_consumes_beside_the_caller_and_keeps_one_mask_slot_per_sequence(
             assert _allowed(expected, 0) == torch.isfinite(logits[row]).nonzero().flatten().tolist()
         assert bool(torch.isfinite(logits[1]).all())  # the free row is untouched
         sampled = torch.tensor([token("1"), token("a"), token("b")])  # completes / goes on / goes on
-        gate.after_sampling(SampledReadback(sampled, None), seqs)
+        gate.after_sampling(SampledReadback(sampled, None), seqs, [10, 11, 12])
         gate.settle()
         assert seqs[0].grammar_end == ("stop", 10) and not seqs[0].mask_ready
         assert seqs[1].mask_ready and seqs[2].mask_ready and seqs[1].grammar_end is None

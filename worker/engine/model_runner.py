@@ -59,6 +59,17 @@ class ScheduledSequence:
 
 
 @dataclass
+class Unsampled:
+    """What a step's sampling needs, kept from its launch when the sampling is deferred (`launch`)."""
+
+    logits: torch.Tensor  # [K, vocab], row i for seqs[i]
+    seqs: list[Sequence]
+    positions: list[int]  # where each sequence's sampled token goes in its `token_ids`
+    tensors: SamplingTensors
+    extras: SamplingExtras
+
+
+@dataclass
 class LaunchedStep:
     """A step queued on the device: its sampled ids, read back (the step's one sync) by `result`."""
 
@@ -69,6 +80,7 @@ class LaunchedStep:
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     logprobs: LogprobTensors | None = None  # of the sampled rows that asked for them
     readback: SampledReadback | None = None  # the ids and logprobs on their way to the host
+    unsampled: Unsampled | None = None  # set while the sampling is deferred (`ModelRunner.sample`)
 
     def __post_init__(self) -> None:
         if self.tokens is not None and self.readback is None:
@@ -275,15 +287,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(
-        self, scheduled: list[ScheduledSequence], prev_tokens: torch.Tensor | None = None
-    ) -> LaunchedStep:
+        self, scheduled: list[ScheduledSequence], prev_tokens: torch.Tensor | None = None,
+        defer_sampling: bool = False,
+    ) -> LaunchedStep:  # fmt: skip
         """Queue the step's forward and sampling on the device; the host reads nothing back yet.
 
         A decode row whose input token is still a `FUTURE_TOKEN` takes it from `prev_tokens`, the
         previous step's sampled ids, on the device (row `seq.future_row`): async scheduling launches this
-        step before the host has read the previous one back. The grammar masks are applied once the
-        forward is queued (the gate's job from the previous step filled them meanwhile), and this step's
-        tokens go to the gate's next job as soon as the sampling is queued.
+        step before the host has read the previous one back.
+
+        With `defer_sampling`, a step with constrained rows queues only its forward: its grammar masks
+        need the previous step's tokens, which the grammar gate's job is still consuming, so the engine
+        plans and queues its next work first and calls `sample` later (before the next forward, which
+        reads this step's ids). Whatever the sampling reads of the sequences is taken now.
         """
         if not scheduled:
             return LaunchedStep(None, [], 0)
@@ -305,11 +321,28 @@ class ModelRunner:
             params, steps, self.device, vocab_size=self.vocab_size, eos_token_ids=self.eos_token_ids,
             penalty_rows=penalty_rows,
         )  # fmt: skip
-        logits = logits[: len(sampled_rows)]
-        if self.grammars is not None:
-            self.grammars.mask(logits, seqs)  # host work while the device runs the forward
-        tokens, logprobs = sample_with_extras(logits, tensors, extras, self.penalties)
-        launched = LaunchedStep(tokens, [order[i] for i in sampled_rows], len(scheduled), scores, logprobs)
-        if self.grammars is not None:
-            self.grammars.after_sampling(launched.readback, seqs)  # consumes and fills beside the engine
+        unsampled = Unsampled(logits[: len(sampled_rows)], seqs, [len(s) for s in seqs], tensors, extras)
+        launched = LaunchedStep(None, [order[i] for i in sampled_rows], len(scheduled), scores)
+        if defer_sampling and any(s.matcher is not None for s in seqs):
+            launched.unsampled = unsampled
+        else:
+            self._sample(launched, unsampled)
         return launched
+
+    @torch.inference_mode()
+    def sample(self, launched: LaunchedStep) -> None:
+        """Queue a deferred sampling (`launch(defer_sampling=True)`); nothing if it was not deferred."""
+        unsampled, launched.unsampled = launched.unsampled, None
+        if unsampled is not None:
+            self._sample(launched, unsampled)
+
+    def _sample(self, launched: LaunchedStep, unsampled: Unsampled) -> None:
+        if self.grammars is not None:
+            self.grammars.mask(unsampled.logits, unsampled.seqs)  # waits for the gate's previous job
+        tokens, logprobs = sample_with_extras(
+            unsampled.logits, unsampled.tensors, unsampled.extras, self.penalties
+        )
+        launched.tokens, launched.logprobs = tokens, logprobs
+        launched.readback = SampledReadback(tokens, logprobs)
+        if self.grammars is not None:  # consumes and fills beside the engine's thread
+            self.grammars.after_sampling(launched.readback, unsampled.seqs, unsampled.positions)

@@ -222,6 +222,7 @@ class PagedEngine(Engine):
         """
         now = time.monotonic()
         start = time.perf_counter()
+        self._sample_deferred()
         outputs = [
             self._finish(seq, "deadline_exceeded")
             for seq in list(self.scheduler.running)
@@ -242,7 +243,10 @@ class PagedEngine(Engine):
         prev = self._in_flight[-1].launched.tokens if self._in_flight else None
         launch = time.perf_counter()
         try:
-            launched = self.runner.launch(plan.scheduled, prev)
+            # With async scheduling a step with constrained rows queues only its forward: it is sampled
+            # at the start of the next call (`_sample_deferred`), once this thread has streamed and
+            # planned meanwhile, while the grammar gate's thread fills the masks the sampling needs.
+            launched = self.runner.launch(plan.scheduled, prev, defer_sampling=self.async_scheduling)
         except Exception:
             self._unpublish(plan)
             raise
@@ -253,6 +257,20 @@ class PagedEngine(Engine):
         host["schedule"] += launch - planned
         host["launch"] += time.perf_counter() - launch
         host["other"] += planned - start
+
+    def _sample_deferred(self) -> None:
+        """Queue the sampling the last step deferred (`ModelRunner.launch`), before anything reads its
+        tokens: the next forward, a read back."""
+        if not self._in_flight or self._in_flight[-1].launched.unsampled is None:
+            return
+        step = self._in_flight[-1]
+        begin = time.perf_counter()
+        try:
+            self.runner.sample(step.launched)
+        except Exception:
+            self._unpublish(step.plan)
+            raise
+        self.host_seconds["launch"] += time.perf_counter() - begin
 
     def _read_back(self) -> None:
         """Read back every step still in flight (the outputs go with `collect`)."""
@@ -304,6 +322,8 @@ class PagedEngine(Engine):
     def _retire(self, step: InFlightStep) -> list[SequenceOutput]:
         """Read one step back (the only wait for the device) and give each sampled token to its sequence."""
         plan, launched = step.plan, step.launched
+        if launched.unsampled is not None:
+            raise RuntimeError("a step is read back before its deferred sampling was queued")
         start = time.perf_counter()
         try:
             outputs = self._emit_pending()  # host work while the device runs this step

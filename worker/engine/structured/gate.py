@@ -10,10 +10,12 @@ Each step's grammar work runs beside the engine's own thread, not on it. Once a 
 have each constrained sequence's matcher consume its token, and fill the sequence's next mask into its own
 slot of a pinned host buffer (one row per constrained sequence, kept until it ends). Meanwhile the engine's
 thread streams the previous tokens, plans the next step and queues its forward pass; both matcher calls
-run on llguidance's thread pool without the GIL. `mask(logits, seqs)`, called once the next forward is
-queued, waits for that job, fills the few masks it did not (a sequence's first token, after its prefill),
-copies the slots to the device and sets the disallowed logits to -inf (row i of the logits takes the mask
-in slot `seqs[i].grammar_slot`), before any sampling extra.
+run on llguidance's thread pool without the GIL. `mask(logits, seqs)` waits for that job, fills the few
+masks it did not (a sequence's first token, after its prefill), copies the slots to the device and sets
+the disallowed logits to -inf (row i of the logits takes the mask in slot `seqs[i].grammar_slot`), before
+any sampling extra. With async scheduling the engine calls it late: a step with constrained rows queues
+its forward, and its sampling waits until the engine's next call has streamed the previous tokens
+(`ModelRunner.launch(defer_sampling=True)`), so the job overlaps that work instead of delaying it.
 
 Why a job per step and slots per sequence: the masks of step N + 1 need step N's tokens, so on one thread
 the consume and the fill (~30% of a JSON-schema step at batch 256 on a 16-core H100 host, py-spy) add to
@@ -52,8 +54,8 @@ GrammarEnd = tuple[Literal["stop", "error"], int]  # why the grammar ended the r
 
 class Constrained(Protocol):
     """What the gate needs of a sequence: its grammar, a place for its matcher, its mask slot and whether
-    the slot holds the mask of its next token, where the gate says the grammar ended the reply, and enough
-    to know the position of its next token and whether it has ended."""
+    the slot holds the mask of its next token, where the gate says the grammar ended the reply, and
+    whether it has ended."""
 
     matcher: GrammarMatcher | None
     grammar_slot: int | None
@@ -63,8 +65,6 @@ class Constrained(Protocol):
 
     @property
     def grammar(self) -> GrammarSpec | None: ...
-
-    def __len__(self) -> int: ...
 
 
 class GrammarGate:
@@ -138,8 +138,8 @@ class GrammarGate:
         slots: list[int] = []
         stale: list[tuple[GrammarMatcher, int]] = []
         for i, seq in enumerate(seqs):
-            if seq.matcher is None or seq.grammar_end is not None:
-                continue  # unconstrained, or its grammar is complete: the token sampled here is dropped
+            if seq.matcher is None or seq.grammar_end is not None or seq.finish_reason is not None:
+                continue  # unconstrained, its grammar complete, or ended: the token sampled here is dropped
             if seq.grammar_slot is None:
                 seq.grammar_slot = self._take_slot()
             if not seq.mask_ready:
@@ -160,13 +160,14 @@ class GrammarGate:
             index = index.pin_memory().to(self.device, non_blocking=True)
         apply_bitmask_(logits, self._device_mask, rows=index[0], mask_rows=index[1])
 
-    def after_sampling(self, readback: SampledReadback | None, seqs: Sequence[Constrained]) -> None:
-        """Start the job that consumes the tokens a step sampled (`seqs[i]` sampled id i of `readback`)
-        and fills the constrained sequences' next masks; `mask` or `settle` waits for it."""
-        if readback is None:
-            return
+    def after_sampling(
+        self, readback: SampledReadback, seqs: Sequence[Constrained], positions: Sequence[int]
+    ) -> None:
+        """Start the job that consumes the tokens a step sampled (`seqs[i]` sampled id i of `readback`,
+        which takes position `positions[i]` of its sequence) and fills the constrained sequences' next
+        masks; `mask` or `settle` waits for it."""
         work = [
-            (i, seq, seq.matcher, seq.grammar_slot, len(seq))  # len: the position its token will take
+            (i, seq, seq.matcher, seq.grammar_slot, positions[i])
             for i, seq in enumerate(seqs)
             if seq.matcher is not None and seq.grammar_slot is not None
             and seq.grammar_end is None and seq.finish_reason is None
