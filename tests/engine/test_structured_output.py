@@ -11,6 +11,7 @@ be sampled.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -433,7 +434,7 @@ def test_gate_consumes_beside_the_caller_and_keeps_one_mask_slot_per_sequence(
     past `max_rows`; a token that completes the grammar ends it at that token's position; a freed slot
     is given out again, lowest first."""
     from worker.engine.logprobs import SampledReadback
-    from worker.engine.structured.gate import GrammarGate
+    from worker.engine.structured.gate import GIL_SWITCH_S, GrammarGate
 
     def token(text: str) -> int:
         return tokenizer.encode(text, add_special_tokens=False)[0]
@@ -442,6 +443,7 @@ def test_gate_consumes_beside_the_caller_and_keeps_one_mask_slot_per_sequence(
     enum, regex = GrammarSpec.json_schema({"enum": [1, 2]}), GrammarSpec.regex("[a-c]{2,4}")
     seqs = [_Seq(compiler.compile(spec).new_matcher(), 10 + i) for i, spec in enumerate([enum, regex, regex])]
     free = _Seq(None, 5)
+    interval = sys.getswitchinterval()
     try:
         logits = torch.zeros(4, compiler.vocab_size)
         gate.mask(logits, [seqs[0], free, seqs[1], seqs[2]])  # three slots: past max_rows
@@ -453,6 +455,7 @@ def test_gate_consumes_beside_the_caller_and_keeps_one_mask_slot_per_sequence(
         assert bool(torch.isfinite(logits[1]).all())  # the free row is untouched
         sampled = torch.tensor([token("1"), token("a"), token("b")])  # completes / goes on / goes on
         gate.after_sampling(SampledReadback(sampled, None), seqs, [10, 11, 12])
+        assert sys.getswitchinterval() == min(interval, GIL_SWITCH_S)  # the job gets the GIL back promptly
         gate.settle()
         assert seqs[0].grammar_end == ("stop", 10) and not seqs[0].mask_ready
         assert seqs[1].mask_ready and seqs[2].mask_ready and seqs[1].grammar_end is None
@@ -470,6 +473,7 @@ def test_gate_consumes_beside_the_caller_and_keeps_one_mask_slot_per_sequence(
         assert newcomer.grammar_slot == 0 and seqs[0].grammar_slot is None
     finally:
         gate.close()
+        sys.setswitchinterval(interval)
 
 
 # --- the real model, constrained --------------------------------------------------------------------------
