@@ -182,10 +182,11 @@ class GrammarGate:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
             # The job takes the GIL back three times a step (after the event wait and after each llguidance
             # call), each time from an engine thread that runs Python; CPython hands it over only after the
-            # switch interval (5 ms by default), longer than the job itself. Measured on a 2-core host (a job
-            # of 128 consumes and fills beside 6 ms of Python work, median of 30): done 1.0 ms after that
-            # work at 5 ms, 0.06 ms after it at 0.5 ms. A process-wide setting, made only once this engine
-            # serves a constrained request; it costs nothing while one thread alone wants the GIL.
+            # switch interval (5 ms by default), longer than the job itself. `loadtest/grammar_job_bench.py`
+            # on a 2-core host (128 rows beside 6 ms of Python work, 30 rounds): the job was done 1.64 ms
+            # (p50; max 8.3) after that work at 5 ms, 0.47 ms (p50) at 0.5 ms. A process-wide setting, made
+            # only once this engine serves a constrained request; it costs nothing while one thread alone
+            # wants the GIL.
             sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))
         self._job = self._thread.submit(self._consume_and_fill, readback, work)
 
