@@ -161,7 +161,6 @@ def test_bitmask_kernel_equals_the_reference(vocab: int, subset: bool) -> None:
         got = logits.clone()
         apply_bitmask_kernel_(got, words, rows, mask_rows)
         assert torch.equal(got, expected)
-        assert torch.equal(torch.isinf(got[0]), torch.isinf(expected[0]))
         assert bool(torch.isinf(got[2, :mask_vocab]).sum() == (~allowed_tokens(words[0:1], mask_vocab)).sum())
     if vocab > mask_vocab:
         assert torch.isinf(got[0, mask_vocab:]).all()

@@ -413,17 +413,13 @@ def test_consume_tokens_matches_one_by_one(compiler: GrammarCompiler, tokenizer:
 class _Seq:
     """What the grammar gate reads and writes of a sequence (`gate.Constrained`)."""
 
-    def __init__(self, matcher: Any, length: int) -> None:
+    def __init__(self, matcher: Any) -> None:
         self.matcher = matcher
         self.grammar_slot: int | None = None
         self.mask_ready = False
         self.grammar_end: tuple[str, int] | None = None
         self.finish_reason: str | None = None
         self.grammar = None
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
 
 
 def test_gate_consumes_beside_the_caller_and_keeps_one_mask_slot_per_sequence(
@@ -441,8 +437,8 @@ def test_gate_consumes_beside_the_caller_and_keeps_one_mask_slot_per_sequence(
 
     gate = GrammarGate(tokenizer, compiler.vocab_size, [], max_rows=2, device=torch.device("cpu"))
     enum, regex = GrammarSpec.json_schema({"enum": [1, 2]}), GrammarSpec.regex("[a-c]{2,4}")
-    seqs = [_Seq(compiler.compile(spec).new_matcher(), 10 + i) for i, spec in enumerate([enum, regex, regex])]
-    free = _Seq(None, 5)
+    seqs = [_Seq(compiler.compile(spec).new_matcher()) for spec in (enum, regex, regex)]
+    free = _Seq(None)
     interval = sys.getswitchinterval()
     try:
         logits = torch.zeros(4, compiler.vocab_size)
@@ -468,7 +464,7 @@ def test_gate_consumes_beside_the_caller_and_keeps_one_mask_slot_per_sequence(
         assert bool(torch.isfinite(logits[0, token("c")]))
         gate.release(seqs[1])
         gate.release(seqs[0])
-        newcomer = _Seq(compiler.compile(regex).new_matcher(), 3)
+        newcomer = _Seq(compiler.compile(regex).new_matcher())
         gate.mask(torch.zeros(1, compiler.vocab_size), [newcomer])
         assert newcomer.grammar_slot == 0 and seqs[0].grammar_slot is None
     finally:
