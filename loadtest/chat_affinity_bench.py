@@ -273,6 +273,29 @@ def per_worker(logs: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def computed_by_placement(outs: list[list[Turn]]) -> dict[str, int]:
+    """Where the prompt tokens computed (prompt - cached) went: first turns (`first`), follow-up turns served
+    by the worker of the chat's turn before (`same`) and by another (`moved`), with how many turns of each
+    (`*_turns`). A follow-up on the same worker computes about what any routing must (the new message,
+    the part of a block after the cached ones), so `same` per turn estimates a perfect router's cost."""
+    split = dict.fromkeys(("first", "same", "moved", "first_turns", "same_turns", "moved_turns"), 0)
+    for out in outs:
+        before: Reply | None = None
+        for t in out:
+            if not isinstance(t.result, Reply):
+                before = None
+                continue
+            reply = t.result
+            if t.turn == 0 or before is None:
+                kind = "first" if t.turn == 0 else "moved"  # after a failed turn: no worker to compare
+            else:
+                kind = "same" if served_by(reply.attempt) == served_by(before.attempt) else "moved"
+            split[kind] += reply.usage.prompt_tokens - reply.usage.cached_tokens
+            split[f"{kind}_turns"] += 1
+            before = reply
+    return split
+
+
 def hit_ratio(turns: list[Turn]) -> float:
     """Cached over prompt tokens of the follow-up turns (a first turn has no history to find)."""
     replies = [t.result for t in turns if t.turn > 0 and isinstance(t.result, Reply)]
@@ -329,6 +352,7 @@ def summarize(
         "ttft_p50_ms": percentile(ttft, 50), "ttft_p95_ms": percentile(ttft, 95),
         "output_tokens": output, "wall_s": wall_s, "output_tok_s": output / wall_s,
         "same_worker_share": sum(follow) / len(follow) if follow else float("nan"),
+        "computed_by_placement": computed_by_placement(outs),
     }  # fmt: skip
 
 
@@ -377,6 +401,14 @@ def kill_line(r: dict[str, Any]) -> str:
         f"hit ratio before {r['hit_ratio_before']:.0%}, per {r['window_s']:g} s after: {windows}; "
         f"back to 90% of it: {back}"
     )
+
+
+def perfect_routing(c: dict[str, int]) -> float:
+    """An estimate of what a router that kept every follow-up on its chat's worker would compute: the first
+    turns as measured, and every follow-up at the measured same-worker cost per turn (NaN without one)."""
+    if not c["same_turns"]:
+        return float("nan")
+    return c["first"] + c["same"] / c["same_turns"] * (c["same_turns"] + c["moved_turns"])
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -450,6 +482,15 @@ def main() -> None:
             f"{w['requests']} ({w['queue_p50_ms']:.0f} / {w['ttft_p50_ms']:.0f})" for w in r["per_worker"]
         ]
         print(f"  {r['mode']} round {r['round']}: " + ", ".join(cells))
+    print("\nprompt tokens computed by where the turn ran (tokens / turns):")
+    for r in rows:
+        c = r["computed_by_placement"]
+        cells = [f"{k} {c[k]:,} / {c[k + '_turns']}" for k in ("first", "same", "moved")]
+        stayed = perfect_routing(c)
+        print(
+            f"  {r['mode']} round {r['round']}: " + ", ".join(cells)
+            + f"; {stayed:,.0f} if every follow-up had stayed (at the same-worker cost per turn)"
+        )  # fmt: skip
     if args.kill_one:
         print()
         for r in rows:

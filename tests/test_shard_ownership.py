@@ -1,7 +1,8 @@
 """Shard ownership (worker/loop/shard_ownership.py): rendezvous hashing, the live set, the steal check.
 
-The hashing is pure and checked for its property: a worker leaving moves only its own streams, one
-joining takes about 1/N and only for itself. The rest runs against real Redis in process: who is alive
+The hashing is pure and checked for its properties: no worker owns more than its share rounded up,
+each stream goes to its top worker unless that one is full, and a worker leaving or joining moves its
+own share and few others. The rest runs against real Redis in process: who is alive
 (consumers with an `alive` heartbeat), the age of a stream's oldest unread entry, and which lanes one
 read takes (owned, due a steal, replaying).
 """
@@ -9,8 +10,12 @@ read takes (owned, due a steal, replaying).
 from __future__ import annotations
 
 import contextlib
+import math
 import re
+import subprocess
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -29,7 +34,6 @@ from worker.loop.shard_ownership import (
     OLDEST_UNREAD_SCRIPT,
     ShardOwnership,
     owned_by,
-    owner,
     owners,
     weight,
 )
@@ -48,27 +52,53 @@ def test_weights_are_a_stable_hash_of_both_names() -> None:
     # Pinned: every worker, in every process and release, must compute the same weights.
     assert weight("w0", "llm:s:{0}:requests") == 0x2BA0659D1F167C6C
     assert weight("w0", "llm:s:{1}:requests") != weight("w1", "llm:s:{0}:requests")
-    assert owner("s", []) is None
     with pytest.raises(ValueError):
         owners(STREAMS, [])
 
 
-def test_a_leaving_worker_moves_only_its_own_streams() -> None:
+def test_no_worker_owns_more_than_its_share_rounded_up() -> None:
+    for count in (1, 2, 3, 4, 6, 7, 64, 100):
+        workers = [f"w{i}" for i in range(count)]
+        found = owners(STREAMS, workers)
+        assert set(found) == set(STREAMS)  # every stream has exactly one owner, a live worker
+        assert set(found.values()) <= set(workers)
+        assert max(Counter(found.values()).values()) == math.ceil(len(STREAMS) / count), count
+    assert owners(STREAMS[:3], ["a"]) == dict.fromkeys(STREAMS[:3], "a")
+
+
+def test_owners_are_rendezvous_but_for_what_a_full_worker_turns_away() -> None:
+    """Each stream goes to its highest-weight worker unless that worker is full; then down its ranking,
+    and only as far as the first worker not yet full."""
+    found = owners(STREAMS, WORKERS)
+    cap = math.ceil(len(STREAMS) / len(WORKERS))
+    share = Counter(found.values())
+    turned_away = 0
+    for stream in STREAMS:
+        ranking = sorted(WORKERS, key=lambda w: weight(w, stream), reverse=True)
+        above = ranking[: ranking.index(found[stream])]
+        assert all(share[w] == cap for w in above), stream
+        turned_away += bool(above)
+    assert 0 < turned_away < len(STREAMS) // 2  # plain rendezvous for most streams
+
+
+def test_a_leaving_worker_hands_over_its_own_streams_and_few_others() -> None:
     before = owners(STREAMS, WORKERS)
-    assert set(before.values()) == set(WORKERS)  # 64 streams over 6 workers: everyone owns some
     for gone in WORKERS:
         after = owners(STREAMS, [w for w in WORKERS if w != gone])
         moved = {s for s in STREAMS if after[s] != before[s]}
-        assert moved == {s for s in STREAMS if before[s] == gone}, gone
+        own = {s for s in STREAMS if before[s] == gone}
+        assert own <= moved, gone
+        assert len(moved - own) <= 4, (gone, len(moved - own))  # measured here: 1 to 3 of 64
 
 
-def test_a_joining_worker_takes_about_its_share_and_only_for_itself() -> None:
+def test_a_joining_worker_takes_about_its_share_and_few_others_move() -> None:
     before = owners(STREAMS, WORKERS)
     for new in ("worker-6", "pod-abc-123", "w"):
         after = owners(STREAMS, [*WORKERS, new])
         moved = [s for s in STREAMS if after[s] != before[s]]
-        assert all(after[s] == new for s in moved), new
-        assert 2 <= len(moved) <= 25, (new, len(moved))  # about 64 / 7 = 9
+        taken = sum(after[s] == new for s in STREAMS)
+        assert 4 <= taken <= math.ceil(64 / 7), (new, taken)  # about 64 / 7 = 9
+        assert len(moved) <= 2 * taken, (new, len(moved), taken)  # measured here: 7 to 13 moved
 
 
 def test_each_worker_owns_what_every_other_computes() -> None:
@@ -249,9 +279,30 @@ def test_with_tenants_every_tenants_shard_is_owned(redis_client: redis.Redis, pr
 def test_a_worker_that_owns_nothing_reads_every_stream(redis_client: redis.Redis, prefix: str) -> None:
     a = settings(prefix, "a", stream_shards=2)
     streams = [n.requests for n in namespaces(a)]
-    b = next(f"b{i}" for i in range(1000) if not owned_by("a", streams, ["a", f"b{i}"]))
+    # Three workers for two streams: one owns none (each owns at most one).
+    others = next(
+        (f"b{i}", f"c{i}") for i in range(1000) if not owned_by("a", streams, ["a", f"b{i}", f"c{i}"])
+    )
     join(redis_client, a)
-    join(redis_client, settings(prefix, b, stream_shards=2))
+    for name in others:
+        join(redis_client, settings(prefix, name, stream_shards=2))
     idle = ShardOwnership(redis_client, a, namespaces(a))
     assert idle.refresh(force=True) and not idle.owned
     assert idle.streams_to_read(room=True) == set(streams)  # as without ownership: no wait for steals
+
+
+def test_the_balance_script_prints_both_ways_of_choosing_owners() -> None:
+    """`loadtest/shard_balance.py` (the figures docs/scaling.md quotes) runs and keeps its bounded row
+    within the bound, against the plain row of the same fleets."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "loadtest" / "shard_balance.py"), "--fleets", "20"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")
+        for line in out.splitlines()
+        if line.startswith("| ")
+    }
+    assert {"plain", "bounded"} <= set(rows)
+    assert rows["bounded"][1] == "4" and rows["bounded"][2] == "4"  # 16 streams over 4 workers, p50 and p90
+    assert float(rows["plain"][3]) >= float(rows["bounded"][3]) >= 1.0
