@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
+import urllib.error
+import urllib.request
 
 import msgpack
 import pytest
@@ -13,12 +16,16 @@ import redis
 from producer.client import ChatClient, ChatError, build_request
 from producer.wire.codec import encode_request
 from producer.wire.models import ErrorCode
+from worker.local_redis.server import free_port
 
 pytestmark = pytest.mark.timeout(300)
 
 # Short liveness timings so that recovery happens within seconds in tests.
 FAST = dict(
-    heartbeat_interval_s=0.3, heartbeat_ttl_s=1.0, reclaim_interval_s=0.3, reclaim_min_idle_ms=1000,
+    heartbeat_interval_s=0.3,
+    heartbeat_ttl_s=1.0,
+    reclaim_interval_s=0.3,
+    reclaim_min_idle_ms=1000,
     read_block_ms=200,
 )
 
@@ -168,6 +175,58 @@ def test_live_long_generation_is_not_stolen(
     assert thief.events("entries_reclaimed"), "the reclaimer never ran XAUTOCLAIM; the test proved nothing"
     for i, rid in enumerate(ghost_ids):
         assert chat_client.result(rid, timeout_s=60).text == f"ghost {i}"
+
+
+def test_a_step_longer_than_the_ttl_keeps_its_entries(
+    start_worker, redis_client: redis.Redis, chat_client: ChatClient, prefix: str
+) -> None:
+    """An inline engine step that outlasts the heartbeat's TTL (4 s echo steps, a 1 s TTL): the worker beats
+    while it runs (`worker/loop/step_cover.py`), so no reclaimer takes it for dead, and `/health` stays up."""
+    stream = f"{prefix}:requests"
+    port = free_port()
+    # The owner never reclaims itself, so the ghost's entry below is the other worker's to reclaim.
+    owner = start_worker(
+        "echo", echo_token_delay_ms=4000, metrics_port=port, **{**FAST, "reclaim_interval_s": 3600}
+    )
+    slow_id = chat_client.submit([{"role": "user", "content": "three slow steps"}], max_tokens=3)
+    while not consumers(redis_client, prefix).get(owner.name):
+        time.sleep(0.02)
+    # From now until the reply is done (three 4 s steps): the owner's /health and heartbeat key every 0.2 s.
+    seen: list[tuple[int, bytes | None]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+                    status = resp.status
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            seen.append((status, redis_client.get(f"{prefix}:hb:{owner.name}")))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        # A dead consumer ("ghost") holding an entry keeps the other worker's reclaim (XAUTOCLAIM) running.
+        ghost_id = chat_client.submit([{"role": "user", "content": "ghost"}], max_tokens=2)
+        redis_client.xreadgroup("workers", "ghost", {stream: ">"}, count=10)
+        thief = start_worker("echo", **FAST)
+        assert chat_client.result(ghost_id, timeout_s=60).text == "ghost"
+        ghost_s = time.monotonic()
+        events = list(chat_client.events(slow_id, timeout_s=60))
+        slow_s = time.monotonic()
+    finally:
+        done.set()
+        watcher.join()
+    assert events[-1].type == "done" and events[-1].text == "three slow steps"
+    assert {e.attempt for e in events} == {attempt_of(owner)}, (
+        "another worker generated the busy worker's request"
+    )
+    assert not owner.events("entry_lost")
+    assert thief.events("entries_reclaimed")
+    # The reclaimer ran while the owner was still stepping, else the test proved nothing.
+    assert slow_s - ghost_s > 1.0, "the ghost's entry was reclaimed only after the slow reply was done"
+    assert len(seen) >= 20 and set(seen) == {(200, b"alive")}, seen
 
 
 def test_startup_reclaim_counts_one_delivery(

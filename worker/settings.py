@@ -280,7 +280,14 @@ class WorkerSettings(BaseSettings):
     heartbeat_ttl_s: float = Field(
         default=15.0,
         gt=0,
-        description="TTL of the heartbeat key; keep it >= 3x the interval and above the longest engine step.",
+        description="TTL of the heartbeat key; keep it >= 3x the interval.",
+    )
+    max_step_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="An inline engine step (on the CPU, or LLM_ENGINE_PROCESS=inline) keeps the heartbeat "
+        "and /health fresh while it runs, for this long at most: a longer one is taken for stalled, the key "
+        "lapses and other workers reclaim the entries, as when a worker dies.",
     )
     reclaim_interval_s: float = Field(
         default=5.0,

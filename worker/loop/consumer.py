@@ -27,7 +27,8 @@ requests for `drain_timeout_s`; a second signal exits at once (`__main__.py`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import cast
 
 import redis
@@ -45,6 +46,7 @@ from worker.loop.keyed_errors import KeyedResponseError
 from worker.loop.lanes import Lane, build_lanes, lanes_to_read, namespaces, read_lanes
 from worker.loop.publisher import Publisher, token_text
 from worker.loop.shard_ownership import ShardOwnership
+from worker.loop.step_cover import StepCover
 from worker.loop.stream_coalescing import stream_coalescer
 from worker.observability.build_info import build_info
 from worker.observability.counters import LoopCounters, Microbatch
@@ -83,6 +85,18 @@ class Consumer:
             read_count=s.cancel_read_count, max_entry_bytes=s.cancel_max_entry_bytes,
         )  # fmt: skip
         self.lanes = build_lanes(client, s, engine, self.table, self.counters, self.cancels, self.attempt)
+        # An inline engine computes its steps on this thread: beat for the loop while one runs.
+        self.step_cover = (
+            None
+            if engine.times_own_steps
+            else StepCover(
+                [lane.heartbeat for lane in self.lanes],
+                lambda i: self._entries(self.lanes[i]),
+                s.heartbeat_interval_s,
+                s.max_step_s,
+                self.health.beat,
+            )
+        )
         self.ownership = ShardOwnership(client, s, spaces)
         self.backoff = Backoff(s.reconnect_backoff_initial_ms, s.reconnect_backoff_max_ms)
         self.replies = ReplyWriters({lane.key: lane.replies for lane in self.lanes})
@@ -320,7 +334,8 @@ class Consumer:
         if wake is not None and now < wake:
             return False  # the time window holds every waiting request
         try:
-            self.engine.submit_step()
+            with self._covered():
+                self.engine.submit_step()
         except Exception:
             self._fail_step()
             return False
@@ -355,9 +370,24 @@ class Consumer:
 
     def _collect(self) -> None:
         try:
-            self._ready += self.engine.collect()
+            with self._covered():
+                self._ready += self.engine.collect()
         except Exception:
             self._fail_step()
+
+    @contextmanager
+    def _covered(self) -> Iterator[None]:
+        """An engine call that may compute a step on this thread: beats go on meanwhile (`StepCover`), and
+        entries its beats found claimed by another worker are dropped afterwards."""
+        if self.step_cover is None:
+            yield
+            return
+        try:
+            with self.step_cover.covering():
+                yield
+        finally:
+            for index, entry_id in self.step_cover.take_lost():
+                self._drop_lost(self.lanes[index], entry_id)
 
     def _fail_step(self) -> None:
         """The engine failed a step: end every started request with `internal`; waiting ones stay."""
@@ -454,6 +484,8 @@ class Consumer:
             self._guarded(lambda: self.run_once(read=False))
             if self.writer is not None and not (len(self.table) or self._ready):
                 self.writer.wait_written(max(0.0, min(0.1, deadline - time.monotonic())))
+        if self.step_cover is not None:
+            self.step_cover.close()  # no step runs any more: no beat after the key is removed below
         leftovers = self.table.take_all()
         for f in leftovers:
             for choice in range(f.request.n):

@@ -10,9 +10,10 @@ back as lost, and the worker stops generating it.
 Who is alive (`live_workers`): the group's consumers of a request stream whose key says `alive`, what
 shard ownership is computed over (`shard_ownership.py`); a draining worker already counts as gone.
 
-The loop beats between engine steps. One step longer than the TTL would let the key
-lapse, so the TTL is a multiple of the interval (3x by default) and must stay above the
-longest engine step; a reclaim still needs the entries idle for `reclaim_min_idle_ms`.
+The loop beats between engine steps, and while an inline engine's step holds its thread,
+`step_cover.StepCover` beats for it (up to `LLM_MAX_STEP_S` into the step). The TTL is a
+multiple of the interval (3x by default); a reclaim still needs the entries idle for
+`reclaim_min_idle_ms`.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class Heartbeat:
         self.state = ALIVE
         self._last_s = float("-inf")
         self._script = register_script(client, _BEAT_SCRIPT)
+
+    def due(self) -> bool:
+        """Whether the interval has passed since the last beat (`beat` without `force` beats only then)."""
+        return time.monotonic() - self._last_s >= self.interval_s
 
     def beat(self, serving: Iterable[bytes], force: bool = False) -> list[bytes]:
         """Refresh the key and touch the entries being served; returns entries now owned by someone else."""
