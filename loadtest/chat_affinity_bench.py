@@ -31,8 +31,8 @@ after the first served by the worker that served the chat's turn before; "lost" 
 without a final reply (an error, or a turn never sent after its chat's error), "dup" the replies with
 more than one final. The last lines give on / off.
 
-    python loadtest/chat_affinity_bench.py --workers 4 --conversations 48 --turns 5 --max-tokens 64 \
-        --kv-cache-bytes 1073741824 --json-out cpu_chat_affinity.json           # SmolLM2 on a CPU, ~10 min
+    python loadtest/chat_affinity_bench.py --workers 4 --conversations 100 --turns 5 --max-tokens 64 \
+        --kv-cache-bytes 1073741824 --json-out cpu_chat_affinity_100.json       # SmolLM2 on a CPU, ~20 min
     python loadtest/chat_affinity_bench.py --model llama-1b-random --device cuda --dtype float16 \
         --workers 4 --conversations 100 --turns 5 --kv-cache-bytes 4294967296   # 4 workers on one GPU
 
@@ -273,12 +273,18 @@ def per_worker(logs: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def computed_by_placement(outs: list[list[Turn]]) -> dict[str, int]:
+def computed_by_placement(outs: list[list[Turn]]) -> dict[str, Any]:
     """Where the prompt tokens computed (prompt - cached) went: first turns (`first`), follow-up turns served
     by the worker of the chat's turn before (`same`) and by another (`moved`), with how many turns of each
     (`*_turns`). A follow-up on the same worker computes about what any routing must (the new message,
-    the part of a block after the cached ones), so `same` per turn estimates a perfect router's cost."""
-    split = dict.fromkeys(("first", "same", "moved", "first_turns", "same_turns", "moved_turns"), 0)
+    the part of a block after the cached ones), so `same` per turn estimates a perfect router's cost.
+    `moved_by_turn[k]`: how many moved turns were turn k (0-based), which tells the start-up's second
+    turns (their first turn taken by another worker while every worker ran its first step) from later
+    moves."""
+    split: dict[str, Any] = dict.fromkeys(
+        ("first", "same", "moved", "first_turns", "same_turns", "moved_turns"), 0
+    )
+    split["moved_by_turn"] = [0] * max((len(out) for out in outs), default=0)
     for out in outs:
         before: Reply | None = None
         for t in out:
@@ -292,6 +298,8 @@ def computed_by_placement(outs: list[list[Turn]]) -> dict[str, int]:
                 kind = "same" if served_by(reply.attempt) == served_by(before.attempt) else "moved"
             split[kind] += reply.usage.prompt_tokens - reply.usage.cached_tokens
             split[f"{kind}_turns"] += 1
+            if kind == "moved":
+                split["moved_by_turn"][t.turn] += 1
             before = reply
     return split
 
@@ -403,7 +411,7 @@ def kill_line(r: dict[str, Any]) -> str:
     )
 
 
-def perfect_routing(c: dict[str, int]) -> float:
+def perfect_routing(c: dict[str, Any]) -> float:
     """An estimate of what a router that kept every follow-up on its chat's worker would compute: the first
     turns as measured, and every follow-up at the measured same-worker cost per turn (NaN without one)."""
     if not c["same_turns"]:
@@ -486,6 +494,7 @@ def main() -> None:
     for r in rows:
         c = r["computed_by_placement"]
         cells = [f"{k} {c[k]:,} / {c[k + '_turns']}" for k in ("first", "same", "moved")]
+        cells[-1] += f" (by turn: {c['moved_by_turn']})"
         stayed = perfect_routing(c)
         print(
             f"  {r['mode']} round {r['round']}: " + ", ".join(cells)
