@@ -184,9 +184,13 @@ def test_a_step_longer_than_the_ttl_keeps_its_entries(
     while it runs (`worker/loop/step_cover.py`), so no reclaimer takes it for dead, and `/health` stays up."""
     stream = f"{prefix}:requests"
     port = free_port()
-    # The owner never reclaims itself, so the ghost's entry below is the other worker's to reclaim.
+    # A dead consumer ("ghost") holding an entry keeps the other worker's reclaim (XAUTOCLAIM) running.
+    redis_client.xgroup_create(stream, "workers", id="0", mkstream=True)
+    ghost_id = chat_client.submit([{"role": "user", "content": "ghost"}], max_tokens=2)
+    assert redis_client.xreadgroup("workers", "ghost", {stream: ">"}, count=10)
+    # The owner never reclaims (its idle threshold is 10 minutes): the ghost's entry is the other worker's.
     owner = start_worker(
-        "echo", echo_token_delay_ms=4000, metrics_port=port, **{**FAST, "reclaim_interval_s": 3600}
+        "echo", echo_token_delay_ms=4000, metrics_port=port, **{**FAST, "reclaim_min_idle_ms": 600_000}
     )
     slow_id = chat_client.submit([{"role": "user", "content": "three slow steps"}], max_tokens=3)
     while not consumers(redis_client, prefix).get(owner.name):
@@ -207,9 +211,6 @@ def test_a_step_longer_than_the_ttl_keeps_its_entries(
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        # A dead consumer ("ghost") holding an entry keeps the other worker's reclaim (XAUTOCLAIM) running.
-        ghost_id = chat_client.submit([{"role": "user", "content": "ghost"}], max_tokens=2)
-        redis_client.xreadgroup("workers", "ghost", {stream: ">"}, count=10)
         thief = start_worker("echo", **FAST)
         assert chat_client.result(ghost_id, timeout_s=60).text == "ghost"
         ghost_s = time.monotonic()
