@@ -71,6 +71,8 @@ class StepCover:
 
     def take_lost(self) -> list[tuple[int, bytes]]:
         """(heartbeat index, entry id) of entries another worker claimed, found by this class's beats."""
+        if not self._lost:  # the usual case, without the lock (one found later comes at the next call)
+            return []
         with self._cond:
             lost, self._lost = self._lost, []
         return lost
